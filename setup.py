@@ -1,0 +1,33 @@
+"""Build hooks: compile the KVM test host and the guest payload at install."""
+
+import os
+import subprocess
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NATIVE_DIRS = [
+    os.path.join("nova_bhyve", "testhost", "src"),
+    os.path.join("nova_bhyve", "testhost", "guest"),
+]
+
+
+class BuildWithNative(build_py):
+    """Run the native makefiles before collecting package data."""
+
+    def run(self):
+        for rel in NATIVE_DIRS:
+            subprocess.check_call(["make", "-C", os.path.join(HERE, rel)])
+        super().run()
+
+
+class BinaryDistribution(Distribution):
+    """The wheel carries compiled programs: it is platform specific."""
+
+    def has_ext_modules(self):
+        return True
+
+
+setup(cmdclass={"build_py": BuildWithNative}, distclass=BinaryDistribution)
