@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import struct
 
 from nova_bhyve.testhost.errors import TestHostError
 
@@ -40,3 +41,22 @@ def kvm_available():
         return False, "/dev/kvm is not accessible (run as root or join the kvm group)"
     os.close(fd)
     return True, ""
+
+
+def kernel_image_range(path):
+    """Return (start, end) guest-physical bytes a multiboot ELF32 image occupies."""
+    data = pathlib.Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 1:
+        raise TestHostError("EINVAL", f"{path} is not an ELF32 file")
+    phoff, = struct.unpack_from("<I", data, 28)
+    phentsize, phnum = struct.unpack_from("<HH", data, 42)
+    start, end = None, None
+    for i in range(phnum):
+        p_type, _off, _vaddr, paddr, _filesz, memsz = struct.unpack_from(
+            "<IIIIII", data, phoff + i * phentsize)
+        if p_type == 1 and memsz:
+            start = paddr if start is None else min(start, paddr)
+            end = paddr + memsz if end is None else max(end, paddr + memsz)
+    if start is None:
+        raise TestHostError("EINVAL", f"{path} has no loadable segment")
+    return start, end

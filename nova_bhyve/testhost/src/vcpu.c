@@ -2,12 +2,14 @@
  * vCPU threads: the KVM_RUN loop, the COM1 console, pause/resume and the
  * CPU throttle used for auto-converge.
  *
- * Kicking a vCPU out of KVM_RUN: set run->immediate_exit, then signal the
- * thread.  KVM_RUN returns EINTR either because the signal interrupted the
- * guest or because immediate_exit was already set when it was entered, so
- * no kick is lost.  A vCPU parks only after a KVM_RUN that returned EINTR:
- * that guarantees any port I/O the guest had in flight has completed, so
- * the saved state is consistent.
+ * Kicking a vCPU out of KVM_RUN: SIG_KICK is blocked in vCPU threads
+ * except inside KVM_RUN (KVM_SET_SIGNAL_MASK).  A kick that arrives while
+ * the thread is in user space stays pending, so the next KVM_RUN first
+ * completes any port or MMIO access the guest had in flight and then
+ * returns EINTR without entering the guest: no kick is lost, and a vCPU
+ * parks only after such an EINTR, so the state it leaves is consistent.
+ * (run->immediate_exit is not used: on some kernels it returns before the
+ * in-flight access is completed, and a saved state would then replay it.)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -127,7 +129,37 @@ static void park_if_requested(struct nb_vcpu *v)
             pthread_cond_wait(&vm->cond, &vm->lock);
         v->parked = 0;
     }
-    v->run->immediate_exit = 0;
+}
+
+/* Block SIG_KICK in this thread; let KVM_RUN unblock it while it runs. */
+static int block_kicks(struct nb_vcpu *v)
+{
+    sigset_t kick, run_mask;
+    struct {
+        struct kvm_signal_mask hdr;
+        uint8_t set[8];     /* the kernel's sigset_t is 64 bits on x86-64 */
+    } km;
+
+    sigemptyset(&kick);
+    sigaddset(&kick, SIG_KICK);
+    if (pthread_sigmask(SIG_BLOCK, &kick, &run_mask) != 0)
+        return -1;
+    sigdelset(&run_mask, SIG_KICK);
+    km.hdr.len = 8;
+    memcpy(km.set, &run_mask, 8);
+    return ioctl(v->fd, KVM_SET_SIGNAL_MASK, &km);
+}
+
+/* Consume pending kicks so the next KVM_RUN enters the guest. */
+static void eat_kicks(void)
+{
+    sigset_t kick;
+    struct timespec zero = { 0, 0 };
+
+    sigemptyset(&kick);
+    sigaddset(&kick, SIG_KICK);
+    while (sigtimedwait(&kick, NULL, &zero) == SIG_KICK) {
+    }
 }
 
 static void *vcpu_main(void *arg)
@@ -139,6 +171,11 @@ static void *vcpu_main(void *arg)
 
     snprintf(tname, sizeof(tname), "vcpu %d", v->index);
     prctl(PR_SET_NAME, tname);
+    if (block_kicks(v) < 0) {
+        nb_log("vcpu %d: cannot set up signals: %s", v->index, strerror(errno));
+        vm_end(vm, NB_EXIT_ERROR);
+        return NULL;
+    }
     for (;;) {
         pthread_mutex_lock(&vm->lock);
         if (vm->quit) {
@@ -152,6 +189,7 @@ static void *vcpu_main(void *arg)
         interrupted = 0;
         if (ioctl(v->fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR || errno == EAGAIN) {
+                eat_kicks();
                 interrupted = 1;
                 continue;
             }
@@ -199,7 +237,6 @@ void nb_vcpus_kick(struct nb_vm *vm, int throttle)
         struct nb_vcpu *v = &vm->vcpus[i];
         if (throttle)
             v->throttle_pending = 1;
-        v->run->immediate_exit = 1;
         if (v->thread)
             pthread_kill(v->thread, SIG_KICK);
     }

@@ -57,7 +57,7 @@ static int set_slot(struct nb_vm *vm, int slot, uint64_t gpa, uint64_t size,
 {
     struct kvm_userspace_memory_region r = {
         .slot = (uint32_t)slot,
-        .flags = getenv("NB_NOLOG") ? 0 : KVM_MEM_LOG_DIRTY_PAGES,
+        .flags = KVM_MEM_LOG_DIRTY_PAGES,
         .guest_phys_addr = gpa,
         .memory_size = size,
         .userspace_addr = (uint64_t)(uintptr_t)(vm->mem + offset),
@@ -272,7 +272,8 @@ int nb_vm_setup_boot(struct nb_vm *vm, uint64_t entry, uint64_t mbi)
     s.efer = 0;
     if (ioctl(v->fd, KVM_SET_SREGS, &s) < 0)
         return -1;
-    if (!getenv("NB_NOMTRR")) {
+    /* Firmware would enable the MTRRs with write-back as default type. */
+    {
         struct {
             struct kvm_msrs hdr;
             struct kvm_msr_entry e[1];

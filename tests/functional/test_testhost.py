@@ -1,0 +1,300 @@
+"""Real guests on the KVM test host: boot, heartbeat, pause, dirty log, state."""
+
+import os
+import socket
+import statistics
+import time
+
+import pytest
+
+from nova_bhyve.testhost import artifacts
+from nova_bhyve.testhost.console import parse_console, parse_tlog
+from nova_bhyve.testhost.errors import TestHostError
+from nova_bhyve.testhost.memory import GuestMemory, copy_memory
+
+from .conftest import needs_kvm, wait_for, wait_heartbeats
+
+pytestmark = needs_kvm
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("cmdline,mode", [
+    ("mode=idle", "idle"),
+    ("mode=stress pattern=touch ws=16M", "stress"),
+    ("mode=stress pattern=random ws=2M", "stress"),
+])
+def test_payload_boots_and_heartbeats(vms, cmdline, mode):
+    vm = vms.start("hb", cmdline=cmdline, tlog=True)
+    report = wait_heartbeats(vm, 300)
+    assert report.banner["mode"] == mode
+    assert report.ready
+    assert report.heartbeats[0].seq == 1
+    assert report.sequence_breaks() == []
+    assert report.errors == 0 and report.fails == []
+    # heartbeat cadence: at least one per millisecond of guest time; the
+    # median spacing on the host clock stays close to that
+    stamps = [ns for ns, line in parse_tlog(vm.tlog_path.read_text())
+              if line.startswith("HB ")]
+    gaps = [(b - a) / 1e6 for a, b in zip(stamps, stamps[1:])]
+    assert statistics.median(gaps) < 1.5, statistics.median(gaps)
+
+
+def test_stress_passes_complete_and_self_check_holds(vms):
+    vm = vms.start("passes", cmdline="mode=stress pattern=touch ws=8M")
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats and
+             parse_console(vm.console_text()).heartbeats[-1].passes >= 3,
+             timeout=30, what="three full passes")
+    report = parse_console(vm.console_text())
+    assert report.errors == 0
+    assert report.ranges == [(16 * MiB, 24 * MiB)]
+
+
+def test_self_check_detects_a_lost_write(vms):
+    vm = vms.start("corrupt", cmdline="mode=stress ws=4M selftest_corrupt=1")
+    report = wait_for(lambda: (r := parse_console(vm.console_text())).fails and r,
+                      timeout=30, what="a FAIL line")
+    assert report.fails[0].startswith("FAIL ")
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].errors >= 1,
+             what="the error counted in heartbeats")
+
+
+def test_pause_stops_heartbeats_and_resume_restarts_them(vms):
+    vm = vms.start("pause", cmdline="mode=stress ws=4M")
+    wait_heartbeats(vm, 50)
+    assert vm.client.pause() == {"state": "paused"}
+    assert vm.client.status()["state"] == "paused"
+    frozen = parse_console(vm.console_text()).last_seq
+    time.sleep(0.3)
+    assert parse_console(vm.console_text()).last_seq == frozen
+    vm.client.resume()
+    assert vm.client.status()["state"] == "running"
+    report = wait_heartbeats(vm, frozen + 20)
+    assert report.sequence_breaks() == []
+    assert report.errors == 0
+
+
+def _image_pages(kernel):
+    start, end = artifacts.kernel_image_range(kernel)
+    return set(range(start & ~0xfff, end, 4096))
+
+
+def _ws_pages(report):
+    pages = set()
+    for start, end in report.ranges:
+        pages.update(range(start, end, 4096))
+    return pages
+
+
+def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
+    vm = vms.start("dirty", mem="512M", cmdline="mode=stress ws=4M wsoff=8M")
+    report = wait_heartbeats(vm, 20)
+    fd, layout = vm.client.memfd()
+    os.close(fd)
+    ws = _ws_pages(report)
+    assert len(ws) == 1024
+    image = _image_pages(artifacts.guest_kernel())
+
+    vm.client.dirty_log()                       # clear what boot dirtied
+    start_passes = parse_console(vm.console_text()).heartbeats[-1].passes
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
+             >= start_passes + 2, timeout=30, what="two full passes")
+    dirty = set(vm.client.dirty_log().dirty_pages(layout))
+    assert ws <= dirty, f"{len(ws - dirty)} working-set pages missing"
+    stray = dirty - ws - image
+    assert not stray, [hex(p) for p in sorted(stray)[:10]]
+    assert dirty & image, "the guest's stack and heartbeat pages are written too"
+
+    # a paused guest writes nothing: the log stays empty
+    vm.client.pause()
+    vm.client.dirty_log()
+    time.sleep(0.2)
+    assert vm.client.dirty_log().count() == 0
+    vm.client.resume()
+    time.sleep(0.2)
+    assert vm.client.dirty_log().count() > 0
+
+
+def _warm_migrate(src, dst):
+    """Pause src, copy its memory and state into incoming dst, run dst."""
+    src.client.pause()
+    blob = src.client.save_state()
+    with GuestMemory.from_client(src.client) as sm, \
+            GuestMemory.from_client(dst.client) as dm:
+        copy_memory(sm, dm)
+    assert dst.client.load_state(blob) == {"state": "paused"}
+    assert src.stop() == 1                       # source gone for good
+    dst.client.resume()
+    return blob
+
+
+@pytest.mark.parametrize("cmdline", [
+    "mode=stress pattern=touch ws=32M",
+    "mode=stress pattern=random ws=2M",
+    "mode=idle",
+])
+def test_hand_made_warm_migration_continues_the_guest(vms, cmdline):
+    src = vms.start("src", mem="512M", cmdline=cmdline)
+    wait_for(lambda: parse_console(src.console_text()).heartbeats and
+             parse_console(src.console_text()).heartbeats[-1].passes >= 1,
+             timeout=30, what="one full pass")
+    dst = vms.start("dst", mem="512M", incoming=True)
+    assert dst.client.status()["state"] == "incoming"
+    _warm_migrate(src, dst)
+    before = parse_console(src.console_text())
+    passes_then = before.heartbeats[-1].passes
+    after = wait_for(
+        lambda: (r := parse_console(dst.console_text())).heartbeats and
+        r.heartbeats[-1].passes >= passes_then + 2 and r,
+        timeout=60, what="two more passes on the destination")
+    # the destination did not boot anew: it continues the sequence (a line
+    # the guest was printing at the pause is finished on the destination)
+    assert after.banner == {} and not after.ready
+    combined = parse_console(src.console_text() + dst.console_text())
+    assert combined.sequence_breaks() == []
+    assert combined.last_seq == after.last_seq > before.last_seq
+    assert after.errors == 0 and after.fails == []
+
+
+def test_guest_above_4g_runs_and_migrates(vms):
+    # 5 GiB: lowmem 3 GiB, highmem 2 GiB at 4 GiB; the working set starts
+    # 32 MiB below the 3 GiB line and continues at 4 GiB
+    cmd = "mode=stress pattern=touch ws=64M wsoff=3024M"
+    src = vms.start("big", mem="5G", cmdline=cmd)
+    report = wait_for(lambda: (r := parse_console(src.console_text())).heartbeats
+                      and r.heartbeats[-1].passes >= 1 and r,
+                      timeout=60, what="one pass over a working set above 4 GiB")
+    assert report.ranges == [(3 * GiB - 32 * MiB, 3 * GiB),
+                             (4 * GiB, 4 * GiB + 32 * MiB)]
+    fd, layout = src.client.memfd()
+    os.close(fd)
+    assert (layout.lowmem, layout.highmem, layout.highbase) == (3 * GiB, 2 * GiB, 4 * GiB)
+    src.client.dirty_log()
+    time.sleep(0.5)
+    dirty = src.client.dirty_log().dirty_pages(layout)
+    assert any(p >= 4 * GiB for p in dirty)
+
+    dst = vms.start("big-dst", mem="5G", incoming=True)
+    _warm_migrate(src, dst)
+    before = parse_console(src.console_text())
+    after = wait_for(
+        lambda: (r := parse_console(dst.console_text())).heartbeats and
+        r.heartbeats[-1].passes >= before.heartbeats[-1].passes + 1 and r,
+        timeout=60, what="a pass on the destination")
+    combined = parse_console(src.console_text() + dst.console_text())
+    assert combined.sequence_breaks() == []
+    assert after.last_seq > before.last_seq
+    assert after.errors == 0
+
+
+def _blob_from(vms, name, mem="256M", cpus=1):
+    vm = vms.start(name, mem=mem, cpus=cpus, cmdline="mode=idle")
+    wait_heartbeats(vm, 5)
+    vm.client.pause()
+    blob = vm.client.save_state()
+    vm.stop()
+    return blob
+
+
+def test_bad_state_blobs_are_refused_and_the_vm_does_not_run(vms):
+    blob = _blob_from(vms, "origin")
+    other_shape = _blob_from(vms, "twocpu", cpus=2)
+    dst = vms.start("dst", incoming=True)
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x40
+    bad_header = bytearray(blob)
+    bad_header[12] ^= 1
+    cases = {
+        "truncated": blob[:-64],
+        "payload bit flip": bytes(flipped),
+        "header bit flip": bytes(bad_header),
+        "garbage": b"\x00" * 100,
+        "other VM shape": other_shape,
+        "trailing bytes": blob + b"\x00" * 8,
+    }
+    for what, bad in cases.items():
+        with pytest.raises(TestHostError) as err:
+            dst.client.load_state(bad)
+        assert err.value.code == "EINVAL", what
+        assert "refused" in err.value.message, what
+        assert dst.client.status()["state"] == "incoming", what
+    with pytest.raises(TestHostError) as err:
+        dst.client.resume()
+    assert err.value.code == "EBUSY"
+    time.sleep(0.2)
+    assert dst.console_text() == ""              # the guest never ran
+    # the refused blobs left nothing behind: the good one still loads
+    dst.client.load_state(blob)
+    dst.client.resume()
+    wait_heartbeats(dst, 5)
+
+
+def _raw(sock_path, data, read_all=False):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(15)
+        s.connect(str(sock_path))
+        s.sendall(data)
+        if read_all:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while not out.endswith(b"\n") or read_all:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+        return out.decode()
+
+
+@pytest.mark.parametrize("request_bytes,code", [
+    (b"bogus\n", "EINVAL"),
+    (b"\n", "EINVAL"),
+    (b"status \x01\x02\n", "EINVAL"),
+    (b"throttle abc\n", "EINVAL"),
+    (b"throttle 100\n", "EINVAL"),
+    (b"throttle -1\n", "EINVAL"),
+    (b"load-state -5\n", "EINVAL"),
+    (b"load-state 99999999999999999999\n", "EINVAL"),
+    (b"save-state\n", "EBUSY"),
+    (b"a b c d e f\n", "EINVAL"),
+    (b"x" * 600 + b"\n", "E2BIG"),
+])
+def test_malformed_requests_get_an_error_and_the_vm_survives(vms, request_bytes, code):
+    vm = vms.start("ctl", cmdline="mode=idle")
+    wait_heartbeats(vm, 3)
+    reply = _raw(vm.socket_path, request_bytes)
+    assert reply.startswith(f"ERR {code} "), reply
+    assert vm.alive()
+    assert vm.client.status()["state"] == "running"
+
+
+def test_truncated_blob_upload_is_answered_not_hung(vms):
+    vm = vms.start("trunc", incoming=True)
+    reply = _raw(vm.socket_path, b"load-state 4096\n" + b"\x00" * 100,
+                 read_all=True)
+    assert reply.startswith("ERR EPROTO "), reply
+    assert vm.client.status()["state"] == "incoming"
+
+
+def test_throttle_slows_the_guest(vms):
+    vm = vms.start("thr", cmdline="mode=stress ws=2M")
+    wait_heartbeats(vm, 50)
+
+    def passes_in(seconds):
+        a = parse_console(vm.console_text()).heartbeats[-1].passes
+        time.sleep(seconds)
+        return parse_console(vm.console_text()).heartbeats[-1].passes - a
+
+    free = passes_in(1.0)
+    assert vm.client.throttle(90) == {"throttle": 90}
+    assert vm.client.status()["throttle"] == 90
+    throttled = passes_in(1.0)
+    vm.client.throttle(0)
+    assert throttled < free / 2, (free, throttled)
+
+
+def test_shutdown_ends_the_process_with_poweroff_status(vms):
+    vm = vms.start("bye", cmdline="mode=idle")
+    wait_heartbeats(vm, 3)
+    assert vm.stop() == 1
+    assert not vm.socket_path.exists()
