@@ -144,14 +144,16 @@ def test_hand_made_warm_migration_continues_the_guest(vms, cmdline):
     _warm_migrate(src, dst)
     before = parse_console(src.console_text())
     passes_then = before.heartbeats[-1].passes
-    after = wait_for(
+    wait_for(
         lambda: (r := parse_console(dst.console_text())).heartbeats and
-        r.heartbeats[-1].passes >= passes_then + 2 and r,
+        r.heartbeats[-1].passes >= passes_then + 2,
         timeout=60, what="two more passes on the destination")
+    dst_text = dst.console_text()
+    after = parse_console(dst_text)
     # the destination did not boot anew: it continues the sequence (a line
     # the guest was printing at the pause is finished on the destination)
     assert after.banner == {} and not after.ready
-    combined = parse_console(src.console_text() + dst.console_text())
+    combined = parse_console(src.console_text() + dst_text)
     assert combined.sequence_breaks() == []
     assert combined.last_seq == after.last_seq > before.last_seq
     assert after.errors == 0 and after.fails == []
@@ -171,35 +173,38 @@ def test_guest_above_4g_runs_and_migrates(vms):
     os.close(fd)
     assert (layout.lowmem, layout.highmem, layout.highbase) == (3 * GiB, 2 * GiB, 4 * GiB)
     src.client.dirty_log()
-    time.sleep(0.5)
+    start = parse_console(src.console_text()).heartbeats[-1].passes
+    wait_for(lambda: parse_console(src.console_text()).heartbeats[-1].passes
+             > start + 1, timeout=60, what="a full pass after clearing the log")
     dirty = src.client.dirty_log().dirty_pages(layout)
     assert any(p >= 4 * GiB for p in dirty)
 
     dst = vms.start("big-dst", mem="5G", incoming=True)
     _warm_migrate(src, dst)
     before = parse_console(src.console_text())
-    after = wait_for(
+    wait_for(
         lambda: (r := parse_console(dst.console_text())).heartbeats and
-        r.heartbeats[-1].passes >= before.heartbeats[-1].passes + 1 and r,
+        r.heartbeats[-1].passes >= before.heartbeats[-1].passes + 1,
         timeout=60, what="a pass on the destination")
-    combined = parse_console(src.console_text() + dst.console_text())
+    dst_text = dst.console_text()
+    after = parse_console(dst_text)
+    combined = parse_console(src.console_text() + dst_text)
     assert combined.sequence_breaks() == []
     assert after.last_seq > before.last_seq
     assert after.errors == 0
 
 
-def _blob_from(vms, name, mem="256M", cpus=1):
+def _paused_with_blob(vms, name, mem="256M", cpus=1):
     vm = vms.start(name, mem=mem, cpus=cpus, cmdline="mode=idle")
     wait_heartbeats(vm, 5)
     vm.client.pause()
-    blob = vm.client.save_state()
-    vm.stop()
-    return blob
+    return vm, vm.client.save_state()
 
 
 def test_bad_state_blobs_are_refused_and_the_vm_does_not_run(vms):
-    blob = _blob_from(vms, "origin")
-    other_shape = _blob_from(vms, "twocpu", cpus=2)
+    origin, blob = _paused_with_blob(vms, "origin")
+    other, other_shape = _paused_with_blob(vms, "twocpu", cpus=2)
+    other.stop()
     dst = vms.start("dst", incoming=True)
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0x40
@@ -224,10 +229,17 @@ def test_bad_state_blobs_are_refused_and_the_vm_does_not_run(vms):
     assert err.value.code == "EBUSY"
     time.sleep(0.2)
     assert dst.console_text() == ""              # the guest never ran
-    # the refused blobs left nothing behind: the good one still loads
+    # the refused blobs left nothing behind: with the memory copied, the
+    # good blob still loads and the guest continues
+    with GuestMemory.from_client(origin.client) as sm, \
+            GuestMemory.from_client(dst.client) as dm:
+        copy_memory(sm, dm)
+    origin.stop()
     dst.client.load_state(blob)
     dst.client.resume()
     wait_heartbeats(dst, 5)
+    assert parse_console(origin.console_text() + dst.console_text()) \
+        .sequence_breaks() == []
 
 
 def _raw(sock_path, data, read_all=False):
