@@ -1,4 +1,5 @@
-"""Build hooks: compile the KVM test host and the guest payload at install."""
+"""Build hooks: compile the migration engine (cffi), the KVM test host and
+the guest payload at install."""
 
 import os
 import subprocess
@@ -30,4 +31,8 @@ class BinaryDistribution(Distribution):
         return True
 
 
-setup(cmdclass={"build_py": BuildWithNative}, distclass=BinaryDistribution)
+setup(
+    cmdclass={"build_py": BuildWithNative},
+    distclass=BinaryDistribution,
+    cffi_modules=["nova_bhyve/native/build_engine.py:ffibuilder"],
+)

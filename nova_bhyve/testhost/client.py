@@ -6,6 +6,7 @@ and for some requests a binary payload whose size the reply states.
 """
 
 import dataclasses
+import select
 import socket
 import threading
 
@@ -104,7 +105,16 @@ class ControlClient:
             if fds is None:
                 data = self._sock.recv(65536)
             else:
-                data, got, _flags, _addr = socket.recv_fds(self._sock, 65536, 1)
+                while True:
+                    try:
+                        data, got, _flags, _addr = socket.recv_fds(
+                            self._sock, 65536, 1)
+                        break
+                    except BlockingIOError:
+                        # eventlet's green sockets are non-blocking
+                        # underneath and recvmsg does not wait: wait here
+                        select.select([self._sock], [], [],
+                                      self._sock.gettimeout())
                 fds.extend(got)
         except OSError as exc:
             raise TestHostError("ECONN", f"control socket {self.path}: {exc}") \

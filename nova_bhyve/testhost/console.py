@@ -82,14 +82,20 @@ def parse_tlog(text):
     return entries
 
 
-def largest_heartbeat_gap(entries):
+def largest_heartbeat_gap(entries, min_seq=0):
     """Return (gap_seconds, seq_before) for the widest gap between heartbeats.
 
     ``entries`` are (monotonic_ns, line) pairs, possibly merged from the
-    logs of a migration's source and destination.
+    logs of a migration's source and destination; heartbeats numbered below
+    ``min_seq`` are ignored.
     """
-    beats = sorted((ns, int(line.split()[1])) for ns, line in entries
-                   if line.startswith("HB "))
+    beats = []
+    for ns, line in entries:
+        words = line.split()
+        if len(words) == 4 and words[0] == "HB" and words[1].isdigit() and \
+                int(words[1]) >= min_seq:
+            beats.append((ns, int(words[1])))
+    beats.sort()
     best = (0.0, 0)
     for (t0, s0), (t1, _s1) in zip(beats, beats[1:]):
         gap = (t1 - t0) / 1e9

@@ -131,7 +131,7 @@ def _warm_migrate(src, dst):
 
 @pytest.mark.parametrize("cmdline", [
     "mode=stress pattern=touch ws=32M",
-    "mode=stress pattern=random ws=2M",
+    "mode=stress pattern=random ws=512K",
     "mode=idle",
 ])
 def test_hand_made_warm_migration_continues_the_guest(vms, cmdline):
@@ -171,7 +171,8 @@ def test_guest_above_4g_runs_and_migrates(vms):
                              (4 * GiB, 4 * GiB + 32 * MiB)]
     fd, layout = src.client.memfd()
     os.close(fd)
-    assert (layout.lowmem, layout.highmem, layout.highbase) == (3 * GiB, 2 * GiB, 4 * GiB)
+    assert (layout.lowmem, layout.highmem, layout.highbase) == \
+        (3 * GiB, 2 * GiB, 4 * GiB)
     src.client.dirty_log()
     start = parse_console(src.console_text()).heartbeats[-1].passes
     wait_for(lambda: parse_console(src.console_text()).heartbeats[-1].passes
@@ -310,3 +311,15 @@ def test_shutdown_ends_the_process_with_poweroff_status(vms):
     wait_heartbeats(vm, 3)
     assert vm.stop() == 1
     assert not vm.socket_path.exists()
+
+
+def test_a_paused_guest_does_not_run_while_the_vm_shuts_down(vms):
+    # after a migration the paused source is shut down: its guest must not
+    # execute a single instruction more (it now lives elsewhere)
+    for _ in range(5):
+        vm = vms.start("quiet", cmdline="mode=stress ws=4M")
+        wait_heartbeats(vm, 20)
+        vm.client.pause()
+        frozen = vm.console_text()
+        assert vm.stop() == 1
+        assert vm.console_text() == frozen

@@ -184,6 +184,11 @@ static void *vcpu_main(void *arg)
         }
         if (interrupted)
             park_if_requested(v);
+        if (vm->quit) {
+            /* woken from a pause to exit: a paused guest never runs again */
+            pthread_mutex_unlock(&vm->lock);
+            break;
+        }
         pthread_mutex_unlock(&vm->lock);
 
         interrupted = 0;

@@ -1,0 +1,139 @@
+"""Benchmark: live-migrate guest payloads between two test-host VMs.
+
+    .venv/bin/python -P benchmarks/migrate_bench.py [--repeat 3] [--quick]
+
+For each workload, boots a source VM, lets the stress working set be
+written once in full, starts an incoming destination VM, migrates over
+loopback with the native engine and prints total time, the engine's
+measured downtime, the guest-visible downtime (widest heartbeat gap on the
+host clock across the switch-over), bytes on the wire and rounds.  Medians
+over the repeats; results also go to benchmarks/results/engine.json.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from nova_bhyve.native.engine import Migration, Mode, Result
+from nova_bhyve.testhost.console import (
+    largest_heartbeat_gap,
+    parse_console,
+    parse_tlog,
+)
+from nova_bhyve.testhost.process import TestHostVM
+
+WORKLOADS = {
+    "idle-1G": ("1G", "mode=idle"),
+    "touch-256M-in-1G": ("1G", "mode=stress pattern=touch ws=256M"),
+}
+
+
+def _wait(pred, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def run_once(base, mem, cmdline, engine_opts):
+    """One migration; returns a dict of measurements."""
+    shutil.rmtree(base, ignore_errors=True)
+    src = TestHostVM.start("src", f"{base}/src", mem, cmdline=cmdline, tlog=True)
+    dst = None
+    try:
+        def ready():
+            r = parse_console(src.console_text())
+            if "stress" in cmdline:
+                return r.heartbeats and r.heartbeats[-1].passes >= 1
+            return len(r.heartbeats) > 500
+        _wait(ready, 120, "the working set to be written once")
+        dst = TestHostVM.start("dst", f"{base}/dst", mem, incoming=True, tlog=True)
+        start_seq = parse_console(src.console_text()).last_seq
+        secret = os.urandom(32)
+        recv = Migration.receive(vmm_target=str(dst.socket_path), secret=secret)
+        send = Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
+                              port=recv.port, secret=secret, **engine_opts)
+        send.wait()
+        recv.wait(30)
+        s, d = send.stats(), recv.stats()
+        send.close()
+        recv.close()
+        if s.result != Result.COMPLETED:
+            raise RuntimeError(f"migration failed: {s.error} / {d.error}")
+        src.stop()
+        time.sleep(0.5)
+        gap, _ = largest_heartbeat_gap(parse_tlog(src.tlog_path.read_text()) +
+                                       parse_tlog(dst.tlog_path.read_text()),
+                                       min_seq=start_seq)
+        combined = parse_console(src.console_text() + dst.console_text())
+        if combined.sequence_breaks() or combined.errors:
+            raise RuntimeError("guest self-check or heartbeat sequence broken")
+        return {
+            "total_ms": s.total_ms,
+            "engine_downtime_ms": s.downtime_ms,
+            "guest_downtime_ms": gap * 1e3,
+            "bytes": s.bytes_transferred,
+            "rounds": len(s.rounds),
+            "pages_delta": s.pages_delta,
+            "round_ms": [r.duration_ms for r in s.rounds],
+            "round_bytes": [r.bytes for r in s.rounds],
+        }
+    finally:
+        for vm in (src, dst):
+            if vm is not None and vm.alive():
+                vm.kill()
+
+
+def main(argv=None):
+    """Run the benchmark and print a table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one repeat each")
+    ap.add_argument("--channels", type=int, default=2)
+    ap.add_argument("--max-downtime-ms", type=int, default=50)
+    ap.add_argument("--delta-cache-mib", type=int, default=64)
+    ap.add_argument("--verify", default="incremental",
+                    choices=["incremental", "full"])
+    args = ap.parse_args(argv)
+    repeat = 1 if args.quick else args.repeat
+    opts = dict(mode=Mode.LIVE, channels=args.channels,
+                max_downtime_ms=args.max_downtime_ms,
+                delta_cache=args.delta_cache_mib << 20, verify=args.verify)
+    base = tempfile.mkdtemp(prefix="nbb-")
+    results = {"engine_options": {k: str(v) for k, v in opts.items()}, "runs": {}}
+    print(f"{'workload':<18} {'total ms':>9} {'downtime ms':>12} "
+          f"{'guest gap ms':>13} {'MB on wire':>11} {'rounds':>7}")
+    try:
+        for name, (mem, cmdline) in WORKLOADS.items():
+            runs = []
+            for i in range(repeat):
+                runs.append(run_once(f"{base}/{name}-{i}", mem, cmdline, opts))
+                print(f"  {name} run {i + 1}: total {runs[-1]['total_ms']:.0f} ms, "
+                      f"guest gap {runs[-1]['guest_downtime_ms']:.1f} ms",
+                      file=sys.stderr, flush=True)
+            med = {k: statistics.median(r[k] for r in runs)
+                   for k in ("total_ms", "engine_downtime_ms", "guest_downtime_ms",
+                             "bytes", "rounds")}
+            results["runs"][name] = {"median": med, "runs": runs}
+            print(f"{name:<18} {med['total_ms']:9.0f} "
+                  f"{med['engine_downtime_ms']:12.1f} "
+                  f"{med['guest_downtime_ms']:13.1f} {med['bytes'] / 1e6:11.1f} "
+                  f"{med['rounds']:7.0f}", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    out = pathlib.Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

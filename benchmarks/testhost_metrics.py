@@ -1,0 +1,75 @@
+"""Measure the KVM test host: heartbeat rate, dirty-log sync time, state size.
+
+    .venv/bin/python -P benchmarks/testhost_metrics.py
+
+Heartbeat rate: heartbeats per second of host time seen in console.tlog
+over 3 s, for idle and stress guests.  Dirty-log sync: wall time of one
+get-and-clear `dirty-log` request, per GiB of guest RAM, for 1 and 4 GiB
+guests with a stress working set.  State blob: size of `save-state`.
+"""
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from nova_bhyve.testhost.console import parse_console, parse_tlog
+from nova_bhyve.testhost.process import TestHostVM
+
+
+def heartbeat_rate(base, cmdline, seconds=3.0):
+    """Heartbeats per second (host clock) and median gap in ms."""
+    vm = TestHostVM.start("hb", f"{base}/hb", "256M", cmdline=cmdline, tlog=True)
+    try:
+        time.sleep(1.0 + seconds)
+        stamps = [ns for ns, line in parse_tlog(vm.tlog_path.read_text())
+                  if line.startswith("HB ")]
+    finally:
+        vm.kill()
+        shutil.rmtree(f"{base}/hb", ignore_errors=True)
+    window = [t for t in stamps if t >= stamps[-1] - seconds * 1e9]
+    gaps = [(b - a) / 1e6 for a, b in zip(window, window[1:])]
+    return len(window) / seconds, statistics.median(gaps)
+
+
+def dirty_sync(base, mem, gib):
+    """Median wall ms of a dirty-log get-and-clear, and per GiB."""
+    vm = TestHostVM.start("dl", f"{base}/dl", mem,
+                          cmdline="mode=stress pattern=touch ws=64M")
+    try:
+        while not parse_console(vm.console_text()).heartbeats:
+            time.sleep(0.05)
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            vm.client.dirty_log()
+            times.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.02)
+        vm.client.pause()
+        blob = vm.client.save_state()
+    finally:
+        vm.kill()
+        shutil.rmtree(f"{base}/dl", ignore_errors=True)
+    med = statistics.median(times)
+    return med, med / gib, len(blob)
+
+
+def main():
+    """Print the measurements."""
+    base = tempfile.mkdtemp(prefix="nbm-")
+    try:
+        for cmd in ("mode=idle", "mode=stress pattern=touch ws=16M"):
+            rate, gap = heartbeat_rate(base, cmd)
+            print(f"heartbeats ({cmd}): {rate:.0f}/s, median gap {gap:.2f} ms")
+        for mem, gib in (("1G", 1), ("4G", 4)):
+            med, per_gib, blob = dirty_sync(base, mem, gib)
+            print(f"dirty-log sync, {mem} guest: {med:.2f} ms "
+                  f"({per_gib:.2f} ms per GiB); state blob {blob} bytes")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""nova-bhyve-migrate: move a VM between two hosts outside Nova (debugging).
+
+Run the receiving half on the destination host first, then the sending
+half on the source host, with the same secret file on both:
+
+  nova-bhyve-migrate receive --vm DEST_SOCKET --listen 0.0.0.0:4444 \\
+      --secret-file /path/secret
+  nova-bhyve-migrate send --vm SRC_SOCKET --to dest-host:4444 \\
+      --secret-file /path/secret [--mode live|warm|cold]
+
+``--vm`` is the test host's control socket; with ``--vmm bhyve`` it is the
+bhyve VM name and with ``--vmm checkpoint`` a checkpoint base path (cold
+mode).  The secret is read from a file (never from the command line, where
+other users could see it) and must hold at least 16 bytes.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+from nova_bhyve.native.engine import (
+    Migration,
+    MigrationError,
+    Mode,
+    Result,
+    VmmKind,
+)
+
+_VMM = {"testhost": VmmKind.TESTHOST, "bhyve": VmmKind.BHYVE,
+        "checkpoint": VmmKind.CHECKPOINT}
+
+
+def _split_hostport(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _read_secret(path):
+    data = pathlib.Path(path).read_bytes().strip()
+    if len(data) < 16:
+        raise SystemExit(f"{path}: the secret must be at least 16 bytes")
+    return data
+
+
+def progress_line(stats, width=30):
+    """Render one progress line for a MigrationStats snapshot."""
+    total = max(stats.mem_total, 1)
+    done = min(1.0, stats.bytes_transferred / total) if stats.round == 0 else \
+        max(0.0, 1.0 - stats.bytes_remaining / total)
+    filled = int(done * width)
+    bar = "#" * filled + "-" * (width - filled)
+    return (f"[{bar}] {stats.phase.name.lower():<10} round {stats.round:<3} "
+            f"sent {stats.bytes_transferred / 2**20:8.1f} MiB  "
+            f"dirty {stats.dirty_pages:>7} pages  "
+            f"expected downtime {stats.expected_downtime_ms:7.1f} ms")
+
+
+def _watch(mig, out, interval=0.2):
+    tty = out.isatty()
+    while not mig.wait(interval):
+        line = progress_line(mig.stats())
+        out.write(("\r" + line) if tty else line + "\n")
+        out.flush()
+    if tty:
+        out.write("\n")
+    return mig.stats()
+
+
+def _report(stats, out):
+    out.write(f"result: {stats.result.name.lower()}"
+              + (f" ({stats.error})" if stats.error else "") + "\n")
+    if stats.result == Result.COMPLETED:
+        out.write(f"total {stats.total_ms:.1f} ms, "
+                  f"downtime {stats.downtime_ms:.1f} ms, "
+                  f"{stats.bytes_transferred} bytes on the wire, "
+                  f"{len(stats.rounds)} rounds, digest {stats.digest:016x}\n")
+
+
+def main(argv=None, out=sys.stdout):
+    """Entry point of ``nova-bhyve-migrate``."""
+    ap = argparse.ArgumentParser(prog="nova-bhyve-migrate",
+                                 description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("send", "receive"):
+        p = sub.add_parser(name)
+        p.add_argument("--vm", required=True)
+        p.add_argument("--vmm", choices=sorted(_VMM), default="testhost")
+        p.add_argument("--secret-file", required=True)
+        p.add_argument("--timeout", type=float, default=30.0,
+                       help="connect/idle timeout in seconds")
+    snd, rcv = sub.choices["send"], sub.choices["receive"]
+    snd.add_argument("--to", required=True, metavar="HOST:PORT")
+    snd.add_argument("--mode", choices=["live", "warm", "cold"], default="live")
+    snd.add_argument("--channels", type=int, default=2)
+    snd.add_argument("--compress", action="store_true")
+    snd.add_argument("--max-downtime-ms", type=int, default=300)
+    snd.add_argument("--bandwidth-mib", type=int, default=0,
+                     help="cap in MiB/s (0 = unlimited)")
+    snd.add_argument("--verify", choices=["incremental", "full"],
+                     default="incremental")
+    rcv.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    args = ap.parse_args(argv)
+    secret = _read_secret(args.secret_file)
+    try:
+        if args.cmd == "receive":
+            host, port = _split_hostport(args.listen)
+            mig = Migration.receive(vmm_target=args.vm, secret=secret, host=host,
+                                    port=port, vmm_kind=_VMM[args.vmm],
+                                    timeout_ms=int(args.timeout * 1000))
+            out.write(f"listening on {host}:{mig.port}\n")
+            out.flush()
+        else:
+            host, port = _split_hostport(args.to)
+            mig = Migration.send(
+                vmm_target=args.vm, host=host, port=port, secret=secret,
+                mode=Mode[args.mode.upper()], vmm_kind=_VMM[args.vmm],
+                channels=args.channels, compress=args.compress,
+                max_downtime_ms=args.max_downtime_ms,
+                max_bandwidth=args.bandwidth_mib << 20, verify=args.verify,
+                timeout_ms=int(args.timeout * 1000))
+    except MigrationError as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    t0 = time.monotonic()
+    stats = _watch(mig, out) if args.cmd == "send" else (mig.wait(), mig.stats())[1]
+    _report(stats, out)
+    out.write(f"wall time {time.monotonic() - t0:.2f} s\n")
+    mig.close()
+    return 0 if stats.result == Result.COMPLETED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The native migration engine (C, loaded through cffi)."""

@@ -1,0 +1,256 @@
+"""Python face of the native migration engine.
+
+The engine runs each migration on its own native threads; these calls
+return promptly (``wait`` blocks with the GIL released).  Protocol:
+``src/PROTOCOL.md``.
+"""
+
+import dataclasses
+import enum
+
+from nova_bhyve.native._engine import ffi, lib
+
+
+class MigrationError(Exception):
+    """The engine refused a request or the migration failed."""
+
+
+class Mode(enum.IntEnum):
+    """How the guest is moved."""
+
+    LIVE = lib.NB_MODE_LIVE     # pre-copy rounds from the dirty log
+    WARM = lib.NB_MODE_WARM     # pause, copy everything, run on the destination
+    COLD = lib.NB_MODE_COLD     # from or to a checkpoint file set
+
+
+class VmmKind(enum.IntEnum):
+    """Which vmm port reaches the VM."""
+
+    TESTHOST = lib.NB_VMM_TESTHOST
+    BHYVE = lib.NB_VMM_BHYVE
+    CHECKPOINT = lib.NB_VMM_CKPT
+
+
+class Phase(enum.IntEnum):
+    """Where a migration is."""
+
+    SETUP = lib.NB_PHASE_SETUP
+    HANDSHAKE = lib.NB_PHASE_HANDSHAKE
+    PRECOPY = lib.NB_PHASE_PRECOPY
+    ITERATE = lib.NB_PHASE_ITERATE
+    SWITCHOVER = lib.NB_PHASE_SWITCHOVER
+    VERIFY = lib.NB_PHASE_VERIFY
+    COMMIT = lib.NB_PHASE_COMMIT
+    DONE = lib.NB_PHASE_DONE
+    FAILED = lib.NB_PHASE_FAILED
+    CANCELLED = lib.NB_PHASE_CANCELLED
+
+
+class Result(enum.IntEnum):
+    """How a migration ended (RUNNING while it has not)."""
+
+    RUNNING = lib.NB_RESULT_RUNNING
+    COMPLETED = lib.NB_RESULT_COMPLETED
+    FAILED = lib.NB_RESULT_FAILED
+    CANCELLED = lib.NB_RESULT_CANCELLED
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStats:
+    """One pre-copy round."""
+
+    start_ms: float
+    duration_ms: float
+    pages: int
+    bytes: int
+    dirty: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationStats:
+    """A snapshot of a migration's progress."""
+
+    phase: Phase
+    result: Result
+    is_source: bool
+    mode: Mode
+    port: int
+    round: int
+    mem_total: int
+    bytes_transferred: int
+    bytes_remaining: int
+    pages_sent: int
+    pages_zero: int
+    pages_delta: int
+    pages_compressed: int
+    pages_raw: int
+    dirty_pages: int
+    dirty_rate: float
+    bandwidth: float
+    expected_downtime_ms: float
+    downtime_ms: float
+    total_ms: float
+    rtt_ms: float
+    max_downtime_ms: int
+    throttle: int
+    committed: bool
+    guest_runs_here: bool
+    digest: int
+    rounds: tuple
+    error: str
+
+    @property
+    def finished(self):
+        """True once the migration has ended, whichever way."""
+        return self.result != Result.RUNNING
+
+
+_VERIFY = {"incremental": lib.NB_VERIFY_INCREMENTAL, "full": lib.NB_VERIFY_FULL}
+
+
+def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
+            compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
+            verify, timeout_ms, keep):
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if verify not in _VERIFY:
+        raise MigrationError(f"verify must be one of {sorted(_VERIFY)}")
+    p = ffi.new("struct nb_mig_params *")
+    target = ffi.new("char[]", str(vmm_target).encode())
+    sec = ffi.new("uint8_t[]", bytes(secret) or b"\0")
+    hst = ffi.new("char[]", (host or "").encode())
+    keep += [target, sec, hst]
+    p.mode = int(Mode(mode))
+    p.vmm_kind = int(VmmKind(vmm_kind))
+    p.vmm_target = target
+    p.secret = sec
+    p.secret_len = len(secret)
+    p.host = hst
+    p.port = int(port)
+    p.channels = int(channels)
+    p.compress = 1 if compress else 0
+    p.zstd_level = int(zstd_level)
+    p.delta_cache = int(delta_cache)
+    p.max_bandwidth = int(max_bandwidth)
+    p.max_downtime_ms = int(max_downtime_ms)
+    p.verify = _VERIFY[verify]
+    p.timeout_ms = int(timeout_ms)
+    return p
+
+
+class Migration:
+    """One side of one migration, running on native threads."""
+
+    def __init__(self, handle, is_source):
+        self._h = handle
+        self.is_source = is_source
+
+    @classmethod
+    def _start(cls, fn, is_source, kwargs):
+        keep = []
+        params = _params(keep=keep, **kwargs)
+        out = ffi.new("nb_mig **")
+        err = ffi.new("char[]", 256)
+        if fn(params, out, err, 256) != 0:
+            raise MigrationError(ffi.string(err).decode(errors="replace"))
+        return cls(out[0], is_source)
+
+    @classmethod
+    def send(cls, *, vmm_target, host, port, secret, mode=Mode.LIVE,
+             vmm_kind=VmmKind.TESTHOST, channels=2, compress=False,
+             zstd_level=1, delta_cache=64 << 20, max_bandwidth=0,
+             max_downtime_ms=300, verify="full", timeout_ms=30000):
+        """Start migrating the VM at ``vmm_target`` to ``host:port``."""
+        return cls._start(lib.nb_mig_send, True, dict(
+            mode=mode, vmm_kind=vmm_kind, vmm_target=vmm_target, secret=secret,
+            host=host, port=port, channels=channels, compress=compress,
+            zstd_level=zstd_level, delta_cache=delta_cache,
+            max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
+            verify=verify, timeout_ms=timeout_ms))
+
+    @classmethod
+    def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
+                vmm_kind=VmmKind.TESTHOST, verify="full", timeout_ms=30000):
+        """Listen for a migration into ``vmm_target``; see ``port``."""
+        return cls._start(lib.nb_mig_receive, False, dict(
+            mode=Mode.LIVE, vmm_kind=vmm_kind, vmm_target=vmm_target,
+            secret=secret, host=host, port=port, channels=1, compress=False,
+            zstd_level=1, delta_cache=0, max_bandwidth=0, max_downtime_ms=300,
+            verify=verify, timeout_ms=timeout_ms))
+
+    def _handle(self):
+        if self._h is None:
+            raise MigrationError("migration handle already closed")
+        return self._h
+
+    @property
+    def port(self):
+        """The TCP port a receiving side listens on."""
+        return self.stats().port
+
+    def stats(self):
+        """Return a MigrationStats snapshot."""
+        s = ffi.new("struct nb_mig_stats *")
+        lib.nb_mig_stats(self._handle(), s)
+        rounds = tuple(RoundStats(r.start_ms, r.duration_ms, r.pages, r.bytes,
+                                  r.dirty)
+                       for r in list(s.rounds)[:min(s.nrounds, len(s.rounds))])
+        return MigrationStats(
+            phase=Phase(s.phase), result=Result(s.result),
+            is_source=bool(s.is_source), mode=Mode(s.mode), port=s.port,
+            round=s.round, mem_total=s.mem_total,
+            bytes_transferred=s.bytes_transferred,
+            bytes_remaining=s.bytes_remaining, pages_sent=s.pages_sent,
+            pages_zero=s.pages_zero, pages_delta=s.pages_delta,
+            pages_compressed=s.pages_compressed, pages_raw=s.pages_raw,
+            dirty_pages=s.dirty_pages, dirty_rate=s.dirty_rate,
+            bandwidth=s.bandwidth, expected_downtime_ms=s.expected_downtime_ms,
+            downtime_ms=s.downtime_ms, total_ms=s.total_ms, rtt_ms=s.rtt_ms,
+            max_downtime_ms=s.max_downtime_ms, throttle=s.throttle,
+            committed=bool(s.committed), guest_runs_here=bool(s.guest_runs_here),
+            digest=s.digest, rounds=rounds,
+            error=ffi.string(s.error).decode(errors="replace"))
+
+    def set_param(self, name, value):
+        """Change max_downtime_ms, max_bandwidth or throttle while running."""
+        err = ffi.new("char[]", 256)
+        if lib.nb_mig_set_param(self._handle(), name.encode(), int(value), err,
+                                256) != 0:
+            raise MigrationError(ffi.string(err).decode(errors="replace"))
+
+    def force_complete(self):
+        """Switch over at the next opportunity, whatever the estimate."""
+        lib.nb_mig_force_complete(self._handle())
+
+    def cancel(self):
+        """Abort; refused once the guest has been handed over."""
+        err = ffi.new("char[]", 256)
+        if lib.nb_mig_cancel(self._handle(), err, 256) != 0:
+            raise MigrationError(ffi.string(err).decode(errors="replace"))
+
+    def wait(self, timeout=None):
+        """Wait for the end (seconds; None = forever); True if it ended."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.nb_mig_wait(self._handle(), ms))
+
+    def close(self):
+        """Free the native session (cancelling it if still running)."""
+        if self._h is not None:
+            lib.nb_mig_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def spec_check(src_preamble, dst_preamble):
+    """Compare two compatibility preambles; raise MigrationError if they clash."""
+    err = ffi.new("char[]", 256)
+    if lib.nb_spec_check(src_preamble.encode(), dst_preamble.encode(), err, 256):
+        raise MigrationError(ffi.string(err).decode(errors="replace"))

@@ -1,0 +1,299 @@
+/*
+ * Page codecs: zero detection, delta encoding against a cache of what was
+ * sent before (XBZRLE-like), optional zstd, a keyed 64-bit page hash for
+ * the memory digest, and CRC-32C for frame integrity.
+ *
+ * Delta format (see PROTOCOL.md, "delta"): a sequence of
+ *   uleb128 skip, uleb128 n, n literal bytes
+ * meaning "keep `skip` bytes of the current page, then overwrite the next
+ * `n` bytes".  The runs must stay inside the page.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbmig.h"
+
+int nb_page_is_zero(const uint8_t *page)
+{
+    const uint64_t *w = (const uint64_t *)page;
+    for (size_t i = 0; i < NB_PAGE / 8; i += 8) {
+        if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] |
+            w[i + 6] | w[i + 7])
+            return 0;
+    }
+    return 1;
+}
+
+static size_t put_uleb(uint8_t *out, size_t v)
+{
+    size_t n = 0;
+    do {
+        uint8_t b = (uint8_t)(v & 0x7f);
+        v >>= 7;
+        out[n++] = (uint8_t)(b | (v ? 0x80 : 0));
+    } while (v);
+    return n;
+}
+
+static int get_uleb(const uint8_t *in, size_t len, size_t *pos, size_t *v)
+{
+    size_t out = 0;
+    for (int shift = 0; shift < 21; shift += 7) {
+        uint8_t b;
+        if (*pos >= len)
+            return -1;
+        b = in[(*pos)++];
+        out |= (size_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = out;
+            return 0;
+        }
+    }
+    return -1; /* more than 3 bytes: no value of a 4 KiB page needs that */
+}
+
+/*
+ * Encode `cur` as a delta against `old`.  Returns the encoded size, or 0
+ * when the delta would exceed `cap` (send the page another way).
+ */
+size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out,
+                       size_t cap)
+{
+    size_t i = 0, n = 0;
+    while (i < NB_PAGE) {
+        size_t start = i, skip, run;
+        /* unchanged bytes, a word at a time where aligned */
+        while (i < NB_PAGE && (i & 7) && old[i] == cur[i])
+            i++;
+        while (i + 8 <= NB_PAGE &&
+               *(const uint64_t *)(old + i) == *(const uint64_t *)(cur + i))
+            i += 8;
+        while (i < NB_PAGE && old[i] == cur[i])
+            i++;
+        if (i == NB_PAGE)
+            break;
+        skip = i - start;
+        start = i;
+        /* changed bytes; absorb short equal stretches (< 4 bytes) */
+        while (i < NB_PAGE) {
+            if (old[i] != cur[i]) {
+                i++;
+                continue;
+            }
+            size_t j = i;
+            while (j < NB_PAGE && j - i < 4 && old[j] == cur[j])
+                j++;
+            if (j - i >= 4 || j == NB_PAGE)
+                break;
+            i = j;
+        }
+        run = i - start;
+        if (n + 6 + run > cap)
+            return 0;
+        n += put_uleb(out + n, skip);
+        n += put_uleb(out + n, run);
+        memcpy(out + n, cur + start, run);
+        n += run;
+    }
+    if (n == 0) {
+        /* identical page: an empty delta is valid but say so explicitly */
+        if (cap < 2)
+            return 0;
+        out[0] = 0;
+        out[1] = 0;
+        n = 2;
+    }
+    return n;
+}
+
+/* Apply a delta to `page` in place.  Returns -1 if the delta is malformed. */
+int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page)
+{
+    size_t pos = 0, at = 0;
+    while (pos < len) {
+        size_t skip, run;
+        if (get_uleb(in, len, &pos, &skip) < 0 ||
+            get_uleb(in, len, &pos, &run) < 0)
+            return -1;
+        if (skip > NB_PAGE - at || run > NB_PAGE - at - skip || run > len - pos)
+            return -1;
+        at += skip;
+        memcpy(page + at, in + pos, run);
+        at += run;
+        pos += run;
+    }
+    return 0;
+}
+
+/* ---- keyed page hash ------------------------------------------------- */
+
+#define P1 0x9e3779b185ebca87ULL
+#define P2 0xc2b2ae3d27d4eb4fULL
+#define P3 0x165667b19e3779f9ULL
+
+static inline uint64_t rotl(uint64_t x, int r)
+{
+    return (x << r) | (x >> (64 - r));
+}
+
+static inline uint64_t fmix(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* 64-bit hash of one page under a per-session key (four lanes). */
+uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k)
+{
+    uint64_t a = k->k0, b = k->k1, c = k->k0 ^ P1, d = k->k1 ^ P2;
+    const uint64_t *w = (const uint64_t *)page;
+    for (size_t i = 0; i < NB_PAGE / 8; i += 4) {
+        a = rotl(a + w[i] * P2, 31) * P1;
+        b = rotl(b + w[i + 1] * P2, 31) * P1;
+        c = rotl(c + w[i + 2] * P2, 31) * P1;
+        d = rotl(d + w[i + 3] * P2, 31) * P1;
+    }
+    return fmix(rotl(a, 1) + rotl(b, 7) + rotl(c, 12) + rotl(d, 18));
+}
+
+/* Contribution of page `pfn` with content hash `h` to the memory digest. */
+uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k)
+{
+    return fmix(h ^ fmix(pfn * P1 + k->k1));
+}
+
+/* ---- CRC-32C --------------------------------------------------------- */
+
+static uint32_t crc_table[8][256];
+static int crc_hw = -1;
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0x82f63b78u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^
+                              crc_table[0][crc_table[t - 1][i] & 0xff];
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    crc_hw = __builtin_cpu_supports("sse4.2");
+#else
+    crc_hw = 0;
+#endif
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc_hw_update(uint32_t c, const uint8_t *p, size_t len)
+{
+    uint64_t c64 = c;
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c64 = __builtin_ia32_crc32di(c64, v);
+        p += 8;
+        len -= 8;
+    }
+    c = (uint32_t)c64;
+    while (len--)
+        c = __builtin_ia32_crc32qi(c, *p++);
+    return c;
+}
+#endif
+
+static uint32_t crc_sw_update(uint32_t c, const uint8_t *p, size_t len)
+{
+    while (len >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= c;
+        c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
+            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
+            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
+            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    return c;
+}
+
+/* Continue a CRC-32C (Castagnoli) over `len` bytes; start with crc = 0. */
+uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len)
+{
+    uint32_t c = ~crc;
+    if (crc_hw < 0)
+        crc_init();
+#if defined(__x86_64__)
+    if (crc_hw)
+        return ~crc_hw_update(c, buf, len);
+#endif
+    return ~crc_sw_update(c, buf, len);
+}
+
+/* ---- delta cache (source side) --------------------------------------- */
+
+struct nb_xcache {
+    size_t nslots;
+    uint64_t *tags;     /* pfn + 1; 0 = empty */
+    uint8_t *pages;
+};
+
+struct nb_xcache *nb_xcache_new(uint64_t bytes)
+{
+    struct nb_xcache *c;
+    size_t n = (size_t)(bytes / NB_PAGE);
+    if (n < 16)
+        return NULL;
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->nslots = n;
+    c->tags = calloc(n, sizeof(uint64_t));
+    c->pages = malloc(n * NB_PAGE);
+    if (!c->tags || !c->pages) {
+        nb_xcache_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void nb_xcache_free(struct nb_xcache *c)
+{
+    if (!c)
+        return;
+    free(c->tags);
+    free(c->pages);
+    free(c);
+}
+
+static size_t slot_of(const struct nb_xcache *c, uint64_t key)
+{
+    return (size_t)(key % c->nslots);
+}
+
+/* The page content last sent under `key`, or NULL. */
+uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key)
+{
+    size_t s = slot_of(c, key);
+    return c->tags[s] == key + 1 ? c->pages + s * NB_PAGE : NULL;
+}
+
+/* Remember `page` as the content last sent under `key` (evicting a collision). */
+void nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page)
+{
+    size_t s = slot_of(c, key);
+    c->tags[s] = key + 1;
+    memcpy(c->pages + s * NB_PAGE, page, NB_PAGE);
+}

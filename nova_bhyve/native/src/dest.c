@@ -1,0 +1,577 @@
+/*
+ * Destination side: accept and authenticate the source, check
+ * compatibility, receive pages on several channels into guest memory,
+ * load the device state, compare memory digests, and run the guest only
+ * after the source's COMMIT.  Anything else leaves the guest not running
+ * here (the caller then discards the incoming VM).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "nbmig.h"
+
+#define MAX_BAD_CONNECTIONS 8
+
+struct receiver {
+    struct nb_mig *m;
+    struct dest *dst;
+    struct nb_chan *ch;
+    ZSTD_DCtx *zctx;
+    pthread_t thread;
+};
+
+struct dest {
+    struct nb_mig *m;
+    struct receiver rcv[NB_MAX_CHANNELS];
+    int nrcv;
+    uint64_t hz;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
+    int failed;
+};
+
+/* Apply one page record; every length and index is checked before use. */
+static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
+                        size_t *used, char *err)
+{
+    struct nb_mig *m = r->m;
+    uint64_t pfn, off, index;
+    unsigned enc, len;
+    uint8_t *page, tmp[NB_PAGE];
+
+    if (avail < NB_REC_HDR) {
+        snprintf(err, NB_ERRLEN, "page record header cut short");
+        return -1;
+    }
+    pfn = nb_get32(rec);
+    enc = rec[4];
+    len = nb_get16(rec + 6);
+    if (rec[5] != 0 || len > NB_PAGE || len > avail - NB_REC_HDR) {
+        snprintf(err, NB_ERRLEN, "malformed page record (length %u)", len);
+        return -1;
+    }
+    if (nb_pfn_to_offset(m, pfn, &off, &index) < 0) {
+        snprintf(err, NB_ERRLEN, "page record for pfn 0x%llx outside guest RAM",
+                 (unsigned long long)pfn);
+        return -1;
+    }
+    page = m->vmm.mem + off;
+    rec += NB_REC_HDR;
+    switch (enc) {
+    case NB_ENC_ZERO:
+        if (len != 0)
+            goto bad;
+        memset(page, 0, NB_PAGE);
+        break;
+    case NB_ENC_RAW:
+        if (len != NB_PAGE)
+            goto bad;
+        memcpy(page, rec, NB_PAGE);
+        break;
+    case NB_ENC_DELTA:
+        if (nb_delta_decode(rec, len, page) < 0)
+            goto bad;
+        break;
+    case NB_ENC_ZSTD: {
+        size_t n;
+        if (!r->zctx && !(r->zctx = ZSTD_createDCtx()))
+            goto bad;
+        n = ZSTD_decompressDCtx(r->zctx, tmp, NB_PAGE, rec, len);
+        if (ZSTD_isError(n) || n != NB_PAGE)
+            goto bad;
+        memcpy(page, tmp, NB_PAGE);
+        break;
+    }
+    default:
+        goto bad;
+    }
+    if (m->p.verify == NB_VERIFY_INCREMENTAL)
+        m->page_hash[index] = nb_digest_term(pfn, nb_page_hash(page, &m->keys.hash),
+                                             &m->keys.hash);
+    *used = NB_REC_HDR + len;
+    return 0;
+bad:
+    snprintf(err, NB_ERRLEN, "undecodable page record (encoding %u, %u bytes) "
+             "for pfn 0x%llx", enc, len, (unsigned long long)pfn);
+    return -1;
+}
+
+static int apply_pages(struct receiver *r, const struct nb_frame *f,
+                       uint32_t expect_round, char *err)
+{
+    size_t pos = 8;
+    uint32_t n;
+    if (f->len < 8 || nb_get32(f->payload) != expect_round) {
+        snprintf(err, NB_ERRLEN, "channel %u: pages for round %u while in round %u",
+                 f->channel, f->len >= 8 ? nb_get32(f->payload) : 0, expect_round);
+        return -1;
+    }
+    n = nb_get32(f->payload + 4);
+    for (uint32_t i = 0; i < n; i++) {
+        size_t used;
+        if (apply_record(r, f->payload + pos, f->len - pos, &used, err) < 0)
+            return -1;
+        pos += used;
+    }
+    if (pos != f->len) {
+        snprintf(err, NB_ERRLEN, "channel %u: %zu stray bytes after %u page records",
+                 f->channel, (size_t)f->len - pos, n);
+        return -1;
+    }
+    atomic_fetch_add(&r->m->pages_raw, n);
+    return 0;
+}
+
+static void *receiver_main(void *arg)
+{
+    struct receiver *r = arg;
+    struct dest *d = r->dst;
+    struct nb_mig *m = r->m;
+    char err[NB_ERRLEN];
+    uint32_t round = 0;
+    int slot = r->ch->index - 1;
+
+    for (;;) {
+        struct nb_frame f;
+        if (nb_recv_frame(r->ch, &f, NB_MAX_PAGES_FRAME, err) < 0)
+            break;
+        if (f.type == NB_MSG_PAGES) {
+            if (apply_pages(r, &f, round, err) < 0)
+                break;
+        } else if (f.type == NB_MSG_ROUND_END && f.len == 16 &&
+                   nb_get32(f.payload) == round) {
+            pthread_mutex_lock(&d->lock);
+            d->done_round[slot] = ++round;
+            pthread_cond_broadcast(&d->cond);
+            pthread_mutex_unlock(&d->lock);
+        } else {
+            snprintf(err, NB_ERRLEN, "channel %d: unexpected %s frame in round %u",
+                     slot + 1, nb_msg_name(f.type), round);
+            break;
+        }
+    }
+    /* a channel ending is normal once the session is over */
+    pthread_mutex_lock(&m->lock);
+    int over = m->st.committed || m->st.result != NB_RESULT_RUNNING;
+    pthread_mutex_unlock(&m->lock);
+    pthread_mutex_lock(&d->lock);
+    if (!over) {
+        d->failed = 1;
+        pthread_cond_broadcast(&d->cond);
+    }
+    pthread_mutex_unlock(&d->lock);
+    if (!over) {
+        nb_fail(m, NB_RESULT_FAILED, "%s", err);
+        /* wake the control thread */
+        if (m->ctl.fd >= 0)
+            shutdown(m->ctl.fd, SHUT_RDWR);
+    }
+    return NULL;
+}
+
+/* Accept one connection, waiting at most the session timeout. */
+static int accept_one(struct nb_mig *m, char *err)
+{
+    struct pollfd p = { .fd = m->listen_fd, .events = POLLIN };
+    struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
+    int fd, rc;
+
+    rc = poll(&p, 1, (int)m->p.timeout_ms);
+    if (rc <= 0 || atomic_load(&m->cancel_req)) {
+        snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
+                 : "stopped waiting for the source", m->p.timeout_ms);
+        return -1;
+    }
+    fd = accept4(m->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, NB_ERRLEN, "accept failed: %s", strerror(errno));
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    nb_set_nodelay(fd);
+    return fd;
+}
+
+/*
+ * Authenticate the control connection.  A connection that fails the
+ * handshake is dropped and the next one awaited (at most a few), so a
+ * stray or hostile client cannot end the session on its own.
+ */
+static int accept_source(struct nb_mig *m, char *err)
+{
+    char last[NB_ERRLEN] = "";
+    for (int bad = 0; bad < MAX_BAD_CONNECTIONS; bad++) {
+        m->ctl.fd = accept_one(m, err);
+        if (m->ctl.fd < 0) {
+            if (bad)
+                snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
+                         "authenticated source followed; last: %.180s", bad, last);
+            return -1;
+        }
+        m->ctl.index = 0;
+        m->ctl.send_seq = m->ctl.recv_seq = 0;
+        m->ctl.key = NULL;
+        m->ctl.wire = &m->wire_bytes;
+        nb_set_phase(m, NB_PHASE_HANDSHAKE);
+        if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
+                              err) == 0)
+            return 0;
+        close(m->ctl.fd);
+        m->ctl.fd = -1;
+        snprintf(last, sizeof(last), "%s", err);
+    }
+    snprintf(err, NB_ERRLEN, "rejected %d connections; last: %.180s",
+             MAX_BAD_CONNECTIONS, last);
+    return -1;
+}
+
+static int parse_u(const char *text, const char *key, uint64_t *v)
+{
+    char buf[64], *end;
+    if (nb_preamble_get(text, key, buf, sizeof(buf)) < 0)
+        return -1;
+    *v = strtoull(buf, &end, 0);
+    return *end ? -1 : 0;
+}
+
+/* A destination checkpoint takes the source's shape. */
+static int spec_from_preamble(const char *text, struct nb_guest_spec *s, char *err)
+{
+    uint64_t v, nsegs;
+    memset(s, 0, sizeof(*s));
+    if (nb_preamble_get(text, "arch", s->arch, sizeof(s->arch)) < 0 ||
+        nb_preamble_get(text, "cpu_vendor", s->cpu_vendor, sizeof(s->cpu_vendor)) < 0 ||
+        nb_preamble_get(text, "state_format", s->state_format,
+                        sizeof(s->state_format)) < 0 ||
+        parse_u(text, "page_size", &v) < 0 || v != NB_PAGE ||
+        parse_u(text, "ncpus", &v) < 0 || v < 1 || v > 1024)
+        goto bad;
+    s->page_size = NB_PAGE;
+    parse_u(text, "ncpus", &v);
+    s->ncpus = (uint32_t)v;
+    if (parse_u(text, "segments", &nsegs) < 0 || nsegs < 1 || nsegs > NB_MAX_SEGS)
+        goto bad;
+    s->layout.nsegs = (int)nsegs;
+    for (int i = 0; i < (int)nsegs; i++) {
+        char key[32], val[64], *colon;
+        snprintf(key, sizeof(key), "segment.%d", i);
+        if (nb_preamble_get(text, key, val, sizeof(val)) < 0 ||
+            !(colon = strchr(val, ':')))
+            goto bad;
+        *colon = 0;
+        s->layout.seg[i].gpa = strtoull(val, NULL, 16);
+        s->layout.seg[i].len = strtoull(colon + 1, NULL, 16);
+        s->layout.seg[i].offset = s->layout.total;
+        if (s->layout.seg[i].len == 0 || s->layout.seg[i].len > (1ULL << 40) ||
+            s->layout.seg[i].gpa % NB_PAGE || s->layout.seg[i].len % NB_PAGE)
+            goto bad;
+        s->layout.total += s->layout.seg[i].len;
+    }
+    /* the guest's CPU feature words travel with it */
+    for (const char *p = text; p && *p && s->nfeat < 24;) {
+        unsigned leaf, sub, bits;
+        char reg;
+        if (sscanf(p, "cpuid.%x.%x.%c=%x", &leaf, &sub, &reg, &bits) == 4 &&
+            reg >= 'a' && reg <= 'd')
+            s->feat[s->nfeat++] = (typeof(s->feat[0])){ leaf, sub,
+                                                        (uint32_t)(reg - 'a'), bits };
+        p = strchr(p, '\n');
+        p = p ? p + 1 : NULL;
+    }
+    return 0;
+bad:
+    snprintf(err, NB_ERRLEN, "the source's preamble does not describe a guest "
+             "this host can hold");
+    return -1;
+}
+
+static int negotiate(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    char src[8192], mine[4096], e2[NB_ERRLEN];
+    uint64_t channels;
+    struct nb_frame f;
+    int n;
+
+    if (nb_expect(&m->ctl, &f, NB_MSG_PREAMBLE, sizeof(src) - 1, err) < 0)
+        return -1;
+    memcpy(src, f.payload, f.len);
+    src[f.len] = 0;
+    if (parse_u(src, "channels", &channels) < 0 || channels < 1 ||
+        channels > NB_MAX_CHANNELS) {
+        snprintf(err, NB_ERRLEN, "source asks for an invalid channel count");
+        goto refuse;
+    }
+    if (m->p.vmm_kind == NB_VMM_CKPT) {
+        struct nb_guest_spec spec;
+        if (spec_from_preamble(src, &spec, err) < 0 ||
+            nb_vmm_open_ckpt(&m->vmm, m->p.vmm_target, 1, &spec, err) < 0)
+            goto refuse;
+        m->vmm_open = 1;
+    }
+    {
+        struct nb_mig_params mp = m->p;
+        char mode[16] = "live";
+        nb_preamble_get(src, "mode", mode, sizeof(mode));
+        mp.channels = (int)channels;
+        mp.mode = !strcmp(mode, "warm") ? NB_MODE_WARM
+                  : !strcmp(mode, "cold") ? NB_MODE_COLD : NB_MODE_LIVE;
+        m->p.mode = mp.mode;
+        {
+            char verify[16] = "full";
+            nb_preamble_get(src, "verify", verify, sizeof(verify));
+            m->p.verify = strcmp(verify, "incremental") ? NB_VERIFY_FULL
+                                                        : NB_VERIFY_INCREMENTAL;
+            mp.verify = m->p.verify;
+        }
+        n = nb_preamble_write(&m->vmm.spec, &mp, mine, sizeof(mine));
+    }
+    if (n < 0) {
+        snprintf(err, NB_ERRLEN, "preamble too long");
+        goto refuse;
+    }
+    if (nb_preamble_check(src, mine, err, NB_ERRLEN) < 0)
+        goto refuse;
+    if (nb_setup_memory(m, err) < 0)
+        goto refuse;
+    nb_init_page_hashes(m);
+    d->nrcv = (int)channels;
+    pthread_mutex_lock(&m->lock);
+    m->st.mode = m->p.mode;
+    pthread_mutex_unlock(&m->lock);
+    return nb_send_frame(&m->ctl, NB_MSG_ACCEPT, mine, (uint32_t)n, err);
+refuse:
+    nb_send_frame(&m->ctl, NB_MSG_REFUSE, err, (uint32_t)strlen(err), e2);
+    return -1;
+}
+
+static int join_channels(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    int joined = 0, bad = 0;
+    while (joined < d->nrcv) {
+        struct nb_chan c = { .fd = accept_one(m, err), .wire = &m->wire_bytes };
+        if (c.fd < 0)
+            return -1;
+        if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
+            m->data[c.index - 1].fd >= 0) {
+            close(c.fd);
+            free(c.rbuf);
+            if (++bad >= MAX_BAD_CONNECTIONS)
+                return -1;
+            continue;
+        }
+        {
+            /* page channels may idle for long; the control thread watches
+             * liveness and shuts them down when the session ends */
+            struct timeval none = { 0, 0 };
+            setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+        }
+        m->data[c.index - 1] = c;
+        joined++;
+    }
+    for (int i = 0; i < d->nrcv; i++) {
+        struct receiver *r = &d->rcv[i];
+        r->m = m;
+        r->dst = d;
+        r->ch = &m->data[i];
+        if (pthread_create(&r->thread, NULL, receiver_main, r) != 0) {
+            snprintf(err, NB_ERRLEN, "cannot start a receiver thread");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Wait until every channel has delivered round `last`. */
+static int wait_rounds(struct dest *d, uint32_t last, char *err)
+{
+    int ok = 1;
+    pthread_mutex_lock(&d->lock);
+    for (;;) {
+        int all = 1;
+        for (int i = 0; i < d->nrcv; i++)
+            if (d->done_round[i] < last + 1)
+                all = 0;
+        if (all || d->failed)
+            break;
+        pthread_cond_wait(&d->cond, &d->lock);
+    }
+    ok = !d->failed;
+    pthread_mutex_unlock(&d->lock);
+    if (!ok)
+        snprintf(err, NB_ERRLEN, "%s", d->m->st.error);
+    return ok ? 0 : -1;
+}
+
+/*
+ * The control channel is quiet while pages flow: wait for it as long as
+ * page data keeps arriving, and give up only after `timeout_ms` without
+ * any traffic at all.
+ */
+static int wait_control(struct nb_mig *m, char *err)
+{
+    uint64_t seen = atomic_load(&m->wire_bytes);
+    double idle_since = nb_now_ms();
+    for (;;) {
+        struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
+        int rc = poll(&p, 1, 250);
+        uint64_t now_bytes;
+        if (rc > 0)
+            return 0;
+        if (rc < 0 && errno != EINTR) {
+            snprintf(err, NB_ERRLEN, "control channel: %s", strerror(errno));
+            return -1;
+        }
+        now_bytes = atomic_load(&m->wire_bytes);
+        if (now_bytes != seen) {
+            seen = now_bytes;
+            idle_since = nb_now_ms();
+        } else if (nb_now_ms() - idle_since > m->p.timeout_ms) {
+            snprintf(err, NB_ERRLEN, "the source went silent for %u ms",
+                     m->p.timeout_ms);
+            return -1;
+        }
+    }
+}
+
+/* The switch-over conversation on the control channel. */
+static int control_loop(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    struct nb_frame f;
+    char e2[NB_ERRLEN];
+    int have_state = 0, ready = 0;
+
+    for (;;) {
+        if (wait_control(m, err) < 0 ||
+            nb_recv_frame(&m->ctl, &f, NB_MAX_CTRL_FRAME, err) < 0)
+            return -1;
+        switch (f.type) {
+        case NB_MSG_STATE:
+            if (have_state || ready)
+                goto unexpected;
+            nb_set_phase(m, NB_PHASE_SWITCHOVER);
+            if (m->vmm.ops->load_state(&m->vmm, f.payload, f.len, err) < 0)
+                goto refuse;
+            have_state = 1;
+            break;
+        case NB_MSG_DIGEST: {
+            uint32_t last;
+            uint64_t theirs, mine;
+            if (!have_state || ready || f.len != 24)
+                goto unexpected;
+            last = nb_get32(f.payload);
+            theirs = nb_get64(f.payload + 8);
+            if (nb_get64(f.payload + 16) != m->npages) {
+                snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
+                         (unsigned long long)nb_get64(f.payload + 16),
+                         (unsigned long long)m->npages);
+                goto refuse;
+            }
+            if (wait_rounds(d, last, err) < 0)
+                return -1;
+            nb_set_phase(m, NB_PHASE_VERIFY);
+            mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
+            pthread_mutex_lock(&m->lock);
+            m->st.digest = mine;
+            m->st.round = last;
+            m->st.nrounds = last + 1;
+            pthread_mutex_unlock(&m->lock);
+            if (mine != theirs) {
+                snprintf(err, NB_ERRLEN, "memory digest mismatch (source %016llx, "
+                         "destination %016llx): the copy is not faithful",
+                         (unsigned long long)theirs, (unsigned long long)mine);
+                goto refuse;
+            }
+            if (nb_send_frame(&m->ctl, NB_MSG_READY, "", 0, err) < 0)
+                return -1;
+            ready = 1;
+            break;
+        }
+        case NB_MSG_COMMIT:
+            if (!ready)
+                goto unexpected;
+            pthread_mutex_lock(&m->lock);
+            m->st.committed = 1;
+            m->st.phase = NB_PHASE_COMMIT;
+            pthread_mutex_unlock(&m->lock);
+            if (m->vmm.ops->resume(&m->vmm, err) < 0)
+                return -1;
+            pthread_mutex_lock(&m->lock);
+            m->st.guest_runs_here = 1;
+            pthread_mutex_unlock(&m->lock);
+            nb_send_frame(&m->ctl, NB_MSG_RUNNING, "", 0, e2);
+            return 0;
+        case NB_MSG_ABORT:
+            atomic_store(&m->cancel_req, 1);
+            snprintf(err, NB_ERRLEN, "source aborted: %.*s",
+                     (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
+            return -1;
+        default:
+            goto unexpected;
+        }
+    }
+unexpected:
+    snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
+             nb_msg_name(f.type));
+refuse:
+    nb_send_frame(&m->ctl, NB_MSG_REFUSE, err, (uint32_t)strlen(err), e2);
+    return -1;
+}
+
+void *nb_dest_main(void *arg)
+{
+    struct nb_mig *m = arg;
+    struct dest d;
+    char err[NB_ERRLEN] = "";
+    int rc = -1;
+
+    memset(&d, 0, sizeof(d));
+    d.m = m;
+    pthread_mutex_init(&d.lock, NULL);
+    pthread_cond_init(&d.cond, NULL);
+
+    if (accept_source(m, err) < 0 || negotiate(&d, err) < 0)
+        goto out;
+    nb_set_phase(m, m->p.mode == NB_MODE_LIVE ? NB_PHASE_PRECOPY : NB_PHASE_PRECOPY);
+    if (join_channels(&d, err) < 0)
+        goto out;
+    rc = control_loop(&d, err);
+out:
+    pthread_mutex_lock(&m->lock);
+    if (rc == 0) {
+        m->st.result = NB_RESULT_COMPLETED;
+        m->st.phase = NB_PHASE_DONE;
+    }
+    m->st.total_ms = nb_now_ms() - m->t0;
+    pthread_mutex_unlock(&m->lock);
+    if (rc != 0)
+        nb_fail(m, atomic_load(&m->cancel_req) ? NB_RESULT_CANCELLED
+                                               : NB_RESULT_FAILED, "%s",
+                err[0] ? err : "failed");
+    /* close the channels so receivers finish, then reap them */
+    for (int i = 0; i < NB_MAX_CHANNELS; i++)
+        if (m->data[i].fd >= 0)
+            shutdown(m->data[i].fd, SHUT_RDWR);
+    for (int i = 0; i < d.nrcv; i++)
+        if (d.rcv[i].thread) {
+            pthread_join(d.rcv[i].thread, NULL);
+            ZSTD_freeDCtx(d.rcv[i].zctx);
+        }
+    pthread_mutex_lock(&m->lock);
+    m->done = 1;
+    pthread_cond_broadcast(&m->cond);
+    pthread_mutex_unlock(&m->lock);
+    return NULL;
+}

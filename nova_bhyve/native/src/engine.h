@@ -1,0 +1,117 @@
+/*
+ * nova-bhyve migration engine: public C API (also the cffi cdef).
+ *
+ * A migration is started on each side and runs in its own native threads;
+ * every call here returns promptly except nb_mig_wait().  Strings in
+ * params are copied; the caller may free them after the start call.
+ */
+#ifndef NB_ENGINE_H
+#define NB_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum nb_mode { NB_MODE_LIVE = 0, NB_MODE_WARM = 1, NB_MODE_COLD = 2 };
+enum nb_vmm_kind { NB_VMM_TESTHOST = 0, NB_VMM_BHYVE = 1, NB_VMM_CKPT = 2 };
+enum nb_verify { NB_VERIFY_INCREMENTAL = 0, NB_VERIFY_FULL = 1 };
+
+enum nb_phase {
+    NB_PHASE_SETUP = 0,      /* opening the VM, listening or connecting */
+    NB_PHASE_HANDSHAKE = 1,  /* authentication and compatibility preamble */
+    NB_PHASE_PRECOPY = 2,    /* round 0: every page that holds data */
+    NB_PHASE_ITERATE = 3,    /* later rounds: pages dirtied since the last */
+    NB_PHASE_SWITCHOVER = 4, /* source paused: last pages and device state */
+    NB_PHASE_VERIFY = 5,     /* memory digests compared */
+    NB_PHASE_COMMIT = 6,     /* ownership handed over */
+    NB_PHASE_DONE = 7,
+    NB_PHASE_FAILED = 8,
+    NB_PHASE_CANCELLED = 9,
+};
+
+enum nb_result {
+    NB_RESULT_RUNNING = 0,
+    NB_RESULT_COMPLETED = 1,
+    NB_RESULT_FAILED = 2,
+    NB_RESULT_CANCELLED = 3,
+};
+
+struct nb_mig_params {
+    int mode;                   /* enum nb_mode */
+    int vmm_kind;               /* enum nb_vmm_kind */
+    const char *vmm_target;     /* socket path, VM name or checkpoint base */
+    const uint8_t *secret;      /* per-migration secret, >= 16 bytes */
+    size_t secret_len;
+    const char *host;           /* source: where to connect; dest: bind address */
+    int port;                   /* dest: 0 picks a free port */
+    int channels;               /* TCP connections for page data, 1..16 */
+    int compress;               /* 0 none, 1 zstd for pages not sent as deltas */
+    int zstd_level;             /* default 1 */
+    uint64_t delta_cache;       /* bytes of delta cache; 0 disables deltas */
+    uint64_t max_bandwidth;     /* bytes/s, 0 = unlimited */
+    uint32_t max_downtime_ms;   /* switch over once the rest fits in this */
+    int verify;                 /* enum nb_verify */
+    uint32_t timeout_ms;        /* connect, handshake and idle timeout */
+};
+
+struct nb_round_stat {
+    double start_ms;            /* since the migration started */
+    double duration_ms;
+    uint64_t pages;             /* pages sent in this round */
+    uint64_t bytes;             /* bytes on the wire in this round */
+    uint64_t dirty;             /* pages dirty at the sync that began it */
+};
+
+#define NB_MAX_ROUND_STATS 64
+
+struct nb_mig_stats {
+    int phase;                  /* enum nb_phase */
+    int result;                 /* enum nb_result */
+    int is_source;
+    int mode;
+    int port;                   /* dest: the port it listens on */
+    uint32_t round;
+    uint64_t mem_total;         /* bytes of guest RAM */
+    uint64_t bytes_transferred; /* bytes on the wire, all channels */
+    uint64_t bytes_remaining;   /* estimate: dirty pages x bytes per page */
+    uint64_t pages_sent;
+    uint64_t pages_zero;
+    uint64_t pages_delta;
+    uint64_t pages_compressed;
+    uint64_t pages_raw;
+    uint64_t dirty_pages;       /* dirty at the last sync */
+    double dirty_rate;          /* pages per second */
+    double bandwidth;           /* bytes per second, last round */
+    double expected_downtime_ms;
+    double downtime_ms;         /* measured: source stopped -> dest running */
+    double total_ms;
+    double rtt_ms;
+    uint32_t max_downtime_ms;
+    uint32_t throttle;          /* percent applied through the vmm port */
+    int committed;              /* ownership passed to the destination */
+    int guest_runs_here;        /* 1 if the guest is running on this side */
+    uint64_t digest;            /* memory digest (after verify) */
+    uint32_t nrounds;           /* entries used in rounds[] */
+    struct nb_round_stat rounds[NB_MAX_ROUND_STATS];
+    char error[256];
+};
+
+typedef struct nb_mig nb_mig;
+
+int nb_mig_send(const struct nb_mig_params *p, nb_mig **out, char *err, size_t errlen);
+int nb_mig_receive(const struct nb_mig_params *p, nb_mig **out, char *err, size_t errlen);
+void nb_mig_stats(nb_mig *m, struct nb_mig_stats *out);
+int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, size_t errlen);
+int nb_mig_force_complete(nb_mig *m);
+int nb_mig_cancel(nb_mig *m, char *err, size_t errlen);
+int nb_mig_wait(nb_mig *m, int timeout_ms);
+void nb_mig_free(nb_mig *m);
+
+/* Checks exposed for unit tests. */
+int nb_spec_check(const char *src_preamble, const char *dst_preamble,
+                  char *err, size_t errlen);
+int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
+                      size_t cap, size_t *outlen);
+int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page);
+uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
+
+#endif

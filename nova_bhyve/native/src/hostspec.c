@@ -1,0 +1,61 @@
+/*
+ * The guest-visible CPU facts of this host, for the compatibility
+ * preamble: vendor and the CPUID feature words a guest may rely on.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <sys/utsname.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+#include "vmm.h"
+
+static void add(struct nb_guest_spec *s, uint32_t leaf, uint32_t sub, uint32_t reg,
+                uint32_t bits)
+{
+    if (s->nfeat < sizeof(s->feat) / sizeof(s->feat[0]))
+        s->feat[s->nfeat++] = (typeof(s->feat[0])){ leaf, sub, reg, bits };
+}
+
+/* Fill arch, CPU vendor and feature words (registers a=0, b=1, c=2, d=3). */
+void nb_spec_fill_cpu(struct nb_guest_spec *s)
+{
+    struct utsname u;
+    s->nfeat = 0;
+    if (uname(&u) == 0 && !s->arch[0])
+        snprintf(s->arch, sizeof(s->arch), "%s", strcmp(u.machine, "amd64") == 0
+                 ? "x86_64" : u.machine);
+#if defined(__x86_64__)
+    {
+        unsigned a, b, c, d, max, maxext;
+        __cpuid(0, max, b, c, d);
+        memcpy(s->cpu_vendor, &b, 4);
+        memcpy(s->cpu_vendor + 4, &d, 4);
+        memcpy(s->cpu_vendor + 8, &c, 4);
+        s->cpu_vendor[12] = 0;
+        __cpuid(1, a, b, c, d);
+        /* OSXSAVE (ECX bit 27) reflects the OS's CR4, not the CPU */
+        add(s, 1, 0, 2, c & ~(1u << 27));
+        add(s, 1, 0, 3, d);
+        if (max >= 7) {
+            __cpuid_count(7, 0, a, b, c, d);
+            add(s, 7, 0, 1, b);
+            add(s, 7, 0, 2, c & ~(1u << 4));  /* OSPKE: OS state too */
+            add(s, 7, 0, 3, d);
+        }
+        if (max >= 0xd) {
+            __cpuid_count(0xd, 1, a, b, c, d);
+            add(s, 0xd, 1, 0, a);
+        }
+        __cpuid(0x80000000, maxext, b, c, d);
+        if (maxext >= 0x80000001) {
+            __cpuid(0x80000001, a, b, c, d);
+            add(s, 0x80000001, 0, 2, c);
+            add(s, 0x80000001, 0, 3, d);
+        }
+    }
+#else
+    snprintf(s->cpu_vendor, sizeof(s->cpu_vendor), "unknown");
+#endif
+}

@@ -1,0 +1,175 @@
+/*
+ * Migration engine internals shared by engine.c, source.c, dest.c,
+ * protocol.c and codec.c.
+ */
+#ifndef NB_MIG_INTERNAL_H
+#define NB_MIG_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine.h"
+#include "vmm.h"
+
+#define NB_MAX_CHANNELS 16
+#define NB_NONCE 32
+#define NB_KEY 32
+#define NB_MAC 16
+
+/* ---- codec.c ---------------------------------------------------------- */
+struct nb_hash_key {
+    uint64_t k0, k1;
+};
+struct nb_xcache;
+
+int nb_page_is_zero(const uint8_t *page);
+size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out, size_t cap);
+int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page);
+uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k);
+uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k);
+uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len);
+struct nb_xcache *nb_xcache_new(uint64_t bytes);
+void nb_xcache_free(struct nb_xcache *c);
+uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn);
+void nb_xcache_put(struct nb_xcache *c, uint64_t pfn, const uint8_t *page);
+
+/* ---- protocol.c: framing, handshake, preamble (spec: PROTOCOL.md) ------ */
+enum nb_msg {
+    NB_MSG_HELLO = 1,
+    NB_MSG_CHALLENGE = 2,
+    NB_MSG_AUTH = 3,
+    NB_MSG_JOIN = 4,
+    NB_MSG_PREAMBLE = 5,
+    NB_MSG_ACCEPT = 6,
+    NB_MSG_PAGES = 7,
+    NB_MSG_ROUND_END = 8,
+    NB_MSG_STATE = 9,
+    NB_MSG_DIGEST = 10,
+    NB_MSG_READY = 11,
+    NB_MSG_COMMIT = 12,
+    NB_MSG_RUNNING = 13,
+    NB_MSG_ABORT = 14,
+    NB_MSG_REFUSE = 15,
+    NB_MSG_PING = 16,
+    NB_MSG_PONG = 17,
+};
+
+enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3 };
+
+#define NB_FRAME_HDR 16
+#define NB_REC_HDR 8
+#define NB_MAX_PAGES_FRAME (256u << 10) /* page frame payload limit */
+#define NB_MAX_CTRL_FRAME (16u << 20)   /* state blobs */
+
+struct nb_frame {
+    uint8_t type;
+    uint8_t flags;
+    uint16_t channel;
+    uint32_t seq;
+    uint32_t len;
+    uint8_t *payload;       /* owned by the channel's receive buffer */
+};
+
+struct nb_chan {
+    int fd;
+    uint16_t index;         /* 0 = control, 1.. = page data */
+    uint32_t send_seq;
+    uint32_t recv_seq;
+    uint8_t *rbuf;          /* receive buffer */
+    size_t rcap;
+    const uint8_t *key;     /* session key once authenticated, else NULL */
+    _Atomic uint64_t *wire; /* byte counter to add to */
+};
+
+int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
+                  uint32_t len, char *err);
+int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
+                  char *err);
+int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
+              uint32_t max_len, char *err);
+const char *nb_msg_name(unsigned type);
+
+struct nb_session_keys {
+    uint8_t key[NB_KEY];    /* session key */
+    uint8_t sid[16];        /* session id, names the session in JOINs */
+    struct nb_hash_key hash;
+};
+
+int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
+                        struct nb_session_keys *keys, char *err);
+int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
+                      struct nb_session_keys *keys, char *err);
+int nb_join_send(struct nb_chan *c, const struct nb_session_keys *keys, char *err);
+int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
+                  int nchannels, char *err);
+int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params *p,
+                      char *out, size_t cap);
+int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen);
+int nb_preamble_get(const char *text, const char *key, char *out, size_t cap);
+
+/* little-endian helpers */
+static inline void nb_put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static inline void nb_put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static inline void nb_put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static inline uint16_t nb_get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t nb_get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+static inline uint64_t nb_get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+
+/* ---- engine.c: the session -------------------------------------------- */
+struct nb_mig {
+    struct nb_mig_params p;     /* strings below are private copies */
+    char *host, *target;
+    uint8_t *secret;
+    int is_source;
+
+    struct nb_vmm vmm;
+    int vmm_open;
+    uint64_t npages;            /* pages in layout order */
+    uint64_t *page_hash;        /* incremental digest terms, per page */
+
+    int listen_fd;
+    struct nb_chan ctl;
+    struct nb_chan data[NB_MAX_CHANNELS];
+    int nchan;
+    struct nb_session_keys keys;
+
+    pthread_t thread;           /* migration thread */
+    int thread_started;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int done;
+
+    /* requests from the caller */
+    _Atomic int cancel_req;
+    _Atomic int force_req;
+    _Atomic uint32_t max_downtime_ms;
+    _Atomic uint64_t max_bandwidth;
+
+    /* progress, written by engine threads, read by nb_mig_stats */
+    _Atomic uint64_t wire_bytes;
+    _Atomic uint64_t pages_sent, pages_zero, pages_delta, pages_compressed, pages_raw;
+    struct nb_mig_stats st;     /* protected by lock */
+    double t0;                  /* start, monotonic ms */
+    double bw_tokens_t;         /* bandwidth cap bookkeeping (lock) */
+    double bw_tokens;
+};
+
+double nb_now_ms(void);
+void nb_set_phase(struct nb_mig *m, int phase);
+void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes);
+int nb_page_addr(const struct nb_mig *m, uint64_t index, uint64_t *pfn, uint64_t *off);
+int nb_pfn_to_offset(const struct nb_mig *m, uint64_t pfn, uint64_t *off, uint64_t *index);
+uint64_t nb_memory_digest(struct nb_mig *m, int full);
+int nb_setup_memory(struct nb_mig *m, char *err);
+void nb_init_page_hashes(struct nb_mig *m);
+int nb_set_nodelay(int fd);
+
+/* source.c / dest.c: the migration threads */
+void *nb_source_main(void *arg);
+void *nb_dest_main(void *arg);
+
+#endif

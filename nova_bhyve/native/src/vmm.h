@@ -1,0 +1,87 @@
+/*
+ * The "vmm port": the small interface through which the migration engine
+ * reaches one VM.  Implementations:
+ *
+ *   vmm_testhost.c  the Linux KVM test host (control socket + memfd)
+ *   vmm_bhyve.c     FreeBSD bhyve (/dev/vmm/NAME + checkpoint socket);
+ *                   compiled on FreeBSD only
+ *   vmm_ckpt.c      a checkpoint file set (RAM file + .kern + .meta), the
+ *                   shape `bhyvectl --suspend` and `bhyve -r` use
+ *
+ * Every function returns 0 on success or -1 with a message in `err`.
+ */
+#ifndef NB_VMM_H
+#define NB_VMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NB_ERRLEN 256
+#define NB_PAGE 4096u
+#define NB_MAX_SEGS 2
+
+struct nb_seg {
+    uint64_t gpa;       /* guest-physical start */
+    uint64_t len;       /* bytes */
+    uint64_t offset;    /* offset in the memory file / mapping */
+};
+
+struct nb_layout {
+    int nsegs;
+    struct nb_seg seg[NB_MAX_SEGS];
+    uint64_t total;     /* bytes of guest RAM */
+};
+
+/* What the guest sees of the host: must be compatible across a migration. */
+struct nb_guest_spec {
+    char arch[16];          /* "x86_64", "aarch64" */
+    char cpu_vendor[16];    /* "AuthenticAMD", "GenuineIntel" */
+    uint32_t page_size;
+    uint32_t ncpus;
+    uint32_t nfeat;         /* entries used in feat[] */
+    struct { uint32_t leaf, sub, reg, bits; } feat[24]; /* CPUID words */
+    char state_format[32];  /* device state format, e.g. "nbvmstat/1" */
+    struct nb_layout layout;
+};
+
+struct nb_vmm;
+
+struct nb_vmm_ops {
+    const char *kind;
+    /* guest RAM, mapped shared; never-written memory reads as zero */
+    int (*map_memory)(struct nb_vmm *, uint8_t **base, char *err);
+    /* Pages ever written in [offset, offset+len) of the memory file, for
+     * skipping holes: fills *data_off with the next offset holding data
+     * (>= offset) or returns 1 when none is left. */
+    int (*next_data)(struct nb_vmm *, uint64_t offset, uint64_t *data_off,
+                     uint64_t *data_end);
+    int (*has_dirty_log)(struct nb_vmm *);
+    /* get-and-clear: one bit per page, segments in layout order */
+    int (*dirty_log)(struct nb_vmm *, uint64_t *bitmap, size_t words, char *err);
+    int (*pause)(struct nb_vmm *, char *err);
+    int (*resume)(struct nb_vmm *, char *err);
+    int (*throttle)(struct nb_vmm *, int percent, char *err);
+    int (*save_state)(struct nb_vmm *, uint8_t **blob, size_t *len, char *err);
+    int (*load_state)(struct nb_vmm *, const uint8_t *blob, size_t len, char *err);
+    void (*close)(struct nb_vmm *);
+};
+
+struct nb_vmm {
+    const struct nb_vmm_ops *ops;
+    struct nb_layout layout;
+    struct nb_guest_spec spec;
+    uint8_t *mem;           /* set by map_memory */
+    void *priv;
+};
+
+/* Open a port.  `target` is a control socket path (testhost), a VM name
+ * (bhyve) or a checkpoint base path (ckpt); `create` makes a checkpoint. */
+int nb_vmm_open_testhost(struct nb_vmm *, const char *sock_path, char *err);
+int nb_vmm_open_bhyve(struct nb_vmm *, const char *vm_name, char *err);
+int nb_vmm_open_ckpt(struct nb_vmm *, const char *base, int create,
+                     const struct nb_guest_spec *spec_for_create, char *err);
+
+/* Host-side CPUID facts for the guest spec (x86). */
+void nb_spec_fill_cpu(struct nb_guest_spec *spec);
+
+#endif

@@ -1,0 +1,277 @@
+"""Helpers for migration tests: run both halves, inject network faults."""
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import threading
+import time
+
+from nova_bhyve.native.engine import Migration, Phase, Result
+from nova_bhyve.testhost.console import parse_console
+
+from .conftest import wait_for
+
+
+def new_secret():
+    """A fresh per-migration secret."""
+    return os.urandom(32)
+
+
+def stress_ready(vm, passes=1, timeout=60):
+    """Wait until the guest has completed ``passes`` full passes."""
+    def ok():
+        r = parse_console(vm.console_text())
+        return r.heartbeats and r.heartbeats[-1].passes >= passes
+    wait_for(ok, timeout=timeout, what=f"{passes} pass(es) on {vm.name}")
+
+
+def start_receive(dst, secret, **kw):
+    """Start the destination half for test-host VM ``dst``."""
+    kw.setdefault("timeout_ms", 20000)
+    return Migration.receive(vmm_target=str(dst.socket_path), secret=secret, **kw)
+
+
+def start_send(src, port, secret, **kw):
+    """Start the source half for test-host VM ``src`` towards 127.0.0.1:port."""
+    kw.setdefault("timeout_ms", 20000)
+    return Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
+                          port=port, secret=secret, **kw)
+
+
+def migrate(src, dst, **kw):
+    """Run a whole migration; returns (source stats, destination stats)."""
+    secret = kw.pop("secret", None) or new_secret()
+    recv = start_receive(dst, secret, timeout_ms=kw.get("timeout_ms", 20000))
+    send = start_send(src, recv.port, secret, **kw)
+    try:
+        assert send.wait(120), "source half did not finish"
+        assert recv.wait(30), "destination half did not finish"
+        return send.stats(), recv.stats()
+    finally:
+        send.close()
+        recv.close()
+
+
+def wait_phase(mig, phases, timeout=60):
+    """Wait until the migration is in one of ``phases``; return the stats."""
+    def ok():
+        s = mig.stats()
+        if s.phase in phases:
+            return s
+        if s.result != Result.RUNNING:
+            raise AssertionError(f"migration ended ({s.result.name}: {s.error}) "
+                                 f"before reaching {[p.name for p in phases]}")
+        return None
+    return wait_for(ok, timeout=timeout, interval=0.001,
+                    what=f"phase {[p.name for p in phases]}")
+
+
+def assert_guest_continued(src, dst, more_passes=1):
+    """The guest runs on dst, continuing src's heartbeats with no error."""
+    before = parse_console(src.console_text())
+    def ok():
+        r = parse_console(dst.console_text())
+        return r.heartbeats and \
+            r.heartbeats[-1].passes >= before.heartbeats[-1].passes + more_passes
+    wait_for(ok, timeout=60, what="the guest to make progress on the destination")
+    after = parse_console(dst.console_text())
+    combined = parse_console(src.console_text() + dst.console_text())
+    assert after.banner == {}, "the destination booted the guest anew"
+    assert combined.sequence_breaks() == []
+    assert after.last_seq > before.last_seq
+    assert after.errors == 0 and after.fails == [], after.fails
+    return after
+
+
+def assert_guest_kept_running(src, dst=None, beats=50):
+    """The guest still runs on src with its self-check intact; dst never ran."""
+    assert src.client.status()["state"] == "running"
+    now = parse_console(src.console_text()).last_seq
+    wait_for(lambda: parse_console(src.console_text()).last_seq > now + beats,
+             timeout=30, what="heartbeats on the source")
+    report = parse_console(src.console_text())
+    assert report.sequence_breaks() == []
+    assert report.errors == 0, report.fails
+    if dst is not None:
+        assert dst.console_text() == "", "the guest ran on the destination"
+        if dst.alive():
+            assert dst.client.status()["state"] in ("incoming", "paused")
+
+
+class FaultyProxy:
+    """A TCP forwarder between the two halves that can cut or corrupt.
+
+    ``corrupt_at``: flip one byte at this offset of the source-to-destination
+    bytes of the first page connection (connection index 1).
+    """
+
+    def __init__(self, target_port, corrupt_at=None, record=False):
+        self.target = ("127.0.0.1", target_port)
+        self.corrupt_at = corrupt_at
+        self.record = record
+        self.recorded = []
+        self.conns = []
+        self.lock = threading.Lock()
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(32)
+        self.port = self.srv.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        index = 0
+        while not self.closed:
+            try:
+                a, _ = self.srv.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.target)
+            with self.lock:
+                self.conns += [a, b]
+                buf = bytearray() if self.record else None
+                self.recorded.append(buf)
+            corrupt = self.corrupt_at if index == 1 else None
+            threading.Thread(target=self._pump, args=(a, b, corrupt, buf),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, None, None),
+                             daemon=True).start()
+            index += 1
+
+    def _pump(self, a, b, corrupt, buf):
+        seen = 0
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                if corrupt is not None and seen <= corrupt < seen + len(data):
+                    data = bytearray(data)
+                    data[corrupt - seen] ^= 0x5a
+                    data = bytes(data)
+                seen += len(data)
+                if buf is not None:
+                    buf += data
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        """Break every forwarded connection now."""
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        """Stop accepting and break everything."""
+        self.closed = True
+        self.srv.close()
+        self.cut()
+
+
+# ---- a minimal independent implementation of the protocol's framing ----
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (0x82F63B78 ^ (c >> 1)) if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_T = _crc32c_table()
+
+
+def crc32c(data, crc=0):
+    """CRC-32C (Castagnoli), as PROTOCOL.md specifies."""
+    c = crc ^ 0xFFFFFFFF
+    for byte in data:
+        c = _T[(c ^ byte) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+MAGIC = b"NBMIG\x00\x00\x01"
+
+
+class RawSource:
+    """Speaks the source side of the handshake by hand (PROTOCOL.md)."""
+
+    def __init__(self, port, secret):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.secret = secret
+        self.seq = 0
+        self.rseq = 0
+        self.key = None
+
+    def send(self, mtype, payload, length=None, seq=None, mac=True, channel=0):
+        """Send a frame; ``length``/``seq`` override the header fields."""
+        hdr = struct.pack("<BBHII", mtype, 1 if (self.key and mac) else 0, channel,
+                          self.seq if seq is None else seq,
+                          len(payload) if length is None else length)
+        tail = b""
+        if self.key and mac:
+            tail = hmac.new(self.key, hdr + payload, hashlib.sha256).digest()[:16]
+        crc = crc32c(hdr + payload + tail)
+        self.sock.sendall(hdr + struct.pack("<I", crc) + payload + tail)
+        self.seq += 1
+
+    def recv(self):
+        """Receive one frame: (type, payload)."""
+        hdr = self._exact(16)
+        mtype, flags, _chan, _seq, length, _crc = struct.unpack("<BBHIII", hdr)
+        payload = self._exact(length + (16 if flags & 1 else 0))
+        self.rseq += 1
+        return mtype, payload[:length]
+
+    def _exact(self, n):
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return out
+
+    def handshake(self):
+        """HELLO / CHALLENGE / AUTH; returns the CHALLENGE verdict."""
+        ns = os.urandom(32)
+        self.send(1, MAGIC + struct.pack("<HHI", 1, 1, 0) + ns)
+        mtype, payload = self.recv()
+        assert mtype == 2, (mtype, payload)
+        nd = payload[12:44]
+        want = hmac.new(self.secret, b"nbmig-dst" + ns + nd, hashlib.sha256).digest()
+        assert hmac.compare_digest(want, payload[44:76]), "destination proof"
+        proof = hmac.new(self.secret, b"nbmig-src" + nd + ns, hashlib.sha256).digest()
+        self.send(3, proof)
+        self.key = hmac.new(self.secret, b"nbmig-key" + ns + nd,
+                            hashlib.sha256).digest()
+
+    def close(self):
+        """Close the connection."""
+        self.sock.close()
+
+
+def wait_result(mig, timeout=30):
+    """Wait for a migration half to end; return its stats."""
+    assert mig.wait(timeout), "migration did not end"
+    return mig.stats()
+
+
+def settle(seconds=0.3):
+    """Give the guest a moment (heartbeats are 1 ms apart)."""
+    time.sleep(seconds)
+
+
+__all__ = ["Phase", "Result"]

@@ -1,0 +1,451 @@
+"""The native migration engine moving real guests between test-host VMs."""
+
+import hashlib
+import hmac
+import os
+import pathlib
+import signal
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from nova_bhyve.native.engine import (
+    Migration,
+    MigrationError,
+    Mode,
+    Phase,
+    Result,
+    VmmKind,
+)
+from nova_bhyve.testhost.console import parse_console
+
+from .conftest import needs_kvm, wait_for, wait_heartbeats
+from .migration_helpers import (
+    FaultyProxy,
+    RawSource,
+    assert_guest_continued,
+    assert_guest_kept_running,
+    migrate,
+    new_secret,
+    settle,
+    start_receive,
+    start_send,
+    stress_ready,
+    wait_phase,
+    wait_result,
+)
+
+pytestmark = needs_kvm
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _pair(vms, cmdline, mem="512M", cpus=1, dst_mem=None, dst_cpus=None):
+    src = vms.start("src", mem=mem, cpus=cpus, cmdline=cmdline)
+    dst = vms.start("dst", mem=dst_mem or mem, cpus=dst_cpus or cpus, incoming=True)
+    return src, dst
+
+
+def _finish(src, dst, s, d):
+    """Common checks after a successful migration; stops the source VM."""
+    assert s.result == Result.COMPLETED, s.error
+    assert d.result == Result.COMPLETED, d.error
+    assert s.committed and d.committed
+    assert s.digest == d.digest != 0
+    assert not s.guest_runs_here and d.guest_runs_here
+    assert src.client.status()["state"] == "paused"
+    assert dst.client.status()["state"] == "running"
+    assert src.stop() == 1          # the source VM is gone
+    return assert_guest_continued(src, dst)
+
+
+@pytest.mark.parametrize("cmdline,verify", [
+    ("mode=idle", "incremental"),
+    ("mode=stress pattern=touch ws=64M", "incremental"),
+    ("mode=stress pattern=touch ws=64M", "full"),
+    ("mode=stress pattern=random ws=512K", "full"),
+])
+def test_live_migration_moves_a_running_guest(vms, cmdline, verify):
+    src, dst = _pair(vms, cmdline)
+    stress_ready(src)
+    s, d = migrate(src, dst, mode=Mode.LIVE, verify=verify, max_downtime_ms=100)
+    assert s.mode == Mode.LIVE and len(s.rounds) >= 2
+    assert s.rounds[0].pages > 0 and s.bytes_transferred > 0
+    assert 0 < s.downtime_ms < s.total_ms
+    _finish(src, dst, s, d)
+
+
+def test_live_migration_with_compression_and_one_channel(vms):
+    src, dst = _pair(vms, "mode=stress pattern=random ws=256K")
+    stress_ready(src)
+    s, d = migrate(src, dst, channels=1, compress=True, delta_cache=0)
+    assert s.pages_compressed > 0
+    _finish(src, dst, s, d)
+
+
+def test_delta_encoding_sends_small_changes_small(vms):
+    # a guest dirtying one byte per page: once the cache holds a page, its
+    # resends cost bytes, not 4 KiB
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=8M")
+    stress_ready(src, passes=2)
+    s, d = migrate(src, dst, max_downtime_ms=1, delta_cache=64 * MiB,
+                   max_bandwidth=0, timeout_ms=20000)
+    if s.result == Result.COMPLETED:
+        assert s.pages_delta > 0
+    _finish(src, dst, s, d)
+
+
+def test_warm_migration(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=32M")
+    stress_ready(src)
+    s, d = migrate(src, dst, mode=Mode.WARM)
+    assert s.mode == d.mode == Mode.WARM
+    assert len(s.rounds) == 1
+    _finish(src, dst, s, d)
+
+
+def test_cold_migration_through_a_checkpoint_file_set(vms):
+    src = vms.start("src", mem="256M", cmdline="mode=stress ws=16M")
+    stress_ready(src)
+    base = pathlib.Path(vms.base) / "ckpt" / "vm"
+    base.parent.mkdir()
+    secret = new_secret()
+    # VM -> checkpoint files
+    recv = Migration.receive(vmm_target=str(base), secret=secret,
+                             vmm_kind=VmmKind.CHECKPOINT)
+    send = start_send(src, recv.port, secret, mode=Mode.COLD)
+    s, d = wait_result(send), wait_result(recv)
+    assert s.result == d.result == Result.COMPLETED, (s.error, d.error)
+    assert {p.name for p in base.parent.iterdir()} == {"vm", "vm.kern", "vm.meta"}
+    assert base.stat().st_size == 256 * MiB
+    assert src.stop() == 1
+    # checkpoint files -> a new VM
+    dst = vms.start("dst", mem="256M", incoming=True)
+    recv = start_receive(dst, secret)
+    send = Migration.send(vmm_target=str(base), host="127.0.0.1", port=recv.port,
+                          secret=secret, mode=Mode.COLD,
+                          vmm_kind=VmmKind.CHECKPOINT)
+    s2, d2 = wait_result(send), wait_result(recv)
+    assert s2.result == d2.result == Result.COMPLETED, (s2.error, d2.error)
+    assert s2.digest == d2.digest
+    assert_guest_continued(src, dst)
+
+
+def test_guest_above_4g_with_working_set_across_the_line(vms):
+    cmd = "mode=stress pattern=touch ws=64M wsoff=3024M"
+    src, dst = _pair(vms, cmd, mem="5G")
+    stress_ready(src)
+    ranges = parse_console(src.console_text()).ranges
+    assert ranges[-1][1] > 4 * GiB
+    s, d = migrate(src, dst, verify="full", max_downtime_ms=100)
+    assert s.mem_total == 5 * GiB
+    _finish(src, dst, s, d)
+
+
+@pytest.mark.parametrize("phase", [Phase.PRECOPY, Phase.ITERATE, Phase.SWITCHOVER])
+def test_cancel_keeps_the_guest_on_the_source(vms, phase):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    # slow links make every phase long enough to be caught in
+    kw = {Phase.PRECOPY: dict(max_bandwidth=8 * MiB),
+          Phase.ITERATE: dict(max_bandwidth=64 * MiB, max_downtime_ms=1),
+          Phase.SWITCHOVER: dict(max_downtime_ms=1, delta_cache=0)}[phase]
+    send = start_send(src, recv.port, secret, **kw)
+    if phase == Phase.SWITCHOVER:
+        # iterate freely, then make the final round crawl: 1 MiB/s
+        wait_phase(send, [Phase.ITERATE])
+        send.set_param("max_bandwidth", 1 * MiB)
+        send.set_param("max_downtime_ms", 600000)
+    wait_phase(send, [phase])
+    send.cancel()
+    s, d = wait_result(send), wait_result(recv)
+    assert s.result == Result.CANCELLED, s.error
+    assert d.result in (Result.FAILED, Result.CANCELLED)
+    assert not s.committed and not d.committed
+    assert s.guest_runs_here and not d.guest_runs_here
+    assert s.throttle == 0
+    send.close()
+    recv.close()
+    assert_guest_kept_running(src, dst)
+    with pytest.raises(MigrationError):
+        send.cancel()       # closed handle: a clear error, not a crash
+
+
+def test_cancel_before_the_destination_answers(vms):
+    src = vms.start("src", mem="256M", cmdline="mode=idle")
+    wait_heartbeats(src, 5)
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)            # accepts, never speaks
+    send = start_send(src, silent.getsockname()[1], new_secret())
+    wait_phase(send, [Phase.HANDSHAKE])
+    send.cancel()
+    s = wait_result(send)
+    assert s.result == Result.CANCELLED
+    silent.close()
+    send.close()
+    assert_guest_kept_running(src)
+
+
+def _receiver_process(vms, dst, secret):
+    secret_file = pathlib.Path(vms.base) / "secret"
+    secret_file.write_bytes(secret)
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "nova_bhyve.migration.cli", "receive",
+         "--vm", str(dst.socket_path), "--secret-file", str(secret_file),
+         "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def test_destination_engine_killed_mid_round(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    proc, port = _receiver_process(vms, dst, secret)
+    send = start_send(src, port, secret, max_bandwidth=16 * MiB)
+    wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s = wait_result(send)
+    assert s.result == Result.FAILED and not s.committed
+    assert s.guest_runs_here
+    send.close()
+    assert_guest_kept_running(src, dst)
+
+
+def test_destination_vm_killed_mid_round(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    send = start_send(src, recv.port, secret, max_bandwidth=32 * MiB)
+    wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
+    dst.kill()
+    s, d = wait_result(send), wait_result(recv)
+    assert s.result == Result.FAILED and d.result == Result.FAILED
+    assert "test host" in d.error or "destination" in s.error or s.error
+    send.close()
+    recv.close()
+    assert_guest_kept_running(src)
+
+
+def test_connection_cut_mid_round(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    proxy = FaultyProxy(recv.port)
+    send = start_send(src, proxy.port, secret, max_bandwidth=16 * MiB)
+    wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
+    proxy.cut()
+    s, d = wait_result(send), wait_result(recv)
+    proxy.close()
+    assert s.result == Result.FAILED and d.result == Result.FAILED
+    send.close()
+    recv.close()
+    assert_guest_kept_running(src, dst)
+
+
+def test_wrong_secret_is_refused(vms):
+    src, dst = _pair(vms, "mode=idle", mem="256M")
+    wait_heartbeats(src, 5)
+    recv = start_receive(dst, new_secret(), timeout_ms=3000)
+    send = start_send(src, recv.port, new_secret())
+    s, d = wait_result(send), wait_result(recv)
+    assert s.result == Result.FAILED
+    assert "authentication" in s.error
+    assert d.result == Result.FAILED and "rejected 1 connection" in d.error, d.error
+    send.close()
+    recv.close()
+    assert_guest_kept_running(src, dst)
+
+
+@pytest.mark.parametrize("dst_mem,dst_cpus,field", [
+    ("512M", 1, "memory"),
+    ("256M", 2, "ncpus"),
+])
+def test_incompatible_destination_is_refused(vms, dst_mem, dst_cpus, field):
+    src, dst = _pair(vms, "mode=idle", mem="256M", dst_mem=dst_mem,
+                     dst_cpus=dst_cpus)
+    wait_heartbeats(src, 5)
+    s, d = migrate(src, dst)
+    assert s.result == d.result == Result.FAILED
+    assert f"incompatible hosts: {field}" in s.error, s.error
+    assert_guest_kept_running(src, dst)
+
+
+def test_corrupted_page_frame_is_refused(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=32M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    proxy = FaultyProxy(recv.port, corrupt_at=3 * MiB + 123)
+    send = start_send(src, proxy.port, secret, channels=1)
+    s, d = wait_result(send), wait_result(recv)
+    proxy.close()
+    assert d.result == Result.FAILED and "CRC" in d.error, d.error
+    assert s.result == Result.FAILED and not s.committed
+    send.close()
+    recv.close()
+    assert_guest_kept_running(src, dst)
+
+
+def test_replayed_stream_is_refused(vms):
+    src, dst = _pair(vms, "mode=stress ws=4M", mem="256M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    proxy = FaultyProxy(recv.port, record=True)
+    send = start_send(src, proxy.port, secret)
+    s, d = wait_result(send), wait_result(recv)
+    proxy.close()
+    send.close()
+    recv.close()
+    assert s.result == d.result == Result.COMPLETED
+    # replay the recorded control stream against a new destination
+    dst2 = vms.start("dst2", mem="256M", incoming=True)
+    recv2 = start_receive(dst2, secret, timeout_ms=3000)
+    import socket
+    with socket.create_connection(("127.0.0.1", recv2.port)) as c:
+        c.sendall(bytes(proxy.recorded[0]))
+        c.settimeout(5)
+        reply = b""
+        try:
+            while chunk := c.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    d2 = wait_result(recv2)
+    recv2.close()
+    assert d2.result == Result.FAILED
+    assert "authentication" in d2.error or "rejected" in d2.error, d2.error
+    assert b"authentication failed" in reply
+    assert dst2.console_text() == "" and dst2.client.status()["state"] == "incoming"
+
+
+def _preamble_for(vm):
+    vendor = "unknown"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("vendor_id"):
+            vendor = line.split(":", 1)[1].strip()
+            break
+    st = vm.client.status()
+    lines = ["protocol=1", "mode=live", "arch=x86_64", "page_size=4096",
+             f"cpu_vendor={vendor}", f"ncpus={st['cpus']}",
+             "state_format=nbvmstat/1", f"memory={st['mem']}", "segments=1",
+             f"segment.0=0:{st['lowmem']:x}", "channels=1", "verify=incremental"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _raw_session(vms):
+    dst = vms.start("dst", mem="256M", incoming=True)
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=5000)
+    raw = RawSource(recv.port, secret)
+    raw.handshake()
+    return dst, recv, raw
+
+
+def test_absurd_frame_length_is_refused(vms):
+    dst, recv, raw = _raw_session(vms)
+    raw.send(5, b"x", length=0xFFFFFFF0)
+    d = wait_result(recv)
+    raw.close()
+    recv.close()
+    assert d.result == Result.FAILED and "exceeds the limit" in d.error, d.error
+    assert dst.client.status()["state"] == "incoming"
+
+
+def test_replayed_frame_sequence_is_refused(vms):
+    dst, recv, raw = _raw_session(vms)
+    raw.send(5, _preamble_for(dst), seq=0)     # sequence 0 was the HELLO
+    d = wait_result(recv)
+    raw.close()
+    recv.close()
+    assert d.result == Result.FAILED and "sequence" in d.error, d.error
+
+
+def test_page_outside_guest_ram_is_refused(vms):
+    dst, recv, raw = _raw_session(vms)
+    raw.send(5, _preamble_for(dst))
+    mtype, _ = raw.recv()
+    assert mtype == 6, "ACCEPT"
+    # join a page channel, then send a record for a page beyond the RAM
+    key = raw.key
+    sid = hmac.new(key, b"nbmig-sid", hashlib.sha256).digest()[:16]
+    page = RawSource.__new__(RawSource)
+    page.__init__(recv.port, raw.secret)
+    idx = struct.pack("<H", 1)
+    token = hmac.new(key, b"nbmig-join" + sid + idx, hashlib.sha256).digest()
+    page.send(4, b"NBMIG\x00\x00\x01" + sid + idx + b"\0\0" + token, mac=False,
+              channel=1)
+    record = struct.pack("<IBBH", (300 * MiB) // 4096, 1, 0, 4096) + bytes(4096)
+    page.send(7, struct.pack("<II", 0, 1) + record, mac=False, channel=1)
+    d = wait_result(recv)
+    page.close()
+    raw.close()
+    recv.close()
+    assert d.result == Result.FAILED and "outside guest RAM" in d.error, d.error
+    assert dst.client.status()["state"] == "incoming"
+
+
+def test_force_complete_ends_a_migration_that_cannot_converge(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    send = start_send(src, recv.port, secret, max_downtime_ms=1, delta_cache=0,
+                      max_bandwidth=64 * MiB)
+    wait_phase(send, [Phase.ITERATE])
+    wait_for(lambda: send.stats().round >= 2, timeout=30, what="two rounds")
+    send.force_complete()
+    s, d = wait_result(send, 60), wait_result(recv)
+    send.close()
+    recv.close()
+    _finish(src, dst, s, d)
+
+
+def test_throttle_and_downtime_can_change_while_running(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    send = start_send(src, recv.port, secret, max_downtime_ms=1, delta_cache=0,
+                      max_bandwidth=64 * MiB)
+    wait_phase(send, [Phase.ITERATE])
+    send.set_param("throttle", 80)
+    assert src.client.status()["throttle"] == 80
+    assert send.stats().throttle == 80
+    with pytest.raises(MigrationError):
+        send.set_param("throttle", 100)
+    with pytest.raises(MigrationError):
+        send.set_param("bogus", 1)
+    send.set_param("max_downtime_ms", 5000)
+    s, d = wait_result(send, 60), wait_result(recv)
+    send.close()
+    recv.close()
+    assert s.max_downtime_ms == 5000
+    _finish(src, dst, s, d)
+
+
+def test_bad_parameters_are_refused_up_front(vms):
+    src = vms.start("src", mem="256M", cmdline="mode=idle")
+    with pytest.raises(MigrationError, match="secret"):
+        Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
+                       port=1, secret=b"short")
+    with pytest.raises(MigrationError, match="channels"):
+        Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
+                       port=1, secret=new_secret(), channels=0)
+    with pytest.raises(MigrationError, match="cannot reach"):
+        Migration.send(vmm_target="/nonexistent/control.sock", host="127.0.0.1",
+                       port=1, secret=new_secret())
+    settle(0.1)
+    assert src.client.status()["state"] == "running"
