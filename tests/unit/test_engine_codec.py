@@ -1,0 +1,122 @@
+"""Unit tests of the engine's codecs and compatibility check (no KVM)."""
+
+import random
+
+import pytest
+
+from nova_bhyve.native._engine import ffi, lib
+from nova_bhyve.native.engine import MigrationError, spec_check
+
+PAGE = 4096
+
+
+def _delta(old, cur, cap=PAGE // 2):
+    out = ffi.new("uint8_t[]", PAGE + 64)
+    n = ffi.new("size_t *")
+    rc = lib.nb_selftest_delta(old, cur, out, cap, n)
+    return None if rc else bytes(ffi.buffer(out, n[0]))
+
+
+def _undelta(delta, base):
+    page = ffi.new("uint8_t[]", bytes(base))
+    rc = lib.nb_selftest_undelta(delta, len(delta), page)
+    return None if rc else bytes(ffi.buffer(page, PAGE))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_delta_round_trips_random_edits(seed):
+    rng = random.Random(seed)
+    old = bytes(rng.getrandbits(8) for _ in range(PAGE))
+    cur = bytearray(old)
+    for _ in range(rng.randint(0, 40)):
+        at = rng.randrange(PAGE)
+        for i in range(at, min(PAGE, at + rng.randint(1, 30))):
+            cur[i] = rng.getrandbits(8)
+    delta = _delta(old, bytes(cur))
+    if delta is None:       # too many changes for a delta: sent whole
+        assert sum(a != b for a, b in zip(old, cur)) > 200
+        return
+    assert _undelta(delta, old) == bytes(cur)
+
+
+def test_one_changed_byte_costs_a_few_bytes():
+    old = bytes(PAGE)
+    cur = bytearray(old)
+    cur[1234] = 7
+    delta = _delta(old, bytes(cur))
+    assert len(delta) <= 5
+    assert _undelta(delta, old) == bytes(cur)
+
+
+def test_identical_page_has_an_empty_delta_and_a_big_change_has_none():
+    page = bytes(range(256)) * 16
+    assert _undelta(_delta(page, page), page) == page
+    assert _delta(bytes(PAGE), bytes([1]) * PAGE) is None
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x80",                      # truncated varint
+    b"\x00\x05ab",                # run longer than what follows
+    b"\xff\x3f\x01x",             # skip beyond the page
+    b"\x00\x81\x20" + b"x" * 10,  # run of 4097 bytes
+    b"\x80\x80\x80\x01\x00",      # varint too long
+])
+def test_malformed_deltas_are_refused(bad):
+    assert _undelta(bad, bytes(PAGE)) is None
+
+
+def test_crc32c_matches_the_published_check_value():
+    # CRC-32C of "123456789" is 0xE3069283
+    assert lib.nb_selftest_crc32c(b"123456789", 9) == 0xE3069283
+    data = bytes(range(256)) * 40
+    assert lib.nb_selftest_crc32c(data, len(data)) == \
+        lib.nb_selftest_crc32c(data, len(data))
+
+
+BASE = """protocol=1
+arch=x86_64
+page_size=4096
+cpu_vendor=AuthenticAMD
+ncpus=2
+state_format=nbvmstat/1
+memory=5368709120
+segments=2
+segment.0=0:c0000000
+segment.1=100000000:80000000
+cpuid.1.0.c=fed83203
+cpuid.7.0.b=219c91a9
+"""
+
+
+def _with(**changes):
+    lines = dict(line.split("=", 1) for line in BASE.strip().split("\n"))
+    for k, v in changes.items():
+        lines[k.replace("_", ".") if k.startswith("cpuid") else k] = v
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def test_identical_hosts_are_compatible():
+    spec_check(BASE, BASE)
+
+
+def test_destination_with_more_cpu_features_is_compatible():
+    spec_check(BASE, _with(**{"cpuid.7.0.b": "ffffffff"}))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("page_size", "16384", "page_size"),
+    ("ncpus", "4", "ncpus"),
+    ("cpu_vendor", "GenuineIntel", "cpu_vendor"),
+    ("segment.1", "100000000:40000000", "segment.1"),
+    ("state_format", "bhyve-ckpt/1", "state_format"),
+    ("arch", "aarch64", "arch"),
+])
+def test_mismatched_hosts_are_refused_with_the_field(field, value, message):
+    with pytest.raises(MigrationError, match=message):
+        spec_check(BASE, _with(**{field: value}))
+
+
+def test_cpu_feature_missing_on_the_destination_is_refused():
+    with pytest.raises(MigrationError, match=r"cpuid\.7\.0\.b.*00000001"):
+        spec_check(_with(**{"cpuid.7.0.b": "219c91a9"}),
+                   _with(**{"cpuid.7.0.b": "219c91a8"}))
