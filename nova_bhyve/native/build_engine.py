@@ -15,7 +15,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 SRC = HERE / "src"
 
 SOURCES = ["engine.c", "source.c", "dest.c", "protocol.c", "codec.c",
-           "hostspec.c", "vmm_testhost.c", "vmm_ckpt.c", "vmm_bhyve.c",
+           "vmm_common.c", "vmm_testhost.c", "vmm_ckpt.c", "vmm_bhyve.c",
            "bhyve_meta.c", "bhyve_ckpt.c",
            "bhyve_msg.c"]
 

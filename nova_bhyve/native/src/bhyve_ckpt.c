@@ -41,33 +41,10 @@
 #include <time.h>
 #include <unistd.h>
 
-__attribute__((format(printf, 2, 3)))
-static int fail(char *err, const char *fmt, ...)
-{
-    va_list ap;
+#define fail nb_errf
+#define sysfail nb_syserrf
 
-    va_start(ap, fmt);
-    vsnprintf(err, NB_ERRLEN, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
-/* Like fail(), with ": strerror(errno)" appended. */
-__attribute__((format(printf, 2, 3)))
-static int sysfail(char *err, const char *fmt, ...)
-{
-    int e = errno;
-    size_t n;
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(err, NB_ERRLEN, fmt, ap);
-    va_end(ap);
-    n = strlen(err);
-    snprintf(err + n, NB_ERRLEN - n, ": %s", strerror(e));
-    errno = e;
-    return -1;
-}
 
 int nb_bhyve_connect(const struct nb_bhyve_opts *o, char *err)
 {

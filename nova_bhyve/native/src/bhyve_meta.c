@@ -33,18 +33,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-__attribute__((format(printf, 2, 3)))
-static int fail(char *err, const char *fmt, ...)
-{
-    va_list ap;
+#define fail nb_errf
+#define sysfail nb_syserrf
 
-    if (err != NULL) {
-        va_start(ap, fmt);
-        vsnprintf(err, NB_ERRLEN, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 /* ------------------------------------------------------------- JSON */
 

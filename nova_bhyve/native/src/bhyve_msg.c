@@ -26,8 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-__attribute__((format(printf, 2, 3)))
-static int fail(char *err, const char *fmt, ...)
+int nb_errf(char *err, const char *fmt, ...)
 {
     va_list ap;
 
@@ -38,6 +37,25 @@ static int fail(char *err, const char *fmt, ...)
     }
     return -1;
 }
+
+int nb_syserrf(char *err, const char *fmt, ...)
+{
+    int e = errno;
+    size_t n;
+    va_list ap;
+
+    if (err == NULL)
+        return -1;
+    va_start(ap, fmt);
+    vsnprintf(err, NB_ERRLEN, fmt, ap);
+    va_end(ap);
+    n = strlen(err);
+    snprintf(err + n, NB_ERRLEN - n, ": %s", strerror(e));
+    errno = e;
+    return -1;
+}
+
+#define fail nb_errf
 
 static int host_big_endian(void)
 {

@@ -184,4 +184,9 @@ int nb_bhyve_restore_files(const struct nb_bhyve_opts *opts,
  * VM with ncpus vCPUs: ncpus * (100 - percent); 0 means no limit. */
 int nb_bhyve_pcpu_limit(int percent, int ncpus, int *limit, char *err);
 
+/* Format an error message into err (NB_ERRLEN bytes); returns -1. */
+int nb_errf(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Like nb_errf(), with ": strerror(errno)" appended; errno is preserved. */
+int nb_syserrf(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 #endif

@@ -83,5 +83,8 @@ int nb_vmm_open_ckpt(struct nb_vmm *, const char *base, int create,
 
 /* Host-side CPUID facts for the guest spec (x86). */
 void nb_spec_fill_cpu(struct nb_guest_spec *spec);
+/* next_data for a memory file: SEEK_DATA / SEEK_HOLE. */
+int nb_file_next_data(int fd, uint64_t size, uint64_t off, uint64_t *doff,
+                      uint64_t *dend);
 
 #endif

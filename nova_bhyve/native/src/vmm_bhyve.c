@@ -129,6 +129,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#define fail nb_errf
+#define sysfail nb_syserrf
+
 /* The UPB migration branch's ABI (its sys/amd64/include/vmm_dev.h and
  * vmm_migration.h); stock headers do not have it. */
 struct nb_upb_segment {
@@ -171,33 +174,7 @@ struct bhyve {
     size_t npages;
 };
 
-__attribute__((format(printf, 2, 3)))
-static int fail(char *err, const char *fmt, ...)
-{
-    va_list ap;
 
-    va_start(ap, fmt);
-    vsnprintf(err, NB_ERRLEN, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-/* Like fail(), with ": strerror(errno)" appended. */
-__attribute__((format(printf, 2, 3)))
-static int sysfail(char *err, const char *fmt, ...)
-{
-    int e = errno;
-    size_t n;
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(err, NB_ERRLEN, fmt, ap);
-    va_end(ap);
-    n = strlen(err);
-    snprintf(err + n, NB_ERRLEN - n, ": %s", strerror(e));
-    errno = e;
-    return -1;
-}
 
 static struct bhyve *B(struct nb_vmm *vmm)
 {

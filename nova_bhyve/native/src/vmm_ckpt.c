@@ -152,13 +152,7 @@ static int ck_map(struct nb_vmm *v, uint8_t **base, char *err)
 static int ck_next_data(struct nb_vmm *v, uint64_t off, uint64_t *doff, uint64_t *dend)
 {
     struct ck *c = v->priv;
-    off_t d = lseek(c->ramfd, (off_t)off, SEEK_DATA), h;
-    if (d < 0)
-        return 1;
-    h = lseek(c->ramfd, d, SEEK_HOLE);
-    *doff = (uint64_t)d;
-    *dend = h < 0 ? v->layout.total : (uint64_t)h;
-    return 0;
+    return nb_file_next_data(c->ramfd, v->layout.total, off, doff, dend);
 }
 
 static int ck_no_dirty_log(struct nb_vmm *v) { (void)v; return 0; }

@@ -140,13 +140,7 @@ static int th_map(struct nb_vmm *v, uint8_t **base, char *err)
 static int th_next_data(struct nb_vmm *v, uint64_t off, uint64_t *doff, uint64_t *dend)
 {
     struct th *t = v->priv;
-    off_t d = lseek(t->memfd, (off_t)off, SEEK_DATA), h;
-    if (d < 0)
-        return 1;
-    h = lseek(t->memfd, d, SEEK_HOLE);
-    *doff = (uint64_t)d;
-    *dend = h < 0 ? v->layout.total : (uint64_t)h;
-    return 0;
+    return nb_file_next_data(t->memfd, v->layout.total, off, doff, dend);
 }
 
 static int th_has_dirty_log(struct nb_vmm *v)

@@ -1,10 +1,13 @@
 /*
- * The guest-visible CPU facts of this host, for the compatibility
- * preamble: vendor and the CPUID feature words a guest may rely on.
+ * Helpers shared by the vmm ports: the guest-visible CPU facts of this
+ * host (for the compatibility preamble) and hole-skipping over a memory
+ * file.
  */
+#define _GNU_SOURCE
 #include <stdio.h>
 #include <string.h>
 #include <sys/utsname.h>
+#include <unistd.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
@@ -58,4 +61,18 @@ void nb_spec_fill_cpu(struct nb_guest_spec *s)
 #else
     snprintf(s->cpu_vendor, sizeof(s->cpu_vendor), "unknown");
 #endif
+}
+
+/* Next data extent at or after `off` in a sparse file of `size` bytes;
+ * returns 1 when only holes remain. */
+int nb_file_next_data(int fd, uint64_t size, uint64_t off, uint64_t *doff,
+                      uint64_t *dend)
+{
+    off_t d = lseek(fd, (off_t)off, SEEK_DATA), h;
+    if (d < 0)
+        return 1;
+    h = lseek(fd, d, SEEK_HOLE);
+    *doff = (uint64_t)d;
+    *dend = h < 0 ? size : (uint64_t)h;
+    return 0;
 }
