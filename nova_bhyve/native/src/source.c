@@ -59,7 +59,11 @@ struct source {
     int failed;
     int paused;                 /* we paused the guest */
     double t_pause;             /* when it stopped (downtime starts) */
+    uint64_t prev_dirty;        /* dirty pages at the previous sync */
 };
+
+/* Below this expected downtime, stop iterating even if rounds still shrink. */
+#define SMALL_DOWNTIME_MS 5.0
 
 #define FRAME_CAP (NB_MAX_PAGES_FRAME)
 
@@ -450,7 +454,25 @@ static int should_switch(struct source *src, uint64_t dirty, double since_ms)
     m->st.bytes_remaining = (uint64_t)((double)dirty * bpp);
     m->st.expected_downtime_ms = expected;
     pthread_mutex_unlock(&m->lock);
-    return dirty == 0 || force || expected <= (double)limit;
+    if (dirty == 0 || force)
+        return 1;
+    if (expected > (double)limit) {
+        src->prev_dirty = dirty;
+        return 0;
+    }
+    /*
+     * It would fit.  While each round still shrinks the dirty set by a
+     * quarter or more, one more (short) round is cheaper than the extra
+     * downtime; stop once it no longer converges or is already tiny.
+     */
+    {
+        uint64_t prev = src->prev_dirty;
+        src->prev_dirty = dirty;
+        if (prev && dirty * 4 <= prev * 3 &&
+            expected > SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms)
+            return 0;
+    }
+    return 1;
 }
 
 /* Undo what we did to the guest: it keeps running here. */
