@@ -11,7 +11,8 @@ half on the source host, with the same secret file on both:
 ``--vm`` is the test host's control socket; with ``--vmm bhyve`` it is the
 bhyve VM name and with ``--vmm checkpoint`` a checkpoint base path (cold
 mode).  The secret is read from a file (never from the command line, where
-other users could see it) and must hold at least 16 bytes.
+other users could see it), byte for byte (nothing is stripped), and must
+hold at least 16 bytes: for example ``head -c 32 /dev/urandom > secret``.
 """
 
 import argparse
@@ -39,7 +40,9 @@ def _split_hostport(text):
 
 
 def _read_secret(path):
-    data = pathlib.Path(path).read_bytes().strip()
+    # the file's exact bytes: a random secret may begin or end with bytes
+    # that look like white space, and stripping them breaks authentication
+    data = pathlib.Path(path).read_bytes()
     if len(data) < 16:
         raise SystemExit(f"{path}: the secret must be at least 16 bytes")
     return data

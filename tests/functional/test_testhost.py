@@ -33,12 +33,14 @@ def test_payload_boots_and_heartbeats(vms, cmdline, mode):
     assert report.heartbeats[0].seq == 1
     assert report.sequence_breaks() == []
     assert report.errors == 0 and report.fails == []
-    # heartbeat cadence: at least one per millisecond of guest time; the
-    # median spacing on the host clock stays close to that
+    # heartbeat cadence: one per millisecond of guest time.  On the host
+    # clock the spacing also depends on how busy the machine is, so this
+    # only checks that no mode sleeps or stalls for many milliseconds
+    # (benchmarks/testhost_metrics.py measures the rate)
     stamps = [ns for ns, line in parse_tlog(vm.tlog_path.read_text())
               if line.startswith("HB ")]
     gaps = [(b - a) / 1e6 for a, b in zip(stamps, stamps[1:])]
-    assert statistics.median(gaps) < 1.5, statistics.median(gaps)
+    assert statistics.median(gaps) < 5, statistics.median(gaps)
 
 
 def test_stress_passes_complete_and_self_check_holds(vms):

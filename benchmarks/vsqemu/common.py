@@ -1,0 +1,144 @@
+"""Measurements shared by both engines: CPU time, wire bytes, heartbeat gaps."""
+
+import os
+import pathlib
+import shutil
+import time
+
+from nova_bhyve.testhost.console import largest_heartbeat_gap, parse_tlog
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed (the run is reported as an error)."""
+
+
+def wait_for(pred, timeout, what, interval=0.02):
+    """Poll ``pred`` until it is true; raise BenchError after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _stat_times(path):
+    """Return (comm, cpu seconds) from a /proc stat file."""
+    text = pathlib.Path(path).read_text()
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return comm, (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _is_vcpu(comm):
+    # QEMU's "CPU n/KVM" (with debug-threads=on), the test host's "vcpu n"
+    return comm.startswith("CPU ") or comm.startswith("vcpu ")
+
+
+def vmm_cpu(pid):
+    """Return (process CPU s, vCPU threads' CPU s) of a VMM process, (0, 0) if gone."""
+    try:
+        _, total = _stat_times(f"/proc/{pid}/stat")
+        vcpu = 0.0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                comm, t = _stat_times(f"/proc/{pid}/task/{tid}/stat")
+            except OSError:
+                continue
+            if _is_vcpu(comm):
+                vcpu += t
+        return total, vcpu
+    except OSError:
+        return 0.0, 0.0
+
+
+def cpu_outside_guest(before, after):
+    """CPU seconds a VMM spent outside its vCPUs between two vmm_cpu() samples."""
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+
+
+def iface_bytes(pid, ifname):
+    """Bytes of all packets both ways through ``ifname`` in ``pid``'s namespace."""
+    # lo counts each packet once (sent); a veth end needs received + sent
+    for line in pathlib.Path(f"/proc/{pid}/net/dev").read_text().splitlines():
+        name, sep, rest = line.partition(":")
+        if sep and name.strip() == ifname:
+            f = rest.split()
+            rx, tx = int(f[0]), int(f[8])
+            return tx if ifname == "lo" else rx + tx
+    raise BenchError(f"no interface {ifname} in the namespace of pid {pid}")
+
+
+def console_tail(path):
+    """Return the raw console's unfinished last line ('' if it ends in a newline)."""
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        return ""
+    return data[data.rfind(b"\n") + 1:].decode("ascii", "replace")
+
+
+def read_tlog(path):
+    """Parse a timestamped console log; [] if it does not exist."""
+    try:
+        return parse_tlog(pathlib.Path(path).read_text("ascii", "replace"))
+    except FileNotFoundError:
+        return []
+
+
+def keep_consoles(res, dest, src, dst):
+    """Copy both consoles of a switch-over whose heartbeats broke to ``dest``."""
+    if res.get("hb_continuous") or dest is None:
+        return
+    dest = pathlib.Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for tag, vm in (("src", src), ("dst", dst)):
+        for path in (vm.console_path, vm.tlog_path):
+            if path.exists():
+                shutil.copy(path, dest / f"{tag}-{path.name}")
+    res["consoles_kept"] = str(dest)
+
+
+def last_seq(entries):
+    """Sequence number of the last heartbeat among tlog entries (0 if none)."""
+    for _, line in reversed(entries):
+        w = line.split()
+        if len(w) == 4 and w[0] == "HB" and w[1].isdigit():
+            return int(w[1])
+    return 0
+
+
+def heartbeats(entries, min_seq=0):
+    """Return (ns, seq, errors) for the heartbeat lines among tlog entries."""
+    out = []
+    for ns, line in entries:
+        w = line.split()
+        if len(w) == 4 and w[0] == "HB" and all(x.isdigit() for x in w[1:]):
+            if int(w[1]) >= min_seq:
+                out.append((ns, int(w[1]), int(w[3])))
+    return out
+
+
+def switchover(src_entries, src_tail, dst_entries, min_seq):
+    """Widest heartbeat gap from ``min_seq`` on, sequence breaks and guest errors."""
+    # a line the guest began on the source and finished on the destination
+    # is put back together, stamped when its end arrived
+    dst_entries = list(dst_entries)
+    if src_tail and dst_entries:
+        ns, first = dst_entries[0]
+        dst_entries[0] = (ns, src_tail + first)
+    merged = list(src_entries) + dst_entries
+    gap, before = largest_heartbeat_gap(merged, min_seq=min_seq)
+    beats = heartbeats(merged, min_seq)
+    seqs = [s for _, s, _ in beats]
+    breaks = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
+    errors = max((e for _, _, e in beats), default=0)
+    after_dst = len(heartbeats(dst_entries, min_seq))
+    return {"guest_downtime_ms": gap * 1e3, "gap_after_seq": before,
+            "hb_continuous": bool(seqs) and not breaks,
+            "hb_breaks": breaks[:5], "guest_errors": errors,
+            "dst_heartbeats": after_dst}

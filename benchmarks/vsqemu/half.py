@@ -1,0 +1,95 @@
+"""One half of a migration with this project's engine, in a process of its own.
+
+    python -P half.py send|receive      (JSON lines on stdin and stdout)
+
+Run under ``ip netns exec`` so that its TCP connections start or end in
+that namespace.  ``receive`` reads its settings, starts listening and
+prints ``{"port": N}``; ``send`` prints ``{"ready": true}`` once imported,
+then reads its settings and starts at once.  Both print one final line
+with the engine's statistics and the CPU time this process used from the
+start of the migration to its end (all threads: the engine's are native),
+then stays until stdin closes.
+The secret arrives on stdin, never on the command line.
+"""
+
+import json
+import resource
+import sys
+import time
+
+from nova_bhyve.native.engine import Migration, Mode, Result
+
+
+def _cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _out(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _final(stats, cpu_s, wall_s):
+    return {
+        "result": stats.result.name.lower(), "error": stats.error,
+        "total_ms": stats.total_ms, "downtime_ms": stats.downtime_ms,
+        "bytes": stats.bytes_transferred, "pages_sent": stats.pages_sent,
+        "pages_delta": stats.pages_delta, "pages_zero": stats.pages_zero,
+        "round_ms": [r.duration_ms for r in stats.rounds],
+        "round_bytes": [r.bytes for r in stats.rounds],
+        "round_dirty": [r.dirty for r in stats.rounds],
+        "cpu_s": cpu_s, "wall_s": wall_s,
+    }
+
+
+def receive(cfg):
+    """Listen, receive one migration, report."""
+    cpu0 = _cpu()
+    mig = Migration.receive(vmm_target=cfg["vm"], secret=bytes.fromhex(cfg["secret"]),
+                            host=cfg["host"], port=0,
+                            timeout_ms=int(cfg["timeout_s"] * 1000))
+    _out({"port": mig.port})
+    t0 = time.monotonic()
+    mig.wait(cfg["timeout_s"] + 60)
+    stats = mig.stats()
+    mig.close()
+    return _final(stats, _cpu() - cpu0, time.monotonic() - t0)
+
+
+def send(cfg):
+    """Send one migration; cancel it if it runs past the timeout."""
+    cpu0, t0 = _cpu(), time.monotonic()
+    mig = Migration.send(vmm_target=cfg["vm"], host=cfg["host"], port=cfg["port"],
+                         secret=bytes.fromhex(cfg["secret"]), mode=Mode.LIVE,
+                         channels=cfg["channels"],
+                         max_downtime_ms=cfg["max_downtime_ms"],
+                         delta_cache=cfg["delta_cache"], max_bandwidth=0,
+                         verify=cfg["verify"], timeout_ms=30000)
+    dnf = not mig.wait(cfg["timeout_s"])
+    if dnf:
+        try:
+            mig.cancel()
+        except Exception:       # noqa: BLE001 - it may have just finished
+            pass
+        mig.wait(30)
+    stats = mig.stats()
+    mig.close()
+    out = _final(stats, _cpu() - cpu0, time.monotonic() - t0)
+    out["dnf"] = dnf and stats.result != Result.COMPLETED
+    return out
+
+
+def main(argv):
+    """Run one half as told on stdin."""
+    role = argv[0]
+    if role == "send":
+        _out({"ready": True})
+    cfg = json.loads(sys.stdin.readline())
+    _out((send if role == "send" else receive)(cfg))
+    sys.stdin.readline()    # stay (and keep the namespace's counters readable)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,86 @@
+"""Two network namespaces joined by a veth pair shaped to 1 Gbit/s.
+
+Each namespace is one "host".  Loopback runs stay inside one namespace
+(its own ``lo``, which nothing else on the machine uses, so its counters
+are the migration's alone); 1 Gbit/s runs cross the veth pair, whose two
+ends carry addresses from a private /30 that exists only inside these
+namespaces: nothing can reach any other address from there, as the
+namespaces have no other interface and no route.
+"""
+
+import os
+import re
+import subprocess
+
+PREFIX = "nbbench-"
+SUBNET = ("10.213.57.1", "10.213.57.2")   # a /30 private to the namespaces
+RATE = "1gbit"
+# Token bucket on both ends: 128 KiB burst (~1 ms at line rate) and at most
+# 5 ms of queue, roughly a switch port's buffer.
+TBF = ["tbf", "rate", RATE, "burst", "128kb", "latency", "5ms"]
+
+
+def _ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def remove_stale():
+    """Delete namespaces left behind by runs whose process is gone."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True,
+                         text=True).stdout
+    for name in re.findall(rf"^({PREFIX}(\d+)[ab])\b", out, re.M):
+        if not os.path.exists(f"/proc/{name[1]}"):
+            subprocess.run(["ip", "netns", "del", name[0]], capture_output=True)
+
+
+class Net:
+    """Namespaces ``ns_a`` and ``ns_b``; use as a context manager."""
+
+    def __init__(self):
+        tag = f"{PREFIX}{os.getpid()}"
+        self.ns_a, self.ns_b = tag + "a", tag + "b"
+        self.addr = {self.ns_a: SUBNET[0], self.ns_b: SUBNET[1]}
+        self.veth = {self.ns_a: f"nbb{os.getpid()}a", self.ns_b: f"nbb{os.getpid()}b"}
+        self.created = []
+
+    def __enter__(self):
+        remove_stale()
+        try:
+            for ns in (self.ns_a, self.ns_b):
+                _ip("netns", "add", ns)
+                self.created.append(ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+            va, vb = self.veth[self.ns_a], self.veth[self.ns_b]
+            _ip("link", "add", va, "netns", self.ns_a, "type", "veth",
+                "peer", "name", vb, "netns", self.ns_b)
+            for ns in (self.ns_a, self.ns_b):
+                _ip("-n", ns, "addr", "add", f"{self.addr[ns]}/30",
+                    "dev", self.veth[ns])
+                _ip("-n", ns, "link", "set", self.veth[ns], "up")
+                subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev",
+                                self.veth[ns], "root", *TBF],
+                               check=True, capture_output=True)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def remove(self):
+        """Delete the namespaces (and with them the veth pair)."""
+        for ns in self.created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.created = []
+
+    def other(self, ns):
+        """The namespace at the other end of the veth pair."""
+        return self.ns_b if ns == self.ns_a else self.ns_a
+
+    def route(self, link, src_ns):
+        """Return (destination namespace, address, interface) from ``src_ns``."""
+        if link == "loopback":
+            return src_ns, "127.0.0.1", "lo"
+        dst = self.other(src_ns)
+        return dst, self.addr[dst], self.veth[dst]

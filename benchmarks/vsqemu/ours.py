@@ -1,0 +1,176 @@
+"""This project's side: test-host VMs migrated by the native engine."""
+
+import json
+import os
+import pathlib
+import select
+import shutil
+import subprocess
+import sys
+
+from nova_bhyve.testhost.process import TestHostVM
+from vsqemu.common import (
+    BenchError,
+    console_tail,
+    cpu_outside_guest,
+    iface_bytes,
+    keep_consoles,
+    last_seq,
+    read_tlog,
+    switchover,
+    vmm_cpu,
+    wait_for,
+)
+
+_HALF = pathlib.Path(__file__).resolve().parent / "half.py"
+
+# The engine's settings: those of `nova-bhyve-migrate send` (2 channels,
+# incremental verification, no compression, no bandwidth cap, 64 MiB delta
+# cache); only the downtime limit is the comparison's common one.
+ENGINE = {"channels": 2, "verify": "incremental", "delta_cache": 64 << 20}
+
+
+class _Half:
+    """A half.py process in a network namespace, spoken to in JSON lines."""
+
+    def __init__(self, ns, role):
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-P", str(_HALF), role],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            start_new_session=True)
+
+    @property
+    def pid(self):
+        """Process id (``ip netns exec`` execs Python in place)."""
+        return self.proc.pid
+
+    def send(self, obj):
+        """Write one JSON line."""
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout):
+        """Read one JSON line within ``timeout`` seconds."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise BenchError(f"engine half {self.proc.args[-1]} gave no answer "
+                             f"(exit status {self.proc.poll()})")
+        return json.loads(line)
+
+    def close(self):
+        """Let the process end (closing its stdin), or end it."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+class OursChain:
+    """One guest on the KVM test host, migrated again and again with the
+    engine (each target becomes the next source)."""
+
+    engine = "ours"
+
+    def __init__(self, base, net, mem, cmdline):
+        self.base, self.net, self.mem, self.cmdline = base, net, mem, cmdline
+        self.count = 0
+        self.vm = None
+        self.keep = None        # where to copy consoles whose heartbeats broke
+
+    def _new(self, incoming):
+        self.count += 1
+        name = f"t{self.count}"
+        return TestHostVM.start(name, f"{self.base}/{name}", self.mem,
+                                cmdline=self.cmdline, incoming=incoming,
+                                tlog=True)
+
+    def boot(self):
+        """Boot the guest."""
+        self.vm = self._new(incoming=False)
+
+    def console_text(self):
+        """What the guest printed on its current host."""
+        return self.vm.console_text()
+
+    def pause(self):
+        """Stop the guest while the other engine runs."""
+        self.vm.client.pause()
+
+    def resume(self):
+        """Let the guest run again."""
+        self.vm.client.resume()
+
+    def migrate(self, link, config, timeout, downtime_ms):
+        """Migrate to a fresh test-host VM over ``link``; return the measurements."""
+        src = self.vm
+        src_ns = self.net.ns_a
+        dst_ns, addr, ifname = self.net.route(link, src_ns)
+        dst = self._new(incoming=True)
+        halves = []
+        try:
+            secret = os.urandom(32).hex()
+            recv = _Half(dst_ns, "receive")
+            halves.append(recv)
+            recv.send({"vm": str(dst.socket_path), "secret": secret, "host": addr,
+                       "timeout_s": timeout})
+            port = recv.read(30)["port"]
+            send = _Half(src_ns, "send")
+            halves.append(send)
+            send.read(30)                                   # ready
+            start_seq = last_seq(read_tlog(src.tlog_path)) + 1
+            cpu0 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
+            wire0 = iface_bytes(recv.pid, ifname)
+            send.send(dict(ENGINE, vm=str(src.socket_path), host=addr, port=port,
+                           secret=secret, max_downtime_ms=downtime_ms,
+                           timeout_s=timeout))
+            s = send.read(timeout + 60)
+            r = recv.read(90)
+            wire1 = iface_bytes(recv.pid, ifname)
+            cpu1 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
+        except BaseException:
+            for h in halves:
+                h.proc.kill()
+            dst.kill()
+            raise
+        finally:
+            for h in halves:
+                h.close()
+        ok = s["result"] == "completed"
+        res = {
+            "status": "ok" if ok else "dnf" if s.get("dnf") else "error",
+            "total_s": s["total_ms"] / 1e3,
+            "reported_downtime_ms": s["downtime_ms"],
+            "wire_bytes": wire1 - wire0,
+            "payload_bytes": s["bytes"],
+            "rounds": len(s["round_ms"]),
+            "cpu_src_s": s["cpu_s"] + cpu_outside_guest(cpu0[0], cpu1[0]),
+            "cpu_dst_s": r["cpu_s"] + cpu_outside_guest(cpu0[1], cpu1[1]),
+            "round_ms": s["round_ms"], "round_bytes": s["round_bytes"],
+            "pages_delta": s["pages_delta"],
+        }
+        if not ok:
+            res["note"] = s["error"] or r["error"]
+            dst.kill()
+            return res
+        src.stop()
+        self.vm = dst
+        wait_for(lambda: len(read_tlog(dst.tlog_path)) > 20, 20,
+                 "heartbeats from the destination")
+        res.update(switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
+                              read_tlog(dst.tlog_path), start_seq))
+        keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
+        return res
+
+    def close(self):
+        """Stop the guest and remove its files."""
+        if self.vm is not None and self.vm.alive():
+            self.vm.kill()
+        self.vm = None
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -1,0 +1,367 @@
+"""QEMU side: boot the guest payload under QEMU and migrate it over QMP."""
+
+import json
+import pathlib
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from nova_bhyve.testhost import artifacts
+from vsqemu.common import (
+    BenchError,
+    console_tail,
+    cpu_outside_guest,
+    iface_bytes,
+    keep_consoles,
+    last_seq,
+    read_tlog,
+    switchover,
+    vmm_cpu,
+    wait_for,
+)
+
+QEMU = "qemu-system-x86_64"
+QBOOT = "/usr/share/qemu/qboot.rom"
+_READER = pathlib.Path(__file__).resolve().parent / "tlog_reader.py"
+UNLIMITED = 100 << 30      # bytes/s: "max-bandwidth" has no "unlimited" value
+
+CAPABILITIES = ("xbzrle", "multifd", "auto-converge")
+# QEMU 7.2's defaults; the xbzrle cache (64 MiB) equals the engine's delta cache.
+DEFAULT_PARAMS = {"max-bandwidth": 128 << 20, "multifd-channels": 2,
+                  "xbzrle-cache-size": 64 << 20}
+# QEMU configurations (capabilities, parameters), the same on both links.
+# "default" changes nothing but the downtime limit (whose default, 300 ms,
+# is also the comparison's unless --downtime-ms says otherwise), so it keeps
+# the 128 MiB/s bandwidth cap.  The tuned ones lift the cap and add xbzrle,
+# then multifd (2 channels) as well: in QEMU 7.2 a multifd migration sends
+# every page through the multifd threads, which bypass xbzrle, so the two
+# tuned configurations differ in more than the channel count.
+_TUNED = {"max-bandwidth": UNLIMITED}
+CONFIGS = {
+    "qemu-default": ([], {}),
+    "qemu-xbzrle": (["xbzrle"], _TUNED),
+    "qemu-multifd": (["xbzrle", "multifd"], dict(_TUNED, **{"multifd-channels": 2})),
+}
+
+
+def qemu_version():
+    """Return QEMU's version line."""
+    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.splitlines()[0]
+
+
+class QMP:
+    """A minimal QMP client on a unix socket."""
+
+    def __init__(self, path, timeout=20.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        wait_for(lambda: self._try_connect(path), timeout, f"QMP at {path}")
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rwb")
+        self._read()                                    # greeting
+        self.cmd("qmp_capabilities")
+
+    def _try_connect(self, path):
+        try:
+            self.sock.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+    def _read(self):
+        line = self.file.readline()
+        if not line:
+            raise BenchError("QEMU closed its QMP socket")
+        return json.loads(line)
+
+    def cmd(self, name, args=None):
+        """Execute one command; return its "return" value."""
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise BenchError(f"QMP {name}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+    def close(self):
+        """Close the connection."""
+        try:
+            self.file.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class QemuVM:
+    """One QEMU process running (or waiting to receive) the guest payload."""
+
+    def __init__(self, name, rundir, ns, popen, reader):
+        self.name, self.rundir, self.ns = name, pathlib.Path(rundir), ns
+        self.popen, self.reader, self.qmp = popen, reader, None
+
+    @property
+    def pid(self):
+        """The QEMU process id (``ip netns exec`` execs QEMU in place)."""
+        return self.popen.pid
+
+    @property
+    def console_path(self):
+        """Raw COM1 bytes."""
+        return self.rundir / "console.log"
+
+    @property
+    def tlog_path(self):
+        """COM1 lines stamped on arrival."""
+        return self.rundir / "console.tlog"
+
+    @classmethod
+    def start(cls, name, rundir, mem, cmdline, ns, incoming=False):
+        """Start QEMU in namespace ``ns``; the guest runs once the console is read."""
+        rundir = pathlib.Path(rundir)
+        rundir.mkdir(parents=True)
+        con, qmp = rundir / "con", rundir / "qmp.sock"
+        vm = cls(name, rundir, ns, None, None)
+        try:
+            # the console reader creates and opens the pipes before QEMU does
+            vm.reader = subprocess.Popen(
+                [sys.executable, "-P", str(_READER), str(con),
+                 str(vm.console_path), str(vm.tlog_path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                start_new_session=True)
+            ready, _, _ = select.select([vm.reader.stdout], [], [], 20)
+            if not ready or vm.reader.stdout.readline().strip() != b"ready":
+                raise BenchError(f"console reader of {name} did not start")
+            argv = (["ip", "netns", "exec", ns] if ns else []) + [
+                QEMU, "-name", f"{name},debug-threads=on",
+                "-machine", "q35,accel=kvm", "-cpu", "host,-arch-capabilities",
+                "-m", str(mem), "-smp", "1", "-nodefaults", "-display", "none",
+                "-bios", QBOOT, "-kernel", str(artifacts.guest_kernel()),
+                "-append", cmdline,
+                "-qmp", f"unix:{qmp},server=on,wait=off",
+                "-chardev", f"pipe,id=con,path={con}", "-serial", "chardev:con",
+            ] + (["-incoming", "defer"] if incoming else ["-S"])
+            with open(rundir / "qemu.log", "wb") as log:
+                vm.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+            wait_for(lambda: qmp.exists() or vm.popen.poll() is not None, 20,
+                     f"QEMU {name} to start")
+            if vm.popen.poll() is not None:
+                raise BenchError(f"QEMU {name} exited: {vm.log_tail()}")
+            vm.qmp = QMP(qmp)
+            if not incoming:
+                vm.qmp.cmd("cont")
+        except BaseException:
+            vm.kill()
+            raise
+        return vm
+
+    def log_tail(self, n=800):
+        """The end of QEMU's own output."""
+        try:
+            return (self.rundir / "qemu.log").read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def pause(self):
+        """Stop the vCPUs (QMP ``stop``)."""
+        self.qmp.cmd("stop")
+
+    def resume(self):
+        """Run the vCPUs again (QMP ``cont``)."""
+        self.qmp.cmd("cont")
+
+    def alive(self):
+        """True while QEMU runs."""
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self):
+        """End QEMU and its console reader."""
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                self.popen.kill()
+            self.popen.wait()
+        if self.reader is not None:
+            try:
+                self.reader.wait(5)
+            except subprocess.TimeoutExpired:
+                self.reader.kill()
+                self.reader.wait()
+            self.reader.stdout.close()
+            self.reader = None
+
+
+class QemuChain:
+    """One guest under QEMU, migrated again and again (each target becomes
+    the next source), so it is booted and its working set written once."""
+
+    engine = "qemu"
+
+    def __init__(self, base, net, mem, cmdline):
+        self.base, self.net, self.mem, self.cmdline = base, net, mem, cmdline
+        self.count = 0
+        self.vm = None
+        self.keep = None        # where to copy consoles whose heartbeats broke
+
+    def _new(self, ns, incoming):
+        self.count += 1
+        name = f"q{self.count}"
+        return QemuVM.start(name, f"{self.base}/{name}", self.mem, self.cmdline,
+                            ns, incoming=incoming)
+
+    def boot(self):
+        """Boot the guest in the first namespace."""
+        self.vm = self._new(self.net.ns_a, incoming=False)
+
+    def console_text(self):
+        """What the guest printed on its current host."""
+        try:
+            return self.vm.console_path.read_text("ascii", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def pause(self):
+        """Stop the guest while the other engine runs."""
+        self.vm.pause()
+
+    def resume(self):
+        """Let the guest run again."""
+        self.vm.resume()
+
+    def migrate(self, link, config, timeout, downtime_ms):
+        """Migrate to a fresh QEMU over ``link``; return the measurements."""
+        src = self.vm
+        dst_ns, addr, ifname = self.net.route(link, src.ns)
+        caps, params = CONFIGS[config]
+        params = dict(DEFAULT_PARAMS, **params, **{"downtime-limit": downtime_ms})
+        dst = self._new(dst_ns, incoming=True)
+        try:
+            res = self._migrate(src, dst, addr, ifname, caps, params, timeout)
+        except BaseException:
+            dst.kill()
+            raise
+        if res["status"] == "ok":
+            src.kill()
+            self.vm = dst
+            res.update(self._judge(src, dst, res.pop("start_seq")))
+        else:
+            dst.kill()
+            res.pop("start_seq")
+        return res
+
+    def _migrate(self, src, dst, addr, ifname, caps, params, timeout):
+        # a QEMU that was a destination keeps what it was told then: set all
+        capl = [{"capability": c, "state": c in caps} for c in CAPABILITIES]
+        for vm in (src, dst):
+            vm.qmp.cmd("migrate-set-capabilities", {"capabilities": capl})
+            vm.qmp.cmd("migrate-set-parameters", params)
+        dst.qmp.cmd("migrate-incoming", {"uri": f"tcp:{addr}:0"})
+        port = dst.qmp.cmd("query-migrate")["socket-address"][0]["port"]
+        beats = read_tlog(src.tlog_path)
+        start_seq = last_seq(beats) + 1
+        cpu0 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
+        wire0 = iface_bytes(dst.pid, ifname)
+        t0 = time.monotonic()
+        src.qmp.cmd("migrate", {"uri": f"tcp:{addr}:{port}"})
+        samples, info, cancelled = [], {}, False
+        while True:
+            info = src.qmp.cmd("query-migrate")
+            ram = info.get("ram", {})
+            status = info.get("status")
+            samples.append((time.monotonic() - t0, ram.get("dirty-sync-count", 0),
+                            ram.get("transferred", 0), status == "active"))
+            if status in ("completed", "failed", "cancelled"):
+                break
+            if not cancelled and time.monotonic() - t0 > timeout:
+                src.qmp.cmd("migrate_cancel")
+                cancelled = True
+            if cancelled and time.monotonic() - t0 > timeout + 20:
+                raise BenchError("QEMU did not cancel its migration")
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+        if status == "completed":
+            if not dst.alive():
+                raise BenchError(f"QEMU destination died: {dst.log_tail(300)}")
+            wait_for(lambda: dst.qmp.cmd("query-status")["status"] == "running",
+                     20, "the QEMU destination to run the guest")
+        cpu1 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
+        wire1 = iface_bytes(dst.pid, ifname) if dst.alive() else wire0
+        ram = info.get("ram", {})
+        res = {
+            "status": {"completed": "ok", "cancelled": "dnf"}.get(status, "error"),
+            "start_seq": start_seq,
+            # QEMU's own total-time; rarely it reports 0 for a completed
+            # migration, and then the time until completion was seen counts
+            "total_s": (info.get("total-time") or wall * 1e3) / 1e3,
+            "wall_s": wall,
+            "reported_downtime_ms": info.get("downtime"),
+            "wire_bytes": wire1 - wire0,
+            "payload_bytes": ram.get("transferred", 0),
+            "rounds": ram.get("dirty-sync-count", 0),
+            "cpu_src_s": cpu_outside_guest(cpu0[0], cpu1[0]),
+            "cpu_dst_s": cpu_outside_guest(cpu0[1], cpu1[1]),
+            "xbzrle": info.get("xbzrle-cache"),
+        }
+        if status == "failed":
+            res["note"] = f"{info.get('error-desc', 'failed')}; {dst.log_tail(300)}"
+        res.update(_rounds(samples, res["total_s"], info.get("downtime"),
+                           ram.get("transferred", 0)))
+        return res
+
+    def _judge(self, src, dst, start_seq):
+        wait_for(lambda: len(read_tlog(dst.tlog_path)) > 20, 20,
+                 "heartbeats from the QEMU destination")
+        time.sleep(0.05)
+        res = switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
+                         read_tlog(dst.tlog_path), start_seq)
+        keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
+        return res
+
+    def close(self):
+        """Stop the guest and remove its files."""
+        if self.vm is not None:
+            self.vm.kill()
+            self.vm = None
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+
+
+def _rounds(samples, total_s, downtime_ms, final_bytes):
+    """Per-round duration and bytes from query-migrate samples (10 ms apart).
+
+    A round starts when ``dirty-sync-count`` grows while the migration is
+    active; the last round, after the guest stopped, is QEMU's reported
+    downtime long (or runs from the last sync, if the guest stopped right
+    after it) and carries what was sent after the last active sample.
+    Rounds shorter than the sampling interval merge into the next one.
+    """
+    marks, last, sent_active = [], 0, 0
+    for t, sync, sent, active in samples:
+        if active:
+            sent_active = sent
+            if sync > last:
+                marks.append((t, sent))
+                last = sync
+    stop = total_s - (downtime_ms or 0) / 1e3
+    # QEMU stops the guest right after the sync that found little left: a
+    # stop within two samples of that sync starts no round of its own
+    if marks and stop > marks[-1][0] + 0.02:
+        marks.append((stop, sent_active))
+    marks.append((total_s, final_bytes))
+    return {"round_ms": [round(max(0.0, b[0] - a[0]) * 1e3, 2)
+                         for a, b in zip(marks, marks[1:])],
+            "round_bytes": [max(0, b[1] - a[1]) for a, b in zip(marks, marks[1:])]}

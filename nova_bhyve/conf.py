@@ -1,0 +1,209 @@
+"""The ``[bhyve]`` configuration options of the nova-bhyve compute driver."""
+
+import sys
+
+from oslo_config import cfg
+
+GROUP = cfg.OptGroup(
+    "bhyve",
+    title="bhyve compute driver",
+    help="Options of the nova-bhyve compute driver "
+         "(``[DEFAULT] compute_driver = bhyve.BhyveDriver``).")
+
+DEFAULT_TESTHOST_CMDLINE = "mode=idle"
+
+common_opts = [
+    cfg.StrOpt(
+        "backend", default="auto", choices=[
+            ("auto", "bhyve on FreeBSD, the KVM test host elsewhere"),
+            ("bhyve", "FreeBSD bhyve(8)"),
+            ("testhost", "the KVM test host (Linux development and CI)"),
+        ],
+        help="Which machine layer runs the guests."),
+    cfg.FloatOpt(
+        "state_poll_interval", default=2.0, min=0,
+        help="Seconds between checks of every guest's state; a guest that "
+             "stops, crashes or restarts on its own is reported to the "
+             "compute manager as a lifecycle event. 0 disables the check "
+             "(nova's periodic power-state sync still runs)."),
+    cfg.IntOpt(
+        "soft_reboot_timeout", default=120, min=1,
+        help="Seconds a soft reboot waits for the guest to power itself off "
+             "(ACPI power button) before it falls back to a hard reboot."),
+    cfg.IntOpt(
+        "console_log_max_bytes", default=100 * 1024, min=1024,
+        help="How many bytes from the end of the console log the console "
+             "output API returns."),
+]
+
+bhyve_opts = [
+    cfg.StrOpt("bhyve_path", default="/usr/sbin/bhyve",
+               help="The bhyve(8) binary; the only program the privileged "
+                    "helper starts a guest with."),
+    cfg.StrOpt("bhyvectl_path", default="/usr/sbin/bhyvectl",
+               help="The bhyvectl(8) binary."),
+    cfg.StrOpt("daemon_path", default="/usr/sbin/daemon",
+               help="The daemon(8) binary that supervises each guest."),
+    cfg.StrOpt("ifconfig_path", default="/sbin/ifconfig",
+               help="The ifconfig(8) binary (tap and bridge plumbing)."),
+    cfg.StrOpt("zfs_path", default="/sbin/zfs", help="The zfs(8) binary."),
+    cfg.StrOpt(
+        "zfs_dataset",
+        help="ZFS dataset under which instance disks are created as zvols "
+             "and cached Glance images kept as snapshots, for example "
+             "``zroot/nova``. Required by the bhyve backend."),
+    cfg.StrOpt(
+        "uefi_firmware",
+        default="/usr/local/share/uefi-firmware/BHYVE_UEFI_CODE.fd",
+        help="UEFI firmware code (package edk2-bhyve)."),
+    cfg.StrOpt(
+        "uefi_vars_template",
+        default="/usr/local/share/uefi-firmware/BHYVE_UEFI_VARS.fd",
+        help="UEFI variable store template copied to each instance as its "
+             "own NVRAM file."),
+    cfg.BoolOpt("wire_guest_memory", default=False,
+                help="Wire guest memory (bhyve -S); required for PCI "
+                     "passthrough and by some live-migration modes."),
+    cfg.BoolOpt("vnc_wait", default=False,
+                help="Hold the guest until a VNC client connects (the "
+                     "``wait`` flag of bhyve's fbuf device)."),
+]
+
+testhost_opts = [
+    cfg.StrOpt(
+        "testhost_default_cmdline", default=DEFAULT_TESTHOST_CMDLINE,
+        help="Command line of the test-host guest payload when the image "
+             "has no ``bhyve_testhost_cmdline`` property, for example "
+             "``mode=stress pattern=touch ws=64M``."),
+    cfg.StrOpt(
+        "testhost_binary",
+        help="Path of nb-testhost; defaults to the binary built into this "
+             "package."),
+    cfg.StrOpt(
+        "testhost_guest_kernel",
+        help="Path of the guest payload; defaults to the guest.elf built "
+             "into this package."),
+]
+
+migration_opts = [
+    cfg.StrOpt(
+        "live_migration_inbound_addr",
+        help="Address this host listens on for incoming migrations (the "
+             "guest's memory and disk during a live migration, the disk "
+             "during a cold migration from this host) and tells the other "
+             "host to connect to. Default: ``[DEFAULT] my_ip``. Traffic is "
+             "authenticated but guest memory is not encrypted: use an "
+             "address on a trusted migration network."),
+    cfg.IntOpt(
+        "live_migration_listen_timeout", default=600, min=10,
+        help="Seconds the destination's listener waits for the source to "
+             "connect, and for a stalled source to continue. Must exceed "
+             "``[DEFAULT] vif_plugging_timeout``: the source may wait that "
+             "long for network events before it starts sending."),
+    cfg.IntOpt(
+        "live_migration_downtime", default=500, min=10,
+        help="Largest pause of the guest, in milliseconds, that the final "
+             "switch-over may cause; reached in steps (below). Same meaning "
+             "as ``[libvirt] live_migration_downtime``."),
+    cfg.IntOpt(
+        "live_migration_downtime_steps", default=10, min=3,
+        help="Number of increments to reach the maximum downtime."),
+    cfg.IntOpt(
+        "live_migration_downtime_delay", default=75, min=3,
+        help="Seconds per GiB of guest data (at least 2 GiB) between "
+             "downtime increments."),
+    cfg.IntOpt(
+        "live_migration_completion_timeout", default=800, min=0,
+        help="Seconds per GiB of guest data (at least 2 GiB for memory, plus "
+             "at least 2 GiB per copied disk) a live migration may take "
+             "before ``live_migration_timeout_action`` is taken. "
+             "0 disables the timeout."),
+    cfg.StrOpt(
+        "live_migration_timeout_action", default="abort", choices=[
+            ("abort", "cancel the migration; the guest keeps running on "
+                      "the source and the migration is marked failed"),
+            ("force_complete", "switch over now, pausing the guest for as "
+                               "long as the remaining memory takes"),
+        ],
+        help="What to do when a live migration exceeds its completion "
+             "timeout."),
+    cfg.IntOpt(
+        "live_migration_bandwidth", default=0, min=0,
+        help="Bandwidth cap of a live migration's memory copy in MiB/s; "
+             "0 means unlimited."),
+    cfg.IntOpt(
+        "live_migration_parallel_connections", default=2, min=1, max=16,
+        help="TCP connections that carry guest memory (the engine's "
+             "channels)."),
+    cfg.BoolOpt(
+        "live_migration_compression", default=False,
+        help="Compress memory pages (zstd) that are not sent as deltas; "
+             "trades CPU for bandwidth on slow links."),
+    cfg.IntOpt(
+        "live_migration_delta_cache", default=64, min=0,
+        help="MiB of memory per migration remembering what was last sent of "
+             "each page, so that a page dirtied again is sent as a delta; "
+             "0 disables delta encoding."),
+    cfg.StrOpt(
+        "live_migration_verify", default="incremental", choices=[
+            ("incremental", "digest of what was sent and applied"),
+            ("full", "both hosts re-read all guest memory during the "
+                     "switch-over; catches pages a dirty log missed, "
+                     "lengthens the downtime"),
+        ],
+        help="How the hosts check that the destination's memory equals the "
+             "source's before the guest moves."),
+    cfg.BoolOpt(
+        "live_migration_permit_auto_converge", default=False,
+        help="Slow the guest's vCPUs down, stepwise (20% then +10% per "
+             "round up to 99%), when it dirties memory faster than the link "
+             "can copy it, so that the migration can finish."),
+    cfg.FloatOpt(
+        "live_migration_monitor_interval", default=5.0, min=0.1,
+        help="Seconds between updates of the migration's memory totals and "
+             "the instance's progress."),
+    cfg.StrOpt(
+        "live_migration_dirty_log", default="auto", choices=[
+            ("auto", "as the backend reports: the KVM test host has one, "
+                     "stock FreeBSD vmm(4) has none"),
+            ("yes", "this host's vmm(4) tracks dirty pages (a kernel with "
+                    "the migration patches)"),
+            ("no", "treat this host as having no dirty-page log"),
+        ],
+        help="Whether this host can track the pages a running guest "
+             "writes, which live (pre-copy) migration needs on both hosts."),
+    cfg.StrOpt(
+        "live_migration_without_dirty_log", default="warm", choices=[
+            ("warm", "pause the guest, copy all of its memory, resume it on "
+                     "the destination (downtime grows with memory size)"),
+            ("refuse", "refuse the migration"),
+        ],
+        help="What a live migration does when either host has no dirty-page "
+             "log."),
+    cfg.IntOpt(
+        "disk_transfer_timeout", default=600, min=10,
+        help="Seconds a cold migration's source offers the instance's disk "
+             "to the destination, and the longest silence tolerated during "
+             "any disk copy."),
+]
+
+
+def default_backend():
+    """Return the backend ``auto`` resolves to on this platform."""
+    return "bhyve" if sys.platform.startswith("freebsd") else "testhost"
+
+
+def register_opts(conf):
+    """Register the ``[bhyve]`` options on ``conf``."""
+    conf.register_group(GROUP)
+    conf.register_opts(common_opts + bhyve_opts + testhost_opts +
+                       migration_opts, group=GROUP)
+
+
+def list_opts():
+    """Options for oslo-config-generator (entry point ``nova_bhyve``)."""
+    return [(GROUP, common_opts + bhyve_opts + testhost_opts + migration_opts)]
+
+
+CONF = cfg.CONF
+register_opts(CONF)

@@ -1,0 +1,197 @@
+"""What the driver asks of a machine layer: specs, states and the interface."""
+
+import abc
+import dataclasses
+import enum
+
+
+class MachineState(enum.Enum):
+    """A guest's state as the machine layer sees it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"     # checkpointed to disk, no process
+    SHUTDOWN = "shutdown"       # stopped cleanly, by the guest or by us
+    CRASHED = "crashed"         # ended without anyone asking it to
+    NOSTATE = "nostate"         # known, but its state cannot be told
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSpec:
+    """One virtio-blk disk: a file or a zvol device."""
+
+    path: str
+    boot: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class NicSpec:
+    """One virtio-net interface on a tap device attached to a bridge."""
+
+    vif_id: str
+    tap: str
+    mac: str
+    bridge: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineSpec:
+    """Everything needed to (re)start one guest."""
+
+    uuid: str
+    vcpus: int
+    memory_mb: int
+    disks: tuple = ()
+    nics: tuple = ()
+    cmdline: str = ""           # test-host guest payload parameters
+    vnc_listen: str = ""        # empty: no framebuffer
+    vnc_port: int = 0
+
+    def to_dict(self):
+        """Return a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of to_dict."""
+        data = dict(data)
+        data["disks"] = tuple(DiskSpec(**d) for d in data.get("disks", ()))
+        data["nics"] = tuple(NicSpec(**n) for n in data.get("nics", ()))
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFacts:
+    """Resources and identity of the hypervisor host."""
+
+    vcpus: int
+    memory_mb: int
+    memory_mb_used: int
+    disk_gb: int
+    disk_gb_used: int
+    hypervisor_type: str
+    hypervisor_version: int
+    arch: str
+    cpu_model: str
+    cpu_vendor: str = ""        # e.g. GenuineIntel; empty if unknown
+    page_size: int = 4096
+
+
+class MachineError(Exception):
+    """A machine-layer operation failed; the message says what to fix."""
+
+
+class Backend(abc.ABC):
+    """A machine layer: runs guests from MachineSpecs, keyed by instance UUID."""
+
+    #: overrides of ComputeDriver.capabilities for this backend
+    capabilities = {}
+    #: operating system reported in instance diagnostics
+    hypervisor_os = "FreeBSD"
+
+    @abc.abstractmethod
+    def init_host(self, host):
+        """Check prerequisites; raise MachineError naming what is missing."""
+
+    @abc.abstractmethod
+    def host_facts(self):
+        """Return HostFacts measured on this host."""
+
+    @abc.abstractmethod
+    def list_machines(self):
+        """Return the UUIDs of all guests this backend knows on this host."""
+
+    @abc.abstractmethod
+    def state(self, uuid):
+        """Return the MachineState of a guest (raise KeyError if unknown)."""
+
+    @abc.abstractmethod
+    def create(self, context, instance, spec, image_meta):
+        """Prepare disks and files for ``spec``; return it with its disks."""
+
+    @abc.abstractmethod
+    def start(self, uuid):
+        """Boot the guest (from a checkpoint if it is suspended)."""
+
+    @abc.abstractmethod
+    def stop(self, uuid, timeout=0, retry_interval=0):
+        """Stop the guest: gracefully within ``timeout`` s, 0 = immediately."""
+
+    @abc.abstractmethod
+    def reboot(self, uuid, soft):
+        """Reboot the guest; a soft reboot falls back to a hard one."""
+
+    @abc.abstractmethod
+    def pause(self, uuid):
+        """Stop the guest's vCPUs, keeping it in memory."""
+
+    @abc.abstractmethod
+    def unpause(self, uuid):
+        """Run the vCPUs of a paused guest."""
+
+    @abc.abstractmethod
+    def suspend(self, uuid):
+        """Checkpoint the guest to disk and end its process."""
+
+    @abc.abstractmethod
+    def destroy(self, uuid):
+        """Stop the guest at once and release its runtime resources."""
+
+    @abc.abstractmethod
+    def delete_files(self, uuid, destroy_disks=True):
+        """Remove what create() made (disks only if ``destroy_disks``)."""
+
+    @abc.abstractmethod
+    def console_log_path(self, uuid):
+        """Return the path of the guest's serial console log."""
+
+    @abc.abstractmethod
+    def diagnostics(self, uuid):
+        """Return a dict of runtime facts (pid, vcpus, memory, disks, nics)."""
+
+    @abc.abstractmethod
+    def snapshot_disk(self, uuid):
+        """Context manager yielding a readable raw image of the root disk."""
+
+    # -- migration (nova_bhyve.migration) ----------------------------------
+    #: the backend implements the migration methods below
+    can_migrate = False
+    #: the vmm tracks the pages a running guest writes (live pre-copy)
+    has_dirty_log = False
+
+    def _no_migration(self, what):
+        return MachineError(
+            f"{type(self).__name__} cannot {what}: guest migration is "
+            "implemented for the KVM test host backend only")
+
+    def migration_vmm(self, uuid):
+        """Return (vmm kind name, target) by which the engine reaches the guest."""
+        raise self._no_migration("migrate guests")
+
+    def start_incoming(self, uuid):
+        """Start an empty, paused VM for the recorded spec that a migration fills."""
+        raise self._no_migration("receive a migrating guest")
+
+    def finish_incoming(self, uuid):
+        """Record that the migrated-in guest now runs here."""
+        raise self._no_migration("receive a migrating guest")
+
+    def is_incoming(self, uuid):
+        """Return True while the guest's VM waits for a migration to fill it."""
+        return False
+
+    def disk_path(self, uuid):
+        """Return the root disk as a file path a disk copy reads or writes."""
+        raise self._no_migration("copy disks between hosts")
+
+    def grow_disk(self, uuid, size):
+        """Grow the root disk to ``size`` bytes (never shrinks it)."""
+        raise self._no_migration("resize disks")
+
+    def plug_vifs(self, spec):
+        """Create the tap devices of ``spec`` and attach them to bridges."""
+        return None
+
+    def unplug_vifs(self, spec):
+        """Remove the tap devices of ``spec``."""
+        return None

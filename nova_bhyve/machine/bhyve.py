@@ -1,0 +1,355 @@
+"""The bhyve backend (FreeBSD): bhyve(8) under daemon(8), disks on ZFS.
+
+Per instance:
+
+- root disk: zvol ``<zfs_dataset>/<uuid>-disk0``, cloned from the cached
+  image ``<zfs_dataset>/images/<sha1 of image id>@base`` (Glance raw
+  images are written as they are; qcow2 ones are converted with qemu-img
+  after nova's safety checks) and grown to the flavor's root_gb;
+- ``<instances_path>/<uuid>/``: ``machine.json``, ``nvram.fd`` (a copy of
+  the UEFI variable store template), ``console.log`` (COM1), the
+  supervisor's files and, while suspended, the checkpoint set written by
+  ``bhyvectl --suspend`` (needs a bhyve built with BHYVE_SNAPSHOT);
+- one tap device per VIF, added to the VIF's bridge;
+- a VNC framebuffer on ``[vnc] server_listen`` when ``[vnc] enabled``.
+
+Guests run as ``daemon(8) -> supervise -> bhyve``; a guest reboot (exit 0)
+destroys and restarts the VM, other exits end it.  Stale ``/dev/vmm``
+objects of instances that no longer run are destroyed at init_host.
+Pause stops the bhyve process (SIGSTOP): the guest's clock jumps on unpause.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import time
+
+import psutil
+from oslo_concurrency import lockutils, processutils
+from oslo_log import log as logging
+
+from nova_bhyve import privsep
+from nova_bhyve.machine import argv as bhyve_argv
+from nova_bhyve.machine import images, power
+from nova_bhyve.machine.base import (
+    Backend,
+    DiskSpec,
+    HostFacts,
+    MachineError,
+    MachineState,
+)
+from nova_bhyve.machine.supervised import SupervisedMachines
+
+LOG = logging.getLogger(__name__)
+VNC_PORTS = range(5900, 6000)
+_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def sysctl(name):
+    """Return the value of a sysctl(8) variable as a string."""
+    out, _err = processutils.execute("/sbin/sysctl", "-n", name)
+    return out.strip()
+
+
+class BhyveBackend(SupervisedMachines, Backend):
+    """Runs guests with bhyve(8) on FreeBSD."""
+
+    hypervisor_os = "FreeBSD"
+
+    def __init__(self, conf, instances_path):
+        super().__init__(instances_path)
+        self.conf = conf
+        self.capabilities = dict(
+            supports_image_type_raw=True,
+            supports_image_type_qcow2=images.qemu_img_available())
+        self.dataset = conf.bhyve.zfs_dataset
+        self.paths = bhyve_argv.BhyvePaths(
+            bhyve=conf.bhyve.bhyve_path, firmware=conf.bhyve.uefi_firmware,
+            instances_path=os.path.normpath(instances_path),
+            zvol_root=f"/dev/zvol/{self.dataset}")
+
+    # -- host -------------------------------------------------------------
+    def init_host(self, host):
+        """Check binaries, firmware, ZFS and vmm(4); reclaim stale VMs."""
+        if not sys.platform.startswith("freebsd"):
+            raise MachineError("the bhyve backend runs on FreeBSD only; set "
+                               "[bhyve] backend = testhost on Linux")
+        if not self.dataset:
+            raise MachineError("set [bhyve] zfs_dataset (for example "
+                               "zroot/nova): instance disks are zvols")
+        for opt in ("bhyve_path", "bhyvectl_path", "daemon_path", "zfs_path",
+                    "uefi_firmware", "uefi_vars_template"):
+            path = getattr(self.conf.bhyve, opt)
+            if not os.path.isfile(path):
+                raise MachineError(f"[bhyve] {opt} = {path} does not exist")
+        if not os.path.isdir("/dev/vmm"):
+            raise MachineError("/dev/vmm is missing: load vmm(4) "
+                               "(kldload vmm, vmm_load=YES in loader.conf)")
+        os.makedirs(self.instances_path, exist_ok=True)
+        for name in os.listdir("/dev/vmm"):
+            if bhyve_argv.is_instance_uuid(name) and not self._running(name):
+                LOG.info("Destroying stale VM %s left in /dev/vmm", name)
+                privsep.destroy_vmm(name)
+
+    def host_facts(self):
+        """Return CPUs and memory from sysctl(8), disk from the ZFS dataset."""
+        pagesize = int(sysctl("hw.pagesize"))
+        total = int(sysctl("hw.physmem")) >> 20
+        free_pages = (int(sysctl("vm.stats.vm.v_free_count")) +
+                      int(sysctl("vm.stats.vm.v_inactive_count")))
+        out, _err = processutils.execute(
+            self.conf.bhyve.zfs_path, "get", "-Hp", "-o", "value",
+            "available,used", self.dataset)
+        avail, used = (int(v) for v in out.split())
+        return HostFacts(
+            vcpus=int(sysctl("hw.ncpu")), memory_mb=total,
+            memory_mb_used=total - (free_pages * pagesize >> 20),
+            disk_gb=(avail + used) >> 30, disk_gb_used=used >> 30,
+            hypervisor_type="bhyve",
+            hypervisor_version=int(sysctl("kern.osreldate")),
+            arch=_ARCH.get(sysctl("hw.machine_arch"), "x86_64"),
+            cpu_model=sysctl("hw.model"))
+
+    # -- disks ------------------------------------------------------------
+    def _disk_name(self, uuid):
+        return f"{self.dataset}/{uuid}-disk0"
+
+    def _cached_image(self, context, image_id):
+        """Return the ``@base`` snapshot holding the image, creating it once."""
+        key = hashlib.sha1(image_id.encode()).hexdigest()
+        volume = f"{self.dataset}/images/{key}"
+        snap = volume + "@base"
+        with lockutils.lock("nova-bhyve-image-" + key):
+            if os.path.exists(f"/dev/zvol/{snap}"):
+                return snap
+            staging = os.path.join(self.instances_path, "_base")
+            os.makedirs(staging, exist_ok=True)
+            raw = os.path.join(staging, key)
+            try:
+                images.fetch_raw(context, image_id, raw)
+                size_gb = max(1, -(-os.path.getsize(raw) // (1 << 30)))
+                privsep.zfs("destroy", volume)
+                privsep.zfs("create-volume", volume, size_gb=size_gb)
+                privsep.copy_image(raw, f"/dev/zvol/{volume}")
+                privsep.zfs("snapshot", snap)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(raw)
+        return snap
+
+    def create(self, context, instance, spec, image_meta):
+        """Clone the root zvol, copy the NVRAM template, write the record."""
+        os.makedirs(self._dir(spec.uuid), exist_ok=True)
+        disk = self._disk_name(spec.uuid)
+        root_gb = max(1, instance.flavor.root_gb)
+        if image_meta.obj_attr_is_set("id") and image_meta.id:
+            privsep.zfs("clone", disk,
+                        origin=self._cached_image(context, image_meta.id))
+            privsep.zfs("resize", disk, size_gb=root_gb)
+        else:
+            privsep.zfs("create-volume", disk, size_gb=root_gb)
+        shutil.copyfile(self.conf.bhyve.uefi_vars_template,
+                        self._path(spec.uuid, "nvram.fd"))
+        vnc_port = self._free_vnc_port() if spec.vnc_listen else 0
+        spec = dataclasses.replace(
+            spec, disks=(DiskSpec(f"/dev/zvol/{disk}", boot=True),),
+            vnc_port=vnc_port)
+        self._write_record(spec)
+        return spec
+
+    def _free_vnc_port(self):
+        used = set()
+        for uuid in self.list_machines():
+            with contextlib.suppress(KeyError):
+                used.add(self._spec(uuid).vnc_port)
+        for port in VNC_PORTS:
+            if port not in used:
+                return port
+        raise MachineError("no free VNC port in 5900-5999")
+
+    # -- state ------------------------------------------------------------
+    def state(self, uuid):
+        """Return the guest's MachineState (KeyError if there is no record)."""
+        intent = self._record(uuid)["intent"]
+        if self._running(uuid):
+            pid = self._child_pid(uuid)
+            try:
+                status = psutil.Process(pid).status()
+            except (psutil.Error, TypeError, ValueError):
+                return MachineState.NOSTATE
+            if status == psutil.STATUS_STOPPED:
+                return MachineState.PAUSED
+            return MachineState.RUNNING
+        if intent == power.INTENT_SUSPENDED and not self._checkpoint(uuid).complete():
+            return MachineState.CRASHED
+        return self._ended_state(uuid, intent)
+
+    # -- lifecycle --------------------------------------------------------
+    def _argv(self, spec, restore_from=None):
+        return bhyve_argv.build(
+            spec, self.paths, self._path(spec.uuid, "nvram.fd"),
+            wire_memory=self.conf.bhyve.wire_guest_memory,
+            vnc_wait=self.conf.bhyve.vnc_wait, restore_from=restore_from)
+
+    def _launch(self, spec, restore_from=None):
+        self._clear_run_files(spec.uuid)
+        privsep.destroy_vmm(spec.uuid)
+        try:
+            privsep.start_guest(spec.uuid, self._argv(spec, restore_from))
+        except processutils.ProcessExecutionError as exc:
+            raise MachineError(f"cannot start guest {spec.uuid}: {exc.stderr}"
+                               ) from exc
+        deadline = time.monotonic() + 30
+        while not (self._running(spec.uuid) and self._child_pid(spec.uuid)):
+            if os.path.exists(self._path(spec.uuid, "exit.json")):
+                raise MachineError(f"guest {spec.uuid} exited during start: "
+                                   f"{self._log_tail(spec.uuid)}")
+            if time.monotonic() > deadline:
+                raise MachineError(f"guest {spec.uuid} did not start within "
+                                   f"30 s: {self._log_tail(spec.uuid)}")
+            time.sleep(0.05)
+
+    def start(self, uuid):
+        """Boot the guest, or restore it (``bhyve -r``) if it is suspended."""
+        with self._locks[uuid]:
+            rec = self._record(uuid)
+            if self._running(uuid):
+                return
+            spec = self._spec(uuid)
+            files = self._checkpoint(uuid)
+            if rec["intent"] == power.INTENT_SUSPENDED and files.complete():
+                self._set_intent(uuid, power.INTENT_RUNNING)
+                self._launch(spec, restore_from=files.base)
+                return
+            files.remove()
+            self._set_intent(uuid, power.INTENT_RUNNING)
+            self._launch(spec)
+
+    def stop(self, uuid, timeout=0, retry_interval=0):
+        """ACPI power-off within ``timeout`` s, then SIGKILL; 0 = SIGKILL now."""
+        with self._locks[uuid]:
+            self._set_intent(uuid, power.INTENT_STOPPED)
+            self._checkpoint(uuid).remove()
+            if self._running(uuid):
+                if self._state_is_paused(uuid):
+                    privsep.signal_guest(uuid, "CONT")
+                if timeout > 0:
+                    self._acpi_poweroff(uuid, timeout, retry_interval)
+                if self._running(uuid):
+                    privsep.signal_guest(uuid, "KILL")
+                    if not self._wait_ended(uuid, 30):
+                        raise MachineError(f"bhyve of {uuid} survived SIGKILL")
+            privsep.destroy_vmm(uuid)
+
+    def _state_is_paused(self, uuid):
+        return self.state(uuid) == MachineState.PAUSED
+
+    def _acpi_poweroff(self, uuid, timeout, retry_interval):
+        deadline = time.monotonic() + timeout
+        step = retry_interval if retry_interval > 0 else timeout
+        while time.monotonic() < deadline:
+            privsep.signal_guest(uuid, "TERM")
+            if self._wait_ended(uuid, min(step, deadline - time.monotonic())):
+                return
+        LOG.warning("Guest %s ignored the ACPI power button for %s s; "
+                    "forcing it off", uuid, timeout)
+
+    def reboot(self, uuid, soft):
+        """Power-cycle the guest (ACPI first when ``soft``)."""
+        with self._locks[uuid]:
+            self.stop(uuid, self.conf.bhyve.soft_reboot_timeout if soft else 0)
+            self.start(uuid)
+
+    def pause(self, uuid):
+        """Stop the bhyve process (all vCPUs and devices) with SIGSTOP."""
+        with self._locks[uuid]:
+            privsep.signal_guest(uuid, "STOP")
+            self._set_intent(uuid, power.INTENT_PAUSED)
+
+    def unpause(self, uuid):
+        """Continue the stopped bhyve process."""
+        with self._locks[uuid]:
+            privsep.signal_guest(uuid, "CONT")
+            self._set_intent(uuid, power.INTENT_RUNNING)
+
+    def suspend(self, uuid):
+        """``bhyvectl --suspend``: checkpoint set in the instance dir, VM gone."""
+        with self._locks[uuid]:
+            files = self._checkpoint(uuid)
+            files.remove()
+            if self._state_is_paused(uuid):
+                privsep.signal_guest(uuid, "CONT")
+            self._set_intent(uuid, power.INTENT_SUSPENDED)
+            try:
+                privsep.checkpoint_guest(uuid, files.base)
+            except processutils.ProcessExecutionError as exc:
+                self._set_intent(uuid, power.INTENT_RUNNING)
+                raise MachineError(
+                    f"bhyvectl --suspend failed for {uuid} (is bhyve built "
+                    f"with BHYVE_SNAPSHOT?): {exc.stderr}") from exc
+            if not self._wait_ended(uuid, 60):
+                privsep.signal_guest(uuid, "KILL")
+            privsep.destroy_vmm(uuid)
+
+    def destroy(self, uuid):
+        """Kill the guest at once (record and disk stay)."""
+        try:
+            self.stop(uuid, 0)
+        except KeyError:
+            return
+
+    def delete_files(self, uuid, destroy_disks=True):
+        """Remove the instance directory and, if asked, the root zvol."""
+        if destroy_disks:
+            privsep.zfs("destroy", self._disk_name(uuid))
+        shutil.rmtree(self._dir(uuid), ignore_errors=True)
+        self._locks.pop(uuid, None)
+
+    def console_log_path(self, uuid):
+        """Return the path of console.log (COM1 output)."""
+        return self._path(uuid, "console.log")
+
+    def diagnostics(self, uuid):
+        """Return pid, vCPUs, memory, uptime, disks and NICs of the guest."""
+        spec = self._record(uuid)["spec"]
+        out = {"state": self.state(uuid), "vcpus": spec["vcpus"],
+               "memory_mb": spec["memory_mb"],
+               "disks": [d["path"] for d in spec["disks"]],
+               "nics": spec["nics"]}
+        out.update(self._process_facts(uuid))
+        return out
+
+    @contextlib.contextmanager
+    def snapshot_disk(self, uuid):
+        """Snapshot the root zvol and yield a raw copy of it."""
+        snap = f"{self._disk_name(uuid)}@nova-snapshot-{int(time.time())}"
+        copy = self._path(uuid, "snapshot.raw")
+        privsep.zfs("snapshot", snap)
+        try:
+            privsep.copy_image(f"/dev/zvol/{snap}", copy)
+            yield copy
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy)
+            privsep.zfs("destroy", snap)
+
+    # -- networking -------------------------------------------------------
+    def plug_vifs(self, spec):
+        """Create each NIC's tap device and add it to its bridge."""
+        for nic in spec.nics:
+            try:
+                socket.if_nametoindex(nic.tap)
+                continue                    # exists already
+            except OSError:
+                pass
+            privsep.create_tap(nic.tap, nic.bridge, nic.mac)
+
+    def unplug_vifs(self, spec):
+        """Destroy each NIC's tap device."""
+        for nic in spec.nics:
+            privsep.destroy_tap(nic.tap)
+

@@ -1,0 +1,664 @@
+"""Live migration: BhyveDriver's side of Nova's live-migration contract.
+
+Call order (``doc/migration.md`` has the whole story):
+
+1. destination ``check_can_live_migrate_destination``: hypervisor, CPU,
+   page size, free memory; a shared-storage probe file;
+2. source ``check_can_live_migrate_source``: shared storage, disk space,
+   mode (live or warm), the source's key share;
+3. destination ``cleanup_live_migration_destination_check``;
+4. destination ``pre_live_migration``: instance files, VIFs, an incoming
+   VM, the memory and disk listeners; returns their address, the port and
+   its key share in migrate_data (``nova_bhyve.migration.data``);
+5. source ``live_migration``: pushes the disk, runs the engine and a
+   monitor, then calls exactly one of ``post_method``/``recover_method``;
+6. success: ``post_live_migration`` (the paused source VM is destroyed),
+   ``post_live_migration_at_source``, ``cleanup``,
+   ``post_live_migration_at_destination``; failure:
+   ``rollback_live_migration_at_source`` and
+   ``rollback_live_migration_at_destination`` (the incoming VM goes).
+
+The engine runs on its own native threads; the driver only polls it, so
+the monitor works the same under native threads and eventlet.
+"""
+
+import dataclasses
+import threading
+import time
+
+import nova.conf
+from oslo_log import log as logging
+from oslo_serialization import jsonutils
+
+from nova import exception, objects
+from nova_bhyve import guest
+from nova_bhyve.machine.base import MachineError, MachineState
+from nova_bhyve.migration import checks, diskcopy, events, policy
+from nova_bhyve.migration import data as mdata
+from nova_bhyve.native.engine import (
+    Migration,
+    MigrationError,
+    Mode,
+    Result,
+    VmmKind,
+)
+
+CONF = nova.conf.CONF
+LOG = logging.getLogger(__name__)
+
+POLL = 0.2                  # seconds between looks at the engine
+SOURCE_TIMEOUT_MS = 60000   # the source engine's connect and idle timeout
+FINISH_WAIT = 60.0          # seconds the destination waits for its half
+PENDING_ABORT_WINDOW = 10.0
+_VMM = {"testhost": VmmKind.TESTHOST, "bhyve": VmmKind.BHYVE}
+_MODES = {"live": Mode.LIVE, "warm": Mode.WARM}
+
+
+@dataclasses.dataclass
+class _Outgoing:
+    """The source's handle on one running migration."""
+
+    mig: object = None
+    abort: bool = False
+    force: bool = False
+    timeout_fired: bool = False
+    timed_out: bool = False     # aborted by the completion timeout
+    final: object = None        # the engine's last stats
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+@dataclasses.dataclass
+class _Incoming:
+    """The destination's listeners for one migration."""
+
+    recv: object
+    disk: object = None
+
+    def close(self, cancel=False):
+        """Free both listeners (cancelling an unfinished receive)."""
+        if self.disk is not None:
+            self.disk.close()
+        if cancel and not self.recv.stats().finished:
+            try:
+                self.recv.cancel()
+            except MigrationError:
+                pass
+        self.recv.close()
+
+
+def inbound_addr():
+    """The address migrations to this host connect to."""
+    return CONF.bhyve.live_migration_inbound_addr or CONF.my_ip
+
+
+class LiveMigrationMixin:
+    """ComputeDriver live-migration methods; needs ``self.backend``."""
+
+    def __init__(self, virtapi, *args, **kwargs):
+        super().__init__(virtapi, *args, **kwargs)
+        self._lm_keys = mdata.KeyStore()
+        self._outgoing = {}
+        self._incoming = {}
+        self._pending_aborts = {}
+
+    # -- capabilities ------------------------------------------------------
+    def _has_dirty_log(self):
+        setting = CONF.bhyve.live_migration_dirty_log
+        if setting == "auto":
+            return bool(self.backend.has_dirty_log)
+        return setting == "yes"
+
+    def _image_type(self):
+        return mdata.IMAGE_TYPE_PREFIX + type(self.backend).__name__
+
+    def _check_can_migrate(self):
+        if not self.backend.can_migrate:
+            raise exception.MigrationPreCheckError(reason=(
+                f"{self._nodename()} runs the {type(self.backend).__name__} "
+                "machine layer, which cannot migrate guests yet (only the "
+                "KVM test host backend can)"))
+
+    def _reap_incoming(self):
+        """Destroy VMs left waiting for a migration that died with nova-compute."""
+        for uuid in self.backend.list_machines():
+            if self.backend.is_incoming(uuid):
+                LOG.warning("Destroying guest %s: it waited for a migration "
+                            "that ended when nova-compute stopped; the guest "
+                            "still runs on its source host", uuid)
+                self.backend.destroy(uuid)
+                self.backend.delete_files(uuid, True)
+
+    # -- checks ------------------------------------------------------------
+    def check_can_live_migrate_destination(self, context, instance,
+                                           src_compute_info, dst_compute_info,
+                                           block_migration=False,
+                                           disk_over_commit=False):
+        """Check hypervisor, CPU and free memory here; start the storage probe."""
+        self._check_can_migrate()
+        checks.check_hypervisors(src_compute_info, dst_compute_info)
+        checks.check_cpus(src_compute_info, dst_compute_info)
+        checks.check_free_memory(self.backend.host_facts(),
+                                 instance.flavor.memory_mb)
+        key = "free_disk_gb" if disk_over_commit else "disk_available_least"
+        available_gb = dst_compute_info.get(key)
+        data = mdata.new_data()
+        data.filename = checks.create_probe(self.backend.instances_path)
+        data.image_type = self._image_type()
+        if block_migration is not None:
+            data.block_migration = block_migration
+        if disk_over_commit is not None:
+            data.disk_over_commit = disk_over_commit
+        data.disk_available_mb = (
+            None if available_gb is None else
+            available_gb * 1024 - CONF.reserved_host_disk_mb)
+        mdata.put(data, "dst_dirty_log", int(self._has_dirty_log()))
+        return data
+
+    def cleanup_live_migration_destination_check(self, context,
+                                                 dest_check_data):
+        """Remove the shared-storage probe file."""
+        checks.remove_probe(self.backend.instances_path,
+                            getattr(dest_check_data, "filename", None))
+
+    def check_can_live_migrate_source(self, context, instance,
+                                      dest_check_data, block_device_info=None):
+        """Check storage, disk space and mode; add the source's key share."""
+        self._check_can_migrate()
+        data = dest_check_data
+        theirs = data.image_type if "image_type" in data else None
+        if theirs != self._image_type():
+            raise exception.MigrationPreCheckError(reason=(
+                f"the destination reports {theirs!r}, this host "
+                f"{self._image_type()!r}: both must run nova-bhyve with the "
+                "same backend"))
+        if self._unsupported_devices(instance, block_device_info):
+            raise exception.MigrationPreCheckError(
+                reason="instances with volumes, ephemeral or swap disks "
+                       "cannot be migrated by nova-bhyve yet")
+        shared = checks.probe_exists(self.backend.instances_path,
+                                     data.filename)
+        data.is_shared_instance_path = shared
+        data.is_shared_block_storage = False
+        if shared:
+            raise exception.MigrationPreCheckError(reason=(
+                f"[DEFAULT] instances_path ({self.backend.instances_path}) is "
+                "shared with the destination; nova-bhyve keeps per-host "
+                "runtime files (control sockets, supervisor records) there: "
+                "give each compute host its own local instances_path"))
+        if "block_migration" not in data:
+            data.block_migration = True
+        elif not data.block_migration:
+            raise exception.InvalidSharedStorage(path=self._nodename(), reason=(
+                "nova-bhyve instance disks are local to each host, so a live "
+                "migration must copy them: request a block migration "
+                "(block_migration=auto or true)"))
+        path = self.backend.disk_path(instance.uuid)
+        checks.check_disk(data.disk_available_mb, [checks.disk_info(path)],
+                          bool(data.disk_over_commit)
+                          if "disk_over_commit" in data else False)
+        dst_dirty = mdata.require(data, "dst_dirty_log") == "1"
+        mode = checks.choose_mode(self._has_dirty_log(), dst_dirty,
+                                  CONF.bhyve.live_migration_without_dirty_log)
+        mdata.put(data, "mode", mode)
+        mdata.put(data, "src_key", self._lm_keys.new(instance.uuid))
+        data.instance_relative_path = instance.uuid
+        return data
+
+    def get_instance_disk_info(self, instance, block_device_info=None):
+        """Return a JSON list describing the instance's root disk."""
+        return jsonutils.dumps(
+            [checks.disk_info(self.backend.disk_path(instance.uuid))])
+
+    # -- destination -------------------------------------------------------
+    def pre_live_migration(self, context, instance, block_device_info,
+                           network_info, disk_info, migrate_data):
+        """Prepare files, VIFs, an incoming VM and the listeners here."""
+        uuid = instance.uuid
+        if self._unsupported_devices(instance, block_device_info):
+            raise exception.MigrationError(
+                reason="volumes, ephemeral and swap disks cannot migrate yet")
+        if uuid in self.backend.list_machines():
+            raise exception.MigrationError(reason=(
+                f"this host already has files for {uuid} in "
+                f"{self.backend.instances_path}: remove the stale guest "
+                "(or delete that directory) and retry"))
+        old = self._incoming.pop(uuid, None)
+        if old is not None:
+            old.close(cancel=True)
+        try:
+            public, secrets = mdata.answer(
+                mdata.require(migrate_data, "src_key"), uuid)
+        except mdata.MigrateDataError as exc:
+            raise exception.MigrationError(reason=str(exc)) from exc
+        addr = inbound_addr()
+        spec = guest.build_spec(instance, network_info, CONF)
+        incoming = None
+        try:
+            self.backend.create(context, instance, spec,
+                                objects.ImageMeta.from_dict({}))
+            self.backend.plug_vifs(spec)
+            self.backend.start_incoming(uuid)
+            kind, target = self.backend.migration_vmm(uuid)
+            recv = Migration.receive(
+                vmm_target=target, vmm_kind=_VMM[kind], secret=secrets.memory,
+                host=addr, port=0, verify=CONF.bhyve.live_migration_verify,
+                timeout_ms=CONF.bhyve.live_migration_listen_timeout * 1000)
+            incoming = _Incoming(recv)
+            if migrate_data.block_migration:
+                incoming.disk = diskcopy.DiskListener(
+                    self.backend.disk_path(uuid), secrets.disk,
+                    diskcopy.RECEIVE, addr,
+                    CONF.bhyve.live_migration_listen_timeout,
+                    max_size=max(instance.flavor.root_gb << 30,
+                                 _disk_size(disk_info)))
+                mdata.put(migrate_data, "disk_port", incoming.disk.port)
+        except (MachineError, MigrationError, diskcopy.DiskCopyError) as exc:
+            if incoming is not None:
+                incoming.close(cancel=True)
+            self.backend.destroy(uuid)
+            self.backend.unplug_vifs(spec)
+            self.backend.delete_files(uuid, True)
+            raise exception.MigrationError(
+                reason=f"cannot prepare {self._nodename()} for the incoming "
+                       f"guest: {exc}") from exc
+        self._incoming[uuid] = incoming
+        migrate_data.target_connect_addr = mdata.format_addr(
+            addr, incoming.recv.port)
+        mdata.put(migrate_data, "dst_key", public)
+        LOG.info("Waiting for the guest on %s", migrate_data.target_connect_addr,
+                 instance=instance)
+        return migrate_data
+
+    def post_live_migration_at_destination(self, context, instance,
+                                           network_info, block_migration=False,
+                                           block_device_info=None):
+        """Confirm that the guest runs here and take it over."""
+        uuid = instance.uuid
+        incoming = self._incoming.pop(uuid, None)
+        if incoming is not None:
+            deadline = time.monotonic() + FINISH_WAIT
+            while not incoming.recv.stats().finished and \
+                    time.monotonic() < deadline:
+                time.sleep(POLL)
+            stats = incoming.recv.stats()
+            incoming.close(cancel=False)
+            if stats.result != Result.COMPLETED:
+                LOG.error("This host's half of the migration ended %s: %s",
+                          stats.result.name.lower(), stats.error,
+                          instance=instance)
+        try:
+            self.backend.finish_incoming(uuid)
+        except (KeyError, MachineError) as exc:
+            raise exception.NovaException(
+                f"guest {uuid} did not start on {self._nodename()} after its "
+                f"migration ({exc}); the source has stopped it for good. "
+                "Check the VM here: if its memory was fully received it can "
+                "be resumed, otherwise hard-reboot the server") from exc
+        if instance.vm_state == "paused":
+            self.backend.pause(uuid)    # it was paused before it moved
+        LOG.info("Guest now runs on %s", self._nodename(), instance=instance)
+
+    def rollback_live_migration_at_destination(self, context, instance,
+                                               network_info, block_device_info,
+                                               destroy_disks=True,
+                                               migrate_data=None):
+        """Destroy the incoming VM and its files after a failed migration."""
+        uuid = instance.uuid
+        incoming = self._incoming.pop(uuid, None)
+        if incoming is not None:
+            stats = incoming.recv.stats()
+            handed_over = stats.committed or stats.guest_runs_here
+        else:       # nova-compute restarted: only an incoming VM is safe
+            try:
+                handed_over = self.backend.state(uuid) == MachineState.RUNNING
+            except KeyError:
+                handed_over = False
+        if handed_over:
+            if incoming is not None:
+                incoming.close()
+            raise exception.MigrationError(reason=(
+                f"not rolling back {uuid} on {self._nodename()}: the guest "
+                "was handed over and runs here; check where it should run "
+                "before removing either copy"))
+        if incoming is not None:
+            incoming.close(cancel=True)
+        self.destroy(context, instance, network_info, block_device_info,
+                     destroy_disks=True)
+        LOG.info("Removed the incoming guest after the failed migration",
+                 instance=instance)
+
+    # -- source ------------------------------------------------------------
+    def live_migration(self, context, instance, dest, post_method,
+                       recover_method, block_migration=False,
+                       migrate_data=None):
+        """Copy disk and memory to ``dest``; then call post or recover."""
+        uuid = instance.uuid
+        out = _Outgoing()
+        self._outgoing[uuid] = out
+        asked = self._pending_aborts.pop(uuid, None)
+        if asked is not None and time.monotonic() - asked < PENDING_ABORT_WINDOW:
+            out.abort = True
+        mode = mdata.get(migrate_data, "mode", "live")
+        event = f"bhyve_live_migration_{mode}"
+        events.start(context, instance, self._nodename(), event)
+        stats, error = None, None
+        try:
+            stats = self._run_outgoing(context, instance, migrate_data, out,
+                                       mode)
+        except (MachineError, MigrationError, diskcopy.DiskCopyError,
+                mdata.MigrateDataError) as exc:
+            error, stats = str(exc), out.final
+        except Exception as exc:
+            LOG.exception("Live migration failed unexpectedly",
+                          instance=instance)
+            error, stats = str(exc) or type(exc).__name__, out.final
+        finally:
+            self._outgoing.pop(uuid, None)
+        self._finish(context, instance, dest, post_method, recover_method,
+                     block_migration, migrate_data, out, event, stats, error)
+
+    def _finish(self, context, instance, dest, post_method, recover_method,
+                block_migration, migrate_data, out, event, stats, error):
+        """Log and record the outcome; call exactly one of post/recover."""
+        if stats is not None and stats.result == Result.COMPLETED:
+            text = policy.summary(stats, out.mig.peak if out.mig else 0)
+            LOG.info("Live migration to %s completed: %s", dest, text,
+                     instance=instance)
+            events.finish(context, instance, event)
+            events.record(context, instance, self._nodename(),
+                          f"bhyve_switchover {text}")
+            post_method(context, instance, dest, block_migration, migrate_data)
+            return
+        if stats is not None and stats.committed:
+            # the source stopped for good; the destination owns the guest
+            LOG.error("Live migration to %s broke after the hand-over (%s); "
+                      "finishing on the destination", dest, stats.error,
+                      instance=instance)
+            events.finish(context, instance, event, stats.error)
+            post_method(context, instance, dest, block_migration, migrate_data)
+            return
+        cancelled = out.abort and not out.timed_out
+        if stats is not None:
+            error = stats.error or error
+        if out.timed_out:
+            LOG.debug("Engine error after the timeout abort: %s", error,
+                      instance=instance)
+            error = ("not completed within its completion timeout ([bhyve] "
+                     "live_migration_completion_timeout); aborted")
+        reason = "cancelled on request" if cancelled else error
+        LOG.warning("Live migration to %s %s: %s; the guest keeps running "
+                    "here", dest, "cancelled" if cancelled else "failed",
+                    reason, instance=instance)
+        events.finish(context, instance, event, reason)
+        if cancelled:
+            recover_method(context, instance, dest, migrate_data,
+                           migration_status="cancelled")
+        else:
+            recover_method(context, instance, dest, migrate_data)
+
+    def _run_outgoing(self, context, instance, migrate_data, out, mode):
+        """Push the disk, run the engine to its end; return its last stats."""
+        uuid = instance.uuid
+        private = self._lm_keys.take(uuid)
+        if private is None:
+            raise MigrationError("this host has no key for the migration "
+                                 "(nova-compute restarted since the checks?); "
+                                 "retry the migration")
+        secrets = mdata.derive(private, mdata.require(migrate_data, "dst_key"),
+                               uuid)
+        host, port = mdata.parse_addr(migrate_data.target_connect_addr)
+        migration = migrate_data.migration
+        t0 = time.monotonic()
+        disks = ()
+        if migrate_data.block_migration:
+            disks = (self._push_disk(context, instance, migration, host,
+                                     int(mdata.require(migrate_data,
+                                                       "disk_port")),
+                                     secrets, out),)
+        gb = policy.data_gb(instance.flavor.memory_mb, disks)
+        steps = policy.downtime_steps(CONF.bhyve, gb)
+        kind, target = self.backend.migration_vmm(uuid)
+        opts = CONF.bhyve
+        with out.lock:
+            if out.abort:
+                raise MigrationError("cancelled before the memory copy began")
+            out.mig = _Run(Migration.send(
+                vmm_target=target, vmm_kind=_VMM[kind], host=host, port=port,
+                secret=secrets.memory, mode=_MODES[mode],
+                channels=opts.live_migration_parallel_connections,
+                compress=opts.live_migration_compression,
+                delta_cache=opts.live_migration_delta_cache << 20,
+                max_bandwidth=opts.live_migration_bandwidth << 20,
+                max_downtime_ms=steps[0][1],
+                verify=opts.live_migration_verify,
+                timeout_ms=SOURCE_TIMEOUT_MS))
+            if out.force:
+                out.mig.handle.force_complete()
+        LOG.info("Migrating the guest to %s:%s in %s mode", host, port, mode,
+                 instance=instance)
+        try:
+            return self._monitor(instance, migration, out, steps,
+                                 policy.completion_timeout(opts, gb), t0,
+                                 mode == "live")
+        finally:
+            out.final = _stop(out.mig.handle, instance)
+
+    def _push_disk(self, context, instance, migration, host, port, secrets,
+                   out):
+        """Send the root disk to the destination's disk listener."""
+        interval = CONF.bhyve.live_migration_monitor_interval
+        last = [0.0]
+
+        def progress(done, total):
+            """Save the disk copy's progress every monitor interval."""
+            if time.monotonic() - last[0] >= interval:
+                last[0] = time.monotonic()
+                _set_bytes(migration, "disk", total, done, total - done)
+                _save(migration, instance)
+
+        t0 = time.monotonic()
+        size = diskcopy.copy(host, port, secrets.disk,
+                             self.backend.disk_path(instance.uuid),
+                             diskcopy.SEND, CONF.bhyve.disk_transfer_timeout,
+                             progress=progress, cancelled=lambda: out.abort)
+        seconds = time.monotonic() - t0
+        LOG.info("Root disk (%d bytes) copied to %s in %.1f s", size, host,
+                 seconds, instance=instance)
+        events.record(context, instance, self._nodename(),
+                      f"bhyve_disk_copy bytes={size} seconds={seconds:.1f}")
+        return size
+
+    def _monitor(self, instance, migration, out, steps, timeout, t0, live):
+        """Drive downtime steps, timeout and auto-converge; report progress."""
+        run = out.mig
+        opts = CONF.bhyve
+        downtime = steps[0][1]
+        last_report = 0.0
+        while True:
+            stats = run.handle.stats()
+            if stats.finished:
+                break
+            elapsed = time.monotonic() - t0
+            allowed = policy.downtime_at(steps, elapsed)
+            if allowed != downtime:
+                downtime = allowed
+                run.set("max_downtime_ms", allowed, instance)
+            if timeout and elapsed > timeout and not out.timeout_fired:
+                self._on_timeout(instance, out, timeout)
+            if live and opts.live_migration_permit_auto_converge:
+                throttle = run.converge.step(stats)
+                if throttle is not None:
+                    LOG.info("Guest dirties memory faster than it can be "
+                             "copied; throttling its vCPUs to %d%%", throttle,
+                             instance=instance)
+                    run.set("throttle", throttle, instance)
+            if time.monotonic() - last_report >= \
+                    opts.live_migration_monitor_interval:
+                last_report = time.monotonic()
+                _report(instance, migration, stats)
+                LOG.debug("Migration %s round %d: %d of %d bytes remaining, "
+                          "expected downtime %.0f ms (allowed %d)",
+                          stats.phase.name.lower(), stats.round,
+                          policy.memory_progress(stats)[2], stats.mem_total,
+                          stats.expected_downtime_ms, stats.max_downtime_ms,
+                          instance=instance)
+            time.sleep(POLL)
+        _report(instance, migration, stats)
+        return stats
+
+    def _on_timeout(self, instance, out, timeout):
+        out.timeout_fired = True
+        action = CONF.bhyve.live_migration_timeout_action
+        LOG.warning("Live migration not completed after %d s "
+                    "([bhyve] live_migration_completion_timeout); %s", timeout,
+                    "forcing completion" if action == "force_complete"
+                    else "aborting", instance=instance)
+        if action == "force_complete":
+            out.mig.handle.force_complete()
+            return
+        with out.lock:
+            out.abort = out.timed_out = True
+            try:
+                out.mig.handle.cancel()
+            except MigrationError as exc:
+                LOG.warning("Too late to abort: %s", exc, instance=instance)
+                out.abort = out.timed_out = False
+
+    def live_migration_abort(self, instance):
+        """Cancel the running migration; the guest stays on this host."""
+        out = self._outgoing.get(instance.uuid)
+        if out is None:
+            self._pending_aborts[instance.uuid] = time.monotonic()
+            LOG.warning("No live migration runs for this instance here; an "
+                        "abort arriving within %d s of its start applies to "
+                        "it", PENDING_ABORT_WINDOW, instance=instance)
+            return
+        with out.lock:
+            out.abort = True
+            if out.mig is None:
+                return              # the disk copy sees the flag
+            try:
+                out.mig.handle.cancel()
+            except MigrationError as exc:
+                out.abort = False
+                raise exception.MigrationError(reason=(
+                    f"too late to abort: {exc}; the guest has been handed "
+                    "over to the destination")) from exc
+        LOG.info("Live migration abort requested", instance=instance)
+
+    def live_migration_force_complete(self, instance):
+        """Switch over at the next opportunity, whatever the downtime."""
+        out = self._outgoing.get(instance.uuid)
+        if out is None:
+            raise exception.NoActiveMigrationForInstance(
+                instance_id=instance.uuid)
+        with out.lock:
+            out.force = True
+            if out.mig is not None:
+                out.mig.handle.force_complete()
+        LOG.info("Live migration force-complete requested", instance=instance)
+
+    def post_live_migration(self, context, instance, block_device_info,
+                            migrate_data=None):
+        """Destroy the source VM: after the hand-over it is paused for good."""
+        self.backend.destroy(instance.uuid)
+        self._last_states.pop(instance.uuid, None)
+
+    def post_live_migration_at_source(self, context, instance, network_info):
+        """Unplug the guest's VIFs on this host."""
+        self.unplug_vifs(instance, network_info)
+
+    def rollback_live_migration_at_source(self, context, instance,
+                                          migrate_data):
+        """Forget the migration's key; the engine already resumed the guest."""
+        self._lm_keys.take(instance.uuid)
+        try:
+            state = self.backend.state(instance.uuid)
+        except KeyError:
+            return
+        if state == MachineState.RUNNING and instance.vm_state == "paused":
+            # the engine resumes what it paused for the switch-over
+            self.backend.pause(instance.uuid)
+        elif state != MachineState.RUNNING and instance.vm_state == "active":
+            LOG.warning("After the failed migration the guest is %s here; "
+                        "nova's power-state sync will report it",
+                        state.value, instance=instance)
+
+
+class _Run:
+    """A running engine send with the monitor's converge state."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.converge = policy.Converge()
+
+    @property
+    def peak(self):
+        """The highest throttle applied (percent)."""
+        return self.converge.peak
+
+    def set(self, name, value, instance):
+        """Change an engine parameter; a refusal is logged, not raised."""
+        try:
+            self.handle.set_param(name, value)
+        except MigrationError as exc:
+            LOG.debug("Engine refused %s=%s: %s", name, value, exc,
+                      instance=instance)
+
+
+def _stop(handle, instance, wait=30.0):
+    """Return the engine's final stats, cancelling it if it still runs."""
+    stats = handle.stats()
+    if not stats.finished:
+        LOG.warning("Stopping the migration engine: its monitor failed",
+                    instance=instance)
+        try:
+            handle.cancel()
+        except MigrationError:
+            pass
+        deadline = time.monotonic() + wait
+        while not handle.stats().finished and time.monotonic() < deadline:
+            time.sleep(POLL)
+        stats = handle.stats()
+    handle.close()
+    return stats
+
+
+def _disk_size(disk_info):
+    try:
+        return max(int(d["virt_disk_size"])
+                   for d in jsonutils.loads(disk_info or "[]"))
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def _set_bytes(migration, kind, total, processed, remaining):
+    """Set the Migration's byte counters; 0 is stored as None.
+
+    Nova's API schema for these fields is "null or at least 1": a 0 would
+    make ``GET /servers/{id}/migrations`` fail response validation.
+    """
+    setattr(migration, f"{kind}_total", total or None)
+    setattr(migration, f"{kind}_processed", processed or None)
+    setattr(migration, f"{kind}_remaining", remaining or None)
+
+
+def _save(migration, instance):
+    try:
+        migration.save()
+    except Exception as exc:        # progress must never fail a migration
+        LOG.debug("Could not save migration progress: %s", exc,
+                  instance=instance)
+
+
+def _report(instance, migration, stats):
+    """Write memory totals into the Migration and the instance progress."""
+    total, processed, remaining = policy.memory_progress(stats)
+    _set_bytes(migration, "memory", total, processed, remaining)
+    _save(migration, instance)
+    try:
+        instance.progress = policy.percent_done(total, remaining)
+        instance.save()
+    except Exception as exc:
+        LOG.debug("Could not save instance progress: %s", exc,
+                  instance=instance)

@@ -1,0 +1,119 @@
+"""Live-migration policy: downtime steps, completion timeout, auto-converge.
+
+Pure functions of the ``[bhyve] live_migration_*`` options and the engine's
+statistics, with the libvirt driver's semantics where an option mirrors
+one of ``[libvirt]``.
+"""
+
+import dataclasses
+
+GiB = 1 << 30
+MiB = 1 << 20
+MIN_DATA_GB = 2           # as libvirt: small guests count as 2 GiB
+THROTTLE_INITIAL = 20     # as QEMU's cpu-throttle-initial
+THROTTLE_INCREMENT = 10   # as QEMU's cpu-throttle-increment
+THROTTLE_MAX = 99
+
+
+def data_gb(memory_mb, disk_bytes=()):
+    """GiB a migration moves, for the step and timeout scaling (libvirt's rule).
+
+    Memory counts at least 2 GiB, and so does each copied disk.
+    """
+    total = max(MIN_DATA_GB, memory_mb / 1024)
+    for size in disk_bytes:
+        total += max(MIN_DATA_GB, size / GiB)
+    return total
+
+
+def downtime_steps(conf, gb):
+    """Return [(seconds, max downtime ms)]: the allowed downtime over time."""
+    downtime = conf.live_migration_downtime
+    steps = conf.live_migration_downtime_steps
+    delay = int(conf.live_migration_downtime_delay * gb)
+    base = downtime / steps
+    offset = (downtime - base) / steps
+    return [(delay * i, int(base + offset * i)) for i in range(steps + 1)]
+
+
+def downtime_at(steps, elapsed):
+    """Return the downtime allowed ``elapsed`` seconds into the migration."""
+    allowed = steps[0][1]
+    for when, value in steps:
+        if elapsed >= when:
+            allowed = value
+    return allowed
+
+
+def completion_timeout(conf, gb):
+    """Return the completion timeout in seconds (0: none)."""
+    return int(conf.live_migration_completion_timeout * gb)
+
+
+def next_throttle(current):
+    """Return the throttle (percent) after ``current`` when not converging."""
+    if current <= 0:
+        return THROTTLE_INITIAL
+    return min(THROTTLE_MAX, current + THROTTLE_INCREMENT)
+
+
+@dataclasses.dataclass
+class Converge:
+    """Decides, round by round, when to throttle the guest further."""
+
+    last_round: int = 0
+    throttle: int = 0
+    peak: int = 0
+
+    def step(self, stats):
+        """Return a new throttle for this stats snapshot, or None.
+
+        The guest is throttled once per pre-copy round from the second
+        iteration on, while the engine's estimate of the switch-over pause
+        exceeds the allowed downtime.
+        """
+        if stats.round <= self.last_round:
+            return None
+        self.last_round = stats.round
+        if stats.round < 2 or \
+                stats.expected_downtime_ms <= stats.max_downtime_ms or \
+                self.throttle >= THROTTLE_MAX:
+            return None
+        self.throttle = next_throttle(self.throttle)
+        self.peak = max(self.peak, self.throttle)
+        return self.throttle
+
+
+def memory_progress(stats):
+    """Return (total, processed, remaining) bytes of guest memory."""
+    total = stats.mem_total
+    if stats.round == 0:
+        remaining = max(0, total - stats.bytes_transferred)
+    else:
+        remaining = min(total, stats.bytes_remaining)
+    if stats.finished and stats.committed:
+        remaining = 0
+    return total, stats.bytes_transferred, remaining
+
+
+def percent_done(total, remaining):
+    """Return the instance progress (0..100) for memory left to copy."""
+    if total <= 0:
+        return 0
+    return max(0, min(100, 100 - round(remaining * 100 / total)))
+
+
+def summary(stats, throttle_peak=0):
+    """Return the one-line account of a finished migration.
+
+    The engine measures the downtime from the pause to the destination's
+    RUNNING message, minus half the round trip it timed at the handshake;
+    on a loaded host that round trip can exceed the pause, so the value is
+    shown as 0, not negative.
+    """
+    return (f"mode={stats.mode.name.lower()} "
+            f"downtime={max(0.0, stats.downtime_ms):.1f}ms "
+            f"total={stats.total_ms:.0f}ms "
+            f"bytes={stats.bytes_transferred} "
+            f"rounds={len(stats.rounds)} "
+            f"throttle={throttle_peak}%")

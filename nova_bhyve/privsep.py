@@ -1,0 +1,250 @@
+"""The privileged operations of the bhyve backend (oslo.privsep).
+
+There is no "run this argv as root" entrypoint.  Each entrypoint takes
+names and values, checks them, and builds its own command line:
+
+- guest names are instance UUIDs;
+- paths lie under ``[DEFAULT] instances_path`` (or the zvols of
+  ``[bhyve] zfs_dataset``);
+- the guest command line is checked by ``nova_bhyve.machine.argv.validate``
+  (argv[0] pinned to ``[bhyve] bhyve_path``);
+- interface names match the tap and bridge patterns.
+
+The ``check_*`` functions hold the checks and are what the unit tests call.
+"""
+
+import json
+import os
+import re
+import signal
+import sys
+
+import nova.conf
+import psutil
+from oslo_concurrency import processutils
+from oslo_privsep import capabilities as caps
+from oslo_privsep import priv_context
+
+import nova_bhyve.conf  # noqa: F401
+from nova_bhyve.machine import argv as bhyve_argv
+from nova_bhyve.machine.statefile import read_json
+
+CONF = nova.conf.CONF
+
+bhyve_pctxt = priv_context.PrivContext(
+    "nova_bhyve",
+    cfg_section="nova_bhyve_privileged",
+    pypath=__name__ + ".bhyve_pctxt",
+    capabilities=[caps.CAP_SYS_ADMIN, caps.CAP_NET_ADMIN, caps.CAP_KILL,
+                  caps.CAP_DAC_OVERRIDE, caps.CAP_CHOWN, caps.CAP_FOWNER],
+)
+
+BRIDGE_RE = re.compile(r"^[a-z][a-z0-9_.]{0,14}$")
+DATASET_PART_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL,
+            "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
+
+
+class PrivilegeError(ValueError):
+    """A privileged request was refused; nothing was run."""
+
+
+def _paths():
+    return bhyve_argv.BhyvePaths(
+        bhyve=CONF.bhyve.bhyve_path, firmware=CONF.bhyve.uefi_firmware,
+        instances_path=os.path.normpath(CONF.instances_path),
+        zvol_root="/dev/zvol/" + (CONF.bhyve.zfs_dataset or "-"))
+
+
+def check_uuid(name):
+    """Return ``name`` if it is an instance UUID, else raise."""
+    if not bhyve_argv.is_instance_uuid(name):
+        raise PrivilegeError(f"{name!r} is not an instance UUID")
+    return name
+
+
+def check_instance_path(path, uuid=None):
+    """Return ``path`` if it is inside the instances directory (of ``uuid``)."""
+    root = os.path.normpath(CONF.instances_path)
+    if uuid is not None:
+        root = os.path.join(root, check_uuid(uuid))
+    if not bhyve_argv.confined(path, root):
+        raise PrivilegeError(f"{path!r} is outside {root}")
+    return path
+
+
+def check_dataset(name, allow_snapshot=False):
+    """Return ``name`` if it is a ZFS name below ``[bhyve] zfs_dataset``."""
+    base = CONF.bhyve.zfs_dataset
+    if not base:
+        raise PrivilegeError("[bhyve] zfs_dataset is not set")
+    if not isinstance(name, str) or not name.startswith(base + "/"):
+        raise PrivilegeError(f"{name!r} is not below {base}")
+    rest = name[len(base) + 1:]
+    if allow_snapshot and rest.count("@") == 1:
+        rest = rest.replace("@", "/")
+    for part in rest.split("/"):
+        if part in ("", ".", "..") or not DATASET_PART_RE.match(part):
+            raise PrivilegeError(f"{name!r} is not a valid dataset name")
+    return name
+
+
+def check_tap(name):
+    """Return ``name`` if it is a tap device name this driver creates."""
+    if not isinstance(name, str) or not bhyve_argv.TAP_RE.match(name):
+        raise PrivilegeError(f"{name!r} is not a tap name (tapXXXXXXXXXXX)")
+    return name
+
+
+def check_bridge(name):
+    """Return ``name`` if it looks like an interface name."""
+    if not isinstance(name, str) or not BRIDGE_RE.match(name):
+        raise PrivilegeError(f"{name!r} is not a bridge interface name")
+    return name
+
+
+def supervised_argv(uuid, argv):
+    """Return the daemon(8) command that supervises a checked bhyve argv."""
+    check_uuid(uuid)
+    try:
+        name = bhyve_argv.validate(argv, _paths())
+    except bhyve_argv.ArgvError as exc:
+        raise PrivilegeError(str(exc)) from exc
+    if name != uuid:
+        raise PrivilegeError("the guest name must be the instance UUID")
+    rundir = os.path.join(os.path.normpath(CONF.instances_path), uuid)
+    reboot_argv = list(argv)
+    if "-r" in argv:        # a reboot after a restore boots normally
+        i = argv.index("-r")
+        reboot_argv = argv[:i] + argv[i + 2:]
+    destroy = [CONF.bhyve.bhyvectl_path, "--destroy", f"--vm={uuid}"]
+    return [CONF.bhyve.daemon_path, "-f", "-P",
+            os.path.join(rundir, "daemon.pid"), "-o",
+            os.path.join(rundir, "process.log"), "--",
+            sys.executable, "-m", "nova_bhyve.machine.supervise",
+            "--foreground", "--rundir", rundir,
+            "--stdout", os.path.join(rundir, "console.log"),
+            "--reboot-argv", json.dumps(reboot_argv),
+            "--before-restart", json.dumps(destroy), "--", *argv]
+
+
+@bhyve_pctxt.entrypoint
+def start_guest(uuid, argv):
+    """Start a checked bhyve argv for instance ``uuid`` under daemon(8)."""
+    processutils.execute(*supervised_argv(uuid, argv))
+
+
+@bhyve_pctxt.entrypoint
+def signal_guest(uuid, signame):
+    """Signal the guest's bhyve: TERM (ACPI power button), KILL, STOP, CONT."""
+    check_uuid(uuid)
+    if signame not in _SIGNALS:
+        raise PrivilegeError(f"signal {signame!r} is not allowed")
+    rundir = os.path.join(os.path.normpath(CONF.instances_path), uuid)
+    rec = read_json(os.path.join(rundir, "child.pid")) or {}
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or pid <= 1:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        cmdline = proc.cmdline()
+        if cmdline[:1] != [CONF.bhyve.bhyve_path] or cmdline[-1:] != [uuid]:
+            raise PrivilegeError(f"pid {pid} is not the bhyve of {uuid}")
+        proc.send_signal(_SIGNALS[signame])
+    except psutil.NoSuchProcess:
+        return False
+    return True
+
+
+@bhyve_pctxt.entrypoint
+def destroy_vmm(uuid):
+    """Destroy the /dev/vmm object of guest ``uuid`` (bhyvectl --destroy)."""
+    processutils.execute(CONF.bhyve.bhyvectl_path, "--destroy",
+                         f"--vm={check_uuid(uuid)}", check_exit_code=[0, 1])
+
+
+@bhyve_pctxt.entrypoint
+def checkpoint_guest(uuid, base):
+    """Write a checkpoint set and stop guest ``uuid`` (bhyvectl --suspend)."""
+    check_instance_path(base, uuid)
+    processutils.execute(CONF.bhyve.bhyvectl_path, f"--suspend={base}",
+                         f"--vm={check_uuid(uuid)}")
+
+
+@bhyve_pctxt.entrypoint
+def create_tap(tap, bridge, mac):
+    """Create tap device ``tap`` and add it to ``bridge``."""
+    check_tap(tap)
+    if bridge:
+        check_bridge(bridge)
+    if not bhyve_argv.MAC_RE.match(mac or ""):
+        raise PrivilegeError(f"{mac!r} is not a MAC address")
+    ifconfig = CONF.bhyve.ifconfig_path
+    out, _err = processutils.execute(ifconfig, "tap", "create")
+    created = out.strip()
+    if not re.match(r"^tap\d+$", created):
+        raise PrivilegeError(f"ifconfig created {created!r}, not a tap")
+    processutils.execute(ifconfig, created, "name", tap)
+    processutils.execute(ifconfig, tap, "description", f"nova-bhyve {mac}",
+                         "up")
+    if bridge:
+        processutils.execute(ifconfig, bridge, "addm", tap,
+                             check_exit_code=[0, 1])
+
+
+@bhyve_pctxt.entrypoint
+def destroy_tap(tap):
+    """Destroy tap device ``tap`` (missing is fine)."""
+    processutils.execute(CONF.bhyve.ifconfig_path, check_tap(tap), "destroy",
+                         check_exit_code=[0, 1])
+
+
+@bhyve_pctxt.entrypoint
+def zfs(action, name, size_gb=None, origin=None):
+    """Run one of the zfs(8) operations the image cache and disks need."""
+    zfs_path = CONF.bhyve.zfs_path
+    if action == "create-volume":
+        if not isinstance(size_gb, int) or not 0 < size_gb <= 65536:
+            raise PrivilegeError(f"volume size {size_gb!r} GiB out of range")
+        processutils.execute(zfs_path, "create", "-p", "-s", "-V",
+                             f"{size_gb}G", "-o", "volmode=dev",
+                             "-o", "snapdev=visible", check_dataset(name))
+    elif action == "clone":
+        processutils.execute(zfs_path, "clone", "-o", "volmode=dev",
+                             check_dataset(origin, allow_snapshot=True),
+                             check_dataset(name))
+    elif action == "resize":
+        if not isinstance(size_gb, int) or not 0 < size_gb <= 65536:
+            raise PrivilegeError(f"volume size {size_gb!r} GiB out of range")
+        processutils.execute(zfs_path, "set", f"volsize={size_gb}G",
+                             check_dataset(name))
+    elif action == "snapshot":
+        processutils.execute(zfs_path, "snapshot",
+                             check_dataset(name, allow_snapshot=True))
+    elif action == "destroy":
+        processutils.execute(zfs_path, "destroy", "-r",
+                             check_dataset(name, allow_snapshot=True),
+                             check_exit_code=[0, 1])
+    else:
+        raise PrivilegeError(f"zfs action {action!r} is not allowed")
+
+
+@bhyve_pctxt.entrypoint
+def copy_image(src, dst):
+    """Copy between an instances-directory file and a zvol of the dataset."""
+    zvol_root = "/dev/zvol/" + (CONF.bhyve.zfs_dataset or "-")
+    for path in (src, dst):
+        if path.startswith("/dev/zvol/"):
+            dataset = path[len("/dev/zvol/"):]
+            check_dataset(dataset, allow_snapshot=True)
+            if not path.startswith(zvol_root + "/"):
+                raise PrivilegeError(f"{path!r} is outside {zvol_root}")
+        else:
+            check_instance_path(path)
+    with open(src, "rb") as fin, open(dst, "r+b" if dst.startswith("/dev/")
+                                      else "wb") as fout:
+        while True:
+            chunk = fin.read(4 << 20)
+            if not chunk:
+                break
+            fout.write(chunk)

@@ -1,0 +1,314 @@
+"""BhyveDriver under Nova's in-process control plane, with real guests.
+
+Nova's API, conductor, scheduler, Placement and a compute service running
+``bhyve.BhyveDriver`` on the KVM test host, in one process.  Nova picks its
+concurrency mode (native threads or eventlet monkey patching) when
+``nova.tests`` is first imported, for the whole process, so this module
+is not collected by pytest: ``test_driver_nova.py`` runs it in a fresh
+interpreter per mode::
+
+    NOVA_BHYVE_CONCURRENCY=threading python tests/functional/nova_driver_scenarios.py
+    NOVA_BHYVE_CONCURRENCY=eventlet python tests/functional/nova_driver_scenarios.py
+
+(further arguments name tests, e.g.
+``BhyveDriverLifecycleTest.test_lifecycle_through_the_api``).  The last
+line of standard output is ``NOVA-BHYVE-RESULTS`` and a JSON object of
+test name to outcome.
+"""
+
+import os
+import sys
+
+MODE = os.environ.get("NOVA_BHYVE_CONCURRENCY", "threading")
+if MODE not in ("threading", "eventlet"):
+    sys.exit(f"NOVA_BHYVE_CONCURRENCY={MODE!r}: use threading or eventlet")
+# read by nova.monkey_patch when nova.tests is imported below
+os.environ["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = (
+    "1" if MODE == "threading" else "0")
+
+# first nova import: it applies (or forbids) eventlet patching
+from nova.tests.functional import integrated_helpers  # noqa: E402
+
+# isort: split
+
+import io  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+import unittest  # noqa: E402
+import warnings  # noqa: E402
+from unittest import mock  # noqa: E402
+
+from sqlalchemy import exc as sqla_exc  # noqa: E402
+
+import nova_bhyve.driver  # noqa: E402
+from nova import context as nova_context  # noqa: E402
+from nova import utils  # noqa: E402
+from nova_bhyve.machine import hostinfo  # noqa: E402
+from nova_bhyve.machine.base import MachineState  # noqa: E402
+from nova_bhyve.machine.statefile import read_json  # noqa: E402
+from nova_bhyve.testhost.console import parse_console  # noqa: E402
+
+# The wheel installs nova/virt/bhyve/__init__.py; a source checkout does not.
+try:
+    import nova.virt.bhyve  # noqa: F401
+except ImportError:
+    sys.modules["nova.virt.bhyve"] = types.SimpleNamespace(
+        BhyveDriver=nova_bhyve.driver.BhyveDriver)
+
+RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED = 1, 3, 4, 6, 7
+IMAGE_ID = "5f0ac2a8-3c5e-4b7e-9d0a-6a1f3b2c4d5e"
+IMAGE_DATA = bytes(range(256)) * 256            # 64 KiB, a raw "disk"
+CMDLINE = "mode=stress pattern=touch ws=4M"
+
+
+class BhyveDriverLifecycleTest(integrated_helpers.ProviderUsageBaseTestCase):
+    """Servers on BhyveDriver + KVM test host, driven through Nova's API."""
+
+    compute_driver = "bhyve.BhyveDriver"
+
+    def setUp(self):
+        # unix sockets live in instance directories: keep the path short
+        self.instances_path = tempfile.mkdtemp(prefix="nbd-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.instances_path, True)
+        self.flags(instances_path=self.instances_path)
+        # pip installs nova's paste config as data under the prefix
+        paste = os.path.join(sys.prefix, "etc", "nova", "api-paste.ini")
+        if os.path.exists(paste):
+            self.flags(api_paste_config=paste, group="wsgi")
+        self.flags(state_poll_interval=0.5, group="bhyve")
+        super().setUp()
+        # nova 34 still calls noload(), which SQLAlchemy 2.1 deprecates;
+        # nova's WarningsFixture would turn that warning into an error
+        warnings.filterwarnings("ignore", message=r"The noload\(\) option",
+                                category=sqla_exc.SADeprecationWarning)
+        self.assertEqual(MODE == "threading", utils.concurrency_mode_threading())
+        self.compute = self._start_compute("host1")
+        self.driver = self.compute.driver
+        self.addCleanup(self._kill_leftovers)
+        self.flavor_id = self._create_flavor(memory_mb=128, vcpu=1, disk=0,
+                                             ephemeral=0)
+        self.glance.create(None, {
+            "id": IMAGE_ID, "name": "nb-guest", "status": "active",
+            "disk_format": "raw", "container_format": "bare",
+            "min_ram": 0, "min_disk": 0, "size": len(IMAGE_DATA),
+            "properties": {"bhyve_testhost_cmdline": CMDLINE},
+        }, data=io.BytesIO(IMAGE_DATA))
+
+    def _kill_leftovers(self):
+        for uuid in self.driver.backend.list_machines():
+            self.driver.backend.destroy(uuid)
+
+    # -- helpers ------------------------------------------------------------
+    def _boot(self):
+        server = self._create_server(image_uuid=IMAGE_ID,
+                                     flavor_id=self.flavor_id,
+                                     networks="none")
+        self.assertEqual(RUNNING, server["OS-EXT-STS:power_state"])
+        return server
+
+    def _console(self, server):
+        output = self.api.post_server_action(
+            server["id"], {"os-getConsoleOutput": {}})["output"]
+        return parse_console(output)
+
+    def _wait(self, predicate, what, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def _wait_heartbeats(self, server, more_than=0, count=20):
+        def enough():
+            report = self._console(server)
+            beats = [h for h in report.heartbeats if h.seq > more_than]
+            return report if len(beats) >= count else None
+        return self._wait(enough, f"heartbeats after seq {more_than}")
+
+    def _full_log(self, server):
+        path = self.driver.backend.console_log_path(server["id"])
+        with open(path, "rb") as f:
+            return f.read().decode("ascii", "replace")
+
+    def _boots(self, server):
+        return self._full_log(server).count("NBGUEST ")
+
+    def _state(self, server):
+        return self.driver.backend.state(server["id"])
+
+    # -- scenarios ------------------------------------------------------------
+    def test_lifecycle_through_the_api(self):
+        server = self._boot()
+        report = self._wait_heartbeats(server)
+        self.assertEqual("stress", report.banner["mode"])
+        self.assertTrue(report.ready)
+        self.assertEqual(0, report.errors)
+        # nova's diagnostics schema knows no "bhyve" driver: the field stays
+        # null, which the API's default response validation ("warn") allows
+        self.flags(response_validation="warn", group="api")
+        diags = self.admin_api.api_get(
+            f"/servers/{server['id']}/diagnostics").body
+        self.assertEqual("running", diags["state"])
+        self.assertIsNone(diags["driver"])
+        self.assertEqual("bhyve", diags["hypervisor"])
+        self.assertEqual(1, diags["num_cpus"])
+        self.assertEqual(128, diags["memory_details"]["maximum"])
+        # the disk is the image, byte for byte
+        disk = self.driver.backend._path(server["id"], "disk")
+        with open(disk, "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read())
+
+        # stop: a clean shutdown, not a crash; start boots the guest again
+        server = self._stop_server(server)
+        self.assertEqual(SHUTDOWN, server["OS-EXT-STS:power_state"])
+        self.assertEqual(MachineState.SHUTDOWN, self._state(server))
+        server = self._start_server(server)
+        self.assertEqual(RUNNING, server["OS-EXT-STS:power_state"])
+        self.assertEqual(2, self._boots(server))
+        self._wait_heartbeats(server)
+
+        # soft and hard reboot each boot the payload anew
+        for hard, boots in ((False, 3), (True, 4)):
+            server = self._reboot_server(server, hard=hard)
+            self.assertEqual(RUNNING, server["OS-EXT-STS:power_state"])
+            self._wait(lambda b=boots, s=server: self._boots(s) == b and
+                       "HB " in self._full_log(s).split("NBGUEST ")[-1],
+                       f"boot number {boots}")
+
+        # pause freezes the heartbeats, unpause continues them
+        self.api.post_server_action(server["id"], {"pause": None})
+        server = self._wait_for_state_change(server, "PAUSED")
+        self.assertEqual(PAUSED, server["OS-EXT-STS:power_state"])
+        frozen = parse_console(self._full_log(server)).last_seq
+        time.sleep(0.3)
+        self.assertEqual(frozen, parse_console(self._full_log(server)).last_seq)
+        self.api.post_server_action(server["id"], {"unpause": None})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self._wait_heartbeats(server, more_than=frozen)
+
+        # suspend: RAM and state go to a checkpoint set, the process ends
+        before = parse_console(self._full_log(server))
+        server = self._suspend_server(server)
+        self.assertEqual(SUSPENDED, server["OS-EXT-STS:power_state"])
+        self.assertFalse(self.driver.backend._running(server["id"]))
+        base = self.driver.backend._path(server["id"], "checkpoint")
+        for path in (base, base + ".kern", base + ".meta"):
+            self.assertTrue(os.path.exists(path), path)
+        self.assertEqual(128 << 20, os.path.getsize(base))
+        suspended_seq = parse_console(self._full_log(server)).last_seq
+        self.assertGreater(suspended_seq, before.last_seq - 1)
+
+        # resume continues the same guest: no new boot, no gap, no errors
+        server = self._resume_server(server)
+        self.assertEqual(RUNNING, server["OS-EXT-STS:power_state"])
+        self._wait_heartbeats(server, more_than=suspended_seq, count=200)
+        log = parse_console(self._full_log(server).split("NBGUEST ")[-1])
+        self.assertEqual(4, self._boots(server))
+        self.assertEqual([], log.sequence_breaks())
+        self.assertEqual(0, log.errors)
+        self.assertEqual([], log.fails)
+        self.assertFalse(os.path.exists(base + ".meta"))
+
+        # delete removes the guest and its files
+        self._delete_server(server)
+        self.assertNotIn(server["id"], self.driver.list_instance_uuids())
+        self.assertFalse(os.path.exists(
+            os.path.join(self.instances_path, server["id"])))
+
+    def test_guest_killed_outside_nova_is_crashed_and_becomes_shutoff(self):
+        server = self._boot()
+        self._wait_heartbeats(server, count=5)
+        pid = self.driver.backend._child_pid(server["id"])
+        os.kill(pid, signal.SIGKILL)
+        instance = mock.Mock(uuid=server["id"])
+        self._wait(lambda: self.driver.get_info(instance).state == CRASHED,
+                   "the driver to report a crash")
+        # nova's power-state sync stops an instance whose guest crashed
+        self.compute.manager._sync_power_states(
+            nova_context.get_admin_context())
+        self._wait_for_state_change(server, "SHUTOFF", max_retries=60)
+        # a forced power-off of a running guest is not a crash
+        server = self._start_server(server)
+        self.driver.power_off(mock.Mock(uuid=server["id"]), timeout=0)
+        self.assertEqual(MachineState.SHUTDOWN, self._state(server))
+        # timeout 0 means no graceful attempt: the process was SIGKILLed
+        ended = read_json(self.driver.backend._path(server["id"], "exit.json"))
+        self.assertEqual(signal.SIGKILL, ended["signal"])
+        # and the state watcher's "stopped" event makes nova stop it too
+        server = self._wait_for_state_change(server, "SHUTOFF", max_retries=60)
+        self.assertEqual(SHUTDOWN, server["OS-EXT-STS:power_state"])
+
+    def test_placement_inventory_matches_the_host(self):
+        rp_uuid = self._get_provider_uuid_by_host("host1")
+        inventory = self._get_provider_inventory(rp_uuid)
+        mem_total, _used = hostinfo.linux_memory_mb()
+        disk_total, _used = hostinfo.disk_gb(self.instances_path)
+        self.assertEqual(os.cpu_count(), inventory["VCPU"]["total"])
+        self.assertEqual(mem_total, inventory["MEMORY_MB"]["total"])
+        self.assertEqual(disk_total, inventory["DISK_GB"]["total"])
+        server = self._boot()
+        usage = self.placement.get(
+            f"/resource_providers/{rp_uuid}/usages").body["usages"]
+        self.assertEqual({"VCPU": 1, "MEMORY_MB": 128, "DISK_GB": 0}, usage)
+        traits = self._get_provider_traits(rp_uuid)
+        self.assertIn("COMPUTE_IMAGE_TYPE_RAW", traits)
+        self._delete_server(server)
+
+    def test_snapshot_uploads_the_root_disk(self):
+        server = self._boot()
+        uploaded = {}
+        real_update = self.glance.update
+
+        def update(context, image_id, metadata, data=None, purge_props=False):
+            if data is not None:
+                uploaded[image_id] = data.read()
+            return real_update(context, image_id, metadata, None, purge_props)
+
+        with mock.patch.object(self.glance, "update", side_effect=update):
+            self._snapshot_server(server, "snap1")
+            self._wait(lambda: uploaded, "the snapshot upload")
+            self._wait_for_server_parameter(
+                server, {"OS-EXT-STS:task_state": None})
+        image = next(i for i in self.glance.images.values()
+                     if i["name"] == "snap1")
+        self.assertEqual(IMAGE_DATA, uploaded[image["id"]])
+        self.assertEqual("raw", image["disk_format"])
+        self.assertEqual(CMDLINE,
+                         image["properties"]["bhyve_testhost_cmdline"])
+        self._delete_server(server)
+
+
+def _flatten(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def main(names):
+    """Run the named tests (default: all); print a JSON summary line."""
+    loader = unittest.TestLoader()
+    module = sys.modules[__name__]
+    suite = (loader.loadTestsFromNames(names, module) if names else
+             loader.loadTestsFromTestCase(BhyveDriverLifecycleTest))
+    ids = [test.id().rsplit(".", 1)[-1] for test in _flatten(suite)]
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    outcome = dict.fromkeys(ids, "ok")
+    for kind, entries in (("FAIL", result.failures), ("ERROR", result.errors),
+                          ("skipped", result.skipped)):
+        for test, _detail in entries:
+            outcome[test.id().rsplit(".", 1)[-1]] = kind
+    print("NOVA-BHYVE-RESULTS " + json.dumps(outcome), flush=True)
+    return 0 if result.wasSuccessful() and result.testsRun else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,85 @@
+"""Checkpoint file sets: RAM, state blob and metadata."""
+
+import json
+import os
+import zlib
+
+import pytest
+
+from nova_bhyve.machine import checkpoint
+
+MiB = 1 << 20
+
+
+def _memfd(size, writes):
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, size)
+    for off, data in writes:
+        os.pwrite(fd, data, off)
+    return fd
+
+
+def _meta(size, blob):
+    return checkpoint.CheckpointMeta(
+        vmname="vm", ncpus=1, memsize=size, lowmem=size, highmem=0,
+        highbase=4 << 30, page_size=4096, kern_format="nb-testhost-state-1",
+        kern_bytes=len(blob), kern_crc32=zlib.crc32(blob))
+
+
+def test_round_trip_keeps_ram_and_holes(tmp_path):
+    size = 8 * MiB
+    writes = [(0, b"low"), (3 * MiB + 5, b"x" * 5000), (size - 4096, b"end")]
+    src = _memfd(size, writes)
+    files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
+    blob = b"STATE" * 100
+    checkpoint.write(files, _meta(size, blob), src, blob)
+    assert files.complete()
+    assert os.path.getsize(files.ram) == size
+    # never-written guest memory stays a hole in the RAM file
+    assert os.stat(files.ram).st_blocks * 512 < size // 2
+    assert json.loads(open(files.meta).read())["memsize"] == size
+
+    meta = checkpoint.read_meta(files)
+    assert checkpoint.read_kern(files, meta) == blob
+    dst = _memfd(size, [])
+    checkpoint.load_ram(files, meta, dst, size)
+    for off, data in writes:
+        assert os.pread(dst, len(data), off) == data
+    assert os.pread(dst, 10, 6 * MiB) == bytes(10)
+    files.remove()
+    assert not any(os.path.exists(p) for p in (files.ram, files.kern, files.meta))
+
+
+def test_untrusted_sets_are_refused(tmp_path):
+    size = 2 * MiB
+    files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
+    blob = b"S" * 64
+    checkpoint.write(files, _meta(size, blob), _memfd(size, []), blob)
+
+    with pytest.raises(checkpoint.CheckpointError, match="flavor changed"):
+        checkpoint.load_ram(files, checkpoint.read_meta(files),
+                            _memfd(4 * MiB, []), 4 * MiB)
+    with open(files.kern, "r+b") as f:
+        f.write(b"T")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.read_kern(files, checkpoint.read_meta(files))
+    os.truncate(files.ram, MiB)
+    with pytest.raises(checkpoint.CheckpointError, match="memsize"):
+        checkpoint.read_meta(files)
+    os.unlink(files.meta)
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
+        checkpoint.read_meta(files)
+
+
+def test_meta_must_be_consistent(tmp_path):
+    files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
+    blob = b"S" * 64
+    checkpoint.write(files, _meta(MiB, blob), _memfd(MiB, []), blob)
+    raw = json.loads(open(files.meta).read())
+    raw["highmem"] = 4096
+    with open(files.meta, "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(checkpoint.CheckpointError, match="lowmem"):
+        checkpoint.read_meta(files)
+    with pytest.raises(checkpoint.CheckpointError, match="kern_bytes"):
+        checkpoint.write(files, _meta(MiB, b"x"), _memfd(MiB, []), blob)

@@ -1,0 +1,148 @@
+"""BhyveDriver's cold migration, resize and evacuation hooks, mocked."""
+
+import base64
+import json
+import types
+from unittest import mock
+
+import pytest
+
+import nova_bhyve.driver as bhyve_driver
+from nova import exception
+from nova_bhyve.machine.base import Backend
+from nova_bhyve.migration import cold
+
+UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
+CONF = bhyve_driver.CONF
+
+
+def _flavor(root_gb=1, memory_mb=128, vcpus=1):
+    return types.SimpleNamespace(root_gb=root_gb, memory_mb=memory_mb,
+                                 vcpus=vcpus, ephemeral_gb=0, swap=0)
+
+
+@pytest.fixture
+def drv(tmp_path, monkeypatch):
+    d = bhyve_driver.BhyveDriver(mock.Mock())
+    d.backend = mock.create_autospec(Backend, instance=True)
+    d.backend.can_migrate = True
+    d.backend.instances_path = str(tmp_path)
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"root disk")
+    d.backend.disk_path.return_value = str(disk)
+    d._host = "src"
+    monkeypatch.setattr(cold.ColdMigrationMixin, "_same_host",
+                        staticmethod(lambda ctx, inst: False))
+    monkeypatch.setattr(cold, "inbound_addr", lambda: "127.0.0.1")
+    monkeypatch.setattr(cold, "events", mock.Mock())
+    yield d
+    for offer in d._disk_offers.values():
+        offer.close()
+
+
+def _instance(**kw):
+    base = dict(uuid=UUID, flavor=_flavor(), system_metadata={},
+                vm_state="active")
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def test_power_off_and_offer_the_disk(drv):
+    info = json.loads(drv.migrate_disk_and_power_off(
+        None, _instance(), "192.0.2.9", _flavor(root_gb=2), [], None, 30, 5))
+    drv.backend.stop.assert_called_once_with(UUID, 30, 5)
+    assert info["addr"].startswith("127.0.0.1:")
+    assert len(base64.b64decode(info["token"])) == 32
+    assert info["size"] == len(b"root disk")
+    assert UUID in drv._disk_offers
+    drv.confirm_migration(None, types.SimpleNamespace(
+        source_compute="src", dest_compute="dst"), _instance(), [])
+    assert UUID not in drv._disk_offers
+    drv.backend.destroy.assert_called_once_with(UUID)
+    drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_the_root_disk_cannot_shrink(drv):
+    with pytest.raises(exception.InstanceFaultRollback) as err:
+        drv.migrate_disk_and_power_off(None, _instance(flavor=_flavor(5)),
+                                       "d", _flavor(root_gb=2), [])
+    assert "cannot shrink" in str(err.value.inner_exception)
+    drv.backend.stop.assert_not_called()
+
+
+def test_backends_without_migration_are_refused(drv):
+    drv.backend.can_migrate = False
+    with pytest.raises(exception.InstanceFaultRollback):
+        drv.migrate_disk_and_power_off(None, _instance(), "d", _flavor(), [])
+    drv.backend.stop.assert_not_called()
+
+
+def test_same_host_resize_copies_nothing(drv, monkeypatch):
+    monkeypatch.setattr(cold.ColdMigrationMixin, "_same_host",
+                        staticmethod(lambda ctx, inst: True))
+    info = drv.migrate_disk_and_power_off(None, _instance(), "d", _flavor(),
+                                          [])
+    assert json.loads(info) == {"version": 1, "same_host": True}
+    copy = mock.Mock()
+    monkeypatch.setattr(cold.diskcopy, "copy", copy)
+    drv.finish_migration(None, None, _instance(flavor=_flavor(2, 256, 2)),
+                         info, [], None, True, {})
+    copy.assert_not_called()
+    spec = drv.backend.create.call_args.args[2]
+    assert (spec.vcpus, spec.memory_mb) == (2, 256)
+    drv.backend.grow_disk.assert_called_once_with(UUID, 2 << 30)
+    drv.backend.start.assert_called_once_with(UUID)
+    drv.confirm_migration(None, types.SimpleNamespace(
+        source_compute="h", dest_compute="h"), _instance(), [])
+    drv.backend.destroy.assert_not_called()
+
+
+def test_finish_migration_pulls_the_disk(drv, monkeypatch):
+    copy = mock.Mock(return_value=9)
+    monkeypatch.setattr(cold.diskcopy, "copy", copy)
+    token = base64.b64encode(b"t" * 32).decode()
+    info = json.dumps({"version": 1, "addr": "[fd00::2]:4000",
+                       "token": token, "size": 9})
+    drv.finish_migration(None, None, _instance(), info, [], None, False, {},
+                         power_on=False)
+    args = copy.call_args
+    assert args.args[:5] == ("fd00::2", 4000, b"t" * 32,
+                             drv.backend.disk_path.return_value, "receive")
+    assert args.kwargs["max_size"] == 9
+    drv.backend.grow_disk.assert_not_called()
+    drv.backend.start.assert_not_called()
+
+
+def test_a_failed_pull_removes_the_new_files(drv, monkeypatch):
+    monkeypatch.setattr(cold.diskcopy, "copy", mock.Mock(
+        side_effect=cold.diskcopy.DiskCopyError("the peer closed")))
+    info = json.dumps({"addr": "127.0.0.1:1", "token": "dA==", "size": 1})
+    with pytest.raises(exception.MigrationError, match="the peer closed"):
+        drv.finish_migration(None, None, _instance(), info, [], None, False,
+                             {})
+    drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_a_missing_offer_is_a_clear_error(drv):
+    with pytest.raises(exception.MigrationError, match="no disk offer"):
+        drv.finish_migration(None, None, _instance(), "{}", [], None, False,
+                             {})
+    drv.backend.create.assert_not_called()
+
+
+def test_revert_boots_the_old_guest_again(drv):
+    drv.finish_revert_migration(None, _instance(), [], None, power_on=True)
+    drv.backend.create.assert_called_once()
+    drv.backend.start.assert_called_once_with(UUID)
+
+
+def test_shared_storage_checks(drv, tmp_path):
+    data = drv.check_instance_shared_storage_local(None, _instance())
+    assert drv.check_instance_shared_storage_remote(None, data)
+    other = bhyve_driver.BhyveDriver(mock.Mock())
+    other.backend = mock.Mock(instances_path=str(tmp_path / "x"))
+    (tmp_path / "x").mkdir()
+    assert not other.check_instance_shared_storage_remote(None, data)
+    drv.check_instance_shared_storage_cleanup(None, data)
+    assert not drv.check_instance_shared_storage_remote(None, data)
+    assert drv.instance_on_disk(_instance()) is False

@@ -1,0 +1,209 @@
+"""BhyveDriver's translation of Nova calls, with a recording backend."""
+
+import logging
+import os
+import subprocess
+import sys
+import types
+from unittest import mock
+
+import pytest
+from nova.compute import power_state, provider_tree
+
+import nova_bhyve.driver as bhyve_driver
+from nova import exception
+from nova.virt import event as virtevent
+from nova_bhyve import guest
+from nova_bhyve.machine import images
+from nova_bhyve.machine.base import Backend, HostFacts, MachineError, MachineState
+
+UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
+SECRET = "Tr0ub4dor&3-admin"
+CONF = bhyve_driver.CONF
+
+
+def _instance(**sysmeta):
+    flavor = types.SimpleNamespace(vcpus=2, memory_mb=256, root_gb=1,
+                                   ephemeral_gb=0, swap=0)
+    return types.SimpleNamespace(uuid=UUID, flavor=flavor,
+                                 system_metadata=sysmeta, project_id="p1")
+
+
+@pytest.fixture
+def driver():
+    drv = bhyve_driver.BhyveDriver(mock.Mock())
+    drv.backend = mock.create_autospec(Backend, instance=True)
+    drv.backend.create.side_effect = lambda ctx, inst, spec, meta: spec
+    drv.backend.host_facts.return_value = HostFacts(
+        vcpus=8, memory_mb=32000, memory_mb_used=1000, disk_gb=500,
+        disk_gb_used=100, hypervisor_type="bhyve", hypervisor_version=1501000,
+        arch="x86_64", cpu_model="Test CPU")
+    return drv
+
+
+def test_capabilities_are_truthful():
+    drv = bhyve_driver.BhyveDriver(mock.Mock())
+    caps = drv.capabilities
+    assert caps["supports_image_type_raw"] is True
+    assert caps["supports_image_type_qcow2"] is images.qemu_img_available()
+    assert caps["supports_evacuate"] is True
+    assert caps["has_imagecache"] is False
+    assert caps["supports_attach_interface"] is False
+    traits = drv.capabilities_as_traits()
+    assert traits["COMPUTE_IMAGE_TYPE_RAW"] is True
+    assert traits["COMPUTE_IMAGE_TYPE_ISO"] is False
+
+
+def test_spawn_builds_the_spec_and_boots(driver):
+    inst = _instance(image_bhyve_testhost_cmdline="mode=stress ws=8M")
+    vif = {"id": "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
+           "address": "fa:16:3e:01:02:03", "devname": "tap0a1b2c3d-4e",
+           "network": {"bridge": "br-int"}}
+    driver.spawn(mock.sentinel.ctx, inst, mock.sentinel.meta, [], SECRET, {},
+                 network_info=[vif])
+    spec = driver.backend.create.call_args.args[2]
+    assert (spec.uuid, spec.vcpus, spec.memory_mb) == (UUID, 2, 256)
+    assert spec.cmdline == "mode=stress ws=8M"
+    assert [(n.tap, n.mac, n.bridge) for n in spec.nics] == [
+        ("tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "br-int")]
+    driver.backend.plug_vifs.assert_called_once_with(spec)
+    driver.backend.start.assert_called_once_with(UUID)
+
+
+def test_default_guest_cmdline_is_mode_idle():
+    spec = guest.build_spec(_instance(), None, CONF)
+    assert spec.cmdline == "mode=idle"
+
+
+def test_no_secrets_in_logs(driver, caplog):
+    caplog.set_level(logging.DEBUG)
+    bdi = {"block_device_mapping": [], "root_device_name": "/dev/vda",
+           "connection_info": {"auth_password": SECRET}}
+    driver.spawn(mock.sentinel.ctx, _instance(), mock.sentinel.meta, [],
+                 SECRET, {}, network_info=[], block_device_info=bdi)
+    driver.power_off(_instance())
+    driver.destroy(mock.sentinel.ctx, _instance(), [], bdi)
+    assert caplog.records, "the driver logged nothing at all"
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
+
+
+def test_volumes_are_refused_before_anything_is_made(driver):
+    bdi = {"block_device_mapping": [{"connection_info": {}}]}
+    with pytest.raises(exception.InstanceDeployFailure, match="volumes"):
+        driver.spawn(None, _instance(), None, [], None, {},
+                     block_device_info=bdi)
+    driver.backend.create.assert_not_called()
+
+
+@pytest.mark.parametrize("state,expected", [
+    (MachineState.RUNNING, power_state.RUNNING),
+    (MachineState.PAUSED, power_state.PAUSED),
+    (MachineState.SUSPENDED, power_state.SUSPENDED),
+    (MachineState.SHUTDOWN, power_state.SHUTDOWN),
+    (MachineState.CRASHED, power_state.CRASHED),
+])
+def test_get_info(driver, state, expected):
+    driver.backend.state.return_value = state
+    assert driver.get_info(_instance()).state == expected
+
+
+def test_unknown_instance(driver):
+    driver.backend.state.side_effect = KeyError(UUID)
+    with pytest.raises(exception.InstanceNotFound):
+        driver.get_info(_instance())
+    driver.backend.pause.side_effect = KeyError(UUID)
+    with pytest.raises(exception.InstanceNotFound):
+        driver.pause(_instance())
+
+
+def test_power_calls(driver):
+    driver.power_off(_instance())                      # default: immediate
+    driver.power_off(_instance(), timeout=60, retry_interval=10)
+    assert driver.backend.stop.call_args_list == [
+        mock.call(UUID, 0, 0), mock.call(UUID, 60, 10)]
+    driver.reboot(None, _instance(), [], "SOFT")
+    driver.reboot(None, _instance(), [], "HARD")
+    assert driver.backend.reboot.call_args_list == [
+        mock.call(UUID, True), mock.call(UUID, False)]
+
+
+def test_resume_state_on_host_boot_starts_only_stopped_guests(driver):
+    driver.backend.state.return_value = MachineState.RUNNING
+    driver.resume_state_on_host_boot(None, _instance(), [], None)
+    driver.backend.start.assert_not_called()
+    driver.backend.state.return_value = MachineState.CRASHED
+    driver.resume_state_on_host_boot(None, _instance(), [], None)
+    driver.backend.start.assert_called_once_with(UUID)
+
+
+def test_provider_tree_reports_host_inventory(driver):
+    CONF.set_override("reserved_host_memory_mb", 2048)
+    try:
+        tree = provider_tree.ProviderTree()
+        tree.new_root("node1", "c1d2e3f4-0000-4000-8000-000000000001")
+        driver.update_provider_tree(tree, "node1")
+        inv = tree.data("node1").inventory
+    finally:
+        CONF.clear_override("reserved_host_memory_mb")
+    assert inv["VCPU"]["total"] == 8 and inv["VCPU"]["max_unit"] == 8
+    assert inv["MEMORY_MB"]["total"] == 32000
+    assert inv["MEMORY_MB"]["reserved"] == 2048
+    assert inv["DISK_GB"]["total"] == 500
+    res = driver.get_available_resource("node1")
+    assert (res["vcpus"], res["memory_mb"], res["local_gb"]) == (8, 32000, 500)
+    assert res["supported_instances"] == [("x86_64", "bhyve", "hvm")]
+
+
+def test_console_output_is_the_log_tail(driver, tmp_path):
+    log = tmp_path / "console.log"
+    log.write_bytes(b"A" * 200000 + b"HB 1 0 0\n")
+    driver.backend.console_log_path.return_value = str(log)
+    out = driver.get_console_output(None, _instance())
+    assert len(out) == CONF.bhyve.console_log_max_bytes
+    assert out.endswith(b"HB 1 0 0\n")
+
+
+def test_state_watcher_emits_lifecycle_events(driver):
+    events = []
+    driver.register_event_listener(events.append)
+    driver.backend.list_machines.return_value = [UUID]
+    driver.backend.state.return_value = MachineState.RUNNING
+    driver._watch_states()
+    assert events == []                       # first sight: no transition
+    driver.backend.state.return_value = MachineState.SHUTDOWN
+    driver._watch_states()
+    driver._watch_states()                    # no change, no second event
+    driver.backend.state.return_value = MachineState.RUNNING
+    driver._watch_states()
+    assert [(e.get_instance_uuid(), e.get_transition()) for e in events] == [
+        (UUID, virtevent.EVENT_LIFECYCLE_STOPPED),
+        (UUID, virtevent.EVENT_LIFECYCLE_STARTED)]
+
+
+def test_modules_import_without_eventlet():
+    """Nova forbids importing eventlet in threading mode; so do we."""
+    code = (
+        "from nova import monkey_patch; monkey_patch.patch('threading')\n"
+        "import nova_bhyve.driver, nova_bhyve.privsep\n"
+        "import nova_bhyve.machine.testhost, nova_bhyve.machine.bhyve\n"
+        "import sys; assert 'eventlet' not in sys.modules\n")
+    env = dict(os.environ, OS_NOVA_DISABLE_EVENTLET_PATCHING="1")
+    # -P: the installed package (with its compiled engine), not the sources
+    proc = subprocess.run([sys.executable, "-P", "-c", code], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_failed_spawn_removes_what_it_made(driver):
+    driver.backend.start.side_effect = MachineError("nb-testhost exited: boom")
+    with pytest.raises(exception.InstanceDeployFailure, match="boom"):
+        driver.spawn(None, _instance(), None, [], None, {})
+    driver.backend.destroy.assert_called_once_with(UUID)
+    driver.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_machine_errors_name_the_guest(driver):
+    driver.backend.suspend.side_effect = MachineError("no checkpoint support")
+    with pytest.raises(bhyve_driver.GuestOperationFailed,
+                       match=f"{UUID}: no checkpoint support"):
+        driver.suspend(None, _instance())

@@ -1,0 +1,430 @@
+"""BhyveDriver.live_migration against a scripted engine: every ending."""
+
+import threading
+import types
+from unittest import mock
+
+import pytest
+
+import nova_bhyve.driver as bhyve_driver
+from nova import exception, objects
+from nova_bhyve.machine.base import Backend, HostFacts
+from nova_bhyve.migration import data as mdata
+from nova_bhyve.migration import live
+from nova_bhyve.native.engine import MigrationError, Mode, Phase, Result
+
+UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
+CONF = bhyve_driver.CONF
+MiB = 1 << 20
+
+
+def _stats(**kw):
+    base = dict(phase=Phase.ITERATE, result=Result.RUNNING, round=1,
+                mem_total=256 * MiB, bytes_transferred=10 * MiB,
+                bytes_remaining=5 * MiB, expected_downtime_ms=50,
+                max_downtime_ms=100, downtime_ms=0.0, total_ms=0.0,
+                committed=False, guest_runs_here=True, rounds=(), error="",
+                mode=Mode.LIVE)
+    base.update(kw)
+    st = types.SimpleNamespace(**base)
+    st.finished = st.result != Result.RUNNING
+    return st
+
+
+class FakeSend:
+    """An engine send whose stats follow a script; records the calls."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.calls = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def stats(self):
+        with self.lock:
+            if len(self.script) > 1:
+                return self.script.pop(0)
+            return self.script[0]
+
+    def end(self, **kw):
+        with self.lock:
+            self.script = [_stats(**kw)]
+
+    def set_param(self, name, value):
+        self.calls.append((name, value))
+
+    def force_complete(self):
+        self.calls.append(("force_complete",))
+        self.end(result=Result.COMPLETED, phase=Phase.DONE, committed=True,
+                 guest_runs_here=False, downtime_ms=12.5, total_ms=900,
+                 rounds=(1, 2))
+
+    def cancel(self):
+        self.calls.append(("cancel",))
+        if self.script[0].committed:
+            raise MigrationError("refused once committed")
+        self.end(result=Result.CANCELLED, phase=Phase.CANCELLED,
+                 error="cancelled")
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def env(monkeypatch):
+    drv = bhyve_driver.BhyveDriver(mock.Mock())
+    drv.backend = mock.create_autospec(Backend, instance=True)
+    drv.backend.can_migrate = True
+    drv.backend.has_dirty_log = True
+    drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
+    drv.backend.disk_path.return_value = "/run/x/disk"
+    drv.backend.host_facts.return_value = HostFacts(
+        vcpus=2, memory_mb=4096, memory_mb_used=100, disk_gb=10,
+        disk_gb_used=1, hypervisor_type="bhyve", hypervisor_version=1,
+        arch="x86_64", cpu_model="x")
+    drv._host = "src"
+    monkeypatch.setattr(live, "POLL", 0.001)
+    monkeypatch.setattr(live.diskcopy, "copy", mock.Mock(return_value=65536))
+    ev = mock.Mock()
+    monkeypatch.setattr(live, "events", ev)
+    send = FakeSend([_stats()])
+    engine = mock.Mock()
+    engine.send.return_value = send
+    monkeypatch.setattr(live, "Migration", engine)
+    # the key exchange of a real check/pre_live_migration pair
+    data = mdata.new_data()
+    data.block_migration = True
+    data.target_connect_addr = "127.0.0.1:40000"
+    mdata.put(data, "mode", "live")
+    mdata.put(data, "disk_port", 40001)
+    dst_pub, dst_secrets = mdata.answer(drv._lm_keys.new(UUID), UUID)
+    mdata.put(data, "dst_key", dst_pub)
+    objects.register_all()
+    data.migration = objects.Migration()
+    data.migration.save = mock.Mock()
+    flavor = types.SimpleNamespace(memory_mb=256, root_gb=1, ephemeral_gb=0,
+                                   swap=0, vcpus=1)
+    inst = types.SimpleNamespace(uuid=UUID, flavor=flavor, vm_state="active",
+                                 system_metadata={},
+                                 save=mock.Mock(), progress=0)
+    post, recover = mock.Mock(), mock.Mock()
+    overrides = []
+
+    def flags(**kw):
+        for k, v in kw.items():
+            CONF.set_override(k, v, group="bhyve")
+            overrides.append(k)
+
+    yield types.SimpleNamespace(drv=drv, send=send, engine=engine, data=data,
+                                inst=inst, post=post, recover=recover,
+                                dst_secrets=dst_secrets,
+                                events=ev, flags=flags)
+    for k in overrides:
+        CONF.clear_override(k, group="bhyve")
+
+
+def _migrate(env):
+    env.drv.live_migration(mock.sentinel.ctx, env.inst, "dst", env.post,
+                           env.recover, True, env.data)
+
+
+def _done(**kw):
+    base = dict(result=Result.COMPLETED, phase=Phase.DONE, committed=True,
+                guest_runs_here=False, downtime_ms=7.0, total_ms=1500,
+                bytes_transferred=40 * MiB, rounds=(1, 2, 3))
+    base.update(kw)
+    return _stats(**base)
+
+
+def test_completed_calls_post_once_and_reports(env):
+    env.send.script = [_stats(round=0, bytes_transferred=MiB)] * 3 + [_done()]
+    _migrate(env)
+    env.post.assert_called_once_with(mock.sentinel.ctx, env.inst, "dst", True,
+                                     env.data)
+    env.recover.assert_not_called()
+    assert env.send.closed
+    kwargs = env.engine.send.call_args.kwargs
+    assert kwargs["mode"] == Mode.LIVE and kwargs["port"] == 40000
+    assert kwargs["vmm_target"] == "/run/x/control.sock"
+    assert kwargs["max_downtime_ms"] == 50          # first downtime step
+    secret = kwargs["secret"]
+    names = [c.args[3] for c in env.events.record.call_args_list]
+    assert names[0] == "bhyve_disk_copy bytes=65536 seconds=0.0"
+    assert names[1].startswith("bhyve_switchover mode=live downtime=7.0ms "
+                               "total=1500ms bytes=41943040 rounds=3")
+    env.events.finish.assert_called_once_with(
+        mock.sentinel.ctx, env.inst, "bhyve_live_migration_live")
+    # the last report: everything copied
+    assert env.data.migration.memory_total == 256 * MiB
+    assert env.data.migration.memory_remaining is None     # 0 -> None
+    assert env.inst.progress == 100
+    assert secret.hex() not in repr(env.events.mock_calls)
+    assert len(secret) == 32 and secret == _secrets_of(env)
+
+
+def _secrets_of(env):
+    """The memory secret the destination derived for the fixture's data."""
+    return env.dst_secrets.memory
+
+
+def test_failure_before_commit_recovers(env):
+    env.send.script = [_stats(), _stats(result=Result.FAILED,
+                                        phase=Phase.FAILED,
+                                        error="destination went away")]
+    _migrate(env)
+    env.recover.assert_called_once_with(mock.sentinel.ctx, env.inst, "dst",
+                                        env.data)
+    env.post.assert_not_called()
+    assert env.events.finish.call_args.args[3] == "destination went away"
+
+
+def test_failure_after_commit_still_finishes_on_the_destination(env):
+    env.send.script = [_stats(result=Result.FAILED, committed=True,
+                              error="after COMMIT: check the destination")]
+    _migrate(env)
+    env.post.assert_called_once()
+    env.recover.assert_not_called()
+
+
+def test_abort_from_another_thread_cancels(env):
+    def abort_soon():
+        while not env.drv._outgoing.get(UUID) or \
+                not env.drv._outgoing[UUID].mig:
+            pass
+        env.drv.live_migration_abort(env.inst)
+
+    t = threading.Thread(target=abort_soon)
+    t.start()
+    _migrate(env)
+    t.join()
+    assert ("cancel",) in env.send.calls
+    env.recover.assert_called_once_with(mock.sentinel.ctx, env.inst, "dst",
+                                        env.data, migration_status="cancelled")
+    env.post.assert_not_called()
+
+
+def test_abort_after_the_hand_over_is_refused(env):
+    out = live._Outgoing(mig=live._Run(FakeSend([_stats(committed=True)])))
+    env.drv._outgoing[UUID] = out
+    with pytest.raises(exception.MigrationError, match="too late"):
+        env.drv.live_migration_abort(env.inst)
+
+
+def test_an_abort_just_before_the_start_applies(env):
+    env.drv.live_migration_abort(env.inst)         # nothing runs yet
+    _migrate(env)
+    env.engine.send.assert_not_called()
+    env.recover.assert_called_once_with(mock.sentinel.ctx, env.inst, "dst",
+                                        env.data, migration_status="cancelled")
+
+
+def test_force_complete(env):
+    with pytest.raises(exception.NoActiveMigrationForInstance):
+        env.drv.live_migration_force_complete(env.inst)
+
+    def force_soon():
+        while not env.drv._outgoing.get(UUID) or \
+                not env.drv._outgoing[UUID].mig:
+            pass
+        env.drv.live_migration_force_complete(env.inst)
+
+    t = threading.Thread(target=force_soon)
+    t.start()
+    _migrate(env)
+    t.join()
+    assert ("force_complete",) in env.send.calls
+    env.post.assert_called_once()
+
+
+def test_completion_timeout_abort_marks_failed(env, monkeypatch):
+    monkeypatch.setattr(live.policy, "completion_timeout", lambda c, g: 0.05)
+    _migrate(env)
+    assert ("cancel",) in env.send.calls
+    env.recover.assert_called_once_with(mock.sentinel.ctx, env.inst, "dst",
+                                        env.data)
+    assert "completion timeout" in env.events.finish.call_args.args[3]
+
+
+def test_completion_timeout_force_complete(env, monkeypatch):
+    env.flags(live_migration_timeout_action="force_complete")
+    monkeypatch.setattr(live.policy, "completion_timeout", lambda c, g: 0.05)
+    _migrate(env)
+    assert env.send.calls.count(("force_complete",)) == 1
+    env.post.assert_called_once()
+
+
+def test_auto_converge_throttles_only_when_permitted(env):
+    slow = [_stats(round=r, expected_downtime_ms=900) for r in range(1, 6)]
+    env.send.script = slow + [_done()]
+    _migrate(env)
+    assert not [c for c in env.send.calls if c[0] == "throttle"]
+    env.flags(live_migration_permit_auto_converge=True)
+    env.send.script = slow + [_done()]
+    _rekey(env)
+    _migrate(env)
+    assert [c for c in env.send.calls if c[0] == "throttle"] == [
+        ("throttle", 20), ("throttle", 30), ("throttle", 40),
+        ("throttle", 50)]
+
+
+def _rekey(env):
+    """A new check/pre_live_migration key exchange for the next migration."""
+    dst_pub, _secrets = mdata.answer(env.drv._lm_keys.new(UUID), UUID)
+    mdata.put(env.data, "dst_key", dst_pub)
+
+
+def test_no_key_means_no_migration(env):
+    env.drv._lm_keys.take(UUID)
+    _migrate(env)
+    env.engine.send.assert_not_called()
+    env.recover.assert_called_once()
+    assert "no key" in env.events.finish.call_args.args[3]
+
+
+def test_engine_refusal_recovers(env):
+    env.engine.send.side_effect = MigrationError("cannot reach 127.0.0.1")
+    _migrate(env)
+    env.recover.assert_called_once()
+    env.post.assert_not_called()
+
+
+def test_downtime_steps_raise_the_limit(env, monkeypatch):
+    env.flags(live_migration_downtime=400, live_migration_downtime_steps=4)
+    clock = [1000.0]
+    monkeypatch.setattr(live.time, "monotonic", lambda: clock[0])
+
+    def tick(_s):
+        clock[0] += 1000            # each poll: 1000 s later
+    monkeypatch.setattr(live.time, "sleep", tick)
+    env.send.script = [_stats()] * 4 + [_done()]
+    _migrate(env)
+    steps = [c[1] for c in env.send.calls if c[0] == "max_downtime_ms"]
+    assert steps and steps == sorted(steps) and steps[-1] == 400
+
+
+# -- the destination and the checks ------------------------------------------
+class FakeRecv:
+    """A receive half that reports fixed stats."""
+
+    def __init__(self, **kw):
+        self.st = _stats(**kw)
+        self.port = 40000
+        self.cancelled = self.closed = False
+
+    def stats(self):
+        return self.st
+
+    def cancel(self):
+        self.cancelled = True
+
+    def close(self):
+        self.closed = True
+
+
+def test_rollback_at_destination_removes_an_incoming_vm(env):
+    recv = FakeRecv(guest_runs_here=False)
+    env.drv._incoming[UUID] = live._Incoming(recv)
+    env.drv.rollback_live_migration_at_destination(None, env.inst, [], None)
+    assert recv.cancelled and recv.closed
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+@pytest.mark.parametrize("session", [True, False])
+def test_rollback_at_destination_never_destroys_a_handed_over_guest(env,
+                                                                     session):
+    if session:
+        env.drv._incoming[UUID] = live._Incoming(
+            FakeRecv(committed=True, guest_runs_here=True))
+    else:       # nova-compute restarted: the VM runs, it is not incoming
+        env.drv.backend.state.return_value = bhyve_driver.MachineState.RUNNING
+    with pytest.raises(exception.MigrationError, match="handed over"):
+        env.drv.rollback_live_migration_at_destination(None, env.inst, [],
+                                                       None)
+    env.drv.backend.destroy.assert_not_called()
+    env.drv.backend.delete_files.assert_not_called()
+
+
+def test_post_at_destination_takes_over_and_keeps_a_pause(env):
+    env.drv._incoming[UUID] = live._Incoming(
+        FakeRecv(result=Result.COMPLETED, committed=True))
+    env.inst.vm_state = "paused"
+    env.drv.post_live_migration_at_destination(None, env.inst, [])
+    env.drv.backend.finish_incoming.assert_called_once_with(UUID)
+    env.drv.backend.pause.assert_called_once_with(UUID)
+
+
+def test_post_at_destination_says_what_to_check(env):
+    env.drv.backend.finish_incoming.side_effect = \
+        bhyve_driver.MachineError("paused here, not running")
+    with pytest.raises(exception.NovaException, match="stopped it for good"):
+        env.drv.post_live_migration_at_destination(None, env.inst, [])
+
+
+def test_failed_pre_live_migration_removes_what_it_made(env):
+    env.engine.receive.side_effect = MigrationError("cannot listen")
+    env.drv.backend.list_machines.return_value = []
+    data = mdata.new_data()
+    data.block_migration = True
+    mdata.put(data, "src_key", mdata.KeyStore().new(UUID))
+    with pytest.raises(exception.MigrationError, match="cannot listen"):
+        env.drv.pre_live_migration(None, env.inst, None, [], None, data)
+    env.drv.backend.start_incoming.assert_called_once_with(UUID)
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_called_once_with(UUID, True)
+    assert UUID not in env.drv._incoming
+
+
+def _dest_check(env, tmp_path, **kw):
+    tmp_path.mkdir(exist_ok=True)
+    env.drv.backend.instances_path = str(tmp_path)
+    info = {"hypervisor_type": "bhyve", "hypervisor_version": 1,
+            "cpu_info": "{}", "disk_available_least": 100}
+    return env.drv.check_can_live_migrate_destination(
+        None, env.inst, info, info, **kw)
+
+
+def test_source_check_sets_block_migration_mode_and_key(env, tmp_path):
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"x")
+    env.drv.backend.disk_path.return_value = str(disk)
+    data = _dest_check(env, tmp_path / "elsewhere", block_migration=None)
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    env.drv.backend.instances_path = str(tmp_path)   # the source's own path
+    data = env.drv.check_can_live_migrate_source(None, env.inst, data)
+    assert data.block_migration is True
+    assert data.is_shared_instance_path is False
+    assert mdata.get(data, "mode") == "live"
+    assert mdata.get(data, "src_key")
+
+
+def test_source_check_refuses_a_shared_instances_path(env, tmp_path):
+    data = _dest_check(env, tmp_path)
+    with pytest.raises(exception.MigrationPreCheckError, match="shared"):
+        env.drv.check_can_live_migrate_source(None, env.inst, data)
+
+
+def test_source_check_refuses_no_block_migration(env, tmp_path):
+    data = _dest_check(env, tmp_path / "d", block_migration=False)
+    env.drv.backend.instances_path = str(tmp_path)
+    with pytest.raises(exception.InvalidSharedStorage, match="block"):
+        env.drv.check_can_live_migrate_source(None, env.inst, data)
+
+
+def test_warm_without_a_dirty_log_on_the_destination(env, tmp_path):
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"x")
+    env.drv.backend.disk_path.return_value = str(disk)
+    env.flags(live_migration_dirty_log="no")
+    data = _dest_check(env, tmp_path / "d", block_migration=None)
+    env.flags(live_migration_dirty_log="auto")
+    env.drv.backend.instances_path = str(tmp_path)
+    data = env.drv.check_can_live_migrate_source(None, env.inst, data)
+    assert mdata.get(data, "mode") == "warm"
+
+
+def test_backends_without_migration_are_refused_up_front(env, tmp_path):
+    env.drv.backend.can_migrate = False
+    with pytest.raises(exception.MigrationPreCheckError,
+                       match="cannot migrate guests yet"):
+        _dest_check(env, tmp_path)
