@@ -82,7 +82,7 @@ struct nb_mig_stats {
     double dirty_rate;          /* pages per second */
     double bandwidth;           /* bytes per second, last round */
     double expected_downtime_ms;
-    double downtime_ms;         /* measured: source stopped -> dest running */
+    double downtime_ms;         /* measured: source stopped -> RUNNING heard */
     double total_ms;
     double rtt_ms;
     uint32_t max_downtime_ms;

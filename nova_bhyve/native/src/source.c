@@ -548,7 +548,9 @@ static int switch_over(struct source *src, uint32_t round, char *err)
     }
     t_run = nb_now_ms();
     pthread_mutex_lock(&m->lock);
-    m->st.downtime_ms = t_run - t_pause - m->st.rtt_ms / 2;
+    /* from the pause until the destination says it runs: an upper bound
+     * (by one network latency) on what the guest sees */
+    m->st.downtime_ms = t_run - t_pause;
     pthread_mutex_unlock(&m->lock);
     return 0;
 }
