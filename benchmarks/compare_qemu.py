@@ -9,9 +9,10 @@ each is migrated again and again (every destination becomes the next
 source), the two engines interleaved: over loopback (inside one network
 namespace) and over a veth pair shaped to 1 Gbit/s between two namespaces
 that this script creates and removes.  QEMU runs in its default
-configuration and in its best-tuned one.  Results: benchmarks/results/
-results.json, results.md (medians and ratios this project / QEMU),
-round_*.png, downtime_vs_size.png (plots need matplotlib).
+configuration and in two tuned ones (unlimited bandwidth + xbzrle, and
++ multifd).  Results: benchmarks/results/results.json, results.md (medians
+and ratios this project / QEMU), round_*.png, downtime_vs_size.png (plots
+need matplotlib).  Method: benchmarks/README.md.
 """
 
 import argparse
@@ -251,7 +252,7 @@ def main(argv=None):
     """Run the comparison; print progress, then the Markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="3 workloads, 1 repeat (a few minutes)")
+                    help="3 workloads, 1 repeat (about 2 minutes)")
     ap.add_argument("--repeat", type=int, help="repeats per case (3; quick: 1)")
     ap.add_argument("--timeout", type=float,
                     help="cancel a migration after this many seconds (60; quick: 30)")

@@ -28,7 +28,7 @@ QBOOT = "/usr/share/qemu/qboot.rom"
 _READER = pathlib.Path(__file__).resolve().parent / "tlog_reader.py"
 UNLIMITED = 100 << 30      # bytes/s: "max-bandwidth" has no "unlimited" value
 
-CAPABILITIES = ("xbzrle", "multifd", "auto-converge")
+CAPABILITIES = ("xbzrle", "multifd", "auto-converge", "events")
 # QEMU 7.2's defaults; the xbzrle cache (64 MiB) equals the engine's delta cache.
 DEFAULT_PARAMS = {"max-bandwidth": 128 << 20, "multifd-channels": 2,
                   "xbzrle-cache-size": 64 << 20}
@@ -59,6 +59,7 @@ class QMP:
 
     def __init__(self, path, timeout=20.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.events = []                # events seen while waiting for replies
         wait_for(lambda: self._try_connect(path), timeout, f"QMP at {path}")
         self.sock.settimeout(timeout)
         self.file = self.sock.makefile("rwb")
@@ -88,6 +89,7 @@ class QMP:
         while True:
             reply = self._read()
             if "event" in reply:
+                self.events.append(reply)
                 continue
             if "error" in reply:
                 raise BenchError(f"QMP {name}: {reply['error'].get('desc')}")
@@ -264,7 +266,9 @@ class QemuChain:
 
     def _migrate(self, src, dst, addr, ifname, caps, params, timeout):
         # a QEMU that was a destination keeps what it was told then: set all
-        capl = [{"capability": c, "state": c in caps} for c in CAPABILITIES]
+        # "events" only adds MIGRATION_PASS events, stamped at every dirty sync
+        capl = [{"capability": c, "state": c in caps or c == "events"}
+                for c in CAPABILITIES]
         for vm in (src, dst):
             vm.qmp.cmd("migrate-set-capabilities", {"capabilities": capl})
             vm.qmp.cmd("migrate-set-parameters", params)
@@ -274,15 +278,17 @@ class QemuChain:
         start_seq = last_seq(beats) + 1
         cpu0 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
         wire0 = iface_bytes(dst.pid, ifname)
-        t0 = time.monotonic()
+        src.qmp.events.clear()
+        t0, real0 = time.monotonic(), time.time()
         src.qmp.cmd("migrate", {"uri": f"tcp:{addr}:{port}"})
         samples, info, cancelled = [], {}, False
         while True:
             info = src.qmp.cmd("query-migrate")
             ram = info.get("ram", {})
             status = info.get("status")
-            samples.append((time.monotonic() - t0, ram.get("dirty-sync-count", 0),
-                            ram.get("transferred", 0), status == "active"))
+            # QEMU's own clock (total-time so far), the one its final total uses
+            samples.append((info.get("total-time", 0) / 1e3, time.time() - real0,
+                            ram.get("transferred", 0)))
             if status in ("completed", "failed", "cancelled"):
                 break
             if not cancelled and time.monotonic() - t0 > timeout:
@@ -292,6 +298,12 @@ class QemuChain:
                 raise BenchError("QEMU did not cancel its migration")
             time.sleep(0.01)
         wall = time.monotonic() - t0
+        # "completed" shows a moment before total-time and downtime are set
+        for _ in range(100):
+            if status != "completed" or info.get("total-time"):
+                break
+            time.sleep(0.01)
+            info = src.qmp.cmd("query-migrate")
         if status == "completed":
             if not dst.alive():
                 raise BenchError(f"QEMU destination died: {dst.log_tail(300)}")
@@ -303,22 +315,23 @@ class QemuChain:
         res = {
             "status": {"completed": "ok", "cancelled": "dnf"}.get(status, "error"),
             "start_seq": start_seq,
-            # QEMU's own total-time; rarely it reports 0 for a completed
-            # migration, and then the time until completion was seen counts
             "total_s": (info.get("total-time") or wall * 1e3) / 1e3,
             "wall_s": wall,
             "reported_downtime_ms": info.get("downtime"),
             "wire_bytes": wire1 - wire0,
             "payload_bytes": ram.get("transferred", 0),
-            "rounds": ram.get("dirty-sync-count", 0),
+            "dirty_syncs": ram.get("dirty-sync-count", 0),
             "cpu_src_s": cpu_outside_guest(cpu0[0], cpu1[0]),
             "cpu_dst_s": cpu_outside_guest(cpu0[1], cpu1[1]),
             "xbzrle": info.get("xbzrle-cache"),
         }
         if status == "failed":
             res["note"] = f"{info.get('error-desc', 'failed')}; {dst.log_tail(300)}"
-        res.update(_rounds(samples, res["total_s"], info.get("downtime"),
+        syncs = [e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+                 - real0 for e in src.qmp.events if e["event"] == "MIGRATION_PASS"]
+        res.update(_rounds(samples, syncs, res["total_s"], info.get("downtime") or 0,
                            ram.get("transferred", 0)))
+        res["rounds"] = len(res["round_ms"])
         return res
 
     def _judge(self, src, dst, start_seq):
@@ -340,28 +353,30 @@ class QemuChain:
 
 
 
-def _rounds(samples, total_s, downtime_ms, final_bytes):
-    """Per-round duration and bytes from query-migrate samples (10 ms apart).
+def _rounds(samples, syncs, total_s, downtime_ms, final_bytes):
+    """Rounds that sent pages, from QEMU's dirty-sync events and byte samples.
 
-    A round starts when ``dirty-sync-count`` grows while the migration is
-    active; the last round, after the guest stopped, is QEMU's reported
-    downtime long (or runs from the last sync, if the guest stopped right
-    after it) and carries what was sent after the last active sample.
-    Rounds shorter than the sampling interval merge into the next one.
+    A round starts at each dirty sync (MIGRATION_PASS event) before the
+    guest stopped, at total time - downtime; the sync that decided to stop
+    (right before it) and the one after it feed the last round, as in this
+    project's engine.  Bytes per round come from ``query-migrate`` samples
+    (10 ms apart), interpolated.
     """
-    marks, last, sent_active = [], 0, 0
-    for t, sync, sent, active in samples:
-        if active:
-            sent_active = sent
-            if sync > last:
-                marks.append((t, sent))
-                last = sync
-    stop = total_s - (downtime_ms or 0) / 1e3
-    # QEMU stops the guest right after the sync that found little left: a
-    # stop within two samples of that sync starts no round of its own
-    if marks and stop > marks[-1][0] + 0.02:
-        marks.append((stop, sent_active))
-    marks.append((total_s, final_bytes))
-    return {"round_ms": [round(max(0.0, b[0] - a[0]) * 1e3, 2)
-                         for a, b in zip(marks, marks[1:])],
-            "round_bytes": [max(0, b[1] - a[1]) for a, b in zip(marks, marks[1:])]}
+    # event stamps are wall-clock; shift them onto QEMU's total-time clock
+    shift = min((real - qt for qt, real, _ in samples if qt), default=0.0)
+    stop = total_s - downtime_ms / 1e3
+    starts = [t - shift for t in syncs if t - shift < stop]
+    if len(starts) > 1 and stop - starts[-1] < 0.01:
+        starts.pop()                    # the sync that decided to stop
+    bounds = [0.0] + starts[1:] + [stop, total_s] if starts else [stop, total_s]
+    points = [(0.0, 0)] + [(qt, sent) for qt, _, sent in samples if qt] + \
+        [(total_s, final_bytes)]
+
+    def sent_at(t):
+        for (t0, b0), (t1, b1) in zip(points, points[1:]):
+            if t0 <= t <= t1:
+                return b0 + (b1 - b0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1)
+        return final_bytes
+    sent = [sent_at(t) for t in bounds]
+    return {"round_ms": [round((b - a) * 1e3, 2) for a, b in zip(bounds, bounds[1:])],
+            "round_bytes": [int(max(0, b - a)) for a, b in zip(sent, sent[1:])]}
