@@ -93,8 +93,7 @@ def test_delta_encoding_sends_small_changes_small(vms):
     stress_ready(src, passes=2)
     s, d = migrate(src, dst, max_downtime_ms=1, delta_cache=64 * MiB,
                    max_bandwidth=0, timeout_ms=20000)
-    if s.result == Result.COMPLETED:
-        assert s.pages_delta > 0
+    assert s.pages_delta > 0
     _finish(src, dst, s, d)
 
 
@@ -231,7 +230,9 @@ def test_destination_vm_killed_mid_round(vms):
     dst.kill()
     s, d = wait_result(send), wait_result(recv)
     assert s.result == Result.FAILED and d.result == Result.FAILED
-    assert "test host" in d.error or "destination" in s.error or s.error
+    # the destination cannot reach its dead VM and refuses; the source hears it
+    assert "test host" in d.error, d.error
+    assert "refused" in s.error, s.error
     send.close()
     recv.close()
     assert_guest_kept_running(src)
