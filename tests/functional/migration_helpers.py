@@ -119,6 +119,7 @@ class FaultyProxy:
         self.srv.listen(32)
         self.port = self.srv.getsockname()[1]
         self.closed = False
+        self.stalled = set()        # connection indices no longer forwarded
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -134,16 +135,18 @@ class FaultyProxy:
                 buf = bytearray() if self.record else None
                 self.recorded.append(buf)
             corrupt = self.corrupt_at if index == 1 else None
-            threading.Thread(target=self._pump, args=(a, b, corrupt, buf),
+            threading.Thread(target=self._pump, args=(a, b, corrupt, buf, index),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, None, None),
+            threading.Thread(target=self._pump, args=(b, a, None, None, index),
                              daemon=True).start()
             index += 1
 
-    def _pump(self, a, b, corrupt, buf):
+    def _pump(self, a, b, corrupt, buf, index):
         seen = 0
         try:
             while True:
+                while index in self.stalled and not self.closed:
+                    time.sleep(0.05)        # hold the bytes, keep it open
                 data = a.recv(65536)
                 if not data:
                     break
@@ -163,14 +166,19 @@ class FaultyProxy:
             except OSError:
                 pass
 
-    def cut(self):
-        """Break every forwarded connection now."""
+    def cut(self, index=None):
+        """Break every forwarded connection now (or only number ``index``)."""
         with self.lock:
-            for s in self.conns:
+            conns = self.conns if index is None else self.conns[2 * index:2 * index + 2]
+            for s in conns:
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def stall(self, index):
+        """Stop forwarding connection ``index`` without closing it."""
+        self.stalled.add(index)
 
     def close(self):
         """Stop accepting and break everything."""
@@ -265,7 +273,11 @@ class RawSource:
 
 def wait_result(mig, timeout=30):
     """Wait for a migration half to end; return its stats."""
-    assert mig.wait(timeout), "migration did not end"
+    if not mig.wait(timeout):
+        st = mig.stats()
+        raise AssertionError(f"migration did not end in {timeout} s: phase "
+                             f"{st.phase.name}, round {st.round}, "
+                             f"error {st.error!r}")
     return mig.stats()
 
 

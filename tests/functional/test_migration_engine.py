@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -248,6 +249,37 @@ def test_connection_cut_mid_round(vms):
     wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
     proxy.cut()
     s, d = wait_result(send), wait_result(recv)
+    proxy.close()
+    assert s.result == Result.FAILED and d.result == Result.FAILED
+    send.close()
+    recv.close()
+    assert_guest_kept_running(src, dst)
+
+
+def test_one_channel_cut_while_another_stalls(vms):
+    """A page link that dies must not leave the others blocked until timeout.
+
+    Connection 0 is control, 1 and 2 are page channels: 2 stops being
+    forwarded (its sender soon blocks on a full socket), then 1 is cut.
+    The destination gives up on the cut channel; the source must hear it
+    on the control channel and break its own page links, rather than sit
+    in a blocked send until the 60 s session timeout.
+    """
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    proxy = FaultyProxy(recv.port)
+    send = start_send(src, proxy.port, secret, channels=2, timeout_ms=60000,
+                      max_bandwidth=64 * MiB)
+    wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
+    # a MiB received means the destination has joined both page channels
+    # and its receivers run (handshake and joins are a few hundred bytes)
+    wait_for(lambda: recv.stats().bytes_transferred > MiB, timeout=20)
+    proxy.stall(2)
+    time.sleep(0.5)
+    proxy.cut(1)
+    s, d = wait_result(send, timeout=20), wait_result(recv, timeout=20)
     proxy.close()
     assert s.result == Result.FAILED and d.result == Result.FAILED
     send.close()

@@ -178,14 +178,28 @@ static void *receiver_main(void *arg)
     return NULL;
 }
 
-/* Accept one connection, waiting at most the session timeout. */
+/*
+ * Accept one connection, waiting at most the session timeout.  Once the
+ * control connection is up (page channels joining), the source says
+ * nothing on it: anything readable there means it gave up, so stop.
+ */
 static int accept_one(struct nb_mig *m, char *err)
 {
-    struct pollfd p = { .fd = m->listen_fd, .events = POLLIN };
+    struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
+                           { .fd = m->ctl.fd, .events = POLLIN } };
     struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
     int fd, rc;
 
-    rc = poll(&p, 1, (int)m->p.timeout_ms);
+    rc = poll(p, m->ctl.fd >= 0 ? 2 : 1, (int)m->p.timeout_ms);
+    if (rc > 0 && m->ctl.fd >= 0 && p[1].revents) {
+        struct nb_frame f;
+        if (nb_recv_frame(&m->ctl, &f, 4096, err) == 0)
+            snprintf(err, NB_ERRLEN, "%s %.*s", nb_msg_name(f.type),
+                     (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
+        snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
+                 " (the source ended the session before its page channels joined)");
+        return -1;
+    }
     if (rc <= 0 || atomic_load(&m->cancel_req)) {
         snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
                  : "stopped waiting for the source", m->p.timeout_ms);
@@ -561,9 +575,7 @@ out:
                                                : NB_RESULT_FAILED, "%s",
                 err[0] ? err : "failed");
     /* close the channels so receivers finish, then reap them */
-    for (int i = 0; i < NB_MAX_CHANNELS; i++)
-        if (m->data[i].fd >= 0)
-            shutdown(m->data[i].fd, SHUT_RDWR);
+    nb_shutdown_data(m);
     for (int i = 0; i < d.nrcv; i++)
         if (d.rcv[i].thread) {
             pthread_join(d.rcv[i].thread, NULL);

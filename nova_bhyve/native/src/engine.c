@@ -413,13 +413,19 @@ int nb_mig_force_complete(nb_mig *m)
     return 0;
 }
 
+/* Break every page connection, so no thread stays blocked on one. */
+void nb_shutdown_data(struct nb_mig *m)
+{
+    for (int i = 0; i < NB_MAX_CHANNELS; i++)
+        if (m->data[i].fd >= 0)
+            shutdown(m->data[i].fd, SHUT_RDWR);
+}
+
 static void shutdown_channels(struct nb_mig *m)
 {
     if (m->ctl.fd >= 0)
         shutdown(m->ctl.fd, SHUT_RDWR);
-    for (int i = 0; i < NB_MAX_CHANNELS; i++)
-        if (m->data[i].fd >= 0)
-            shutdown(m->data[i].fd, SHUT_RDWR);
+    nb_shutdown_data(m);
     if (m->listen_fd >= 0)
         shutdown(m->listen_fd, SHUT_RDWR);
 }

@@ -161,6 +161,7 @@ void nb_set_phase(struct nb_mig *m, int phase);
 void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes);
+void nb_shutdown_data(struct nb_mig *m);
 int nb_page_addr(const struct nb_mig *m, uint64_t index, uint64_t *pfn, uint64_t *off);
 int nb_pfn_to_offset(const struct nb_mig *m, uint64_t pfn, uint64_t *off, uint64_t *index);
 uint64_t nb_memory_digest(struct nb_mig *m, int full);

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <zstd.h>
 
@@ -206,6 +207,8 @@ static void *sender_main(void *arg)
             nb_fail(s->m, atomic_load(&s->m->cancel_req) ? NB_RESULT_CANCELLED
                                                           : NB_RESULT_FAILED,
                     "%s", err);
+            /* the other senders must not wait on a half-dead link */
+            nb_shutdown_data(s->m);
             pthread_mutex_lock(&src->lock);
         }
         src->finished++;
@@ -213,6 +216,36 @@ static void *sender_main(void *arg)
         pthread_mutex_unlock(&src->lock);
     }
     return NULL;
+}
+
+/*
+ * The destination says nothing on the control channel while rounds run:
+ * anything readable there (a REFUSE, an ABORT, or the connection closing)
+ * means it has given up.  Fail at once and break the page links, so that
+ * no sender stays blocked on a socket nobody reads.  Called unlocked.
+ */
+static void check_peer(struct source *src)
+{
+    struct nb_mig *m = src->m;
+    struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
+    struct nb_frame f;
+    char err[NB_ERRLEN];
+
+    if (m->ctl.fd < 0 || poll(&p, 1, 0) <= 0)
+        return;
+    if (nb_recv_frame(&m->ctl, &f, 4096, err) == 0)
+        snprintf(err, NB_ERRLEN, "destination %s during the copy: %.*s",
+                 f.type == NB_MSG_REFUSE ? "refused" :
+                 f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
+                 (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
+    else
+        snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
+                 " (the destination ended the session during the copy)");
+    pthread_mutex_lock(&src->lock);
+    src->failed = 1;
+    pthread_mutex_unlock(&src->lock);
+    nb_fail(m, NB_RESULT_FAILED, "%s", err);
+    nb_shutdown_data(m);
 }
 
 /* Run one round on all senders and wait for them. */
@@ -228,8 +261,21 @@ static int do_round(struct source *src, uint32_t round, uint64_t dirty)
     src->finished = 0;
     src->generation++;
     pthread_cond_broadcast(&src->cond);
-    while (src->finished < src->nsnd)
-        pthread_cond_wait(&src->cond, &src->lock);
+    while (src->finished < src->nsnd) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 100 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        if (pthread_cond_timedwait(&src->cond, &src->lock, &until) != ETIMEDOUT ||
+            src->failed)
+            continue;
+        pthread_mutex_unlock(&src->lock);
+        check_peer(src);
+        pthread_mutex_lock(&src->lock);
+    }
     failed = src->failed;
     pthread_mutex_unlock(&src->lock);
 
@@ -683,6 +729,8 @@ out:
         m->st.total_ms = nb_now_ms() - m->t0;
         pthread_mutex_unlock(&m->lock);
     }
+    if (rc != 0)
+        nb_shutdown_data(m);
     stop_senders(&src);
     free(src.bitmap);
     pthread_mutex_lock(&m->lock);
