@@ -106,10 +106,8 @@ def percent_done(total, remaining):
 def summary(stats, throttle_peak=0):
     """Return the one-line account of a finished migration.
 
-    The engine measures the downtime from the pause to the destination's
-    RUNNING message, minus half the round trip it timed at the handshake;
-    on a loaded host that round trip can exceed the pause, so the value is
-    shown as 0, not negative.
+    The downtime is the engine's measure: from pausing the guest on the
+    source until the destination reports it running (never shown below 0).
     """
     return (f"mode={stats.mode.name.lower()} "
             f"downtime={max(0.0, stats.downtime_ms):.1f}ms "

@@ -1,0 +1,657 @@
+"""Live and cold migration and evacuation through Nova, with real guests.
+
+Nova's API, conductor, scheduler, Placement and two compute services
+(``host1``, ``host2``) running ``bhyve.BhyveDriver`` on the KVM test host,
+in one process; each compute has its own instances directory and node
+UUID, and migrations connect over 127.0.0.1.  As ``nova_driver_scenarios``
+this runs in a fresh interpreter per concurrency mode::
+
+    cd tests/functional
+    NOVA_BHYVE_CONCURRENCY=threading python nova_migration_scenarios.py
+    NOVA_BHYVE_CONCURRENCY=eventlet python nova_migration_scenarios.py \\
+        LiveMigrationTest.test_live_migrate_to_a_named_host
+
+The last line of standard output is ``NOVA-BHYVE-RESULTS`` and a JSON
+object of test name to outcome; lines starting ``NOVA-BHYVE-FIGURES`` give
+the measured figures of each completed live migration.
+"""
+
+import os
+import sys
+
+MODE = os.environ.get("NOVA_BHYVE_CONCURRENCY", "threading")
+if MODE not in ("threading", "eventlet"):
+    sys.exit(f"NOVA_BHYVE_CONCURRENCY={MODE!r}: use threading or eventlet")
+os.environ["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = (
+    "1" if MODE == "threading" else "0")
+
+from nova.tests.functional import integrated_helpers  # noqa: E402
+
+# isort: split
+
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+import unittest  # noqa: E402
+import uuid as uuidlib  # noqa: E402
+import warnings  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import fixtures  # noqa: E402
+from sqlalchemy import exc as sqla_exc  # noqa: E402
+
+import nova_bhyve.driver  # noqa: E402
+import nova_bhyve.migration.data  # noqa: E402
+import nova_bhyve.migration.diskcopy  # noqa: E402
+from nova import context as nova_context  # noqa: E402
+from nova import objects, utils  # noqa: E402
+from nova_bhyve.machine.base import MachineState  # noqa: E402
+from nova_bhyve.native.engine import MigrationError  # noqa: E402
+from nova_bhyve.testhost.console import parse_console  # noqa: E402
+
+try:
+    import nova.virt.bhyve  # noqa: F401
+except ImportError:
+    sys.modules["nova.virt.bhyve"] = types.SimpleNamespace(
+        BhyveDriver=nova_bhyve.driver.BhyveDriver)
+
+IMAGE_DATA = bytes(range(256)) * 256            # 64 KiB, a raw "disk"
+IMAGES = {
+    "idle": ("0c2e8f5a-1d3b-4c6e-9f0a-2b4c6d8e0f1a", "mode=idle"),
+    # rewrites one byte of each of 1024 pages, ~16 times a second (on
+    # this nested KVM); delta encoding makes that cheap to send
+    "stress": ("1d3f9a6b-2e4c-4d7f-8a1b-3c5d7e9f1a2b",
+               "mode=stress pattern=touch ws=4M"),
+}
+NODE_NS = uuidlib.UUID("6f1c3b2a-9d8e-4f70-a1b2-c3d4e5f60718")
+SWITCHOVER = re.compile(r"bhyve_switchover mode=(\w+) downtime=([\d.]+)ms "
+                        r"total=(\d+)ms bytes=(\d+) rounds=(\d+) "
+                        r"throttle=(\d+)%")
+
+
+class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
+    """Two bhyve computes and helpers to watch guests move between them."""
+
+    compute_driver = "bhyve.BhyveDriver"
+
+    def setUp(self):
+        self.base = tempfile.mkdtemp(prefix="nbm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        os.makedirs(os.path.join(self.base, "saved"))
+        paste = os.path.join(sys.prefix, "etc", "nova", "api-paste.ini")
+        if os.path.exists(paste):
+            self.flags(api_paste_config=paste, group="wsgi")
+        self.flags(state_poll_interval=0.5,
+                   live_migration_inbound_addr="127.0.0.1",
+                   live_migration_monitor_interval=0.5,
+                   live_migration_downtime=300,
+                   live_migration_downtime_steps=3,
+                   group="bhyve")
+        super().setUp()
+        # nova 34 still calls noload(), which SQLAlchemy 2.1 deprecates;
+        # nova's WarningsFixture would turn that warning into an error
+        warnings.filterwarnings("ignore", message=r"The noload\(\) option",
+                                category=sqla_exc.SADeprecationWarning)
+        self.assertEqual(MODE == "threading", utils.concurrency_mode_threading())
+        # every log record at every level, and every secret derived
+        self.records = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = self.records.append
+        logging.getLogger().addHandler(handler)
+        self.addCleanup(logging.getLogger().removeHandler, handler)
+        self.secrets = []
+        real_derive = nova_bhyve.migration.data.derive
+
+        def derive(*args):
+            secrets = real_derive(*args)
+            self.secrets.append(secrets)
+            return secrets
+        self.useFixture(fixtures.MockPatch(
+            "nova_bhyve.migration.data.derive", side_effect=derive))
+        # ...and every disk-copy secret (cold migration: a random token)
+        self.disk_secrets = []
+        real_listener = nova_bhyve.migration.diskcopy.DiskListener
+
+        def listener(path, secret, *args, **kwargs):
+            self.disk_secrets.append(secret)
+            return real_listener(path, secret, *args, **kwargs)
+        self.useFixture(fixtures.MockPatch(
+            "nova_bhyve.migration.diskcopy.DiskListener",
+            side_effect=listener))
+        self.drivers = {}
+        for host in ("host1", "host2"):
+            self._start_bhyve_compute(host)
+        self.addCleanup(self._kill_leftovers)
+        self.flavor_id = self._create_flavor(memory_mb=128, vcpu=1, disk=0,
+                                             ephemeral=0)
+        for image_id, cmdline in IMAGES.values():
+            self.glance.create(None, {
+                "id": image_id, "name": cmdline, "status": "active",
+                "disk_format": "raw", "container_format": "bare",
+                "min_ram": 0, "min_disk": 0, "size": len(IMAGE_DATA),
+                "properties": {"bhyve_testhost_cmdline": cmdline},
+            }, data=io.BytesIO(IMAGE_DATA))
+
+    def _start_bhyve_compute(self, host):
+        """Start ``host`` with its own instances directory and node UUID."""
+        self.flags(instances_path=os.path.join(self.base, host))
+        node = str(uuidlib.uuid5(NODE_NS, host))
+        with mock.patch("nova.virt.node.get_local_node_uuid",
+                        return_value=node):
+            compute = self._start_compute(host)
+        drv = compute.driver
+        self.drivers[host] = drv
+        real_delete = drv.backend.delete_files
+
+        def delete_files(uuid, destroy_disks=True, _drv=drv, _host=host):
+            # keep the console of a guest that leaves a host, for the checks
+            log = _drv.backend.console_log_path(uuid)
+            if os.path.exists(log):
+                shutil.copy(log, self._saved(_host, uuid))
+            return real_delete(uuid, destroy_disks)
+
+        drv.backend.delete_files = delete_files
+        return compute
+
+    def _saved(self, host, uuid):
+        return os.path.join(self.base, "saved", f"{host}-{uuid}.log")
+
+    def _gone(self, host, server):
+        """True once ``host`` has no guest and no files for ``server``."""
+        backend = self.drivers[host].backend
+        return server["id"] not in backend.list_machines() and not \
+            os.path.exists(os.path.join(backend.instances_path, server["id"]))
+
+    def _assert_no_secret_logged(self, derived=2, disk=1):
+        """No secret of this test's migrations is in any log record."""
+        text = "\n".join(r.getMessage() for r in self.records)
+        self.assertEqual(derived, len(self.secrets))  # one per side
+        self.assertEqual(disk, len(self.disk_secrets))
+        values = [s for pair in self.secrets for s in (pair.memory, pair.disk)]
+        for value in values + self.disk_secrets:
+            for form in (value.hex(), base64.b64encode(value).decode(),
+                         repr(value)[2:-1]):
+                self.assertNotIn(form, text)
+
+    def _kill_leftovers(self):
+        # a failed test may leave a migration running: end it while the
+        # services still answer, or stopping them waits for it
+        for drv in self.drivers.values():
+            for out in list(drv._outgoing.values()):
+                out.abort = True
+                if out.mig is not None:
+                    try:
+                        out.mig.handle.cancel()
+                    except MigrationError:
+                        pass
+        self._wait(lambda: not any(d._outgoing for d in self.drivers.values()),
+                   "running migrations to end", timeout=60)
+        for drv in self.drivers.values():
+            for uuid in drv.backend.list_machines():
+                drv.backend.destroy(uuid)
+
+    # -- guests ---------------------------------------------------------------
+    def _boot(self, host="host1", image="stress"):
+        server = self._create_server(image_uuid=IMAGES[image][0],
+                                     flavor_id=self.flavor_id,
+                                     networks="none", host=host)
+        self.assertEqual(host, server["OS-EXT-SRV-ATTR:host"])
+        self._wait_passes(host, server, 1)
+        return server
+
+    def _log(self, host, server):
+        path = self.drivers[host].backend.console_log_path(server["id"])
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("ascii", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def _wait(self, predicate, what, timeout=60.0, interval=0.05):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                self.fail(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(interval)
+
+    def _wait_passes(self, host, server, passes):
+        def ok():
+            r = parse_console(self._log(host, server))
+            return r.heartbeats and r.heartbeats[-1].passes >= passes
+        self._wait(ok, f"{passes} working-set pass(es) on {host}")
+
+    def _assert_guest_alive(self, host, server, beats=200):
+        """Heartbeats continue on ``host`` with the self-check intact."""
+        now = parse_console(self._log(host, server)).last_seq
+        self._wait(lambda: parse_console(self._log(host, server)).last_seq
+                   > now + beats, f"heartbeats on {host}")
+        report = parse_console(self._log(host, server))
+        self.assertEqual(0, report.errors, report.fails)
+        self.assertEqual([], report.fails)
+        return report
+
+    def _assert_moved(self, server, src, dst):
+        """The guest left ``src`` for good and continues on ``dst``."""
+        uuid = server["id"]
+        self.assertEqual(dst, server["OS-EXT-SRV-ATTR:host"])
+        self.assertEqual("ACTIVE", server["status"])
+        self.assertNotIn(uuid, self.drivers[src].backend.list_machines())
+        self.assertFalse(os.path.exists(
+            os.path.join(self.drivers[src].backend.instances_path, uuid)))
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers[dst].backend.state(uuid))
+        report = self._assert_guest_alive(dst, server)
+        self.assertEqual({}, report.banner, "the guest booted anew")
+        with open(self._saved(src, uuid)) as f:
+            before = parse_console(f.read())
+        combined = parse_console(f"{open(self._saved(src, uuid)).read()}"
+                                 f"{self._log(dst, server)}")
+        self.assertEqual([], combined.sequence_breaks())
+        self.assertGreater(report.heartbeats[0].seq, before.last_seq - 1)
+        self.assertGreaterEqual(report.heartbeats[0].passes,
+                                before.heartbeats[-1].passes)
+        self.assertEqual(0, combined.errors, combined.fails)
+
+    def _assert_stayed(self, server, src="host1", dst="host2"):
+        """The server is ACTIVE on ``src``; ``dst`` kept nothing of it."""
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": src,
+                     "OS-EXT-STS:task_state": None}, max_retries=60)
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers[src].backend.state(server["id"]))
+        self._wait(lambda: not os.path.exists(os.path.join(
+            self.drivers[dst].backend.instances_path, server["id"])),
+            f"{dst} to remove the incoming guest", timeout=30)
+        report = self._assert_guest_alive(src, server)
+        self.assertEqual([], report.sequence_breaks())
+        return server
+
+    # -- migrations -----------------------------------------------------------
+    def _start_live_migration(self, server, host="host2"):
+        self.api.post_server_action(
+            server["id"],
+            {"os-migrateLive": {"host": host, "block_migration": "auto"}})
+        return self._wait(lambda: self._active_migration(server),
+                          "the migration to run", timeout=30, interval=0.02)
+
+    def _active_migration(self, server, with_memory=False):
+        for mig in self.api.get_active_migrations(server["id"]):
+            if mig["status"] == "running" and (not with_memory or (
+                    mig["memory_total_bytes"] and
+                    mig["memory_processed_bytes"])):
+                return mig
+        return None
+
+    def _migration(self, server):
+        migs = [m for m in self.api.get_migrations()
+                if m["instance_uuid"] == server["id"]]
+        return max(migs, key=lambda m: m["id"]) if migs else None
+
+    def _wait_migration(self, server, status, timeout=90.0):
+        def ok():
+            mig = self._migration(server)
+            if mig is None:
+                return None
+            if mig["status"] in ("error",) and status != "error":
+                self.fail(f"migration went to error: {mig}")
+            return mig if mig["status"] == status else None
+        return self._wait(ok, f"migration status {status}", timeout=timeout,
+                          interval=0.1)
+
+    def _events(self, server, action):
+        for act in self.api.get_instance_actions(server["id"]):
+            if act["action"] == action:
+                return self.api.get_instance_action_details(
+                    server["id"], act["request_id"])["events"]
+        return []
+
+    def _event(self, server, action, prefix):
+        def find():
+            for ev in self._events(server, action):
+                if ev["event"].startswith(prefix) and ev["result"]:
+                    return ev
+            return None
+        return self._wait(find, f"instance action event {prefix}",
+                          timeout=30, interval=0.1)
+
+    def _figures(self, server, label):
+        """Return and print the switch-over figures of the last migration."""
+        ev = self._event(server, "live-migration", "bhyve_switchover")
+        m = SWITCHOVER.match(ev["event"])
+        self.assertIsNotNone(m, ev["event"])
+        figs = dict(zip(("mode", "downtime_ms", "total_ms", "bytes", "rounds",
+                         "throttle"), m.groups()))
+        figs = {k: v if k == "mode" else float(v) if k == "downtime_ms"
+                else int(v) for k, v in figs.items()}
+        print("NOVA-BHYVE-FIGURES " + json.dumps(dict(figs, test=label,
+                                                      concurrency=MODE)),
+              flush=True)
+        self.assertGreater(figs["bytes"], 0)
+        self.assertLess(figs["downtime_ms"], figs["total_ms"])
+        return figs
+
+    def _server(self, server):
+        return self.api.get_server(server["id"])
+
+    def _wait_done(self, server, host):
+        self._wait_migration(server, "completed")
+        return self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": host,
+                     "OS-EXT-STS:task_state": None}, max_retries=60)
+
+
+class LiveMigrationTest(MigrationTestBase):
+    """os-migrateLive end to end."""
+
+    def test_live_migrate_to_a_named_host(self):
+        server = self._boot()
+        # a slow link, so that the migration is seen running
+        self.flags(live_migration_bandwidth=2, group="bhyve")
+        self._start_live_migration(server)
+        mig = self._wait(lambda: self._active_migration(server, True),
+                         "memory totals while the migration runs", timeout=30,
+                         interval=0.05)
+        self.assertEqual(128 << 20, mig["memory_total_bytes"])
+        self.assertGreater(mig["memory_processed_bytes"], 0)
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        figs = self._figures(server, "named host, 2 MiB/s link")
+        self.assertEqual("live", figs["mode"])
+        ev = self._event(server, "live-migration", "bhyve_live_migration_")
+        self.assertEqual("bhyve_live_migration_live", ev["event"])
+        self.assertEqual("Success", ev["result"])
+        disk = self._event(server, "live-migration", "bhyve_disk_copy")
+        self.assertIn(f"bytes={len(IMAGE_DATA)}", disk["event"])
+        with open(self.drivers["host2"].backend.disk_path(server["id"]),
+                  "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read())
+        self.assertEqual(0, self._server(server)["progress"])
+        text = "\n".join(r.getMessage() for r in self.records)
+        self.assertIn("pre_live_migration data is", text)   # nova's DEBUG
+        self.assertIn("nbmig-dst_key=", text)   # ...shows public keys only
+        self._assert_no_secret_logged()
+
+
+    def test_live_migrate_to_a_scheduler_chosen_host_and_back(self):
+        server = self._boot(image="idle")
+        self.api.post_server_action(
+            server["id"], {"os-migrateLive": {"host": None,
+                                              "block_migration": "auto"}})
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        self._figures(server, "scheduler-chosen host, idle guest")
+        self.api.post_server_action(
+            server["id"], {"os-migrateLive": {"host": None,
+                                              "block_migration": "auto"}})
+        self._wait(lambda: self._server(server)["OS-EXT-SRV-ATTR:host"]
+                   == "host1" and self._migration(server)["status"]
+                   == "completed", "the way back", timeout=90)
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers["host1"].backend.state(server["id"]))
+        self._assert_guest_alive("host1", server)
+
+    def test_abort_keeps_the_guest_on_the_source(self):
+        server = self._boot()
+        self.flags(live_migration_bandwidth=2, group="bhyve")
+        mig = self._start_live_migration(server)
+        self._wait(lambda: self._active_migration(server, True),
+                   "memory totals", timeout=30)
+        self.assertIn(server["id"], self.drivers["host2"].backend.list_machines())
+        self.api.delete_migration(server["id"], mig["id"])
+        self._wait_migration(server, "cancelled")
+        self._assert_stayed(server)
+        ev = self._event(server, "live-migration", "bhyve_live_migration_live")
+        self.assertEqual("Error", ev["result"])
+        self.assertIn("cancelled", ev["details"])
+
+    def test_destination_vm_killed_mid_migration(self):
+        server = self._boot()
+        self.flags(live_migration_bandwidth=2, group="bhyve")
+        self._start_live_migration(server)
+        self._wait(lambda: self._active_migration(server, True),
+                   "memory totals", timeout=30)
+        dst = self.drivers["host2"].backend
+        pid = self._wait(lambda: dst._child_pid(server["id"]),
+                         "the incoming VM's pid")
+        os.kill(pid, signal.SIGKILL)
+        mig = self._wait_migration(server, "failed")
+        self.assertEqual("host2", mig["dest_compute"])
+        self._assert_stayed(server)
+        ev = self._event(server, "live-migration", "bhyve_live_migration_live")
+        self.assertEqual("Error", ev["result"])
+
+    def test_warm_mode_without_a_dirty_log(self):
+        self.flags(live_migration_dirty_log="no", group="bhyve")
+        server = self._boot()
+        self.api.post_server_action(
+            server["id"], {"os-migrateLive": {"host": "host2",
+                                              "block_migration": "auto"}})
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        figs = self._figures(server, "warm mode")
+        self.assertEqual("warm", figs["mode"])
+        self.assertEqual(1, figs["rounds"])
+        self._event(server, "live-migration", "bhyve_live_migration_warm")
+
+    def test_refused_without_a_dirty_log_when_configured(self):
+        self.flags(live_migration_dirty_log="no",
+                   live_migration_without_dirty_log="refuse", group="bhyve")
+        server = self._boot(image="idle")
+        self.api.post_server_action(
+            server["id"], {"os-migrateLive": {"host": "host2",
+                                              "block_migration": "auto"}})
+        self._wait_migration(server, "error")
+        self._assert_stayed(server)
+
+
+class HotGuestTest(MigrationTestBase):
+    """A guest dirtying memory faster than the link: policy decides."""
+
+    def setUp(self):
+        super().setUp()
+        # without delta encoding every rewritten page costs 4 KiB: the
+        # stress guest dirties ~16k pages/s, the 4 MiB/s link copies 1024;
+        # all 4 MiB are dirty again after each ~1 s round, so the switch-
+        # over would take ~1 s against 100 ms allowed.  The margin (the
+        # guest could run 16 times slower) keeps this true on a busy host.
+        self.flags(live_migration_bandwidth=4, live_migration_delta_cache=0,
+                   group="bhyve")
+
+    def _assert_not_converging(self, server):
+        uuid = server["id"]
+        drv = self.drivers["host1"]
+        self._wait(lambda: drv._outgoing.get(uuid) and
+                   drv._outgoing[uuid].mig and
+                   drv._outgoing[uuid].mig.handle.stats().round >= 4,
+                   "four pre-copy rounds", timeout=60)
+        stats = drv._outgoing[uuid].mig.handle.stats()
+        self.assertGreater(stats.expected_downtime_ms,
+                           stats.max_downtime_ms * 2)
+        self.assertEqual("running", self._migration(server)["status"])
+        return stats
+
+    def test_force_complete_finishes_what_cannot_converge(self):
+        server = self._boot()
+        mig = self._start_live_migration(server)
+        self._assert_not_converging(server)
+        self.api.force_complete_migration(server["id"], mig["id"])
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        figs = self._figures(server, "hot guest, force-complete")
+        self.assertEqual(0, figs["throttle"])
+
+    def test_auto_converge_finishes_it(self):
+        self.flags(live_migration_permit_auto_converge=True, group="bhyve")
+        server = self._boot()
+        self._start_live_migration(server)
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        figs = self._figures(server, "hot guest, auto-converge")
+        self.assertGreaterEqual(figs["throttle"], 20)
+        self.assertGreaterEqual(figs["rounds"], 3)
+
+    def test_completion_timeout_aborts(self):
+        # 1 s per GiB: 128 MiB of RAM and the disk each count as 2 GiB
+        self.flags(live_migration_completion_timeout=1, group="bhyve")
+        server = self._boot()
+        self._start_live_migration(server)
+        self._wait_migration(server, "failed")
+        self._assert_stayed(server)
+        ev = self._event(server, "live-migration", "bhyve_live_migration_live")
+        self.assertEqual("Error", ev["result"])
+        self.assertIn("completion timeout", ev["details"])
+
+    def test_completion_timeout_forces_completion(self):
+        self.flags(live_migration_completion_timeout=1,
+                   live_migration_timeout_action="force_complete",
+                   group="bhyve")
+        server = self._boot()
+        self._start_live_migration(server)
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        self._figures(server, "hot guest, timeout force-complete")
+        self.assertIn("Live migration not completed after 4 s ([bhyve] "
+                      "live_migration_completion_timeout); forcing completion",
+                      [r.getMessage() for r in self.records])
+
+
+class ColdMigrationTest(MigrationTestBase):
+    """Cold migration, resize, revert and evacuation."""
+
+    def _assert_fresh_boot_on(self, host, server, disk_size=None):
+        self._wait_passes(host, server, 1)
+        report = parse_console(self._log(host, server))
+        self.assertEqual("stress", report.banner.get("mode"))
+        path = self.drivers[host].backend.disk_path(server["id"])
+        self.assertEqual(disk_size or len(IMAGE_DATA), os.path.getsize(path))
+        with open(path, "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read(len(IMAGE_DATA)))
+
+    def test_cold_migrate_and_confirm(self):
+        server = self._boot()
+        server = self._migrate_server(server, host="host2")
+        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
+        self._assert_fresh_boot_on("host2", server)
+        # the source keeps its stopped guest until the confirmation
+        self.assertEqual(MachineState.SHUTDOWN,
+                         self.drivers["host1"].backend.state(server["id"]))
+        self._event(server, "migrate", "bhyve_disk_copy")
+        server = self._confirm_resize(server)
+        self._wait(lambda: self._gone("host1", server),
+                   "the source to drop the old guest", timeout=30)
+        self._assert_no_secret_logged(derived=0, disk=1)
+
+    def test_cold_migrate_and_revert(self):
+        server = self._boot()
+        server = self._migrate_server(server, host="host2")
+        self._assert_fresh_boot_on("host2", server)
+        self.api.post_server_action(server["id"], {"revertResize": None})
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1"},
+            max_retries=60)
+        self._wait_migration(server, "reverted")
+        self._wait(lambda: self._gone("host2", server),
+                   "host2 to drop its copy", timeout=30)
+        self._wait(lambda: self.drivers["host1"].backend.state(server["id"])
+                   == MachineState.RUNNING, "the guest back on host1")
+        # the same disk, booted again: a second banner in the same log
+        self.assertEqual(2, self._log("host1", server).count("NBGUEST "))
+        self._assert_guest_alive("host1", server)
+
+    def test_resize_and_revert(self):
+        server = self._boot()
+        bigger = self._create_flavor(memory_mb=256, vcpu=2, disk=1,
+                                     ephemeral=0)
+        self.flags(allow_resize_to_same_host=False)
+        self.api.post_server_action(server["id"],
+                                    {"resize": {"flavorRef": bigger}})
+        server = self._wait_for_state_change(server, "VERIFY_RESIZE",
+                                             max_retries=60)
+        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
+        self._assert_fresh_boot_on("host2", server, disk_size=1 << 30)
+        diag = self.drivers["host2"].backend.diagnostics(server["id"])
+        self.assertEqual((2, 256), (diag["vcpus"], diag["memory_mb"]))
+        self.api.post_server_action(server["id"], {"revertResize": None})
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1"},
+            max_retries=60)
+        self._wait(lambda: self._gone("host2", server),
+                   "host2 to drop the resized guest", timeout=30)
+        self._wait(lambda: self.drivers["host1"].backend.state(server["id"])
+                   == MachineState.RUNNING, "the guest back on host1")
+        diag = self.drivers["host1"].backend.diagnostics(server["id"])
+        self.assertEqual((1, 128), (diag["vcpus"], diag["memory_mb"]))
+        self._assert_guest_alive("host1", server)
+
+    def test_evacuate_and_the_old_host_coming_back(self):
+        server = self._boot()
+        compute1 = self.computes["host1"]
+        old_pid = self.drivers["host1"].backend._child_pid(server["id"])
+        compute1.stop()
+        service = self.api.get_services(host="host1",
+                                        binary="nova-compute")[0]
+        self.api.put_service(service["id"], {"forced_down": True})
+        server = self._evacuate_server(server, expected_host="host2",
+                                       expected_state="SHUTOFF")
+        self.assertEqual(MachineState.SHUTDOWN,
+                         self.drivers["host2"].backend.state(server["id"]))
+        server = self._start_server(server)
+        self._assert_fresh_boot_on("host2", server)
+        # the stale guest still runs on host1 until its compute returns
+        self.assertTrue(self.drivers["host1"].backend._running(server["id"]))
+        self._start_bhyve_compute("host1")
+        self.api.put_service(service["id"], {"forced_down": False})
+        self._wait(lambda: self._gone("host1", server),
+                   "host1 to destroy the evacuated guest", timeout=30)
+        with self.assertRaises(ProcessLookupError):
+            os.kill(old_pid, 0)
+        self.assertEqual("completed", self._migration(server)["status"])
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers["host2"].backend.state(server["id"]))
+        # the instance can move on from its new host
+        ctxt = nova_context.get_admin_context()
+        inst = objects.Instance.get_by_uuid(ctxt, server["id"])
+        self.assertEqual("host2", inst.host)
+
+
+def _flatten(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def main(names):
+    """Run the named tests (default: all); print a JSON summary line."""
+    loader = unittest.TestLoader()
+    module = sys.modules[__name__]
+    if names:
+        suite = loader.loadTestsFromNames(names, module)
+    else:
+        suite = unittest.TestSuite(
+            loader.loadTestsFromTestCase(cls)
+            for cls in (LiveMigrationTest, HotGuestTest, ColdMigrationTest))
+    ids = [test.id().rsplit(".", 1)[-1] for test in _flatten(suite)]
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    outcome = dict.fromkeys(ids, "ok")
+    for kind, entries in (("FAIL", result.failures), ("ERROR", result.errors),
+                          ("skipped", result.skipped)):
+        for test, _detail in entries:
+            outcome[test.id().rsplit(".", 1)[-1]] = kind
+    print("NOVA-BHYVE-RESULTS " + json.dumps(outcome), flush=True)
+    return 0 if result.wasSuccessful() and result.testsRun else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""Live and cold migration and evacuation through Nova's control plane.
+
+Runs ``nova_migration_scenarios.py`` in a fresh interpreter per Nova
+concurrency mode (Nova picks its mode once per process): every scenario
+under native threads, Nova 34's default, and the ones that exercise each
+kind of move under eventlet.  The measured figures of each completed live
+migration are printed (``pytest -s`` or ``-rP`` shows them).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import needs_kvm
+
+pytestmark = needs_kvm
+
+SCENARIOS = pathlib.Path(__file__).with_name("nova_migration_scenarios.py")
+LIVE = {
+    "test_live_migrate_to_a_named_host",
+    "test_live_migrate_to_a_scheduler_chosen_host_and_back",
+    "test_abort_keeps_the_guest_on_the_source",
+    "test_destination_vm_killed_mid_migration",
+    "test_warm_mode_without_a_dirty_log",
+    "test_refused_without_a_dirty_log_when_configured",
+}
+HOT = {
+    "test_force_complete_finishes_what_cannot_converge",
+    "test_auto_converge_finishes_it",
+    "test_completion_timeout_aborts",
+    "test_completion_timeout_forces_completion",
+}
+COLD = {
+    "test_cold_migrate_and_confirm",
+    "test_cold_migrate_and_revert",
+    "test_resize_and_revert",
+    "test_evacuate_and_the_old_host_coming_back",
+}
+EVENTLET = [
+    "LiveMigrationTest.test_live_migrate_to_a_named_host",
+    "LiveMigrationTest.test_abort_keeps_the_guest_on_the_source",
+    "HotGuestTest.test_auto_converge_finishes_it",
+    "ColdMigrationTest.test_cold_migrate_and_confirm",
+    "ColdMigrationTest.test_evacuate_and_the_old_host_coming_back",
+]
+
+
+@pytest.mark.parametrize("mode,names", [
+    ("threading", []),
+    ("eventlet", EVENTLET),
+])
+def test_nova_migration_scenarios(mode, names):
+    env = dict(os.environ, NOVA_BHYVE_CONCURRENCY=mode)
+    env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
+    proc = subprocess.run([sys.executable, str(SCENARIOS), *names], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=1200, check=False)
+    lines = proc.stdout.splitlines()
+    summary = [ln for ln in lines if ln.startswith("NOVA-BHYVE-RESULTS ")]
+    assert summary, f"{mode} mode: no results\n{proc.stderr[-20000:]}"
+    for line in lines:
+        if "NOVA-BHYVE-FIGURES " in line:
+            print(line[line.index("NOVA-BHYVE-FIGURES "):])
+    results = json.loads(summary[-1].split(" ", 1)[1])
+    assert proc.returncode == 0, (
+        f"{mode} mode: {results}\n{proc.stderr[-20000:]}")
+    expected = ({n.split(".")[1] for n in names} if names
+                else LIVE | HOT | COLD)
+    assert results == dict.fromkeys(expected, "ok")
