@@ -377,15 +377,18 @@ class LiveMigrationMixin:
             events.finish(context, instance, event, stats.error)
             post_method(context, instance, dest, block_migration, migrate_data)
             return
-        cancelled = out.abort and not out.timed_out
+        # an abort, asked for or by the completion timeout, ends the
+        # migration "cancelled", as the libvirt driver reports it
+        cancelled = out.abort
         if stats is not None:
             error = stats.error or error
         if out.timed_out:
             LOG.debug("Engine error after the timeout abort: %s", error,
                       instance=instance)
-            error = ("not completed within its completion timeout ([bhyve] "
-                     "live_migration_completion_timeout); aborted")
-        reason = "cancelled on request" if cancelled else error
+            reason = ("not completed within its completion timeout ([bhyve] "
+                      "live_migration_completion_timeout); cancelled")
+        else:
+            reason = "cancelled on request" if cancelled else error
         LOG.warning("Live migration to %s %s: %s; the guest keeps running "
                     "here", dest, "cancelled" if cancelled else "failed",
                     reason, instance=instance)

@@ -505,7 +505,7 @@ class HotGuestTest(MigrationTestBase):
         self.flags(live_migration_completion_timeout=1, group="bhyve")
         server = self._boot()
         self._start_live_migration(server)
-        self._wait_migration(server, "failed")
+        self._wait_migration(server, "cancelled")
         self._assert_stayed(server)
         ev = self._event(server, "live-migration", "bhyve_live_migration_live")
         self.assertEqual("Error", ev["result"])

@@ -236,12 +236,12 @@ def test_force_complete(env):
     env.post.assert_called_once()
 
 
-def test_completion_timeout_abort_marks_failed(env, monkeypatch):
+def test_completion_timeout_abort_marks_cancelled(env, monkeypatch):
     monkeypatch.setattr(live.policy, "completion_timeout", lambda c, g: 0.05)
     _migrate(env)
     assert ("cancel",) in env.send.calls
     env.recover.assert_called_once_with(mock.sentinel.ctx, env.inst, "dst",
-                                        env.data)
+                                        env.data, migration_status="cancelled")
     assert "completion timeout" in env.events.finish.call_args.args[3]
 
 
