@@ -26,7 +26,22 @@ struct receiver {
     struct nb_chan *ch;
     ZSTD_DCtx *zctx;
     pthread_t thread;
+    /* a run of RAW pages at consecutive offsets, written in one call
+     * (vmm write_pages); they point into the frame being applied */
+    const uint8_t *run[NB_WRITE_BATCH];
+    int nrun;
+    uint64_t run_off;
 };
+
+/* Write the pending run of RAW pages, if any. */
+static int flush_run(struct receiver *r, char *err)
+{
+    int n = r->nrun;
+    r->nrun = 0;
+    if (!n)
+        return 0;
+    return r->m->vmm.ops->write_pages(&r->m->vmm, r->run_off, r->run, n, err);
+}
 
 struct dest {
     struct nb_mig *m;
@@ -66,6 +81,8 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
     }
     page = m->vmm.mem + off;
     rec += NB_REC_HDR;
+    if (enc != NB_ENC_RAW && flush_run(r, err) < 0)
+        return -1;
     switch (enc) {
     case NB_ENC_ZERO:
         if (len != 0)
@@ -75,6 +92,17 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
     case NB_ENC_RAW:
         if (len != NB_PAGE)
             goto bad;
+        if (m->vmm.ops->write_pages) {
+            if (r->nrun && (r->nrun == NB_WRITE_BATCH ||
+                            off != r->run_off + (uint64_t)r->nrun * NB_PAGE) &&
+                flush_run(r, err) < 0)
+                return -1;
+            if (!r->nrun)
+                r->run_off = off;
+            r->run[r->nrun++] = rec;
+            page = (uint8_t *)rec;      /* hashed below, from the frame */
+            break;
+        }
         memcpy(page, rec, NB_PAGE);
         break;
     case NB_ENC_DELTA:
@@ -118,15 +146,20 @@ static int apply_pages(struct receiver *r, const struct nb_frame *f,
     n = nb_get32(f->payload + 4);
     for (uint32_t i = 0; i < n; i++) {
         size_t used;
-        if (apply_record(r, f->payload + pos, f->len - pos, &used, err) < 0)
+        if (apply_record(r, f->payload + pos, f->len - pos, &used, err) < 0) {
+            r->nrun = 0;
             return -1;
+        }
         pos += used;
     }
     if (pos != f->len) {
         snprintf(err, NB_ERRLEN, "channel %u: %zu stray bytes after %u page records",
                  f->channel, (size_t)f->len - pos, n);
+        r->nrun = 0;
         return -1;
     }
+    if (flush_run(r, err) < 0)   /* the frame's buffer is reused next */
+        return -1;
     atomic_fetch_add(&r->m->pages_raw, n);
     return 0;
 }

@@ -231,7 +231,8 @@ static void check_peer(struct source *src)
     struct nb_frame f;
     char err[NB_ERRLEN];
 
-    if (m->ctl.fd < 0 || poll(&p, 1, 0) <= 0)
+    /* a cancel shuts our own sockets down: that is not the peer talking */
+    if (m->ctl.fd < 0 || atomic_load(&m->cancel_req) || poll(&p, 1, 0) <= 0)
         return;
     if (nb_recv_frame(&m->ctl, &f, 4096, err) == 0)
         snprintf(err, NB_ERRLEN, "destination %s during the copy: %.*s",

@@ -19,6 +19,7 @@
 #define NB_ERRLEN 256
 #define NB_PAGE 4096u
 #define NB_MAX_SEGS 2
+#define NB_WRITE_BATCH 64   /* pages per write_pages call, at most */
 
 struct nb_seg {
     uint64_t gpa;       /* guest-physical start */
@@ -64,6 +65,13 @@ struct nb_vmm_ops {
     int (*save_state)(struct nb_vmm *, uint8_t **blob, size_t *len, char *err);
     int (*load_state)(struct nb_vmm *, const uint8_t *blob, size_t len, char *err);
     void (*close)(struct nb_vmm *);
+    /* Optional (NULL: the destination copies into the mapping).  Write
+     * whole pages at `offset` of the memory file from `n` buffers of
+     * NB_PAGE bytes.  A file write fills a page the kernel has not yet
+     * allocated without zeroing it first, which a store through the
+     * mapping cannot avoid. */
+    int (*write_pages)(struct nb_vmm *, uint64_t offset,
+                       const uint8_t *const *pages, int n, char *err);
 };
 
 struct nb_vmm {
@@ -84,6 +92,8 @@ int nb_vmm_open_ckpt(struct nb_vmm *, const char *base, int create,
 /* Host-side CPUID facts for the guest spec (x86). */
 void nb_spec_fill_cpu(struct nb_guest_spec *spec);
 /* next_data for a memory file: SEEK_DATA / SEEK_HOLE. */
+int nb_file_write_pages(int fd, uint64_t offset, const uint8_t *const *pages,
+                        int n, char *err);
 int nb_file_next_data(int fd, uint64_t size, uint64_t off, uint64_t *doff,
                       uint64_t *dend);
 

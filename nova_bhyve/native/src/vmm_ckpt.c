@@ -240,6 +240,17 @@ static void ck_close(struct nb_vmm *v)
     v->priv = NULL;
 }
 
+static int ck_write_pages(struct nb_vmm *v, uint64_t off,
+                          const uint8_t *const *pages, int n, char *err)
+{
+    struct ck *c = v->priv;
+    if (!c->create) {
+        snprintf(err, NB_ERRLEN, "checkpoint %s is read-only", c->base);
+        return -1;
+    }
+    return nb_file_write_pages(c->ramfd, off, pages, n, err);
+}
+
 static const struct nb_vmm_ops ckpt_ops = {
     .kind = "ckpt",
     .map_memory = ck_map,
@@ -252,6 +263,7 @@ static const struct nb_vmm_ops ckpt_ops = {
     .save_state = ck_save,
     .load_state = ck_load,
     .close = ck_close,
+    .write_pages = ck_write_pages,
 };
 
 static int open_existing(struct nb_vmm *v, struct ck *c, char *err)

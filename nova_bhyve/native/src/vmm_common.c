@@ -1,11 +1,13 @@
 /*
  * Helpers shared by the vmm ports: the guest-visible CPU facts of this
- * host (for the compatibility preamble) and hole-skipping over a memory
- * file.
+ * host (for the compatibility preamble), hole-skipping over a memory file
+ * and whole-page writes into one.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 #if defined(__x86_64__)
@@ -61,6 +63,39 @@ void nb_spec_fill_cpu(struct nb_guest_spec *s)
 #else
     snprintf(s->cpu_vendor, sizeof(s->cpu_vendor), "unknown");
 #endif
+}
+
+/* pwritev `n` whole pages to `fd` at `offset`, retrying short writes. */
+int nb_file_write_pages(int fd, uint64_t offset, const uint8_t *const *pages,
+                        int n, char *err)
+{
+    struct iovec iov[NB_WRITE_BATCH];
+    size_t want = (size_t)n * NB_PAGE, done = 0;
+
+    if (n < 1 || n > NB_WRITE_BATCH) {
+        snprintf(err, NB_ERRLEN, "page batch of %d out of range", n);
+        return -1;
+    }
+    while (done < want) {
+        int first = (int)(done / NB_PAGE), k = 0;
+        size_t skip = done % NB_PAGE;
+        ssize_t w;
+        for (int i = first; i < n; i++, k++) {
+            iov[k].iov_base = (void *)(pages[i] + (i == first ? skip : 0));
+            iov[k].iov_len = NB_PAGE - (i == first ? skip : 0);
+        }
+        w = pwritev(fd, iov, k, (off_t)(offset + done));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            snprintf(err, NB_ERRLEN, "writing guest memory at 0x%llx: %s",
+                     (unsigned long long)(offset + done),
+                     w < 0 ? strerror(errno) : "no progress");
+            return -1;
+        }
+        done += (size_t)w;
+    }
+    return 0;
 }
 
 /* Next data extent at or after `off` in a sparse file of `size` bytes;

@@ -133,8 +133,18 @@ static int th_map(struct nb_vmm *v, uint8_t **base, char *err)
         snprintf(err, NB_ERRLEN, "mapping guest memory: %s", strerror(errno));
         return -1;
     }
+    /* as the test host does: huge pages where the host allows them for
+     * shared memory (shmem_enabled "advise"); a hint, so errors don't matter */
+    madvise(p, v->layout.total, MADV_HUGEPAGE);
     *base = p;
     return 0;
+}
+
+static int th_write_pages(struct nb_vmm *v, uint64_t off,
+                          const uint8_t *const *pages, int n, char *err)
+{
+    struct th *t = v->priv;
+    return nb_file_write_pages(t->memfd, off, pages, n, err);
 }
 
 static int th_next_data(struct nb_vmm *v, uint64_t off, uint64_t *doff, uint64_t *dend)
@@ -306,6 +316,7 @@ static const struct nb_vmm_ops testhost_ops = {
     .save_state = th_save,
     .load_state = th_load,
     .close = th_close,
+    .write_pages = th_write_pages,
 };
 
 /* Connect to a test-host VM's control socket and learn its shape. */
