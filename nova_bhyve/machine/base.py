@@ -156,13 +156,14 @@ class Backend(abc.ABC):
     # -- migration (nova_bhyve.migration) ----------------------------------
     #: the backend implements the migration methods below
     can_migrate = False
+    #: why it cannot, for the operator (when can_migrate is False)
+    migration_blocker = "this machine layer does not implement guest migration"
     #: the vmm tracks the pages a running guest writes (live pre-copy)
     has_dirty_log = False
 
     def _no_migration(self, what):
         return MachineError(
-            f"{type(self).__name__} cannot {what}: guest migration is "
-            "implemented for the KVM test host backend only")
+            f"{type(self).__name__} cannot {what}: {self.migration_blocker}")
 
     def migration_vmm(self, uuid):
         """Return (vmm kind name, target) by which the engine reaches the guest."""

@@ -81,7 +81,7 @@ class ColdMigrationMixin:
         if not self.backend.can_migrate:
             raise exception.InstanceFaultRollback(exception.MigrationError(
                 reason=f"{type(self.backend).__name__} cannot migrate guests "
-                       "yet (only the KVM test host backend can)"))
+                       f"yet: {self.backend.migration_blocker}"))
         path = self.backend.disk_path(uuid)
         same_host = self._same_host(context, instance)
         self.power_off(instance, timeout, retry_interval)

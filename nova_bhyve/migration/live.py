@@ -115,8 +115,8 @@ class LiveMigrationMixin:
         if not self.backend.can_migrate:
             raise exception.MigrationPreCheckError(reason=(
                 f"{self._nodename()} runs the {type(self.backend).__name__} "
-                "machine layer, which cannot migrate guests yet (only the "
-                "KVM test host backend can)"))
+                f"machine layer, which cannot migrate guests yet: "
+                f"{self.backend.migration_blocker}"))
 
     def _reap_incoming(self):
         """Destroy VMs left waiting for a migration that died with nova-compute."""

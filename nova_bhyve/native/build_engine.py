@@ -16,7 +16,7 @@ SRC = HERE / "src"
 
 SOURCES = ["engine.c", "source.c", "dest.c", "protocol.c", "codec.c",
            "vmm_common.c", "vmm_testhost.c", "vmm_ckpt.c", "vmm_bhyve.c",
-           "bhyve_meta.c", "bhyve_ckpt.c",
+           "bhyve_meta.c", "bhyve_ckpt.c", "bhyve_restore.c",
            "bhyve_msg.c"]
 
 

@@ -1,6 +1,7 @@
 """The bhyve backend's use of the privileged helper (FreeBSD not needed)."""
 
 import json
+import os
 import types
 from unittest import mock
 
@@ -137,3 +138,161 @@ def test_init_host_explains_what_is_missing(backend, monkeypatch):
     backend.dataset = None
     with pytest.raises(MachineError, match="zfs_dataset"):
         backend.init_host("h")
+
+
+# -- migration -------------------------------------------------------------
+
+
+
+def _incoming(be, monkeypatch):
+    """A created guest after start_incoming (nothing runs)."""
+    _create(be, monkeypatch)
+    monkeypatch.setattr(be, "_running", lambda uuid: False)
+    old = be._checkpoint(UUID)
+    open(old.meta, "w").close()             # a stale set is removed
+    be.start_incoming(UUID)
+    assert not old.complete() and not os.path.exists(old.meta)
+    be.helper.destroy_vmm.assert_called_with(UUID)
+    return be._checkpoint(UUID)
+
+
+def test_migration_targets_of_source_and_destination(backend, monkeypatch):
+    files = _incoming(backend, monkeypatch)
+    # switched off until the root zvol can move; the hooks work regardless
+    assert not backend.can_migrate and not backend.has_dirty_log
+    assert "zvol" in backend.migration_blocker
+    assert backend.migration_vmm(UUID) == (
+        "bhyve", f"{UUID},restore={files.base},ncpus=2,memsize=2147483648")
+    assert backend.is_incoming(UUID)
+    assert backend.state(UUID) is MachineState.PAUSED
+    backend.helper.start_guest.assert_not_called()
+
+    _create(backend, monkeypatch)           # a fresh record: not incoming
+    assert not backend.is_incoming(UUID)
+    with pytest.raises(MachineError, match="does not run on this host"):
+        backend.migration_vmm(UUID)
+    monkeypatch.setattr(backend, "_running", lambda uuid: True)
+    monkeypatch.setattr(backend, "_child_pid", lambda uuid: 4242)
+    assert backend.migration_vmm(UUID) == (
+        "bhyve", f"{UUID},rundir=/var/run/bhyve,"
+                 f"scratch={backend._dir(UUID)},pid=4242")
+
+
+def test_start_incoming_refuses_a_running_guest_or_a_full_disk(
+        backend, monkeypatch):
+    _create(backend, monkeypatch)
+    monkeypatch.setattr(backend, "_running", lambda uuid: True)
+    with pytest.raises(MachineError, match="already runs"):
+        backend.start_incoming(UUID)
+    monkeypatch.setattr(backend, "_running", lambda uuid: False)
+    monkeypatch.setattr(bhyve.os, "statvfs", lambda path: types.SimpleNamespace(
+        f_bavail=100, f_frsize=1 << 20))
+    with pytest.raises(MachineError, match="has 100 MiB free.*2048 MiB"):
+        backend.start_incoming(UUID)
+    assert not backend.is_incoming(UUID)
+
+
+def _committed(files):
+    for path in (files.ram, files.kern, files.meta):
+        with open(path, "w") as f:
+            f.write("x")
+
+
+def _fake_bhyve(be, monkeypatch, tmp_path, sock_appears=True, exits=False):
+    """Make start_guest 'run' bhyve; record what exists when it starts."""
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    be.checkpoint_rundir = str(rundir)
+    alive = {"v": False}
+    seen = {}
+    monkeypatch.setattr(be, "_running", lambda uuid: alive["v"])
+    monkeypatch.setattr(be, "_child_pid", lambda uuid: 4242 if alive["v"]
+                        else None)
+
+    def start_guest(uuid, argv):
+        files = be._checkpoint(uuid)
+        seen["complete_at_start"] = files.complete()
+        seen["argv"] = argv
+        alive["v"] = not exits
+        if exits:
+            with open(be._path(uuid, "exit.json"), "w") as f:
+                json.dump({"status": 4, "signal": None}, f)
+            with open(be._path(uuid, "process.log"), "w") as f:
+                f.write("bhyve: restore failed: memflags mismatch\n")
+        with open(be._path(uuid, "child.pid"), "w") as f:
+            json.dump({"pid": 4242}, f)
+        if sock_appears:
+            (rundir / uuid).touch()
+
+    def signal_guest(uuid, name):
+        if name == "KILL":
+            alive["v"] = False
+    be.helper.start_guest.side_effect = start_guest
+    be.helper.signal_guest.side_effect = signal_guest
+    return alive, seen
+
+
+def test_finish_incoming_restores_then_removes_the_set(backend, monkeypatch,
+                                                        tmp_path):
+    files = _incoming(backend, monkeypatch)
+    _committed(files)
+    assert not backend.is_incoming(UUID)        # committed: not reaped
+    alive, seen = _fake_bhyve(backend, monkeypatch, tmp_path)
+    backend.finish_incoming(UUID)
+    b = CONF.bhyve
+    assert seen["argv"] == [
+        b.bhyve_path, "-c", "2", "-m", "2048M", "-H", "-P", "-u", "-w",
+        "-s", "0,hostbridge", "-s", "1,virtio-rnd",
+        "-s", f"2,virtio-blk,/dev/zvol/zroot/nova/{UUID}-disk0",
+        "-s", "29,fbuf,tcp=127.0.0.1:5900,w=1024,h=768", "-s", "30,xhci,tablet",
+        "-s", "31,lpc", "-l", "com1,stdio",
+        "-l", f"bootrom,{b.uefi_firmware},{backend._path(UUID, 'nvram.fd')}",
+        "-U", UUID, "-r", files.base, UUID]
+    assert seen["complete_at_start"]            # removed only after the start
+    assert not any(os.path.exists(p) for p in (files.ram, files.kern,
+                                               files.meta))
+    rec = json.load(open(backend._path(UUID, "machine.json")))
+    assert rec["intent"] == power.INTENT_RUNNING and "incoming" not in rec
+    assert alive["v"]
+
+
+@pytest.mark.parametrize("kwargs,why", [
+    ({"exits": True}, "memflags mismatch"),
+    ({"sock_appears": False}, "did not appear within 0 s"),
+])
+def test_failed_restore_leaves_nothing_running_and_keeps_the_set(
+        backend, monkeypatch, tmp_path, kwargs, why):
+    files = _incoming(backend, monkeypatch)
+    _committed(files)
+    alive, _seen = _fake_bhyve(backend, monkeypatch, tmp_path, **kwargs)
+    backend.RESTORE_TIMEOUT = backend.RESTORE_PER_GIB = 0
+    with pytest.raises(MachineError) as info:
+        backend.finish_incoming(UUID)
+    text = str(info.value)
+    assert why in text and "Nothing runs" in text
+    assert "BHYVE_SNAPSHOT" in text and "resume the server" in text
+    assert not alive["v"]
+    assert files.complete()
+    backend.helper.destroy_vmm.assert_called_with(UUID)
+    assert backend.state(UUID) is MachineState.SUSPENDED
+
+
+def test_finish_incoming_without_a_commit(backend, monkeypatch):
+    files = _incoming(backend, monkeypatch)
+    open(files.ram, "w").close()
+    with pytest.raises(MachineError, match="did not commit"):
+        backend.finish_incoming(UUID)
+    backend.helper.start_guest.assert_not_called()
+
+
+def test_zvol_disk_path_and_growth(backend, monkeypatch):
+    assert backend.disk_path(UUID) == f"/dev/zvol/zroot/nova/{UUID}-disk0"
+    execute = mock.Mock(return_value=(f"{10 << 30}\n", ""))
+    monkeypatch.setattr(bhyve.processutils, "execute", execute)
+    backend.grow_disk(UUID, 10 << 30)
+    backend.helper.zfs.assert_not_called()
+    execute.assert_called_with(CONF.bhyve.zfs_path, "get", "-Hp", "-o",
+                               "value", "volsize", f"zroot/nova/{UUID}-disk0")
+    backend.grow_disk(UUID, (20 << 30) + 1)
+    backend.helper.zfs.assert_called_once_with(
+        "resize", f"zroot/nova/{UUID}-disk0", size_gb=21)

@@ -3,8 +3,8 @@
 import random
 
 import pytest
-
 from nova_bhyve.native._engine import ffi, lib
+
 from nova_bhyve.native.engine import MigrationError, spec_check
 
 PAGE = 4096

@@ -344,6 +344,23 @@ static int opt_int(const char *key, const char *val, long min, long max,
     return 0;
 }
 
+static int opt_memsize(const char *key, const char *val, uint64_t *out,
+                       char *err)
+{
+    unsigned long long v;
+    char *end;
+
+    errno = 0;
+    v = strtoull(val, &end, 10);
+    if (errno != 0 || end == val || *end != '\0' || val[0] == '-' ||
+        v == 0 || v % NB_PAGE != 0 || v > NB_BHYVE_MAX_MEMSIZE)
+        return fail(err, "option %s=%s: expected bytes of guest RAM, a "
+                    "multiple of %u up to %llu", key, val, NB_PAGE,
+                    (unsigned long long)NB_BHYVE_MAX_MEMSIZE);
+    *out = v;
+    return 0;
+}
+
 static int opt_path(const char *key, const char *val, char *out, size_t cap,
                     char *err)
 {
@@ -408,9 +425,14 @@ int nb_bhyve_parse_target(const char *target, struct nb_bhyve_opts *o,
             r = opt_int(tok, eq, 1, 86400, &o->timeout, err);
         else if (strcmp(tok, "exit_on_save") == 0)
             r = opt_int(tok, eq, 0, 1, &o->exit_on_save, err);
+        else if (strcmp(tok, "ncpus") == 0)
+            r = opt_int(tok, eq, 1, NB_BHYVE_MAX_CPUS, &o->ncpus, err);
+        else if (strcmp(tok, "memsize") == 0)
+            r = opt_memsize(tok, eq, &o->memsize, err);
         else
             return fail(err, "unknown option '%s' (known: rundir, scratch, "
-                        "restore, pidfile, pid, timeout, exit_on_save)", tok);
+                        "restore, pidfile, pid, timeout, exit_on_save, ncpus, "
+                        "memsize)", tok);
         if (r != 0)
             return -1;
         *end = sep;

@@ -11,11 +11,13 @@
  *   - a validator for bhyve's checkpoint .meta file (untrusted input);
  *   - the save_state blob container and the port's target-string options.
  *
- *   - the checkpoint socket client and the files `bhyve -r` reads.
+ *   - the checkpoint socket client and the files `bhyve -r` reads;
+ *   - the restore-only port: an incoming VM's RAM file mapped as guest RAM.
  *
  * Implemented in bhyve_msg.c (nvlist, dirty log, layout, options),
- * bhyve_meta.c (.meta validator, blob) and bhyve_ckpt.c (checkpoint
- * socket, restore files); build all three into the engine.
+ * bhyve_meta.c (.meta validator, blob), bhyve_ckpt.c (checkpoint socket,
+ * restore files) and bhyve_restore.c (restore-only port); build all four
+ * (and vmm_common.c) into the engine.
  * Every function that can fail returns 0 on success or -1 with a message
  * in `err` (NB_ERRLEN bytes).
  */
@@ -153,6 +155,8 @@ struct nb_bhyve_opts {
     int pid;                /* bhyve process id (0: pidfile or socket peer) */
     int timeout;            /* seconds to wait for a checkpoint */
     int exit_on_save;       /* save_state asks bhyve to exit (suspend=true) */
+    int ncpus;              /* restore-only mode: vCPUs of the incoming VM */
+    uint64_t memsize;       /* restore-only mode: bytes of its guest RAM */
 };
 
 /* Parse the target string; unknown keys and bad values are errors. */
@@ -179,6 +183,19 @@ int nb_bhyve_checkpoint(const struct nb_bhyve_opts *opts, uint64_t ram_total,
  * (0600) for `bhyve -r RESTORE`; checks RESTORE's size if it exists. */
 int nb_bhyve_restore_files(const struct nb_bhyve_opts *opts,
                            const uint8_t *blob, size_t len, char *err);
+
+/* The layout libvmmapi gives memsize bytes of guest RAM: lowmem at GPA 0
+ * up to 3 GiB, the rest at 4 GiB; offsets contiguous in that order. */
+int nb_bhyve_restore_layout(uint64_t memsize, struct nb_layout *layout,
+                            char *err);
+
+/* Open the restore-only port (bhyve_restore.c): an incoming VM that bhyve
+ * will start with `bhyve -r RESTORE`.  Needs restore=, ncpus= and memsize=;
+ * RESTORE is created (0600, sparse, memsize bytes) and mapped as guest RAM,
+ * load_state checks and keeps the device state, and resume -- the commit --
+ * flushes RESTORE and writes RESTORE.kern, then RESTORE.meta last. */
+int nb_bhyve_open_restore(struct nb_vmm *vmm, const struct nb_bhyve_opts *opts,
+                          char *err);
 
 /* The rctl pcpu limit for throttling `percent` (0..99) of the time of a
  * VM with ncpus vCPUs: ncpus * (100 - percent); 0 means no limit. */

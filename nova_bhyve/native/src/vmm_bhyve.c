@@ -91,12 +91,22 @@
  *   directory after a commit.  pause/resume then fail saying so.
  *
  * load_state.  A running bhyve cannot take state: restore is `bhyve -r
- * PATH` at process start.  load_state validates the blob and writes
- * PATH.kern and PATH.meta (atomically, 0600) for restore=PATH, checking
- * PATH's size when the RAM file already exists, and returns 0; starting
- * `bhyve -r PATH` is the driver's job.  If /dev/vmm/NAME does not exist
- * and restore= is given, the port opens in restore-only mode, where only
- * load_state and close work.
+ * PATH` at process start.  On an open VM, load_state validates the blob
+ * and writes PATH.kern and PATH.meta (atomically, 0600) for restore=PATH,
+ * checking PATH's size when the RAM file already exists, and returns 0;
+ * starting `bhyve -r PATH` is the driver's job.
+ *
+ * Restore-only mode (the migration destination).  If /dev/vmm/NAME does
+ * not exist and restore= is given, the port opens in restore-only mode
+ * (bhyve_restore.c, portable): it needs ncpus= and memsize= as well,
+ * creates PATH sized to memsize= and maps it as guest RAM (libvmmapi's
+ * layout), so the engine receives memory straight into the file `bhyve -r
+ * PATH` reads; load_state keeps the checked state and the commit (resume)
+ * flushes PATH and writes PATH.kern, then PATH.meta.  Only this mode is
+ * available off FreeBSD amd64.
+ *   restore=PATH    RAM file to create (restore-only mode)
+ *   ncpus=N         vCPUs of the incoming VM (bhyve -c N)
+ *   memsize=BYTES   its guest RAM (bhyve -m), a multiple of 4096
  */
 #include "vmm.h"
 #include "bhyve_msg.h"
@@ -163,7 +173,7 @@ struct nb_upb_pages_req {
 
 struct bhyve {
     struct nb_bhyve_opts o;
-    int fd;                 /* /dev/vmm/NAME, -1 in restore-only mode */
+    int fd;                 /* /dev/vmm/NAME */
     uint8_t *map;
     int wired, has_dirty, paused, throttled, ncpus;
     int exited;             /* bhyve exited after an exit_on_save checkpoint */
@@ -194,8 +204,8 @@ static int need_vm(struct bhyve *b, char *err)
     }
     if (b->fd >= 0)
         return 0;
-    return fail(err, "VM %s is not running: the port was opened for "
-                "load_state only (restore=%s)", b->o.name, b->o.restore);
+    return fail(err, "VM %s is not open (/dev/vmm/%s)", b->o.name,
+                b->o.name);
 }
 
 /* ----------------------------------------------------------- memory */
@@ -671,8 +681,10 @@ int nb_vmm_open_bhyve(struct nb_vmm *vmm, const char *target, char *err)
     snprintf(path, sizeof(path), "/dev/vmm/%s", b->o.name);
     if ((b->fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
         if (errno == ENOENT && b->o.restore[0] != '\0') {
-            snprintf(b->dirty_reason, NB_ERRLEN, "opened for load_state only");
-            return 0;                       /* restore-only mode */
+            struct nb_bhyve_opts o = b->o;  /* restore-only mode */
+
+            free(b);
+            return nb_bhyve_open_restore(vmm, &o, err);
         }
         if (errno == ENOENT)
             fail(err, "no VM named %s: %s does not exist (is bhyve running "
@@ -696,11 +708,16 @@ bad:
 
 #else /* !(__FreeBSD__ && __amd64__) */
 
-/* Open VM `target`: only possible on FreeBSD amd64. */
+/* Open VM `target`: only restore-only mode works off FreeBSD amd64. */
 int nb_vmm_open_bhyve(struct nb_vmm *vmm, const char *target, char *err)
 {
-    (void)vmm;
-    (void)target;
+    struct nb_bhyve_opts o;
+
+    memset(vmm, 0, sizeof(*vmm));
+    if (nb_bhyve_parse_target(target, &o, err) != 0)
+        return -1;
+    if (o.restore[0] != '\0')
+        return nb_bhyve_open_restore(vmm, &o, err);
 #if defined(__FreeBSD__)
     snprintf(err, NB_ERRLEN, "the bhyve vmm port supports FreeBSD amd64 only");
 #else
