@@ -159,7 +159,7 @@ class Migration:
     def send(cls, *, vmm_target, host, port, secret, mode=Mode.LIVE,
              vmm_kind=VmmKind.TESTHOST, channels=2, compress=False,
              zstd_level=1, delta_cache=64 << 20, max_bandwidth=0,
-             max_downtime_ms=300, verify="full", timeout_ms=30000):
+             max_downtime_ms=300, verify="incremental", timeout_ms=30000):
         """Start migrating the VM at ``vmm_target`` to ``host:port``."""
         return cls._start(lib.nb_mig_send, True, dict(
             mode=mode, vmm_kind=vmm_kind, vmm_target=vmm_target, secret=secret,
@@ -170,7 +170,8 @@ class Migration:
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
-                vmm_kind=VmmKind.TESTHOST, verify="full", timeout_ms=30000):
+                vmm_kind=VmmKind.TESTHOST, verify="incremental",
+                timeout_ms=30000):
         """Listen for a migration into ``vmm_target``; see ``port``."""
         return cls._start(lib.nb_mig_receive, False, dict(
             mode=Mode.LIVE, vmm_kind=vmm_kind, vmm_target=vmm_target,
