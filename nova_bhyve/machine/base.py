@@ -173,8 +173,8 @@ class Backend(abc.ABC):
         """Start an empty, paused VM for the recorded spec that a migration fills."""
         raise self._no_migration("receive a migrating guest")
 
-    def finish_incoming(self, uuid):
-        """Record that the migrated-in guest now runs here."""
+    def finish_incoming(self, uuid, paused=False):
+        """Record that the migrated-in guest now runs (or is paused) here."""
         raise self._no_migration("receive a migrating guest")
 
     def is_incoming(self, uuid):

@@ -430,8 +430,12 @@ class BhyveBackend(SupervisedMachines, Backend):
         return bool(rec.get("incoming")) and not self._running(uuid) and \
             not self._checkpoint(uuid).complete()
 
-    def finish_incoming(self, uuid):
-        """Start ``bhyve -r`` on the received checkpoint, then remove it."""
+    def finish_incoming(self, uuid, paused=False):
+        """Start ``bhyve -r`` on the received checkpoint, then remove it.
+
+        bhyve runs a restored guest at once: a server that was paused is
+        paused again (SIGSTOP) as soon as bhyve has restored it.
+        """
         with self._locks[uuid]:
             rec = self._record(uuid)
             if not rec.get("incoming") and self._running(uuid):
@@ -459,6 +463,8 @@ class BhyveBackend(SupervisedMachines, Backend):
             rec.pop("incoming", None)
             write_json(self._path(uuid, "machine.json"), rec)
             LOG.info("Guest %s restored from its migrated checkpoint", uuid)
+        if paused:
+            self.pause(uuid)
 
     def _wait_restored(self, uuid):
         """Wait until bhyve has read the checkpoint (its socket appears)."""

@@ -351,14 +351,16 @@ class TestHostBackend(SupervisedMachines, Backend):
             self._launch(uuid, self._boot_argv(spec, incoming=True),
                          self._boot_argv(spec))
 
-    def finish_incoming(self, uuid):
-        """Mark the migrated-in guest as running (raise if it does not run)."""
+    def finish_incoming(self, uuid, paused=False):
+        """Mark the migrated-in guest as running, or paused if it came so."""
+        want = MachineState.PAUSED if paused else MachineState.RUNNING
         with self._locks[uuid]:
             state = self.state(uuid)
-            if state != MachineState.RUNNING:
+            if state != want:
                 raise MachineError(f"guest {uuid} is {state.value} here after "
-                                   "its migration, not running")
-            self._set_intent(uuid, power.INTENT_RUNNING)
+                                   f"its migration, not {want.value}")
+            self._set_intent(uuid, power.INTENT_PAUSED if paused
+                             else power.INTENT_RUNNING)
 
     def is_incoming(self, uuid):
         """Return True while nb-testhost waits in incoming mode."""

@@ -242,7 +242,8 @@ class LiveMigrationMixin:
             recv = Migration.receive(
                 vmm_target=target, vmm_kind=_VMM[kind], secret=secrets.memory,
                 host=addr, port=0, verify=CONF.bhyve.live_migration_verify,
-                timeout_ms=CONF.bhyve.live_migration_listen_timeout * 1000)
+                timeout_ms=CONF.bhyve.live_migration_listen_timeout * 1000,
+                keep_paused=instance.vm_state == "paused")
             incoming = _Incoming(recv)
             if migrate_data.block_migration:
                 incoming.disk = diskcopy.DiskListener(
@@ -287,16 +288,17 @@ class LiveMigrationMixin:
                           stats.result.name.lower(), stats.error,
                           instance=instance)
         try:
-            self.backend.finish_incoming(uuid)
+            self.backend.finish_incoming(uuid,
+                                         paused=instance.vm_state == "paused")
         except (KeyError, MachineError) as exc:
             raise exception.NovaException(
                 f"guest {uuid} did not start on {self._nodename()} after its "
                 f"migration ({exc}); the source has stopped it for good. "
                 "Check the VM here: if its memory was fully received it can "
                 "be resumed, otherwise hard-reboot the server") from exc
-        if instance.vm_state == "paused":
-            self.backend.pause(uuid)    # it was paused before it moved
-        LOG.info("Guest now runs on %s", self._nodename(), instance=instance)
+        LOG.info("Guest now %s on %s", "is (paused)" if
+                 instance.vm_state == "paused" else "runs",
+                 self._nodename(), instance=instance)
 
     def rollback_live_migration_at_destination(self, context, instance,
                                                network_info, block_device_info,
@@ -434,7 +436,8 @@ class LiveMigrationMixin:
                 max_bandwidth=opts.live_migration_bandwidth << 20,
                 max_downtime_ms=steps[0][1],
                 verify=opts.live_migration_verify,
-                timeout_ms=SOURCE_TIMEOUT_MS))
+                timeout_ms=SOURCE_TIMEOUT_MS,
+                keep_paused=instance.vm_state == "paused"))
             if out.force:
                 out.mig.handle.force_complete()
         LOG.info("Migrating the guest to %s:%s in %s mode", host, port, mode,
@@ -573,14 +576,17 @@ class LiveMigrationMixin:
 
     def rollback_live_migration_at_source(self, context, instance,
                                           migrate_data):
-        """Forget the migration's key; the engine already resumed the guest."""
+        """Forget the migration's key; the engine already resumed the guest.
+
+        A paused server's guest was never resumed (the engine ran with
+        keep_paused); pausing it again covers an engine that ended early.
+        """
         self._lm_keys.take(instance.uuid)
         try:
             state = self.backend.state(instance.uuid)
         except KeyError:
             return
         if state == MachineState.RUNNING and instance.vm_state == "paused":
-            # the engine resumes what it paused for the switch-over
             self.backend.pause(instance.uuid)
         elif state != MachineState.RUNNING and instance.vm_state == "active":
             LOG.warning("After the failed migration the guest is %s here; "

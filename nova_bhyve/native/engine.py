@@ -110,7 +110,7 @@ _VERIFY = {"incremental": lib.NB_VERIFY_INCREMENTAL, "full": lib.NB_VERIFY_FULL}
 
 def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
             compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
-            verify, timeout_ms, keep):
+            verify, timeout_ms, keep_paused=False, keep):
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
@@ -135,6 +135,7 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     p.max_downtime_ms = int(max_downtime_ms)
     p.verify = _VERIFY[verify]
     p.timeout_ms = int(timeout_ms)
+    p.keep_paused = 1 if keep_paused else 0
     return p
 
 
@@ -159,25 +160,32 @@ class Migration:
     def send(cls, *, vmm_target, host, port, secret, mode=Mode.LIVE,
              vmm_kind=VmmKind.TESTHOST, channels=2, compress=False,
              zstd_level=1, delta_cache=64 << 20, max_bandwidth=0,
-             max_downtime_ms=300, verify="incremental", timeout_ms=30000):
-        """Start migrating the VM at ``vmm_target`` to ``host:port``."""
+             max_downtime_ms=300, verify="incremental", timeout_ms=30000,
+             keep_paused=False):
+        """Start migrating the VM at ``vmm_target`` to ``host:port``.
+
+        ``keep_paused``: the guest is paused and stays so (never resumed here).
+        """
         return cls._start(lib.nb_mig_send, True, dict(
             mode=mode, vmm_kind=vmm_kind, vmm_target=vmm_target, secret=secret,
             host=host, port=port, channels=channels, compress=compress,
             zstd_level=zstd_level, delta_cache=delta_cache,
             max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
-            verify=verify, timeout_ms=timeout_ms))
+            verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused))
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
                 vmm_kind=VmmKind.TESTHOST, verify="incremental",
-                timeout_ms=30000):
-        """Listen for a migration into ``vmm_target``; see ``port``."""
+                timeout_ms=30000, keep_paused=False):
+        """Listen for a migration into ``vmm_target``; see ``port``.
+
+        ``keep_paused``: take the guest over paused at the commit.
+        """
         return cls._start(lib.nb_mig_receive, False, dict(
             mode=Mode.LIVE, vmm_kind=vmm_kind, vmm_target=vmm_target,
             secret=secret, host=host, port=port, channels=1, compress=False,
             zstd_level=1, delta_cache=0, max_bandwidth=0, max_downtime_ms=300,
-            verify=verify, timeout_ms=timeout_ms))
+            verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused))
 
     def _handle(self):
         if self._h is None:

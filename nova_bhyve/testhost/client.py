@@ -199,10 +199,20 @@ class ControlClient:
             highoffset=fields["highoffset"], page_size=fields["page_size"])
         return fds[0], layout
 
-    def dirty_log(self):
-        """Get-and-clear the dirty log; returns a DirtyLog."""
+    def dirty_log(self, first=None, count=None, peek=False):
+        """Get-and-clear the dirty log; returns a DirtyLog.
+
+        ``first``/``count``: only those 64-page words are read and cleared
+        (the rest reads as clean and stays pending); ``peek``: read all,
+        clear nothing.
+        """
+        line = "dirty-log"
+        if peek:
+            line += " peek"
+        elif first is not None:
+            line += f" {int(first)} {int(count)}"
         with self._lock:
-            fields = self._call("dirty-log")
+            fields = self._call(line)
             data = self._readexact(int(fields["bytes"]))
         lowbytes = int(fields["lowbytes"])
         return DirtyLog(low=data[:lowbytes], high=data[lowbytes:],

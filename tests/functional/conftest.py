@@ -2,7 +2,6 @@
 
 import shutil
 import tempfile
-import time
 
 import pytest
 
@@ -10,21 +9,11 @@ from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.console import parse_console
 from nova_bhyve.testhost.process import TestHostVM
 
+from .polling import wait_for  # noqa: F401  (re-exported for the tests)
+
 _KVM_OK, _KVM_WHY = artifacts.kvm_available()
 
 needs_kvm = pytest.mark.skipif(not _KVM_OK, reason=_KVM_WHY or "no KVM")
-
-
-def wait_for(predicate, timeout=10.0, interval=0.01, what="condition"):
-    """Poll ``predicate`` until it returns a true value; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_heartbeats(vm, count, timeout=20.0):

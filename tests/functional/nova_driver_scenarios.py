@@ -19,12 +19,10 @@ test name to outcome.
 import os
 import sys
 
-MODE = os.environ.get("NOVA_BHYVE_CONCURRENCY", "threading")
-if MODE not in ("threading", "eventlet"):
-    sys.exit(f"NOVA_BHYVE_CONCURRENCY={MODE!r}: use threading or eventlet")
-# read by nova.monkey_patch when nova.tests is imported below
-os.environ["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = (
-    "1" if MODE == "threading" else "0")
+import nova_scenarios
+from polling import wait_for
+
+MODE = nova_scenarios.select_mode()
 
 # first nova import: it applies (or forbids) eventlet patching
 from nova.tests.functional import integrated_helpers  # noqa: E402
@@ -32,13 +30,10 @@ from nova.tests.functional import integrated_helpers  # noqa: E402
 # isort: split
 
 import io  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
-import unittest  # noqa: E402
 import warnings  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -52,12 +47,7 @@ from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.machine.statefile import read_json  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
 
-# The wheel installs nova/virt/bhyve/__init__.py; a source checkout does not.
-try:
-    import nova.virt.bhyve  # noqa: F401
-except ImportError:
-    sys.modules["nova.virt.bhyve"] = types.SimpleNamespace(
-        BhyveDriver=nova_bhyve.driver.BhyveDriver)
+nova_scenarios.install_shim(nova_bhyve.driver)
 
 RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED = 1, 3, 4, 6, 7
 IMAGE_ID = "5f0ac2a8-3c5e-4b7e-9d0a-6a1f3b2c4d5e"
@@ -116,14 +106,7 @@ class BhyveDriverLifecycleTest(integrated_helpers.ProviderUsageBaseTestCase):
         return parse_console(output)
 
     def _wait(self, predicate, what, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}")
-            time.sleep(0.1)
+        return wait_for(predicate, timeout, 0.1, what)
 
     def _wait_heartbeats(self, server, more_than=0, count=20):
         def enough():
@@ -285,30 +268,6 @@ class BhyveDriverLifecycleTest(integrated_helpers.ProviderUsageBaseTestCase):
         self._delete_server(server)
 
 
-def _flatten(suite):
-    for item in suite:
-        if isinstance(item, unittest.TestSuite):
-            yield from _flatten(item)
-        else:
-            yield item
-
-
-def main(names):
-    """Run the named tests (default: all); print a JSON summary line."""
-    loader = unittest.TestLoader()
-    module = sys.modules[__name__]
-    suite = (loader.loadTestsFromNames(names, module) if names else
-             loader.loadTestsFromTestCase(BhyveDriverLifecycleTest))
-    ids = [test.id().rsplit(".", 1)[-1] for test in _flatten(suite)]
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    outcome = dict.fromkeys(ids, "ok")
-    for kind, entries in (("FAIL", result.failures), ("ERROR", result.errors),
-                          ("skipped", result.skipped)):
-        for test, _detail in entries:
-            outcome[test.id().rsplit(".", 1)[-1]] = kind
-    print("NOVA-BHYVE-RESULTS " + json.dumps(outcome), flush=True)
-    return 0 if result.wasSuccessful() and result.testsRun else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(nova_scenarios.main(__name__, [BhyveDriverLifecycleTest],
+                                 sys.argv[1:]))

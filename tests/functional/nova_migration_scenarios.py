@@ -19,11 +19,10 @@ the measured figures of each completed live migration.
 import os
 import sys
 
-MODE = os.environ.get("NOVA_BHYVE_CONCURRENCY", "threading")
-if MODE not in ("threading", "eventlet"):
-    sys.exit(f"NOVA_BHYVE_CONCURRENCY={MODE!r}: use threading or eventlet")
-os.environ["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = (
-    "1" if MODE == "threading" else "0")
+import nova_scenarios
+from polling import wait_for
+
+MODE = nova_scenarios.select_mode()
 
 from nova.tests.functional import integrated_helpers  # noqa: E402
 
@@ -37,9 +36,6 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-import unittest  # noqa: E402
 import uuid as uuidlib  # noqa: E402
 import warnings  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -56,11 +52,7 @@ from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.native.engine import MigrationError  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
 
-try:
-    import nova.virt.bhyve  # noqa: F401
-except ImportError:
-    sys.modules["nova.virt.bhyve"] = types.SimpleNamespace(
-        BhyveDriver=nova_bhyve.driver.BhyveDriver)
+nova_scenarios.install_shim(nova_bhyve.driver)
 
 IMAGE_DATA = bytes(range(256)) * 256            # 64 KiB, a raw "disk"
 IMAGES = {
@@ -215,14 +207,7 @@ class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
             return ""
 
     def _wait(self, predicate, what, timeout=60.0, interval=0.05):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(interval)
+        return wait_for(predicate, timeout, interval, what)
 
     def _wait_passes(self, host, server, passes):
         def ok():
@@ -624,34 +609,7 @@ class ColdMigrationTest(MigrationTestBase):
         self.assertEqual("host2", inst.host)
 
 
-def _flatten(suite):
-    for item in suite:
-        if isinstance(item, unittest.TestSuite):
-            yield from _flatten(item)
-        else:
-            yield item
-
-
-def main(names):
-    """Run the named tests (default: all); print a JSON summary line."""
-    loader = unittest.TestLoader()
-    module = sys.modules[__name__]
-    if names:
-        suite = loader.loadTestsFromNames(names, module)
-    else:
-        suite = unittest.TestSuite(
-            loader.loadTestsFromTestCase(cls)
-            for cls in (LiveMigrationTest, HotGuestTest, ColdMigrationTest))
-    ids = [test.id().rsplit(".", 1)[-1] for test in _flatten(suite)]
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    outcome = dict.fromkeys(ids, "ok")
-    for kind, entries in (("FAIL", result.failures), ("ERROR", result.errors),
-                          ("skipped", result.skipped)):
-        for test, _detail in entries:
-            outcome[test.id().rsplit(".", 1)[-1]] = kind
-    print("NOVA-BHYVE-RESULTS " + json.dumps(outcome), flush=True)
-    return 0 if result.wasSuccessful() and result.testsRun else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(nova_scenarios.main(
+        __name__, [LiveMigrationTest, HotGuestTest, ColdMigrationTest],
+        sys.argv[1:]))

@@ -7,15 +7,12 @@ runs its functional tests once per mode).  The scenarios start real guests
 on the KVM test host.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from .conftest import needs_kvm
+from .nova_scenarios import run_scenarios
 
 pytestmark = needs_kvm
 
@@ -30,15 +27,5 @@ EXPECTED = {
 
 @pytest.mark.parametrize("mode", ["threading", "eventlet"])
 def test_nova_scenarios(mode):
-    env = dict(os.environ, NOVA_BHYVE_CONCURRENCY=mode)
-    env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
-    proc = subprocess.run([sys.executable, str(SCENARIOS)], env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=900, check=False)
-    summary = [line for line in proc.stdout.splitlines()
-               if line.startswith("NOVA-BHYVE-RESULTS ")]
-    assert summary, f"{mode} mode: no results\n{proc.stderr[-20000:]}"
-    results = json.loads(summary[-1].split(" ", 1)[1])
-    assert proc.returncode == 0, (
-        f"{mode} mode: {results}\n{proc.stderr[-20000:]}")
+    results, _lines = run_scenarios(SCENARIOS, mode)
     assert results == dict.fromkeys(EXPECTED, "ok")

@@ -482,3 +482,46 @@ def test_bad_parameters_are_refused_up_front(vms):
                        port=1, secret=new_secret())
     settle(0.1)
     assert src.client.status()["state"] == "running"
+
+
+def test_a_paused_guest_moves_paused_and_resumes_intact(vms):
+    """keep_paused: the guest runs on neither host until it is resumed."""
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=16M", mem="256M")
+    stress_ready(src)
+    src.client.pause()
+    last = parse_console(src.console_text()).last_seq
+    s, d = migrate(src, dst, keep_paused=True)
+    assert s.result == Result.COMPLETED and d.result == Result.COMPLETED, (
+        s.error, d.error)
+    assert d.committed and d.guest_runs_here
+    assert dst.client.status()["state"] == "paused"
+    settle()
+    assert dst.console_text() == "", "the guest ran on the destination"
+    assert parse_console(src.console_text()).last_seq == last
+    src.stop()
+    dst.client.resume()
+    assert_guest_continued(src, dst)
+
+
+def test_a_paused_guest_stays_paused_when_the_move_fails(vms):
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=16M", mem="256M")
+    stress_ready(src)
+    src.client.pause()
+    last = parse_console(src.console_text()).last_seq
+    secret = new_secret()
+    recv = start_receive(dst, secret, keep_paused=True)
+    send = start_send(src, recv.port, secret, keep_paused=True,
+                      max_bandwidth=4 * MiB)
+    wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
+    send.cancel()
+    s, d = wait_result(send), wait_result(recv)
+    send.close()
+    recv.close()
+    assert d.result in (Result.FAILED, Result.CANCELLED) and not d.committed
+    assert s.result == Result.CANCELLED and not s.committed
+    assert s.guest_runs_here            # it lives on the source, still paused
+    assert src.client.status()["state"] == "paused"
+    settle()
+    assert parse_console(src.console_text()).last_seq == last
+    src.client.resume()
+    assert_guest_kept_running(src, dst)

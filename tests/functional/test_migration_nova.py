@@ -7,15 +7,12 @@ kind of move under eventlet.  The measured figures of each completed live
 migration are printed (``pytest -s`` or ``-rP`` shows them).
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from .conftest import needs_kvm
+from .nova_scenarios import run_scenarios
 
 pytestmark = needs_kvm
 
@@ -54,20 +51,10 @@ EVENTLET = [
     ("eventlet", EVENTLET),
 ])
 def test_nova_migration_scenarios(mode, names):
-    env = dict(os.environ, NOVA_BHYVE_CONCURRENCY=mode)
-    env.pop("OS_NOVA_DISABLE_EVENTLET_PATCHING", None)
-    proc = subprocess.run([sys.executable, str(SCENARIOS), *names], env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=1200, check=False)
-    lines = proc.stdout.splitlines()
-    summary = [ln for ln in lines if ln.startswith("NOVA-BHYVE-RESULTS ")]
-    assert summary, f"{mode} mode: no results\n{proc.stderr[-20000:]}"
+    results, lines = run_scenarios(SCENARIOS, mode, names, timeout=1200)
     for line in lines:
         if "NOVA-BHYVE-FIGURES " in line:
             print(line[line.index("NOVA-BHYVE-FIGURES "):])
-    results = json.loads(summary[-1].split(" ", 1)[1])
-    assert proc.returncode == 0, (
-        f"{mode} mode: {results}\n{proc.stderr[-20000:]}")
     expected = ({n.split(".")[1] for n in names} if names
                 else LIVE | HOT | COLD)
     assert results == dict.fromkeys(expected, "ok")

@@ -118,6 +118,38 @@ def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
     assert vm.client.dirty_log().count() > 0
 
 
+def test_dirty_log_peeks_and_clears_a_range_only(vms):
+    vm = vms.start("dirtyr", mem="512M", cmdline="mode=stress ws=4M wsoff=8M")
+    report = wait_heartbeats(vm, 20)
+    fd, layout = vm.client.memfd()
+    os.close(fd)
+    ws = _ws_pages(report)
+    vm.client.dirty_log()
+    start = parse_console(vm.console_text()).heartbeats[-1].passes
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
+             >= start + 2, timeout=30, what="two full passes")
+    vm.client.pause()                           # nothing changes from here
+    everything = set(vm.client.dirty_log(peek=True).dirty_pages(layout))
+    assert ws <= everything
+    assert set(vm.client.dirty_log(peek=True).dirty_pages(layout)) == everything
+    # the working set's 1024 pages are 16 whole 64-page words of lowmem
+    first = min(ws) // 4096 // 64
+    assert min(ws) % (64 * 4096) == 0 and len(ws) == 1024
+    got = set(vm.client.dirty_log(first=first, count=16).dirty_pages(layout))
+    assert got == ws
+    assert set(vm.client.dirty_log(peek=True).dirty_pages(layout)) == everything - ws
+    assert set(vm.client.dirty_log().dirty_pages(layout)) == everything - ws
+    assert vm.client.dirty_log(peek=True).count() == 0
+    words = (512 << 20) // 4096 // 64
+    for bad in (f"dirty-log {words} 1", "dirty-log 0 0", "dirty-log -1 2",
+                "dirty-log 1", "dirty-log peek 2"):
+        with pytest.raises(TestHostError, match="EINVAL"):
+            vm.client.request(bad)
+    beats = len(parse_console(vm.console_text()).heartbeats)
+    vm.client.resume()
+    wait_heartbeats(vm, beats + 20)
+
+
 def _warm_migrate(src, dst):
     """Pause src, copy its memory and state into incoming dst, run dst."""
     src.client.pause()

@@ -120,3 +120,18 @@ def test_cpu_feature_missing_on_the_destination_is_refused():
     with pytest.raises(MigrationError, match=r"cpuid\.7\.0\.b.*00000001"):
         spec_check(_with(**{"cpuid.7.0.b": "219c91a9"}),
                    _with(**{"cpuid.7.0.b": "219c91a8"}))
+
+
+def test_delta_cache_keeps_hitting_a_sweep_larger_than_itself():
+    # 4096 pages rewritten in order through a 1024-page cache: evicting on
+    # every collision would never hit; keeping fresh entries hits a
+    # steady quarter of the pages round after round
+    assert lib.nb_selftest_xcache_sweep(1024, 4096, 5) == 1024
+    assert lib.nb_selftest_xcache_sweep(1024, 1024, 3) == 1024
+
+
+def test_delta_cache_forgets_dropped_pages():
+    # a page sent as zeros must not be delta-encoded against older content:
+    # the sweep ends by dropping every page and returns -1 if one survives
+    assert lib.nb_selftest_xcache_sweep(64, 64, 2) == 64
+    assert lib.nb_selftest_xcache_sweep(64, 64, 1) == 0     # cold first round

@@ -350,8 +350,9 @@ def test_post_at_destination_takes_over_and_keeps_a_pause(env):
         FakeRecv(result=Result.COMPLETED, committed=True))
     env.inst.vm_state = "paused"
     env.drv.post_live_migration_at_destination(None, env.inst, [])
-    env.drv.backend.finish_incoming.assert_called_once_with(UUID)
-    env.drv.backend.pause.assert_called_once_with(UUID)
+    # the engine delivered it paused; the backend records it so
+    env.drv.backend.finish_incoming.assert_called_once_with(UUID, paused=True)
+    env.drv.backend.pause.assert_not_called()
 
 
 def test_post_at_destination_says_what_to_check(env):
@@ -428,3 +429,15 @@ def test_backends_without_migration_are_refused_up_front(env, tmp_path):
     with pytest.raises(exception.MigrationPreCheckError,
                        match="cannot migrate guests yet"):
         _dest_check(env, tmp_path)
+
+
+def test_a_paused_server_moves_paused(env):
+    """The engine is told to keep it paused: it never runs on either host."""
+    env.send.script = [_done()]
+    _migrate(env)
+    assert env.engine.send.call_args.kwargs["keep_paused"] is False
+    env.inst.vm_state = "paused"
+    env.send.script = [_done()]
+    _rekey(env)
+    _migrate(env)
+    assert env.engine.send.call_args.kwargs["keep_paused"] is True

@@ -247,6 +247,7 @@ uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len)
 struct nb_xcache {
     size_t nslots;
     uint64_t *tags;     /* pfn + 1; 0 = empty */
+    uint32_t *ages;     /* round the entry was stored in */
     uint8_t *pages;
 };
 
@@ -261,8 +262,9 @@ struct nb_xcache *nb_xcache_new(uint64_t bytes)
         return NULL;
     c->nslots = n;
     c->tags = calloc(n, sizeof(uint64_t));
+    c->ages = calloc(n, sizeof(uint32_t));
     c->pages = malloc(n * NB_PAGE);
-    if (!c->tags || !c->pages) {
+    if (!c->tags || !c->ages || !c->pages) {
         nb_xcache_free(c);
         return NULL;
     }
@@ -274,6 +276,7 @@ void nb_xcache_free(struct nb_xcache *c)
     if (!c)
         return;
     free(c->tags);
+    free(c->ages);
     free(c->pages);
     free(c);
 }
@@ -290,10 +293,30 @@ uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key)
     return c->tags[s] == key + 1 ? c->pages + s * NB_PAGE : NULL;
 }
 
-/* Remember `page` as the content last sent under `key` (evicting a collision). */
-void nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page)
+/*
+ * Remember `page` as the content last sent under `key` in round `round`.
+ * An entry for another key stored in this round or the one before stays:
+ * evicting it would make a sweep over more pages than the cache holds
+ * miss on every page, round after round, while keeping it lets the pages
+ * that stay hit (QEMU's XBZRLE cache keeps fresh entries the same way).
+ * Returns 1 if the page was stored (a later get returns it), else 0.
+ */
+int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
+                  uint32_t round)
 {
     size_t s = slot_of(c, key);
+    if (c->tags[s] && c->tags[s] != key + 1 && c->ages[s] + 1 >= round)
+        return 0;
     c->tags[s] = key + 1;
+    c->ages[s] = round;
     memcpy(c->pages + s * NB_PAGE, page, NB_PAGE);
+    return 1;
+}
+
+/* Forget what was sent under `key` (it was last sent otherwise). */
+void nb_xcache_drop(struct nb_xcache *c, uint64_t key)
+{
+    size_t s = slot_of(c, key);
+    if (c->tags[s] == key + 1)
+        c->tags[s] = 0;
 }

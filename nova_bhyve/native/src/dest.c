@@ -381,6 +381,14 @@ static int negotiate(struct dest *d, char *err)
                                                         : NB_VERIFY_INCREMENTAL;
             mp.verify = m->p.verify;
         }
+        {
+            /* a guest paused on the source arrives paused */
+            char paused[4] = "0";
+            nb_preamble_get(src, "paused", paused, sizeof(paused));
+            if (!strcmp(paused, "1"))
+                m->p.keep_paused = 1;
+            mp.keep_paused = m->p.keep_paused;
+        }
         n = nb_preamble_write(&m->vmm.spec, &mp, mine, sizeof(mine));
     }
     if (n < 0) {
@@ -553,10 +561,12 @@ static int control_loop(struct dest *d, char *err)
             m->st.committed = 1;
             m->st.phase = NB_PHASE_COMMIT;
             pthread_mutex_unlock(&m->lock);
-            if (m->vmm.ops->resume(&m->vmm, err) < 0)
+            if ((m->p.keep_paused && m->vmm.ops->commit_paused
+                     ? m->vmm.ops->commit_paused(&m->vmm, err)
+                     : m->vmm.ops->resume(&m->vmm, err)) < 0)
                 return -1;
             pthread_mutex_lock(&m->lock);
-            m->st.guest_runs_here = 1;
+            m->st.guest_runs_here = 1;  /* it lives here (paused if kept so) */
             pthread_mutex_unlock(&m->lock);
             nb_send_frame(&m->ctl, NB_MSG_RUNNING, "", 0, e2);
             return 0;

@@ -51,6 +51,9 @@ struct nb_mig_params {
     uint32_t max_downtime_ms;   /* switch over once the rest fits in this */
     int verify;                 /* enum nb_verify */
     uint32_t timeout_ms;        /* connect, handshake and idle timeout */
+    int keep_paused;            /* the guest was paused before it moved and
+                                 * stays so: the source never resumes it,
+                                 * the destination takes it over paused */
 };
 
 struct nb_round_stat {
@@ -113,5 +116,9 @@ int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
                       size_t cap, size_t *outlen);
 int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page);
 uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
+/* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
+ * (as rounds of a guest rewriting its working set in order); returns the
+ * hits of the last round, or -1 if a dropped page was still returned. */
+long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
 
 #endif

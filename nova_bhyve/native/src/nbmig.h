@@ -33,7 +33,9 @@ uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len);
 struct nb_xcache *nb_xcache_new(uint64_t bytes);
 void nb_xcache_free(struct nb_xcache *c);
 uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn);
-void nb_xcache_put(struct nb_xcache *c, uint64_t pfn, const uint8_t *page);
+int nb_xcache_put(struct nb_xcache *c, uint64_t pfn, const uint8_t *page,
+                  uint32_t round);
+void nb_xcache_drop(struct nb_xcache *c, uint64_t pfn);
 
 /* ---- protocol.c: framing, handshake, preamble (spec: PROTOCOL.md) ------ */
 enum nb_msg {

@@ -420,9 +420,10 @@ int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params 
     for (uint32_t i = 0; i < s->nfeat && i < 24; i++)
         ADD("cpuid.%x.%x.%c=%08x\n", s->feat[i].leaf, s->feat[i].sub,
             "abcd"[s->feat[i].reg & 3], s->feat[i].bits);
-    ADD("channels=%d\ncompress=%s\nverify=%s\n", p->channels,
+    ADD("channels=%d\ncompress=%s\nverify=%s\npaused=%d\n", p->channels,
         p->compress ? "zstd" : "none",
-        p->verify == NB_VERIFY_FULL ? "full" : "incremental");
+        p->verify == NB_VERIFY_FULL ? "full" : "incremental",
+        p->keep_paused ? 1 : 0);
 #undef ADD
     return (int)n;
 }

@@ -61,7 +61,18 @@ struct source {
     int paused;                 /* we paused the guest */
     double t_pause;             /* when it stopped (downtime starts) */
     uint64_t prev_dirty;        /* dirty pages at the previous sync */
+    /* the words [w0, w1) of the bitmap the senders work on now; the
+     * round ends (ROUND_END) with the part that reaches the last word */
+    size_t w0, w1;
+    /* lazy clearing (vmm dirty_log_range + dirty_peek): a round clears
+     * and sends the log one chunk of `chunk` words at a time */
+    int lazy;
+    size_t chunk;
+    uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
 };
+
+/* Lazy clearing works on chunks of at least this many 64-page words (64 MiB). */
+#define LAZY_MIN_WORDS ((64u << 20) / NB_PAGE / 64)
 
 /* Below this expected downtime, stop iterating even if rounds still shrink. */
 #define SMALL_DOWNTIME_MS 5.0
@@ -105,6 +116,8 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
     snap = rec + NB_REC_HDR;
     memcpy(snap, m->vmm.mem + off, NB_PAGE);
     if (nb_page_is_zero(snap)) {
+        if (s->cache)   /* the destination's copy is zeros, not the cached one */
+            nb_xcache_drop(s->cache, (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64);
         if (incremental)
             m->page_hash[index] = nb_digest_term(pfn, src->hz, &m->keys.hash);
         if (round == 0)
@@ -122,7 +135,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
                 pfn, nb_page_hash(snap, &m->keys.hash), &m->keys.hash);
         if (s->cache) {
             size_t d = old ? nb_delta_encode(old, snap, tmp, NB_PAGE / 2) : 0;
-            nb_xcache_put(s->cache, key, snap);
+            nb_xcache_put(s->cache, key, snap, round);
             if (d) {
                 memcpy(snap, tmp, d);
                 enc = NB_ENC_DELTA;
@@ -156,8 +169,12 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
 static int run_round(struct sender *s, struct source *src, uint32_t round, char *err)
 {
     uint8_t end[16];
-    s->round_pages = 0;
-    for (size_t w = (size_t)s->slot; w < src->words; w += (size_t)src->nsnd) {
+    size_t n = (size_t)src->nsnd;
+    /* the first word of [w0, w1) that is this sender's (word w: w % n) */
+    size_t w = src->w0 + ((size_t)s->slot + n - src->w0 % n) % n;
+    if (src->w0 == 0)
+        s->round_pages = 0;
+    for (; w < src->w1; w += n) {
         uint64_t bits = src->bitmap[w];
         while (bits) {
             int b = __builtin_ctzll(bits);
@@ -170,6 +187,8 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
             return -1;
         }
     }
+    if (src->w1 < src->words)
+        return 0;               /* more of this round to come */
     if (flush_frame(s, round, err) < 0)
         return -1;
     nb_put32(end, round);
@@ -249,15 +268,12 @@ static void check_peer(struct source *src)
     nb_shutdown_data(m);
 }
 
-/* Run one round on all senders and wait for them. */
-static int do_round(struct source *src, uint32_t round, uint64_t dirty)
+/* Have every sender send its pages of words [w0, w1); wait for them. */
+static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
 {
-    struct nb_mig *m = src->m;
-    uint64_t bytes0 = atomic_load(&m->wire_bytes), pages = 0;
-    double t0 = nb_now_ms();
-    int failed;
-
     pthread_mutex_lock(&src->lock);
+    src->w0 = w0;
+    src->w1 = w1;
     src->round = round;
     src->finished = 0;
     src->generation++;
@@ -277,7 +293,43 @@ static int do_round(struct source *src, uint32_t round, uint64_t dirty)
         check_peer(src);
         pthread_mutex_lock(&src->lock);
     }
-    failed = src->failed;
+    pthread_mutex_unlock(&src->lock);
+}
+
+/*
+ * Run one round on all senders.  `lazy`: clear the dirty log chunk by
+ * chunk just before sending it (round 0 sends the data pages and only
+ * clears; later rounds send what the clear reports), so a page the guest
+ * writes before its chunk comes up goes once, with its newest content.
+ */
+static int do_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
+{
+    struct nb_mig *m = src->m;
+    uint64_t bytes0 = atomic_load(&m->wire_bytes), pages = 0;
+    double t0 = nb_now_ms();
+    char err[NB_ERRLEN];
+    int failed = 0, log_failed = 0;
+
+    if (!lazy) {
+        dispatch(src, round, 0, src->words);
+    } else {
+        for (size_t w0 = 0; w0 < src->words && !failed; w0 += src->chunk) {
+            size_t n = src->words - w0 < src->chunk ? src->words - w0 : src->chunk;
+            if (m->vmm.ops->dirty_log_range(&m->vmm, w0, n,
+                                            round ? src->bitmap : src->scratch,
+                                            src->words, err) < 0) {
+                nb_fail(m, NB_RESULT_FAILED, "%s", err);
+                log_failed = 1;
+                break;
+            }
+            dispatch(src, round, w0, w0 + n);
+            pthread_mutex_lock(&src->lock);
+            failed = src->failed;
+            pthread_mutex_unlock(&src->lock);
+        }
+    }
+    pthread_mutex_lock(&src->lock);
+    failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);
 
     for (int i = 0; i < src->nsnd; i++)
@@ -529,10 +581,10 @@ static void source_recover(struct source *src)
     char e[NB_ERRLEN];
     if (m->st.throttle && m->vmm.ops->throttle)
         m->vmm.ops->throttle(&m->vmm, 0, e);
-    if (src->paused && m->vmm.ops->resume(&m->vmm, e) == 0)
+    if (src->paused && !m->p.keep_paused && m->vmm.ops->resume(&m->vmm, e) == 0)
         src->paused = 0;
     pthread_mutex_lock(&m->lock);
-    m->st.guest_runs_here = !src->paused;
+    m->st.guest_runs_here = !src->paused || m->p.keep_paused;   /* it lives here */
     m->st.throttle = 0;
     pthread_mutex_unlock(&m->lock);
     if (m->ctl.fd >= 0 && m->ctl.key) {
@@ -557,7 +609,7 @@ static int switch_over(struct source *src, uint32_t round, char *err)
     t_pause = src->t_pause;
     if (m->p.mode == NB_MODE_LIVE) {
         /* the final round: everything dirty when the guest stopped */
-        if (do_round(src, round, popcount_bitmap(src->bitmap, src->words)) < 0) {
+        if (do_round(src, round, popcount_bitmap(src->bitmap, src->words), 0) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
             return -1;
         }
@@ -623,7 +675,13 @@ void *nb_source_main(void *arg)
         goto out;
     src.words = (m->npages + 63) / 64;
     src.bitmap = calloc(src.words, 8);
-    if (!src.bitmap) {
+    src.lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
+    /* 16 chunks, none under 64 MiB: fine enough to keep re-sends down,
+     * coarse enough that the extra dirty-log calls cost little */
+    src.chunk = (src.words + 15) / 16 < LAZY_MIN_WORDS ? LAZY_MIN_WORDS
+                                                       : (src.words + 15) / 16;
+    src.scratch = src.lazy ? calloc(src.words, 8) : NULL;
+    if (!src.bitmap || (src.lazy && !src.scratch)) {
         snprintf(err, NB_ERRLEN, "out of memory");
         goto out;
     }
@@ -651,12 +709,12 @@ void *nb_source_main(void *arg)
         pthread_mutex_lock(&m->lock);
         m->st.guest_runs_here = 0;
         pthread_mutex_unlock(&m->lock);
-    } else if (sync_dirty(&src, err) < 0) {     /* start tracking from here */
+    } else if (!src.lazy && sync_dirty(&src, err) < 0) { /* track from here */
         goto out;
     }
     nb_set_phase(m, NB_PHASE_PRECOPY);
     mark_data_pages(&src);
-    if (do_round(&src, 0, 0) < 0) {
+    if (do_round(&src, 0, 0, src.lazy && m->p.mode == NB_MODE_LIVE) < 0) {
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
         goto out;
     }
@@ -670,14 +728,21 @@ void *nb_source_main(void *arg)
                 snprintf(err, NB_ERRLEN, "cancelled");
                 goto out;
             }
-            if (sync_dirty(&src, err) < 0)
-                goto out;
+            if (src.lazy) {
+                /* count without clearing: each chunk clears as it goes */
+                if (m->vmm.ops->dirty_peek(&m->vmm, src.scratch, src.words, err) < 0)
+                    goto out;
+                dirty = popcount_bitmap(src.scratch, src.words);
+            } else {
+                if (sync_dirty(&src, err) < 0)
+                    goto out;
+                dirty = popcount_bitmap(src.bitmap, src.words);
+            }
             now = nb_now_ms();
-            dirty = popcount_bitmap(src.bitmap, src.words);
             if (should_switch(&src, dirty, now - last_sync))
                 break;
             last_sync = now;
-            if (do_round(&src, ++round, dirty) < 0) {
+            if (do_round(&src, ++round, dirty, src.lazy) < 0) {
                 snprintf(err, NB_ERRLEN, "%s", m->st.error);
                 goto out;
             }
@@ -691,7 +756,10 @@ void *nb_source_main(void *arg)
                 snprintf(err, NB_ERRLEN, "out of memory");
                 goto out;
             }
-            memcpy(keep, src.bitmap, src.words * 8);
+            if (src.lazy)   /* nothing was cleared since the peek */
+                memset(keep, 0, src.words * 8);
+            else
+                memcpy(keep, src.bitmap, src.words * 8);
             nb_set_phase(m, NB_PHASE_SWITCHOVER);
             if (m->vmm.ops->pause(&m->vmm, err) < 0) {
                 free(keep);
@@ -734,6 +802,7 @@ out:
         nb_shutdown_data(m);
     stop_senders(&src);
     free(src.bitmap);
+    free(src.scratch);
     pthread_mutex_lock(&m->lock);
     m->done = 1;
     pthread_cond_broadcast(&m->cond);

@@ -72,6 +72,18 @@ struct nb_vmm_ops {
      * mapping cannot avoid. */
     int (*write_pages)(struct nb_vmm *, uint64_t offset,
                        const uint8_t *const *pages, int n, char *err);
+    /* Optional: take the guest over at the commit without running it
+     * (keep_paused).  NULL: resume is the commit and runs nothing (a
+     * checkpoint file set), so it is called either way. */
+    int (*commit_paused)(struct nb_vmm *, char *err);
+    /* Optional pair (lazy clearing, as QEMU's clear_bitmap): get-and-clear
+     * only the 64-page words [first, first + count), writing just those
+     * words of `bitmap`; and read every dirty bit without clearing any.
+     * A page written before its word is cleared is then sent once, with
+     * the content it has when sent, not once more in the next round. */
+    int (*dirty_log_range)(struct nb_vmm *, size_t first, size_t count,
+                           uint64_t *bitmap, size_t words, char *err);
+    int (*dirty_peek)(struct nb_vmm *, uint64_t *bitmap, size_t words, char *err);
 };
 
 struct nb_vmm {

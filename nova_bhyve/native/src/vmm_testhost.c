@@ -24,6 +24,7 @@ struct th {
     int memfd;
     char rbuf[REPLY_MAX * 2];
     size_t rlen;
+    uint64_t *scratch;      /* a whole dirty bitmap, for ranged requests */
 };
 
 static int send_line(struct th *t, const char *line, char *err)
@@ -159,7 +160,9 @@ static int th_has_dirty_log(struct nb_vmm *v)
     return 1;
 }
 
-static int th_dirty_log(struct nb_vmm *v, uint64_t *bitmap, size_t words, char *err)
+/* Send a dirty-log request; the whole bitmap comes back in `bitmap`. */
+static int th_dirty_request(struct nb_vmm *v, const char *req, uint64_t *bitmap,
+                            size_t words, char *err)
 {
     struct th *t = v->priv;
     char reply[REPLY_MAX];
@@ -167,7 +170,7 @@ static int th_dirty_log(struct nb_vmm *v, uint64_t *bitmap, size_t words, char *
     uint8_t *buf;
 
     pthread_mutex_lock(&t->lock);
-    if (request(t, "dirty-log\n", reply, err) < 0) {
+    if (request(t, req, reply, err) < 0) {
         pthread_mutex_unlock(&t->lock);
         return -1;
     }
@@ -200,6 +203,37 @@ static int th_dirty_log(struct nb_vmm *v, uint64_t *bitmap, size_t words, char *
     return 0;
 }
 
+static int th_dirty_log(struct nb_vmm *v, uint64_t *bitmap, size_t words, char *err)
+{
+    return th_dirty_request(v, "dirty-log\n", bitmap, words, err);
+}
+
+static int th_dirty_peek(struct nb_vmm *v, uint64_t *bitmap, size_t words, char *err)
+{
+    return th_dirty_request(v, "dirty-log peek\n", bitmap, words, err);
+}
+
+static int th_dirty_log_range(struct nb_vmm *v, size_t first, size_t count,
+                              uint64_t *bitmap, size_t words, char *err)
+{
+    struct th *t = v->priv;
+    char req[64];
+    if (first >= words || count > words - first) {
+        snprintf(err, NB_ERRLEN, "dirty-log range %zu+%zu outside %zu words",
+                 first, count, words);
+        return -1;
+    }
+    if (!t->scratch && !(t->scratch = calloc(words, 8))) {
+        snprintf(err, NB_ERRLEN, "out of memory");
+        return -1;
+    }
+    snprintf(req, sizeof(req), "dirty-log %zu %zu\n", first, count);
+    if (th_dirty_request(v, req, t->scratch, words, err) < 0)
+        return -1;
+    memcpy(bitmap + first, t->scratch + first, count * 8);
+    return 0;
+}
+
 static int th_simple(struct nb_vmm *v, const char *req, char *err)
 {
     struct th *t = v->priv;
@@ -213,6 +247,9 @@ static int th_simple(struct nb_vmm *v, const char *req, char *err)
 
 static int th_pause(struct nb_vmm *v, char *err) { return th_simple(v, "pause\n", err); }
 static int th_resume(struct nb_vmm *v, char *err) { return th_simple(v, "resume\n", err); }
+
+/* After load-state the VM is paused: confirm it is, and leave it so. */
+static int th_commit_paused(struct nb_vmm *v, char *err) { return th_simple(v, "pause\n", err); }
 
 static int th_throttle(struct nb_vmm *v, int pct, char *err)
 {
@@ -298,6 +335,7 @@ static void th_close(struct nb_vmm *v)
         close(t->sock);
         if (t->memfd >= 0)
             close(t->memfd);
+        free(t->scratch);
         free(t);
     }
     v->priv = NULL;
@@ -317,6 +355,9 @@ static const struct nb_vmm_ops testhost_ops = {
     .load_state = th_load,
     .close = th_close,
     .write_pages = th_write_pages,
+    .commit_paused = th_commit_paused,
+    .dirty_log_range = th_dirty_log_range,
+    .dirty_peek = th_dirty_peek,
 };
 
 /* Connect to a test-host VM's control socket and learn its shape. */

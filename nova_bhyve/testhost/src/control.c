@@ -157,14 +157,26 @@ static int cmd_memfd(struct nb_vm *vm, int fd)
     return sendmsg(fd, &msg, MSG_NOSIGNAL) == n ? 0 : -1;
 }
 
-static int cmd_dirty_log(struct nb_vm *vm, int fd)
+/* dirty-log [peek | FIRST COUNT]: see CONTROL_PROTOCOL.md */
+static int cmd_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
 {
     size_t len = nb_vm_dirty_log_bytes(vm);
-    uint8_t *bm = malloc(len);
+    uint64_t first = 0, count = UINT64_MAX;
+    int peek = argc == 2 && !strcmp(argv[1], "peek");
+    uint8_t *bm;
     int rc;
+    if (argc == 3) {
+        if (parse_u64(argv[1], len / 8 - 1, &first) < 0 ||
+            parse_u64(argv[2], UINT64_MAX, &count) < 0 || count == 0)
+            return reply(fd, "ERR EINVAL dirty-log FIRST COUNT: 64-page words, "
+                         "FIRST below %zu, COUNT at least 1", len / 8);
+    } else if (argc != 1 && !peek) {
+        return reply(fd, "ERR EINVAL usage: dirty-log [peek | FIRST COUNT]");
+    }
+    bm = malloc(len);
     if (!bm)
         return reply(fd, "ERR ENOMEM cannot allocate %zu bytes", len);
-    if (nb_vm_dirty_log(vm, bm, len) < 0) {
+    if (nb_vm_dirty_log_range(vm, bm, len, first, count, peek) < 0) {
         rc = reply(fd, "ERR EIO reading the dirty log: %s", strerror(errno));
         free(bm);
         return rc;
@@ -290,8 +302,8 @@ static int handle_line(struct nb_vm *vm, struct client *c, char *line)
         return cmd_load_state(vm, c, argv[1]);
     if (!strcmp(argv[0], "memfd") && argc == 1)
         return cmd_memfd(vm, c->fd);
-    if (!strcmp(argv[0], "dirty-log") && argc == 1)
-        return cmd_dirty_log(vm, c->fd);
+    if (!strcmp(argv[0], "dirty-log"))
+        return cmd_dirty_log(vm, c->fd, argc, argv);
     if (!strcmp(argv[0], "shutdown") && argc == 1) {
         reply(c->fd, "OK state=stopping");
         return 1;

@@ -89,6 +89,8 @@ struct nb_vm {
 int nb_vm_create(struct nb_vm *vm, int ncpus, uint64_t mem_size);
 int nb_vm_setup_boot(struct nb_vm *vm, uint64_t entry, uint64_t mbi);
 int nb_vm_dirty_log(struct nb_vm *vm, uint8_t *out, size_t out_len);
+int nb_vm_dirty_log_range(struct nb_vm *vm, uint8_t *out, size_t out_len,
+                          uint64_t first, uint64_t count, int peek);
 size_t nb_vm_dirty_log_bytes(const struct nb_vm *vm);
 uint64_t nb_bitmap_bytes(uint64_t pages);
 void nb_die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));

@@ -297,15 +297,28 @@ size_t nb_vm_dirty_log_bytes(const struct nb_vm *vm)
            nb_bitmap_bytes(vm->highmem / NB_PAGE_SIZE);
 }
 
+/*
+ * Read a slot's dirty bitmap, keep the 64-page words [keep0, keep1) of it
+ * (zero the others), and unless `peek` clear exactly the bits kept.
+ */
 static int slot_get_and_clear(struct nb_vm *vm, int slot, uint64_t pages,
-                              uint8_t *bitmap)
+                              uint8_t *bitmap, uint64_t keep0, uint64_t keep1,
+                              int peek)
 {
     struct kvm_dirty_log log = { .slot = (uint32_t)slot };
     struct kvm_clear_dirty_log clr = { .slot = (uint32_t)slot };
+    uint64_t *w = (uint64_t *)bitmap, nw = nb_bitmap_bytes(pages) / 8;
 
+    if (keep1 <= keep0)
+        return 0;               /* nothing of this slot asked for */
     log.dirty_bitmap = bitmap;
     if (ioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log) < 0)
         return -1;
+    for (uint64_t i = 0; i < nw; i++)
+        if (i < keep0 || i >= keep1)
+            w[i] = 0;
+    if (peek)
+        return 0;
     clr.first_page = 0;
     clr.num_pages = (uint32_t)pages;
     clr.dirty_bitmap = bitmap;
@@ -315,21 +328,32 @@ static int slot_get_and_clear(struct nb_vm *vm, int slot, uint64_t pages,
 /*
  * Get-and-clear the dirty log: the bitmap of lowmem pages followed by the
  * bitmap of highmem pages, each padded to a multiple of 64 bits.  A page
- * written after its bit was read is reported by the next call.
+ * written after its bit was read is reported by the next call.  Only the
+ * 64-page words [first, first + count) of that bitmap are read and
+ * cleared (the others come back zero and stay pending); `peek` reads
+ * without clearing.
  */
-int nb_vm_dirty_log(struct nb_vm *vm, uint8_t *out, size_t out_len)
+int nb_vm_dirty_log_range(struct nb_vm *vm, uint8_t *out, size_t out_len,
+                          uint64_t first, uint64_t count, int peek)
 {
     uint64_t lp = vm->lowmem / NB_PAGE_SIZE, hp = vm->highmem / NB_PAGE_SIZE;
-    uint64_t lb = nb_bitmap_bytes(lp);
+    uint64_t lb = nb_bitmap_bytes(lp), lw = lb / 8;
+    uint64_t end = count > UINT64_MAX - first ? UINT64_MAX : first + count;
 
     if (out_len < nb_vm_dirty_log_bytes(vm)) {
         errno = EINVAL;
         return -1;
     }
     memset(out, 0, out_len);
-    if (slot_get_and_clear(vm, 0, lp, out) < 0)
+    if (slot_get_and_clear(vm, 0, lp, out, first, end, peek) < 0)
         return -1;
-    if (hp && slot_get_and_clear(vm, 1, hp, out + lb) < 0)
+    if (hp && slot_get_and_clear(vm, 1, hp, out + lb, first > lw ? first - lw : 0,
+                                 end > lw ? end - lw : 0, peek) < 0)
         return -1;
     return 0;
+}
+
+int nb_vm_dirty_log(struct nb_vm *vm, uint8_t *out, size_t out_len)
+{
+    return nb_vm_dirty_log_range(vm, out, out_len, 0, UINT64_MAX, 0);
 }
