@@ -298,9 +298,11 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
 
 /*
  * Run one round on all senders.  `lazy`: clear the dirty log chunk by
- * chunk just before sending it (round 0 sends the data pages and only
- * clears; later rounds send what the clear reports), so a page the guest
- * writes before its chunk comes up goes once, with its newest content.
+ * chunk just before sending it, so a page the guest writes before its
+ * chunk comes up goes once, with its newest content.  Later rounds send
+ * what the clear reports; round 0 sends the pages that held data when it
+ * began plus what the clear reports (a page first written during round
+ * 0, before its chunk was cleared, is in no later round's log).
  */
 static int do_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
 {
@@ -322,6 +324,9 @@ static int do_round(struct source *src, uint32_t round, uint64_t dirty, int lazy
                 log_failed = 1;
                 break;
             }
+            if (round == 0)
+                for (size_t w = w0; w < w0 + n; w++)
+                    src->bitmap[w] |= src->scratch[w];
             dispatch(src, round, w0, w0 + n);
             pthread_mutex_lock(&src->lock);
             failed = src->failed;
