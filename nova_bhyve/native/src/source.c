@@ -714,7 +714,10 @@ void *nb_source_main(void *arg)
         pthread_mutex_lock(&m->lock);
         m->st.guest_runs_here = 0;
         pthread_mutex_unlock(&m->lock);
-    } else if (!src.lazy && sync_dirty(&src, err) < 0) { /* track from here */
+    } else if (sync_dirty(&src, err) < 0) {
+        /* track from here: every bit set later is a page written since,
+         * so round 0 may add what its lazy clears report (and no more:
+         * a VM's log starts with every page set, holes included) */
         goto out;
     }
     nb_set_phase(m, NB_PHASE_PRECOPY);
