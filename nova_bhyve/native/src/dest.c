@@ -225,12 +225,7 @@ static int accept_one(struct nb_mig *m, char *err)
 
     rc = poll(p, m->ctl.fd >= 0 ? 2 : 1, (int)m->p.timeout_ms);
     if (rc > 0 && m->ctl.fd >= 0 && p[1].revents) {
-        struct nb_frame f;
-        if (nb_recv_frame(&m->ctl, &f, 4096, err) == 0)
-            snprintf(err, NB_ERRLEN, "%s %.*s", nb_msg_name(f.type),
-                     (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
-        snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
-                 " (the source ended the session before its page channels joined)");
+        nb_peer_gave_up(&m->ctl, "source", "before its page channels joined", err);
         return -1;
     }
     if (rc <= 0 || atomic_load(&m->cancel_req)) {

@@ -89,6 +89,8 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
                   uint32_t len, char *err);
 int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
                   char *err);
+void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
+                     char *err);
 int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
               uint32_t max_len, char *err);
 const char *nb_msg_name(unsigned type);

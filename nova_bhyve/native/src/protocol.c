@@ -211,6 +211,25 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     return 0;
 }
 
+/*
+ * The peer spoke on a control channel that should be silent (`when`, e.g.
+ * "during the copy"): read what it said and describe, in `err`, why the
+ * session is over.
+ */
+void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
+                     char *err)
+{
+    struct nb_frame f;
+    if (nb_recv_frame(c, &f, 4096, err) == 0)
+        snprintf(err, NB_ERRLEN, "%s %s %s: %.*s", peer,
+                 f.type == NB_MSG_REFUSE ? "refused" :
+                 f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
+                 when, (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
+    else
+        snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
+                 " (the %s ended the session %s)", peer, when);
+}
+
 /* Receive a frame of one type; REFUSE/ABORT from the peer become errors. */
 int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
               uint32_t max_len, char *err)

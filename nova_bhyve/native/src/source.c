@@ -103,7 +103,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
 {
     struct nb_mig *m = s->m;
     uint8_t *rec, *snap, tmp[NB_PAGE];
-    uint64_t pfn, off;
+    uint64_t pfn, off, key;
     size_t n = NB_PAGE;
     int enc = NB_ENC_RAW;
     int incremental = m->p.verify == NB_VERIFY_INCREMENTAL;
@@ -114,10 +114,13 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
         return -1;
     rec = s->frame + s->flen;
     snap = rec + NB_REC_HDR;
+    /* cache key: the page's index among this channel's pages, so a cache
+     * as large as the channel's share never collides */
+    key = (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64;
     memcpy(snap, m->vmm.mem + off, NB_PAGE);
     if (nb_page_is_zero(snap)) {
         if (s->cache)   /* the destination's copy is zeros, not the cached one */
-            nb_xcache_drop(s->cache, (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64);
+            nb_xcache_drop(s->cache, key);
         if (incremental)
             m->page_hash[index] = nb_digest_term(pfn, src->hz, &m->keys.hash);
         if (round == 0)
@@ -126,9 +129,6 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
         n = 0;
         atomic_fetch_add(&m->pages_zero, 1);
     } else {
-        /* cache key: the page's index among this channel's pages, so a
-         * cache as large as the channel's share never collides */
-        uint64_t key = (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64;
         uint8_t *old = s->cache && round > 0 ? nb_xcache_get(s->cache, key) : NULL;
         if (incremental)
             m->page_hash[index] = nb_digest_term(
@@ -247,20 +247,12 @@ static void check_peer(struct source *src)
 {
     struct nb_mig *m = src->m;
     struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
-    struct nb_frame f;
     char err[NB_ERRLEN];
 
     /* a cancel shuts our own sockets down: that is not the peer talking */
     if (m->ctl.fd < 0 || atomic_load(&m->cancel_req) || poll(&p, 1, 0) <= 0)
         return;
-    if (nb_recv_frame(&m->ctl, &f, 4096, err) == 0)
-        snprintf(err, NB_ERRLEN, "destination %s during the copy: %.*s",
-                 f.type == NB_MSG_REFUSE ? "refused" :
-                 f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
-                 (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
-    else
-        snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
-                 " (the destination ended the session during the copy)");
+    nb_peer_gave_up(&m->ctl, "destination", "during the copy", err);
     pthread_mutex_lock(&src->lock);
     src->failed = 1;
     pthread_mutex_unlock(&src->lock);
