@@ -493,12 +493,13 @@ def test_a_paused_guest_moves_paused_and_resumes_intact(vms):
     s, d = migrate(src, dst, keep_paused=True)
     assert s.result == Result.COMPLETED and d.result == Result.COMPLETED, (
         s.error, d.error)
+    assert s.committed and not s.guest_runs_here
     assert d.committed and d.guest_runs_here
     assert dst.client.status()["state"] == "paused"
     settle()
     assert dst.console_text() == "", "the guest ran on the destination"
     assert parse_console(src.console_text()).last_seq == last
-    src.stop()
+    assert src.stop() == 1          # the source VM is gone
     dst.client.resume()
     assert_guest_continued(src, dst)
 
