@@ -14,6 +14,7 @@ from nova.compute import task_states
 from nova.image import glance
 from nova.objects import diagnostics as diagnostics_obj
 from nova.objects import fields
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 from oslo_utils import excutils
@@ -101,6 +102,11 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
     def get_host_ip_addr(self):
         """Return ``[DEFAULT] my_ip``."""
         return CONF.my_ip
+
+    def get_host_uptime(self):
+        """Return what ``uptime`` prints on this host (the os-hypervisors API)."""
+        out, _err = processutils.execute("uptime")
+        return out.strip()
 
     def get_available_resource(self, nodename):
         """Return CPUs, memory and disk measured on this host."""

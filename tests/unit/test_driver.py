@@ -207,3 +207,9 @@ def test_machine_errors_name_the_guest(driver):
     with pytest.raises(bhyve_driver.GuestOperationFailed,
                        match=f"{UUID}: no checkpoint support"):
         driver.suspend(None, _instance())
+
+
+def test_host_uptime_is_what_uptime_prints(driver):
+    # The os-hypervisors API asks every compute for it; nova's base raises.
+    text = driver.get_host_uptime()
+    assert "load average" in text

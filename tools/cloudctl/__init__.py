@@ -1,0 +1,1 @@
+"""tools/cloud: a small, real OpenStack on one machine (doc/cloud.md)."""
