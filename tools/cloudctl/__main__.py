@@ -143,6 +143,21 @@ def status(args):
         print(f"{name:28} {state:22} {procs.log_path(name)}")
 
 
+def service(args):
+    """Stop or start one service (``tools/cloud service stop nova-compute-host1``)."""
+    if args.name not in services.ORDER:
+        sys.exit(f"tools/cloud: no service {args.name!r}; one of: "
+                 f"{', '.join(services.ORDER)}")
+    if args.action == "stop":
+        procs.stop(args.name)
+    else:
+        if args.name not in services.DAEMONS:
+            sys.exit("tools/cloud: only these restart alone: "
+                     f"{', '.join(services.DAEMONS)}")
+        procs.start(args.name, services.DAEMONS[args.name])
+    say(f"{args.action} {args.name}: done")
+
+
 def env(args):
     for key, value in _client_env().items():
         print(f"export {key}={value}")
@@ -158,12 +173,16 @@ def main():
     for name, fn in (("up", up), ("stop", stop), ("clean", clean),
                      ("status", status), ("env", env)):
         sub.add_parser(name, help=fn.__doc__).set_defaults(fn=fn)
+    svc = sub.add_parser("service", help=service.__doc__)
+    svc.add_argument("action", choices=("stop", "start"))
+    svc.add_argument("name")
+    svc.set_defaults(fn=service)
     run_p = sub.add_parser("run", help="run a command against the cloud")
     run_p.add_argument("cmd", nargs=argparse.REMAINDER)
     run_p.set_defaults(fn=run)
     args = parser.parse_args()
     fn = getattr(args, "fn", up)
-    if os.geteuid() != 0 and fn in (up, stop, clean):
+    if os.geteuid() != 0 and fn in (up, stop, clean, service):
         sys.exit("tools/cloud: run as root (it starts services and guests)")
     try:
         fn(args)

@@ -1,0 +1,332 @@
+"""The openstack CLI (and novaclient) move guests on the cloud tools/cloud made.
+
+Run with the cloud's Python after ``tools/cloud up``:
+
+    tools/cloud run python tests/cloud/cli_scenario.py
+
+Each step prints one line; each checks, on the hosts, that the guest runs
+where the API says and nowhere else, with its heartbeats advancing and its
+self-check clean (tests/cloud/guests.py).  Exit status 1 on the first
+failure.  Servers it made are deleted at the end, even after a failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.cloud import guests  # noqa: E402
+from tests.cloud.guests import GuestCheckFailed, wait_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST_ADDR = {"host1": "127.0.0.1", "host2": "127.0.0.2"}
+SLOW_LINK = "48mbit"
+PREFIX = "nb-cli-"
+
+
+class Cli:
+    """The real clients, as an operator types them."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def _run(self, argv, check=True):
+        self.calls += 1
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if check and proc.returncode:
+            raise GuestCheckFailed(f"`{' '.join(argv)}` failed: "
+                                   f"{proc.stderr.strip()[-1500:]}")
+        return proc
+
+    def os(self, *args, mv="2.latest", fmt=True):
+        argv = ["openstack", "--os-compute-api-version", mv, *args]
+        if fmt:
+            argv += ["-f", "json"]
+        out = self._run(argv).stdout
+        return json.loads(out) if fmt and out.strip() else out
+
+    def nova(self, *args):
+        return self._run(["nova", *args]).stdout
+
+
+cli = Cli()
+
+
+def show(server):
+    return cli.os("server", "show", server)
+
+
+def host_of(server):
+    return show(server)["OS-EXT-SRV-ATTR:host"]
+
+
+def other(host):
+    return "host2" if host == "host1" else "host1"
+
+
+def wait_server(server, status, host=None, timeout=180):
+    def ready():
+        s = show(server)
+        if s["status"] == "ERROR":
+            raise GuestCheckFailed(f"{server} went to ERROR: {s.get('fault')}")
+        return (s["status"] == status and s.get("OS-EXT-STS:task_state") is None
+                and (host is None or s["OS-EXT-SRV-ATTR:host"] == host)) and s
+    return wait_for(ready, timeout, f"{server} to be {status}"
+                    + (f" on {host}" if host else ""), interval=1)
+
+
+def migrations(server):
+    return cli.os("server", "migration", "list", "--server", server)
+
+
+def create(name, image="nb-guest", flavor="m1.nano", host=None):
+    args = ["server", "create", "--image", image, "--flavor", flavor,
+            "--network", "private", "--wait", PREFIX + name]
+    if host:
+        args[2:2] = ["--host", host]
+    server = cli.os(*args)
+    guests.check_runs_only_on(server["id"], server["OS-EXT-SRV-ATTR:host"])
+    return server["id"]
+
+
+def live_migrate(uuid, dst=None):
+    """Live-migrate and check the guest continued on the new host."""
+    src = host_of(uuid)
+    follower = guests.ConsoleFollower(src, uuid)
+    follower.start()
+    args = ["server", "migrate", "--live-migration", "--wait", uuid]
+    if dst:
+        args[3:3] = ["--host", dst]
+    cli.os(*args, fmt=False)
+    s = wait_server(uuid, "ACTIVE")
+    new = s["OS-EXT-SRV-ATTR:host"]
+    if new == src or (dst and new != dst):
+        raise GuestCheckFailed(f"{uuid} is on {new} after moving from {src}")
+    last, first = guests.check_continued(follower, new, uuid)
+    mig = migrations(uuid)[0]
+    if mig["Status"] != "completed":
+        raise GuestCheckFailed(f"migration record says {mig['Status']}")
+    return f"{src} -> {new}, heartbeats {last} -> {first}"
+
+
+class Link:
+    """tc on lo: traffic to one host's migration address crawls."""
+
+    def __init__(self, host, rate):
+        self.addr, self.rate = HOST_ADDR[host], rate
+
+    def __enter__(self):
+        for cmd in (["qdisc", "add", "dev", "lo", "root", "handle", "1:",
+                     "prio", "bands", "3", "priomap"] + ["1"] * 16,
+                    ["qdisc", "add", "dev", "lo", "parent", "1:3",
+                     "handle", "30:", "tbf", "rate", self.rate, "burst",
+                     "64kb", "latency", "400ms"],
+                    ["filter", "add", "dev", "lo", "parent", "1:", "protocol",
+                     "ip", "prio", "1", "u32", "match", "ip", "dst",
+                     f"{self.addr}/32", "flowid", "1:3"]):
+            subprocess.run(["tc", *cmd], check=True, capture_output=True)
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"],
+                       capture_output=True)
+
+
+def start_slow_migration(uuid):
+    """Start a live migration of a stress guest; wait until it runs."""
+    cli.os("server", "migrate", "--live-migration", uuid, fmt=False)
+    return wait_for(lambda: next((m for m in migrations(uuid)
+                                  if m["Status"] == "running"), None),
+                    120, "the migration to run", interval=0.5)
+
+
+def progress_moves(uuid, mig_id):
+    """memory_* in `migration show` change while the migration runs."""
+    seen = []
+    def changed():
+        m = cli.os("server", "migration", "show", uuid, str(mig_id))
+        seen.append((m["Memory Total Bytes"], m["Memory Processed Bytes"],
+                     m["Memory Remaining Bytes"]))
+        values = {s for s in seen if s[0]}
+        return len(values) >= 2 and seen
+    wait_for(changed, 120, "memory_processed/remaining to change", interval=1)
+    first, last = seen[0], seen[-1]
+    return (f"total {last[0]} B, processed {first[1]} -> {last[1]} B, "
+            f"remaining {first[2]} -> {last[2]} B")
+
+
+# -- the steps --------------------------------------------------------------
+def step_live_named_and_back(ctx):
+    uuid = ctx["idle"] = create("idle")
+    there = live_migrate(uuid, "host2" if host_of(uuid) == "host1" else "host1")
+    back = live_migrate(uuid)
+    return f"--host: {there}; scheduler-chosen: {back}"
+
+
+def step_progress_and_abort(ctx):
+    uuid = ctx["stress"] = create("stress", image="nb-stress", flavor="m1.stress")
+    src = host_of(uuid)
+    with Link(other(src), SLOW_LINK):
+        mig = start_slow_migration(uuid)
+        seen = progress_moves(uuid, mig["Id"])
+        cli.os("server", "migration", "abort", uuid, str(mig["Id"]), fmt=False)
+        wait_for(lambda: migrations(uuid)[0]["Status"] == "cancelled", 120,
+                 "the migration to be cancelled", interval=1)
+    wait_server(uuid, "ACTIVE", host=src)
+    guests.check_runs_only_on(uuid, src)
+    return f"{seen}; aborted: cancelled, ACTIVE on {src}"
+
+
+def step_force_complete(ctx):
+    uuid = ctx["stress"]
+    src = host_of(uuid)
+    follower = guests.ConsoleFollower(src, uuid)
+    follower.start()
+    with Link(other(src), SLOW_LINK):
+        mig = start_slow_migration(uuid)
+        time.sleep(2)
+        cli.os("server", "migration", "force", "complete", uuid,
+               str(mig["Id"]), fmt=False)
+        wait_for(lambda: migrations(uuid)[0]["Status"] in
+                 ("completed", "error", "failed", "cancelled"), 300,
+                 "the forced migration to end", interval=1)
+    status = migrations(uuid)[0]["Status"]
+    if status != "completed":
+        raise GuestCheckFailed(f"forced migration ended {status}")
+    s = wait_server(uuid, "ACTIVE", host=other(src))
+    last, first = guests.check_continued(follower, s["OS-EXT-SRV-ATTR:host"], uuid)
+    return f"{src} -> {other(src)} completed, heartbeats {last} -> {first}"
+
+
+def step_cold_migrate_confirm(ctx):
+    uuid = ctx["idle"]
+    src = host_of(uuid)
+    cli.os("server", "migrate", "--wait", uuid, fmt=False)
+    wait_server(uuid, "VERIFY_RESIZE", host=other(src))
+    cli.os("server", "resize", "confirm", uuid, fmt=False)
+    wait_server(uuid, "ACTIVE", host=other(src))
+    guests.check_runs_only_on(uuid, other(src))
+    return f"{src} -> {other(src)}, confirmed"
+
+
+def step_resize_revert(ctx):
+    uuid = ctx["idle"]
+    src = host_of(uuid)
+    cli.os("server", "resize", "--flavor", "m1.micro", "--wait", uuid, fmt=False)
+    s = wait_server(uuid, "VERIFY_RESIZE")
+    moved_to = s["OS-EXT-SRV-ATTR:host"]
+    cli.os("server", "resize", "revert", uuid, fmt=False)
+    s = wait_server(uuid, "ACTIVE", host=src)
+    if s["flavor"]["name"] != "m1.nano":
+        raise GuestCheckFailed(f"flavor after revert: {s['flavor']}")
+    guests.check_runs_only_on(uuid, src)
+    return f"resized on {moved_to} to m1.micro, reverted to m1.nano on {src}"
+
+
+def _cloud(*args):
+    subprocess.run([str(ROOT / "tools/cloud"), *args], check=True,
+                   capture_output=True)
+
+
+def step_evacuate(ctx):
+    uuid = ctx["idle"]
+    src = host_of(uuid)
+    service = f"nova-compute-{src}"
+    _cloud("service", "stop", service)
+    try:
+        cli.os("compute", "service", "set", "--down", src, "nova-compute",
+               fmt=False)
+        cli.os("server", "evacuate", uuid, mv="2.94")
+        wait_server(uuid, "ACTIVE", host=other(src), timeout=300)
+        running = guests.hosts_running(uuid)
+        if running != {src, other(src)}:
+            raise GuestCheckFailed(f"while {src} is down the guest runs on "
+                                   f"{sorted(running)}, expected both")
+    finally:
+        _cloud("service", "start", service)
+    wait_for(lambda: guests.hosts_running(uuid) == {other(src)}, 180,
+             f"{src} to destroy its stale guest on restart")
+    cli.os("compute", "service", "set", "--up", src, "nova-compute", fmt=False)
+    wait_for(lambda: any(s["State"] == "up" for s in cli.os(
+        "compute", "service", "list", "--host", src, "--service",
+        "nova-compute")), 120, f"{src} to report up")
+    guests.check_runs_only_on(uuid, other(src))
+    return f"{src} down -> rebuilt on {other(src)}; stale guest destroyed on {src}"
+
+
+def step_host_evacuate_live(ctx):
+    moved = [create(f"hel{i}", host="host1") for i in (1, 2)]
+    ctx["hel"] = moved
+    followers = {u: guests.ConsoleFollower("host1", u) for u in moved}
+    for f in followers.values():
+        f.start()
+    cli.nova("host-evacuate-live", "host1")
+    for uuid in moved:
+        wait_server(uuid, "ACTIVE", host="host2")
+        guests.check_continued(followers[uuid], "host2", uuid)
+    return f"{len(moved)} servers host1 -> host2 (scheduler-chosen)"
+
+
+def cleanup(ctx):
+    """Delete what this scenario made; check nothing is left on the hosts."""
+    servers = [s["ID"] for s in cli.os("server", "list", "--all-projects")
+               if s["Name"].startswith(PREFIX)]
+    for uuid in servers:
+        cli.os("server", "delete", "--wait", uuid, fmt=False)
+    for uuid in servers:
+        wait_for(lambda u=uuid: not guests.hosts_running(u), 60,
+                 f"guest {uuid} to end")
+        for host in guests.HOSTS:
+            if guests.rundir(host, uuid).exists():
+                raise GuestCheckFailed(f"{guests.rundir(host, uuid)} left behind")
+    return f"{len(servers)} servers deleted, no guest process or file left"
+
+
+STEPS = [
+    ("live migrate to --host, then back to a scheduler-chosen host",
+     step_live_named_and_back),
+    ("stress guest over a slow link: progress in migration list/show, then "
+     "abort", step_progress_and_abort),
+    ("stress guest over a slow link: force complete", step_force_complete),
+    ("cold migrate + resize confirm", step_cold_migrate_confirm),
+    ("resize + resize revert", step_resize_revert),
+    ("evacuate from a downed compute; stale guest destroyed on restart",
+     step_evacuate),
+    ("nova host-evacuate-live host1", step_host_evacuate_live),
+]
+
+
+def main():
+    ctx, failed = {}, 0
+    t_all = time.monotonic()
+    try:
+        for n, (title, fn) in enumerate(STEPS, 1):
+            t0 = time.monotonic()
+            try:
+                detail = fn(ctx)
+            except GuestCheckFailed as e:
+                print(f"cli step {n}: {title}: FAILED ({time.monotonic() - t0:.1f} s)"
+                      f": {e}", flush=True)
+                failed = 1
+                break
+            print(f"cli step {n}: {title}: ok ({time.monotonic() - t0:.1f} s): "
+                  f"{detail}", flush=True)
+    finally:
+        try:
+            print(f"cli cleanup: {cleanup(ctx)}", flush=True)
+        except GuestCheckFailed as e:
+            print(f"cli cleanup: FAILED: {e}", flush=True)
+            failed = 1
+    passed = n - failed if not failed else n - 1
+    print(f"cli scenario: {passed} passed, {failed} failed "
+          f"({len(STEPS)} steps, {cli.calls} client calls, "
+          f"{time.monotonic() - t_all:.0f} s)", flush=True)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What the guests themselves say, read on the hosts of the cloud.
+
+A test-host guest runs as an ``nb-testhost`` process whose ``--rundir`` is
+``<instances_path>/<uuid>``; its console (``console.log`` there) carries
+the payload's heartbeats and self-check (nova_bhyve/testhost/guest/README.md).
+"""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from nova_bhyve.testhost.console import parse_console
+
+CLOUD_DIR = Path(os.environ.get("NB_CLOUD_DIR", "/var/lib/nova-bhyve-cloud"))
+HOSTS = ("host1", "host2")
+
+
+class GuestCheckFailed(AssertionError):
+    """A guest is missing, runs twice, stalled or reported a self-check error."""
+
+
+def rundir(host, uuid):
+    return CLOUD_DIR / "data" / host / "instances" / uuid
+
+
+def console_text(host, uuid):
+    try:
+        return (rundir(host, uuid) / "console.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def hosts_running(uuid):
+    """Return the hosts on which an nb-testhost process of ``uuid`` runs."""
+    found = set()
+    wanted = {str(rundir(h, uuid)).encode(): h for h in HOSTS}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"nb-testhost"):
+            continue
+        for arg in argv:
+            if arg in wanted:
+                found.add(wanted[arg])
+    return found
+
+
+def wait_for(predicate, timeout, what, interval=0.2):
+    """Poll ``predicate`` until true, or raise GuestCheckFailed naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise GuestCheckFailed(f"timed out after {timeout} s waiting for {what}")
+
+
+def check_runs_only_on(uuid, host, beats=200):
+    """The guest runs on ``host`` alone; heartbeats advance; self-check clean."""
+    running = hosts_running(uuid)
+    if running != {host}:
+        raise GuestCheckFailed(f"guest {uuid} runs on {sorted(running) or 'no host'}"
+                               f", the API says {host}")
+    start = parse_console(console_text(host, uuid)).last_seq
+    wait_for(lambda: parse_console(console_text(host, uuid)).last_seq
+             >= start + beats, 30, f"{beats} heartbeats of {uuid} on {host}")
+    report = parse_console(console_text(host, uuid))
+    if report.errors or report.fails:
+        raise GuestCheckFailed(f"guest {uuid} on {host} reports self-check "
+                               f"errors: {report.fails[:3]}")
+    if report.sequence_breaks():
+        raise GuestCheckFailed(f"guest {uuid} on {host}: heartbeat sequence "
+                               f"broken at {report.sequence_breaks()[:3]}")
+    return report
+
+
+class ConsoleFollower(threading.Thread):
+    """Keeps the whole console of a guest on its source host while it moves.
+
+    Nova removes the source's files after a live migration; this follower
+    reads until then, and notes whether its last read came after the
+    source's VM had ended (so that nothing the guest printed there is lost).
+    """
+
+    def __init__(self, host, uuid):
+        super().__init__(daemon=True)
+        self.host, self.uuid = host, uuid
+        self.text = b""
+        self.complete = False
+        self._stop = threading.Event()
+
+    def run(self):
+        path = rundir(self.host, self.uuid) / "console.log"
+        while not self._stop.is_set():
+            vm_gone = self.host not in hosts_running(self.uuid)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(len(self.text))
+                    self.text += f.read()
+            except FileNotFoundError:
+                return
+            if vm_gone:
+                self.complete = True
+            time.sleep(0.02)
+
+    def stop(self):
+        self._stop.set()
+        self.join(5)
+
+
+def check_continued(follower, dst, uuid):
+    """The guest went on at ``dst`` right where it stopped at the source."""
+    follower.stop()
+    report = check_runs_only_on(uuid, dst)
+    if report.banner:
+        raise GuestCheckFailed(f"guest {uuid} booted anew on {dst}")
+    if not follower.complete:
+        raise GuestCheckFailed(f"the source console of {uuid} vanished before "
+                               "its VM ended: cannot check continuity")
+    src_text = follower.text.decode(errors="replace")
+    combined = parse_console(src_text + console_text(dst, uuid))
+    if combined.sequence_breaks():
+        raise GuestCheckFailed(f"guest {uuid}: heartbeats broken across the "
+                               f"move at {combined.sequence_breaks()[:3]}")
+    return parse_console(src_text).last_seq, report.heartbeats[0].seq
