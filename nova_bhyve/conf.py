@@ -83,6 +83,21 @@ testhost_opts = [
         "testhost_guest_kernel",
         help="Path of the guest payload; defaults to the guest.elf built "
              "into this package."),
+    cfg.StrOpt(
+        "testhost_netns", default="",
+        help="Linux network namespace that holds this compute's tap devices "
+             "and bridges, created on demand (``ip netns add``); empty keeps "
+             "them in the namespace of the privileged helper. Give each "
+             "test-host compute on one machine its own namespace (for "
+             "example ``nb-host1`` and ``nb-host2``): during a live "
+             "migration between two of them the destination creates the "
+             "guest's tap under the same name the source still holds. The "
+             "nova-compute process itself stays where it is. Letters, "
+             "digits, ``.``, ``_`` and ``-``; at most 32 characters."),
+    cfg.StrOpt(
+        "ip_path", default="/sbin/ip",
+        help="The ip(8) binary of iproute2 (tap and bridge plumbing of the "
+             "test host on Linux)."),
 ]
 
 migration_opts = [
