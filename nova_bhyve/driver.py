@@ -192,6 +192,14 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
             raise exception.InstanceDeployFailure(
                 reason=f"nova-bhyve does not support {unsupported} yet",
                 instance_id=instance.uuid)
+        bad_vifs = guest.unsupported_vifs(network_info)
+        if bad_vifs:
+            raise exception.InstanceDeployFailure(
+                reason=f"nova-bhyve plugs ports bound as VIF type "
+                       f"{guest.VIF_TYPE_TAP} (ML2 mechanism driver bhyve, "
+                       f"[ml2_bhyve] hosts must list {self._nodename()}); "
+                       f"these are not: {', '.join(bad_vifs)}",
+                instance_id=instance.uuid)
         spec = guest.build_spec(instance, network_info, CONF)
         try:
             spec = self.backend.create(context, instance, spec, image_meta)

@@ -13,6 +13,7 @@ from nova.virt import event as virtevent
 from nova_bhyve.machine.base import MachineSpec, MachineState, NicSpec
 
 IMAGE_PROP_CMDLINE = "bhyve_testhost_cmdline"
+VIF_TYPE_TAP = "tap"        # as bound by the bhyve ML2 mechanism driver
 
 _EVENTS = {
     MachineState.RUNNING: virtevent.EVENT_LIFECYCLE_STARTED,
@@ -47,6 +48,12 @@ def nics_from_network_info(network_info):
                          tap=vif.get("devname") or tap_name(vif["id"]),
                          mac=vif["address"], bridge=vif_bridge(vif))
                  for vif in network_info or ())
+
+
+def unsupported_vifs(network_info):
+    """Return "port (type)" for each VIF this driver cannot plug."""
+    return [f"{vif['id']} ({vif.get('type')})" for vif in network_info or ()
+            if vif.get("type") != VIF_TYPE_TAP]
 
 
 def vif_plugged_events(network_info):

@@ -59,14 +59,14 @@ def test_spawn_builds_the_spec_and_boots(driver):
     inst = _instance(image_bhyve_testhost_cmdline="mode=stress ws=8M")
     vif = {"id": "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
            "address": "fa:16:3e:01:02:03", "devname": "tap0a1b2c3d-4e",
-           "network": {"bridge": "br-int"}}
+           "type": "tap", "network": {"bridge": "bridge0"}}
     driver.spawn(mock.sentinel.ctx, inst, mock.sentinel.meta, [], SECRET, {},
                  network_info=[vif])
     spec = driver.backend.create.call_args.args[2]
     assert (spec.uuid, spec.vcpus, spec.memory_mb) == (UUID, 2, 256)
     assert spec.cmdline == "mode=stress ws=8M"
     assert [(n.tap, n.mac, n.bridge) for n in spec.nics] == [
-        ("tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "br-int")]
+        ("tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "bridge0")]
     driver.backend.plug_vifs.assert_called_once_with(spec)
     driver.backend.start.assert_called_once_with(UUID)
 
@@ -125,6 +125,17 @@ def test_spawn_waits_for_inactive_vifs_before_booting(driver):
     assert log == ["prepare", "plug", "waited", "start"]
     assert driver.virtapi.waited == [
         ([("network-vif-plugged", VIF_ID)], CONF.vif_plugging_timeout)]
+
+
+def test_ports_of_other_vif_types_are_refused_before_anything_is_made(
+        driver):
+    vif = dict(_tap_vif(active=True), type="ovs",
+               network={"bridge": "br-int"})
+    with pytest.raises(exception.InstanceDeployFailure,
+                       match=rf"type tap .*{VIF_ID} \(ovs\)"):
+        driver.spawn(None, _instance(), None, [], None, {},
+                     network_info=[vif])
+    driver.backend.create.assert_not_called()
 
 
 def test_vif_timeout_is_fatal_by_default_and_cleans_up(driver):
