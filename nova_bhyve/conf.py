@@ -83,6 +83,21 @@ testhost_opts = [
         "testhost_guest_kernel",
         help="Path of the guest payload; defaults to the guest.elf built "
              "into this package."),
+    cfg.StrOpt(
+        "testhost_netns", default="",
+        help="Linux network namespace that holds this compute's tap devices "
+             "and bridges, created on demand (``ip netns add``); empty keeps "
+             "them in the namespace of the privileged helper. Give each "
+             "test-host compute on one machine its own namespace (for "
+             "example ``nb-host1`` and ``nb-host2``): during a live "
+             "migration between two of them the destination creates the "
+             "guest's tap under the same name the source still holds. The "
+             "nova-compute process itself stays where it is. Letters, "
+             "digits, ``.``, ``_`` and ``-``; at most 32 characters."),
+    cfg.StrOpt(
+        "ip_path", default="/sbin/ip",
+        help="The ip(8) binary of iproute2 (tap and bridge plumbing of the "
+             "test host on Linux)."),
 ]
 
 migration_opts = [
@@ -186,6 +201,45 @@ migration_opts = [
              "to the destination, and the longest silence tolerated during "
              "any disk copy."),
 ]
+
+
+ML2_GROUP = cfg.OptGroup(
+    "ml2_bhyve",
+    title="ML2 mechanism driver for bhyve hosts",
+    help="Options of the ``bhyve`` ML2 mechanism driver, read by "
+         "neutron-server (for example in ``ml2_conf.ini``).")
+
+ml2_opts = [
+    cfg.ListOpt(
+        "hosts", default=[],
+        help="Hosts (nova-compute ``[DEFAULT] host`` names) whose ports this "
+             "driver binds: there no Neutron L2 agent runs and nova-bhyve "
+             "plugs the tap devices itself. ``*`` means every host. The "
+             "default, empty, binds no port: list the bhyve hosts, so that "
+             "ports of hosts served by other mechanism drivers are left to "
+             "them."),
+    cfg.DictOpt(
+        "bridge_mappings", default={},
+        help="Bridges of physical networks, ``physnet:bridge,...``, for "
+             "ports on ``flat`` networks: the tap joins that bridge, which "
+             "the operator connects to the physical network (an if_bridge "
+             "with the uplink as a member on FreeBSD). Ports on ``local`` "
+             "networks need no mapping: each network gets a bridge of its "
+             "own on every host, ``nbr`` followed by the first 11 hex digits "
+             "of the network's UUID, created when its first port is "
+             "plugged."),
+]
+
+
+def register_ml2_opts(conf):
+    """Register the ``[ml2_bhyve]`` options on ``conf`` (neutron-server)."""
+    conf.register_group(ML2_GROUP)
+    conf.register_opts(ml2_opts, group=ML2_GROUP)
+
+
+def list_ml2_opts():
+    """Options for oslo-config-generator (entry point ``nova_bhyve.ml2``)."""
+    return [(ML2_GROUP, ml2_opts)]
 
 
 def default_backend():

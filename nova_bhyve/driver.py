@@ -6,6 +6,7 @@ migration, cold migration and evacuation come from the mixins of
 ``nova_bhyve.migration`` placed before ``ComputeDriver`` in the bases.
 """
 
+import contextlib
 import os
 
 import nova.conf
@@ -197,15 +198,24 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
             raise exception.InstanceDeployFailure(
                 reason=f"nova-bhyve does not support {unsupported} yet",
                 instance_id=instance.uuid)
+        bad_vifs = guest.unsupported_vifs(network_info)
+        if bad_vifs:
+            raise exception.InstanceDeployFailure(
+                reason=f"nova-bhyve plugs ports bound as VIF type "
+                       f"{guest.VIF_TYPE_TAP} (ML2 mechanism driver bhyve, "
+                       f"[ml2_bhyve] hosts must list {self._nodename()}); "
+                       f"these are not: {', '.join(bad_vifs)}",
+                instance_id=instance.uuid)
         spec = guest.build_spec(instance, network_info, CONF)
         try:
             spec = self.backend.create(context, instance, spec, image_meta)
-            self.backend.plug_vifs(spec)
+            self._plug_and_wait(instance, spec, network_info, power_on)
             if power_on:
                 self.backend.start(instance.uuid)
         except Exception as exc:
             with excutils.save_and_reraise_exception() as ctxt:
                 self.backend.destroy(instance.uuid)
+                self.backend.unplug_vifs(spec)
                 self.backend.delete_files(instance.uuid, True)
                 if isinstance(exc, MachineError):
                     ctxt.reraise = False
@@ -214,6 +224,34 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
         LOG.info("Guest created (%s vCPU, %s MiB)%s", spec.vcpus,
                  spec.memory_mb, " and started" if power_on else "",
                  instance=instance)
+
+    def _plug_and_wait(self, instance, spec, network_info, power_on):
+        """Plug the VIFs; wait for Neutron to report inactive ones wired."""
+        events = []
+        if power_on and CONF.vif_plugging_timeout:
+            events = guest.vif_plugged_events(network_info)
+        waiting = contextlib.nullcontext()
+        if events:
+            waiting = self.virtapi.wait_for_instance_event(
+                instance, events, timeout=CONF.vif_plugging_timeout,
+                error_callback=self._neutron_failed_callback)
+        try:
+            with waiting:
+                self.backend.plug_vifs(spec)
+        except exception.InstanceEventTimeout:
+            if CONF.vif_plugging_is_fatal:
+                raise exception.VirtualInterfaceCreateException() from None
+            LOG.warning("Neutron did not report %s within %s s "
+                        "([DEFAULT] vif_plugging_timeout); booting anyway "
+                        "as [DEFAULT] vif_plugging_is_fatal is off",
+                        events, CONF.vif_plugging_timeout, instance=instance)
+
+    @staticmethod
+    def _neutron_failed_callback(event_name, instance):
+        LOG.error("Neutron reported failure on event %s", event_name,
+                  instance=instance)
+        if CONF.vif_plugging_is_fatal:
+            raise exception.VirtualInterfaceCreateException()
 
     @staticmethod
     def _unsupported_devices(instance, block_device_info):
@@ -287,7 +325,7 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
             self.plug_vifs(instance, network_info)
 
     def plug_vifs(self, instance, network_info):
-        """Create tap devices on their bridges (bhyve; no-op on the test host)."""
+        """Create the guest's tap devices on their bridges."""
         self.backend.plug_vifs(guest.build_spec(instance, network_info, CONF))
 
     def unplug_vifs(self, instance, network_info):

@@ -13,6 +13,7 @@ from nova.virt import event as virtevent
 from nova_bhyve.machine.base import MachineSpec, MachineState, NicSpec
 
 IMAGE_PROP_CMDLINE = "bhyve_testhost_cmdline"
+VIF_TYPE_TAP = "tap"        # as bound by the bhyve ML2 mechanism driver
 
 _EVENTS = {
     MachineState.RUNNING: virtevent.EVENT_LIFECYCLE_STARTED,
@@ -28,16 +29,42 @@ def tap_name(vif_id):
     return ("tap" + vif_id)[:14]
 
 
+def vif_bridge(vif):
+    """Return the bridge a VIF's tap joins.
+
+    The ``bhyve`` ML2 mechanism driver binds ports as VIF type ``tap``
+    with the bridge in ``vif_details`` (``bridge_name``); Nova fills
+    ``network['bridge']`` only for VIF types it plugs itself (OVS), and
+    refuses VIF type ``bridge`` since Linux bridge support left it.
+    """
+    details = vif.get("details") or {}
+    network = vif.get("network") or {}
+    return details.get("bridge_name") or network.get("bridge") or ""
+
+
 def nics_from_network_info(network_info):
     """Return NicSpecs for the VIFs of ``network_info``."""
-    nics = []
-    for vif in network_info or ():
-        network = vif.get("network") or {}
-        nics.append(NicSpec(vif_id=vif["id"],
-                            tap=vif.get("devname") or tap_name(vif["id"]),
-                            mac=vif["address"],
-                            bridge=network.get("bridge") or ""))
-    return tuple(nics)
+    return tuple(NicSpec(vif_id=vif["id"],
+                         tap=vif.get("devname") or tap_name(vif["id"]),
+                         mac=vif["address"], bridge=vif_bridge(vif))
+                 for vif in network_info or ())
+
+
+def unsupported_vifs(network_info):
+    """Return "port (type)" for each VIF this driver cannot plug."""
+    return [f"{vif['id']} ({vif.get('type')})" for vif in network_info or ()
+            if vif.get("type") != VIF_TYPE_TAP]
+
+
+def vif_plugged_events(network_info):
+    """Return the network-vif-plugged events to wait for after plugging.
+
+    As in Nova's libvirt driver: only VIFs Neutron reports as not active
+    will see a DOWN to ACTIVE transition, hence an event.  Ports bound by
+    the ``bhyve`` mechanism driver are ACTIVE from their binding on.
+    """
+    return [("network-vif-plugged", vif["id"]) for vif in network_info or ()
+            if vif.get("active", True) is False]
 
 
 def build_spec(instance, network_info, conf):

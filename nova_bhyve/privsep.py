@@ -8,7 +8,13 @@ names and values, checks them, and builds its own command line:
   ``[bhyve] zfs_dataset``);
 - the guest command line is checked by ``nova_bhyve.machine.argv.validate``
   (argv[0] pinned to ``[bhyve] bhyve_path``);
-- interface names match the tap and bridge patterns.
+- interface names match the tap and bridge patterns, network namespace
+  names their own (and come from ``[bhyve] testhost_netns``, not from the
+  caller).
+
+Bridges are created when a tap needs them and marked as made by nova-bhyve
+(description on FreeBSD, alias on Linux); only such a bridge is removed,
+and only once its last member is gone.
 
 The ``check_*`` functions hold the checks and are what the unit tests call.
 """
@@ -18,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 import nova.conf
 import psutil
@@ -40,6 +47,10 @@ bhyve_pctxt = priv_context.PrivContext(
 )
 
 BRIDGE_RE = re.compile(r"^[a-z][a-z0-9_.]{0,14}$")
+NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+NETNS_DIR = "/run/netns"
+OWNER_MARK = "nova-bhyve"    # description/alias of the bridges we create
+_NET_LOCK = threading.Lock()    # one plug or unplug at a time per helper
 DATASET_PART_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL,
             "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
@@ -171,32 +182,141 @@ def checkpoint_guest(uuid, base):
                          f"--vm={check_uuid(uuid)}")
 
 
+def check_mac(mac):
+    """Return ``mac`` if it is a lower-case colon-separated MAC address."""
+    if not isinstance(mac, str) or not bhyve_argv.MAC_RE.match(mac):
+        raise PrivilegeError(f"{mac!r} is not a MAC address")
+    return mac
+
+
+def check_netns(name):
+    """Return ``name`` if it is a network namespace name ('' = current)."""
+    if name == "":
+        return name
+    if not isinstance(name, str) or not NETNS_RE.match(name):
+        raise PrivilegeError(f"{name!r} is not a network namespace name")
+    return name
+
+
+def _ifconfig(*args, exit_codes=(0,)):
+    out, _err = processutils.execute(CONF.bhyve.ifconfig_path, *args,
+                                     check_exit_code=list(exit_codes))
+    return out
+
+
+def _ifconfig_create(kind, name, description):
+    """``ifconfig <kind> create``, renamed to ``name``, described, up."""
+    created = _ifconfig(kind, "create").strip()
+    if not re.match(rf"^{kind}\d+$", created):
+        raise PrivilegeError(f"ifconfig created {created!r}, not a {kind}")
+    _ifconfig(created, "name", name)
+    _ifconfig(name, "description", description, "up")
+
+
 @bhyve_pctxt.entrypoint
 def create_tap(tap, bridge, mac):
-    """Create tap device ``tap`` and add it to ``bridge``."""
+    """Create tap device ``tap`` and add it to ``bridge`` (made if missing)."""
     check_tap(tap)
     if bridge:
         check_bridge(bridge)
-    if not bhyve_argv.MAC_RE.match(mac or ""):
-        raise PrivilegeError(f"{mac!r} is not a MAC address")
-    ifconfig = CONF.bhyve.ifconfig_path
-    out, _err = processutils.execute(ifconfig, "tap", "create")
-    created = out.strip()
-    if not re.match(r"^tap\d+$", created):
-        raise PrivilegeError(f"ifconfig created {created!r}, not a tap")
-    processutils.execute(ifconfig, created, "name", tap)
-    processutils.execute(ifconfig, tap, "description", f"nova-bhyve {mac}",
-                         "up")
-    if bridge:
-        processutils.execute(ifconfig, bridge, "addm", tap,
-                             check_exit_code=[0, 1])
+    check_mac(mac)
+    with _NET_LOCK:
+        if bridge and not _ifconfig(bridge, exit_codes=(0, 1)).strip():
+            _ifconfig_create("bridge", bridge, OWNER_MARK)
+        _ifconfig_create("tap", tap, f"{OWNER_MARK} {mac}")
+        if bridge:
+            _ifconfig(bridge, "addm", tap)
 
 
 @bhyve_pctxt.entrypoint
-def destroy_tap(tap):
-    """Destroy tap device ``tap`` (missing is fine)."""
-    processutils.execute(CONF.bhyve.ifconfig_path, check_tap(tap), "destroy",
-                         check_exit_code=[0, 1])
+def destroy_tap(tap, bridge=""):
+    """Destroy tap ``tap`` and then ``bridge`` if it is ours and empty."""
+    check_tap(tap)
+    if bridge:
+        check_bridge(bridge)
+    with _NET_LOCK:
+        _ifconfig(tap, "destroy", exit_codes=(0, 1))
+        if not bridge:
+            return
+        out = _ifconfig(bridge, exit_codes=(0, 1))
+        if f"description: {OWNER_MARK}\n" in out + "\n" and \
+                "member:" not in out:
+            _ifconfig(bridge, "destroy", exit_codes=(0, 1))
+
+
+def host_tap_mac(mac):
+    """Return the MAC of the host side of a tap: the guest's with fe first.
+
+    As libvirt does: a bridge port with the guest's own address would make
+    the bridge deliver the guest's frames to the host.
+    """
+    return "fe" + check_mac(mac)[2:]
+
+
+def _ip(netns, *args, exit_codes=(0,)):
+    cmd = [CONF.bhyve.ip_path]
+    if netns:
+        cmd += ["-n", netns]
+    out, _err = processutils.execute(*cmd, *args,
+                                     check_exit_code=list(exit_codes))
+    return out
+
+
+def _ip_link(netns, name):
+    """Return ``ip -o link show dev name`` ('' if there is no such link)."""
+    return _ip(netns, "-o", "link", "show", "dev", name,
+               exit_codes=(0, 1)).strip()
+
+
+def _ensure_netns(netns):
+    if not netns or os.path.exists(os.path.join(NETNS_DIR, netns)):
+        return
+    _ip("", "netns", "add", netns, exit_codes=(0, 1))   # 1: made meanwhile
+    if not os.path.exists(os.path.join(NETNS_DIR, netns)):
+        raise PrivilegeError(f"ip netns add {netns} made no {NETNS_DIR}/"
+                             f"{netns}")
+    _ip(netns, "link", "set", "dev", "lo", "up")
+
+
+@bhyve_pctxt.entrypoint
+def plug_tap_linux(tap, bridge, mac):
+    """Create tap ``tap`` in ``[bhyve] testhost_netns``, on ``bridge``."""
+    netns = check_netns(CONF.bhyve.testhost_netns)
+    check_tap(tap)
+    if bridge:
+        check_bridge(bridge)
+    host_mac = host_tap_mac(mac)
+    with _NET_LOCK:
+        _ensure_netns(netns)
+        if bridge and not _ip_link(netns, bridge):
+            _ip(netns, "link", "add", "name", bridge, "type", "bridge")
+            _ip(netns, "link", "set", "dev", bridge, "alias", OWNER_MARK)
+            _ip(netns, "link", "set", "dev", bridge, "up")
+        if not _ip_link(netns, tap):
+            _ip(netns, "tuntap", "add", "dev", tap, "mode", "tap")
+        _ip(netns, "link", "set", "dev", tap, "address", host_mac)
+        if bridge:
+            _ip(netns, "link", "set", "dev", tap, "master", bridge)
+        _ip(netns, "link", "set", "dev", tap, "up")
+
+
+@bhyve_pctxt.entrypoint
+def unplug_tap_linux(tap, bridge=""):
+    """Delete tap ``tap`` and then ``bridge`` if it is ours and empty."""
+    netns = check_netns(CONF.bhyve.testhost_netns)
+    check_tap(tap)
+    if bridge:
+        check_bridge(bridge)
+    with _NET_LOCK:
+        if netns and not os.path.exists(os.path.join(NETNS_DIR, netns)):
+            return
+        _ip(netns, "link", "del", "dev", tap, exit_codes=(0, 1))
+        if not bridge:
+            return
+        link = _ip_link(netns, bridge)
+        if link.endswith(f"alias {OWNER_MARK}") and not _ip(
+                netns, "-o", "link", "show", "master", bridge).strip():
+            _ip(netns, "link", "del", "dev", bridge, exit_codes=(0, 1))
 
 
 @bhyve_pctxt.entrypoint

@@ -10,7 +10,8 @@ Per instance:
   the UEFI variable store template), ``console.log`` (COM1), the
   supervisor's files and, while suspended, the checkpoint set written by
   ``bhyvectl --suspend`` (needs a bhyve built with BHYVE_SNAPSHOT);
-- one tap device per VIF, added to the VIF's bridge;
+- one tap device per VIF, added to the VIF's bridge (an if_bridge made on
+  demand, and destroyed with its last tap, when nova-bhyve made it);
 - a VNC framebuffer on ``[vnc] server_listen`` when ``[vnc] enabled``.
 
 Guests run as ``daemon(8) -> supervise -> bhyve``; a guest reboot (exit 0)
@@ -524,7 +525,7 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.create_tap(nic.tap, nic.bridge, nic.mac)
 
     def unplug_vifs(self, spec):
-        """Destroy each NIC's tap device."""
+        """Destroy each NIC's tap device (and a bridge left empty)."""
         for nic in spec.nics:
-            privsep.destroy_tap(nic.tap)
+            privsep.destroy_tap(nic.tap, nic.bridge)
 

@@ -6,6 +6,12 @@ does not read it), ``machine.json`` (spec and intent), the supervisor's
 files, the control socket and ``console.log``, and while suspended the
 checkpoint set ``checkpoint``, ``checkpoint.kern``, ``checkpoint.meta``.
 
+Each VIF gets a tap device on its bridge (a Linux bridge made on demand,
+removed with its last tap), in the network namespace ``[bhyve]
+testhost_netns`` when set, through the privileged helper.  The test host's
+VMs have no NIC device: the tap is the host side a bhyve guest's
+virtio-net would use, and it carries no guest traffic here.
+
 The guest payload is the bundled ``guest.elf``; its command line comes
 from the image property ``bhyve_testhost_cmdline`` (default
 ``[bhyve] testhost_default_cmdline``, ``mode=idle``).  The payload has no
@@ -25,6 +31,7 @@ import time
 
 from oslo_log import log as logging
 
+from nova_bhyve import privsep
 from nova_bhyve.concurrency import offload
 from nova_bhyve.machine import checkpoint, hostinfo, images, power
 from nova_bhyve.machine.base import (
@@ -381,6 +388,17 @@ class TestHostBackend(SupervisedMachines, Backend):
         path = self._path(uuid, "disk")
         if os.path.getsize(path) < size:
             os.truncate(path, size)
+
+    # -- networking -------------------------------------------------------
+    def plug_vifs(self, spec):
+        """Create each NIC's tap (host side only) and attach it to its bridge."""
+        for nic in spec.nics:
+            privsep.plug_tap_linux(nic.tap, nic.bridge, nic.mac)
+
+    def unplug_vifs(self, spec):
+        """Delete each NIC's tap (and a bridge left without ports)."""
+        for nic in spec.nics:
+            privsep.unplug_tap_linux(nic.tap, nic.bridge)
 
     def console_log_path(self, uuid):
         """Return the path of console.log."""

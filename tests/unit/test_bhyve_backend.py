@@ -9,7 +9,12 @@ import pytest
 
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import bhyve, power
-from nova_bhyve.machine.base import MachineError, MachineSpec, MachineState
+from nova_bhyve.machine.base import (
+    MachineError,
+    MachineSpec,
+    MachineState,
+    NicSpec,
+)
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 
@@ -296,3 +301,16 @@ def test_zvol_disk_path_and_growth(backend, monkeypatch):
     backend.grow_disk(UUID, (20 << 30) + 1)
     backend.helper.zfs.assert_called_once_with(
         "resize", f"zroot/nova/{UUID}-disk0", size_gb=21)
+
+
+def test_vifs_are_taps_on_their_bridges(backend, monkeypatch):
+    nic = NicSpec("v1", "tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "nbr3f2a9c1e7b4")
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512, nics=(nic,))
+    monkeypatch.setattr(bhyve.socket, "if_nametoindex",
+                        mock.Mock(side_effect=OSError("no such device")))
+    backend.plug_vifs(spec)
+    backend.helper.create_tap.assert_called_once_with(
+        "tap0a1b2c3d-4e", "nbr3f2a9c1e7b4", "fa:16:3e:01:02:03")
+    backend.unplug_vifs(spec)
+    backend.helper.destroy_tap.assert_called_once_with(
+        "tap0a1b2c3d-4e", "nbr3f2a9c1e7b4")

@@ -44,15 +44,27 @@ def test_backend_choice_is_checked():
         conf.set_override("backend", "qemu", group="bhyve")
 
 
-def test_committed_sample_is_current(tmp_path):
-    """etc/nova-bhyve.conf.sample is what oslo-config-generator makes now."""
+@pytest.mark.parametrize("generator_conf,sample", [
+    ("nova-bhyve-config-generator.conf", "nova-bhyve.conf.sample"),
+    ("nova-bhyve-ml2-config-generator.conf", "ml2_conf_bhyve.ini.sample"),
+])
+def test_committed_sample_is_current(tmp_path, generator_conf, sample):
+    """The samples in etc/ are what oslo-config-generator makes now."""
     conf = cfg.ConfigOpts()
     generator.register_cli_opts(conf)
     out = tmp_path / "sample.conf"
-    conf(["--config-file",
-          str(ROOT / "etc" / "nova-bhyve-config-generator.conf"),
+    conf(["--config-file", str(ROOT / "etc" / generator_conf),
           "--output-file", str(out)])
     generator.generate(conf)
-    committed = (ROOT / "etc" / "nova-bhyve.conf.sample").read_text()
+    committed = (ROOT / "etc" / sample).read_text()
     assert out.read_text() == committed, (
-        "regenerate the sample: tox -e genconfig")
+        "regenerate the samples: tox -e genconfig")
+
+
+def test_ml2_options_and_their_sample():
+    """[ml2_bhyve] defaults bind nothing; its sample is current."""
+    conf = cfg.ConfigOpts()
+    bhyve_conf.register_ml2_opts(conf)
+    conf([])
+    assert conf.ml2_bhyve.hosts == []
+    assert conf.ml2_bhyve.bridge_mappings == {}

@@ -1,5 +1,6 @@
 """BhyveDriver's translation of Nova calls, with a recording backend."""
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -58,16 +59,119 @@ def test_spawn_builds_the_spec_and_boots(driver):
     inst = _instance(image_bhyve_testhost_cmdline="mode=stress ws=8M")
     vif = {"id": "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
            "address": "fa:16:3e:01:02:03", "devname": "tap0a1b2c3d-4e",
-           "network": {"bridge": "br-int"}}
+           "type": "tap", "network": {"bridge": "bridge0"}}
     driver.spawn(mock.sentinel.ctx, inst, mock.sentinel.meta, [], SECRET, {},
                  network_info=[vif])
     spec = driver.backend.create.call_args.args[2]
     assert (spec.uuid, spec.vcpus, spec.memory_mb) == (UUID, 2, 256)
     assert spec.cmdline == "mode=stress ws=8M"
     assert [(n.tap, n.mac, n.bridge) for n in spec.nics] == [
-        ("tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "br-int")]
+        ("tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "bridge0")]
     driver.backend.plug_vifs.assert_called_once_with(spec)
     driver.backend.start.assert_called_once_with(UUID)
+
+
+VIF_ID = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"
+
+
+def _tap_vif(active):
+    """A VIF as Nova builds it from a port the bhyve mech driver bound."""
+    return {"id": VIF_ID, "address": "fa:16:3e:01:02:03",
+            "devname": "tap0a1b2c3d-4e", "type": "tap", "active": active,
+            "details": {"bridge_name": "nbr3f2a9c1e7b4"},
+            "network": {"bridge": None}}
+
+
+class _RecordingVirtAPI:
+    """wait_for_instance_event as Nova's: plan, run the body, then wait."""
+
+    def __init__(self, log, timeout=False):
+        self.log, self.timeout, self.waited = log, timeout, []
+
+    @contextlib.contextmanager
+    def wait_for_instance_event(self, instance, events, timeout,
+                                error_callback=None):
+        self.waited.append((events, timeout))
+        self.log.append("prepare")
+        yield
+        self.log.append("waited")
+        if self.timeout:
+            raise exception.InstanceEventTimeout()
+
+
+def _recording(driver, **kwargs):
+    log = []
+    driver.virtapi = _RecordingVirtAPI(log, **kwargs)
+    driver.backend.plug_vifs.side_effect = lambda spec: log.append("plug")
+    driver.backend.start.side_effect = lambda uuid: log.append("start")
+    return log
+
+
+def test_spawn_plugs_a_tap_vif_on_the_bridge_of_its_details(driver):
+    log = _recording(driver)
+    driver.spawn(None, _instance(), None, [], None, {},
+                 network_info=[_tap_vif(active=True)])
+    spec = driver.backend.create.call_args.args[2]
+    assert [(n.tap, n.bridge) for n in spec.nics] == [
+        ("tap0a1b2c3d-4e", "nbr3f2a9c1e7b4")]
+    assert log == ["plug", "start"]     # active port: nothing to wait for
+    assert driver.virtapi.waited == []
+
+
+def test_spawn_waits_for_inactive_vifs_before_booting(driver):
+    log = _recording(driver)
+    driver.spawn(None, _instance(), None, [], None, {},
+                 network_info=[_tap_vif(active=False)])
+    assert log == ["prepare", "plug", "waited", "start"]
+    assert driver.virtapi.waited == [
+        ([("network-vif-plugged", VIF_ID)], CONF.vif_plugging_timeout)]
+
+
+def test_ports_of_other_vif_types_are_refused_before_anything_is_made(
+        driver):
+    vif = dict(_tap_vif(active=True), type="ovs",
+               network={"bridge": "br-int"})
+    with pytest.raises(exception.InstanceDeployFailure,
+                       match=rf"type tap .*{VIF_ID} \(ovs\)"):
+        driver.spawn(None, _instance(), None, [], None, {},
+                     network_info=[vif])
+    driver.backend.create.assert_not_called()
+
+
+def test_vif_timeout_is_fatal_by_default_and_cleans_up(driver):
+    log = _recording(driver, timeout=True)
+    with pytest.raises(exception.VirtualInterfaceCreateException):
+        driver.spawn(None, _instance(), None, [], None, {},
+                     network_info=[_tap_vif(active=False)])
+    assert "start" not in log
+    spec = driver.backend.create.call_args.args[2]
+    driver.backend.unplug_vifs.assert_called_once_with(spec)
+    driver.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_vif_timeout_not_fatal_boots_anyway(driver):
+    CONF.set_override("vif_plugging_is_fatal", False)
+    try:
+        log = _recording(driver, timeout=True)
+        driver.spawn(None, _instance(), None, [], None, {},
+                     network_info=[_tap_vif(active=False)])
+    finally:
+        CONF.clear_override("vif_plugging_is_fatal")
+    assert log[-1] == "start"
+
+
+@pytest.mark.parametrize("power_on,timeout", [(False, 300), (True, 0)])
+def test_no_vif_wait_when_not_booting_or_disabled(driver, power_on, timeout):
+    CONF.set_override("vif_plugging_timeout", timeout)
+    try:
+        log = _recording(driver)
+        driver.spawn(None, _instance(), None, [], None, {},
+                     network_info=[_tap_vif(active=False)],
+                     power_on=power_on)
+    finally:
+        CONF.clear_override("vif_plugging_timeout")
+    assert driver.virtapi.waited == []
+    assert log[0] == "plug"
 
 
 def test_default_guest_cmdline_is_mode_idle():

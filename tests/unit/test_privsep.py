@@ -168,3 +168,191 @@ def test_signal_guest_checks_the_process(tmp_path, conf):
     (tmp_path / UUID / "child.pid").write_text(json.dumps({"pid": os.getpid()}))
     with pytest.raises(privsep.PrivilegeError, match="not the bhyve"):
         privsep.signal_guest(UUID, "KILL")
+
+
+# -- tap and bridge plumbing --------------------------------------------------
+TAP = "tap7d1e0b7c-2f"
+MAC = "fa:16:3e:aa:bb:cc"
+
+
+class FakeLinks:
+    """processutils.execute for ifconfig(8) and ip(8): a few links, recorded.
+
+    ``links`` maps an interface name to its description/alias; ``members``
+    maps a bridge to its ports.
+    """
+
+    def __init__(self, links=(), members=None):
+        self.links = dict(links)
+        self.members = members or {}
+        self.calls = []
+
+    def __call__(self, *cmd, check_exit_code=(0,)):
+        self.calls.append(cmd)
+        args = [a for a in cmd[1:]]
+        if cmd[0] == "/sbin/ip":
+            if args[:1] == ["-n"]:
+                args = args[2:]
+            if args[:4] == ["-o", "link", "show", "dev"]:
+                name = args[4]
+                if name not in self.links:
+                    return "", f'Device "{name}" does not exist.'
+                return f"5: {name}: <UP> mtu 1500\\    alias " \
+                       f"{self.links[name]}\n", ""
+            if args[:4] == ["-o", "link", "show", "master"]:
+                return "".join(f"9: {p}: <UP>\n" for p in
+                               self.members.get(args[4], ())), ""
+            return "", ""
+        # ifconfig
+        if len(args) == 1:
+            name = args[0]
+            if name not in self.links:
+                return "", f"ifconfig: interface {name} does not exist"
+            members = "".join(f"\tmember: {p} flags=143\n"
+                              for p in self.members.get(name, ()))
+            return (f"{name}: flags=8843<UP>\n\tdescription: "
+                    f"{self.links[name]}\n{members}"), ""
+        if args[1:] == ["create"]:
+            return f"{args[0]}3\n", ""
+        return "", ""
+
+
+@pytest.fixture
+def links(monkeypatch):
+    def make(**kwargs):
+        fake = FakeLinks(**kwargs)
+        monkeypatch.setattr(privsep.processutils, "execute", fake)
+        return fake
+    return make
+
+
+@pytest.fixture
+def netns(conf, tmp_path, monkeypatch):
+    conf.set_override("testhost_netns", "nb-host2", group="bhyve")
+    monkeypatch.setattr(privsep, "NETNS_DIR", str(tmp_path))
+    yield tmp_path
+    conf.clear_override("testhost_netns", group="bhyve")
+
+
+def test_freebsd_makes_a_missing_bridge_then_adds_the_tap(links):
+    fake = links()
+    privsep.create_tap(TAP, "nbr3f2a9c1e7b4", MAC)
+    assert fake.calls == [
+        ("/sbin/ifconfig", "nbr3f2a9c1e7b4"),
+        ("/sbin/ifconfig", "bridge", "create"),
+        ("/sbin/ifconfig", "bridge3", "name", "nbr3f2a9c1e7b4"),
+        ("/sbin/ifconfig", "nbr3f2a9c1e7b4", "description", "nova-bhyve",
+         "up"),
+        ("/sbin/ifconfig", "tap", "create"),
+        ("/sbin/ifconfig", "tap3", "name", TAP),
+        ("/sbin/ifconfig", TAP, "description", f"nova-bhyve {MAC}", "up"),
+        ("/sbin/ifconfig", "nbr3f2a9c1e7b4", "addm", TAP)]
+
+
+def test_freebsd_uses_an_existing_bridge(links):
+    fake = links(links={"bridge0": "uplink"})
+    privsep.create_tap(TAP, "bridge0", MAC)
+    assert ("/sbin/ifconfig", "bridge", "create") not in fake.calls
+    assert fake.calls[-1] == ("/sbin/ifconfig", "bridge0", "addm", TAP)
+
+
+@pytest.mark.parametrize("owner,members,destroyed", [
+    ("nova-bhyve", (), True),
+    ("nova-bhyve", ("tap1234",), False),        # another guest's tap
+    ("uplink", (), False),                      # the operator's bridge
+])
+def test_freebsd_destroys_only_its_own_empty_bridge(links, owner, members,
+                                                    destroyed):
+    fake = links(links={"bridge0": owner}, members={"bridge0": members})
+    privsep.destroy_tap(TAP, "bridge0")
+    assert fake.calls[0] == ("/sbin/ifconfig", TAP, "destroy")
+    assert (("/sbin/ifconfig", "bridge0", "destroy") in fake.calls) == \
+        destroyed
+
+
+def test_linux_plug_makes_namespace_bridge_and_tap(links, netns,
+                                                   monkeypatch):
+    fake = links()
+    real_ip = privsep._ip
+
+    def ip(ns, *args, **kwargs):    # `ip netns add` makes the namespace
+        if args[:2] == ("netns", "add"):
+            (netns / args[2]).touch()
+        return real_ip(ns, *args, **kwargs)
+    monkeypatch.setattr(privsep, "_ip", ip)
+    privsep.plug_tap_linux(TAP, "nbr3f2a9c1e7b4", MAC)
+    n = ("/sbin/ip", "-n", "nb-host2")
+    assert fake.calls == [
+        ("/sbin/ip", "netns", "add", "nb-host2"),
+        n + ("link", "set", "dev", "lo", "up"),
+        n + ("-o", "link", "show", "dev", "nbr3f2a9c1e7b4"),
+        n + ("link", "add", "name", "nbr3f2a9c1e7b4", "type", "bridge"),
+        n + ("link", "set", "dev", "nbr3f2a9c1e7b4", "alias", "nova-bhyve"),
+        n + ("link", "set", "dev", "nbr3f2a9c1e7b4", "up"),
+        n + ("-o", "link", "show", "dev", TAP),
+        n + ("tuntap", "add", "dev", TAP, "mode", "tap"),
+        n + ("link", "set", "dev", TAP, "address", "fe:16:3e:aa:bb:cc"),
+        n + ("link", "set", "dev", TAP, "master", "nbr3f2a9c1e7b4"),
+        n + ("link", "set", "dev", TAP, "up")]
+
+
+def test_linux_plug_again_keeps_what_exists(links, netns):
+    (netns / "nb-host2").touch()
+    fake = links(links={"nbr3f2a9c1e7b4": "nova-bhyve", TAP: ""})
+    privsep.plug_tap_linux(TAP, "nbr3f2a9c1e7b4", MAC)
+    made = [c for c in fake.calls if "add" in c]
+    assert made == []
+    assert fake.calls[-2][-4:] == ("dev", TAP, "master", "nbr3f2a9c1e7b4")
+
+
+def test_linux_without_a_namespace_runs_plain_ip(links, conf):
+    fake = links()
+    privsep.plug_tap_linux(TAP, "", MAC)
+    assert all(c[1] != "-n" and "netns" not in c for c in fake.calls)
+    assert not any("master" in c for c in fake.calls)
+
+
+@pytest.mark.parametrize("owner,members,deleted", [
+    ("nova-bhyve", (), True),
+    ("nova-bhyve", ("tap1234",), False),
+    ("", (), False),
+])
+def test_linux_unplug_deletes_only_its_own_empty_bridge(links, netns, owner,
+                                                        members, deleted):
+    (netns / "nb-host2").touch()
+    fake = links(links={"br0": owner}, members={"br0": members})
+    privsep.unplug_tap_linux(TAP, "br0")
+    n = ("/sbin/ip", "-n", "nb-host2")
+    assert fake.calls[0] == n + ("link", "del", "dev", TAP)
+    assert (n + ("link", "del", "dev", "br0") in fake.calls) == deleted
+
+
+def test_linux_unplug_in_a_namespace_never_made_does_nothing(links, netns):
+    fake = links()
+    privsep.unplug_tap_linux(TAP, "br0")
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("name", ["../../proc/1/ns/net", "a/b", ".hidden",
+                                  "x" * 33, "ns with space", None])
+def test_namespace_names_are_checked(links, conf, name):
+    fake = links()
+    conf.set_override("testhost_netns", name, group="bhyve")
+    try:
+        with pytest.raises(privsep.PrivilegeError):
+            privsep.plug_tap_linux(TAP, "br0", MAC)
+        with pytest.raises(privsep.PrivilegeError):
+            privsep.unplug_tap_linux(TAP, "br0")
+    finally:
+        conf.clear_override("testhost_netns", group="bhyve")
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("tap,bridge,mac", [
+    ("eth0", "br0", MAC), (TAP, "br-ex;reboot", MAC), (TAP, "br0", "FA:16"),
+    (TAP, "br0", None)])
+def test_linux_plug_checks_its_arguments(links, conf, tap, bridge, mac):
+    fake = links()
+    with pytest.raises(privsep.PrivilegeError):
+        privsep.plug_tap_linux(tap, bridge, mac)
+    assert fake.calls == []
