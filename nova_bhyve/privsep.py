@@ -30,6 +30,7 @@ import nova.conf
 import psutil
 from oslo_concurrency import processutils
 from oslo_privsep import capabilities as caps
+from oslo_privsep import daemon as privsep_daemon
 from oslo_privsep import priv_context
 
 import nova_bhyve.conf  # noqa: F401
@@ -58,6 +59,10 @@ _SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL,
 
 class PrivilegeError(ValueError):
     """A privileged request was refused; nothing was run."""
+
+
+#: what a call raises when the helper itself cannot start
+HelperStartError = privsep_daemon.FailedToDropPrivileges
 
 
 def _paths():

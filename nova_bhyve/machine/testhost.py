@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 
 from nova_bhyve import privsep
@@ -393,12 +394,26 @@ class TestHostBackend(SupervisedMachines, Backend):
     def plug_vifs(self, spec):
         """Create each NIC's tap (host side only) and attach it to its bridge."""
         for nic in spec.nics:
-            privsep.plug_tap_linux(nic.tap, nic.bridge, nic.mac)
+            self._net("plug", privsep.plug_tap_linux, nic.tap, nic.bridge,
+                      nic.mac)
 
     def unplug_vifs(self, spec):
         """Delete each NIC's tap (and a bridge left without ports)."""
         for nic in spec.nics:
-            privsep.unplug_tap_linux(nic.tap, nic.bridge)
+            self._net("unplug", privsep.unplug_tap_linux, nic.tap, nic.bridge)
+
+    def _net(self, what, call, tap, *args):
+        try:
+            call(tap, *args)
+        except privsep.HelperStartError as exc:
+            raise MachineError(
+                f"cannot {what} {tap}: the privileged helper did not start "
+                f"({exc}); a nova-compute running as root needs "
+                "[nova_bhyve_privileged] helper_command = <venv>/bin/"
+                "privsep-helper --config-file <its nova.conf>") from exc
+        except (privsep.PrivilegeError,
+                processutils.ProcessExecutionError) as exc:
+            raise MachineError(f"cannot {what} {tap}: {exc}") from exc
 
     def console_log_path(self, uuid):
         """Return the path of console.log."""

@@ -8,6 +8,7 @@ network namespaces, the way two test-host computes on one machine use it.
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 from oslo_privsep import priv_context
@@ -91,3 +92,24 @@ def test_two_computes_hold_the_same_tap_name(helper_in):
     assert _links(dest)[TAP][0] == BRIDGE
     privsep.unplug_tap_linux(TAP, BRIDGE)           # the destination's
     assert TAP in _links(source) and TAP not in _links(dest)
+
+
+def test_helper_command_of_a_root_compute(tmp_path):
+    """The helper started by ``helper_command`` reads its own config files."""
+    netns = f"nbt-{os.getpid()}-h"
+    conf_file = tmp_path / "nova-host1.conf"
+    conf_file.write_text(f"[bhyve]\ntesthost_netns = {netns}\n")
+    helper = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
+    privsep.bhyve_pctxt.stop()
+    CONF.set_override("helper_command",
+                      f"{helper} --config-file {conf_file}",
+                      group="nova_bhyve_privileged")
+    try:
+        privsep.plug_tap_linux(TAP, BRIDGE, MAC)    # starts the helper
+        assert _links(netns)[TAP][0] == BRIDGE      # its namespace, not ours
+        privsep.unplug_tap_linux(TAP, BRIDGE)
+        assert set(_links(netns)) == {"lo"}
+    finally:
+        privsep.bhyve_pctxt.stop()
+        CONF.clear_override("helper_command", group="nova_bhyve_privileged")
+        subprocess.run(["ip", "netns", "del", netns], check=False)

@@ -3,10 +3,12 @@
 from unittest import mock
 
 import pytest
+from oslo_concurrency import processutils
 
+from nova_bhyve import privsep
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import testhost
-from nova_bhyve.machine.base import MachineSpec, NicSpec
+from nova_bhyve.machine.base import MachineError, MachineSpec, NicSpec
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 NICS = (NicSpec("v1", "tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "nbr3f2a9c1e7b4"),
@@ -15,7 +17,8 @@ NICS = (NicSpec("v1", "tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "nbr3f2a9c1e7b4"),
 
 @pytest.fixture
 def backend(tmp_path, monkeypatch):
-    helper = mock.Mock()
+    helper = mock.Mock(HelperStartError=privsep.HelperStartError,
+                       PrivilegeError=privsep.PrivilegeError)
     monkeypatch.setattr(testhost, "privsep", helper)
     be = testhost.TestHostBackend(CONF, str(tmp_path))
     be.helper = helper
@@ -38,3 +41,20 @@ def test_no_nics_touch_nothing_privileged(backend):
     backend.plug_vifs(MachineSpec(uuid=UUID, vcpus=1, memory_mb=64))
     backend.unplug_vifs(MachineSpec(uuid=UUID, vcpus=1, memory_mb=64))
     assert backend.helper.mock_calls == []
+
+
+def test_a_helper_that_cannot_start_names_the_setting(backend):
+    backend.helper.plug_tap_linux.side_effect = \
+        privsep.HelperStartError("sudo: not found")
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=64, nics=NICS[:1])
+    with pytest.raises(MachineError, match=r"sudo: not found.*\[nova_bhyve_"
+                                           r"privileged\] helper_command"):
+        backend.plug_vifs(spec)
+
+
+def test_a_failed_ip_command_is_a_machine_error(backend):
+    backend.helper.unplug_tap_linux.side_effect = \
+        processutils.ProcessExecutionError(stderr="RTNETLINK: busy")
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=64, nics=NICS[:1])
+    with pytest.raises(MachineError, match="cannot unplug tap0a1b2c3d-4e"):
+        backend.unplug_vifs(spec)
