@@ -15,15 +15,17 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from tests.cloud import guests  # noqa: E402
 from tests.cloud.guests import GuestCheckFailed, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-HOST_ADDR = {"host1": "127.0.0.1", "host2": "127.0.0.2"}
+HOST_ADDR = {"host1": "127.0.0.2", "host2": "127.0.0.3"}  # tools/cloudctl/layout
 SLOW_LINK = "48mbit"
 PREFIX = "nb-cli-"
 
@@ -34,9 +36,10 @@ class Cli:
     def __init__(self):
         self.calls = 0
 
-    def _run(self, argv, check=True):
+    def _run(self, argv, check=True, env=None):
         self.calls += 1
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              env=dict(os.environ, **(env or {})))
         if check and proc.returncode:
             raise GuestCheckFailed(f"`{' '.join(argv)}` failed: "
                                    f"{proc.stderr.strip()[-1500:]}")
@@ -50,7 +53,18 @@ class Cli:
         return json.loads(out) if fmt and out.strip() else out
 
     def nova(self, *args):
-        return self._run(["nova", *args]).stdout
+        """python-novaclient, which reads OS_* variables, not clouds.yaml."""
+        import openstack.config
+        cloud = openstack.config.OpenStackConfig().get_one()
+        auth = cloud.config["auth"]
+        env = {"OS_AUTH_URL": auth["auth_url"],
+               "OS_USERNAME": auth["username"],
+               "OS_PASSWORD": auth["password"],
+               "OS_PROJECT_NAME": auth["project_name"],
+               "OS_USER_DOMAIN_NAME": auth["user_domain_name"],
+               "OS_PROJECT_DOMAIN_NAME": auth["project_domain_name"],
+               "OS_REGION_NAME": cloud.config["region_name"]}
+        return self._run(["nova", *args], env=env).stdout
 
 
 cli = Cli()
@@ -120,15 +134,20 @@ class Link:
         self.addr, self.rate = HOST_ADDR[host], rate
 
     def __enter__(self):
+        # htb: everything else keeps a class that never limits it
         for cmd in (["qdisc", "add", "dev", "lo", "root", "handle", "1:",
-                     "prio", "bands", "3", "priomap"] + ["1"] * 16,
-                    ["qdisc", "add", "dev", "lo", "parent", "1:3",
-                     "handle", "30:", "tbf", "rate", self.rate, "burst",
-                     "64kb", "latency", "400ms"],
+                     "htb", "default", "10"],
+                    ["class", "add", "dev", "lo", "parent", "1:", "classid",
+                     "1:10", "htb", "rate", "100gbit", "burst", "4mb"],
+                    ["class", "add", "dev", "lo", "parent", "1:", "classid",
+                     "1:30", "htb", "rate", self.rate, "ceil", self.rate],
                     ["filter", "add", "dev", "lo", "parent", "1:", "protocol",
                      "ip", "prio", "1", "u32", "match", "ip", "dst",
-                     f"{self.addr}/32", "flowid", "1:3"]):
-            subprocess.run(["tc", *cmd], check=True, capture_output=True)
+                     f"{self.addr}/32", "flowid", "1:30"]):
+            proc = subprocess.run(["tc", *cmd], capture_output=True, text=True)
+            if proc.returncode:
+                self.__exit__()
+                raise GuestCheckFailed(f"tc {' '.join(cmd)}: {proc.stderr}")
         return self
 
     def __exit__(self, *exc):
@@ -144,11 +163,12 @@ def start_slow_migration(uuid):
                     120, "the migration to run", interval=0.5)
 
 
-def progress_moves(uuid, mig_id):
+def progress_moves(uuid, mig_uuid):
     """memory_* in `migration show` change while the migration runs."""
     seen = []
     def changed():
-        m = cli.os("server", "migration", "show", uuid, str(mig_id))
+        # by UUID: OSC 10.5 passes a numeric id to the SDK in the wrong place
+        m = cli.os("server", "migration", "show", uuid, mig_uuid)
         seen.append((m["Memory Total Bytes"], m["Memory Processed Bytes"],
                      m["Memory Remaining Bytes"]))
         values = {s for s in seen if s[0]}
@@ -172,13 +192,17 @@ def step_progress_and_abort(ctx):
     src = host_of(uuid)
     with Link(other(src), SLOW_LINK):
         mig = start_slow_migration(uuid)
-        seen = progress_moves(uuid, mig["Id"])
+        listed = f"{mig['Type']} {mig['Status']} {mig['Source Compute']} -> " \
+                 f"{mig['Dest Compute']}"
+        seen = progress_moves(uuid, mig["UUID"])
         cli.os("server", "migration", "abort", uuid, str(mig["Id"]), fmt=False)
         wait_for(lambda: migrations(uuid)[0]["Status"] == "cancelled", 120,
                  "the migration to be cancelled", interval=1)
     wait_server(uuid, "ACTIVE", host=src)
     guests.check_runs_only_on(uuid, src)
-    return f"{seen}; aborted: cancelled, ACTIVE on {src}"
+    # OSC's `migration list` has no memory columns; `show` has them
+    return (f"list: {listed}; show: {seen}; abort: "
+            f"cancelled, ACTIVE on {src}")
 
 
 def step_force_complete(ctx):
@@ -308,7 +332,9 @@ def main():
             t0 = time.monotonic()
             try:
                 detail = fn(ctx)
-            except GuestCheckFailed as e:
+            except Exception as e:  # noqa: BLE001 - report any failure, then clean
+                if not isinstance(e, GuestCheckFailed):
+                    traceback.print_exc()
                 print(f"cli step {n}: {title}: FAILED ({time.monotonic() - t0:.1f} s)"
                       f": {e}", flush=True)
                 failed = 1

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from cloudctl import procs
+
 from nova_bhyve.testhost.console import parse_console
 
 CLOUD_DIR = Path(os.environ.get("NB_CLOUD_DIR", "/var/lib/nova-bhyve-cloud"))
@@ -31,18 +33,18 @@ def console_text(host, uuid):
         return ""
 
 
+def current_boot(host, uuid):
+    """The console since the guest last booted (a revert or reboot boots anew)."""
+    text = console_text(host, uuid)
+    banner = text.rfind("NBGUEST ")
+    return text[text.rfind("\n", 0, banner) + 1:] if banner > 0 else text
+
+
 def hosts_running(uuid):
     """Return the hosts on which an nb-testhost process of ``uuid`` runs."""
     found = set()
     wanted = {str(rundir(h, uuid)).encode(): h for h in HOSTS}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
+    for _pid, argv in procs.cmdlines():
         if not argv or not argv[0].endswith(b"nb-testhost"):
             continue
         for arg in argv:
@@ -68,10 +70,10 @@ def check_runs_only_on(uuid, host, beats=200):
     if running != {host}:
         raise GuestCheckFailed(f"guest {uuid} runs on {sorted(running) or 'no host'}"
                                f", the API says {host}")
-    start = parse_console(console_text(host, uuid)).last_seq
-    wait_for(lambda: parse_console(console_text(host, uuid)).last_seq
+    start = parse_console(current_boot(host, uuid)).last_seq
+    wait_for(lambda: parse_console(current_boot(host, uuid)).last_seq
              >= start + beats, 30, f"{beats} heartbeats of {uuid} on {host}")
-    report = parse_console(console_text(host, uuid))
+    report = parse_console(current_boot(host, uuid))
     if report.errors or report.fails:
         raise GuestCheckFailed(f"guest {uuid} on {host} reports self-check "
                                f"errors: {report.fails[:3]}")
@@ -94,11 +96,11 @@ class ConsoleFollower(threading.Thread):
         self.host, self.uuid = host, uuid
         self.text = b""
         self.complete = False
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
         path = rundir(self.host, self.uuid) / "console.log"
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             vm_gone = self.host not in hosts_running(self.uuid)
             try:
                 with open(path, "rb") as f:
@@ -111,7 +113,7 @@ class ConsoleFollower(threading.Thread):
             time.sleep(0.02)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from cloudctl.layout import SCHEDULER_FILTERS  # noqa: E402
+
 CLOUD_DIR = Path(os.environ.get("NB_CLOUD_DIR", "/var/lib/nova-bhyve-cloud"))
 WORKSPACE = CLOUD_DIR / "tempest"
 SUITES = [
@@ -90,7 +93,10 @@ def tempest_conf():
                     "fixed_network_name": "private",
                     "min_compute_nodes": 2, "max_microversion": "latest",
                     "build_timeout": 180, "region": "RegionOne"},
-        "compute-feature-enabled": FEATURES,
+        "compute-feature-enabled": {
+            **FEATURES,
+            # as the cloud's [filter_scheduler] enabled_filters
+            "scheduler_enabled_filters": SCHEDULER_FILTERS},
         "network": {"project_networks_reachable": False,
                     "shared_physical_network": True},
         "network-feature-enabled": {"ipv6": False},

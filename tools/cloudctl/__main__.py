@@ -107,19 +107,13 @@ def stop(args):
 
 def stop_guests():
     """End test-host guests whose files lie under the cloud's folder."""
-    marker = str(layout.DATA)
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(marker.encode() in part for part in cmd):
+    marker = str(layout.DATA).encode()
+    for pid, argv in procs.cmdlines():
+        if pid != os.getpid() and any(marker in part for part in argv):
             try:
-                os.kill(int(pid), signal.SIGKILL)
-                say(f"killed guest process {pid} ({os.path.basename(cmd[0].decode())})")
+                os.kill(pid, signal.SIGKILL)
+                say(f"killed guest process {pid} "
+                    f"({os.path.basename(argv[0].decode())})")
             except ProcessLookupError:
                 pass
 

@@ -7,7 +7,7 @@ from cloudctl import layout
 from cloudctl.layout import DATA, ETC, url
 
 # The ML2 mechanism driver this package ships (nova_bhyve/neutron).
-MECHANISM_DRIVERS = ""
+MECHANISM_DRIVERS = "bhyve"
 
 
 def render(sections):
@@ -119,19 +119,18 @@ def neutron(s):
         **_common("neutron"),
     })
     write("neutron/plugins/ml2/ml2_conf.ini", {
-        "ml2": {"type_drivers": "local,flat,vlan",
+        "ml2": {"type_drivers": "local,flat",
                 "tenant_network_types": "local",
                 "mechanism_drivers": MECHANISM_DRIVERS,
                 "extension_drivers": "port_security"},
         "ml2_type_flat": {"flat_networks": "*"},
+        # the hosts whose ports the bhyve mechanism driver binds
+        "ml2_bhyve": {"hosts": ",".join(layout.COMPUTES)},
     })
     _copy_paste_ini("neutron", "api-paste.ini")
 
 
 def nova(s):
-    filters = ("ComputeFilter,ComputeCapabilitiesFilter,ImagePropertiesFilter,"
-               "ServerGroupAntiAffinityFilter,ServerGroupAffinityFilter,"
-               "SameHostFilter,DifferentHostFilter")
     write("nova/nova.conf", {
         "DEFAULT": {"transport_url": layout.transport_url(s["rabbit"]),
                     "my_ip": layout.HOST_IP, "state_path": DATA / "nova",
@@ -145,7 +144,7 @@ def nova(s):
                          "send_service_user_token": True},
         "scheduler": {"discover_hosts_in_cells_interval": -1, "workers": 1},
         "conductor": {"workers": 1},
-        "filter_scheduler": {"enabled_filters": filters},
+        "filter_scheduler": {"enabled_filters": layout.SCHEDULER_FILTERS},
         "vnc": {"enabled": False},
         **_common("nova"),
     })
@@ -169,7 +168,14 @@ def compute_overlay(host, facts):
                     "concurrency_backend": facts["concurrency"],
                     "debug": True},
         "oslo_concurrency": {"lock_path": base / "lock"},
-        "bhyve": {"live_migration_inbound_addr": facts["inbound_addr"]},
+        "bhyve": {"live_migration_inbound_addr": facts["inbound_addr"],
+                  # two computes share this kernel: one namespace each for
+                  # their taps and bridges (doc/networking.md)
+                  "testhost_netns": f"nb-{host}"},
+        # nova-compute runs as root: start the privileged helper directly,
+        # reading the same files as the compute (doc/networking.md)
+        "nova_bhyve_privileged": {"helper_command": " ".join(
+            [str(layout.VENV / "bin/privsep-helper"), *compute_argv(host)])},
     }
 
 

@@ -28,14 +28,18 @@ PORTS = {
     "rabbitmq-dist": 25673,
 }
 # The two computes, and the address each one's migration listener binds.
-# Both are loopback addresses of this machine; a distinct one per host lets
-# a test shape the link into one host alone (tc on lo, filtered by address).
+# Both are loopback addresses of this machine, distinct from each other and
+# from the services' 127.0.0.1, so that a test can slow the link into one
+# host alone (tc on lo, filtered by destination address).
 COMPUTES = {
-    "host1": {"inbound_addr": "127.0.0.1", "concurrency": "threading"},
-    "host2": {"inbound_addr": "127.0.0.2", "concurrency": "eventlet"},
+    "host1": {"inbound_addr": "127.0.0.2", "concurrency": "threading"},
+    "host2": {"inbound_addr": "127.0.0.3", "concurrency": "eventlet"},
 }
-DATABASES = ("keystone", "glance", "placement", "neutron",
-             "nova_api", "nova", "nova_cell0")
+# Nova's scheduler filters here (tempest is told the same list).
+SCHEDULER_FILTERS = ("ComputeFilter,ComputeCapabilitiesFilter,"
+                     "ImagePropertiesFilter,ServerGroupAntiAffinityFilter,"
+                     "ServerGroupAffinityFilter,SameHostFilter,"
+                     "DifferentHostFilter")
 SERVICE_USERS = ("nova", "glance", "placement", "neutron")
 
 

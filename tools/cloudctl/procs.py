@@ -36,6 +36,18 @@ def pid_of(name):
     return pid
 
 
+def cmdlines():
+    """Yield (pid, argv as bytes) of every process this machine runs."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                yield int(pid), f.read().split(b"\0")
+        except OSError:
+            continue
+
+
 def tail(name, lines=25):
     """Return the last ``lines`` lines of service ``name``'s log."""
     try:

@@ -21,8 +21,11 @@ WSGI_APPS = {
                   "OS_KEYSTONE_CONFIG_FILES": "keystone.conf"}, []),
     "glance-api": ("glance", "glance.wsgi.api:application",
                    {"OS_GLANCE_CONFIG_DIR": ETC / "glance"},
+                   # glanceclient (Nova's snapshots) sends 1 MiB chunks:
+                   # uWSGI's own limit per chunk is 1 MB
                    ["--http-chunked-input", "--http-raw-body",
-                    "--http-auto-chunked"]),
+                    "--http-auto-chunked", "--chunked-input-limit", "16777216",
+                    "--chunked-input-timeout", "300"]),
     "placement-api": ("placement", "placement.wsgi.api:application",
                       {"OS_PLACEMENT_CONFIG_DIR": ETC / "placement"}, []),
     "neutron-api": ("neutron", "neutron.wsgi.api:application",
