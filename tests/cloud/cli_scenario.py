@@ -258,7 +258,9 @@ def _cloud(*args):
 
 def step_evacuate(ctx):
     uuid = ctx["idle"]
-    src = host_of(uuid)
+    if host_of(uuid) != "host1":
+        live_migrate(uuid, "host1")
+    src = "host1"
     service = f"nova-compute-{src}"
     _cloud("service", "stop", service)
     try:
@@ -283,16 +285,21 @@ def step_evacuate(ctx):
 
 
 def step_host_evacuate_live(ctx):
-    moved = [create(f"hel{i}", host="host1") for i in (1, 2)]
-    ctx["hel"] = moved
-    followers = {u: guests.ConsoleFollower("host1", u) for u in moved}
+    ctx["hel"] = [create(f"hel{i}", host="host1") for i in (1, 2)]
+    on_host1 = [s["ID"] for s in cli.os("server", "list", "--all-projects",
+                                         "--host", "host1")]
+    followers = {u: guests.ConsoleFollower("host1", u) for u in on_host1}
     for f in followers.values():
         f.start()
     cli.nova("host-evacuate-live", "host1")
-    for uuid in moved:
-        wait_server(uuid, "ACTIVE", host="host2")
+    for uuid in on_host1:
+        wait_server(uuid, "ACTIVE", host="host2", timeout=300)
         guests.check_continued(followers[uuid], "host2", uuid)
-    return f"{len(moved)} servers host1 -> host2 (scheduler-chosen)"
+    left = cli.os("server", "list", "--all-projects", "--host", "host1")
+    if left:
+        raise GuestCheckFailed(f"still on host1: {[s['Name'] for s in left]}")
+    return (f"{len(on_host1)} servers host1 -> host2 (scheduler-chosen), "
+            "each continuing its heartbeats")
 
 
 def cleanup(ctx):

@@ -96,7 +96,10 @@ def tempest_conf():
         "compute-feature-enabled": {
             **FEATURES,
             # as the cloud's [filter_scheduler] enabled_filters
-            "scheduler_enabled_filters": SCHEDULER_FILTERS},
+            "scheduler_enabled_filters": SCHEDULER_FILTERS,
+            # Nova 34 enforces its new policy defaults, manager role included
+            "nova_policy_roles": "admin,manager,member,reader,service"},
+        "enforce_scope": {"nova": True},
         "network": {"project_networks_reachable": False,
                     "shared_physical_network": True},
         "network-feature-enabled": {"ipv6": False},
