@@ -10,6 +10,7 @@ self-check clean (tests/cloud/guests.py).  Exit status 1 on the first
 failure.  Servers it made are deleted at the end, even after a failure.
 """
 
+import datetime
 import json
 import os
 import subprocess
@@ -127,6 +128,30 @@ def live_migrate(uuid, dst=None):
     return f"{src} -> {new}, heartbeats {last} -> {first}"
 
 
+def switchover_record(uuid):
+    """What Nova recorded of the server's last live migration.
+
+    The migration record's status and its creation-to-update span, and the
+    ``bhyve_switchover`` instance action event the driver adds (measured
+    downtime, total time, bytes, rounds: nova_bhyve/migration/events.py).
+    """
+    actions = [a for a in cli.os("server", "event", "list", uuid)
+               if a["Action"] == "live-migration"]
+    if not actions:
+        raise GuestCheckFailed(f"no live-migration action for {uuid}")
+    req = actions[0]["Request ID"]
+    events = cli.os("server", "event", "show", uuid, req)["events"]
+    names = [e["event"] for e in events]
+    figures = [n for n in names if n.startswith("bhyve_switchover")]
+    if not figures:
+        raise GuestCheckFailed(f"no bhyve_switchover event in {names}")
+    mig = next(m for m in migrations(uuid) if m["Type"] == "live-migration")
+    span = (datetime.datetime.fromisoformat(mig["Updated At"]) -
+            datetime.datetime.fromisoformat(mig["Created At"])).total_seconds()
+    return (f"migration {mig['Id']} {mig['Status']} in {span:.0f} s "
+            f"(record created -> updated), event {figures[0]!r}")
+
+
 class Link:
     """tc on lo: traffic to one host's migration address crawls."""
 
@@ -183,8 +208,9 @@ def progress_moves(uuid, mig_uuid):
 def step_live_named_and_back(ctx):
     uuid = ctx["idle"] = create("idle")
     there = live_migrate(uuid, "host2" if host_of(uuid) == "host1" else "host1")
+    record = switchover_record(uuid)
     back = live_migrate(uuid)
-    return f"--host: {there}; scheduler-chosen: {back}"
+    return f"--host: {there}, {record}; scheduler-chosen: {back}"
 
 
 def step_progress_and_abort(ctx):
@@ -223,7 +249,8 @@ def step_force_complete(ctx):
         raise GuestCheckFailed(f"forced migration ended {status}")
     s = wait_server(uuid, "ACTIVE", host=other(src))
     last, first = guests.check_continued(follower, s["OS-EXT-SRV-ATTR:host"], uuid)
-    return f"{src} -> {other(src)} completed, heartbeats {last} -> {first}"
+    return (f"{src} -> {other(src)} completed, heartbeats {last} -> {first}, "
+            f"{switchover_record(uuid)}")
 
 
 def step_cold_migrate_confirm(ctx):

@@ -121,7 +121,7 @@ def stop_guests():
 def clean(args):
     """Stop everything and remove all tools/cloud made."""
     stop(args)
-    for ns in ("nb-host1", "nb-host2"):
+    for ns in (f"nb-{host}" for host in layout.COMPUTES):
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
     subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"],
                    capture_output=True)

@@ -171,7 +171,7 @@ def compute_overlay(host, facts):
         "bhyve": {"live_migration_inbound_addr": facts["inbound_addr"],
                   # two computes share this kernel: one namespace each for
                   # their taps and bridges (doc/networking.md)
-                  "testhost_netns": f"nb-{host}"},
+                  "testhost_netns": f"nb-{host}"},  # tools/cloud clean removes it
         # nova-compute runs as root: start the privileged helper directly,
         # reading the same files as the compute (doc/networking.md)
         "nova_bhyve_privileged": {"helper_command": " ".join(
