@@ -109,16 +109,8 @@ int nb_mig_cancel(nb_mig *m, char *err, size_t errlen);
 int nb_mig_wait(nb_mig *m, int timeout_ms);
 void nb_mig_free(nb_mig *m);
 
-/* Checks exposed for unit tests. */
+/* Compare two compatibility preambles (the destination's check). */
 int nb_spec_check(const char *src_preamble, const char *dst_preamble,
                   char *err, size_t errlen);
-int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
-                      size_t cap, size_t *outlen);
-int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page);
-uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
-/* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
- * (as rounds of a guest rewriting its working set in order); returns the
- * hits of the last round, or -1 if a dropped page was still returned. */
-long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
 
 #endif

@@ -21,7 +21,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
-#include "nbmig.h"
+#include "core/nbmig.h"
 
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22

@@ -1,43 +1,27 @@
 /*
- * Migration engine internals shared by engine.c, source.c, dest.c,
- * protocol.c and codec.c.
+ * The wire layer: framing, the handshake, channel joins, the preamble and
+ * every message's layout (spec: ../PROTOCOL.md).  Nothing outside wire/
+ * encodes or decodes protocol bytes.
  */
-#ifndef NB_MIG_INTERNAL_H
-#define NB_MIG_INTERNAL_H
+#ifndef NB_WIRE_H
+#define NB_WIRE_H
 
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "engine.h"
-#include "vmm.h"
+#include "vmm/vmm.h"
 
-#define NB_MAX_CHANNELS 16
 #define NB_NONCE 32
 #define NB_KEY 32
 #define NB_MAC 16
 
-/* ---- codec.c ---------------------------------------------------------- */
+/* the memory digest's key, derived in the handshake */
 struct nb_hash_key {
     uint64_t k0, k1;
 };
-struct nb_xcache;
 
-int nb_page_is_zero(const uint8_t *page);
-size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out, size_t cap);
-int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page);
-uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k);
-uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k);
-uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len);
-struct nb_xcache *nb_xcache_new(uint64_t bytes);
-void nb_xcache_free(struct nb_xcache *c);
-uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn);
-int nb_xcache_put(struct nb_xcache *c, uint64_t pfn, const uint8_t *page,
-                  uint32_t round);
-void nb_xcache_drop(struct nb_xcache *c, uint64_t pfn);
-
-/* ---- protocol.c: framing, handshake, preamble (spec: PROTOCOL.md) ------ */
 enum nb_msg {
     NB_MSG_HELLO = 1,
     NB_MSG_CHALLENGE = 2,
@@ -121,60 +105,7 @@ static inline uint16_t nb_get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[
 static inline uint32_t nb_get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 static inline uint64_t nb_get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 
-/* ---- engine.c: the session -------------------------------------------- */
-struct nb_mig {
-    struct nb_mig_params p;     /* strings below are private copies */
-    char *host, *target;
-    uint8_t *secret;
-    int is_source;
-
-    struct nb_vmm vmm;
-    int vmm_open;
-    uint64_t npages;            /* pages in layout order */
-    uint64_t *page_hash;        /* incremental digest terms, per page */
-
-    int listen_fd;
-    struct nb_chan ctl;
-    struct nb_chan data[NB_MAX_CHANNELS];
-    int nchan;
-    struct nb_session_keys keys;
-
-    pthread_t thread;           /* migration thread */
-    int thread_started;
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int done;
-
-    /* requests from the caller */
-    _Atomic int cancel_req;
-    _Atomic int force_req;
-    _Atomic uint32_t max_downtime_ms;
-    _Atomic uint64_t max_bandwidth;
-
-    /* progress, written by engine threads, read by nb_mig_stats */
-    _Atomic uint64_t wire_bytes;
-    _Atomic uint64_t pages_sent, pages_zero, pages_delta, pages_compressed, pages_raw;
-    struct nb_mig_stats st;     /* protected by lock */
-    double t0;                  /* start, monotonic ms */
-    double bw_tokens_t;         /* bandwidth cap bookkeeping (lock) */
-    double bw_tokens;
-};
-
-double nb_now_ms(void);
-void nb_set_phase(struct nb_mig *m, int phase);
-void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes);
-void nb_shutdown_data(struct nb_mig *m);
-int nb_page_addr(const struct nb_mig *m, uint64_t index, uint64_t *pfn, uint64_t *off);
-int nb_pfn_to_offset(const struct nb_mig *m, uint64_t pfn, uint64_t *off, uint64_t *index);
-uint64_t nb_memory_digest(struct nb_mig *m, int full);
-int nb_setup_memory(struct nb_mig *m, char *err);
-void nb_init_page_hashes(struct nb_mig *m);
-int nb_set_nodelay(int fd);
-
-/* source.c / dest.c: the migration threads */
-void *nb_source_main(void *arg);
-void *nb_dest_main(void *arg);
+/* crc32c.c */
+uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len);
 
 #endif

@@ -16,7 +16,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "nbmig.h"
+#include "wire/wire.h"
 
 #define PROTO_VERSION 1
 static const uint8_t MAGIC[8] = { 'N', 'B', 'M', 'I', 'G', 0, 0, 1 };

@@ -16,7 +16,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
-#include "nbmig.h"
+#include "core/nbmig.h"
 
 #define MAX_BAD_CONNECTIONS 8
 
