@@ -59,28 +59,23 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
                         size_t *used, char *err)
 {
     struct nb_mig *m = r->m;
+    struct nb_page_rec pr;
     uint64_t pfn, off, index;
     unsigned enc, len;
     uint8_t *page, tmp[NB_PAGE];
 
-    if (avail < NB_REC_HDR) {
-        snprintf(err, NB_ERRLEN, "page record header cut short");
+    if (nb_page_rec_parse(rec, avail, &pr, err) < 0)
         return -1;
-    }
-    pfn = nb_get32(rec);
-    enc = rec[4];
-    len = nb_get16(rec + 6);
-    if (rec[5] != 0 || len > NB_PAGE || len > avail - NB_REC_HDR) {
-        snprintf(err, NB_ERRLEN, "malformed page record (length %u)", len);
-        return -1;
-    }
+    pfn = pr.pfn;
+    enc = pr.enc;
+    len = pr.len;
     if (nb_pfn_to_offset(m, pfn, &off, &index) < 0) {
         snprintf(err, NB_ERRLEN, "page record for pfn 0x%llx outside guest RAM",
                  (unsigned long long)pfn);
         return -1;
     }
     page = m->vmm.mem + off;
-    rec += NB_REC_HDR;
+    rec = pr.data;
     if (enc != NB_ENC_RAW && flush_run(r, err) < 0)
         return -1;
     switch (enc) {
@@ -136,14 +131,13 @@ bad:
 static int apply_pages(struct receiver *r, const struct nb_frame *f,
                        uint32_t expect_round, char *err)
 {
-    size_t pos = 8;
-    uint32_t n;
-    if (f->len < 8 || nb_get32(f->payload) != expect_round) {
+    size_t pos = NB_PAGES_HDR;
+    uint32_t round = 0, n = 0;
+    if (nb_pages_parse(f, &round, &n) < 0 || round != expect_round) {
         snprintf(err, NB_ERRLEN, "channel %u: pages for round %u while in round %u",
-                 f->channel, f->len >= 8 ? nb_get32(f->payload) : 0, expect_round);
+                 f->channel, round, expect_round);
         return -1;
     }
-    n = nb_get32(f->payload + 4);
     for (uint32_t i = 0; i < n; i++) {
         size_t used;
         if (apply_record(r, f->payload + pos, f->len - pos, &used, err) < 0) {
@@ -175,13 +169,13 @@ static void *receiver_main(void *arg)
 
     for (;;) {
         struct nb_frame f;
+        struct nb_round_end end;
         if (nb_recv_frame(r->ch, &f, NB_MAX_PAGES_FRAME, err) < 0)
             break;
         if (f.type == NB_MSG_PAGES) {
             if (apply_pages(r, &f, round, err) < 0)
                 break;
-        } else if (f.type == NB_MSG_ROUND_END && f.len == 16 &&
-                   nb_get32(f.payload) == round) {
+        } else if (nb_round_end_parse(&f, &end) == 0 && end.round == round) {
             pthread_mutex_lock(&d->lock);
             d->done_round[slot] = ++round;
             pthread_cond_broadcast(&d->cond);
@@ -277,71 +271,11 @@ static int accept_source(struct nb_mig *m, char *err)
     return -1;
 }
 
-static int parse_u(const char *text, const char *key, uint64_t *v)
-{
-    char buf[64], *end;
-    if (nb_preamble_get(text, key, buf, sizeof(buf)) < 0)
-        return -1;
-    *v = strtoull(buf, &end, 0);
-    return *end ? -1 : 0;
-}
-
-/* A destination checkpoint takes the source's shape. */
-static int spec_from_preamble(const char *text, struct nb_guest_spec *s, char *err)
-{
-    uint64_t v, nsegs;
-    memset(s, 0, sizeof(*s));
-    if (nb_preamble_get(text, "arch", s->arch, sizeof(s->arch)) < 0 ||
-        nb_preamble_get(text, "cpu_vendor", s->cpu_vendor, sizeof(s->cpu_vendor)) < 0 ||
-        nb_preamble_get(text, "state_format", s->state_format,
-                        sizeof(s->state_format)) < 0 ||
-        parse_u(text, "page_size", &v) < 0 || v != NB_PAGE ||
-        parse_u(text, "ncpus", &v) < 0 || v < 1 || v > 1024)
-        goto bad;
-    s->page_size = NB_PAGE;
-    parse_u(text, "ncpus", &v);
-    s->ncpus = (uint32_t)v;
-    if (parse_u(text, "segments", &nsegs) < 0 || nsegs < 1 || nsegs > NB_MAX_SEGS)
-        goto bad;
-    s->layout.nsegs = (int)nsegs;
-    for (int i = 0; i < (int)nsegs; i++) {
-        char key[32], val[64], *colon;
-        snprintf(key, sizeof(key), "segment.%d", i);
-        if (nb_preamble_get(text, key, val, sizeof(val)) < 0 ||
-            !(colon = strchr(val, ':')))
-            goto bad;
-        *colon = 0;
-        s->layout.seg[i].gpa = strtoull(val, NULL, 16);
-        s->layout.seg[i].len = strtoull(colon + 1, NULL, 16);
-        s->layout.seg[i].offset = s->layout.total;
-        if (s->layout.seg[i].len == 0 || s->layout.seg[i].len > (1ULL << 40) ||
-            s->layout.seg[i].gpa % NB_PAGE || s->layout.seg[i].len % NB_PAGE)
-            goto bad;
-        s->layout.total += s->layout.seg[i].len;
-    }
-    /* the guest's CPU feature words travel with it */
-    for (const char *p = text; p && *p && s->nfeat < 24;) {
-        unsigned leaf, sub, bits;
-        char reg;
-        if (sscanf(p, "cpuid.%x.%x.%c=%x", &leaf, &sub, &reg, &bits) == 4 &&
-            reg >= 'a' && reg <= 'd')
-            s->feat[s->nfeat++] = (typeof(s->feat[0])){ leaf, sub,
-                                                        (uint32_t)(reg - 'a'), bits };
-        p = strchr(p, '\n');
-        p = p ? p + 1 : NULL;
-    }
-    return 0;
-bad:
-    snprintf(err, NB_ERRLEN, "the source's preamble does not describe a guest "
-             "this host can hold");
-    return -1;
-}
-
 static int negotiate(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    char src[8192], mine[4096], e2[NB_ERRLEN];
-    uint64_t channels;
+    char src[NB_MAX_PREAMBLE], mine[NB_PREAMBLE_CAP], e2[NB_ERRLEN];
+    struct nb_preamble_opts o;
     struct nb_frame f;
     int n;
 
@@ -349,41 +283,23 @@ static int negotiate(struct dest *d, char *err)
         return -1;
     memcpy(src, f.payload, f.len);
     src[f.len] = 0;
-    if (parse_u(src, "channels", &channels) < 0 || channels < 1 ||
-        channels > NB_MAX_CHANNELS) {
-        snprintf(err, NB_ERRLEN, "source asks for an invalid channel count");
+    if (nb_preamble_read_opts(src, &o, err) < 0)
         goto refuse;
-    }
     if (m->p.vmm_kind == NB_VMM_CKPT) {
         struct nb_guest_spec spec;
-        if (spec_from_preamble(src, &spec, err) < 0 ||
+        if (nb_preamble_read_spec(src, &spec, err) < 0 ||
             nb_vmm_open_ckpt(&m->vmm, m->p.vmm_target, 1, &spec, err) < 0)
             goto refuse;
         m->vmm_open = 1;
     }
     {
-        struct nb_mig_params mp = m->p;
-        char mode[16] = "live";
-        nb_preamble_get(src, "mode", mode, sizeof(mode));
-        mp.channels = (int)channels;
-        mp.mode = !strcmp(mode, "warm") ? NB_MODE_WARM
-                  : !strcmp(mode, "cold") ? NB_MODE_COLD : NB_MODE_LIVE;
-        m->p.mode = mp.mode;
-        {
-            char verify[16] = "full";
-            nb_preamble_get(src, "verify", verify, sizeof(verify));
-            m->p.verify = strcmp(verify, "incremental") ? NB_VERIFY_FULL
-                                                        : NB_VERIFY_INCREMENTAL;
-            mp.verify = m->p.verify;
-        }
-        {
-            /* a guest paused on the source arrives paused */
-            char paused[4] = "0";
-            nb_preamble_get(src, "paused", paused, sizeof(paused));
-            if (!strcmp(paused, "1"))
-                m->p.keep_paused = 1;
-            mp.keep_paused = m->p.keep_paused;
-        }
+        struct nb_mig_params mp;
+        m->p.mode = o.mode;
+        m->p.verify = o.verify;
+        if (o.keep_paused)      /* a guest paused on the source arrives paused */
+            m->p.keep_paused = 1;
+        mp = m->p;
+        mp.channels = o.channels;
         n = nb_preamble_write(&m->vmm.spec, &mp, mine, sizeof(mine));
     }
     if (n < 0) {
@@ -395,13 +311,13 @@ static int negotiate(struct dest *d, char *err)
     if (nb_setup_memory(m, err) < 0)
         goto refuse;
     nb_init_page_hashes(m);
-    d->nrcv = (int)channels;
+    d->nrcv = o.channels;
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;
     pthread_mutex_unlock(&m->lock);
     return nb_send_frame(&m->ctl, NB_MSG_ACCEPT, mine, (uint32_t)n, err);
 refuse:
-    nb_send_frame(&m->ctl, NB_MSG_REFUSE, err, (uint32_t)strlen(err), e2);
+    nb_send_text(&m->ctl, NB_MSG_REFUSE, err, e2);
     return -1;
 }
 
@@ -517,15 +433,16 @@ static int control_loop(struct dest *d, char *err)
             have_state = 1;
             break;
         case NB_MSG_DIGEST: {
+            struct nb_digest_msg dm;
             uint32_t last;
             uint64_t theirs, mine;
-            if (!have_state || ready || f.len != 24)
+            if (!have_state || ready || nb_digest_parse(&f, &dm) < 0)
                 goto unexpected;
-            last = nb_get32(f.payload);
-            theirs = nb_get64(f.payload + 8);
-            if (nb_get64(f.payload + 16) != m->npages) {
+            last = dm.round;
+            theirs = dm.digest;
+            if (dm.npages != m->npages) {
                 snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
-                         (unsigned long long)nb_get64(f.payload + 16),
+                         (unsigned long long)dm.npages,
                          (unsigned long long)m->npages);
                 goto refuse;
             }
@@ -544,7 +461,7 @@ static int control_loop(struct dest *d, char *err)
                          (unsigned long long)theirs, (unsigned long long)mine);
                 goto refuse;
             }
-            if (nb_send_frame(&m->ctl, NB_MSG_READY, "", 0, err) < 0)
+            if (nb_send_empty(&m->ctl, NB_MSG_READY, err) < 0)
                 return -1;
             ready = 1;
             break;
@@ -563,7 +480,7 @@ static int control_loop(struct dest *d, char *err)
             pthread_mutex_lock(&m->lock);
             m->st.guest_runs_here = 1;  /* it lives here (paused if kept so) */
             pthread_mutex_unlock(&m->lock);
-            nb_send_frame(&m->ctl, NB_MSG_RUNNING, "", 0, e2);
+            nb_send_empty(&m->ctl, NB_MSG_RUNNING, e2);
             return 0;
         case NB_MSG_ABORT:
             atomic_store(&m->cancel_req, 1);
@@ -578,7 +495,7 @@ unexpected:
     snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
              nb_msg_name(f.type));
 refuse:
-    nb_send_frame(&m->ctl, NB_MSG_REFUSE, err, (uint32_t)strlen(err), e2);
+    nb_send_text(&m->ctl, NB_MSG_REFUSE, err, e2);
     return -1;
 }
 

@@ -14,7 +14,6 @@
 #include "vmm/vmm.h"
 #include "wire/wire.h"
 
-#define NB_MAX_CHANNELS 16
 
 /* ---- engine.c: the session -------------------------------------------- */
 struct nb_mig {

@@ -83,12 +83,11 @@ static int flush_frame(struct sender *s, uint32_t round, char *err)
 {
     if (!s->nrec)
         return 0;
-    nb_put32(s->frame, round);
-    nb_put32(s->frame + 4, s->nrec);
+    nb_pages_finish(s->frame, round, s->nrec);
     nb_throttle_bandwidth(s->m, s->flen);
     if (nb_send_frame(s->ch, NB_MSG_PAGES, s->frame, (uint32_t)s->flen, err) < 0)
         return -1;
-    s->flen = 8;
+    s->flen = NB_PAGES_HDR;
     s->nrec = 0;
     return 0;
 }
@@ -155,10 +154,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
                          : enc == NB_ENC_ZSTD ? &m->pages_compressed
                                               : &m->pages_raw, 1);
     }
-    nb_put32(rec, (uint32_t)pfn);
-    rec[4] = (uint8_t)enc;
-    rec[5] = 0;
-    nb_put16(rec + 6, (uint16_t)n);
+    nb_page_rec_put(rec, (uint32_t)pfn, (uint8_t)enc, (uint16_t)n);
     s->flen += NB_REC_HDR + n;
     s->nrec++;
     s->round_pages++;
@@ -168,7 +164,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
 /* Send this channel's share of the round: words slot, slot+n, slot+2n... */
 static int run_round(struct sender *s, struct source *src, uint32_t round, char *err)
 {
-    uint8_t end[16];
+    struct nb_round_end end;
     size_t n = (size_t)src->nsnd;
     /* the first word of [w0, w1) that is this sender's (word w: w % n) */
     size_t w = src->w0 + ((size_t)s->slot + n - src->w0 % n) % n;
@@ -191,10 +187,8 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
         return 0;               /* more of this round to come */
     if (flush_frame(s, round, err) < 0)
         return -1;
-    nb_put32(end, round);
-    nb_put32(end + 4, 0);
-    nb_put64(end + 8, s->round_pages);
-    return nb_send_frame(s->ch, NB_MSG_ROUND_END, end, sizeof(end), err);
+    end = (struct nb_round_end){ round, s->round_pages };
+    return nb_round_end_send(s->ch, &end, err);
 }
 
 static void *sender_main(void *arg)
@@ -426,7 +420,7 @@ static int start_senders(struct source *src, char *err)
         s->slot = i;
         s->ch = &m->data[i];
         s->frame = malloc(FRAME_CAP);
-        s->flen = 8;
+        s->flen = NB_PAGES_HDR;
         if (!s->frame) {
             snprintf(err, NB_ERRLEN, "out of memory");
             return -1;
@@ -470,7 +464,7 @@ static int sync_dirty(struct source *src, char *err)
 static int source_connect(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
-    char pre[4096], peer_err[NB_ERRLEN];
+    char pre[NB_PREAMBLE_CAP], peer_err[NB_ERRLEN];
     struct nb_frame f;
     double t;
     int n;
@@ -489,7 +483,7 @@ static int source_connect(struct source *src, char *err)
     pthread_mutex_unlock(&m->lock);
     n = nb_preamble_write(&m->vmm.spec, &m->p, pre, sizeof(pre));
     if (n < 0 || nb_send_frame(&m->ctl, NB_MSG_PREAMBLE, pre, (uint32_t)n, err) < 0 ||
-        nb_expect(&m->ctl, &f, NB_MSG_ACCEPT, 8192, err) < 0)
+        nb_expect(&m->ctl, &f, NB_MSG_ACCEPT, NB_MAX_PREAMBLE, err) < 0)
         return -1;
     /* the destination checked; check its answer too (defence in depth) */
     if ((size_t)f.len >= sizeof(pre)) {
@@ -497,7 +491,7 @@ static int source_connect(struct source *src, char *err)
         return -1;
     }
     {
-        char dst[8192];
+        char dst[NB_MAX_PREAMBLE];
         memcpy(dst, f.payload, f.len);
         dst[f.len] = 0;
         if (nb_preamble_check(pre, dst, peer_err, sizeof(peer_err)) < 0) {
@@ -587,7 +581,7 @@ static void source_recover(struct source *src)
     if (m->ctl.fd >= 0 && m->ctl.key) {
         const char *why = atomic_load(&m->cancel_req) ? "cancelled by the source"
                                                       : "source failed";
-        nb_send_frame(&m->ctl, NB_MSG_ABORT, why, (uint32_t)strlen(why), e);
+        nb_send_text(&m->ctl, NB_MSG_ABORT, why, e);
     }
 }
 
@@ -595,7 +589,8 @@ static void source_recover(struct source *src)
 static int switch_over(struct source *src, uint32_t round, char *err)
 {
     struct nb_mig *m = src->m;
-    uint8_t *blob = NULL, msg[24];
+    uint8_t *blob = NULL;
+    struct nb_digest_msg dm;
     size_t blen = 0;
     struct nb_frame f;
     double t_pause, t_run;
@@ -619,11 +614,8 @@ static int switch_over(struct source *src, uint32_t round, char *err)
         return -1;
     nb_set_phase(m, NB_PHASE_VERIFY);
     digest = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
-    nb_put32(msg, round);
-    nb_put32(msg + 4, 0);
-    nb_put64(msg + 8, digest);
-    nb_put64(msg + 16, m->npages);
-    if (nb_send_frame(&m->ctl, NB_MSG_DIGEST, msg, sizeof(msg), err) < 0 ||
+    dm = (struct nb_digest_msg){ round, digest, m->npages };
+    if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
         nb_expect(&m->ctl, &f, NB_MSG_READY, 64, err) < 0)
         return -1;
     pthread_mutex_lock(&m->lock);
@@ -636,7 +628,7 @@ static int switch_over(struct source *src, uint32_t round, char *err)
     m->st.committed = 1;    /* from here on the guest belongs to the destination */
     m->st.phase = NB_PHASE_COMMIT;
     pthread_mutex_unlock(&m->lock);
-    if (nb_send_frame(&m->ctl, NB_MSG_COMMIT, "", 0, err) < 0 ||
+    if (nb_send_empty(&m->ctl, NB_MSG_COMMIT, err) < 0 ||
         nb_expect(&m->ctl, &f, NB_MSG_RUNNING, 64, err) < 0) {
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
                  " (after COMMIT: the source stays stopped; check the destination)");
