@@ -1,8 +1,11 @@
 /*
- * Destination side: accept and authenticate the source, check
- * compatibility, receive pages on several channels into guest memory,
- * load the device state, compare memory digests, and run the guest only
- * after the source's COMMIT.  Anything else leaves the guest not running
+ * Destination side, the source's mirror as a state machine (PROTOCOL.md,
+ * "Phases"): SETUP waits for the source, HANDSHAKE authenticates it and
+ * checks compatibility, PRECOPY receives pages on several channels into
+ * guest memory until STATE arrives, SWITCHOVER loads the device state,
+ * VERIFY compares memory digests, and COMMIT runs the guest, on the
+ * source's COMMIT only.  dest_finish() alone decides the result and who
+ * runs the guest: anything but a completed COMMIT leaves it not running
  * here (the caller then discards the incoming VM).
  */
 #define _GNU_SOURCE
@@ -52,7 +55,70 @@ struct dest {
     pthread_cond_t cond;
     uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
     int failed;
+    struct nb_frame f;          /* the control frame the last phase waited for */
+    struct nb_digest_msg dm;    /* the source's DIGEST */
 };
+
+/*
+ * Queue a RAW page at `off` for one write_pages call with its neighbours
+ * (the record stays in the frame until the run is flushed).
+ */
+static int queue_raw(struct receiver *r, uint64_t off, const uint8_t *data,
+                     char *err)
+{
+    if (r->nrun && (r->nrun == NB_WRITE_BATCH ||
+                    off != r->run_off + (uint64_t)r->nrun * NB_PAGE) &&
+        flush_run(r, err) < 0)
+        return -1;
+    if (!r->nrun)
+        r->run_off = off;
+    r->run[r->nrun++] = data;
+    return 0;
+}
+
+/*
+ * Decode a record into `page` (guest memory).  A RAW page may instead be
+ * queued for write_pages: *hashed then points at its bytes in the frame.
+ * Returns 1 if the record is undecodable.
+ */
+static int decode_record(struct receiver *r, const struct nb_page_rec *pr,
+                         uint64_t off, uint8_t *page, const uint8_t **hashed,
+                         char *err)
+{
+    uint8_t tmp[NB_PAGE];
+    size_t n;
+
+    *hashed = page;
+    if (pr->enc != NB_ENC_RAW && flush_run(r, err) < 0)
+        return -1;
+    switch (pr->enc) {
+    case NB_ENC_ZERO:
+        if (pr->len != 0)
+            return 1;
+        memset(page, 0, NB_PAGE);
+        return 0;
+    case NB_ENC_RAW:
+        if (pr->len != NB_PAGE)
+            return 1;
+        if (!r->m->vmm.ops->write_pages) {
+            memcpy(page, pr->data, NB_PAGE);
+            return 0;
+        }
+        *hashed = pr->data;
+        return queue_raw(r, off, pr->data, err);
+    case NB_ENC_DELTA:
+        return nb_delta_decode(pr->data, pr->len, page) < 0;
+    case NB_ENC_ZSTD:
+        if (!r->zctx && !(r->zctx = ZSTD_createDCtx()))
+            return 1;
+        n = ZSTD_decompressDCtx(r->zctx, tmp, NB_PAGE, pr->data, pr->len);
+        if (ZSTD_isError(n) || n != NB_PAGE)
+            return 1;
+        memcpy(page, tmp, NB_PAGE);
+        return 0;
+    }
+    return 1;
+}
 
 /* Apply one page record; every length and index is checked before use. */
 static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
@@ -60,72 +126,30 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
 {
     struct nb_mig *m = r->m;
     struct nb_page_rec pr;
-    uint64_t pfn, off, index;
-    unsigned enc, len;
-    uint8_t *page, tmp[NB_PAGE];
+    const uint8_t *hashed;
+    uint64_t off, index;
+    int rc;
 
     if (nb_page_rec_parse(rec, avail, &pr, err) < 0)
         return -1;
-    pfn = pr.pfn;
-    enc = pr.enc;
-    len = pr.len;
-    if (nb_pfn_to_offset(m, pfn, &off, &index) < 0) {
+    if (nb_pfn_to_offset(m, pr.pfn, &off, &index) < 0) {
         snprintf(err, NB_ERRLEN, "page record for pfn 0x%llx outside guest RAM",
-                 (unsigned long long)pfn);
+                 (unsigned long long)pr.pfn);
         return -1;
     }
-    page = m->vmm.mem + off;
-    rec = pr.data;
-    if (enc != NB_ENC_RAW && flush_run(r, err) < 0)
+    rc = decode_record(r, &pr, off, m->vmm.mem + off, &hashed, err);
+    if (rc < 0)
         return -1;
-    switch (enc) {
-    case NB_ENC_ZERO:
-        if (len != 0)
-            goto bad;
-        memset(page, 0, NB_PAGE);
-        break;
-    case NB_ENC_RAW:
-        if (len != NB_PAGE)
-            goto bad;
-        if (m->vmm.ops->write_pages) {
-            if (r->nrun && (r->nrun == NB_WRITE_BATCH ||
-                            off != r->run_off + (uint64_t)r->nrun * NB_PAGE) &&
-                flush_run(r, err) < 0)
-                return -1;
-            if (!r->nrun)
-                r->run_off = off;
-            r->run[r->nrun++] = rec;
-            page = (uint8_t *)rec;      /* hashed below, from the frame */
-            break;
-        }
-        memcpy(page, rec, NB_PAGE);
-        break;
-    case NB_ENC_DELTA:
-        if (nb_delta_decode(rec, len, page) < 0)
-            goto bad;
-        break;
-    case NB_ENC_ZSTD: {
-        size_t n;
-        if (!r->zctx && !(r->zctx = ZSTD_createDCtx()))
-            goto bad;
-        n = ZSTD_decompressDCtx(r->zctx, tmp, NB_PAGE, rec, len);
-        if (ZSTD_isError(n) || n != NB_PAGE)
-            goto bad;
-        memcpy(page, tmp, NB_PAGE);
-        break;
-    }
-    default:
-        goto bad;
+    if (rc > 0) {
+        snprintf(err, NB_ERRLEN, "undecodable page record (encoding %u, %u bytes) "
+                 "for pfn 0x%llx", pr.enc, pr.len, (unsigned long long)pr.pfn);
+        return -1;
     }
     if (m->p.verify == NB_VERIFY_INCREMENTAL)
-        m->page_hash[index] = nb_digest_term(pfn, nb_page_hash(page, &m->keys.hash),
-                                             &m->keys.hash);
-    *used = NB_REC_HDR + len;
+        m->page_hash[index] = nb_digest_term(
+            pr.pfn, nb_page_hash(hashed, &m->keys.hash), &m->keys.hash);
+    *used = NB_REC_HDR + pr.len;
     return 0;
-bad:
-    snprintf(err, NB_ERRLEN, "undecodable page record (encoding %u, %u bytes) "
-             "for pfn 0x%llx", enc, len, (unsigned long long)pfn);
-    return -1;
 }
 
 static int apply_pages(struct receiver *r, const struct nb_frame *f,
@@ -188,7 +212,8 @@ static void *receiver_main(void *arg)
     }
     /* a channel ending is normal once the session is over */
     pthread_mutex_lock(&m->lock);
-    int over = m->st.committed || m->st.result != NB_RESULT_RUNNING;
+    int over = m->st.committed || m->st.result != NB_RESULT_RUNNING ||
+               m->fail_result;
     pthread_mutex_unlock(&m->lock);
     pthread_mutex_lock(&d->lock);
     if (!over) {
@@ -238,43 +263,64 @@ static int accept_one(struct nb_mig *m, char *err)
     return fd;
 }
 
+/* Take the next connection as the control channel. */
+static int open_control(struct nb_mig *m, char *err)
+{
+    m->ctl.fd = accept_one(m, err);
+    if (m->ctl.fd < 0)
+        return -1;
+    m->ctl.index = 0;
+    m->ctl.send_seq = m->ctl.recv_seq = 0;
+    m->ctl.key = NULL;
+    m->ctl.wire = &m->wire_bytes;
+    return 0;
+}
+
 /*
  * Authenticate the control connection.  A connection that fails the
  * handshake is dropped and the next one awaited (at most a few), so a
  * stray or hostile client cannot end the session on its own.
  */
-static int accept_source(struct nb_mig *m, char *err)
+static int authenticate(struct nb_mig *m, char *err)
 {
     char last[NB_ERRLEN] = "";
-    for (int bad = 0; bad < MAX_BAD_CONNECTIONS; bad++) {
-        m->ctl.fd = accept_one(m, err);
-        if (m->ctl.fd < 0) {
-            if (bad)
-                snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
-                         "authenticated source followed; last: %.180s", bad, last);
-            return -1;
-        }
-        m->ctl.index = 0;
-        m->ctl.send_seq = m->ctl.recv_seq = 0;
-        m->ctl.key = NULL;
-        m->ctl.wire = &m->wire_bytes;
-        nb_set_phase(m, NB_PHASE_HANDSHAKE);
+    for (int bad = 0;;) {
         if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
                               err) == 0)
             return 0;
         close(m->ctl.fd);
         m->ctl.fd = -1;
         snprintf(last, sizeof(last), "%s", err);
+        if (++bad == MAX_BAD_CONNECTIONS) {
+            snprintf(err, NB_ERRLEN, "rejected %d connections; last: %.180s",
+                     MAX_BAD_CONNECTIONS, last);
+            return -1;
+        }
+        if (open_control(m, err) < 0) {
+            snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
+                     "authenticated source followed; last: %.180s", bad, last);
+            return -1;
+        }
     }
-    snprintf(err, NB_ERRLEN, "rejected %d connections; last: %.180s",
-             MAX_BAD_CONNECTIONS, last);
+}
+
+/*
+ * Answer REFUSE with the reason in `err`; returns -1.  The reason is
+ * recorded first, so that it, not the page channels breaking as the
+ * source gives up, is the session's error.
+ */
+static int refuse(struct nb_mig *m, const char *err)
+{
+    char e2[NB_ERRLEN];
+    nb_fail(m, NB_RESULT_FAILED, "%s", err);
+    nb_send_text(&m->ctl, NB_MSG_REFUSE, err, e2);
     return -1;
 }
 
 static int negotiate(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    char src[NB_MAX_PREAMBLE], mine[NB_PREAMBLE_CAP], e2[NB_ERRLEN];
+    char src[NB_MAX_PREAMBLE], mine[NB_PREAMBLE_CAP];
     struct nb_preamble_opts o;
     struct nb_frame f;
     int n;
@@ -284,12 +330,12 @@ static int negotiate(struct dest *d, char *err)
     memcpy(src, f.payload, f.len);
     src[f.len] = 0;
     if (nb_preamble_read_opts(src, &o, err) < 0)
-        goto refuse;
+        goto refused;
     if (m->p.vmm_kind == NB_VMM_CKPT) {
         struct nb_guest_spec spec;
         if (nb_preamble_read_spec(src, &spec, err) < 0 ||
             nb_vmm_open_ckpt(&m->vmm, m->p.vmm_target, 1, &spec, err) < 0)
-            goto refuse;
+            goto refused;
         m->vmm_open = 1;
     }
     {
@@ -304,21 +350,20 @@ static int negotiate(struct dest *d, char *err)
     }
     if (n < 0) {
         snprintf(err, NB_ERRLEN, "preamble too long");
-        goto refuse;
+        goto refused;
     }
     if (nb_preamble_check(src, mine, err, NB_ERRLEN) < 0)
-        goto refuse;
+        goto refused;
     if (nb_setup_memory(m, err) < 0)
-        goto refuse;
+        goto refused;
     nb_init_page_hashes(m);
     d->nrcv = o.channels;
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;
     pthread_mutex_unlock(&m->lock);
     return nb_send_frame(&m->ctl, NB_MSG_ACCEPT, mine, (uint32_t)n, err);
-refuse:
-    nb_send_text(&m->ctl, NB_MSG_REFUSE, err, e2);
-    return -1;
+refused:
+    return refuse(m, err);
 }
 
 static int join_channels(struct dest *d, char *err)
@@ -411,131 +456,179 @@ static int wait_control(struct nb_mig *m, char *err)
     }
 }
 
-/* The switch-over conversation on the control channel. */
-static int control_loop(struct dest *d, char *err)
+/*
+ * Wait for the source's next control frame (into d->f), which must be of
+ * type `want`: an ABORT ends the session as cancelled, anything else is
+ * refused.
+ */
+static int next_control(struct dest *d, uint8_t want, char *err)
 {
     struct nb_mig *m = d->m;
-    struct nb_frame f;
-    char e2[NB_ERRLEN];
-    int have_state = 0, ready = 0;
+    struct nb_frame *f = &d->f;
 
-    for (;;) {
-        if (wait_control(m, err) < 0 ||
-            nb_recv_frame(&m->ctl, &f, NB_MAX_CTRL_FRAME, err) < 0)
-            return -1;
-        switch (f.type) {
-        case NB_MSG_STATE:
-            if (have_state || ready)
-                goto unexpected;
-            nb_set_phase(m, NB_PHASE_SWITCHOVER);
-            if (m->vmm.ops->load_state(&m->vmm, f.payload, f.len, err) < 0)
-                goto refuse;
-            have_state = 1;
-            break;
-        case NB_MSG_DIGEST: {
-            struct nb_digest_msg dm;
-            uint32_t last;
-            uint64_t theirs, mine;
-            if (!have_state || ready || nb_digest_parse(&f, &dm) < 0)
-                goto unexpected;
-            last = dm.round;
-            theirs = dm.digest;
-            if (dm.npages != m->npages) {
-                snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
-                         (unsigned long long)dm.npages,
-                         (unsigned long long)m->npages);
-                goto refuse;
-            }
-            if (wait_rounds(d, last, err) < 0)
-                return -1;
-            nb_set_phase(m, NB_PHASE_VERIFY);
-            mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
-            pthread_mutex_lock(&m->lock);
-            m->st.digest = mine;
-            m->st.round = last;
-            m->st.nrounds = last + 1;
-            pthread_mutex_unlock(&m->lock);
-            if (mine != theirs) {
-                snprintf(err, NB_ERRLEN, "memory digest mismatch (source %016llx, "
-                         "destination %016llx): the copy is not faithful",
-                         (unsigned long long)theirs, (unsigned long long)mine);
-                goto refuse;
-            }
-            if (nb_send_empty(&m->ctl, NB_MSG_READY, err) < 0)
-                return -1;
-            ready = 1;
-            break;
-        }
-        case NB_MSG_COMMIT:
-            if (!ready)
-                goto unexpected;
-            pthread_mutex_lock(&m->lock);
-            m->st.committed = 1;
-            m->st.phase = NB_PHASE_COMMIT;
-            pthread_mutex_unlock(&m->lock);
-            if ((m->p.keep_paused && m->vmm.ops->commit_paused
-                     ? m->vmm.ops->commit_paused(&m->vmm, err)
-                     : m->vmm.ops->resume(&m->vmm, err)) < 0)
-                return -1;
-            pthread_mutex_lock(&m->lock);
-            m->st.guest_runs_here = 1;  /* it lives here (paused if kept so) */
-            pthread_mutex_unlock(&m->lock);
-            nb_send_empty(&m->ctl, NB_MSG_RUNNING, e2);
-            return 0;
-        case NB_MSG_ABORT:
-            atomic_store(&m->cancel_req, 1);
-            snprintf(err, NB_ERRLEN, "source aborted: %.*s",
-                     (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
-            return -1;
-        default:
-            goto unexpected;
-        }
+    if (wait_control(m, err) < 0 ||
+        nb_recv_frame(&m->ctl, f, NB_MAX_CTRL_FRAME, err) < 0)
+        return -1;
+    if (f->type == want)
+        return 0;
+    if (f->type == NB_MSG_ABORT) {
+        atomic_store(&m->cancel_req, 1);
+        snprintf(err, NB_ERRLEN, "source aborted: %.*s",
+                 (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
+        return -1;
     }
-unexpected:
     snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
-             nb_msg_name(f.type));
-refuse:
-    nb_send_text(&m->ctl, NB_MSG_REFUSE, err, e2);
-    return -1;
+             nb_msg_name(f->type));
+    return refuse(m, err);
 }
 
+/* SETUP: wait for the source's control connection. */
+static int phase_setup(struct dest *d, char *err)
+{
+    return open_control(d->m, err);
+}
+
+/* HANDSHAKE: authenticate the source and agree on compatibility. */
+static int phase_handshake(struct dest *d, char *err)
+{
+    if (authenticate(d->m, err) < 0)
+        return -1;
+    return negotiate(d, err);
+}
+
+/* PRECOPY: the page channels join and deliver rounds until STATE arrives. */
+static int phase_precopy(struct dest *d, char *err)
+{
+    if (join_channels(d, err) < 0)
+        return -1;
+    return next_control(d, NB_MSG_STATE, err);
+}
+
+/* SWITCHOVER: load the device state (the VM stays paused); wait for DIGEST. */
+static int phase_switchover(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+
+    if (m->vmm.ops->load_state(&m->vmm, d->f.payload, d->f.len, err) < 0)
+        return refuse(m, err);
+    if (next_control(d, NB_MSG_DIGEST, err) < 0)
+        return -1;
+    if (nb_digest_parse(&d->f, &d->dm) < 0) {
+        snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
+                 nb_msg_name(d->f.type));
+        return refuse(m, err);
+    }
+    if (d->dm.npages != m->npages) {
+        snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
+                 (unsigned long long)d->dm.npages, (unsigned long long)m->npages);
+        return refuse(m, err);
+    }
+    return 0;
+}
+
+/* VERIFY: once every channel delivered the final round, compare digests;
+ * READY, then wait for COMMIT. */
+static int phase_verify(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    uint32_t last = d->dm.round;
+    uint64_t mine;
+
+    if (wait_rounds(d, last, err) < 0)
+        return -1;
+    mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
+    pthread_mutex_lock(&m->lock);
+    m->st.digest = mine;
+    m->st.round = last;
+    m->st.nrounds = last + 1;
+    pthread_mutex_unlock(&m->lock);
+    if (mine != d->dm.digest) {
+        snprintf(err, NB_ERRLEN, "memory digest mismatch (source %016llx, "
+                 "destination %016llx): the copy is not faithful",
+                 (unsigned long long)d->dm.digest, (unsigned long long)mine);
+        return refuse(m, err);
+    }
+    if (nb_send_empty(&m->ctl, NB_MSG_READY, err) < 0)
+        return -1;
+    return next_control(d, NB_MSG_COMMIT, err);
+}
+
+/* COMMIT: the guest is ours: run it (or take it over paused); RUNNING. */
+static int phase_commit(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    char e2[NB_ERRLEN];
+
+    if ((m->p.keep_paused && m->vmm.ops->commit_paused
+             ? m->vmm.ops->commit_paused(&m->vmm, err)
+             : m->vmm.ops->resume(&m->vmm, err)) < 0)
+        return -1;
+    nb_send_empty(&m->ctl, NB_MSG_RUNNING, e2);
+    return 0;
+}
+
+/*
+ * The epilogue, the only place that decides the result and who runs the
+ * guest: here only after a completed COMMIT.  Then close the page
+ * channels so the receivers finish, and reap them.
+ */
+static void dest_finish(struct dest *d, int rc, const char *err)
+{
+    struct nb_mig *m = d->m;
+    int result = NB_RESULT_COMPLETED;
+
+    if (rc != 0) {
+        nb_fail(m, atomic_load(&m->cancel_req) ? NB_RESULT_CANCELLED
+                                               : NB_RESULT_FAILED, "%s",
+                err[0] ? err : "failed");
+        pthread_mutex_lock(&m->lock);
+        result = m->fail_result;
+        pthread_mutex_unlock(&m->lock);
+    }
+    nb_end(m, result, rc == 0);
+    nb_shutdown_data(m);
+    for (int i = 0; i < d->nrcv; i++)
+        if (d->rcv[i].thread) {
+            pthread_join(d->rcv[i].thread, NULL);
+            ZSTD_freeDCtx(d->rcv[i].zctx);
+        }
+}
+
+typedef int (*dest_phase_fn)(struct dest *, char *);
+
+static int run_phase(struct dest *d, int phase, dest_phase_fn fn, char *err)
+{
+    if (nb_enter_phase(d->m, phase, err) < 0)
+        return -1;
+    return fn(d, err);
+}
+
+/* The destination's migration thread: its phases in order, then the epilogue. */
 void *nb_dest_main(void *arg)
 {
     struct nb_mig *m = arg;
     struct dest d;
     char err[NB_ERRLEN] = "";
-    int rc = -1;
+    int rc;
 
     memset(&d, 0, sizeof(d));
     d.m = m;
     pthread_mutex_init(&d.lock, NULL);
     pthread_cond_init(&d.cond, NULL);
 
-    if (accept_source(m, err) < 0 || negotiate(&d, err) < 0)
-        goto out;
-    nb_set_phase(m, m->p.mode == NB_MODE_LIVE ? NB_PHASE_PRECOPY : NB_PHASE_PRECOPY);
-    if (join_channels(&d, err) < 0)
-        goto out;
-    rc = control_loop(&d, err);
-out:
-    pthread_mutex_lock(&m->lock);
-    if (rc == 0) {
-        m->st.result = NB_RESULT_COMPLETED;
-        m->st.phase = NB_PHASE_DONE;
-    }
-    m->st.total_ms = nb_now_ms() - m->t0;
-    pthread_mutex_unlock(&m->lock);
-    if (rc != 0)
-        nb_fail(m, atomic_load(&m->cancel_req) ? NB_RESULT_CANCELLED
-                                               : NB_RESULT_FAILED, "%s",
-                err[0] ? err : "failed");
-    /* close the channels so receivers finish, then reap them */
-    nb_shutdown_data(m);
-    for (int i = 0; i < d.nrcv; i++)
-        if (d.rcv[i].thread) {
-            pthread_join(d.rcv[i].thread, NULL);
-            ZSTD_freeDCtx(d.rcv[i].zctx);
-        }
+    rc = phase_setup(&d, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_HANDSHAKE, phase_handshake, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_PRECOPY, phase_precopy, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_SWITCHOVER, phase_switchover, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_VERIFY, phase_verify, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_COMMIT, phase_commit, err);
+    dest_finish(&d, rc, err);
+
     pthread_mutex_lock(&m->lock);
     m->done = 1;
     pthread_cond_broadcast(&m->cond);

@@ -25,26 +25,20 @@ double nb_now_ms(void)
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-void nb_set_phase(struct nb_mig *m, int phase)
-{
-    pthread_mutex_lock(&m->lock);
-    if (m->st.result == NB_RESULT_RUNNING)
-        m->st.phase = phase;
-    pthread_mutex_unlock(&m->lock);
-}
-
-/* Record the first failure; later ones keep the first message. */
+/*
+ * Record the first failure: its message and the result it implies
+ * (failed or cancelled).  Later ones keep the first; the side's epilogue
+ * ends the session with that result.
+ */
 void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
 {
     va_list ap;
     pthread_mutex_lock(&m->lock);
-    if (m->st.result == NB_RESULT_RUNNING) {
+    if (!m->fail_result && m->st.result == NB_RESULT_RUNNING) {
         va_start(ap, fmt);
         vsnprintf(m->st.error, sizeof(m->st.error), fmt, ap);
         va_end(ap);
-        m->st.result = result;
-        m->st.phase = result == NB_RESULT_CANCELLED ? NB_PHASE_CANCELLED
-                                                    : NB_PHASE_FAILED;
+        m->fail_result = result;
     }
     pthread_mutex_unlock(&m->lock);
 }
@@ -365,8 +359,11 @@ void nb_mig_stats(nb_mig *m, struct nb_mig_stats *out)
     out->pages_sent = out->pages_zero + out->pages_delta + out->pages_compressed +
                       out->pages_raw;
     out->max_downtime_ms = atomic_load(&m->max_downtime_ms);
-    if (out->result == NB_RESULT_RUNNING)
+    if (out->result == NB_RESULT_RUNNING) {
         out->total_ms = nb_now_ms() - m->t0;
+        /* until the epilogue decides: the source's guest runs until paused */
+        out->guest_runs_here = m->is_source && !atomic_load(&m->guest_paused);
+    }
 }
 
 /* Change a parameter while the migration runs. */
@@ -444,7 +441,7 @@ int nb_mig_cancel(nb_mig *m, char *err, size_t errlen)
                  "to the destination");
         return -1;
     }
-    if (m->st.result != NB_RESULT_RUNNING) {
+    if (m->st.result != NB_RESULT_RUNNING || m->fail_result) {
         pthread_mutex_unlock(&m->lock);
         snprintf(err, errlen, "the migration has already ended");
         return -1;

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "core/codec.h"
+#include "core/transitions.h"
 #include "engine.h"
 #include "vmm/vmm.h"
 #include "wire/wire.h"
@@ -38,6 +39,8 @@ struct nb_mig {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int done;
+    int fail_result;            /* first failure's result (lock), 0: none */
+    _Atomic int guest_paused;   /* the source paused its guest */
 
     /* requests from the caller */
     _Atomic int cancel_req;
@@ -55,7 +58,6 @@ struct nb_mig {
 };
 
 double nb_now_ms(void);
-void nb_set_phase(struct nb_mig *m, int phase);
 void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes);
@@ -66,6 +68,10 @@ uint64_t nb_memory_digest(struct nb_mig *m, int full);
 int nb_setup_memory(struct nb_mig *m, char *err);
 void nb_init_page_hashes(struct nb_mig *m);
 int nb_set_nodelay(int fd);
+
+/* phase.c: the state machine of each side (tables: transitions.c) */
+int nb_enter_phase(struct nb_mig *m, int next, char *err);
+void nb_end(struct nb_mig *m, int result, int guest_here);
 
 /* source.c / dest.c: the migration threads */
 void *nb_source_main(void *arg);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "core/codec.h"
+#include "core/transitions.h"
 #include "test/selftest.h"
 
 int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
@@ -47,4 +48,9 @@ long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
             hits = -1;
     nb_xcache_free(c);
     return hits;
+}
+
+int nb_selftest_phase_legal(int is_source, int from, int to)
+{
+    return nb_phase_legal(is_source, from, to);
 }

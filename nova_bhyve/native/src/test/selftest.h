@@ -19,5 +19,7 @@ uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
  * (as rounds of a guest rewriting its working set in order); returns the
  * hits of the last round, or -1 if a dropped page was still returned. */
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
+/* 1 if the phase table lets a side (source: 1) go from `from` to `to`. */
+int nb_selftest_phase_legal(int is_source, int from, int to);
 
 #endif

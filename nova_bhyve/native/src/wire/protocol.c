@@ -130,23 +130,13 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
     return 0;
 }
 
-/* Receive one frame, checking CRC, sequence, MAC and the size limit. */
-int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
-                  char *err)
+/* Check a received header: flags, length limit, channel, sequence, MAC flag. */
+static int check_header(const struct nb_chan *c, const uint8_t *hdr,
+                        uint32_t max_len, char *err)
 {
-    uint8_t hdr[NB_FRAME_HDR], mac[32];
-    uint32_t len, crc, seq;
-    int has_mac, r;
+    uint32_t len = nb_get32(hdr + 8), seq = nb_get32(hdr + 4);
+    int has_mac = hdr[1] & FLAG_MAC;
 
-    r = read_all(c->fd, hdr, NB_FRAME_HDR);
-    if (r < 0) {
-        snprintf(err, NB_ERRLEN, r == -2 ? "channel %u: connection closed by peer"
-                 : "channel %u: receive failed: %s", c->index, strerror(errno));
-        return -1;
-    }
-    len = nb_get32(hdr + 8);
-    seq = nb_get32(hdr + 4);
-    has_mac = hdr[1] & FLAG_MAC;
     if (hdr[1] & ~FLAG_MAC) {
         snprintf(err, NB_ERRLEN, "channel %u: unknown frame flags 0x%x", c->index, hdr[1]);
         return -1;
@@ -168,6 +158,28 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
                  nb_msg_name(hdr[0]), has_mac ? "unexpectedly carries" : "lacks");
         return -1;
     }
+    return 0;
+}
+
+/* Receive one frame, checking CRC, sequence, MAC and the size limit. */
+int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
+                  char *err)
+{
+    uint8_t hdr[NB_FRAME_HDR], mac[32];
+    uint32_t len, crc, seq;
+    int has_mac, r;
+
+    r = read_all(c->fd, hdr, NB_FRAME_HDR);
+    if (r < 0) {
+        snprintf(err, NB_ERRLEN, r == -2 ? "channel %u: connection closed by peer"
+                 : "channel %u: receive failed: %s", c->index, strerror(errno));
+        return -1;
+    }
+    if (check_header(c, hdr, max_len, err) < 0)
+        return -1;
+    len = nb_get32(hdr + 8);
+    seq = nb_get32(hdr + 4);
+    has_mac = hdr[1] & FLAG_MAC;
     if (len + (has_mac ? NB_MAC : 0) > c->rcap) {
         size_t cap = len + NB_MAC;
         uint8_t *nb = realloc(c->rbuf, cap);

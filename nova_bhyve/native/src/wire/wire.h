@@ -61,6 +61,7 @@ enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3
 #define NB_PREAMBLE_CAP 4096    /* the preamble this side writes */
 #define NB_MAX_PREAMBLE 8192    /* the peer's preamble, at most */
 #define NB_MAX_JOIN_FRAME 64
+#define NB_MAX_ACK 64           /* READY, RUNNING (empty) */
 #define NB_MAX_REASON 4096      /* REFUSE / ABORT text, at most */
 #define NB_MAX_PAGES_FRAME (256u << 10) /* page frame payload limit */
 #define NB_MAX_CTRL_FRAME (16u << 20)   /* state blobs */
