@@ -28,6 +28,24 @@ enum nb_phase {
     NB_PHASE_CANCELLED = 9,
 };
 
+/* Why a request or a migration failed (nb_mig_stats.error_kind; the
+ * negated return value of a refused call).  The message says more. */
+enum nb_error_kind {
+    NB_ERR_NONE = 0,
+    NB_ERR_INVALID = 1,      /* a parameter or request the engine refuses */
+    NB_ERR_AUTH = 2,         /* a side failed authentication */
+    NB_ERR_INCOMPATIBLE = 3, /* the hosts cannot hold the same guest */
+    NB_ERR_PEER_GONE = 4,    /* the peer closed, reset or aborted the session */
+    NB_ERR_REFUSED = 5,      /* the peer refused (its reason in the message) */
+    NB_ERR_CANCELLED = 6,    /* cancelled on request, or by the source */
+    NB_ERR_TIMEOUT = 7,      /* nothing heard within the timeout */
+    NB_ERR_CORRUPT = 8,      /* a frame or page failed its checks, digests differ */
+    NB_ERR_VMM = 9,          /* the vmm port failed (open, pause, state, memory) */
+    NB_ERR_RESOURCE = 10,    /* out of memory, threads, sockets or randomness */
+    NB_ERR_TOO_LATE = 11,    /* a cancel after the guest was handed over */
+    NB_ERR_INTERNAL = 12,    /* an engine bug, e.g. an illegal phase transition */
+};
+
 enum nb_result {
     NB_RESULT_RUNNING = 0,
     NB_RESULT_COMPLETED = 1,
@@ -93,6 +111,7 @@ struct nb_mig_stats {
     int committed;              /* ownership passed to the destination */
     int guest_runs_here;        /* 1 if the guest is running on this side */
     uint64_t digest;            /* memory digest (after verify) */
+    int error_kind;             /* enum nb_error_kind of `error` */
     uint32_t nrounds;           /* entries used in rounds[] */
     struct nb_round_stat rounds[NB_MAX_ROUND_STATS];
     char error[256];

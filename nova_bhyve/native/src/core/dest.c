@@ -34,6 +34,7 @@ struct receiver {
     const uint8_t *run[NB_WRITE_BATCH];
     int nrun;
     uint64_t run_off;
+    int kind;                   /* nb_error_kind of a failure applying pages */
 };
 
 /* Write the pending run of RAW pages, if any. */
@@ -43,7 +44,11 @@ static int flush_run(struct receiver *r, char *err)
     r->nrun = 0;
     if (!n)
         return 0;
-    return r->m->vmm.ops->write_pages(&r->m->vmm, r->run_off, r->run, n, err);
+    if (r->m->vmm.ops->write_pages(&r->m->vmm, r->run_off, r->run, n, err) < 0) {
+        r->kind = NB_ERR_VMM;
+        return -1;
+    }
+    return 0;
 }
 
 struct dest {
@@ -55,6 +60,7 @@ struct dest {
     pthread_cond_t cond;
     uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
     int failed;
+    int kind;                   /* nb_error_kind of the phase that failed */
     struct nb_frame f;          /* the control frame the last phase waited for */
     struct nb_digest_msg dm;    /* the source's DIGEST */
 };
@@ -189,16 +195,21 @@ static void *receiver_main(void *arg)
     struct nb_mig *m = r->m;
     char err[NB_ERRLEN];
     uint32_t round = 0;
-    int slot = r->ch->index - 1;
+    int slot = r->ch->index - 1, kind;
 
     for (;;) {
         struct nb_frame f;
         struct nb_round_end end;
-        if (nb_recv_frame(r->ch, &f, NB_MAX_PAGES_FRAME, err) < 0)
+        kind = NB_ERR_CORRUPT;
+        if (nb_recv_frame(r->ch, &f, NB_MAX_PAGES_FRAME, err) < 0) {
+            kind = r->ch->err_kind;
             break;
+        }
         if (f.type == NB_MSG_PAGES) {
-            if (apply_pages(r, &f, round, err) < 0)
+            if (apply_pages(r, &f, round, err) < 0) {
+                kind = r->kind ? r->kind : NB_ERR_CORRUPT;
                 break;
+            }
         } else if (nb_round_end_parse(&f, &end) == 0 && end.round == round) {
             pthread_mutex_lock(&d->lock);
             d->done_round[slot] = ++round;
@@ -213,7 +224,7 @@ static void *receiver_main(void *arg)
     /* a channel ending is normal once the session is over */
     pthread_mutex_lock(&m->lock);
     int over = m->st.committed || m->st.result != NB_RESULT_RUNNING ||
-               m->fail_result;
+               m->fail_kind;
     pthread_mutex_unlock(&m->lock);
     pthread_mutex_lock(&d->lock);
     if (!over) {
@@ -222,7 +233,7 @@ static void *receiver_main(void *arg)
     }
     pthread_mutex_unlock(&d->lock);
     if (!over) {
-        nb_fail(m, NB_RESULT_FAILED, "%s", err);
+        nb_fail(m, kind, "%s", err);
         /* wake the control thread */
         if (m->ctl.fd >= 0)
             shutdown(m->ctl.fd, SHUT_RDWR);
@@ -235,7 +246,7 @@ static void *receiver_main(void *arg)
  * control connection is up (page channels joining), the source says
  * nothing on it: anything readable there means it gave up, so stop.
  */
-static int accept_one(struct nb_mig *m, char *err)
+static int accept_one(struct nb_mig *m, int *kind, char *err)
 {
     struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
                            { .fd = m->ctl.fd, .events = POLLIN } };
@@ -245,16 +256,20 @@ static int accept_one(struct nb_mig *m, char *err)
     rc = poll(p, m->ctl.fd >= 0 ? 2 : 1, (int)m->p.timeout_ms);
     if (rc > 0 && m->ctl.fd >= 0 && p[1].revents) {
         nb_peer_gave_up(&m->ctl, "source", "before its page channels joined", err);
+        *kind = m->ctl.err_kind;
         return -1;
     }
     if (rc <= 0 || atomic_load(&m->cancel_req)) {
         snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
                  : "stopped waiting for the source", m->p.timeout_ms);
+        *kind = rc == 0 ? NB_ERR_TIMEOUT : atomic_load(&m->cancel_req)
+                                              ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
         return -1;
     }
     fd = accept4(m->listen_fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) {
         snprintf(err, NB_ERRLEN, "accept failed: %s", strerror(errno));
+        *kind = atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
         return -1;
     }
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -264,9 +279,17 @@ static int accept_one(struct nb_mig *m, char *err)
 }
 
 /* Take the next connection as the control channel. */
-static int open_control(struct nb_mig *m, char *err)
+/* Note why the current phase failed; returns -1. */
+static int fail(struct dest *d, int kind)
 {
-    m->ctl.fd = accept_one(m, err);
+    d->kind = kind;
+    return -1;
+}
+
+static int open_control(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    m->ctl.fd = accept_one(m, &d->kind, err);
     if (m->ctl.fd < 0)
         return -1;
     m->ctl.index = 0;
@@ -281,8 +304,9 @@ static int open_control(struct nb_mig *m, char *err)
  * handshake is dropped and the next one awaited (at most a few), so a
  * stray or hostile client cannot end the session on its own.
  */
-static int authenticate(struct nb_mig *m, char *err)
+static int authenticate(struct dest *d, char *err)
 {
+    struct nb_mig *m = d->m;
     char last[NB_ERRLEN] = "";
     for (int bad = 0;;) {
         if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
@@ -291,15 +315,16 @@ static int authenticate(struct nb_mig *m, char *err)
         close(m->ctl.fd);
         m->ctl.fd = -1;
         snprintf(last, sizeof(last), "%s", err);
+        d->kind = m->ctl.err_kind;      /* the last rejection's */
         if (++bad == MAX_BAD_CONNECTIONS) {
             snprintf(err, NB_ERRLEN, "rejected %d connections; last: %.180s",
                      MAX_BAD_CONNECTIONS, last);
             return -1;
         }
-        if (open_control(m, err) < 0) {
+        if (open_control(d, err) < 0) {
             snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
                      "authenticated source followed; last: %.180s", bad, last);
-            return -1;
+            return fail(d, m->ctl.err_kind);
         }
     }
 }
@@ -309,12 +334,12 @@ static int authenticate(struct nb_mig *m, char *err)
  * recorded first, so that it, not the page channels breaking as the
  * source gives up, is the session's error.
  */
-static int refuse(struct nb_mig *m, const char *err)
+static int refuse(struct dest *d, int kind, const char *err)
 {
     char e2[NB_ERRLEN];
-    nb_fail(m, NB_RESULT_FAILED, "%s", err);
-    nb_send_text(&m->ctl, NB_MSG_REFUSE, err, e2);
-    return -1;
+    nb_fail(d->m, kind, "%s", err);
+    nb_send_text(&d->m->ctl, NB_MSG_REFUSE, err, e2);
+    return fail(d, kind);
 }
 
 static int negotiate(struct dest *d, char *err)
@@ -323,19 +348,22 @@ static int negotiate(struct dest *d, char *err)
     char src[NB_MAX_PREAMBLE], mine[NB_PREAMBLE_CAP];
     struct nb_preamble_opts o;
     struct nb_frame f;
-    int n;
+    int n, kind = NB_ERR_INCOMPATIBLE;
 
     if (nb_expect(&m->ctl, &f, NB_MSG_PREAMBLE, sizeof(src) - 1, err) < 0)
-        return -1;
+        return fail(d, m->ctl.err_kind);
     memcpy(src, f.payload, f.len);
     src[f.len] = 0;
     if (nb_preamble_read_opts(src, &o, err) < 0)
         goto refused;
     if (m->p.vmm_kind == NB_VMM_CKPT) {
         struct nb_guest_spec spec;
-        if (nb_preamble_read_spec(src, &spec, err) < 0 ||
-            nb_vmm_open_ckpt(&m->vmm, m->p.vmm_target, 1, &spec, err) < 0)
+        if (nb_preamble_read_spec(src, &spec, err) < 0)
             goto refused;
+        kind = NB_ERR_VMM;
+        if (nb_vmm_open_ckpt(&m->vmm, m->p.vmm_target, 1, &spec, err) < 0)
+            goto refused;
+        kind = NB_ERR_INCOMPATIBLE;
         m->vmm_open = 1;
     }
     {
@@ -350,20 +378,23 @@ static int negotiate(struct dest *d, char *err)
     }
     if (n < 0) {
         snprintf(err, NB_ERRLEN, "preamble too long");
+        kind = NB_ERR_INTERNAL;
         goto refused;
     }
     if (nb_preamble_check(src, mine, err, NB_ERRLEN) < 0)
         goto refused;
-    if (nb_setup_memory(m, err) < 0)
+    if ((kind = -nb_setup_memory(m, err)) > 0)
         goto refused;
     nb_init_page_hashes(m);
     d->nrcv = o.channels;
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;
     pthread_mutex_unlock(&m->lock);
-    return nb_send_frame(&m->ctl, NB_MSG_ACCEPT, mine, (uint32_t)n, err);
+    if (nb_send_frame(&m->ctl, NB_MSG_ACCEPT, mine, (uint32_t)n, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    return 0;
 refused:
-    return refuse(m, err);
+    return refuse(d, kind, err);
 }
 
 static int join_channels(struct dest *d, char *err)
@@ -371,7 +402,8 @@ static int join_channels(struct dest *d, char *err)
     struct nb_mig *m = d->m;
     int joined = 0, bad = 0;
     while (joined < d->nrcv) {
-        struct nb_chan c = { .fd = accept_one(m, err), .wire = &m->wire_bytes };
+        struct nb_chan c = { .fd = accept_one(m, &d->kind, err),
+                             .wire = &m->wire_bytes };
         if (c.fd < 0)
             return -1;
         if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
@@ -379,7 +411,7 @@ static int join_channels(struct dest *d, char *err)
             close(c.fd);
             free(c.rbuf);
             if (++bad >= MAX_BAD_CONNECTIONS)
-                return -1;
+                return fail(d, NB_ERR_AUTH);
             continue;
         }
         {
@@ -398,7 +430,7 @@ static int join_channels(struct dest *d, char *err)
         r->ch = &m->data[i];
         if (pthread_create(&r->thread, NULL, receiver_main, r) != 0) {
             snprintf(err, NB_ERRLEN, "cannot start a receiver thread");
-            return -1;
+            return fail(d, NB_ERR_RESOURCE);
         }
     }
     return 0;
@@ -430,8 +462,9 @@ static int wait_rounds(struct dest *d, uint32_t last, char *err)
  * page data keeps arriving, and give up only after `timeout_ms` without
  * any traffic at all.
  */
-static int wait_control(struct nb_mig *m, char *err)
+static int wait_control(struct dest *d, char *err)
 {
+    struct nb_mig *m = d->m;
     uint64_t seen = atomic_load(&m->wire_bytes);
     double idle_since = nb_now_ms();
     for (;;) {
@@ -442,7 +475,7 @@ static int wait_control(struct nb_mig *m, char *err)
             return 0;
         if (rc < 0 && errno != EINTR) {
             snprintf(err, NB_ERRLEN, "control channel: %s", strerror(errno));
-            return -1;
+            return fail(d, NB_ERR_PEER_GONE);
         }
         now_bytes = atomic_load(&m->wire_bytes);
         if (now_bytes != seen) {
@@ -451,7 +484,7 @@ static int wait_control(struct nb_mig *m, char *err)
         } else if (nb_now_ms() - idle_since > m->p.timeout_ms) {
             snprintf(err, NB_ERRLEN, "the source went silent for %u ms",
                      m->p.timeout_ms);
-            return -1;
+            return fail(d, NB_ERR_TIMEOUT);
         }
     }
 }
@@ -466,32 +499,33 @@ static int next_control(struct dest *d, uint8_t want, char *err)
     struct nb_mig *m = d->m;
     struct nb_frame *f = &d->f;
 
-    if (wait_control(m, err) < 0 ||
-        nb_recv_frame(&m->ctl, f, NB_MAX_CTRL_FRAME, err) < 0)
+    if (wait_control(d, err) < 0)
         return -1;
+    if (nb_recv_frame(&m->ctl, f, NB_MAX_CTRL_FRAME, err) < 0)
+        return fail(d, m->ctl.err_kind);
     if (f->type == want)
         return 0;
     if (f->type == NB_MSG_ABORT) {
         atomic_store(&m->cancel_req, 1);
         snprintf(err, NB_ERRLEN, "source aborted: %.*s",
                  (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
-        return -1;
+        return fail(d, NB_ERR_CANCELLED);
     }
     snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
              nb_msg_name(f->type));
-    return refuse(m, err);
+    return refuse(d, NB_ERR_CORRUPT, err);
 }
 
 /* SETUP: wait for the source's control connection. */
 static int phase_setup(struct dest *d, char *err)
 {
-    return open_control(d->m, err);
+    return open_control(d, err);
 }
 
 /* HANDSHAKE: authenticate the source and agree on compatibility. */
 static int phase_handshake(struct dest *d, char *err)
 {
-    if (authenticate(d->m, err) < 0)
+    if (authenticate(d, err) < 0)
         return -1;
     return negotiate(d, err);
 }
@@ -510,18 +544,18 @@ static int phase_switchover(struct dest *d, char *err)
     struct nb_mig *m = d->m;
 
     if (m->vmm.ops->load_state(&m->vmm, d->f.payload, d->f.len, err) < 0)
-        return refuse(m, err);
+        return refuse(d, NB_ERR_VMM, err);
     if (next_control(d, NB_MSG_DIGEST, err) < 0)
         return -1;
     if (nb_digest_parse(&d->f, &d->dm) < 0) {
         snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
                  nb_msg_name(d->f.type));
-        return refuse(m, err);
+        return refuse(d, NB_ERR_CORRUPT, err);
     }
     if (d->dm.npages != m->npages) {
         snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
                  (unsigned long long)d->dm.npages, (unsigned long long)m->npages);
-        return refuse(m, err);
+        return refuse(d, NB_ERR_CORRUPT, err);
     }
     return 0;
 }
@@ -535,7 +569,7 @@ static int phase_verify(struct dest *d, char *err)
     uint64_t mine;
 
     if (wait_rounds(d, last, err) < 0)
-        return -1;
+        return fail(d, nb_fail_kind(m));
     mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     pthread_mutex_lock(&m->lock);
     m->st.digest = mine;
@@ -546,10 +580,10 @@ static int phase_verify(struct dest *d, char *err)
         snprintf(err, NB_ERRLEN, "memory digest mismatch (source %016llx, "
                  "destination %016llx): the copy is not faithful",
                  (unsigned long long)d->dm.digest, (unsigned long long)mine);
-        return refuse(m, err);
+        return refuse(d, NB_ERR_CORRUPT, err);
     }
     if (nb_send_empty(&m->ctl, NB_MSG_READY, err) < 0)
-        return -1;
+        return fail(d, m->ctl.err_kind);
     return next_control(d, NB_MSG_COMMIT, err);
 }
 
@@ -562,7 +596,7 @@ static int phase_commit(struct dest *d, char *err)
     if ((m->p.keep_paused && m->vmm.ops->commit_paused
              ? m->vmm.ops->commit_paused(&m->vmm, err)
              : m->vmm.ops->resume(&m->vmm, err)) < 0)
-        return -1;
+        return fail(d, NB_ERR_VMM);
     nb_send_empty(&m->ctl, NB_MSG_RUNNING, e2);
     return 0;
 }
@@ -575,17 +609,11 @@ static int phase_commit(struct dest *d, char *err)
 static void dest_finish(struct dest *d, int rc, const char *err)
 {
     struct nb_mig *m = d->m;
-    int result = NB_RESULT_COMPLETED;
 
-    if (rc != 0) {
-        nb_fail(m, atomic_load(&m->cancel_req) ? NB_RESULT_CANCELLED
-                                               : NB_RESULT_FAILED, "%s",
+    if (rc != 0)
+        nb_fail(m, atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : d->kind, "%s",
                 err[0] ? err : "failed");
-        pthread_mutex_lock(&m->lock);
-        result = m->fail_result;
-        pthread_mutex_unlock(&m->lock);
-    }
-    nb_end(m, result, rc == 0);
+    nb_end(m, rc == 0 ? 0 : nb_fail_kind(m), rc == 0);
     nb_shutdown_data(m);
     for (int i = 0; i < d->nrcv; i++)
         if (d->rcv[i].thread) {
@@ -598,9 +626,8 @@ typedef int (*dest_phase_fn)(struct dest *, char *);
 
 static int run_phase(struct dest *d, int phase, dest_phase_fn fn, char *err)
 {
-    if (nb_enter_phase(d->m, phase, err) < 0)
-        return -1;
-    return fn(d, err);
+    int rc = nb_enter_phase(d->m, phase, err);
+    return rc < 0 ? fail(d, -rc) : fn(d, err);
 }
 
 /* The destination's migration thread: its phases in order, then the epilogue. */

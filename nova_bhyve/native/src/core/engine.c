@@ -26,21 +26,31 @@ double nb_now_ms(void)
 }
 
 /*
- * Record the first failure: its message and the result it implies
- * (failed or cancelled).  Later ones keep the first; the side's epilogue
- * ends the session with that result.
+ * Record the first failure: its message and its kind (enum
+ * nb_error_kind).  Later ones keep the first; the side's epilogue ends
+ * the session with that kind.
  */
-void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
+void nb_fail(struct nb_mig *m, int kind, const char *fmt, ...)
 {
     va_list ap;
     pthread_mutex_lock(&m->lock);
-    if (!m->fail_result && m->st.result == NB_RESULT_RUNNING) {
+    if (!m->fail_kind && m->st.result == NB_RESULT_RUNNING) {
         va_start(ap, fmt);
         vsnprintf(m->st.error, sizeof(m->st.error), fmt, ap);
         va_end(ap);
-        m->fail_result = result;
+        m->fail_kind = kind ? kind : NB_ERR_INTERNAL;
     }
     pthread_mutex_unlock(&m->lock);
+}
+
+/* The kind of the first recorded failure, 0 if none. */
+int nb_fail_kind(struct nb_mig *m)
+{
+    int kind;
+    pthread_mutex_lock(&m->lock);
+    kind = m->fail_kind;
+    pthread_mutex_unlock(&m->lock);
+    return kind;
 }
 
 int nb_set_nodelay(int fd)
@@ -306,35 +316,44 @@ static int start(const struct nb_mig_params *p, int is_source, nb_mig **out,
 {
     char e[NB_ERRLEN] = "";
     struct nb_mig *m;
+    int kind = 0;
 
     *out = NULL;
     if (validate_params(p, is_source, e) < 0) {
         snprintf(err, errlen, "%s", e);
-        return -1;
+        return -NB_ERR_INVALID;
     }
     m = session_new(p, is_source, e);
     if (!m) {
         snprintf(err, errlen, "%s", e);
-        return -1;
+        return -NB_ERR_RESOURCE;
     }
-    if (open_vmm(m, e) < 0 || (!is_source && bind_listener(m, e) < 0)) {
+    if (open_vmm(m, e) < 0)
+        kind = p->vmm_kind > NB_VMM_CKPT || p->vmm_kind < 0 ? NB_ERR_INVALID
+                                                            : NB_ERR_VMM;
+    else if (!is_source && bind_listener(m, e) < 0)
+        kind = NB_ERR_RESOURCE;
+    else {
+        m->vmm_open = m->vmm.ops != NULL;
+        if (pthread_create(&m->thread, NULL,
+                           is_source ? nb_source_main : nb_dest_main, m) != 0) {
+            snprintf(e, sizeof(e), "cannot start the migration thread");
+            kind = NB_ERR_RESOURCE;
+        }
+    }
+    if (kind) {
         snprintf(err, errlen, "%s", e);
         nb_mig_free(m);
-        return -1;
-    }
-    m->vmm_open = m->vmm.ops != NULL;
-    if (pthread_create(&m->thread, NULL, is_source ? nb_source_main : nb_dest_main,
-                       m) != 0) {
-        snprintf(err, errlen, "cannot start the migration thread");
-        nb_mig_free(m);
-        return -1;
+        return -kind;
     }
     m->thread_started = 1;
     *out = m;
     return 0;
 }
 
-/* Start migrating a VM out; returns at once, the work runs on new threads. */
+/* Start migrating a VM out; returns at once, the work runs on new threads.
+ * Every call below that can be refused returns 0 or a negated
+ * enum nb_error_kind, with the message in `err`. */
 int nb_mig_send(const struct nb_mig_params *p, nb_mig **out, char *err, size_t errlen)
 {
     return start(p, 1, out, err, errlen);
@@ -372,7 +391,7 @@ int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, siz
     if (!strcmp(name, "max_downtime_ms")) {
         if (value < 1 || value > 3600000) {
             snprintf(err, errlen, "max_downtime_ms must be 1..3600000");
-            return -1;
+            return -NB_ERR_INVALID;
         }
         atomic_store(&m->max_downtime_ms, (uint32_t)value);
         return 0;
@@ -385,13 +404,13 @@ int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, siz
         char e[NB_ERRLEN];
         if (!m->is_source || value > 99) {
             snprintf(err, errlen, "throttle is 0..99 and applies to the source");
-            return -1;
+            return -NB_ERR_INVALID;
         }
         if (!m->vmm.ops || !m->vmm.ops->throttle ||
             m->vmm.ops->throttle(&m->vmm, (int)value, e) < 0) {
             snprintf(err, errlen, "cannot throttle the guest: %s",
                      m->vmm.ops && m->vmm.ops->throttle ? e : "not supported");
-            return -1;
+            return m->vmm.ops && m->vmm.ops->throttle ? -NB_ERR_VMM : -NB_ERR_INVALID;
         }
         pthread_mutex_lock(&m->lock);
         m->st.throttle = (uint32_t)value;
@@ -400,7 +419,7 @@ int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, siz
     }
     snprintf(err, errlen, "unknown parameter '%s' (max_downtime_ms, max_bandwidth, "
              "throttle)", name);
-    return -1;
+    return -NB_ERR_INVALID;
 }
 
 /* Switch over at the next opportunity, whatever the downtime estimate. */
@@ -439,12 +458,12 @@ int nb_mig_cancel(nb_mig *m, char *err, size_t errlen)
         pthread_mutex_unlock(&m->lock);
         snprintf(err, errlen, "too late to cancel: the guest has been handed "
                  "to the destination");
-        return -1;
+        return -NB_ERR_TOO_LATE;
     }
-    if (m->st.result != NB_RESULT_RUNNING || m->fail_result) {
+    if (m->st.result != NB_RESULT_RUNNING || m->fail_kind) {
         pthread_mutex_unlock(&m->lock);
         snprintf(err, errlen, "the migration has already ended");
-        return -1;
+        return -NB_ERR_INVALID;
     }
     atomic_store(&m->cancel_req, 1);
     shutdown_channels(m);
@@ -517,23 +536,25 @@ void nb_mig_free(nb_mig *m)
 int nb_spec_check(const char *src_preamble, const char *dst_preamble,
                   char *err, size_t errlen)
 {
-    return nb_preamble_check(src_preamble, dst_preamble, err, errlen);
+    return nb_preamble_check(src_preamble, dst_preamble, err, errlen) < 0
+               ? -NB_ERR_INCOMPATIBLE : 0;
 }
 
-/* Map guest memory and size the per-page tables (after the vmm is open). */
+/* Map guest memory and size the per-page tables (after the vmm is open);
+ * returns 0 or the negated nb_error_kind. */
 int nb_setup_memory(struct nb_mig *m, char *err)
 {
     const struct nb_layout *l = &m->vmm.layout;
     uint64_t expect = 0;
 
     if (m->vmm.ops->map_memory(&m->vmm, &m->vmm.mem, err) < 0)
-        return -1;
+        return -NB_ERR_VMM;
     for (int s = 0; s < l->nsegs; s++) {
         if (l->seg[s].offset != expect || l->seg[s].len % NB_PAGE ||
             l->seg[s].gpa % NB_PAGE) {
             snprintf(err, NB_ERRLEN, "guest memory segment %d is not laid out "
                      "contiguously in page units", s);
-            return -1;
+            return -NB_ERR_VMM;
         }
         expect += l->seg[s].len;
     }
@@ -542,7 +563,7 @@ int nb_setup_memory(struct nb_mig *m, char *err)
     if (!m->page_hash) {
         snprintf(err, NB_ERRLEN, "out of memory for %llu page hashes",
                  (unsigned long long)m->npages);
-        return -1;
+        return -NB_ERR_RESOURCE;
     }
     pthread_mutex_lock(&m->lock);
     m->st.mem_total = expect;

@@ -39,7 +39,7 @@ struct nb_mig {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int done;
-    int fail_result;            /* first failure's result (lock), 0: none */
+    int fail_kind;              /* first failure's nb_error_kind (lock), 0: none */
     _Atomic int guest_paused;   /* the source paused its guest */
 
     /* requests from the caller */
@@ -58,7 +58,7 @@ struct nb_mig {
 };
 
 double nb_now_ms(void);
-void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
+void nb_fail(struct nb_mig *m, int kind, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes);
 void nb_shutdown_data(struct nb_mig *m);
@@ -66,12 +66,13 @@ int nb_page_addr(const struct nb_mig *m, uint64_t index, uint64_t *pfn, uint64_t
 int nb_pfn_to_offset(const struct nb_mig *m, uint64_t pfn, uint64_t *off, uint64_t *index);
 uint64_t nb_memory_digest(struct nb_mig *m, int full);
 int nb_setup_memory(struct nb_mig *m, char *err);
+int nb_fail_kind(struct nb_mig *m);
 void nb_init_page_hashes(struct nb_mig *m);
 int nb_set_nodelay(int fd);
 
 /* phase.c: the state machine of each side (tables: transitions.c) */
 int nb_enter_phase(struct nb_mig *m, int next, char *err);
-void nb_end(struct nb_mig *m, int result, int guest_here);
+void nb_end(struct nb_mig *m, int kind, int guest_here);
 
 /* source.c / dest.c: the migration threads */
 void *nb_source_main(void *arg);

@@ -18,7 +18,8 @@ static void report_illegal(const struct nb_mig *m, int from, int to)
 /*
  * Move to `next`.  Entering COMMIT is the commit point: it sets
  * `committed` under the lock nb_mig_cancel() takes, and on the source it
- * refuses a cancel asked for before it.  Returns 0, or -1 with `err` set.
+ * refuses a cancel asked for before it.  Returns 0, or the negated
+ * nb_error_kind with `err` set.
  */
 int nb_enter_phase(struct nb_mig *m, int next, char *err)
 {
@@ -40,30 +41,34 @@ int nb_enter_phase(struct nb_mig *m, int next, char *err)
         report_illegal(m, from, next);
         snprintf(err, NB_ERRLEN, "internal error: illegal phase transition "
                  "%s -> %s", nb_phase_name(from), nb_phase_name(next));
-        return -1;
+        return -NB_ERR_INTERNAL;
     }
     if (cancelled) {
         snprintf(err, NB_ERRLEN, "cancelled");
-        return -1;
+        return -NB_ERR_CANCELLED;
     }
     return 0;
 }
 
 /*
- * The last step of each side's epilogue: the terminal phase that matches
- * `result`, who runs the guest, and the total time, set together.
+ * The last step of each side's epilogue: from the failure kind (0: none)
+ * the result and terminal phase, who runs the guest, and the total time,
+ * set together.
  */
-void nb_end(struct nb_mig *m, int result, int guest_here)
+void nb_end(struct nb_mig *m, int kind, int guest_here)
 {
-    int phase = result == NB_RESULT_COMPLETED ? NB_PHASE_DONE
-                : result == NB_RESULT_CANCELLED ? NB_PHASE_CANCELLED
-                                                : NB_PHASE_FAILED;
+    int result = !kind ? NB_RESULT_COMPLETED
+                 : kind == NB_ERR_CANCELLED ? NB_RESULT_CANCELLED : NB_RESULT_FAILED;
+    int phase = !kind ? NB_PHASE_DONE
+                : kind == NB_ERR_CANCELLED ? NB_PHASE_CANCELLED : NB_PHASE_FAILED;
     pthread_mutex_lock(&m->lock);
     if (!nb_phase_legal(m->is_source, m->st.phase, phase)) {
         report_illegal(m, m->st.phase, phase);
         phase = NB_PHASE_FAILED;
         result = NB_RESULT_FAILED;
+        kind = NB_ERR_INTERNAL;
     }
+    m->st.error_kind = kind;
     m->st.phase = phase;
     m->st.result = result;
     m->st.guest_runs_here = guest_here;

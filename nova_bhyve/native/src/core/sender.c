@@ -136,7 +136,7 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
         }
         if (atomic_load(&s->m->cancel_req)) {
             snprintf(err, NB_ERRLEN, "cancelled");
-            return -1;
+            return nb_wire_fail(s->ch, NB_ERR_CANCELLED);
         }
     }
     if (src->w1 < src->words)
@@ -173,8 +173,8 @@ static void *sender_main(void *arg)
         if (rc < 0 && !src->failed) {
             src->failed = 1;
             pthread_mutex_unlock(&src->lock);
-            nb_fail(s->m, atomic_load(&s->m->cancel_req) ? NB_RESULT_CANCELLED
-                                                          : NB_RESULT_FAILED,
+            nb_fail(s->m, atomic_load(&s->m->cancel_req) ? NB_ERR_CANCELLED
+                                                          : s->ch->err_kind,
                     "%s", err);
             /* the other senders must not wait on a half-dead link */
             nb_shutdown_data(s->m);
@@ -206,7 +206,7 @@ static void check_peer(struct source *src)
     pthread_mutex_lock(&src->lock);
     src->failed = 1;
     pthread_mutex_unlock(&src->lock);
-    nb_fail(m, NB_RESULT_FAILED, "%s", err);
+    nb_fail(m, m->ctl.err_kind, "%s", err);
     nb_shutdown_data(m);
 }
 
@@ -262,7 +262,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
             if (m->vmm.ops->dirty_log_range(&m->vmm, w0, n,
                                             round ? src->bitmap : src->scratch,
                                             src->words, err) < 0) {
-                nb_fail(m, NB_RESULT_FAILED, "%s", err);
+                nb_fail(m, NB_ERR_VMM, "%s", err);
                 log_failed = 1;
                 break;
             }

@@ -26,7 +26,15 @@
 /* Below this expected downtime, stop iterating even if rounds still shrink. */
 #define SMALL_DOWNTIME_MS 5.0
 
-static int connect_to(struct nb_mig *m, char *err)
+/* Note why the current phase failed; returns -1. */
+static int fail(struct source *src, int kind)
+{
+    src->kind = kind;
+    return -1;
+}
+
+/* A connection to the destination, or -1 with `err` and `*kind` set. */
+static int connect_to(struct nb_mig *m, int *kind, char *err)
 {
     struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
                               .ai_flags = AI_NUMERICSERV };
@@ -38,6 +46,7 @@ static int connect_to(struct nb_mig *m, char *err)
     rc = getaddrinfo(m->p.host, port, &hints, &res);
     if (rc != 0) {
         snprintf(err, NB_ERRLEN, "cannot resolve %s: %s", m->p.host, gai_strerror(rc));
+        *kind = NB_ERR_INVALID;
         return -1;
     }
     for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
@@ -50,6 +59,8 @@ static int connect_to(struct nb_mig *m, char *err)
         if (connect(fd, a->ai_addr, a->ai_addrlen) < 0) {
             snprintf(err, NB_ERRLEN, "cannot connect to %s port %d: %s", m->p.host,
                      m->p.port, strerror(errno));
+            *kind = errno == ETIMEDOUT || errno == EINPROGRESS || errno == EAGAIN
+                        ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE;
             close(fd);
             fd = -1;
         }
@@ -64,9 +75,10 @@ static int connect_to(struct nb_mig *m, char *err)
 static int phase_setup(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
+    int rc = nb_setup_memory(m, err);
 
-    if (nb_setup_memory(m, err) < 0)
-        return -1;
+    if (rc < 0)
+        return fail(src, -rc);
     src->words = (m->npages + 63) / 64;
     src->bitmap = calloc(src->words, 8);
     src->lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
@@ -77,14 +89,14 @@ static int phase_setup(struct source *src, char *err)
     src->scratch = src->lazy ? calloc(src->words, 8) : NULL;
     if (!src->bitmap || (src->lazy && !src->scratch)) {
         snprintf(err, NB_ERRLEN, "out of memory");
-        return -1;
+        return fail(src, NB_ERR_RESOURCE);
     }
     if (m->p.mode == NB_MODE_LIVE && !m->vmm.ops->has_dirty_log(&m->vmm)) {
         snprintf(err, NB_ERRLEN, "live migration needs a dirty-page log, which "
                  "this VM's host does not provide; use warm mode");
-        return -1;
+        return fail(src, NB_ERR_INVALID);
     }
-    m->ctl.fd = connect_to(m, err);
+    m->ctl.fd = connect_to(m, &src->kind, err);
     if (m->ctl.fd < 0)
         return -1;
     m->ctl.index = 0;
@@ -101,18 +113,22 @@ static int exchange_preambles(struct source *src, char *err)
     int n;
 
     n = nb_preamble_write(&m->vmm.spec, &m->p, pre, sizeof(pre));
-    if (n < 0 || nb_send_frame(&m->ctl, NB_MSG_PREAMBLE, pre, (uint32_t)n, err) < 0 ||
+    if (n < 0) {
+        snprintf(err, NB_ERRLEN, "preamble too long");
+        return fail(src, NB_ERR_INTERNAL);
+    }
+    if (nb_send_frame(&m->ctl, NB_MSG_PREAMBLE, pre, (uint32_t)n, err) < 0 ||
         nb_expect(&m->ctl, &f, NB_MSG_ACCEPT, NB_MAX_PREAMBLE, err) < 0)
-        return -1;
+        return fail(src, m->ctl.err_kind);
     if ((size_t)f.len >= sizeof(pre)) {
         snprintf(err, NB_ERRLEN, "destination preamble too long");
-        return -1;
+        return fail(src, NB_ERR_CORRUPT);
     }
     memcpy(dst, f.payload, f.len);
     dst[f.len] = 0;
     if (nb_preamble_check(pre, dst, peer_err, sizeof(peer_err)) < 0) {
         snprintf(err, NB_ERRLEN, "%s", peer_err);
-        return -1;
+        return fail(src, NB_ERR_INCOMPATIBLE);
     }
     return 0;
 }
@@ -125,7 +141,7 @@ static int phase_handshake(struct source *src, char *err)
     double t = nb_now_ms();
 
     if (nb_handshake_source(&m->ctl, m->p.secret, m->p.secret_len, &m->keys, err) < 0)
-        return -1;
+        return fail(src, m->ctl.err_kind);
     pthread_mutex_lock(&m->lock);
     m->st.rtt_ms = (nb_now_ms() - t) / 1.5;   /* 1.5 round trips */
     pthread_mutex_unlock(&m->lock);
@@ -133,24 +149,26 @@ static int phase_handshake(struct source *src, char *err)
         return -1;
     for (int i = 0; i < src->nsnd; i++) {
         struct nb_chan *c = &m->data[i];
-        c->fd = connect_to(m, err);
+        c->fd = connect_to(m, &src->kind, err);
         if (c->fd < 0)
             return -1;
         c->index = (uint16_t)(i + 1);
         c->wire = &m->wire_bytes;
         if (nb_join_send(c, &m->keys, err) < 0)
-            return -1;
+            return fail(src, c->err_kind);
     }
     nb_init_page_hashes(m);
     src->hz = nb_page_hash(zero, &m->keys.hash);
-    return nb_src_start_senders(src, err);
+    if (nb_src_start_senders(src, err) < 0)
+        return fail(src, NB_ERR_RESOURCE);
+    return 0;
 }
 
 static int pause_guest(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     if (m->vmm.ops->pause(&m->vmm, err) < 0)
-        return -1;
+        return fail(src, NB_ERR_VMM);
     atomic_store(&m->guest_paused, 1);
     src->t_pause = nb_now_ms();
     return 0;
@@ -168,11 +186,11 @@ static int phase_precopy(struct source *src, char *err)
      * so round 0 may add what its lazy clears report (and no more: a VM's
      * log starts with every page set, holes included) */
     if (live && nb_src_sync_dirty(src, err) < 0)
-        return -1;
+        return fail(src, NB_ERR_VMM);
     nb_src_mark_data_pages(src);
     if (nb_src_round(src, 0, 0, src->lazy && live) < 0) {
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
-        return -1;
+        return fail(src, nb_fail_kind(m));
     }
     return 0;
 }
@@ -237,12 +255,12 @@ static int count_dirty(struct source *src, uint64_t *dirty, char *err)
     struct nb_mig *m = src->m;
     if (src->lazy) {
         if (m->vmm.ops->dirty_peek(&m->vmm, src->scratch, src->words, err) < 0)
-            return -1;
+            return fail(src, NB_ERR_VMM);
         *dirty = nb_popcount_bitmap(src->scratch, src->words);
         return 0;
     }
     if (nb_src_sync_dirty(src, err) < 0)
-        return -1;
+        return fail(src, NB_ERR_VMM);
     *dirty = nb_popcount_bitmap(src->bitmap, src->words);
     return 0;
 }
@@ -258,7 +276,7 @@ static int phase_iterate(struct source *src, char *err)
         double now;
         if (atomic_load(&m->cancel_req)) {
             snprintf(err, NB_ERRLEN, "cancelled");
-            return -1;
+            return fail(src, NB_ERR_CANCELLED);
         }
         if (count_dirty(src, &dirty, err) < 0)
             return -1;
@@ -268,7 +286,7 @@ static int phase_iterate(struct source *src, char *err)
         last_sync = now;
         if (nb_src_round(src, ++src->cur_round, dirty, src->lazy) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
-            return -1;
+            return fail(src, nb_fail_kind(m));
         }
     }
 }
@@ -281,7 +299,7 @@ static int stop_and_collect(struct source *src, char *err)
     uint64_t *keep = malloc(src->words * 8);
     if (!keep) {
         snprintf(err, NB_ERRLEN, "out of memory");
-        return -1;
+        return fail(src, NB_ERR_RESOURCE);
     }
     if (src->lazy)
         memset(keep, 0, src->words * 8);
@@ -289,7 +307,7 @@ static int stop_and_collect(struct source *src, char *err)
         memcpy(keep, src->bitmap, src->words * 8);
     if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0) {
         free(keep);
-        return -1;
+        return fail(src, NB_ERR_VMM);
     }
     for (size_t w = 0; w < src->words; w++)
         src->bitmap[w] |= keep[w];
@@ -312,14 +330,14 @@ static int phase_switchover(struct source *src, char *err)
         if (nb_src_round(src, src->cur_round,
                          nb_popcount_bitmap(src->bitmap, src->words), 0) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
-            return -1;
+            return fail(src, nb_fail_kind(m));
         }
     }
     if (m->vmm.ops->save_state(&m->vmm, &blob, &blen, err) < 0)
-        return -1;
+        return fail(src, NB_ERR_VMM);
     rc = nb_send_frame(&m->ctl, NB_MSG_STATE, blob, (uint32_t)blen, err);
     free(blob);
-    return rc;
+    return rc < 0 ? fail(src, m->ctl.err_kind) : 0;
 }
 
 /* VERIFY: send the memory digest; the destination answers READY if its own matches. */
@@ -332,7 +350,7 @@ static int phase_verify(struct source *src, char *err)
     dm.digest = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
         nb_expect(&m->ctl, &f, NB_MSG_READY, NB_MAX_ACK, err) < 0)
-        return -1;
+        return fail(src, m->ctl.err_kind);
     pthread_mutex_lock(&m->lock);
     m->st.digest = dm.digest;
     pthread_mutex_unlock(&m->lock);
@@ -349,7 +367,7 @@ static int phase_commit(struct source *src, char *err)
         nb_expect(&m->ctl, &f, NB_MSG_RUNNING, NB_MAX_ACK, err) < 0) {
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
                  " (after COMMIT: the source stays stopped; check the destination)");
-        return -1;
+        return fail(src, m->ctl.err_kind);
     }
     pthread_mutex_lock(&m->lock);
     /* from the pause until the destination says it runs: an upper bound
@@ -390,10 +408,10 @@ static int source_recover(struct source *src)
 static void source_finish(struct source *src, int rc, const char *err)
 {
     struct nb_mig *m = src->m;
-    int result = NB_RESULT_COMPLETED, here = 0, committed;
+    int here = 0, committed;
 
     if (rc == 0) {
-        nb_end(m, result, here);
+        nb_end(m, 0, here);
         return;
     }
     pthread_mutex_lock(&m->lock);
@@ -401,13 +419,11 @@ static void source_finish(struct source *src, int rc, const char *err)
     pthread_mutex_unlock(&m->lock);
     if (!committed)
         here = source_recover(src);
-    nb_fail(m, atomic_load(&m->cancel_req) && !committed ? NB_RESULT_CANCELLED
-                                                         : NB_RESULT_FAILED,
+    /* a cancel before COMMIT is what ended it, whatever broke as it did */
+    nb_fail(m, atomic_load(&m->cancel_req) && !committed ? NB_ERR_CANCELLED
+                                                         : src->kind,
             "%s", err[0] ? err : m->st.error);
-    pthread_mutex_lock(&m->lock);
-    result = m->fail_result;
-    pthread_mutex_unlock(&m->lock);
-    nb_end(m, result, here);
+    nb_end(m, nb_fail_kind(m), here);
     nb_shutdown_data(m);
 }
 
@@ -415,9 +431,8 @@ typedef int (*source_phase_fn)(struct source *, char *);
 
 static int run_phase(struct source *src, int phase, source_phase_fn fn, char *err)
 {
-    if (nb_enter_phase(src->m, phase, err) < 0)
-        return -1;
-    return fn(src, err);
+    int rc = nb_enter_phase(src->m, phase, err);
+    return rc < 0 ? fail(src, -rc) : fn(src, err);
 }
 
 /* The source's migration thread: its phases in order, then the epilogue. */

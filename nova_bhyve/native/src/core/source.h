@@ -41,6 +41,7 @@ struct source {
     int stop;
     int failed;
     uint32_t cur_round;         /* the migration thread's round counter */
+    int kind;                   /* nb_error_kind of the phase that failed */
     double t_pause;             /* when the guest stopped (downtime starts) */
     uint64_t prev_dirty;        /* dirty pages at the previous sync */
     /* the words [w0, w1) of the bitmap the senders work on now; the

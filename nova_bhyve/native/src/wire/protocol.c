@@ -108,7 +108,7 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
     if (c->key && hmac3(c->key, NB_KEY, hdr, NB_FRAME_CRC_AT, payload, len,
                         NULL, 0, mac) < 0) {
         snprintf(err, NB_ERRLEN, "HMAC computation failed");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_INTERNAL);
     }
     crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
     crc = nb_crc32c(crc, payload, len);
@@ -122,7 +122,7 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
     if (write_all(c->fd, iov, n) < 0) {
         snprintf(err, NB_ERRLEN, "sending %s on channel %u: %s",
                  nb_msg_name(type), c->index, strerror(errno));
-        return -1;
+        return nb_wire_fail(c, errno == EAGAIN || errno == EWOULDBLOCK ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE);
     }
     c->send_seq++;
     if (c->wire)
@@ -131,7 +131,7 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
 }
 
 /* Check a received header: flags, length limit, channel, sequence, MAC flag. */
-static int check_header(const struct nb_chan *c, const uint8_t *hdr,
+static int check_header(struct nb_chan *c, const uint8_t *hdr,
                         uint32_t max_len, char *err)
 {
     uint32_t len = nb_get32(hdr + 8), seq = nb_get32(hdr + 4);
@@ -139,24 +139,24 @@ static int check_header(const struct nb_chan *c, const uint8_t *hdr,
 
     if (hdr[1] & ~FLAG_MAC) {
         snprintf(err, NB_ERRLEN, "channel %u: unknown frame flags 0x%x", c->index, hdr[1]);
-        return -1;
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     if (len > max_len) {
         snprintf(err, NB_ERRLEN, "channel %u: %s frame of %u bytes exceeds the "
                  "limit of %u", c->index, nb_msg_name(hdr[0]), len, max_len);
-        return -1;
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     if ((c->index != 0xffff && nb_get16(hdr + 2) != c->index) ||
         seq != c->recv_seq) {
         snprintf(err, NB_ERRLEN, "channel %u: frame for channel %u with sequence "
                  "%u, expected %u (replayed, reordered or spliced stream)",
                  c->index, nb_get16(hdr + 2), seq, c->recv_seq);
-        return -1;
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     if (!!has_mac != !!c->key) {
         snprintf(err, NB_ERRLEN, "channel %u: %s frame %s a MAC", c->index,
                  nb_msg_name(hdr[0]), has_mac ? "unexpectedly carries" : "lacks");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     return 0;
 }
@@ -173,7 +173,7 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     if (r < 0) {
         snprintf(err, NB_ERRLEN, r == -2 ? "channel %u: connection closed by peer"
                  : "channel %u: receive failed: %s", c->index, strerror(errno));
-        return -1;
+        return nb_wire_fail(c, r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK) ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE);
     }
     if (check_header(c, hdr, max_len, err) < 0)
         return -1;
@@ -185,7 +185,7 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
         uint8_t *nb = realloc(c->rbuf, cap);
         if (!nb) {
             snprintf(err, NB_ERRLEN, "out of memory for a %u byte frame", len);
-            return -1;
+            return nb_wire_fail(c, NB_ERR_RESOURCE);
         }
         c->rbuf = nb;
         c->rcap = cap;
@@ -194,14 +194,14 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     if (r < 0) {
         snprintf(err, NB_ERRLEN, "channel %u: stream truncated inside a %s frame",
                  c->index, nb_msg_name(hdr[0]));
-        return -1;
+        return nb_wire_fail(c, NB_ERR_PEER_GONE);
     }
     crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
     crc = nb_crc32c(crc, c->rbuf, len + (has_mac ? NB_MAC : 0));
     if (crc != nb_get32(hdr + NB_FRAME_CRC_AT)) {
         snprintf(err, NB_ERRLEN, "channel %u: %s frame failed its CRC (corrupted)",
                  c->index, nb_msg_name(hdr[0]));
-        return -1;
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     if (has_mac) {
         if (hmac3(c->key, NB_KEY, hdr, NB_FRAME_CRC_AT, c->rbuf, len, NULL, 0,
@@ -209,7 +209,7 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
             CRYPTO_memcmp(mac, c->rbuf + len, NB_MAC) != 0) {
             snprintf(err, NB_ERRLEN, "channel %u: %s frame failed authentication",
                      c->index, nb_msg_name(hdr[0]));
-            return -1;
+            return nb_wire_fail(c, NB_ERR_CORRUPT);
         }
     }
     if (c->wire)
@@ -226,19 +226,21 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
 
 /*
  * The peer spoke on a control channel that should be silent (`when`, e.g.
- * "during the copy"): read what it said and describe, in `err`, why the
- * session is over.
+ * "during the copy"): read what it said and describe, in `err` and the
+ * channel's err_kind, why the session is over.
  */
 void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
                      char *err)
 {
     struct nb_frame f;
-    if (nb_recv_frame(c, &f, NB_MAX_REASON, err) == 0)
+    if (nb_recv_frame(c, &f, NB_MAX_REASON, err) == 0) {
         snprintf(err, NB_ERRLEN, "%s %s %s: %.*s", peer,
                  f.type == NB_MSG_REFUSE ? "refused" :
                  f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
                  when, (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
-    else
+        c->err_kind = f.type == NB_MSG_REFUSE ? NB_ERR_REFUSED
+                      : f.type == NB_MSG_ABORT ? NB_ERR_PEER_GONE : NB_ERR_CORRUPT;
+    } else
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
                  " (the %s ended the session %s)", peer, when);
 }
@@ -255,11 +257,11 @@ int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
         snprintf(err, NB_ERRLEN, "peer %s: %.*s",
                  f->type == NB_MSG_REFUSE ? "refused" : "aborted",
                  (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
-        return -1;
+        return nb_wire_fail(c, f->type == NB_MSG_REFUSE ? NB_ERR_REFUSED : NB_ERR_PEER_GONE);
     }
     snprintf(err, NB_ERRLEN, "expected %s (<= %u bytes), got %s of %u bytes",
              nb_msg_name(type), max_len, nb_msg_name(f->type), f->len);
-    return -1;
+    return nb_wire_fail(c, NB_ERR_CORRUPT);
 }
 
 static int derive_keys(const uint8_t *secret, size_t slen, const uint8_t *ns,
@@ -292,7 +294,7 @@ int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
 
     if (RAND_bytes(ns, NB_NONCE) != 1) {
         snprintf(err, NB_ERRLEN, "no randomness for the nonce");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_RESOURCE);
     }
     memcpy(hello, MAGIC, NB_MAGIC_LEN);
     nb_put16(hello + 8, NB_PROTO_VERSION);
@@ -305,19 +307,19 @@ int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
     if (f.len != NB_CHALLENGE_LEN || memcmp(f.payload, MAGIC, NB_MAGIC_LEN) != 0 ||
         nb_get16(f.payload + 8) != NB_PROTO_VERSION) {
         snprintf(err, NB_ERRLEN, "destination speaks another protocol or version");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INCOMPATIBLE);
     }
     nd = f.payload + 12;
     if (hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE, want) < 0 ||
         CRYPTO_memcmp(want, f.payload + 12 + NB_NONCE, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "the destination failed authentication: it does "
                  "not hold this migration's secret");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_AUTH);
     }
     if (derive_keys(secret, slen, ns, nd, keys) < 0 ||
         hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, proof) < 0) {
         snprintf(err, NB_ERRLEN, "key derivation failed");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INTERNAL);
     }
     if (nb_send_frame(ctl, NB_MSG_AUTH, proof, NB_AUTH_LEN, err) < 0)
         return -1;
@@ -345,14 +347,14 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
                  "host speaks %d", nb_get16(f.payload + 8),
                  nb_get16(f.payload + 10), NB_PROTO_VERSION);
         nb_send_text(ctl, NB_MSG_REFUSE, err, e2);
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INCOMPATIBLE);
     }
     memcpy(ns, f.payload + 16, NB_NONCE);
     if (RAND_bytes(nd, NB_NONCE) != 1 ||
         hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE,
               chal + 12 + NB_NONCE) < 0) {
         snprintf(err, NB_ERRLEN, "no randomness or HMAC failure");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_RESOURCE);
     }
     memcpy(chal, MAGIC, NB_MAGIC_LEN);
     nb_put16(chal + 8, NB_PROTO_VERSION);
@@ -367,11 +369,11 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
         snprintf(err, NB_ERRLEN, "the source failed authentication: it does not "
                  "hold this migration's secret");
         nb_send_text(ctl, NB_MSG_REFUSE, "authentication failed", e2);
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_AUTH);
     }
     if (derive_keys(secret, slen, ns, nd, keys) < 0) {
         snprintf(err, NB_ERRLEN, "key derivation failed");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INTERNAL);
     }
     ctl->key = keys->key;
     return 0;
@@ -389,7 +391,7 @@ int nb_join_send(struct nb_chan *c, const struct nb_session_keys *keys, char *er
     if (hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2,
               msg + 28) < 0) {
         snprintf(err, NB_ERRLEN, "HMAC failure");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_INTERNAL);
     }
     return nb_send_frame(c, NB_MSG_JOIN, msg, sizeof(msg), err);
 }
@@ -409,7 +411,7 @@ int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
         memcmp(f.payload, MAGIC, NB_MAGIC_LEN) ||
         memcmp(f.payload + 8, keys->sid, NB_SID)) {
         snprintf(err, NB_ERRLEN, "connection is not a page channel of this session");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_AUTH);
     }
     index = nb_get16(f.payload + 24);
     nb_put16(idx, index);
@@ -417,7 +419,7 @@ int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
         hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2, want) < 0 ||
         CRYPTO_memcmp(want, f.payload + 28, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "page channel join failed authentication");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_AUTH);
     }
     c->index = index;
     return 0;

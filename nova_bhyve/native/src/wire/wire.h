@@ -84,7 +84,15 @@ struct nb_chan {
     size_t rcap;
     const uint8_t *key;     /* session key once authenticated, else NULL */
     _Atomic uint64_t *wire; /* byte counter to add to */
+    int err_kind;           /* enum nb_error_kind of the last failure */
 };
+
+/* Record why the last call on `c` failed; returns -1. */
+static inline int nb_wire_fail(struct nb_chan *c, int kind)
+{
+    c->err_kind = kind;
+    return -1;
+}
 
 int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
                   uint32_t len, char *err);
