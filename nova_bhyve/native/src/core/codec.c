@@ -161,6 +161,13 @@ uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k)
 }
 
 /* Contribution of page `pfn` with content hash `h` to the memory digest. */
+/* The keyed hash of an all-zero page (never-written memory). */
+uint64_t nb_zero_page_hash(const struct nb_hash_key *k)
+{
+    static const uint8_t zero[NB_PAGE];
+    return nb_page_hash(zero, k);
+}
+
 uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k)
 {
     return fmix(h ^ fmix(pfn * P1 + k->k1));

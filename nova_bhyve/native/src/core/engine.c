@@ -53,6 +53,18 @@ int nb_fail_kind(struct nb_mig *m)
     return kind;
 }
 
+/* `ms` milliseconds from now on CLOCK_REALTIME, for pthread_cond_timedwait. */
+void nb_deadline(struct timespec *until, long ms)
+{
+    clock_gettime(CLOCK_REALTIME, until);
+    until->tv_sec += ms / 1000;
+    until->tv_nsec += (ms % 1000) * 1000000L;
+    if (until->tv_nsec >= 1000000000L) {
+        until->tv_sec++;
+        until->tv_nsec -= 1000000000L;
+    }
+}
+
 int nb_set_nodelay(int fd)
 {
     int one = 1;
@@ -129,8 +141,7 @@ static void *digest_worker(void *arg)
 {
     struct digest_job *j = arg;
     struct nb_mig *m = j->m;
-    static const uint8_t zero[NB_PAGE];
-    uint64_t hz = nb_page_hash(zero, &m->keys.hash);
+    uint64_t hz = nb_zero_page_hash(&m->keys.hash);
     uint64_t data_off = 0, data_end = 0, sum = 0;
 
     for (uint64_t i = j->first; i < j->last; i++) {
@@ -477,15 +488,7 @@ int nb_mig_wait(nb_mig *m, int timeout_ms)
     struct timespec until;
     int done;
 
-    clock_gettime(CLOCK_REALTIME, &until);
-    if (timeout_ms >= 0) {
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-    }
+    nb_deadline(&until, timeout_ms >= 0 ? timeout_ms : 0);
     pthread_mutex_lock(&m->lock);
     while (!m->done) {
         if (timeout_ms < 0)
@@ -574,8 +577,7 @@ int nb_setup_memory(struct nb_mig *m, char *err)
 /* Every page starts as a zero page in the incremental digest. */
 void nb_init_page_hashes(struct nb_mig *m)
 {
-    static const uint8_t zero[NB_PAGE];
-    uint64_t hz = nb_page_hash(zero, &m->keys.hash);
+    uint64_t hz = nb_zero_page_hash(&m->keys.hash);
     for (uint64_t i = 0; i < m->npages; i++) {
         uint64_t pfn, off;
         nb_page_addr(m, i, &pfn, &off);

@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "core/codec.h"
 #include "core/transitions.h"
@@ -69,6 +70,7 @@ int nb_setup_memory(struct nb_mig *m, char *err);
 int nb_fail_kind(struct nb_mig *m);
 void nb_init_page_hashes(struct nb_mig *m);
 int nb_set_nodelay(int fd);
+void nb_deadline(struct timespec *until, long ms);
 
 /* phase.c: the state machine of each side (tables: transitions.c) */
 int nb_enter_phase(struct nb_mig *m, int next, char *err);

@@ -222,12 +222,7 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
     pthread_cond_broadcast(&src->cond);
     while (src->finished < src->nsnd) {
         struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += 100 * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        nb_deadline(&until, 100);
         if (pthread_cond_timedwait(&src->cond, &src->lock, &until) != ETIMEDOUT ||
             src->failed)
             continue;

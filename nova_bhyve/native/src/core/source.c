@@ -137,7 +137,6 @@ static int exchange_preambles(struct source *src, char *err)
 static int phase_handshake(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
-    static const uint8_t zero[NB_PAGE];
     double t = nb_now_ms();
 
     if (nb_handshake_source(&m->ctl, m->p.secret, m->p.secret_len, &m->keys, err) < 0)
@@ -158,7 +157,7 @@ static int phase_handshake(struct source *src, char *err)
             return fail(src, c->err_kind);
     }
     nb_init_page_hashes(m);
-    src->hz = nb_page_hash(zero, &m->keys.hash);
+    src->hz = nb_zero_page_hash(&m->keys.hash);
     if (nb_src_start_senders(src, err) < 0)
         return fail(src, NB_ERR_RESOURCE);
     return 0;
