@@ -31,7 +31,7 @@ from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
 from nova import exception, objects
-from nova_bhyve import guest
+from nova_bhyve import guest, polling
 from nova_bhyve.machine.base import MachineError, MachineState
 from nova_bhyve.migration import checks, diskcopy, events, policy
 from nova_bhyve.migration import data as mdata
@@ -277,10 +277,8 @@ class LiveMigrationMixin:
         uuid = instance.uuid
         incoming = self._incoming.pop(uuid, None)
         if incoming is not None:
-            deadline = time.monotonic() + FINISH_WAIT
-            while not incoming.recv.stats().finished and \
-                    time.monotonic() < deadline:
-                time.sleep(POLL)
+            polling.poll(lambda: incoming.recv.stats().finished, FINISH_WAIT,
+                         POLL)
             stats = incoming.recv.stats()
             incoming.close(cancel=False)
             if stats.result != Result.COMPLETED:
@@ -628,9 +626,7 @@ def _stop(handle, instance, wait=30.0):
             handle.cancel()
         except MigrationError:
             pass
-        deadline = time.monotonic() + wait
-        while not handle.stats().finished and time.monotonic() < deadline:
-            time.sleep(POLL)
+        polling.poll(lambda: handle.stats().finished, wait, POLL)
         stats = handle.stats()
     handle.close()
     return stats

@@ -2,10 +2,10 @@
 
 import os
 import socket
-import time
 
 import pytest
 
+from nova_bhyve import polling
 from nova_bhyve.native import engine
 from nova_bhyve.native.engine import (
     ErrorKind,
@@ -21,9 +21,7 @@ from .test_engine_codec import BASE, _with
 
 
 def _wait(mig, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not mig.stats().finished and time.monotonic() < deadline:
-        time.sleep(0.02)
+    polling.poll(lambda: mig.stats().finished, timeout)
     return mig.stats()
 
 
