@@ -20,7 +20,7 @@ objects of instances that no longer run are destroyed at init_host.
 Pause stops the bhyve process (SIGSTOP): the guest's clock jumps on unpause.
 
 Migration (written against FreeBSD 15 and unit-tested on Linux only; the
-engine's bhyve port, ``native/src/vmm_bhyve.c``, needs a bhyve built with
+engine's bhyve port, ``native/src/vmm/vmm_bhyve.c``, needs a bhyve built with
 BHYVE_SNAPSHOT on both hosts):
 
 - source: the engine opens ``/dev/vmm/<uuid>`` and reaches bhyve's

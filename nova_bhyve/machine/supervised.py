@@ -14,6 +14,7 @@ import time
 
 import psutil
 
+from nova_bhyve import polling
 from nova_bhyve.machine import checkpoint, power
 from nova_bhyve.machine.base import MachineSpec
 from nova_bhyve.machine.statefile import read_json, write_json
@@ -91,12 +92,7 @@ class SupervisedMachines:
         return rec["pid"] if rec else None
 
     def _wait_ended(self, uuid, timeout):
-        deadline = time.monotonic() + timeout
-        while self._running(uuid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return polling.poll(lambda: not self._running(uuid), timeout)
 
     def _ended_state(self, uuid, intent):
         ended = read_json(self._path(uuid, "exit.json")) or {}

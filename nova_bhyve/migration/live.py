@@ -31,7 +31,7 @@ from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
 from nova import exception, objects
-from nova_bhyve import guest
+from nova_bhyve import guest, polling
 from nova_bhyve.machine.base import MachineError, MachineState
 from nova_bhyve.migration import checks, diskcopy, events, policy
 from nova_bhyve.migration import data as mdata
@@ -277,10 +277,8 @@ class LiveMigrationMixin:
         uuid = instance.uuid
         incoming = self._incoming.pop(uuid, None)
         if incoming is not None:
-            deadline = time.monotonic() + FINISH_WAIT
-            while not incoming.recv.stats().finished and \
-                    time.monotonic() < deadline:
-                time.sleep(POLL)
+            polling.poll(lambda: incoming.recv.stats().finished, FINISH_WAIT,
+                         POLL)
             stats = incoming.recv.stats()
             incoming.close(cancel=False)
             if stats.result != Result.COMPLETED:
@@ -362,7 +360,8 @@ class LiveMigrationMixin:
     def _finish(self, context, instance, dest, post_method, recover_method,
                 block_migration, migrate_data, out, event, stats, error):
         """Log and record the outcome; call exactly one of post/recover."""
-        if stats is not None and stats.result == Result.COMPLETED:
+        end = policy.outcome(stats, out.abort)
+        if end == "completed":
             text = policy.summary(stats, out.mig.peak if out.mig else 0)
             LOG.info("Live migration to %s completed: %s", dest, text,
                      instance=instance)
@@ -371,17 +370,18 @@ class LiveMigrationMixin:
                           f"bhyve_switchover {text}")
             post_method(context, instance, dest, block_migration, migrate_data)
             return
-        if stats is not None and stats.committed:
+        if end == "handed_over":
             # the source stopped for good; the destination owns the guest
-            LOG.error("Live migration to %s broke after the hand-over (%s); "
-                      "finishing on the destination", dest, stats.error,
+            LOG.error("Live migration to %s broke after the hand-over (%s: "
+                      "%s); finishing on the destination", dest,
+                      stats.error_kind.name.lower(), stats.error,
                       instance=instance)
             events.finish(context, instance, event, stats.error)
             post_method(context, instance, dest, block_migration, migrate_data)
             return
         # an abort, asked for or by the completion timeout, ends the
         # migration "cancelled", as the libvirt driver reports it
-        cancelled = out.abort
+        cancelled = end == "cancelled"
         if stats is not None:
             error = stats.error or error
         if out.timed_out:
@@ -391,9 +391,10 @@ class LiveMigrationMixin:
                       "live_migration_completion_timeout); cancelled")
         else:
             reason = "cancelled on request" if cancelled else error
-        LOG.warning("Live migration to %s %s: %s; the guest keeps running "
-                    "here", dest, "cancelled" if cancelled else "failed",
-                    reason, instance=instance)
+        LOG.warning("Live migration to %s %s (%s): %s; the guest keeps "
+                    "running here", dest, end,
+                    policy.failure_kind(stats).name.lower(), reason,
+                    instance=instance)
         events.finish(context, instance, event, reason)
         if cancelled:
             recover_method(context, instance, dest, migrate_data,
@@ -625,9 +626,7 @@ def _stop(handle, instance, wait=30.0):
             handle.cancel()
         except MigrationError:
             pass
-        deadline = time.monotonic() + wait
-        while not handle.stats().finished and time.monotonic() < deadline:
-            time.sleep(POLL)
+        polling.poll(lambda: handle.stats().finished, wait, POLL)
         stats = handle.stats()
     handle.close()
     return stats

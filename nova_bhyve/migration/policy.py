@@ -7,6 +7,8 @@ one of ``[libvirt]``.
 
 import dataclasses
 
+from nova_bhyve.native.engine import ErrorKind, Result
+
 GiB = 1 << 30
 MiB = 1 << 20
 MIN_DATA_GB = 2           # as libvirt: small guests count as 2 GiB
@@ -115,3 +117,28 @@ def summary(stats, throttle_peak=0):
             f"bytes={stats.bytes_transferred} "
             f"rounds={len(stats.rounds)} "
             f"throttle={throttle_peak}%")
+
+
+def outcome(stats, aborted):
+    """What the engine's end means for Nova, from its final stats.
+
+    ``completed``: post-migration runs.  ``handed_over``: the source
+    passed COMMIT, so the destination owns the guest whatever broke after
+    (post-migration runs there).  ``cancelled``: the driver aborted (on
+    request or at the completion timeout) and the guest stays here.
+    ``failed``: any other error kind; the guest stays here.
+    """
+    if stats is not None and stats.result == Result.COMPLETED:
+        return "completed"
+    if stats is not None and stats.committed:
+        return "handed_over"
+    if aborted:
+        return "cancelled"
+    return "failed"
+
+
+def failure_kind(stats):
+    """The engine's error kind for a migration that did not complete."""
+    if stats is None or stats.result == Result.COMPLETED:
+        return ErrorKind.NONE
+    return stats.error_kind

@@ -2,7 +2,9 @@
 
 Compiled at install by setup.py (``cffi_modules``).  The C declarations
 come from ``src/engine.h`` itself, so the header stays the one source of
-truth for the Python binding.
+truth for the Python binding.  Sources are collected by layer folder
+(``LAYERS``); ``src/test/`` holds test-only shims, compiled only by
+``selftest_builder`` into the unit tests' own module.
 """
 
 import pathlib
@@ -14,14 +16,21 @@ import cffi
 HERE = pathlib.Path(__file__).resolve().parent
 SRC = HERE / "src"
 
-SOURCES = ["engine.c", "source.c", "dest.c", "protocol.c", "codec.c",
-           "vmm_common.c", "vmm_testhost.c", "vmm_ckpt.c", "vmm_bhyve.c",
-           "bhyve_meta.c", "bhyve_ckpt.c", "bhyve_restore.c",
-           "bhyve_msg.c"]
+# Layers, lowest first: the engine core drives the wire protocol and a vmm
+# port; the bhyve port's portable helpers sit under vmm/bhyve/.
+LAYERS = ("core", "wire", "vmm", "vmm/bhyve")
+BHYVE_CDEF = SRC / "vmm" / "bhyve" / "bhyve.cdef"
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-pthread", "-Wall",
+                "-Wno-unused-parameter", "-Wno-format-truncation"]
+
+
+def layer_sources(*layers):
+    """The C files of the given layer folders (not their subfolders)."""
+    return [str(p) for layer in layers for p in sorted((SRC / layer).glob("*.c"))]
 
 
 def _cdef_from_header(text):
-    """Turn engine.h into cffi cdef text (drop preprocessor lines)."""
+    """Turn a header into cffi cdef text (drop preprocessor lines)."""
     out = []
     for line in text.splitlines():
         if line.startswith("#"):
@@ -33,20 +42,29 @@ def _cdef_from_header(text):
     return "\n".join(out)
 
 
+def selftest_builder(module_name="_nb_engine_selftest"):
+    """An FFI for the test build: codecs, phase tables and src/test/'s shims."""
+    builder = cffi.FFI()
+    builder.cdef(_cdef_from_header((SRC / "test" / "selftest.h").read_text()))
+    builder.set_source(
+        module_name, '#include "test/selftest.h"\n',
+        sources=[str(SRC / "core" / "codec.c"),
+                 str(SRC / "core" / "transitions.c"),
+                 str(SRC / "wire" / "crc32c.c"), *layer_sources("test")],
+        include_dirs=[str(SRC)], extra_compile_args=COMPILE_ARGS)
+    return builder
+
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(_cdef_from_header((SRC / "engine.h").read_text()))
-_extra = (SRC / "bhyve_msg.cdef")
-if _extra.exists():
-    ffibuilder.cdef(_extra.read_text())
+ffibuilder.cdef(BHYVE_CDEF.read_text())
 ffibuilder.set_source(
     "nova_bhyve.native._engine",
-    '#include "engine.h"\n' + ('#include "bhyve_msg.h"\n'
-                               if (SRC / "bhyve_msg.h").exists() else ""),
-    sources=[str(SRC / name) for name in SOURCES if (SRC / name).exists()],
+    '#include "engine.h"\n#include "vmm/bhyve/bhyve.h"\n',
+    sources=layer_sources(*LAYERS),
     include_dirs=[str(SRC)],
     libraries=["crypto", "zstd"],
-    extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall",
-                        "-Wno-unused-parameter", "-Wno-format-truncation"],
+    extra_compile_args=COMPILE_ARGS,
     extra_link_args=["-pthread"],
 )
 

@@ -11,8 +11,121 @@ import enum
 from nova_bhyve.native._engine import ffi, lib
 
 
+class ErrorKind(enum.IntEnum):
+    """Why a request or a migration failed (``enum nb_error_kind``)."""
+
+    NONE = lib.NB_ERR_NONE
+    INVALID = lib.NB_ERR_INVALID            # a parameter or request refused
+    AUTH = lib.NB_ERR_AUTH                  # a side failed authentication
+    INCOMPATIBLE = lib.NB_ERR_INCOMPATIBLE  # the hosts cannot hold the guest
+    PEER_GONE = lib.NB_ERR_PEER_GONE        # closed, reset or aborted
+    REFUSED = lib.NB_ERR_REFUSED            # the peer refused (reason in text)
+    CANCELLED = lib.NB_ERR_CANCELLED        # on request, or by the source
+    TIMEOUT = lib.NB_ERR_TIMEOUT            # nothing heard within the timeout
+    CORRUPT = lib.NB_ERR_CORRUPT            # a frame, page or digest check
+    VMM = lib.NB_ERR_VMM                    # the vmm port failed
+    RESOURCE = lib.NB_ERR_RESOURCE          # memory, threads, sockets
+    TOO_LATE = lib.NB_ERR_TOO_LATE          # cancel after the hand-over
+    INTERNAL = lib.NB_ERR_INTERNAL          # an engine bug
+
+
 class MigrationError(Exception):
-    """The engine refused a request or the migration failed."""
+    """The engine refused a request or the migration failed; ``kind`` says why."""
+
+    kind = ErrorKind.INTERNAL
+
+
+class InvalidRequest(MigrationError):
+    """A parameter or request the engine refuses."""
+
+    kind = ErrorKind.INVALID
+
+
+class AuthenticationFailed(MigrationError):
+    """A side of the migration failed authentication."""
+
+    kind = ErrorKind.AUTH
+
+
+class IncompatibleHosts(MigrationError):
+    """The two hosts cannot hold the same guest."""
+
+    kind = ErrorKind.INCOMPATIBLE
+
+
+class PeerGone(MigrationError):
+    """The peer closed, reset or aborted the session."""
+
+    kind = ErrorKind.PEER_GONE
+
+
+class PeerRefused(MigrationError):
+    """The peer refused; its reason is in the message."""
+
+    kind = ErrorKind.REFUSED
+
+
+class MigrationCancelled(MigrationError):
+    """Cancelled on request (or, on the destination, by the source)."""
+
+    kind = ErrorKind.CANCELLED
+
+
+class MigrationTimedOut(MigrationError):
+    """Nothing heard from the peer within the timeout."""
+
+    kind = ErrorKind.TIMEOUT
+
+
+class CorruptStream(MigrationError):
+    """A frame, page record or the memory digest failed its check."""
+
+    kind = ErrorKind.CORRUPT
+
+
+class VmmFailure(MigrationError):
+    """The vmm port failed (open, pause, device state, memory)."""
+
+    kind = ErrorKind.VMM
+
+
+class ResourceExhausted(MigrationError):
+    """Out of memory, threads, sockets or randomness."""
+
+    kind = ErrorKind.RESOURCE
+
+
+class TooLate(MigrationError):
+    """Refused because the guest has been handed to the destination."""
+
+    kind = ErrorKind.TOO_LATE
+
+
+class EngineBug(MigrationError):
+    """An engine bug, such as an illegal phase transition."""
+
+    kind = ErrorKind.INTERNAL
+
+
+_ERRORS = {cls.kind: cls for cls in (
+    InvalidRequest, AuthenticationFailed, IncompatibleHosts, PeerGone,
+    PeerRefused, MigrationCancelled, MigrationTimedOut, CorruptStream,
+    VmmFailure, ResourceExhausted, TooLate, EngineBug)}
+
+
+def error_for(kind, message):
+    """The MigrationError subclass instance for an ``nb_error_kind``."""
+    try:
+        kind = ErrorKind(kind)
+    except ValueError:
+        kind = ErrorKind.INTERNAL
+    return _ERRORS.get(kind, MigrationError)(message)
+
+
+def _raise_if(rc, err):
+    """Raise the typed error of a refused call (rc: the negated kind)."""
+    if rc != 0:
+        raise error_for(-rc, ffi.string(err).decode(errors="replace"))
 
 
 class Mode(enum.IntEnum):
@@ -98,11 +211,19 @@ class MigrationStats:
     digest: int
     rounds: tuple
     error: str
+    error_kind: ErrorKind = ErrorKind.NONE
 
     @property
     def finished(self):
         """True once the migration has ended, whichever way."""
         return self.result != Result.RUNNING
+
+    @property
+    def exception(self):
+        """The typed MigrationError for a failed migration, else None."""
+        if self.result in (Result.RUNNING, Result.COMPLETED):
+            return None
+        return error_for(self.error_kind, self.error)
 
 
 _VERIFY = {"incremental": lib.NB_VERIFY_INCREMENTAL, "full": lib.NB_VERIFY_FULL}
@@ -114,7 +235,7 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
-        raise MigrationError(f"verify must be one of {sorted(_VERIFY)}")
+        raise InvalidRequest(f"verify must be one of {sorted(_VERIFY)}")
     p = ffi.new("struct nb_mig_params *")
     target = ffi.new("char[]", str(vmm_target).encode())
     sec = ffi.new("uint8_t[]", bytes(secret) or b"\0")
@@ -152,8 +273,7 @@ class Migration:
         params = _params(keep=keep, **kwargs)
         out = ffi.new("nb_mig **")
         err = ffi.new("char[]", 256)
-        if fn(params, out, err, 256) != 0:
-            raise MigrationError(ffi.string(err).decode(errors="replace"))
+        _raise_if(fn(params, out, err, 256), err)
         return cls(out[0], is_source)
 
     @classmethod
@@ -189,7 +309,7 @@ class Migration:
 
     def _handle(self):
         if self._h is None:
-            raise MigrationError("migration handle already closed")
+            raise InvalidRequest("migration handle already closed")
         return self._h
 
     @property
@@ -218,14 +338,14 @@ class Migration:
             max_downtime_ms=s.max_downtime_ms, throttle=s.throttle,
             committed=bool(s.committed), guest_runs_here=bool(s.guest_runs_here),
             digest=s.digest, rounds=rounds,
-            error=ffi.string(s.error).decode(errors="replace"))
+            error=ffi.string(s.error).decode(errors="replace"),
+            error_kind=ErrorKind(s.error_kind))
 
     def set_param(self, name, value):
         """Change max_downtime_ms, max_bandwidth or throttle while running."""
         err = ffi.new("char[]", 256)
-        if lib.nb_mig_set_param(self._handle(), name.encode(), int(value), err,
-                                256) != 0:
-            raise MigrationError(ffi.string(err).decode(errors="replace"))
+        _raise_if(lib.nb_mig_set_param(self._handle(), name.encode(), int(value),
+                                       err, 256), err)
 
     def force_complete(self):
         """Switch over at the next opportunity, whatever the estimate."""
@@ -234,8 +354,7 @@ class Migration:
     def cancel(self):
         """Abort; refused once the guest has been handed over."""
         err = ffi.new("char[]", 256)
-        if lib.nb_mig_cancel(self._handle(), err, 256) != 0:
-            raise MigrationError(ffi.string(err).decode(errors="replace"))
+        _raise_if(lib.nb_mig_cancel(self._handle(), err, 256), err)
 
     def wait(self, timeout=None):
         """Wait for the end (seconds; None = forever); True if it ended."""
@@ -261,5 +380,5 @@ class Migration:
 def spec_check(src_preamble, dst_preamble):
     """Compare two compatibility preambles; raise MigrationError if they clash."""
     err = ffi.new("char[]", 256)
-    if lib.nb_spec_check(src_preamble.encode(), dst_preamble.encode(), err, 256):
-        raise MigrationError(ffi.string(err).decode(errors="replace"))
+    _raise_if(lib.nb_spec_check(src_preamble.encode(), dst_preamble.encode(),
+                                err, 256), err)

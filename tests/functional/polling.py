@@ -1,6 +1,6 @@
 """Waiting for a condition, shared by the pytest tests and the Nova scenarios."""
 
-import time
+from nova_bhyve import polling
 
 
 def wait_for(predicate, timeout=10.0, interval=0.01, what="condition"):
@@ -8,11 +8,7 @@ def wait_for(predicate, timeout=10.0, interval=0.01, what="condition"):
 
     Raises AssertionError (a test failure) after ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    value = polling.poll(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return value

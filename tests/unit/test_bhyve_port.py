@@ -1,8 +1,8 @@
 """Unit tests of the bhyve vmm port's portable C (no FreeBSD needed).
 
-A cffi API-mode module is built from bhyve_msg.c, bhyve_meta.c,
-bhyve_ckpt.c and bhyve_restore.c (declared by the shipped bhyve_msg.cdef
-and bhyve_msg.h);
+A cffi API-mode module is built from vmm/bhyve/: bhyve_msg.c, bhyve_meta.c,
+bhyve_ckpt.c and bhyve_restore.c (declared by the shipped bhyve.cdef
+and bhyve.h);
 the checkpoint client runs against a stand-in bhyve on a real socket.
 """
 
@@ -22,13 +22,17 @@ import time
 
 import pytest
 
+from .conftest import native_build
+
 cffi = pytest.importorskip("cffi")
 
 SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..",
                                    "nova_bhyve", "native", "src"))
 GiB = 1 << 30
 PAGE = 4096
-PORTABLE = ("bhyve_msg.c", "bhyve_meta.c", "bhyve_ckpt.c", "bhyve_restore.c")
+PORTABLE = tuple("vmm/bhyve/" + n for n in (
+    "bhyve_msg.c", "bhyve_meta.c", "bhyve_ckpt.c", "bhyve_restore.c"))
+COMMON = "vmm/vmm_common.c"
 
 
 
@@ -42,9 +46,9 @@ def c_functions(text):
 
 
 def header_cdef():
-    """bhyve_msg.h's declarations the shipped .cdef leaves out."""
-    head = read_src("bhyve_msg.h")
-    shipped = read_src("bhyve_msg.cdef")
+    """bhyve.h's declarations the shipped .cdef leaves out."""
+    head = read_src("vmm/bhyve/bhyve.h")
+    shipped = read_src("vmm/bhyve/bhyve.cdef")
     parts = []
     if "struct nb_bhyve_meta {" not in shipped:
         parts.append(re.search(r"^struct nb_bhyve_meta \{.*?^\};", head,
@@ -62,13 +66,13 @@ def header_cdef():
 def mod(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bhyve_msg")
     ffi = cffi.FFI()
-    ffi.cdef(read_src("bhyve_msg.cdef"))
+    ffi.cdef(read_src("vmm/bhyve/bhyve.cdef"))
     ffi.cdef(header_cdef())
     ffi.set_source(
         "_nb_bhyve_msg_test",
-        '#include <stdlib.h>\n#include "bhyve_msg.h"\n',
+        '#include <stdlib.h>\n#include "vmm/bhyve/bhyve.h"\n',
         sources=[os.path.join(SRC, n)
-                 for n in PORTABLE + ("vmm_common.c",)],
+                 for n in PORTABLE + (COMMON,)],
         include_dirs=[SRC],
         extra_compile_args=["-std=gnu11"],
     )
@@ -793,12 +797,12 @@ def test_portable_sources_build_warning_free_as_c11(name, tmp_path):
 
 
 def test_vmm_bhyve_builds_on_linux_and_refuses_to_open(tmp_path):
-    src = os.path.join(SRC, "vmm_bhyve.c")
+    src = os.path.join(SRC, "vmm", "vmm_bhyve.c")
     r = cc("-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
            "-I", SRC, src)
     assert r.returncode == 0, r.stderr
     main = tmp_path / "main.c"
-    main.write_text('#include <stdio.h>\n#include "vmm.h"\nint main(void) {'
+    main.write_text('#include <stdio.h>\n#include "vmm/vmm.h"\nint main(void) {'
                     ' struct nb_vmm v; char err[NB_ERRLEN] = "";'
                     ' int rc = nb_vmm_open_bhyve(&v, "vm1,pid=1", err);'
                     ' printf("%d|%s\\n", rc, err); return 0; }\n')
@@ -806,7 +810,7 @@ def test_vmm_bhyve_builds_on_linux_and_refuses_to_open(tmp_path):
     # vmm_common.c needs -Wno-format-truncation, as in the engine's build
     r = cc("-std=gnu11", "-Wall", "-Werror", "-Wno-format-truncation",
            "-I", SRC, str(main), src,
-           *[os.path.join(SRC, n) for n in PORTABLE + ("vmm_common.c",)],
+           *[os.path.join(SRC, n) for n in PORTABLE + (COMMON,)],
            "-o", str(exe))
     assert r.returncode == 0, r.stderr
     out = subprocess.run([str(exe)], capture_output=True, text=True,
@@ -815,16 +819,17 @@ def test_vmm_bhyve_builds_on_linux_and_refuses_to_open(tmp_path):
 
 
 def test_cdef_matches_what_the_engine_build_compiles():
-    """bhyve_msg.cdef joins the engine's cdef, whose build compiles the
+    """bhyve.cdef joins the engine's cdef, whose build compiles the
     portable files: it may only name functions defined there, and
     build_engine.py must compile them.  The header declares exactly the
     functions the portable files define."""
-    declared = c_functions(read_src("bhyve_msg.cdef"))
+    declared = c_functions(read_src("vmm/bhyve/bhyve.cdef"))
     assert "nb_bhyve_checkpoint_msg" in declared
+    build = native_build()
+    compiled = build.layer_sources(*build.LAYERS)
     defined = set()
     for name in PORTABLE:
         defined |= c_functions(read_src(name))
-        with open(os.path.join(SRC, "..", "build_engine.py")) as f:
-            assert '"%s"' % name in f.read()
+        assert os.path.join(SRC, name) in compiled
     assert declared <= defined
-    assert c_functions(read_src("bhyve_msg.h")) == defined
+    assert c_functions(read_src("vmm/bhyve/bhyve.h")) == defined

@@ -8,11 +8,11 @@ Linux too because no /dev/vmm is involved.  No KVM and no FreeBSD needed.
 
 import json
 import os
-import time
 
 import pytest
 from nova_bhyve.native._engine import ffi, lib
 
+from nova_bhyve import polling
 from nova_bhyve.native.engine import (
     Migration,
     MigrationError,
@@ -72,9 +72,7 @@ def source_set(tmp_path, memsize=MEM, ncpus=NCPUS, meta_ncpus=NCPUS):
 
 
 def wait(mig, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not mig.stats().finished and time.monotonic() < deadline:
-        time.sleep(0.02)
+    polling.poll(lambda: mig.stats().finished, timeout)
     return mig.stats()
 
 

@@ -3,14 +3,16 @@
 import random
 
 import pytest
-from nova_bhyve.native._engine import ffi, lib
 
 from nova_bhyve.native.engine import MigrationError, spec_check
+
+from .conftest import selftest_module
 
 PAGE = 4096
 
 
 def _delta(old, cur, cap=PAGE // 2):
+    ffi, lib = selftest_module()
     out = ffi.new("uint8_t[]", PAGE + 64)
     n = ffi.new("size_t *")
     rc = lib.nb_selftest_delta(old, cur, out, cap, n)
@@ -18,6 +20,7 @@ def _delta(old, cur, cap=PAGE // 2):
 
 
 def _undelta(delta, base):
+    ffi, lib = selftest_module()
     page = ffi.new("uint8_t[]", bytes(base))
     rc = lib.nb_selftest_undelta(delta, len(delta), page)
     return None if rc else bytes(ffi.buffer(page, PAGE))
@@ -66,6 +69,7 @@ def test_malformed_deltas_are_refused(bad):
 
 
 def test_crc32c_matches_the_published_check_value():
+    lib = selftest_module()[1]
     # CRC-32C of "123456789" is 0xE3069283
     assert lib.nb_selftest_crc32c(b"123456789", 9) == 0xE3069283
     data = bytes(range(256)) * 40
@@ -123,6 +127,7 @@ def test_cpu_feature_missing_on_the_destination_is_refused():
 
 
 def test_delta_cache_keeps_hitting_a_sweep_larger_than_itself():
+    lib = selftest_module()[1]
     # 4096 pages rewritten in order through a 1024-page cache: evicting on
     # every collision would never hit; keeping fresh entries hits a
     # steady quarter of the pages round after round
@@ -131,6 +136,7 @@ def test_delta_cache_keeps_hitting_a_sweep_larger_than_itself():
 
 
 def test_delta_cache_forgets_dropped_pages():
+    lib = selftest_module()[1]
     # a page sent as zeros must not be delta-encoded against older content:
     # the sweep ends by dropping every page and returns -1 if one survives
     assert lib.nb_selftest_xcache_sweep(64, 64, 2) == 64

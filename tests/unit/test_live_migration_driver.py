@@ -11,7 +11,13 @@ from nova import exception, objects
 from nova_bhyve.machine.base import Backend, HostFacts
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration import live
-from nova_bhyve.native.engine import MigrationError, Mode, Phase, Result
+from nova_bhyve.native.engine import (
+    ErrorKind,
+    MigrationError,
+    Mode,
+    Phase,
+    Result,
+)
 
 UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
 CONF = bhyve_driver.CONF
@@ -24,7 +30,7 @@ def _stats(**kw):
                 bytes_remaining=5 * MiB, expected_downtime_ms=50,
                 max_downtime_ms=100, downtime_ms=0.0, total_ms=0.0,
                 committed=False, guest_runs_here=True, rounds=(), error="",
-                mode=Mode.LIVE)
+                error_kind=ErrorKind.NONE, mode=Mode.LIVE)
     base.update(kw)
     st = types.SimpleNamespace(**base)
     st.finished = st.result != Result.RUNNING

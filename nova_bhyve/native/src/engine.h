@@ -28,6 +28,24 @@ enum nb_phase {
     NB_PHASE_CANCELLED = 9,
 };
 
+/* Why a request or a migration failed (nb_mig_stats.error_kind; the
+ * negated return value of a refused call).  The message says more. */
+enum nb_error_kind {
+    NB_ERR_NONE = 0,
+    NB_ERR_INVALID = 1,      /* a parameter or request the engine refuses */
+    NB_ERR_AUTH = 2,         /* a side failed authentication */
+    NB_ERR_INCOMPATIBLE = 3, /* the hosts cannot hold the same guest */
+    NB_ERR_PEER_GONE = 4,    /* the peer closed, reset or aborted the session */
+    NB_ERR_REFUSED = 5,      /* the peer refused (its reason in the message) */
+    NB_ERR_CANCELLED = 6,    /* cancelled on request, or by the source */
+    NB_ERR_TIMEOUT = 7,      /* nothing heard within the timeout */
+    NB_ERR_CORRUPT = 8,      /* a frame or page failed its checks, digests differ */
+    NB_ERR_VMM = 9,          /* the vmm port failed (open, pause, state, memory) */
+    NB_ERR_RESOURCE = 10,    /* out of memory, threads, sockets or randomness */
+    NB_ERR_TOO_LATE = 11,    /* a cancel after the guest was handed over */
+    NB_ERR_INTERNAL = 12,    /* an engine bug, e.g. an illegal phase transition */
+};
+
 enum nb_result {
     NB_RESULT_RUNNING = 0,
     NB_RESULT_COMPLETED = 1,
@@ -93,6 +111,7 @@ struct nb_mig_stats {
     int committed;              /* ownership passed to the destination */
     int guest_runs_here;        /* 1 if the guest is running on this side */
     uint64_t digest;            /* memory digest (after verify) */
+    int error_kind;             /* enum nb_error_kind of `error` */
     uint32_t nrounds;           /* entries used in rounds[] */
     struct nb_round_stat rounds[NB_MAX_ROUND_STATS];
     char error[256];
@@ -109,16 +128,8 @@ int nb_mig_cancel(nb_mig *m, char *err, size_t errlen);
 int nb_mig_wait(nb_mig *m, int timeout_ms);
 void nb_mig_free(nb_mig *m);
 
-/* Checks exposed for unit tests. */
+/* Compare two compatibility preambles (the destination's check). */
 int nb_spec_check(const char *src_preamble, const char *dst_preamble,
                   char *err, size_t errlen);
-int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
-                      size_t cap, size_t *outlen);
-int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page);
-uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
-/* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
- * (as rounds of a guest rewriting its working set in order); returns the
- * hits of the last round, or -1 if a dropped page was still returned. */
-long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
 
 #endif

@@ -1,7 +1,7 @@
 /*
- * The migration wire protocol: framing, mutual authentication, channel
- * joins and the compatibility preamble.  This is the only file that
- * encodes or decodes protocol bytes; PROTOCOL.md beside it is the spec.
+ * The migration wire protocol: framing, mutual authentication and channel
+ * joins.  With preamble.c and messages.c beside it, wire/ is the only
+ * place that encodes or decodes protocol bytes; ../PROTOCOL.md is the spec.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,10 +16,9 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "nbmig.h"
+#include "wire/wire.h"
 
-#define PROTO_VERSION 1
-static const uint8_t MAGIC[8] = { 'N', 'B', 'M', 'I', 'G', 0, 0, 1 };
+static const uint8_t MAGIC[NB_MAGIC_LEN] = { 'N', 'B', 'M', 'I', 'G', 0, 0, 1 };
 
 #define FLAG_MAC 0x01
 
@@ -28,7 +27,7 @@ const char *nb_msg_name(unsigned type)
     static const char *names[] = {
         "?", "HELLO", "CHALLENGE", "AUTH", "JOIN", "PREAMBLE", "ACCEPT",
         "PAGES", "ROUND_END", "STATE", "DIGEST", "READY", "COMMIT",
-        "RUNNING", "ABORT", "REFUSE", "PING", "PONG",
+        "RUNNING", "ABORT", "REFUSE",
     };
     return type < sizeof(names) / sizeof(names[0]) ? names[type] : "?";
 }
@@ -106,15 +105,16 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
     nb_put16(hdr + 2, c->index);
     nb_put32(hdr + 4, c->send_seq);
     nb_put32(hdr + 8, len);
-    if (c->key && hmac3(c->key, NB_KEY, hdr, 12, payload, len, NULL, 0, mac) < 0) {
+    if (c->key && hmac3(c->key, NB_KEY, hdr, NB_FRAME_CRC_AT, payload, len,
+                        NULL, 0, mac) < 0) {
         snprintf(err, NB_ERRLEN, "HMAC computation failed");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_INTERNAL);
     }
-    crc = nb_crc32c(0, hdr, 12);
+    crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
     crc = nb_crc32c(crc, payload, len);
     if (c->key)
         crc = nb_crc32c(crc, mac, NB_MAC);
-    nb_put32(hdr + 12, crc);
+    nb_put32(hdr + NB_FRAME_CRC_AT, crc);
     iov[0] = (struct iovec){ hdr, NB_FRAME_HDR };
     iov[1] = (struct iovec){ (void *)payload, len };
     if (c->key)
@@ -122,11 +122,42 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
     if (write_all(c->fd, iov, n) < 0) {
         snprintf(err, NB_ERRLEN, "sending %s on channel %u: %s",
                  nb_msg_name(type), c->index, strerror(errno));
-        return -1;
+        return nb_wire_fail(c, errno == EAGAIN || errno == EWOULDBLOCK ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE);
     }
     c->send_seq++;
     if (c->wire)
         atomic_fetch_add(c->wire, NB_FRAME_HDR + len + (c->key ? NB_MAC : 0));
+    return 0;
+}
+
+/* Check a received header: flags, length limit, channel, sequence, MAC flag. */
+static int check_header(struct nb_chan *c, const uint8_t *hdr,
+                        uint32_t max_len, char *err)
+{
+    uint32_t len = nb_get32(hdr + 8), seq = nb_get32(hdr + 4);
+    int has_mac = hdr[1] & FLAG_MAC;
+
+    if (hdr[1] & ~FLAG_MAC) {
+        snprintf(err, NB_ERRLEN, "channel %u: unknown frame flags 0x%x", c->index, hdr[1]);
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
+    }
+    if (len > max_len) {
+        snprintf(err, NB_ERRLEN, "channel %u: %s frame of %u bytes exceeds the "
+                 "limit of %u", c->index, nb_msg_name(hdr[0]), len, max_len);
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
+    }
+    if ((c->index != 0xffff && nb_get16(hdr + 2) != c->index) ||
+        seq != c->recv_seq) {
+        snprintf(err, NB_ERRLEN, "channel %u: frame for channel %u with sequence "
+                 "%u, expected %u (replayed, reordered or spliced stream)",
+                 c->index, nb_get16(hdr + 2), seq, c->recv_seq);
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
+    }
+    if (!!has_mac != !!c->key) {
+        snprintf(err, NB_ERRLEN, "channel %u: %s frame %s a MAC", c->index,
+                 nb_msg_name(hdr[0]), has_mac ? "unexpectedly carries" : "lacks");
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
+    }
     return 0;
 }
 
@@ -142,38 +173,19 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     if (r < 0) {
         snprintf(err, NB_ERRLEN, r == -2 ? "channel %u: connection closed by peer"
                  : "channel %u: receive failed: %s", c->index, strerror(errno));
-        return -1;
+        return nb_wire_fail(c, r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK) ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE);
     }
+    if (check_header(c, hdr, max_len, err) < 0)
+        return -1;
     len = nb_get32(hdr + 8);
     seq = nb_get32(hdr + 4);
     has_mac = hdr[1] & FLAG_MAC;
-    if (hdr[1] & ~FLAG_MAC) {
-        snprintf(err, NB_ERRLEN, "channel %u: unknown frame flags 0x%x", c->index, hdr[1]);
-        return -1;
-    }
-    if (len > max_len) {
-        snprintf(err, NB_ERRLEN, "channel %u: %s frame of %u bytes exceeds the "
-                 "limit of %u", c->index, nb_msg_name(hdr[0]), len, max_len);
-        return -1;
-    }
-    if ((c->index != 0xffff && nb_get16(hdr + 2) != c->index) ||
-        seq != c->recv_seq) {
-        snprintf(err, NB_ERRLEN, "channel %u: frame for channel %u with sequence "
-                 "%u, expected %u (replayed, reordered or spliced stream)",
-                 c->index, nb_get16(hdr + 2), seq, c->recv_seq);
-        return -1;
-    }
-    if (!!has_mac != !!c->key) {
-        snprintf(err, NB_ERRLEN, "channel %u: %s frame %s a MAC", c->index,
-                 nb_msg_name(hdr[0]), has_mac ? "unexpectedly carries" : "lacks");
-        return -1;
-    }
     if (len + (has_mac ? NB_MAC : 0) > c->rcap) {
         size_t cap = len + NB_MAC;
         uint8_t *nb = realloc(c->rbuf, cap);
         if (!nb) {
             snprintf(err, NB_ERRLEN, "out of memory for a %u byte frame", len);
-            return -1;
+            return nb_wire_fail(c, NB_ERR_RESOURCE);
         }
         c->rbuf = nb;
         c->rcap = cap;
@@ -182,21 +194,22 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     if (r < 0) {
         snprintf(err, NB_ERRLEN, "channel %u: stream truncated inside a %s frame",
                  c->index, nb_msg_name(hdr[0]));
-        return -1;
+        return nb_wire_fail(c, NB_ERR_PEER_GONE);
     }
-    crc = nb_crc32c(0, hdr, 12);
+    crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
     crc = nb_crc32c(crc, c->rbuf, len + (has_mac ? NB_MAC : 0));
-    if (crc != nb_get32(hdr + 12)) {
+    if (crc != nb_get32(hdr + NB_FRAME_CRC_AT)) {
         snprintf(err, NB_ERRLEN, "channel %u: %s frame failed its CRC (corrupted)",
                  c->index, nb_msg_name(hdr[0]));
-        return -1;
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     if (has_mac) {
-        if (hmac3(c->key, NB_KEY, hdr, 12, c->rbuf, len, NULL, 0, mac) < 0 ||
+        if (hmac3(c->key, NB_KEY, hdr, NB_FRAME_CRC_AT, c->rbuf, len, NULL, 0,
+                  mac) < 0 ||
             CRYPTO_memcmp(mac, c->rbuf + len, NB_MAC) != 0) {
             snprintf(err, NB_ERRLEN, "channel %u: %s frame failed authentication",
                      c->index, nb_msg_name(hdr[0]));
-            return -1;
+            return nb_wire_fail(c, NB_ERR_CORRUPT);
         }
     }
     if (c->wire)
@@ -213,19 +226,21 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
 
 /*
  * The peer spoke on a control channel that should be silent (`when`, e.g.
- * "during the copy"): read what it said and describe, in `err`, why the
- * session is over.
+ * "during the copy"): read what it said and describe, in `err` and the
+ * channel's err_kind, why the session is over.
  */
 void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
                      char *err)
 {
     struct nb_frame f;
-    if (nb_recv_frame(c, &f, 4096, err) == 0)
+    if (nb_recv_frame(c, &f, NB_MAX_REASON, err) == 0) {
         snprintf(err, NB_ERRLEN, "%s %s %s: %.*s", peer,
                  f.type == NB_MSG_REFUSE ? "refused" :
                  f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
                  when, (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
-    else
+        c->err_kind = f.type == NB_MSG_REFUSE ? NB_ERR_REFUSED
+                      : f.type == NB_MSG_ABORT ? NB_ERR_PEER_GONE : NB_ERR_CORRUPT;
+    } else
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
                  " (the %s ended the session %s)", peer, when);
 }
@@ -234,7 +249,7 @@ void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
 int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
               uint32_t max_len, char *err)
 {
-    if (nb_recv_frame(c, f, max_len > 4096 ? max_len : 4096, err) < 0)
+    if (nb_recv_frame(c, f, max_len > NB_MAX_REASON ? max_len : NB_MAX_REASON, err) < 0)
         return -1;
     if (f->type == type && f->len <= max_len)
         return 0;
@@ -242,11 +257,11 @@ int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
         snprintf(err, NB_ERRLEN, "peer %s: %.*s",
                  f->type == NB_MSG_REFUSE ? "refused" : "aborted",
                  (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
-        return -1;
+        return nb_wire_fail(c, f->type == NB_MSG_REFUSE ? NB_ERR_REFUSED : NB_ERR_PEER_GONE);
     }
     snprintf(err, NB_ERRLEN, "expected %s (<= %u bytes), got %s of %u bytes",
              nb_msg_name(type), max_len, nb_msg_name(f->type), f->len);
-    return -1;
+    return nb_wire_fail(c, NB_ERR_CORRUPT);
 }
 
 static int derive_keys(const uint8_t *secret, size_t slen, const uint8_t *ns,
@@ -273,40 +288,40 @@ static int derive_keys(const uint8_t *secret, size_t slen, const uint8_t *ns,
 int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
                         struct nb_session_keys *keys, char *err)
 {
-    uint8_t hello[8 + 8 + NB_NONCE], ns[NB_NONCE], want[32], proof[32];
+    uint8_t hello[NB_HELLO_LEN], ns[NB_NONCE], want[NB_PROOF], proof[NB_PROOF];
     const uint8_t *nd;
     struct nb_frame f;
 
     if (RAND_bytes(ns, NB_NONCE) != 1) {
         snprintf(err, NB_ERRLEN, "no randomness for the nonce");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_RESOURCE);
     }
-    memcpy(hello, MAGIC, 8);
-    nb_put16(hello + 8, PROTO_VERSION);
-    nb_put16(hello + 10, PROTO_VERSION);
+    memcpy(hello, MAGIC, NB_MAGIC_LEN);
+    nb_put16(hello + 8, NB_PROTO_VERSION);
+    nb_put16(hello + 10, NB_PROTO_VERSION);
     nb_put32(hello + 12, 0);
     memcpy(hello + 16, ns, NB_NONCE);
     if (nb_send_frame(ctl, NB_MSG_HELLO, hello, sizeof(hello), err) < 0 ||
-        nb_expect(ctl, &f, NB_MSG_CHALLENGE, 8 + 4 + NB_NONCE + 32, err) < 0)
+        nb_expect(ctl, &f, NB_MSG_CHALLENGE, NB_CHALLENGE_LEN, err) < 0)
         return -1;
-    if (f.len != 8 + 4 + NB_NONCE + 32 || memcmp(f.payload, MAGIC, 8) != 0 ||
-        nb_get16(f.payload + 8) != PROTO_VERSION) {
+    if (f.len != NB_CHALLENGE_LEN || memcmp(f.payload, MAGIC, NB_MAGIC_LEN) != 0 ||
+        nb_get16(f.payload + 8) != NB_PROTO_VERSION) {
         snprintf(err, NB_ERRLEN, "destination speaks another protocol or version");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INCOMPATIBLE);
     }
     nd = f.payload + 12;
     if (hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE, want) < 0 ||
-        CRYPTO_memcmp(want, f.payload + 12 + NB_NONCE, 32) != 0) {
+        CRYPTO_memcmp(want, f.payload + 12 + NB_NONCE, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "the destination failed authentication: it does "
                  "not hold this migration's secret");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_AUTH);
     }
     if (derive_keys(secret, slen, ns, nd, keys) < 0 ||
         hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, proof) < 0) {
         snprintf(err, NB_ERRLEN, "key derivation failed");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INTERNAL);
     }
-    if (nb_send_frame(ctl, NB_MSG_AUTH, proof, 32, err) < 0)
+    if (nb_send_frame(ctl, NB_MSG_AUTH, proof, NB_AUTH_LEN, err) < 0)
         return -1;
     ctl->key = keys->key;
     return 0;
@@ -316,49 +331,49 @@ int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
 int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
                       struct nb_session_keys *keys, char *err)
 {
-    uint8_t chal[8 + 4 + NB_NONCE + 32], ns[NB_NONCE], nd[NB_NONCE], want[32];
+    uint8_t chal[NB_CHALLENGE_LEN], ns[NB_NONCE], nd[NB_NONCE], want[NB_PROOF];
     struct nb_frame f;
     char e2[NB_ERRLEN];
 
-    if (nb_expect(ctl, &f, NB_MSG_HELLO, 16 + NB_NONCE, err) < 0)
+    if (nb_expect(ctl, &f, NB_MSG_HELLO, NB_HELLO_LEN, err) < 0)
         return -1;
-    if (f.len != 16 + NB_NONCE || memcmp(f.payload, MAGIC, 8) != 0) {
+    if (f.len != NB_HELLO_LEN || memcmp(f.payload, MAGIC, NB_MAGIC_LEN) != 0) {
         snprintf(err, NB_ERRLEN, "not a migration stream (bad HELLO)");
         return -1;
     }
-    if (nb_get16(f.payload + 8) > PROTO_VERSION ||
-        nb_get16(f.payload + 10) < PROTO_VERSION) {
+    if (nb_get16(f.payload + 8) > NB_PROTO_VERSION ||
+        nb_get16(f.payload + 10) < NB_PROTO_VERSION) {
         snprintf(err, NB_ERRLEN, "source supports protocol versions %u..%u, this "
                  "host speaks %d", nb_get16(f.payload + 8),
-                 nb_get16(f.payload + 10), PROTO_VERSION);
-        nb_send_frame(ctl, NB_MSG_REFUSE, err, (uint32_t)strlen(err), e2);
-        return -1;
+                 nb_get16(f.payload + 10), NB_PROTO_VERSION);
+        nb_send_text(ctl, NB_MSG_REFUSE, err, e2);
+        return nb_wire_fail(ctl, NB_ERR_INCOMPATIBLE);
     }
     memcpy(ns, f.payload + 16, NB_NONCE);
     if (RAND_bytes(nd, NB_NONCE) != 1 ||
         hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE,
               chal + 12 + NB_NONCE) < 0) {
         snprintf(err, NB_ERRLEN, "no randomness or HMAC failure");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_RESOURCE);
     }
-    memcpy(chal, MAGIC, 8);
-    nb_put16(chal + 8, PROTO_VERSION);
+    memcpy(chal, MAGIC, NB_MAGIC_LEN);
+    nb_put16(chal + 8, NB_PROTO_VERSION);
     nb_put16(chal + 10, 0);
     memcpy(chal + 12, nd, NB_NONCE);
     if (nb_send_frame(ctl, NB_MSG_CHALLENGE, chal, sizeof(chal), err) < 0 ||
-        nb_expect(ctl, &f, NB_MSG_AUTH, 32, err) < 0)
+        nb_expect(ctl, &f, NB_MSG_AUTH, NB_AUTH_LEN, err) < 0)
         return -1;
-    if (f.len != 32 ||
+    if (f.len != NB_AUTH_LEN ||
         hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, want) < 0 ||
-        CRYPTO_memcmp(want, f.payload, 32) != 0) {
+        CRYPTO_memcmp(want, f.payload, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "the source failed authentication: it does not "
                  "hold this migration's secret");
-        nb_send_frame(ctl, NB_MSG_REFUSE, "authentication failed", 21, e2);
-        return -1;
+        nb_send_text(ctl, NB_MSG_REFUSE, "authentication failed", e2);
+        return nb_wire_fail(ctl, NB_ERR_AUTH);
     }
     if (derive_keys(secret, slen, ns, nd, keys) < 0) {
         snprintf(err, NB_ERRLEN, "key derivation failed");
-        return -1;
+        return nb_wire_fail(ctl, NB_ERR_INTERNAL);
     }
     ctl->key = keys->key;
     return 0;
@@ -367,16 +382,16 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
 /* A page channel joins the session: JOIN(sid, index, HMAC(key, ...)). */
 int nb_join_send(struct nb_chan *c, const struct nb_session_keys *keys, char *err)
 {
-    uint8_t msg[8 + 16 + 4 + 32], idx[2];
-    memcpy(msg, MAGIC, 8);
-    memcpy(msg + 8, keys->sid, 16);
+    uint8_t msg[NB_JOIN_LEN], idx[2];
+    memcpy(msg, MAGIC, NB_MAGIC_LEN);
+    memcpy(msg + 8, keys->sid, NB_SID);
     nb_put16(msg + 24, c->index);
     nb_put16(msg + 26, 0);
     nb_put16(idx, c->index);
-    if (hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, 16, idx, 2,
+    if (hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2,
               msg + 28) < 0) {
         snprintf(err, NB_ERRLEN, "HMAC failure");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_INTERNAL);
     }
     return nb_send_frame(c, NB_MSG_JOIN, msg, sizeof(msg), err);
 }
@@ -386,139 +401,26 @@ int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
                   int nchannels, char *err)
 {
     struct nb_frame f;
-    uint8_t want[32], idx[2];
+    uint8_t want[NB_PROOF], idx[2];
     uint16_t index;
 
     c->index = 0xffff;  /* unknown until the JOIN names it */
-    if (nb_recv_frame(c, &f, 64, err) < 0)
+    if (nb_recv_frame(c, &f, NB_MAX_JOIN_FRAME, err) < 0)
         return -1;
-    if (f.type != NB_MSG_JOIN || f.len != 60 || memcmp(f.payload, MAGIC, 8) ||
-        memcmp(f.payload + 8, keys->sid, 16)) {
+    if (f.type != NB_MSG_JOIN || f.len != NB_JOIN_LEN ||
+        memcmp(f.payload, MAGIC, NB_MAGIC_LEN) ||
+        memcmp(f.payload + 8, keys->sid, NB_SID)) {
         snprintf(err, NB_ERRLEN, "connection is not a page channel of this session");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_AUTH);
     }
     index = nb_get16(f.payload + 24);
     nb_put16(idx, index);
     if (index < 1 || index > nchannels || f.channel != index ||
-        hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, 16, idx, 2, want) < 0 ||
-        CRYPTO_memcmp(want, f.payload + 28, 32) != 0) {
+        hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2, want) < 0 ||
+        CRYPTO_memcmp(want, f.payload + 28, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "page channel join failed authentication");
-        return -1;
+        return nb_wire_fail(c, NB_ERR_AUTH);
     }
     c->index = index;
-    return 0;
-}
-
-/* ---- compatibility preamble ------------------------------------------ */
-
-/* Write this side's preamble: "key=value\n" lines (see PROTOCOL.md). */
-int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params *p,
-                      char *out, size_t cap)
-{
-    static const char *modes[] = { "live", "warm", "cold" };
-    size_t n = 0;
-    int w;
-
-#define ADD(...)                                                        \
-    do {                                                                \
-        w = snprintf(out + n, cap - n, __VA_ARGS__);                    \
-        if (w < 0 || (size_t)w >= cap - n)                              \
-            return -1;                                                  \
-        n += (size_t)w;                                                 \
-    } while (0)
-
-    ADD("protocol=%d\nengine=nova-bhyve-live/0.1\n", PROTO_VERSION);
-    ADD("mode=%s\n", modes[p->mode >= 0 && p->mode <= 2 ? p->mode : 0]);
-    ADD("arch=%s\npage_size=%u\ncpu_vendor=%s\nncpus=%u\nstate_format=%s\n",
-        s->arch, s->page_size, s->cpu_vendor, s->ncpus, s->state_format);
-    ADD("memory=%llu\nsegments=%d\n", (unsigned long long)s->layout.total,
-        s->layout.nsegs);
-    for (int i = 0; i < s->layout.nsegs; i++)
-        ADD("segment.%d=%llx:%llx\n", i, (unsigned long long)s->layout.seg[i].gpa,
-            (unsigned long long)s->layout.seg[i].len);
-    for (uint32_t i = 0; i < s->nfeat && i < 24; i++)
-        ADD("cpuid.%x.%x.%c=%08x\n", s->feat[i].leaf, s->feat[i].sub,
-            "abcd"[s->feat[i].reg & 3], s->feat[i].bits);
-    ADD("channels=%d\ncompress=%s\nverify=%s\npaused=%d\n", p->channels,
-        p->compress ? "zstd" : "none",
-        p->verify == NB_VERIFY_FULL ? "full" : "incremental",
-        p->keep_paused ? 1 : 0);
-#undef ADD
-    return (int)n;
-}
-
-/* Copy the value of `key` from preamble text; returns 0 if present. */
-int nb_preamble_get(const char *text, const char *key, char *out, size_t cap)
-{
-    size_t kl = strlen(key);
-    for (const char *p = text; p && *p;) {
-        const char *e = strchr(p, '\n');
-        size_t ll = e ? (size_t)(e - p) : strlen(p);
-        if (ll > kl && strncmp(p, key, kl) == 0 && p[kl] == '=') {
-            size_t vl = ll - kl - 1;
-            if (vl >= cap)
-                vl = cap - 1;
-            memcpy(out, p + kl + 1, vl);
-            out[vl] = 0;
-            return 0;
-        }
-        p = e ? e + 1 : NULL;
-    }
-    return -1;
-}
-
-/*
- * Decide whether a guest described by the source preamble may run on the
- * destination.  Layout, page size, vCPUs, architecture, CPU vendor and
- * device-state format must be equal; every CPU feature the guest may be
- * using must exist on the destination.
- */
-int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen)
-{
-    static const char *equal[] = { "protocol", "arch", "page_size", "cpu_vendor",
-                                   "ncpus", "memory", "segments", "segment.0",
-                                   "segment.1", "state_format" };
-    char a[128], b[128];
-
-    for (size_t i = 0; i < sizeof(equal) / sizeof(equal[0]); i++) {
-        int ha = nb_preamble_get(src, equal[i], a, sizeof(a)) == 0;
-        int hb = nb_preamble_get(dst, equal[i], b, sizeof(b)) == 0;
-        if (ha != hb || (ha && strcmp(a, b) != 0)) {
-            snprintf(err, errlen, "incompatible hosts: %s is %s on the source "
-                     "and %s on the destination", equal[i], ha ? a : "(absent)",
-                     hb ? b : "(absent)");
-            return -1;
-        }
-    }
-    for (const char *p = src; p && *p;) {
-        const char *e = strchr(p, '\n');
-        if (strncmp(p, "cpuid.", 6) == 0) {
-            char key[64], *eq;
-            size_t ll = e ? (size_t)(e - p) : strlen(p);
-            unsigned long sv, dv;
-            if (ll >= sizeof(key))
-                ll = sizeof(key) - 1;
-            memcpy(key, p, ll);
-            key[ll] = 0;
-            eq = strchr(key, '=');
-            if (!eq)
-                return -1;
-            *eq = 0;
-            sv = strtoul(eq + 1, NULL, 16);
-            if (nb_preamble_get(dst, key, b, sizeof(b)) < 0) {
-                snprintf(err, errlen, "incompatible hosts: the destination does "
-                         "not describe CPU feature word %s", key);
-                return -1;
-            }
-            dv = strtoul(b, NULL, 16);
-            if (sv & ~dv) {
-                snprintf(err, errlen, "incompatible CPUs: feature word %s has bits "
-                         "%08lx on the source that the destination lacks",
-                         key, sv & ~dv);
-                return -1;
-            }
-        }
-        p = e ? e + 1 : NULL;
-    }
     return 0;
 }

@@ -14,7 +14,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "vmm.h"
+#include "vmm/vmm.h"
 
 #define REPLY_MAX 1024
 

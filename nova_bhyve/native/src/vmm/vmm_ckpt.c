@@ -22,7 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "vmm.h"
+#include "vmm/vmm.h"
 
 #define META_MAX 8192
 #define KERN_MAX (16u << 20)

@@ -1,5 +1,5 @@
 /*
- * Portable pieces of the bhyve vmm port; see bhyve_msg.h.
+ * Portable pieces of the bhyve vmm port; see bhyve.h.
  *
  * Wire format of a packed nvlist (sys/contrib/libnv, nvlist.c/nvpair.c),
  * every integer in the sender's byte order (NB_NV_FLAG_BIG_ENDIAN set in
@@ -18,7 +18,7 @@
  *
  * Pairs are packed in insertion order (nvpair_insert uses TAILQ tail).
  */
-#include "bhyve_msg.h"
+#include "vmm/bhyve/bhyve.h"
 
 #include <errno.h>
 #include <stdarg.h>

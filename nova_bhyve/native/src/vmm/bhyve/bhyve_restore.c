@@ -1,6 +1,6 @@
 /*
  * The bhyve port's restore-only mode: the destination of a migration into
- * stock bhyve, declared in bhyve_msg.h.  Plain POSIX, so it builds and is
+ * stock bhyve, declared in bhyve.h.  Plain POSIX, so it builds and is
  * tested on Linux too.
  *
  * A running bhyve cannot take guest state; restore is `bhyve -r PATH` at
@@ -31,7 +31,7 @@
 #define _GNU_SOURCE
 #endif
 
-#include "bhyve_msg.h"
+#include "vmm/bhyve/bhyve.h"
 
 #include <sys/types.h>
 #include <sys/mman.h>

@@ -108,8 +108,8 @@
  *   ncpus=N         vCPUs of the incoming VM (bhyve -c N)
  *   memsize=BYTES   its guest RAM (bhyve -m), a multiple of 4096
  */
-#include "vmm.h"
-#include "bhyve_msg.h"
+#include "vmm/vmm.h"
+#include "vmm/bhyve/bhyve.h"
 
 #include <stdio.h>
 #include <string.h>

@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nbmig.h"
+#include "core/nbmig.h"
 
 double nb_now_ms(void)
 {
@@ -25,28 +25,44 @@ double nb_now_ms(void)
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-void nb_set_phase(struct nb_mig *m, int phase)
-{
-    pthread_mutex_lock(&m->lock);
-    if (m->st.result == NB_RESULT_RUNNING)
-        m->st.phase = phase;
-    pthread_mutex_unlock(&m->lock);
-}
-
-/* Record the first failure; later ones keep the first message. */
-void nb_fail(struct nb_mig *m, int result, const char *fmt, ...)
+/*
+ * Record the first failure: its message and its kind (enum
+ * nb_error_kind).  Later ones keep the first; the side's epilogue ends
+ * the session with that kind.
+ */
+void nb_fail(struct nb_mig *m, int kind, const char *fmt, ...)
 {
     va_list ap;
     pthread_mutex_lock(&m->lock);
-    if (m->st.result == NB_RESULT_RUNNING) {
+    if (!m->fail_kind && m->st.result == NB_RESULT_RUNNING) {
         va_start(ap, fmt);
         vsnprintf(m->st.error, sizeof(m->st.error), fmt, ap);
         va_end(ap);
-        m->st.result = result;
-        m->st.phase = result == NB_RESULT_CANCELLED ? NB_PHASE_CANCELLED
-                                                    : NB_PHASE_FAILED;
+        m->fail_kind = kind ? kind : NB_ERR_INTERNAL;
     }
     pthread_mutex_unlock(&m->lock);
+}
+
+/* The kind of the first recorded failure, 0 if none. */
+int nb_fail_kind(struct nb_mig *m)
+{
+    int kind;
+    pthread_mutex_lock(&m->lock);
+    kind = m->fail_kind;
+    pthread_mutex_unlock(&m->lock);
+    return kind;
+}
+
+/* `ms` milliseconds from now on CLOCK_REALTIME, for pthread_cond_timedwait. */
+void nb_deadline(struct timespec *until, long ms)
+{
+    clock_gettime(CLOCK_REALTIME, until);
+    until->tv_sec += ms / 1000;
+    until->tv_nsec += (ms % 1000) * 1000000L;
+    if (until->tv_nsec >= 1000000000L) {
+        until->tv_sec++;
+        until->tv_nsec -= 1000000000L;
+    }
 }
 
 int nb_set_nodelay(int fd)
@@ -125,8 +141,7 @@ static void *digest_worker(void *arg)
 {
     struct digest_job *j = arg;
     struct nb_mig *m = j->m;
-    static const uint8_t zero[NB_PAGE];
-    uint64_t hz = nb_page_hash(zero, &m->keys.hash);
+    uint64_t hz = nb_zero_page_hash(&m->keys.hash);
     uint64_t data_off = 0, data_end = 0, sum = 0;
 
     for (uint64_t i = j->first; i < j->last; i++) {
@@ -312,35 +327,44 @@ static int start(const struct nb_mig_params *p, int is_source, nb_mig **out,
 {
     char e[NB_ERRLEN] = "";
     struct nb_mig *m;
+    int kind = 0;
 
     *out = NULL;
     if (validate_params(p, is_source, e) < 0) {
         snprintf(err, errlen, "%s", e);
-        return -1;
+        return -NB_ERR_INVALID;
     }
     m = session_new(p, is_source, e);
     if (!m) {
         snprintf(err, errlen, "%s", e);
-        return -1;
+        return -NB_ERR_RESOURCE;
     }
-    if (open_vmm(m, e) < 0 || (!is_source && bind_listener(m, e) < 0)) {
+    if (open_vmm(m, e) < 0)
+        kind = p->vmm_kind > NB_VMM_CKPT || p->vmm_kind < 0 ? NB_ERR_INVALID
+                                                            : NB_ERR_VMM;
+    else if (!is_source && bind_listener(m, e) < 0)
+        kind = NB_ERR_RESOURCE;
+    else {
+        m->vmm_open = m->vmm.ops != NULL;
+        if (pthread_create(&m->thread, NULL,
+                           is_source ? nb_source_main : nb_dest_main, m) != 0) {
+            snprintf(e, sizeof(e), "cannot start the migration thread");
+            kind = NB_ERR_RESOURCE;
+        }
+    }
+    if (kind) {
         snprintf(err, errlen, "%s", e);
         nb_mig_free(m);
-        return -1;
-    }
-    m->vmm_open = m->vmm.ops != NULL;
-    if (pthread_create(&m->thread, NULL, is_source ? nb_source_main : nb_dest_main,
-                       m) != 0) {
-        snprintf(err, errlen, "cannot start the migration thread");
-        nb_mig_free(m);
-        return -1;
+        return -kind;
     }
     m->thread_started = 1;
     *out = m;
     return 0;
 }
 
-/* Start migrating a VM out; returns at once, the work runs on new threads. */
+/* Start migrating a VM out; returns at once, the work runs on new threads.
+ * Every call below that can be refused returns 0 or a negated
+ * enum nb_error_kind, with the message in `err`. */
 int nb_mig_send(const struct nb_mig_params *p, nb_mig **out, char *err, size_t errlen)
 {
     return start(p, 1, out, err, errlen);
@@ -365,8 +389,11 @@ void nb_mig_stats(nb_mig *m, struct nb_mig_stats *out)
     out->pages_sent = out->pages_zero + out->pages_delta + out->pages_compressed +
                       out->pages_raw;
     out->max_downtime_ms = atomic_load(&m->max_downtime_ms);
-    if (out->result == NB_RESULT_RUNNING)
+    if (out->result == NB_RESULT_RUNNING) {
         out->total_ms = nb_now_ms() - m->t0;
+        /* until the epilogue decides: the source's guest runs until paused */
+        out->guest_runs_here = m->is_source && !atomic_load(&m->guest_paused);
+    }
 }
 
 /* Change a parameter while the migration runs. */
@@ -375,7 +402,7 @@ int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, siz
     if (!strcmp(name, "max_downtime_ms")) {
         if (value < 1 || value > 3600000) {
             snprintf(err, errlen, "max_downtime_ms must be 1..3600000");
-            return -1;
+            return -NB_ERR_INVALID;
         }
         atomic_store(&m->max_downtime_ms, (uint32_t)value);
         return 0;
@@ -388,13 +415,13 @@ int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, siz
         char e[NB_ERRLEN];
         if (!m->is_source || value > 99) {
             snprintf(err, errlen, "throttle is 0..99 and applies to the source");
-            return -1;
+            return -NB_ERR_INVALID;
         }
         if (!m->vmm.ops || !m->vmm.ops->throttle ||
             m->vmm.ops->throttle(&m->vmm, (int)value, e) < 0) {
             snprintf(err, errlen, "cannot throttle the guest: %s",
                      m->vmm.ops && m->vmm.ops->throttle ? e : "not supported");
-            return -1;
+            return m->vmm.ops && m->vmm.ops->throttle ? -NB_ERR_VMM : -NB_ERR_INVALID;
         }
         pthread_mutex_lock(&m->lock);
         m->st.throttle = (uint32_t)value;
@@ -403,7 +430,7 @@ int nb_mig_set_param(nb_mig *m, const char *name, uint64_t value, char *err, siz
     }
     snprintf(err, errlen, "unknown parameter '%s' (max_downtime_ms, max_bandwidth, "
              "throttle)", name);
-    return -1;
+    return -NB_ERR_INVALID;
 }
 
 /* Switch over at the next opportunity, whatever the downtime estimate. */
@@ -442,12 +469,12 @@ int nb_mig_cancel(nb_mig *m, char *err, size_t errlen)
         pthread_mutex_unlock(&m->lock);
         snprintf(err, errlen, "too late to cancel: the guest has been handed "
                  "to the destination");
-        return -1;
+        return -NB_ERR_TOO_LATE;
     }
-    if (m->st.result != NB_RESULT_RUNNING) {
+    if (m->st.result != NB_RESULT_RUNNING || m->fail_kind) {
         pthread_mutex_unlock(&m->lock);
         snprintf(err, errlen, "the migration has already ended");
-        return -1;
+        return -NB_ERR_INVALID;
     }
     atomic_store(&m->cancel_req, 1);
     shutdown_channels(m);
@@ -461,15 +488,7 @@ int nb_mig_wait(nb_mig *m, int timeout_ms)
     struct timespec until;
     int done;
 
-    clock_gettime(CLOCK_REALTIME, &until);
-    if (timeout_ms >= 0) {
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-    }
+    nb_deadline(&until, timeout_ms >= 0 ? timeout_ms : 0);
     pthread_mutex_lock(&m->lock);
     while (!m->done) {
         if (timeout_ms < 0)
@@ -520,30 +539,25 @@ void nb_mig_free(nb_mig *m)
 int nb_spec_check(const char *src_preamble, const char *dst_preamble,
                   char *err, size_t errlen)
 {
-    return nb_preamble_check(src_preamble, dst_preamble, err, errlen);
+    return nb_preamble_check(src_preamble, dst_preamble, err, errlen) < 0
+               ? -NB_ERR_INCOMPATIBLE : 0;
 }
 
-int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
-                      size_t cap, size_t *outlen)
-{
-    *outlen = nb_delta_encode(old, cur, out, cap);
-    return *outlen ? 0 : -1;
-}
-
-/* Map guest memory and size the per-page tables (after the vmm is open). */
+/* Map guest memory and size the per-page tables (after the vmm is open);
+ * returns 0 or the negated nb_error_kind. */
 int nb_setup_memory(struct nb_mig *m, char *err)
 {
     const struct nb_layout *l = &m->vmm.layout;
     uint64_t expect = 0;
 
     if (m->vmm.ops->map_memory(&m->vmm, &m->vmm.mem, err) < 0)
-        return -1;
+        return -NB_ERR_VMM;
     for (int s = 0; s < l->nsegs; s++) {
         if (l->seg[s].offset != expect || l->seg[s].len % NB_PAGE ||
             l->seg[s].gpa % NB_PAGE) {
             snprintf(err, NB_ERRLEN, "guest memory segment %d is not laid out "
                      "contiguously in page units", s);
-            return -1;
+            return -NB_ERR_VMM;
         }
         expect += l->seg[s].len;
     }
@@ -552,7 +566,7 @@ int nb_setup_memory(struct nb_mig *m, char *err)
     if (!m->page_hash) {
         snprintf(err, NB_ERRLEN, "out of memory for %llu page hashes",
                  (unsigned long long)m->npages);
-        return -1;
+        return -NB_ERR_RESOURCE;
     }
     pthread_mutex_lock(&m->lock);
     m->st.mem_total = expect;
@@ -563,45 +577,10 @@ int nb_setup_memory(struct nb_mig *m, char *err)
 /* Every page starts as a zero page in the incremental digest. */
 void nb_init_page_hashes(struct nb_mig *m)
 {
-    static const uint8_t zero[NB_PAGE];
-    uint64_t hz = nb_page_hash(zero, &m->keys.hash);
+    uint64_t hz = nb_zero_page_hash(&m->keys.hash);
     for (uint64_t i = 0; i < m->npages; i++) {
         uint64_t pfn, off;
         nb_page_addr(m, i, &pfn, &off);
         m->page_hash[i] = nb_digest_term(pfn, hz, &m->keys.hash);
     }
-}
-
-int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page)
-{
-    return nb_delta_decode(delta, len, page);
-}
-
-uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len)
-{
-    return nb_crc32c(0, buf, len);
-}
-
-long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
-{
-    struct nb_xcache *c = nb_xcache_new(slots * NB_PAGE);
-    static uint8_t page[NB_PAGE];
-    long hits = 0;
-    if (!c)
-        return -1;
-    for (uint32_t r = 0; r < rounds; r++) {
-        hits = 0;
-        for (uint64_t k = 0; k < ws; k++) {
-            page[0] = (uint8_t)r;
-            hits += nb_xcache_get(c, k) != NULL;
-            nb_xcache_put(c, k, page, r);
-        }
-    }
-    for (uint64_t k = 0; k < ws; k++)
-        nb_xcache_drop(c, k);
-    for (uint64_t k = 0; k < ws; k++)
-        if (nb_xcache_get(c, k))
-            hits = -1;
-    nb_xcache_free(c);
-    return hits;
 }

@@ -1,6 +1,6 @@
 /*
  * bhyve's checkpoint socket, client side, and the files `bhyve -r` reads;
- * declared in bhyve_msg.h.  Plain POSIX (AF_UNIX, SCM_RIGHTS), so it also
+ * declared in bhyve.h.  Plain POSIX (AF_UNIX, SCM_RIGHTS), so it also
  * builds on Linux, where the unit tests run it against a stand-in server.
  *
  * Protocol (usr.sbin/bhyve/snapshot.c, usr.sbin/bhyvectl/bhyvectl.c):
@@ -22,7 +22,7 @@
 #define _GNU_SOURCE
 #endif
 
-#include "bhyve_msg.h"
+#include "vmm/bhyve/bhyve.h"
 
 #include <sys/types.h>
 #include <sys/socket.h>

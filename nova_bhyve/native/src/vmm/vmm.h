@@ -20,6 +20,7 @@
 #define NB_PAGE 4096u
 #define NB_MAX_SEGS 2
 #define NB_WRITE_BATCH 64   /* pages per write_pages call, at most */
+#define NB_MAX_CPUID_WORDS 24  /* CPUID feature words in a guest spec */
 
 struct nb_seg {
     uint64_t gpa;       /* guest-physical start */
@@ -40,7 +41,7 @@ struct nb_guest_spec {
     uint32_t page_size;
     uint32_t ncpus;
     uint32_t nfeat;         /* entries used in feat[] */
-    struct { uint32_t leaf, sub, reg, bits; } feat[24]; /* CPUID words */
+    struct { uint32_t leaf, sub, reg, bits; } feat[NB_MAX_CPUID_WORDS];
     char state_format[32];  /* device state format, e.g. "nbvmstat/1" */
     struct nb_layout layout;
 };

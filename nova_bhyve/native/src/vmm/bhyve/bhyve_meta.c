@@ -1,6 +1,6 @@
 /*
  * The checkpoint .meta validator and the save_state blob container of the
- * bhyve vmm port; declared in bhyve_msg.h.
+ * bhyve vmm port; declared in bhyve.h.
  *
  * bhyve's snapshot.c writes FILE.meta with libxo (JSON, pretty-printed;
  * numbers unquoted, strings quoted):
@@ -26,7 +26,7 @@
  *   12  u32      length of FILE.kern
  *   16           FILE.meta, then FILE.kern; nothing after
  */
-#include "bhyve_msg.h"
+#include "vmm/bhyve/bhyve.h"
 
 #include <stdarg.h>
 #include <stdio.h>

@@ -14,7 +14,7 @@
 #include <cpuid.h>
 #endif
 
-#include "vmm.h"
+#include "vmm/vmm.h"
 
 static void add(struct nb_guest_spec *s, uint32_t leaf, uint32_t sub, uint32_t reg,
                 uint32_t bits)

@@ -21,13 +21,13 @@
  * Every function that can fail returns 0 on success or -1 with a message
  * in `err` (NB_ERRLEN bytes).
  */
-#ifndef NB_BHYVE_MSG_H
-#define NB_BHYVE_MSG_H
+#ifndef NB_BHYVE_H
+#define NB_BHYVE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "vmm.h"
+#include "vmm/vmm.h"
 
 /* libnv (sys/contrib/libnv): nvpair types and header flags on the wire. */
 #define NB_NV_TYPE_BOOL         2

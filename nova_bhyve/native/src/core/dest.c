@@ -1,0 +1,664 @@
+/*
+ * Destination side, the source's mirror as a state machine (PROTOCOL.md,
+ * "Phases"): SETUP waits for the source, HANDSHAKE authenticates it and
+ * checks compatibility, PRECOPY receives pages on several channels into
+ * guest memory until STATE arrives, SWITCHOVER loads the device state,
+ * VERIFY compares memory digests, and COMMIT runs the guest, on the
+ * source's COMMIT only.  dest_finish() alone decides the result and who
+ * runs the guest: anything but a completed COMMIT leaves it not running
+ * here (the caller then discards the incoming VM).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "core/nbmig.h"
+
+#define MAX_BAD_CONNECTIONS 8
+
+struct receiver {
+    struct nb_mig *m;
+    struct dest *dst;
+    struct nb_chan *ch;
+    ZSTD_DCtx *zctx;
+    pthread_t thread;
+    /* a run of RAW pages at consecutive offsets, written in one call
+     * (vmm write_pages); they point into the frame being applied */
+    const uint8_t *run[NB_WRITE_BATCH];
+    int nrun;
+    uint64_t run_off;
+    int kind;                   /* nb_error_kind of a failure applying pages */
+};
+
+/* Write the pending run of RAW pages, if any. */
+static int flush_run(struct receiver *r, char *err)
+{
+    int n = r->nrun;
+    r->nrun = 0;
+    if (!n)
+        return 0;
+    if (r->m->vmm.ops->write_pages(&r->m->vmm, r->run_off, r->run, n, err) < 0) {
+        r->kind = NB_ERR_VMM;
+        return -1;
+    }
+    return 0;
+}
+
+struct dest {
+    struct nb_mig *m;
+    struct receiver rcv[NB_MAX_CHANNELS];
+    int nrcv;
+    uint64_t hz;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
+    int failed;
+    int kind;                   /* nb_error_kind of the phase that failed */
+    struct nb_frame f;          /* the control frame the last phase waited for */
+    struct nb_digest_msg dm;    /* the source's DIGEST */
+};
+
+/*
+ * Queue a RAW page at `off` for one write_pages call with its neighbours
+ * (the record stays in the frame until the run is flushed).
+ */
+static int queue_raw(struct receiver *r, uint64_t off, const uint8_t *data,
+                     char *err)
+{
+    if (r->nrun && (r->nrun == NB_WRITE_BATCH ||
+                    off != r->run_off + (uint64_t)r->nrun * NB_PAGE) &&
+        flush_run(r, err) < 0)
+        return -1;
+    if (!r->nrun)
+        r->run_off = off;
+    r->run[r->nrun++] = data;
+    return 0;
+}
+
+/*
+ * Decode a record into `page` (guest memory).  A RAW page may instead be
+ * queued for write_pages: *hashed then points at its bytes in the frame.
+ * Returns 1 if the record is undecodable.
+ */
+static int decode_record(struct receiver *r, const struct nb_page_rec *pr,
+                         uint64_t off, uint8_t *page, const uint8_t **hashed,
+                         char *err)
+{
+    uint8_t tmp[NB_PAGE];
+    size_t n;
+
+    *hashed = page;
+    if (pr->enc != NB_ENC_RAW && flush_run(r, err) < 0)
+        return -1;
+    switch (pr->enc) {
+    case NB_ENC_ZERO:
+        if (pr->len != 0)
+            return 1;
+        memset(page, 0, NB_PAGE);
+        return 0;
+    case NB_ENC_RAW:
+        if (pr->len != NB_PAGE)
+            return 1;
+        if (!r->m->vmm.ops->write_pages) {
+            memcpy(page, pr->data, NB_PAGE);
+            return 0;
+        }
+        *hashed = pr->data;
+        return queue_raw(r, off, pr->data, err);
+    case NB_ENC_DELTA:
+        return nb_delta_decode(pr->data, pr->len, page) < 0;
+    case NB_ENC_ZSTD:
+        if (!r->zctx && !(r->zctx = ZSTD_createDCtx()))
+            return 1;
+        n = ZSTD_decompressDCtx(r->zctx, tmp, NB_PAGE, pr->data, pr->len);
+        if (ZSTD_isError(n) || n != NB_PAGE)
+            return 1;
+        memcpy(page, tmp, NB_PAGE);
+        return 0;
+    }
+    return 1;
+}
+
+/* Apply one page record; every length and index is checked before use. */
+static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
+                        size_t *used, char *err)
+{
+    struct nb_mig *m = r->m;
+    struct nb_page_rec pr;
+    const uint8_t *hashed;
+    uint64_t off, index;
+    int rc;
+
+    if (nb_page_rec_parse(rec, avail, &pr, err) < 0)
+        return -1;
+    if (nb_pfn_to_offset(m, pr.pfn, &off, &index) < 0) {
+        snprintf(err, NB_ERRLEN, "page record for pfn 0x%llx outside guest RAM",
+                 (unsigned long long)pr.pfn);
+        return -1;
+    }
+    rc = decode_record(r, &pr, off, m->vmm.mem + off, &hashed, err);
+    if (rc < 0)
+        return -1;
+    if (rc > 0) {
+        snprintf(err, NB_ERRLEN, "undecodable page record (encoding %u, %u bytes) "
+                 "for pfn 0x%llx", pr.enc, pr.len, (unsigned long long)pr.pfn);
+        return -1;
+    }
+    if (m->p.verify == NB_VERIFY_INCREMENTAL)
+        m->page_hash[index] = nb_digest_term(
+            pr.pfn, nb_page_hash(hashed, &m->keys.hash), &m->keys.hash);
+    *used = NB_REC_HDR + pr.len;
+    return 0;
+}
+
+static int apply_pages(struct receiver *r, const struct nb_frame *f,
+                       uint32_t expect_round, char *err)
+{
+    size_t pos = NB_PAGES_HDR;
+    uint32_t round = 0, n = 0;
+    if (nb_pages_parse(f, &round, &n) < 0 || round != expect_round) {
+        snprintf(err, NB_ERRLEN, "channel %u: pages for round %u while in round %u",
+                 f->channel, round, expect_round);
+        return -1;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        size_t used;
+        if (apply_record(r, f->payload + pos, f->len - pos, &used, err) < 0) {
+            r->nrun = 0;
+            return -1;
+        }
+        pos += used;
+    }
+    if (pos != f->len) {
+        snprintf(err, NB_ERRLEN, "channel %u: %zu stray bytes after %u page records",
+                 f->channel, (size_t)f->len - pos, n);
+        r->nrun = 0;
+        return -1;
+    }
+    if (flush_run(r, err) < 0)   /* the frame's buffer is reused next */
+        return -1;
+    atomic_fetch_add(&r->m->pages_raw, n);
+    return 0;
+}
+
+static void *receiver_main(void *arg)
+{
+    struct receiver *r = arg;
+    struct dest *d = r->dst;
+    struct nb_mig *m = r->m;
+    char err[NB_ERRLEN];
+    uint32_t round = 0;
+    int slot = r->ch->index - 1, kind;
+
+    for (;;) {
+        struct nb_frame f;
+        struct nb_round_end end;
+        kind = NB_ERR_CORRUPT;
+        if (nb_recv_frame(r->ch, &f, NB_MAX_PAGES_FRAME, err) < 0) {
+            kind = r->ch->err_kind;
+            break;
+        }
+        if (f.type == NB_MSG_PAGES) {
+            if (apply_pages(r, &f, round, err) < 0) {
+                kind = r->kind ? r->kind : NB_ERR_CORRUPT;
+                break;
+            }
+        } else if (nb_round_end_parse(&f, &end) == 0 && end.round == round) {
+            pthread_mutex_lock(&d->lock);
+            d->done_round[slot] = ++round;
+            pthread_cond_broadcast(&d->cond);
+            pthread_mutex_unlock(&d->lock);
+        } else {
+            snprintf(err, NB_ERRLEN, "channel %d: unexpected %s frame in round %u",
+                     slot + 1, nb_msg_name(f.type), round);
+            break;
+        }
+    }
+    /* a channel ending is normal once the session is over */
+    pthread_mutex_lock(&m->lock);
+    int over = m->st.committed || m->st.result != NB_RESULT_RUNNING ||
+               m->fail_kind;
+    pthread_mutex_unlock(&m->lock);
+    pthread_mutex_lock(&d->lock);
+    if (!over) {
+        d->failed = 1;
+        pthread_cond_broadcast(&d->cond);
+    }
+    pthread_mutex_unlock(&d->lock);
+    if (!over) {
+        nb_fail(m, kind, "%s", err);
+        /* wake the control thread */
+        if (m->ctl.fd >= 0)
+            shutdown(m->ctl.fd, SHUT_RDWR);
+    }
+    return NULL;
+}
+
+/*
+ * Accept one connection, waiting at most the session timeout.  Once the
+ * control connection is up (page channels joining), the source says
+ * nothing on it: anything readable there means it gave up, so stop.
+ */
+static int accept_one(struct nb_mig *m, int *kind, char *err)
+{
+    struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
+                           { .fd = m->ctl.fd, .events = POLLIN } };
+    struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
+    int fd, rc;
+
+    rc = poll(p, m->ctl.fd >= 0 ? 2 : 1, (int)m->p.timeout_ms);
+    if (rc > 0 && m->ctl.fd >= 0 && p[1].revents) {
+        nb_peer_gave_up(&m->ctl, "source", "before its page channels joined", err);
+        *kind = m->ctl.err_kind;
+        return -1;
+    }
+    if (rc <= 0 || atomic_load(&m->cancel_req)) {
+        snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
+                 : "stopped waiting for the source", m->p.timeout_ms);
+        *kind = rc == 0 ? NB_ERR_TIMEOUT : atomic_load(&m->cancel_req)
+                                              ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
+        return -1;
+    }
+    fd = accept4(m->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, NB_ERRLEN, "accept failed: %s", strerror(errno));
+        *kind = atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    nb_set_nodelay(fd);
+    return fd;
+}
+
+/* Take the next connection as the control channel. */
+/* Note why the current phase failed; returns -1. */
+static int fail(struct dest *d, int kind)
+{
+    d->kind = kind;
+    return -1;
+}
+
+static int open_control(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    m->ctl.fd = accept_one(m, &d->kind, err);
+    if (m->ctl.fd < 0)
+        return -1;
+    m->ctl.index = 0;
+    m->ctl.send_seq = m->ctl.recv_seq = 0;
+    m->ctl.key = NULL;
+    m->ctl.wire = &m->wire_bytes;
+    return 0;
+}
+
+/*
+ * Authenticate the control connection.  A connection that fails the
+ * handshake is dropped and the next one awaited (at most a few), so a
+ * stray or hostile client cannot end the session on its own.
+ */
+static int authenticate(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    char last[NB_ERRLEN] = "";
+    for (int bad = 0;;) {
+        if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
+                              err) == 0)
+            return 0;
+        close(m->ctl.fd);
+        m->ctl.fd = -1;
+        snprintf(last, sizeof(last), "%s", err);
+        d->kind = m->ctl.err_kind;      /* the last rejection's */
+        if (++bad == MAX_BAD_CONNECTIONS) {
+            snprintf(err, NB_ERRLEN, "rejected %d connections; last: %.180s",
+                     MAX_BAD_CONNECTIONS, last);
+            return -1;
+        }
+        if (open_control(d, err) < 0) {
+            snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
+                     "authenticated source followed; last: %.180s", bad, last);
+            return fail(d, m->ctl.err_kind);
+        }
+    }
+}
+
+/*
+ * Answer REFUSE with the reason in `err`; returns -1.  The reason is
+ * recorded first, so that it, not the page channels breaking as the
+ * source gives up, is the session's error.
+ */
+static int refuse(struct dest *d, int kind, const char *err)
+{
+    char e2[NB_ERRLEN];
+    nb_fail(d->m, kind, "%s", err);
+    nb_send_text(&d->m->ctl, NB_MSG_REFUSE, err, e2);
+    return fail(d, kind);
+}
+
+static int negotiate(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    char src[NB_MAX_PREAMBLE], mine[NB_PREAMBLE_CAP];
+    struct nb_preamble_opts o;
+    struct nb_frame f;
+    int n, kind = NB_ERR_INCOMPATIBLE;
+
+    if (nb_expect(&m->ctl, &f, NB_MSG_PREAMBLE, sizeof(src) - 1, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    memcpy(src, f.payload, f.len);
+    src[f.len] = 0;
+    if (nb_preamble_read_opts(src, &o, err) < 0)
+        goto refused;
+    if (m->p.vmm_kind == NB_VMM_CKPT) {
+        struct nb_guest_spec spec;
+        if (nb_preamble_read_spec(src, &spec, err) < 0)
+            goto refused;
+        kind = NB_ERR_VMM;
+        if (nb_vmm_open_ckpt(&m->vmm, m->p.vmm_target, 1, &spec, err) < 0)
+            goto refused;
+        kind = NB_ERR_INCOMPATIBLE;
+        m->vmm_open = 1;
+    }
+    {
+        struct nb_mig_params mp;
+        m->p.mode = o.mode;
+        m->p.verify = o.verify;
+        if (o.keep_paused)      /* a guest paused on the source arrives paused */
+            m->p.keep_paused = 1;
+        mp = m->p;
+        mp.channels = o.channels;
+        n = nb_preamble_write(&m->vmm.spec, &mp, mine, sizeof(mine));
+    }
+    if (n < 0) {
+        snprintf(err, NB_ERRLEN, "preamble too long");
+        kind = NB_ERR_INTERNAL;
+        goto refused;
+    }
+    if (nb_preamble_check(src, mine, err, NB_ERRLEN) < 0)
+        goto refused;
+    if ((kind = -nb_setup_memory(m, err)) > 0)
+        goto refused;
+    nb_init_page_hashes(m);
+    d->nrcv = o.channels;
+    pthread_mutex_lock(&m->lock);
+    m->st.mode = m->p.mode;
+    pthread_mutex_unlock(&m->lock);
+    if (nb_send_frame(&m->ctl, NB_MSG_ACCEPT, mine, (uint32_t)n, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    return 0;
+refused:
+    return refuse(d, kind, err);
+}
+
+static int join_channels(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    int joined = 0, bad = 0;
+    while (joined < d->nrcv) {
+        struct nb_chan c = { .fd = accept_one(m, &d->kind, err),
+                             .wire = &m->wire_bytes };
+        if (c.fd < 0)
+            return -1;
+        if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
+            m->data[c.index - 1].fd >= 0) {
+            close(c.fd);
+            free(c.rbuf);
+            if (++bad >= MAX_BAD_CONNECTIONS)
+                return fail(d, NB_ERR_AUTH);
+            continue;
+        }
+        {
+            /* page channels may idle for long; the control thread watches
+             * liveness and shuts them down when the session ends */
+            struct timeval none = { 0, 0 };
+            setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+        }
+        m->data[c.index - 1] = c;
+        joined++;
+    }
+    for (int i = 0; i < d->nrcv; i++) {
+        struct receiver *r = &d->rcv[i];
+        r->m = m;
+        r->dst = d;
+        r->ch = &m->data[i];
+        if (pthread_create(&r->thread, NULL, receiver_main, r) != 0) {
+            snprintf(err, NB_ERRLEN, "cannot start a receiver thread");
+            return fail(d, NB_ERR_RESOURCE);
+        }
+    }
+    return 0;
+}
+
+/* Wait until every channel has delivered round `last`. */
+static int wait_rounds(struct dest *d, uint32_t last, char *err)
+{
+    int ok = 1;
+    pthread_mutex_lock(&d->lock);
+    for (;;) {
+        int all = 1;
+        for (int i = 0; i < d->nrcv; i++)
+            if (d->done_round[i] < last + 1)
+                all = 0;
+        if (all || d->failed)
+            break;
+        pthread_cond_wait(&d->cond, &d->lock);
+    }
+    ok = !d->failed;
+    pthread_mutex_unlock(&d->lock);
+    if (!ok)
+        snprintf(err, NB_ERRLEN, "%s", d->m->st.error);
+    return ok ? 0 : -1;
+}
+
+/*
+ * The control channel is quiet while pages flow: wait for it as long as
+ * page data keeps arriving, and give up only after `timeout_ms` without
+ * any traffic at all.
+ */
+static int wait_control(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    uint64_t seen = atomic_load(&m->wire_bytes);
+    double idle_since = nb_now_ms();
+    for (;;) {
+        struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
+        int rc = poll(&p, 1, 250);
+        uint64_t now_bytes;
+        if (rc > 0)
+            return 0;
+        if (rc < 0 && errno != EINTR) {
+            snprintf(err, NB_ERRLEN, "control channel: %s", strerror(errno));
+            return fail(d, NB_ERR_PEER_GONE);
+        }
+        now_bytes = atomic_load(&m->wire_bytes);
+        if (now_bytes != seen) {
+            seen = now_bytes;
+            idle_since = nb_now_ms();
+        } else if (nb_now_ms() - idle_since > m->p.timeout_ms) {
+            snprintf(err, NB_ERRLEN, "the source went silent for %u ms",
+                     m->p.timeout_ms);
+            return fail(d, NB_ERR_TIMEOUT);
+        }
+    }
+}
+
+/*
+ * Wait for the source's next control frame (into d->f), which must be of
+ * type `want`: an ABORT ends the session as cancelled, anything else is
+ * refused.
+ */
+static int next_control(struct dest *d, uint8_t want, char *err)
+{
+    struct nb_mig *m = d->m;
+    struct nb_frame *f = &d->f;
+
+    if (wait_control(d, err) < 0)
+        return -1;
+    if (nb_recv_frame(&m->ctl, f, NB_MAX_CTRL_FRAME, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    if (f->type == want)
+        return 0;
+    if (f->type == NB_MSG_ABORT) {
+        atomic_store(&m->cancel_req, 1);
+        snprintf(err, NB_ERRLEN, "source aborted: %.*s",
+                 (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
+        return fail(d, NB_ERR_CANCELLED);
+    }
+    snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
+             nb_msg_name(f->type));
+    return refuse(d, NB_ERR_CORRUPT, err);
+}
+
+/* SETUP: wait for the source's control connection. */
+static int phase_setup(struct dest *d, char *err)
+{
+    return open_control(d, err);
+}
+
+/* HANDSHAKE: authenticate the source and agree on compatibility. */
+static int phase_handshake(struct dest *d, char *err)
+{
+    if (authenticate(d, err) < 0)
+        return -1;
+    return negotiate(d, err);
+}
+
+/* PRECOPY: the page channels join and deliver rounds until STATE arrives. */
+static int phase_precopy(struct dest *d, char *err)
+{
+    if (join_channels(d, err) < 0)
+        return -1;
+    return next_control(d, NB_MSG_STATE, err);
+}
+
+/* SWITCHOVER: load the device state (the VM stays paused); wait for DIGEST. */
+static int phase_switchover(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+
+    if (m->vmm.ops->load_state(&m->vmm, d->f.payload, d->f.len, err) < 0)
+        return refuse(d, NB_ERR_VMM, err);
+    if (next_control(d, NB_MSG_DIGEST, err) < 0)
+        return -1;
+    if (nb_digest_parse(&d->f, &d->dm) < 0) {
+        snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",
+                 nb_msg_name(d->f.type));
+        return refuse(d, NB_ERR_CORRUPT, err);
+    }
+    if (d->dm.npages != m->npages) {
+        snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
+                 (unsigned long long)d->dm.npages, (unsigned long long)m->npages);
+        return refuse(d, NB_ERR_CORRUPT, err);
+    }
+    return 0;
+}
+
+/* VERIFY: once every channel delivered the final round, compare digests;
+ * READY, then wait for COMMIT. */
+static int phase_verify(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    uint32_t last = d->dm.round;
+    uint64_t mine;
+
+    if (wait_rounds(d, last, err) < 0)
+        return fail(d, nb_fail_kind(m));
+    mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
+    pthread_mutex_lock(&m->lock);
+    m->st.digest = mine;
+    m->st.round = last;
+    m->st.nrounds = last + 1;
+    pthread_mutex_unlock(&m->lock);
+    if (mine != d->dm.digest) {
+        snprintf(err, NB_ERRLEN, "memory digest mismatch (source %016llx, "
+                 "destination %016llx): the copy is not faithful",
+                 (unsigned long long)d->dm.digest, (unsigned long long)mine);
+        return refuse(d, NB_ERR_CORRUPT, err);
+    }
+    if (nb_send_empty(&m->ctl, NB_MSG_READY, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    return next_control(d, NB_MSG_COMMIT, err);
+}
+
+/* COMMIT: the guest is ours: run it (or take it over paused); RUNNING. */
+static int phase_commit(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    char e2[NB_ERRLEN];
+
+    if ((m->p.keep_paused && m->vmm.ops->commit_paused
+             ? m->vmm.ops->commit_paused(&m->vmm, err)
+             : m->vmm.ops->resume(&m->vmm, err)) < 0)
+        return fail(d, NB_ERR_VMM);
+    nb_send_empty(&m->ctl, NB_MSG_RUNNING, e2);
+    return 0;
+}
+
+/*
+ * The epilogue, the only place that decides the result and who runs the
+ * guest: here only after a completed COMMIT.  Then close the page
+ * channels so the receivers finish, and reap them.
+ */
+static void dest_finish(struct dest *d, int rc, const char *err)
+{
+    struct nb_mig *m = d->m;
+
+    if (rc != 0)
+        nb_fail(m, atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : d->kind, "%s",
+                err[0] ? err : "failed");
+    nb_end(m, rc == 0 ? 0 : nb_fail_kind(m), rc == 0);
+    nb_shutdown_data(m);
+    for (int i = 0; i < d->nrcv; i++)
+        if (d->rcv[i].thread) {
+            pthread_join(d->rcv[i].thread, NULL);
+            ZSTD_freeDCtx(d->rcv[i].zctx);
+        }
+}
+
+typedef int (*dest_phase_fn)(struct dest *, char *);
+
+static int run_phase(struct dest *d, int phase, dest_phase_fn fn, char *err)
+{
+    int rc = nb_enter_phase(d->m, phase, err);
+    return rc < 0 ? fail(d, -rc) : fn(d, err);
+}
+
+/* The destination's migration thread: its phases in order, then the epilogue. */
+void *nb_dest_main(void *arg)
+{
+    struct nb_mig *m = arg;
+    struct dest d;
+    char err[NB_ERRLEN] = "";
+    int rc;
+
+    memset(&d, 0, sizeof(d));
+    d.m = m;
+    pthread_mutex_init(&d.lock, NULL);
+    pthread_cond_init(&d.cond, NULL);
+
+    rc = phase_setup(&d, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_HANDSHAKE, phase_handshake, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_PRECOPY, phase_precopy, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_SWITCHOVER, phase_switchover, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_VERIFY, phase_verify, err);
+    if (rc == 0)
+        rc = run_phase(&d, NB_PHASE_COMMIT, phase_commit, err);
+    dest_finish(&d, rc, err);
+
+    pthread_mutex_lock(&m->lock);
+    m->done = 1;
+    pthread_cond_broadcast(&m->cond);
+    pthread_mutex_unlock(&m->lock);
+    return NULL;
+}

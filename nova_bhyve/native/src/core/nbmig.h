@@ -1,0 +1,83 @@
+/*
+ * Migration engine internals shared by engine.c, source.c and dest.c.
+ */
+#ifndef NB_MIG_INTERNAL_H
+#define NB_MIG_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "core/codec.h"
+#include "core/transitions.h"
+#include "engine.h"
+#include "vmm/vmm.h"
+#include "wire/wire.h"
+
+
+/* ---- engine.c: the session -------------------------------------------- */
+struct nb_mig {
+    struct nb_mig_params p;     /* strings below are private copies */
+    char *host, *target;
+    uint8_t *secret;
+    int is_source;
+
+    struct nb_vmm vmm;
+    int vmm_open;
+    uint64_t npages;            /* pages in layout order */
+    uint64_t *page_hash;        /* incremental digest terms, per page */
+
+    int listen_fd;
+    struct nb_chan ctl;
+    struct nb_chan data[NB_MAX_CHANNELS];
+    int nchan;
+    struct nb_session_keys keys;
+
+    pthread_t thread;           /* migration thread */
+    int thread_started;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int done;
+    int fail_kind;              /* first failure's nb_error_kind (lock), 0: none */
+    _Atomic int guest_paused;   /* the source paused its guest */
+
+    /* requests from the caller */
+    _Atomic int cancel_req;
+    _Atomic int force_req;
+    _Atomic uint32_t max_downtime_ms;
+    _Atomic uint64_t max_bandwidth;
+
+    /* progress, written by engine threads, read by nb_mig_stats */
+    _Atomic uint64_t wire_bytes;
+    _Atomic uint64_t pages_sent, pages_zero, pages_delta, pages_compressed, pages_raw;
+    struct nb_mig_stats st;     /* protected by lock */
+    double t0;                  /* start, monotonic ms */
+    double bw_tokens_t;         /* bandwidth cap bookkeeping (lock) */
+    double bw_tokens;
+};
+
+double nb_now_ms(void);
+void nb_fail(struct nb_mig *m, int kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes);
+void nb_shutdown_data(struct nb_mig *m);
+int nb_page_addr(const struct nb_mig *m, uint64_t index, uint64_t *pfn, uint64_t *off);
+int nb_pfn_to_offset(const struct nb_mig *m, uint64_t pfn, uint64_t *off, uint64_t *index);
+uint64_t nb_memory_digest(struct nb_mig *m, int full);
+int nb_setup_memory(struct nb_mig *m, char *err);
+int nb_fail_kind(struct nb_mig *m);
+void nb_init_page_hashes(struct nb_mig *m);
+int nb_set_nodelay(int fd);
+void nb_deadline(struct timespec *until, long ms);
+
+/* phase.c: the state machine of each side (tables: transitions.c) */
+int nb_enter_phase(struct nb_mig *m, int next, char *err);
+void nb_end(struct nb_mig *m, int kind, int guest_here);
+
+/* source.c / dest.c: the migration threads */
+void *nb_source_main(void *arg);
+void *nb_dest_main(void *arg);
+
+#endif

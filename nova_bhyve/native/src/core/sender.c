@@ -1,0 +1,377 @@
+/*
+ * Source side, page copying: sender threads, one per page channel, each
+ * sending its share of a round's pages (page index i goes on channel
+ * 1 + (i / 64) mod channels), and the round driver that hands them work.
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "core/source.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+#define FRAME_CAP (NB_MAX_PAGES_FRAME)
+
+static int flush_frame(struct sender *s, uint32_t round, char *err)
+{
+    if (!s->nrec)
+        return 0;
+    nb_pages_finish(s->frame, round, s->nrec);
+    nb_throttle_bandwidth(s->m, s->flen);
+    if (nb_send_frame(s->ch, NB_MSG_PAGES, s->frame, (uint32_t)s->flen, err) < 0)
+        return -1;
+    s->flen = NB_PAGES_HDR;
+    s->nrec = 0;
+    return 0;
+}
+
+/*
+ * Encode, in place, the snapshot of a page that holds data: as a DELTA
+ * against the cache, else zstd-compressed if enabled and it shrinks,
+ * else RAW.  Returns the encoding; *n is its length.
+ */
+static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
+                            uint32_t round, size_t *n)
+{
+    uint8_t tmp[NB_PAGE];
+    uint8_t *old = s->cache && round > 0 ? nb_xcache_get(s->cache, key) : NULL;
+
+    *n = NB_PAGE;
+    if (s->cache) {
+        size_t d = old ? nb_delta_encode(old, snap, tmp, NB_PAGE / 2) : 0;
+        nb_xcache_put(s->cache, key, snap, round);
+        if (d) {
+            memcpy(snap, tmp, d);
+            *n = d;
+            return NB_ENC_DELTA;
+        }
+    }
+    if (s->zctx) {
+        size_t z = ZSTD_compressCCtx(s->zctx, tmp, NB_PAGE - 256, snap, NB_PAGE,
+                                     s->m->p.zstd_level);
+        if (!ZSTD_isError(z) && z > 0) {
+            memcpy(snap, tmp, z);
+            *n = z;
+            return NB_ENC_ZSTD;
+        }
+    }
+    return NB_ENC_RAW;
+}
+
+/*
+ * Encode one page into the current frame.  The page is first copied into
+ * the frame: that copy is the snapshot everything else works on, since
+ * the guest may be writing the page right now.
+ */
+static int send_page(struct sender *s, struct source *src, uint64_t index,
+                     uint32_t round, char *err)
+{
+    struct nb_mig *m = s->m;
+    uint8_t *rec, *snap;
+    uint64_t pfn, off, key;
+    size_t n = NB_PAGE;
+    int enc = NB_ENC_RAW;
+    int incremental = m->p.verify == NB_VERIFY_INCREMENTAL;
+
+    if (nb_page_addr(m, index, &pfn, &off) < 0)
+        return 0;
+    if (s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP && flush_frame(s, round, err) < 0)
+        return -1;
+    rec = s->frame + s->flen;
+    snap = rec + NB_REC_HDR;
+    /* cache key: the page's index among this channel's pages, so a cache
+     * as large as the channel's share never collides */
+    key = (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64;
+    memcpy(snap, m->vmm.mem + off, NB_PAGE);
+    if (nb_page_is_zero(snap)) {
+        if (s->cache)   /* the destination's copy is zeros, not the cached one */
+            nb_xcache_drop(s->cache, key);
+        if (incremental)
+            m->page_hash[index] = nb_digest_term(pfn, src->hz, &m->keys.hash);
+        if (round == 0)
+            return 0;       /* the destination starts out zeroed */
+        enc = NB_ENC_ZERO;
+        n = 0;
+        atomic_fetch_add(&m->pages_zero, 1);
+    } else {
+        if (incremental)
+            m->page_hash[index] = nb_digest_term(
+                pfn, nb_page_hash(snap, &m->keys.hash), &m->keys.hash);
+        enc = encode_data_page(s, key, snap, round, &n);
+        atomic_fetch_add(enc == NB_ENC_DELTA ? &m->pages_delta
+                         : enc == NB_ENC_ZSTD ? &m->pages_compressed
+                                              : &m->pages_raw, 1);
+    }
+    nb_page_rec_put(rec, (uint32_t)pfn, (uint8_t)enc, (uint16_t)n);
+    s->flen += NB_REC_HDR + n;
+    s->nrec++;
+    s->round_pages++;
+    return 0;
+}
+
+/* Send this channel's share of the round: words slot, slot+n, slot+2n... */
+static int run_round(struct sender *s, struct source *src, uint32_t round, char *err)
+{
+    struct nb_round_end end;
+    size_t n = (size_t)src->nsnd;
+    /* the first word of [w0, w1) that is this sender's (word w: w % n) */
+    size_t w = src->w0 + ((size_t)s->slot + n - src->w0 % n) % n;
+    if (src->w0 == 0)
+        s->round_pages = 0;
+    for (; w < src->w1; w += n) {
+        uint64_t bits = src->bitmap[w];
+        while (bits) {
+            int b = __builtin_ctzll(bits);
+            bits &= bits - 1;
+            if (send_page(s, src, (uint64_t)w * 64 + (uint64_t)b, round, err) < 0)
+                return -1;
+        }
+        if (atomic_load(&s->m->cancel_req)) {
+            snprintf(err, NB_ERRLEN, "cancelled");
+            return nb_wire_fail(s->ch, NB_ERR_CANCELLED);
+        }
+    }
+    if (src->w1 < src->words)
+        return 0;               /* more of this round to come */
+    if (flush_frame(s, round, err) < 0)
+        return -1;
+    end = (struct nb_round_end){ round, s->round_pages };
+    return nb_round_end_send(s->ch, &end, err);
+}
+
+static void *sender_main(void *arg)
+{
+    struct sender *s = arg;
+    struct source *src = s->src;
+    char err[NB_ERRLEN];
+    int seen = 0;
+
+    for (;;) {
+        uint32_t round;
+        pthread_mutex_lock(&src->lock);
+        while (src->generation == seen && !src->stop)
+            pthread_cond_wait(&src->cond, &src->lock);
+        if (src->stop) {
+            pthread_mutex_unlock(&src->lock);
+            break;
+        }
+        seen = src->generation;
+        round = src->round;
+        pthread_mutex_unlock(&src->lock);
+
+        int rc = run_round(s, src, round, err);
+
+        pthread_mutex_lock(&src->lock);
+        if (rc < 0 && !src->failed) {
+            src->failed = 1;
+            pthread_mutex_unlock(&src->lock);
+            nb_fail(s->m, atomic_load(&s->m->cancel_req) ? NB_ERR_CANCELLED
+                                                          : s->ch->err_kind,
+                    "%s", err);
+            /* the other senders must not wait on a half-dead link */
+            nb_shutdown_data(s->m);
+            pthread_mutex_lock(&src->lock);
+        }
+        src->finished++;
+        pthread_cond_broadcast(&src->cond);
+        pthread_mutex_unlock(&src->lock);
+    }
+    return NULL;
+}
+
+/*
+ * The destination says nothing on the control channel while rounds run:
+ * anything readable there (a REFUSE, an ABORT, or the connection closing)
+ * means it has given up.  Fail at once and break the page links, so that
+ * no sender stays blocked on a socket nobody reads.  Called unlocked.
+ */
+static void check_peer(struct source *src)
+{
+    struct nb_mig *m = src->m;
+    struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
+    char err[NB_ERRLEN];
+
+    /* a cancel shuts our own sockets down: that is not the peer talking */
+    if (m->ctl.fd < 0 || atomic_load(&m->cancel_req) || poll(&p, 1, 0) <= 0)
+        return;
+    nb_peer_gave_up(&m->ctl, "destination", "during the copy", err);
+    pthread_mutex_lock(&src->lock);
+    src->failed = 1;
+    pthread_mutex_unlock(&src->lock);
+    nb_fail(m, m->ctl.err_kind, "%s", err);
+    nb_shutdown_data(m);
+}
+
+/* Have every sender send its pages of words [w0, w1); wait for them. */
+static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
+{
+    pthread_mutex_lock(&src->lock);
+    src->w0 = w0;
+    src->w1 = w1;
+    src->round = round;
+    src->finished = 0;
+    src->generation++;
+    pthread_cond_broadcast(&src->cond);
+    while (src->finished < src->nsnd) {
+        struct timespec until;
+        nb_deadline(&until, 100);
+        if (pthread_cond_timedwait(&src->cond, &src->lock, &until) != ETIMEDOUT ||
+            src->failed)
+            continue;
+        pthread_mutex_unlock(&src->lock);
+        check_peer(src);
+        pthread_mutex_lock(&src->lock);
+    }
+    pthread_mutex_unlock(&src->lock);
+}
+
+/*
+ * Run one round on all senders.  `lazy`: clear the dirty log chunk by
+ * chunk just before sending it, so a page the guest writes before its
+ * chunk comes up goes once, with its newest content.  Later rounds send
+ * what the clear reports; round 0 sends the pages that held data when it
+ * began plus what the clear reports (a page first written during round
+ * 0, before its chunk was cleared, is in no later round's log).
+ */
+int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
+{
+    struct nb_mig *m = src->m;
+    uint64_t bytes0 = atomic_load(&m->wire_bytes), pages = 0;
+    double t0 = nb_now_ms();
+    char err[NB_ERRLEN];
+    int failed = 0, log_failed = 0;
+
+    if (!lazy) {
+        dispatch(src, round, 0, src->words);
+    } else {
+        for (size_t w0 = 0; w0 < src->words && !failed; w0 += src->chunk) {
+            size_t n = src->words - w0 < src->chunk ? src->words - w0 : src->chunk;
+            if (m->vmm.ops->dirty_log_range(&m->vmm, w0, n,
+                                            round ? src->bitmap : src->scratch,
+                                            src->words, err) < 0) {
+                nb_fail(m, NB_ERR_VMM, "%s", err);
+                log_failed = 1;
+                break;
+            }
+            if (round == 0)
+                for (size_t w = w0; w < w0 + n; w++)
+                    src->bitmap[w] |= src->scratch[w];
+            dispatch(src, round, w0, w0 + n);
+            pthread_mutex_lock(&src->lock);
+            failed = src->failed;
+            pthread_mutex_unlock(&src->lock);
+        }
+    }
+    pthread_mutex_lock(&src->lock);
+    failed = src->failed || log_failed;
+    pthread_mutex_unlock(&src->lock);
+
+    for (int i = 0; i < src->nsnd; i++)
+        pages += src->snd[i].round_pages;
+    pthread_mutex_lock(&m->lock);
+    m->st.round = round;
+    m->st.nrounds = round + 1;
+    if (round < NB_MAX_ROUND_STATS) {
+        struct nb_round_stat *r = &m->st.rounds[round];
+        r->start_ms = t0 - m->t0;
+        r->duration_ms = nb_now_ms() - t0;
+        r->pages = pages;
+        r->bytes = atomic_load(&m->wire_bytes) - bytes0;
+        r->dirty = dirty;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return failed ? -1 : 0;
+}
+
+uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words)
+{
+    uint64_t n = 0;
+    for (size_t i = 0; i < words; i++)
+        n += (uint64_t)__builtin_popcountll(b[i]);
+    return n;
+}
+
+/* Round 0 sends every page that holds data: mark the memory file's extents
+ * (layouts are contiguous in the file: page index = offset / page size). */
+void nb_src_mark_data_pages(struct source *src)
+{
+    struct nb_mig *m = src->m;
+    uint64_t off = 0, total = m->npages * NB_PAGE;
+
+    memset(src->bitmap, 0, src->words * 8);
+    if (!m->vmm.ops->next_data) {
+        for (uint64_t i = 0; i < m->npages; i++)
+            src->bitmap[i / 64] |= 1ULL << (i % 64);
+        return;
+    }
+    while (off < total) {
+        uint64_t doff, dend;
+        if (m->vmm.ops->next_data(&m->vmm, off, &doff, &dend) != 0 || doff >= total)
+            break;
+        if (dend > total)
+            dend = total;
+        for (uint64_t i = doff / NB_PAGE; i < (dend + NB_PAGE - 1) / NB_PAGE; i++)
+            src->bitmap[i / 64] |= 1ULL << (i % 64);
+        /* map the extent in one go rather than a page fault per page */
+        madvise(m->vmm.mem + doff, dend - doff, MADV_POPULATE_READ);
+        off = dend > doff ? dend : doff + NB_PAGE;
+    }
+}
+
+int nb_src_start_senders(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    for (int i = 0; i < src->nsnd; i++) {
+        struct sender *s = &src->snd[i];
+        s->m = m;
+        s->src = src;
+        s->slot = i;
+        s->ch = &m->data[i];
+        s->frame = malloc(FRAME_CAP);
+        s->flen = NB_PAGES_HDR;
+        if (!s->frame) {
+            snprintf(err, NB_ERRLEN, "out of memory");
+            return -1;
+        }
+        if (m->p.delta_cache && m->p.mode == NB_MODE_LIVE)
+            s->cache = nb_xcache_new(m->p.delta_cache / (uint64_t)src->nsnd);
+        if (m->p.compress)
+            s->zctx = ZSTD_createCCtx();
+        if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
+            snprintf(err, NB_ERRLEN, "cannot start a sender thread");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void nb_src_stop_senders(struct source *src)
+{
+    pthread_mutex_lock(&src->lock);
+    src->stop = 1;
+    pthread_cond_broadcast(&src->cond);
+    pthread_mutex_unlock(&src->lock);
+    for (int i = 0; i < src->nsnd; i++) {
+        struct sender *s = &src->snd[i];
+        if (s->thread)
+            pthread_join(s->thread, NULL);
+        nb_xcache_free(s->cache);
+        ZSTD_freeCCtx(s->zctx);
+        free(s->frame);
+    }
+}
+
+int nb_src_sync_dirty(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    memset(src->bitmap, 0, src->words * 8);
+    return m->vmm.ops->dirty_log(&m->vmm, src->bitmap, src->words, err);
+}

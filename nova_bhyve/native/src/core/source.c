@@ -1,0 +1,474 @@
+/*
+ * Source side, as a state machine (PROTOCOL.md, "Phases"): SETUP connects,
+ * HANDSHAKE authenticates and agrees on compatibility, PRECOPY sends
+ * round 0, ITERATE (live only) sends what the guest dirtied since, until
+ * the rest fits the downtime; SWITCHOVER stops the guest and sends the
+ * last pages and the device state, VERIFY proves the copy with the
+ * memory digest, COMMIT hands the guest over.  One function per phase,
+ * run in that order by nb_source_main(); source_finish() alone decides
+ * the result and who runs the guest.
+ *
+ * Ownership rule: the source resumes its guest only if it never entered
+ * COMMIT (the destination runs only after receiving COMMIT).  After
+ * COMMIT the source never resumes.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core/source.h"
+
+/* Below this expected downtime, stop iterating even if rounds still shrink. */
+#define SMALL_DOWNTIME_MS 5.0
+
+/* Note why the current phase failed; returns -1. */
+static int fail(struct source *src, int kind)
+{
+    src->kind = kind;
+    return -1;
+}
+
+/* A connection to the destination, or -1 with `err` and `*kind` set. */
+static int connect_to(struct nb_mig *m, int *kind, char *err)
+{
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                              .ai_flags = AI_NUMERICSERV };
+    struct addrinfo *res = NULL;
+    char port[16];
+    int fd = -1, rc;
+
+    snprintf(port, sizeof(port), "%d", m->p.port);
+    rc = getaddrinfo(m->p.host, port, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, NB_ERRLEN, "cannot resolve %s: %s", m->p.host, gai_strerror(rc));
+        *kind = NB_ERR_INVALID;
+        return -1;
+    }
+    for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
+        struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        if (connect(fd, a->ai_addr, a->ai_addrlen) < 0) {
+            snprintf(err, NB_ERRLEN, "cannot connect to %s port %d: %s", m->p.host,
+                     m->p.port, strerror(errno));
+            *kind = errno == ETIMEDOUT || errno == EINPROGRESS || errno == EAGAIN
+                        ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE;
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(res);
+    if (fd >= 0)
+        nb_set_nodelay(fd);
+    return fd;
+}
+
+/* SETUP: map guest memory, size the dirty bitmaps, connect the control channel. */
+static int phase_setup(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    int rc = nb_setup_memory(m, err);
+
+    if (rc < 0)
+        return fail(src, -rc);
+    src->words = (m->npages + 63) / 64;
+    src->bitmap = calloc(src->words, 8);
+    src->lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
+    /* 16 chunks, none under 64 MiB: fine enough to keep re-sends down,
+     * coarse enough that the extra dirty-log calls cost little */
+    src->chunk = (src->words + 15) / 16 < LAZY_MIN_WORDS ? LAZY_MIN_WORDS
+                                                         : (src->words + 15) / 16;
+    src->scratch = src->lazy ? calloc(src->words, 8) : NULL;
+    if (!src->bitmap || (src->lazy && !src->scratch)) {
+        snprintf(err, NB_ERRLEN, "out of memory");
+        return fail(src, NB_ERR_RESOURCE);
+    }
+    if (m->p.mode == NB_MODE_LIVE && !m->vmm.ops->has_dirty_log(&m->vmm)) {
+        snprintf(err, NB_ERRLEN, "live migration needs a dirty-page log, which "
+                 "this VM's host does not provide; use warm mode");
+        return fail(src, NB_ERR_INVALID);
+    }
+    m->ctl.fd = connect_to(m, &src->kind, err);
+    if (m->ctl.fd < 0)
+        return -1;
+    m->ctl.index = 0;
+    m->ctl.wire = &m->wire_bytes;
+    return 0;
+}
+
+/* Send our preamble; check the destination's answer too (defence in depth). */
+static int exchange_preambles(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    char pre[NB_PREAMBLE_CAP], dst[NB_MAX_PREAMBLE], peer_err[NB_ERRLEN];
+    struct nb_frame f;
+    int n;
+
+    n = nb_preamble_write(&m->vmm.spec, &m->p, pre, sizeof(pre));
+    if (n < 0) {
+        snprintf(err, NB_ERRLEN, "preamble too long");
+        return fail(src, NB_ERR_INTERNAL);
+    }
+    if (nb_send_frame(&m->ctl, NB_MSG_PREAMBLE, pre, (uint32_t)n, err) < 0 ||
+        nb_expect(&m->ctl, &f, NB_MSG_ACCEPT, NB_MAX_PREAMBLE, err) < 0)
+        return fail(src, m->ctl.err_kind);
+    if ((size_t)f.len >= sizeof(pre)) {
+        snprintf(err, NB_ERRLEN, "destination preamble too long");
+        return fail(src, NB_ERR_CORRUPT);
+    }
+    memcpy(dst, f.payload, f.len);
+    dst[f.len] = 0;
+    if (nb_preamble_check(pre, dst, peer_err, sizeof(peer_err)) < 0) {
+        snprintf(err, NB_ERRLEN, "%s", peer_err);
+        return fail(src, NB_ERR_INCOMPATIBLE);
+    }
+    return 0;
+}
+
+/* HANDSHAKE: authenticate, agree on compatibility, join the page channels. */
+static int phase_handshake(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    double t = nb_now_ms();
+
+    if (nb_handshake_source(&m->ctl, m->p.secret, m->p.secret_len, &m->keys, err) < 0)
+        return fail(src, m->ctl.err_kind);
+    pthread_mutex_lock(&m->lock);
+    m->st.rtt_ms = (nb_now_ms() - t) / 1.5;   /* 1.5 round trips */
+    pthread_mutex_unlock(&m->lock);
+    if (exchange_preambles(src, err) < 0)
+        return -1;
+    for (int i = 0; i < src->nsnd; i++) {
+        struct nb_chan *c = &m->data[i];
+        c->fd = connect_to(m, &src->kind, err);
+        if (c->fd < 0)
+            return -1;
+        c->index = (uint16_t)(i + 1);
+        c->wire = &m->wire_bytes;
+        if (nb_join_send(c, &m->keys, err) < 0)
+            return fail(src, c->err_kind);
+    }
+    nb_init_page_hashes(m);
+    src->hz = nb_zero_page_hash(&m->keys.hash);
+    if (nb_src_start_senders(src, err) < 0)
+        return fail(src, NB_ERR_RESOURCE);
+    return 0;
+}
+
+static int pause_guest(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    if (m->vmm.ops->pause(&m->vmm, err) < 0)
+        return fail(src, NB_ERR_VMM);
+    atomic_store(&m->guest_paused, 1);
+    src->t_pause = nb_now_ms();
+    return 0;
+}
+
+/* PRECOPY: round 0, every page that holds data (warm and cold stop the guest first). */
+static int phase_precopy(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    int live = m->p.mode == NB_MODE_LIVE;
+
+    if (!live && pause_guest(src, err) < 0)
+        return -1;
+    /* live: track from here: every bit set later is a page written since,
+     * so round 0 may add what its lazy clears report (and no more: a VM's
+     * log starts with every page set, holes included) */
+    if (live && nb_src_sync_dirty(src, err) < 0)
+        return fail(src, NB_ERR_VMM);
+    nb_src_mark_data_pages(src);
+    if (nb_src_round(src, 0, 0, src->lazy && live) < 0) {
+        snprintf(err, NB_ERRLEN, "%s", m->st.error);
+        return fail(src, nb_fail_kind(m));
+    }
+    return 0;
+}
+
+/* Estimate and decide: 1 = switch over now. */
+static int should_switch(struct source *src, uint64_t dirty, double since_ms)
+{
+    struct nb_mig *m = src->m;
+    double bw, bpp = NB_PAGE + NB_REC_HDR, send_ms = 0, expected;
+    uint64_t bytes = 0, pages = 0;
+    uint32_t nr, limit = atomic_load(&m->max_downtime_ms);
+    int force = atomic_load(&m->force_req);
+
+    pthread_mutex_lock(&m->lock);
+    nr = m->st.nrounds < NB_MAX_ROUND_STATS ? m->st.nrounds : NB_MAX_ROUND_STATS;
+    for (uint32_t i = 0; i < nr; i++) {
+        bytes += m->st.rounds[i].bytes;
+        send_ms += m->st.rounds[i].duration_ms;
+    }
+    if (nr && m->st.rounds[nr - 1].pages) {
+        pages = m->st.rounds[nr - 1].pages;
+        bpp = (double)m->st.rounds[nr - 1].bytes / (double)pages;
+    }
+    bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
+    {
+        uint64_t cap = atomic_load(&m->max_bandwidth);
+        if (cap && bw > (double)cap)
+            bw = (double)cap;
+    }
+    expected = (double)dirty * bpp * 1e3 / bw + 2 * m->st.rtt_ms + 1.0;
+    m->st.dirty_pages = dirty;
+    m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
+    m->st.bandwidth = bw;
+    m->st.bytes_remaining = (uint64_t)((double)dirty * bpp);
+    m->st.expected_downtime_ms = expected;
+    pthread_mutex_unlock(&m->lock);
+    if (dirty == 0 || force)
+        return 1;
+    if (expected > (double)limit) {
+        src->prev_dirty = dirty;
+        return 0;
+    }
+    /*
+     * It would fit.  While each round still shrinks the dirty set by a
+     * quarter or more, one more (short) round is cheaper than the extra
+     * downtime; stop once it no longer converges or is already tiny.
+     */
+    {
+        uint64_t prev = src->prev_dirty;
+        src->prev_dirty = dirty;
+        if (prev && dirty * 4 <= prev * 3 &&
+            expected > SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms)
+            return 0;
+    }
+    return 1;
+}
+
+/* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
+ * get-and-clear into the bitmap. */
+static int count_dirty(struct source *src, uint64_t *dirty, char *err)
+{
+    struct nb_mig *m = src->m;
+    if (src->lazy) {
+        if (m->vmm.ops->dirty_peek(&m->vmm, src->scratch, src->words, err) < 0)
+            return fail(src, NB_ERR_VMM);
+        *dirty = nb_popcount_bitmap(src->scratch, src->words);
+        return 0;
+    }
+    if (nb_src_sync_dirty(src, err) < 0)
+        return fail(src, NB_ERR_VMM);
+    *dirty = nb_popcount_bitmap(src->bitmap, src->words);
+    return 0;
+}
+
+/* ITERATE: send what the guest dirtied since the last round until the rest fits. */
+static int phase_iterate(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    double last_sync = nb_now_ms();
+
+    for (;;) {
+        uint64_t dirty;
+        double now;
+        if (atomic_load(&m->cancel_req)) {
+            snprintf(err, NB_ERRLEN, "cancelled");
+            return fail(src, NB_ERR_CANCELLED);
+        }
+        if (count_dirty(src, &dirty, err) < 0)
+            return -1;
+        now = nb_now_ms();
+        if (should_switch(src, dirty, now - last_sync))
+            return 0;
+        last_sync = now;
+        if (nb_src_round(src, ++src->cur_round, dirty, src->lazy) < 0) {
+            snprintf(err, NB_ERRLEN, "%s", m->st.error);
+            return fail(src, nb_fail_kind(m));
+        }
+    }
+}
+
+/* Stop the guest; the final round sends what the last count found dirty
+ * (kept: nothing was cleared since a lazy peek) plus what the sync after
+ * the pause reports. */
+static int stop_and_collect(struct source *src, char *err)
+{
+    uint64_t *keep = malloc(src->words * 8);
+    if (!keep) {
+        snprintf(err, NB_ERRLEN, "out of memory");
+        return fail(src, NB_ERR_RESOURCE);
+    }
+    if (src->lazy)
+        memset(keep, 0, src->words * 8);
+    else
+        memcpy(keep, src->bitmap, src->words * 8);
+    if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0) {
+        free(keep);
+        return fail(src, NB_ERR_VMM);
+    }
+    for (size_t w = 0; w < src->words; w++)
+        src->bitmap[w] |= keep[w];
+    free(keep);
+    return 0;
+}
+
+/* SWITCHOVER: the guest stopped, send the final round and the device state. */
+static int phase_switchover(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    uint8_t *blob = NULL;
+    size_t blen = 0;
+    int rc;
+
+    if (m->p.mode == NB_MODE_LIVE) {
+        src->cur_round++;
+        if (stop_and_collect(src, err) < 0)
+            return -1;
+        if (nb_src_round(src, src->cur_round,
+                         nb_popcount_bitmap(src->bitmap, src->words), 0) < 0) {
+            snprintf(err, NB_ERRLEN, "%s", m->st.error);
+            return fail(src, nb_fail_kind(m));
+        }
+    }
+    if (m->vmm.ops->save_state(&m->vmm, &blob, &blen, err) < 0)
+        return fail(src, NB_ERR_VMM);
+    rc = nb_send_frame(&m->ctl, NB_MSG_STATE, blob, (uint32_t)blen, err);
+    free(blob);
+    return rc < 0 ? fail(src, m->ctl.err_kind) : 0;
+}
+
+/* VERIFY: send the memory digest; the destination answers READY if its own matches. */
+static int phase_verify(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    struct nb_digest_msg dm = { src->cur_round, 0, m->npages };
+    struct nb_frame f;
+
+    dm.digest = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
+    if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
+        nb_expect(&m->ctl, &f, NB_MSG_READY, NB_MAX_ACK, err) < 0)
+        return fail(src, m->ctl.err_kind);
+    pthread_mutex_lock(&m->lock);
+    m->st.digest = dm.digest;
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+/* COMMIT: the guest is the destination's from here; its RUNNING ends the downtime. */
+static int phase_commit(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    struct nb_frame f;
+
+    if (nb_send_empty(&m->ctl, NB_MSG_COMMIT, err) < 0 ||
+        nb_expect(&m->ctl, &f, NB_MSG_RUNNING, NB_MAX_ACK, err) < 0) {
+        snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
+                 " (after COMMIT: the source stays stopped; check the destination)");
+        return fail(src, m->ctl.err_kind);
+    }
+    pthread_mutex_lock(&m->lock);
+    /* from the pause until the destination says it runs: an upper bound
+     * (by one network latency) on what the guest sees */
+    m->st.downtime_ms = nb_now_ms() - src->t_pause;
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+/* Undo what we did to the guest; returns 1 if it lives here (running, or
+ * paused as it came). */
+static int source_recover(struct source *src)
+{
+    struct nb_mig *m = src->m;
+    char e[NB_ERRLEN];
+    int paused = atomic_load(&m->guest_paused);
+
+    if (m->st.throttle && m->vmm.ops->throttle)
+        m->vmm.ops->throttle(&m->vmm, 0, e);
+    if (paused && !m->p.keep_paused && m->vmm.ops->resume(&m->vmm, e) == 0)
+        atomic_store(&m->guest_paused, paused = 0);
+    pthread_mutex_lock(&m->lock);
+    m->st.throttle = 0;
+    pthread_mutex_unlock(&m->lock);
+    if (m->ctl.fd >= 0 && m->ctl.key) {
+        const char *why = atomic_load(&m->cancel_req) ? "cancelled by the source"
+                                                      : "source failed";
+        nb_send_text(&m->ctl, NB_MSG_ABORT, why, e);
+    }
+    return !paused || m->p.keep_paused;
+}
+
+/*
+ * The epilogue, the only place that decides the result and who runs the
+ * guest: completed, it runs on the destination; failed before COMMIT, it
+ * stays here (resumed); failed after COMMIT, it is the destination's.
+ */
+static void source_finish(struct source *src, int rc, const char *err)
+{
+    struct nb_mig *m = src->m;
+    int here = 0, committed;
+
+    if (rc == 0) {
+        nb_end(m, 0, here);
+        return;
+    }
+    pthread_mutex_lock(&m->lock);
+    committed = m->st.committed;
+    pthread_mutex_unlock(&m->lock);
+    if (!committed)
+        here = source_recover(src);
+    /* a cancel before COMMIT is what ended it, whatever broke as it did */
+    nb_fail(m, atomic_load(&m->cancel_req) && !committed ? NB_ERR_CANCELLED
+                                                         : src->kind,
+            "%s", err[0] ? err : m->st.error);
+    nb_end(m, nb_fail_kind(m), here);
+    nb_shutdown_data(m);
+}
+
+typedef int (*source_phase_fn)(struct source *, char *);
+
+static int run_phase(struct source *src, int phase, source_phase_fn fn, char *err)
+{
+    int rc = nb_enter_phase(src->m, phase, err);
+    return rc < 0 ? fail(src, -rc) : fn(src, err);
+}
+
+/* The source's migration thread: its phases in order, then the epilogue. */
+void *nb_source_main(void *arg)
+{
+    struct nb_mig *m = arg;
+    struct source src;
+    char err[NB_ERRLEN] = "";
+    int live = m->p.mode == NB_MODE_LIVE, rc;
+
+    memset(&src, 0, sizeof(src));
+    src.m = m;
+    pthread_mutex_init(&src.lock, NULL);
+    pthread_cond_init(&src.cond, NULL);
+    src.nsnd = m->p.channels;
+
+    rc = phase_setup(&src, err);
+    if (rc == 0)
+        rc = run_phase(&src, NB_PHASE_HANDSHAKE, phase_handshake, err);
+    if (rc == 0)
+        rc = run_phase(&src, NB_PHASE_PRECOPY, phase_precopy, err);
+    if (rc == 0 && live)
+        rc = run_phase(&src, NB_PHASE_ITERATE, phase_iterate, err);
+    if (rc == 0)
+        rc = run_phase(&src, NB_PHASE_SWITCHOVER, phase_switchover, err);
+    if (rc == 0)
+        rc = run_phase(&src, NB_PHASE_VERIFY, phase_verify, err);
+    if (rc == 0)
+        rc = run_phase(&src, NB_PHASE_COMMIT, phase_commit, err);
+    source_finish(&src, rc, err);
+
+    nb_src_stop_senders(&src);
+    free(src.bitmap);
+    free(src.scratch);
+    pthread_mutex_lock(&m->lock);
+    m->done = 1;
+    pthread_cond_broadcast(&m->cond);
+    pthread_mutex_unlock(&m->lock);
+    return NULL;
+}

@@ -1,0 +1,67 @@
+/*
+ * The source side's shared state: the migration thread (source.c) and
+ * the sender threads that copy pages on the page channels (sender.c).
+ */
+#ifndef NB_SOURCE_H
+#define NB_SOURCE_H
+
+#include <zstd.h>
+
+#include "core/nbmig.h"
+
+struct source;
+
+struct sender {
+    struct nb_mig *m;
+    struct source *src;
+    struct nb_chan *ch;
+    int slot;                   /* 0-based channel slot */
+    struct nb_xcache *cache;
+    ZSTD_CCtx *zctx;
+    uint8_t *frame;
+    size_t flen;
+    uint32_t nrec;
+    uint64_t round_pages;
+    pthread_t thread;
+};
+
+struct source {
+    struct nb_mig *m;
+    struct sender snd[NB_MAX_CHANNELS];
+    int nsnd;
+    uint64_t *bitmap;           /* pages to send this round, layout order */
+    size_t words;
+    uint64_t hz;                /* hash of the zero page */
+    /* round hand-off between the migration thread and the senders */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    uint32_t round;             /* round the senders run */
+    int generation;             /* bumped to start a round */
+    int finished;               /* senders done with this generation */
+    int stop;
+    int failed;
+    uint32_t cur_round;         /* the migration thread's round counter */
+    int kind;                   /* nb_error_kind of the phase that failed */
+    double t_pause;             /* when the guest stopped (downtime starts) */
+    uint64_t prev_dirty;        /* dirty pages at the previous sync */
+    /* the words [w0, w1) of the bitmap the senders work on now; the
+     * round ends (ROUND_END) with the part that reaches the last word */
+    size_t w0, w1;
+    /* lazy clearing (vmm dirty_log_range + dirty_peek): a round clears
+     * and sends the log one chunk of `chunk` words at a time */
+    int lazy;
+    size_t chunk;
+    uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
+};
+
+/* Lazy clearing works on chunks of at least this many 64-page words (64 MiB). */
+#define LAZY_MIN_WORDS ((64u << 20) / NB_PAGE / 64)
+
+int nb_src_start_senders(struct source *src, char *err);
+void nb_src_stop_senders(struct source *src);
+int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy);
+void nb_src_mark_data_pages(struct source *src);
+int nb_src_sync_dirty(struct source *src, char *err);
+uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words);
+
+#endif

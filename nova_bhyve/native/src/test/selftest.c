@@ -1,0 +1,56 @@
+/*
+ * Test-only entry points into the page codecs and the delta cache.  Built
+ * only into the unit tests' module (build_engine.selftest_builder), never
+ * into the engine.
+ */
+#include <stdlib.h>
+
+#include "core/codec.h"
+#include "core/transitions.h"
+#include "test/selftest.h"
+
+int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
+                      size_t cap, size_t *outlen)
+{
+    *outlen = nb_delta_encode(old, cur, out, cap);
+    return *outlen ? 0 : -1;
+}
+
+int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page)
+{
+    return nb_delta_decode(delta, len, page);
+}
+
+uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len)
+{
+    return nb_crc32c(0, buf, len);
+}
+
+long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
+{
+    struct nb_xcache *c = nb_xcache_new(slots * NB_PAGE);
+    static uint8_t page[NB_PAGE];
+    long hits = 0;
+    if (!c)
+        return -1;
+    for (uint32_t r = 0; r < rounds; r++) {
+        hits = 0;
+        for (uint64_t k = 0; k < ws; k++) {
+            page[0] = (uint8_t)r;
+            hits += nb_xcache_get(c, k) != NULL;
+            nb_xcache_put(c, k, page, r);
+        }
+    }
+    for (uint64_t k = 0; k < ws; k++)
+        nb_xcache_drop(c, k);
+    for (uint64_t k = 0; k < ws; k++)
+        if (nb_xcache_get(c, k))
+            hits = -1;
+    nb_xcache_free(c);
+    return hits;
+}
+
+int nb_selftest_phase_legal(int is_source, int from, int to)
+{
+    return nb_phase_legal(is_source, from, to);
+}

@@ -1,0 +1,25 @@
+/*
+ * Test-only entry points (selftest.c), also the test module's cffi cdef.
+ * Compiled only into the unit tests' build, never into the engine.
+ */
+#ifndef NB_SELFTEST_H
+#define NB_SELFTEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Delta-encode `cur` against `old` into `out` (at most `cap` bytes). */
+int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
+                      size_t cap, size_t *outlen);
+/* Apply a delta to `page` in place; -1 if the delta is malformed. */
+int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page);
+/* CRC-32C of `buf` from a zero start. */
+uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
+/* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
+ * (as rounds of a guest rewriting its working set in order); returns the
+ * hits of the last round, or -1 if a dropped page was still returned. */
+long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
+/* 1 if the phase table lets a side (source: 1) go from `from` to `to`. */
+int nb_selftest_phase_legal(int is_source, int from, int to);
+
+#endif
