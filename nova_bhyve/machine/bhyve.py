@@ -165,6 +165,9 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     def create(self, context, instance, spec, image_meta):
         """Clone the root zvol, copy the NVRAM template, write the record."""
+        if spec.disks:
+            raise MachineError("the bhyve backend makes no swap or ephemeral "
+                               "disks yet")
         os.makedirs(self._dir(spec.uuid), exist_ok=True)
         disk = self._disk_name(spec.uuid)
         root_gb = max(1, instance.flavor.root_gb)

@@ -69,7 +69,7 @@ class ColdMigrationMixin:
                                    timeout=0, retry_interval=0):
         """Stop the guest and offer its disk to ``dest``; return disk_info."""
         uuid = instance.uuid
-        if self._unsupported_devices(instance, block_device_info):
+        if self._unmovable_devices(instance, block_device_info):
             raise exception.InstanceFaultRollback(exception.MigrationError(
                 reason="instances with volumes, ephemeral or swap disks "
                        "cannot be migrated by nova-bhyve yet"))
