@@ -268,8 +268,6 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
         """Return what a migration cannot move yet (empty if nothing)."""
         if driver.block_device_info_get_mapping(block_device_info):
             return "volumes"
-        if guest.extra_disks(instance, block_device_info):
-            return "swap or ephemeral disks"
         return ""
 
     def destroy(self, context, instance, network_info, block_device_info=None,

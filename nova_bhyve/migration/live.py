@@ -171,7 +171,8 @@ class LiveMigrationMixin:
                 f"the destination reports {theirs!r}, this host "
                 f"{self._image_type()!r}: both must run nova-bhyve with the "
                 "same backend"))
-        if self._unmovable_devices(instance, block_device_info):
+        if self._unmovable_devices(instance, block_device_info) or \
+                guest.extra_disks(instance, block_device_info):
             raise exception.MigrationPreCheckError(
                 reason="instances with volumes, ephemeral or swap disks "
                        "cannot be migrated by nova-bhyve yet")
@@ -214,7 +215,8 @@ class LiveMigrationMixin:
                            network_info, disk_info, migrate_data):
         """Prepare files, VIFs, an incoming VM and the listeners here."""
         uuid = instance.uuid
-        if self._unmovable_devices(instance, block_device_info):
+        if self._unmovable_devices(instance, block_device_info) or \
+                guest.extra_disks(instance, block_device_info):
             raise exception.MigrationError(
                 reason="volumes, ephemeral and swap disks cannot migrate yet")
         if uuid in self.backend.list_machines():
