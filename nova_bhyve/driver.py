@@ -206,7 +206,7 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
                        f"[ml2_bhyve] hosts must list {self._nodename()}); "
                        f"these are not: {', '.join(bad_vifs)}",
                 instance_id=instance.uuid)
-        spec = guest.build_spec(instance, network_info, CONF)
+        spec = guest.build_spec(instance, network_info, CONF, block_device_info)
         try:
             spec = self.backend.create(context, instance, spec, image_meta)
             self._plug_and_wait(instance, spec, network_info, power_on)
@@ -257,8 +257,17 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
     def _unsupported_devices(instance, block_device_info):
         if driver.block_device_info_get_mapping(block_device_info):
             return "volumes"
-        if instance.flavor.ephemeral_gb or instance.flavor.swap:
-            return "ephemeral or swap disks"
+        extras = guest.extra_disks(instance, block_device_info)
+        if len(extras) > guest.MAX_EXTRA_DISKS:
+            return (f"more than {guest.MAX_EXTRA_DISKS} swap and ephemeral "
+                    f"disks (asked for {len(extras)})")
+        return ""
+
+    @staticmethod
+    def _unmovable_devices(instance, block_device_info):
+        """Return what a migration cannot move yet (empty if nothing)."""
+        if driver.block_device_info_get_mapping(block_device_info):
+            return "volumes"
         return ""
 
     def destroy(self, context, instance, network_info, block_device_info=None,

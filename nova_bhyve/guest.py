@@ -9,11 +9,19 @@ system metadata as ``image_<name>``):
     testhost_default_cmdline``, which defaults to ``mode=idle``.
 """
 
+from nova.virt import driver
 from nova.virt import event as virtevent
-from nova_bhyve.machine.base import MachineSpec, MachineState, NicSpec
+from nova_bhyve.machine.base import (
+    SWAP_DISK,
+    DiskSpec,
+    MachineSpec,
+    MachineState,
+    NicSpec,
+)
 
 IMAGE_PROP_CMDLINE = "bhyve_testhost_cmdline"
 VIF_TYPE_TAP = "tap"        # as bound by the bhyve ML2 mechanism driver
+MAX_EXTRA_DISKS = 17        # bhyve: 18 virtio-blk slots, one is the root
 
 _EVENTS = {
     MachineState.RUNNING: virtevent.EVENT_LIFECYCLE_STARTED,
@@ -67,8 +75,41 @@ def vif_plugged_events(network_info):
             if vif.get("active", True) is False]
 
 
-def build_spec(instance, network_info, conf):
-    """Return the MachineSpec of ``instance`` (disks are added by the backend)."""
+def extra_disks(instance, block_device_info=None):
+    """Return the DiskSpecs (no paths) of the swap and ephemeral disks.
+
+    As Nova passes them: ``block_device_info['swap']`` (MiB) and
+    ``['ephemerals']`` (GiB each), else the flavor's ``swap`` (MiB) and
+    ``ephemeral_gb`` (one disk).  Nova updates the swap mapping on a
+    resize but not the ephemeral ones.
+    """
+    disks = []
+    swap = driver.block_device_info_get_swap(block_device_info)
+    swap_mb = (swap["swap_size"] if driver.swap_is_usable(swap)
+               else instance.flavor.swap)
+    if swap_mb:
+        disks.append(DiskSpec(name=SWAP_DISK, size_mb=int(swap_mb)))
+    ephemerals = driver.block_device_info_get_ephemerals(block_device_info)
+    sizes = [int(eph.get("size") or 0) for eph in ephemerals]
+    if not ephemerals and instance.flavor.ephemeral_gb:
+        sizes = [instance.flavor.ephemeral_gb]
+    disks += [DiskSpec(name=f"eph{i}", size_mb=gb << 10)
+              for i, gb in enumerate(sizes) if gb]
+    return tuple(disks)
+
+
+def ephemeral_gb(instance, block_device_info=None):
+    """Return the total size of the ephemeral disks in GiB."""
+    return sum(d.size_mb >> 10 for d in extra_disks(instance, block_device_info)
+               if d.name != SWAP_DISK)
+
+
+def build_spec(instance, network_info, conf, block_device_info=None):
+    """Return the MachineSpec of ``instance``.
+
+    ``disks`` lists the swap and ephemeral disks to make, without paths;
+    the backend's ``create`` adds the root disk and the paths.
+    """
     sysmeta = instance.system_metadata or {}
     cmdline = (sysmeta.get("image_" + IMAGE_PROP_CMDLINE) or
                conf.bhyve.testhost_default_cmdline)
@@ -76,6 +117,7 @@ def build_spec(instance, network_info, conf):
     return MachineSpec(uuid=instance.uuid, vcpus=instance.flavor.vcpus,
                        memory_mb=instance.flavor.memory_mb,
                        nics=nics_from_network_info(network_info),
+                       disks=extra_disks(instance, block_device_info),
                        cmdline=cmdline, vnc_listen=vnc)
 
 

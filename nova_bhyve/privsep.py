@@ -325,14 +325,21 @@ def unplug_tap_linux(tap, bridge=""):
 
 
 @bhyve_pctxt.entrypoint
-def zfs(action, name, size_gb=None, origin=None):
+def zfs(action, name, size_gb=None, origin=None, size_mb=None):
     """Run one of the zfs(8) operations the image cache and disks need."""
     zfs_path = CONF.bhyve.zfs_path
     if action == "create-volume":
-        if not isinstance(size_gb, int) or not 0 < size_gb <= 65536:
+        if size_mb is not None:     # swap disks come in MiB
+            if not isinstance(size_mb, int) or not 0 < size_mb <= 65536 << 10:
+                raise PrivilegeError(f"volume size {size_mb!r} MiB out of "
+                                     "range")
+            size = f"{size_mb}M"
+        elif not isinstance(size_gb, int) or not 0 < size_gb <= 65536:
             raise PrivilegeError(f"volume size {size_gb!r} GiB out of range")
+        else:
+            size = f"{size_gb}G"
         processutils.execute(zfs_path, "create", "-p", "-s", "-V",
-                             f"{size_gb}G", "-o", "volmode=dev",
+                             size, "-o", "volmode=dev",
                              "-o", "snapdev=visible", check_dataset(name))
     elif action == "clone":
         processutils.execute(zfs_path, "clone", "-o", "volmode=dev",

@@ -16,12 +16,25 @@ class MachineState(enum.Enum):
     NOSTATE = "nostate"         # known, but its state cannot be told
 
 
+#: the name of the root disk; extra disks are ``swap`` and ``eph0``, ``eph1``…
+ROOT_DISK = "disk"
+SWAP_DISK = "swap"
+
+
 @dataclasses.dataclass(frozen=True)
 class DiskSpec:
-    """One virtio-blk disk: a file or a zvol device."""
+    """One virtio-blk disk: a file or a zvol device.
 
-    path: str
+    ``name`` is ``disk`` (root), ``swap`` or ``eph<N>``; ``size_mb`` is the
+    size the flavor or block device mapping asks for (0 for the root disk,
+    which is sized from the flavor's root_gb).  A spec built from an
+    instance has no ``path`` yet: the backend's ``create`` fills it in.
+    """
+
+    path: str = ""
     boot: bool = False
+    name: str = ROOT_DISK
+    size_mb: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +198,12 @@ class Backend(abc.ABC):
         """Return the root disk as a file path a disk copy reads or writes."""
         raise self._no_migration("copy disks between hosts")
 
-    def grow_disk(self, uuid, size):
-        """Grow the root disk to ``size`` bytes (never shrinks it)."""
+    def disk_paths(self, uuid):
+        """Return {disk name: path} of every disk of the guest, root first."""
+        return {ROOT_DISK: self.disk_path(uuid)}
+
+    def grow_disk(self, uuid, size, name=ROOT_DISK):
+        """Grow disk ``name`` to ``size`` bytes (never shrinks it)."""
         raise self._no_migration("resize disks")
 
     def plug_vifs(self, spec):

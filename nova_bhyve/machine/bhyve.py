@@ -6,6 +6,9 @@ Per instance:
   image ``<zfs_dataset>/images/<sha1 of image id>@base`` (Glance raw
   images are written as they are; qcow2 ones are converted with qemu-img
   after nova's safety checks) and grown to the flavor's root_gb;
+- swap and ephemeral disks: blank sparse zvols ``<uuid>-swap``,
+  ``<uuid>-eph0``…, attached after the root disk as further virtio-blk
+  slots (swap first); nothing formats them, the guest does;
 - ``<instances_path>/<uuid>/``: ``machine.json``, ``nvram.fd`` (a copy of
   the UEFI variable store template), ``console.log`` (COM1), the
   supervisor's files and, while suspended, the checkpoint set written by
@@ -36,7 +39,7 @@ BHYVE_SNAPSHOT on both hosts):
   Nova live migrations run in warm mode (guest paused while its memory is
   copied); set ``[bhyve] live_migration_dirty_log = yes`` on hosts whose
   kernel carries the migration patches (guest memory wired, no SMAP);
-- disks: the root zvol's device node; ``grow_disk`` raises ``volsize``.
+- disks: the zvols' device nodes; ``grow_disk`` raises ``volsize``.
 """
 
 import contextlib
@@ -56,6 +59,8 @@ from nova_bhyve import privsep
 from nova_bhyve.machine import argv as bhyve_argv
 from nova_bhyve.machine import images, power
 from nova_bhyve.machine.base import (
+    ROOT_DISK,
+    SWAP_DISK,
     Backend,
     DiskSpec,
     HostFacts,
@@ -137,8 +142,9 @@ class BhyveBackend(SupervisedMachines, Backend):
             cpu_model=sysctl("hw.model"))
 
     # -- disks ------------------------------------------------------------
-    def _disk_name(self, uuid):
-        return f"{self.dataset}/{uuid}-disk0"
+    def _disk_name(self, uuid, name=ROOT_DISK):
+        """Return the zvol of disk ``name``: ``<uuid>-disk0``, ``-swap``, ``-eph0``."""
+        return f"{self.dataset}/{uuid}-{'disk0' if name == ROOT_DISK else name}"
 
     def _cached_image(self, context, image_id):
         """Return the ``@base`` snapshot holding the image, creating it once."""
@@ -164,7 +170,8 @@ class BhyveBackend(SupervisedMachines, Backend):
         return snap
 
     def create(self, context, instance, spec, image_meta):
-        """Clone the root zvol, copy the NVRAM template, write the record."""
+        """Clone the root zvol, make swap and ephemeral zvols, write the record."""
+        again = os.path.exists(self._path(spec.uuid, "machine.json"))
         os.makedirs(self._dir(spec.uuid), exist_ok=True)
         disk = self._disk_name(spec.uuid)
         root_gb = max(1, instance.flavor.root_gb)
@@ -176,12 +183,54 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.zfs("create-volume", disk, size_gb=root_gb)
         shutil.copyfile(self.conf.bhyve.uefi_vars_template,
                         self._path(spec.uuid, "nvram.fd"))
+        extras = tuple(self._make_extra_disk(spec.uuid, d) for d in spec.disks
+                       if d.name != ROOT_DISK)
+        if again:           # a revert or same-host resize may drop the swap
+            self._remove_stale_disks(spec.uuid, extras)
         vnc_port = self._free_vnc_port() if spec.vnc_listen else 0
         spec = dataclasses.replace(
-            spec, disks=(DiskSpec(f"/dev/zvol/{disk}", boot=True),),
+            spec, disks=(DiskSpec(f"/dev/zvol/{disk}", boot=True),) + extras,
             vnc_port=vnc_port)
         self._write_record(spec)
         return spec
+
+    def _volsize(self, name):
+        out, _err = processutils.execute(
+            self.conf.bhyve.zfs_path, "get", "-Hp", "-o", "value", "volsize",
+            name)
+        return int(out.strip())
+
+    def _instance_zvols(self, uuid):
+        """Return the names of this instance's zvols (root and extras)."""
+        out, _err = processutils.execute(
+            self.conf.bhyve.zfs_path, "list", "-H", "-o", "name", "-t",
+            "volume", "-d", "1", self.dataset, check_exit_code=[0, 1])
+        prefix = f"{self.dataset}/{uuid}-"
+        return [n for n in out.split() if n.startswith(prefix)]
+
+    def _make_extra_disk(self, uuid, disk):
+        """Make the blank zvol of a swap or ephemeral disk.
+
+        An existing zvol is kept (a revert, a same-host resize), except a
+        swap zvol of another size, which is made again blank.
+        """
+        name = self._disk_name(uuid, disk.name)
+        exists = os.path.exists(f"/dev/zvol/{name}")
+        if exists and disk.name == SWAP_DISK and \
+                self._volsize(name) != disk.size_mb << 20:
+            privsep.zfs("destroy", name)
+            exists = False
+        if not exists:
+            privsep.zfs("create-volume", name, size_mb=disk.size_mb)
+        return dataclasses.replace(disk, path=f"/dev/zvol/{name}")
+
+    def _remove_stale_disks(self, uuid, extras):
+        """Destroy extra zvols the new spec no longer has (swap dropped)."""
+        keep = {self._disk_name(uuid)} | {
+            d.path[len("/dev/zvol/"):] for d in extras}
+        for name in self._instance_zvols(uuid):
+            if name not in keep:
+                privsep.zfs("destroy", name)
 
     def _free_vnc_port(self):
         used = set()
@@ -329,9 +378,10 @@ class BhyveBackend(SupervisedMachines, Backend):
             return
 
     def delete_files(self, uuid, destroy_disks=True):
-        """Remove the instance directory and, if asked, the root zvol."""
+        """Remove the instance directory and, if asked, the instance's zvols."""
         if destroy_disks:
-            privsep.zfs("destroy", self._disk_name(uuid))
+            for name in self._instance_zvols(uuid) or [self._disk_name(uuid)]:
+                privsep.zfs("destroy", name)
         shutil.rmtree(self._dir(uuid), ignore_errors=True)
         self._locks.pop(uuid, None)
 
@@ -504,14 +554,15 @@ class BhyveBackend(SupervisedMachines, Backend):
         """Return the root zvol's device node."""
         return f"/dev/zvol/{self._disk_name(uuid)}"
 
-    def grow_disk(self, uuid, size):
-        """Raise the root zvol's volsize to ``size`` bytes (whole GiB, up)."""
-        out, _err = processutils.execute(
-            self.conf.bhyve.zfs_path, "get", "-Hp", "-o", "value", "volsize",
-            self._disk_name(uuid))
-        if int(out.strip()) < size:
-            privsep.zfs("resize", self._disk_name(uuid),
-                        size_gb=-(-size // (1 << 30)))
+    def disk_paths(self, uuid):
+        """Return {name: zvol device node} of the root, swap and ephemeral disks."""
+        return {d.name: d.path for d in self._spec(uuid).disks}
+
+    def grow_disk(self, uuid, size, name=ROOT_DISK):
+        """Raise a zvol's volsize to ``size`` bytes (whole GiB, up)."""
+        zvol = self._disk_name(uuid, name)
+        if self._volsize(zvol) < size:
+            privsep.zfs("resize", zvol, size_gb=-(-size // (1 << 30)))
 
     # -- networking -------------------------------------------------------
     def plug_vifs(self, spec):

@@ -1,8 +1,11 @@
 """The KVM test host backend: guests run by nb-testhost on Linux.
 
-Each instance has a directory ``<instances_path>/<uuid>/`` holding its disk
-(a sparse raw file made from the cached Glance image; the guest payload
-does not read it), ``machine.json`` (spec and intent), the supervisor's
+Each instance has a directory ``<instances_path>/<uuid>/`` holding its disks
+(``disk``, a sparse raw file made from the cached Glance image, and
+``disk.swap``, ``disk.eph0``… for the flavor's swap and ephemeral disks,
+blank sparse raw files; the test host's VM attaches no disks at all, so
+the guest payload reads none of them: they are the files a bhyve guest
+would get as virtio-blk disks), ``machine.json`` (spec and intent), the supervisor's
 files, the control socket and ``console.log``, and while suspended the
 checkpoint set ``checkpoint``, ``checkpoint.kern``, ``checkpoint.meta``.
 
@@ -36,6 +39,8 @@ from nova_bhyve import privsep
 from nova_bhyve.concurrency import offload
 from nova_bhyve.machine import checkpoint, hostinfo, images, power
 from nova_bhyve.machine.base import (
+    ROOT_DISK,
+    SWAP_DISK,
     Backend,
     DiskSpec,
     HostFacts,
@@ -203,9 +208,37 @@ class TestHostBackend(SupervisedMachines, Backend):
         elif not os.path.exists(disk):
             with open(disk, "wb") as f:
                 f.truncate(instance.flavor.root_gb << 30)
-        spec = dataclasses.replace(spec, disks=(DiskSpec(disk, boot=True),))
+        extras = tuple(self._make_extra_disk(spec.uuid, d) for d in spec.disks
+                       if d.name != ROOT_DISK)
+        self._remove_stale_disks(spec.uuid, extras)
+        spec = dataclasses.replace(
+            spec, disks=(DiskSpec(disk, boot=True),) + extras)
         self._write_record(spec)
         return spec
+
+    def _make_extra_disk(self, uuid, disk):
+        """Make a blank sparse file for a swap or ephemeral disk.
+
+        An existing file is kept (a revert, a same-host resize), except a
+        swap file of another size, which is made again blank.
+        """
+        path = self._path(uuid, "disk." + disk.name)
+        size = disk.size_mb << 20
+        exists = os.path.exists(path)
+        if exists and disk.name == SWAP_DISK and os.path.getsize(path) != size:
+            os.unlink(path)
+            exists = False
+        if not exists:
+            with open(path, "wb") as f:
+                f.truncate(size)
+        return dataclasses.replace(disk, path=path)
+
+    def _remove_stale_disks(self, uuid, extras):
+        """Remove extra disk files the new spec no longer has (swap dropped)."""
+        keep = {os.path.basename(d.path) for d in extras}
+        for name in os.listdir(self._dir(uuid)):
+            if name.startswith("disk.") and name not in keep:
+                os.unlink(self._path(uuid, name))
 
     def start(self, uuid):
         """Boot the guest, or restore it if it is suspended."""
@@ -320,14 +353,14 @@ class TestHostBackend(SupervisedMachines, Backend):
                 self._kill(uuid)
 
     def delete_files(self, uuid, destroy_disks=True):
-        """Remove the instance directory (keep ``disk`` unless destroy_disks)."""
+        """Remove the instance directory (keep the disks unless destroy_disks)."""
         path = self._dir(uuid)
         if destroy_disks:
             shutil.rmtree(path, ignore_errors=True)
             self._locks.pop(uuid, None)
             return
         for name in os.listdir(path) if os.path.isdir(path) else ():
-            if name != "disk":
+            if name != "disk" and not name.startswith("disk."):
                 target = os.path.join(path, name)
                 if os.path.isdir(target):
                     shutil.rmtree(target, ignore_errors=True)
@@ -384,9 +417,14 @@ class TestHostBackend(SupervisedMachines, Backend):
         """Return the path of the raw root disk file."""
         return self._path(uuid, "disk")
 
-    def grow_disk(self, uuid, size):
-        """Extend the sparse disk file to ``size`` bytes if it is smaller."""
-        path = self._path(uuid, "disk")
+    def disk_paths(self, uuid):
+        """Return {name: path} of the root, swap and ephemeral disk files."""
+        disks = self._record(uuid)["spec"]["disks"]
+        return {d.get("name", ROOT_DISK): d["path"] for d in disks}
+
+    def grow_disk(self, uuid, size, name=ROOT_DISK):
+        """Extend a sparse disk file to ``size`` bytes if it is smaller."""
+        path = self.disk_paths(uuid)[name]
         if os.path.getsize(path) < size:
             os.truncate(path, size)
 
@@ -423,7 +461,8 @@ class TestHostBackend(SupervisedMachines, Backend):
         """Return pid, vCPUs, memory, uptime and disks of the guest."""
         spec = self._record(uuid)["spec"]
         out = {"state": self.state(uuid), "vcpus": spec["vcpus"],
-               "memory_mb": spec["memory_mb"], "disks": [self._path(uuid, "disk")],
+               "memory_mb": spec["memory_mb"],
+               "disks": [d["path"] for d in spec["disks"]],
                "nics": spec["nics"]}
         out.update(self._process_facts(uuid))
         return out

@@ -2,15 +2,18 @@
 
 Cold migration and resize (``nova migrate``, ``nova resize``):
 
-- source ``migrate_disk_and_power_off``: stops the guest and offers its
-  root disk on a one-shot listener (``diskcopy``); returns ``disk_info``, a
-  JSON text with the listener's address and a fresh random token.  Nova
+- source ``migrate_disk_and_power_off``: stops the guest and offers each
+  of its disks (root, swap, ephemerals) on a one-shot listener
+  (``diskcopy``); returns ``disk_info``, a JSON text with each listener's
+  address and a fresh random token.  Nova
   passes disk_info to the destination over RPC and does not log it;
   the listener serves one authenticated copy, then closes, or gives up
   after ``[bhyve] disk_transfer_timeout``.  The source keeps its files for
   a revert;
 - destination ``finish_migration``: creates the instance files with the
-  new flavor, pulls the disk, grows it if the flavor's root disk grew,
+  new flavor, pulls the disks, grows the root disk and a single ephemeral
+  disk to the new flavor (as Nova's libvirt driver; a swap disk of a new
+  size is made blank, not copied; a shrink is refused at the source),
   plugs VIFs and boots the guest (fresh: a cold migration does not carry
   memory);
 - source ``confirm_migration`` removes the old guest; ``finish_revert_
@@ -35,7 +38,7 @@ from oslo_log import log as logging
 
 from nova import exception, objects
 from nova_bhyve import guest
-from nova_bhyve.machine.base import MachineError
+from nova_bhyve.machine.base import SWAP_DISK, MachineError
 from nova_bhyve.migration import checks, diskcopy, events
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration.live import inbound_addr
@@ -52,8 +55,7 @@ class ColdMigrationMixin:
         self._disk_offers = {}
 
     def _close_offer(self, uuid):
-        offer = self._disk_offers.pop(uuid, None)
-        if offer is not None:
+        for offer in self._disk_offers.pop(uuid, ()):
             offer.close()
 
     @staticmethod
@@ -67,67 +69,71 @@ class ColdMigrationMixin:
     def migrate_disk_and_power_off(self, context, instance, dest, flavor,
                                    network_info, block_device_info=None,
                                    timeout=0, retry_interval=0):
-        """Stop the guest and offer its disk to ``dest``; return disk_info."""
+        """Stop the guest and offer every disk to ``dest``; return disk_info."""
         uuid = instance.uuid
-        if self._unsupported_devices(instance, block_device_info):
+        if self._unmovable_devices(instance, block_device_info):
             raise exception.InstanceFaultRollback(exception.MigrationError(
-                reason="instances with volumes, ephemeral or swap disks "
-                       "cannot be migrated by nova-bhyve yet"))
-        if flavor.root_gb and flavor.root_gb < instance.flavor.root_gb:
-            raise exception.InstanceFaultRollback(exception.ResizeError(
-                reason=f"the root disk cannot shrink from "
-                       f"{instance.flavor.root_gb} GiB to {flavor.root_gb} "
-                       "GiB: choose a flavor with at least as much disk"))
+                reason="instances with volumes cannot be migrated by "
+                       "nova-bhyve yet"))
+        _refuse_shrinks(instance, flavor, block_device_info)
         if not self.backend.can_migrate:
             raise exception.InstanceFaultRollback(exception.MigrationError(
                 reason=f"{type(self.backend).__name__} cannot migrate guests "
                        f"yet: {self.backend.migration_blocker}"))
-        path = self.backend.disk_path(uuid)
+        paths = self.backend.disk_paths(uuid)
         same_host = self._same_host(context, instance)
         self.power_off(instance, timeout, retry_interval)
         if same_host:
             return json.dumps({"version": 1, "same_host": True})
         self._close_offer(uuid)
-        token = os.urandom(32)
         addr = inbound_addr()
+        offers, disks = [], []
         try:
-            offer = diskcopy.DiskListener(path, token, diskcopy.SEND, addr,
-                                          CONF.bhyve.disk_transfer_timeout)
+            for name, path in paths.items():
+                token = os.urandom(32)
+                offers.append(diskcopy.DiskListener(
+                    path, token, diskcopy.SEND, addr,
+                    CONF.bhyve.disk_transfer_timeout))
+                disks.append({
+                    "name": name,
+                    "addr": mdata.format_addr(addr, offers[-1].port),
+                    "token": base64.b64encode(token).decode("ascii"),
+                    "size": os.path.getsize(path)})
         except diskcopy.DiskCopyError as exc:
+            for offer in offers:
+                offer.close()
             self.power_on(context, instance, network_info)
             raise exception.InstanceFaultRollback(
                 exception.MigrationError(reason=str(exc))) from exc
-        self._disk_offers[uuid] = offer
-        LOG.info("Guest stopped; offering its disk to %s on %s", dest,
-                 mdata.format_addr(addr, offer.port), instance=instance)
-        return json.dumps({
-            "version": 1, "addr": mdata.format_addr(addr, offer.port),
-            "token": base64.b64encode(token).decode("ascii"),
-            "size": os.path.getsize(path)})
+        self._disk_offers[uuid] = offers
+        LOG.info("Guest stopped; offering its disks (%s) to %s on %s",
+                 ", ".join(paths), dest, addr, instance=instance)
+        return json.dumps({"version": 1, "disks": disks})
 
     def finish_migration(self, context, migration, instance, disk_info,
                          network_info, image_meta, resize_instance,
                          allocations, block_device_info=None, power_on=True,
                          share_info=None):
-        """Create the guest here with the new flavor, pull its disk, boot it."""
+        """Create the guest here with the new flavor, pull its disks, boot it."""
         uuid = instance.uuid
         try:
             info = json.loads(disk_info or "{}")
         except ValueError:
             info = {}
         same_host = bool(info.get("same_host"))
-        if not same_host and "addr" not in info:
+        if not same_host and not info.get("disks"):
             raise exception.MigrationError(reason=(
                 "the source returned no disk offer: both hosts must run "
-                "nova-bhyve with cold migration support"))
-        spec = guest.build_spec(instance, network_info, CONF)
+                "nova-bhyve with cold migration of every disk"))
+        spec = guest.build_spec(instance, network_info, CONF,
+                                block_device_info)
         try:
             self.backend.create(context, instance, spec,
                                 objects.ImageMeta.from_dict({}))
             if not same_host:
-                self._pull_disk(context, instance, info)
-            if resize_instance and instance.flavor.root_gb:
-                self.backend.grow_disk(uuid, instance.flavor.root_gb << 30)
+                self._pull_disks(context, instance, info["disks"])
+            if resize_instance:
+                self._grow_disks(instance, spec)
             self.backend.plug_vifs(spec)
             if power_on:
                 self.backend.start(uuid)
@@ -144,23 +150,45 @@ class ColdMigrationMixin:
                  spec.memory_mb, " and started" if power_on else "",
                  instance=instance)
 
-    def _pull_disk(self, context, instance, info):
-        host, port = mdata.parse_addr(info["addr"])
-        try:
-            token = base64.b64decode(info["token"], validate=True)
-        except (KeyError, ValueError):
-            raise mdata.MigrateDataError("the disk offer has no valid "
-                                         "token") from None
-        t0 = time.monotonic()
-        size = diskcopy.copy(host, port, token,
-                             self.backend.disk_path(instance.uuid),
-                             diskcopy.RECEIVE, CONF.bhyve.disk_transfer_timeout,
-                             max_size=int(info.get("size", 0)))
+    def _grow_disks(self, instance, spec):
+        """Grow the root disk, and a single ephemeral disk, as Nova's libvirt
+        driver does; the swap disk was made at its new size by ``create``."""
+        if instance.flavor.root_gb:
+            self.backend.grow_disk(instance.uuid, instance.flavor.root_gb << 30)
+        ephemerals = [d for d in spec.disks if d.name.startswith("eph")]
+        if len(ephemerals) == 1 and instance.flavor.ephemeral_gb:
+            self.backend.grow_disk(instance.uuid,
+                                   instance.flavor.ephemeral_gb << 30,
+                                   ephemerals[0].name)
+
+    def _pull_disks(self, context, instance, offers):
+        """Copy each offered disk the new spec has; a resized swap is not."""
+        paths = self.backend.disk_paths(instance.uuid)
+        total, t0 = 0, time.monotonic()
+        for offer in offers:
+            name = offer.get("name")
+            path = paths.get(name)
+            size = int(offer.get("size", 0))
+            if path is None or (name == SWAP_DISK and
+                                os.path.getsize(path) != size):
+                LOG.info("Not copying disk %s: the new flavor has it at "
+                         "another size or not at all", name,
+                         instance=instance)
+                continue
+            host, port = mdata.parse_addr(offer.get("addr", ""))
+            try:
+                token = base64.b64decode(offer["token"], validate=True)
+            except (KeyError, ValueError):
+                raise mdata.MigrateDataError(f"the offer of disk {name} has "
+                                             "no valid token") from None
+            total += diskcopy.copy(host, port, token, path, diskcopy.RECEIVE,
+                                   CONF.bhyve.disk_transfer_timeout,
+                                   max_size=size)
         seconds = time.monotonic() - t0
-        LOG.info("Root disk (%d bytes) copied from %s in %.1f s", size, host,
-                 seconds, instance=instance)
+        LOG.info("Disks (%d bytes) copied in %.1f s", total, seconds,
+                 instance=instance)
         events.record(context, instance, self._nodename(),
-                      f"bhyve_disk_copy bytes={size} seconds={seconds:.1f}")
+                      f"bhyve_disk_copy bytes={total} seconds={seconds:.1f}")
 
     def confirm_migration(self, context, migration, instance, network_info):
         """Remove the old guest from this (the source) host."""
@@ -174,9 +202,10 @@ class ColdMigrationMixin:
     def finish_revert_migration(self, context, instance, network_info,
                                 migration, block_device_info=None,
                                 power_on=True, share_info=None):
-        """Boot the guest here again from its untouched disk."""
+        """Boot the guest here again from its untouched disks."""
         self._close_offer(instance.uuid)
-        spec = guest.build_spec(instance, network_info, CONF)
+        spec = guest.build_spec(instance, network_info, CONF,
+                                block_device_info)
         try:
             self.backend.create(context, instance, spec,
                                 objects.ImageMeta.from_dict({}))
@@ -207,3 +236,18 @@ class ColdMigrationMixin:
     def instance_on_disk(self, instance):
         """Always False: instance disks are local, an evacuation rebuilds."""
         return False
+
+
+def _refuse_shrinks(instance, flavor, block_device_info):
+    """Refuse a resize that would shrink the root or ephemeral disks."""
+    what = None
+    if flavor.root_gb and flavor.root_gb < instance.flavor.root_gb:
+        what = ("root disk", instance.flavor.root_gb, flavor.root_gb)
+    eph_gb = guest.ephemeral_gb(instance, block_device_info)
+    if flavor.ephemeral_gb < eph_gb:
+        what = ("ephemeral disks", eph_gb, flavor.ephemeral_gb)
+    if what:
+        raise exception.InstanceFaultRollback(exception.ResizeError(
+            reason=f"the {what[0]} cannot shrink from {what[1]} GiB to "
+                   f"{what[2]} GiB: choose a flavor with at least as much "
+                   "disk"))

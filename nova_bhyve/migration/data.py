@@ -18,7 +18,8 @@ field                      set by                content
 =========================  ====================  ==============================
 
 Tags: ``dst_dirty_log`` and ``mode`` (``live``/``warm``), ``src_key`` and
-``dst_key`` (X25519 public keys, base64), ``disk_port``.
+``dst_key`` (X25519 public keys, base64), ``disk_ports``
+(``name:port,…``, one listener per disk).
 
 The per-migration secret never travels and is never logged.  The source
 puts an ephemeral X25519 public key in the data during

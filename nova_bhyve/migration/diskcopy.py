@@ -1,8 +1,9 @@
 """Copy a disk file between hosts over TCP: authenticated, encrypted, sparse.
 
-The root disk moves this way: the source pushes it to the destination's
-listener before a live migration copies memory; in a cold migration the
-source listens and the destination pulls.  One side listens
+Instance disks (root, swap, ephemerals) move this way, one connection
+each: the source pushes them to the destination's listeners before a live
+migration copies memory; in a cold migration the source listens and the
+destination pulls.  One side listens
 (``DiskListener``), the other connects (``copy``); either may send.
 
 Wire format (integers little endian)::
@@ -48,6 +49,11 @@ class DiskCopyError(Exception):
 
 def _mac(secret, label, *parts):
     return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
+
+
+def disk_secret(secret, name):
+    """Return the secret of one disk's copy (its listener serves no other)."""
+    return _mac(secret, b"nbdisk-name", name.encode())
 
 
 class _Channel:

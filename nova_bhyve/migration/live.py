@@ -23,6 +23,7 @@ the monitor works the same under native threads and eventlet.
 """
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -72,12 +73,12 @@ class _Incoming:
     """The destination's listeners for one migration."""
 
     recv: object
-    disk: object = None
+    disks: list = dataclasses.field(default_factory=list)
 
     def close(self, cancel=False):
-        """Free both listeners (cancelling an unfinished receive)."""
-        if self.disk is not None:
-            self.disk.close()
+        """Free the listeners (cancelling an unfinished receive)."""
+        for disk in self.disks:
+            disk.close()
         if cancel and not self.recv.stats().finished:
             try:
                 self.recv.cancel()
@@ -171,10 +172,10 @@ class LiveMigrationMixin:
                 f"the destination reports {theirs!r}, this host "
                 f"{self._image_type()!r}: both must run nova-bhyve with the "
                 "same backend"))
-        if self._unsupported_devices(instance, block_device_info):
+        if self._unmovable_devices(instance, block_device_info):
             raise exception.MigrationPreCheckError(
-                reason="instances with volumes, ephemeral or swap disks "
-                       "cannot be migrated by nova-bhyve yet")
+                reason="instances with volumes cannot be migrated by "
+                       "nova-bhyve yet")
         shared = checks.probe_exists(self.backend.instances_path,
                                      data.filename)
         data.is_shared_instance_path = shared
@@ -192,8 +193,9 @@ class LiveMigrationMixin:
                 "nova-bhyve instance disks are local to each host, so a live "
                 "migration must copy them: request a block migration "
                 "(block_migration=auto or true)"))
-        path = self.backend.disk_path(instance.uuid)
-        checks.check_disk(data.disk_available_mb, [checks.disk_info(path)],
+        paths = self.backend.disk_paths(instance.uuid).values()
+        checks.check_disk(data.disk_available_mb,
+                          [checks.disk_info(path) for path in paths],
                           bool(data.disk_over_commit)
                           if "disk_over_commit" in data else False)
         dst_dirty = mdata.require(data, "dst_dirty_log") == "1"
@@ -205,18 +207,19 @@ class LiveMigrationMixin:
         return data
 
     def get_instance_disk_info(self, instance, block_device_info=None):
-        """Return a JSON list describing the instance's root disk."""
+        """Return a JSON list describing every disk of the instance."""
         return jsonutils.dumps(
-            [checks.disk_info(self.backend.disk_path(instance.uuid))])
+            [checks.disk_info(path) for path in
+             self.backend.disk_paths(instance.uuid).values()])
 
     # -- destination -------------------------------------------------------
     def pre_live_migration(self, context, instance, block_device_info,
                            network_info, disk_info, migrate_data):
         """Prepare files, VIFs, an incoming VM and the listeners here."""
         uuid = instance.uuid
-        if self._unsupported_devices(instance, block_device_info):
+        if self._unmovable_devices(instance, block_device_info):
             raise exception.MigrationError(
-                reason="volumes, ephemeral and swap disks cannot migrate yet")
+                reason="volumes cannot migrate yet")
         if uuid in self.backend.list_machines():
             raise exception.MigrationError(reason=(
                 f"this host already has files for {uuid} in "
@@ -231,7 +234,8 @@ class LiveMigrationMixin:
         except mdata.MigrateDataError as exc:
             raise exception.MigrationError(reason=str(exc)) from exc
         addr = inbound_addr()
-        spec = guest.build_spec(instance, network_info, CONF)
+        spec = guest.build_spec(instance, network_info, CONF,
+                                block_device_info)
         incoming = None
         try:
             self.backend.create(context, instance, spec,
@@ -246,13 +250,17 @@ class LiveMigrationMixin:
                 keep_paused=instance.vm_state == "paused")
             incoming = _Incoming(recv)
             if migrate_data.block_migration:
-                incoming.disk = diskcopy.DiskListener(
-                    self.backend.disk_path(uuid), secrets.disk,
-                    diskcopy.RECEIVE, addr,
-                    CONF.bhyve.live_migration_listen_timeout,
-                    max_size=max(instance.flavor.root_gb << 30,
-                                 _disk_size(disk_info)))
-                mdata.put(migrate_data, "disk_port", incoming.disk.port)
+                ports = []
+                limit = max(instance.flavor.root_gb << 30,
+                            _disk_size(disk_info))
+                for name, path in self.backend.disk_paths(uuid).items():
+                    incoming.disks.append(diskcopy.DiskListener(
+                        path, diskcopy.disk_secret(secrets.disk, name),
+                        diskcopy.RECEIVE, addr,
+                        CONF.bhyve.live_migration_listen_timeout,
+                        max_size=max(limit, os.path.getsize(path))))
+                    ports.append(f"{name}:{incoming.disks[-1].port}")
+                mdata.put(migrate_data, "disk_ports", ",".join(ports))
         except (MachineError, MigrationError, diskcopy.DiskCopyError) as exc:
             if incoming is not None:
                 incoming.close(cancel=True)
@@ -417,10 +425,10 @@ class LiveMigrationMixin:
         t0 = time.monotonic()
         disks = ()
         if migrate_data.block_migration:
-            disks = (self._push_disk(context, instance, migration, host,
-                                     int(mdata.require(migrate_data,
-                                                       "disk_port")),
-                                     secrets, out),)
+            disks = self._push_disks(
+                context, instance, migration, host,
+                _parse_ports(mdata.require(migrate_data, "disk_ports")),
+                secrets, out)
         gb = policy.data_gb(instance.flavor.memory_mb, disks)
         steps = policy.downtime_steps(CONF.bhyve, gb)
         kind, target = self.backend.migration_vmm(uuid)
@@ -450,30 +458,45 @@ class LiveMigrationMixin:
         finally:
             out.final = _stop(out.mig.handle, instance)
 
-    def _push_disk(self, context, instance, migration, host, port, secrets,
-                   out):
-        """Send the root disk to the destination's disk listener."""
+    def _push_disks(self, context, instance, migration, host, ports,
+                    secrets, out):
+        """Send every disk to the destination's listener for it; return sizes."""
+        paths = self.backend.disk_paths(instance.uuid)
+        missing = set(paths) - set(ports)
+        if missing:
+            raise MigrationError(f"the destination has no listener for disk "
+                                 f"{', '.join(sorted(missing))}")
         interval = CONF.bhyve.live_migration_monitor_interval
         last = [0.0]
+        seen = {}       # disk name: (bytes sent, bytes of data to send)
 
-        def progress(done, total):
-            """Save the disk copy's progress every monitor interval."""
-            if time.monotonic() - last[0] >= interval:
-                last[0] = time.monotonic()
-                _set_bytes(migration, "disk", total, done, total - done)
-                _save(migration, instance)
+        def progress_of(name):
+            def progress(done, total):
+                """Save the disks' copy progress every monitor interval."""
+                seen[name] = (done, total)
+                if time.monotonic() - last[0] >= interval:
+                    last[0] = time.monotonic()
+                    sent = sum(d for d, _t in seen.values())
+                    total = sum(t for _d, t in seen.values())
+                    _set_bytes(migration, "disk", total, sent, total - sent)
+                    _save(migration, instance)
+            return progress
 
         t0 = time.monotonic()
-        size = diskcopy.copy(host, port, secrets.disk,
-                             self.backend.disk_path(instance.uuid),
-                             diskcopy.SEND, CONF.bhyve.disk_transfer_timeout,
-                             progress=progress, cancelled=lambda: out.abort)
+        sizes = []
+        for name, path in paths.items():
+            sizes.append(diskcopy.copy(
+                host, ports[name], diskcopy.disk_secret(secrets.disk, name),
+                path, diskcopy.SEND, CONF.bhyve.disk_transfer_timeout,
+                progress=progress_of(name), cancelled=lambda: out.abort))
         seconds = time.monotonic() - t0
-        LOG.info("Root disk (%d bytes) copied to %s in %.1f s", size, host,
-                 seconds, instance=instance)
+        LOG.info("Disks %s (%d bytes) copied to %s in %.1f s",
+                 ", ".join(paths), sum(sizes), host, seconds,
+                 instance=instance)
         events.record(context, instance, self._nodename(),
-                      f"bhyve_disk_copy bytes={size} seconds={seconds:.1f}")
-        return size
+                      f"bhyve_disk_copy bytes={sum(sizes)} "
+                      f"seconds={seconds:.1f}")
+        return tuple(sizes)
 
     def _monitor(self, instance, migration, out, steps, timeout, t0, live):
         """Drive downtime steps, timeout and auto-converge; report progress."""
@@ -630,6 +653,16 @@ def _stop(handle, instance, wait=30.0):
         stats = handle.stats()
     handle.close()
     return stats
+
+
+def _parse_ports(text):
+    """Return {disk name: port} from the destination's ``disk_ports`` tag."""
+    try:
+        return {name: int(port) for name, port in
+                (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise mdata.MigrateDataError(
+            f"migrate_data disk_ports {text!r} is not name:port,…") from None
 
 
 def _disk_size(disk_info):

@@ -1,5 +1,6 @@
 """bhyve(8) command lines, checked against the FreeBSD 15.1 manual."""
 
+import dataclasses
 import re
 
 import pytest
@@ -59,6 +60,32 @@ def test_full_command_line_follows_the_manual():
         "com1,stdio", f"bootrom,{PATHS.firmware},{NVRAM}"]
     assert _options(argv, "-U") == [UUID]
     assert bhyve_argv.validate(argv, PATHS) == UUID
+
+
+# bhyve(8), FreeBSD 15.1, SYNOPSIS: "... [-s slot,emulation[,conf]] ...
+# vmname"; a virtio-blk conf starts with the backing file or device path.
+def test_extra_disks_take_the_slots_after_the_root_disk():
+    root = DiskSpec(f"/dev/zvol/zroot/nova/{UUID}-disk0", boot=True)
+    swap = DiskSpec(f"/dev/zvol/zroot/nova/{UUID}-swap", name="swap",
+                    size_mb=512)
+    eph = DiskSpec(f"/dev/zvol/zroot/nova/{UUID}-eph0", name="eph0",
+                   size_mb=1024)
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512,
+                       disks=(root, swap, eph))
+    argv = bhyve_argv.build(spec, PATHS, NVRAM)
+    blk = [d for d in _options(argv, "-s") if ",virtio-blk," in d]
+    assert blk == [f"2,virtio-blk,{root.path}", f"3,virtio-blk,{swap.path}",
+                   f"4,virtio-blk,{eph.path}"]
+    for dev in blk:
+        m = SLOT_RE.match(dev)
+        assert m and m.group(4) == "virtio-blk" and m.group(5)[1:] in (
+            root.path, swap.path, eph.path)
+    bhyve_argv.validate(argv, PATHS)
+    outside = DiskSpec("/dev/zvol/zroot/other/swap", name="swap")
+    bad = bhyve_argv.build(dataclasses.replace(spec, disks=(root, outside)),
+                           PATHS, NVRAM)
+    with pytest.raises(bhyve_argv.ArgvError, match="zvol under"):
+        bhyve_argv.validate(bad, PATHS)
 
 
 def test_optional_parts():

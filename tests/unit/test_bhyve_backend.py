@@ -7,9 +7,11 @@ from unittest import mock
 
 import pytest
 
+from nova import objects
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import bhyve, power
 from nova_bhyve.machine.base import (
+    DiskSpec,
     MachineError,
     MachineSpec,
     MachineState,
@@ -172,6 +174,8 @@ def test_migration_targets_of_source_and_destination(backend, monkeypatch):
     assert backend.state(UUID) is MachineState.PAUSED
     backend.helper.start_guest.assert_not_called()
 
+    monkeypatch.setattr(bhyve.processutils, "execute",
+                        mock.Mock(return_value=("", "")))   # zfs list
     _create(backend, monkeypatch)           # a fresh record: not incoming
     assert not backend.is_incoming(UUID)
     with pytest.raises(MachineError, match="does not run on this host"):
@@ -314,3 +318,80 @@ def test_vifs_are_taps_on_their_bridges(backend, monkeypatch):
     backend.unplug_vifs(spec)
     backend.helper.destroy_tap.assert_called_once_with(
         "tap0a1b2c3d-4e", "nbr3f2a9c1e7b4")
+
+
+def test_swap_and_ephemeral_disks_are_zvols_after_the_root_disk(
+        backend, monkeypatch):
+    monkeypatch.setattr(bhyve.images, "fetch_raw", lambda c, i, p: None)
+    instance = types.SimpleNamespace(flavor=types.SimpleNamespace(root_gb=5))
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512, disks=(
+        DiskSpec(name="swap", size_mb=512), DiskSpec(name="eph0", size_mb=2048)))
+    spec = backend.create(None, instance, spec, objects.ImageMeta.from_dict({}))
+    assert [c.args + tuple(sorted(c.kwargs.items()))
+            for c in backend.helper.zfs.call_args_list] == [
+        ("create-volume", f"zroot/nova/{UUID}-disk0", ("size_gb", 5)),
+        ("create-volume", f"zroot/nova/{UUID}-swap", ("size_mb", 512)),
+        ("create-volume", f"zroot/nova/{UUID}-eph0", ("size_mb", 2048))]
+    zvols = {"disk": f"/dev/zvol/zroot/nova/{UUID}-disk0",
+             "swap": f"/dev/zvol/zroot/nova/{UUID}-swap",
+             "eph0": f"/dev/zvol/zroot/nova/{UUID}-eph0"}
+    assert [(d.name, d.path, d.boot) for d in spec.disks] == [
+        ("disk", zvols["disk"], True), ("swap", zvols["swap"], False),
+        ("eph0", zvols["eph0"], False)]
+    assert backend.disk_paths(UUID) == zvols
+    argv = backend._argv(spec)
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-s"][2:5] == [
+        f"2,virtio-blk,{zvols['disk']}", f"3,virtio-blk,{zvols['swap']}",
+        f"4,virtio-blk,{zvols['eph0']}"]
+    bhyve.bhyve_argv.validate(argv, backend.paths)
+
+
+def test_delete_destroys_every_zvol_of_the_instance(backend, monkeypatch):
+    listing = "\n".join(["zroot/nova/images", f"zroot/nova/{UUID}-disk0",
+                         f"zroot/nova/{UUID}-swap", f"zroot/nova/{UUID}-eph0",
+                         "zroot/nova/1a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d-disk0"])
+    execute = mock.Mock(return_value=(listing + "\n", ""))
+    monkeypatch.setattr(bhyve.processutils, "execute", execute)
+    backend.delete_files(UUID, destroy_disks=True)
+    assert execute.call_args.args == (
+        CONF.bhyve.zfs_path, "list", "-H", "-o", "name", "-t", "volume",
+        "-d", "1", "zroot/nova")
+    assert [c.args for c in backend.helper.zfs.call_args_list] == [
+        ("destroy", f"zroot/nova/{UUID}-disk0"),
+        ("destroy", f"zroot/nova/{UUID}-swap"),
+        ("destroy", f"zroot/nova/{UUID}-eph0")]
+
+
+def test_recreate_remakes_a_resized_swap_and_keeps_ephemeral_data(
+        backend, monkeypatch):
+    os.makedirs(backend._dir(UUID))
+    open(backend._path(UUID, "machine.json"), "w").write("{}")
+    sizes = {f"zroot/nova/{UUID}-swap": 256 << 20,
+             f"zroot/nova/{UUID}-eph0": 1 << 30}
+
+    def execute(*argv, **kw):
+        if argv[1] == "list":
+            return "\n".join(sizes) + f"\nzroot/nova/{UUID}-eph1\n", ""
+        return f"{sizes[argv[-1]]}\n", ""
+    monkeypatch.setattr(bhyve.processutils, "execute", execute)
+    real_exists = os.path.exists
+    monkeypatch.setattr(bhyve.os.path, "exists", lambda p: p.startswith(
+        "/dev/zvol/") or real_exists(p))
+    instance = types.SimpleNamespace(flavor=types.SimpleNamespace(root_gb=1))
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512, disks=(
+        DiskSpec(name="swap", size_mb=512), DiskSpec(name="eph0", size_mb=1024)))
+    backend.create(None, instance, spec, objects.ImageMeta.from_dict({}))
+    calls = [c.args + tuple(c.kwargs.values())
+             for c in backend.helper.zfs.call_args_list]
+    assert calls[1:] == [
+        ("destroy", f"zroot/nova/{UUID}-swap"),
+        ("create-volume", f"zroot/nova/{UUID}-swap", 512),
+        ("destroy", f"zroot/nova/{UUID}-eph1")]     # no longer in the flavor
+
+
+def test_grow_an_ephemeral_zvol(backend, monkeypatch):
+    execute = mock.Mock(return_value=(f"{1 << 30}\n", ""))
+    monkeypatch.setattr(bhyve.processutils, "execute", execute)
+    backend.grow_disk(UUID, 3 << 30, "eph0")
+    backend.helper.zfs.assert_called_once_with(
+        "resize", f"zroot/nova/{UUID}-eph0", size_gb=3)

@@ -16,9 +16,10 @@ UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
 CONF = bhyve_driver.CONF
 
 
-def _flavor(root_gb=1, memory_mb=128, vcpus=1):
+def _flavor(root_gb=1, memory_mb=128, vcpus=1, ephemeral_gb=0, swap=0):
     return types.SimpleNamespace(root_gb=root_gb, memory_mb=memory_mb,
-                                 vcpus=vcpus, ephemeral_gb=0, swap=0)
+                                 vcpus=vcpus, ephemeral_gb=ephemeral_gb,
+                                 swap=swap)
 
 
 @pytest.fixture
@@ -30,14 +31,16 @@ def drv(tmp_path, monkeypatch):
     disk = tmp_path / "disk"
     disk.write_bytes(b"root disk")
     d.backend.disk_path.return_value = str(disk)
+    d.backend.disk_paths.return_value = {"disk": str(disk)}
     d._host = "src"
     monkeypatch.setattr(cold.ColdMigrationMixin, "_same_host",
                         staticmethod(lambda ctx, inst: False))
     monkeypatch.setattr(cold, "inbound_addr", lambda: "127.0.0.1")
     monkeypatch.setattr(cold, "events", mock.Mock())
     yield d
-    for offer in d._disk_offers.values():
-        offer.close()
+    for offers in d._disk_offers.values():
+        for offer in offers:
+            offer.close()
 
 
 def _instance(**kw):
@@ -51,9 +54,11 @@ def test_power_off_and_offer_the_disk(drv):
     info = json.loads(drv.migrate_disk_and_power_off(
         None, _instance(), "192.0.2.9", _flavor(root_gb=2), [], None, 30, 5))
     drv.backend.stop.assert_called_once_with(UUID, 30, 5)
-    assert info["addr"].startswith("127.0.0.1:")
-    assert len(base64.b64decode(info["token"])) == 32
-    assert info["size"] == len(b"root disk")
+    [offer] = info["disks"]
+    assert offer["name"] == "disk"
+    assert offer["addr"].startswith("127.0.0.1:")
+    assert len(base64.b64decode(offer["token"])) == 32
+    assert offer["size"] == len(b"root disk")
     assert UUID in drv._disk_offers
     drv.confirm_migration(None, types.SimpleNamespace(
         source_compute="src", dest_compute="dst"), _instance(), [])
@@ -66,8 +71,61 @@ def test_the_root_disk_cannot_shrink(drv):
     with pytest.raises(exception.InstanceFaultRollback) as err:
         drv.migrate_disk_and_power_off(None, _instance(flavor=_flavor(5)),
                                        "d", _flavor(root_gb=2), [])
-    assert "cannot shrink" in str(err.value.inner_exception)
+    assert "root disk cannot shrink" in str(err.value.inner_exception)
     drv.backend.stop.assert_not_called()
+
+
+def test_ephemeral_disks_cannot_shrink_but_swap_may(drv):
+    bdi = {"ephemerals": [{"size": 2, "num": 0}]}
+    inst = _instance(flavor=_flavor(ephemeral_gb=2, swap=512))
+    with pytest.raises(exception.InstanceFaultRollback) as err:
+        drv.migrate_disk_and_power_off(None, inst, "d", _flavor(ephemeral_gb=1),
+                                       [], bdi)
+    assert ("ephemeral disks cannot shrink from 2 GiB to 1 GiB"
+            in str(err.value.inner_exception))
+    drv.backend.stop.assert_not_called()
+    drv.migrate_disk_and_power_off(None, inst, "d",
+                                   _flavor(ephemeral_gb=2, swap=0), [], bdi)
+    drv.backend.stop.assert_called_once()
+
+
+def test_every_disk_is_offered_and_copied_a_resized_swap_is_made_anew(
+        drv, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    disks = {}
+    for name, data in (("disk", b"root"), ("swap", b"swap data"),
+                       ("eph0", b"ephemeral data")):
+        (src / name).write_bytes(data)
+        disks[name] = str(src / name)
+    drv.backend.disk_paths.return_value = disks
+    inst = _instance(flavor=_flavor(ephemeral_gb=1, swap=1))
+    info = drv.migrate_disk_and_power_off(
+        None, inst, "d", _flavor(root_gb=2, ephemeral_gb=3, swap=2), [])
+    assert [d["name"] for d in json.loads(info)["disks"]] == [
+        "disk", "swap", "eph0"]
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+
+    def create(ctx, instance, spec, meta):
+        """The destination makes its files for the new flavor."""
+        (dst / "disk").write_bytes(b"")
+        (dst / "swap").write_bytes(b"\0" * 2)      # the new swap size
+        (dst / "eph0").write_bytes(b"")
+        return spec
+    drv.backend.create.side_effect = create
+    drv.backend.disk_paths.return_value = {n: str(dst / n) for n in disks}
+    new = _instance(flavor=_flavor(root_gb=2, ephemeral_gb=3, swap=2))
+    drv.finish_migration(None, None, new, info, [], None, True, {})
+    assert (dst / "disk").read_bytes() == b"root"
+    assert (dst / "eph0").read_bytes() == b"ephemeral data"
+    assert (dst / "swap").read_bytes() == b"\0\0"      # not copied
+    assert [c.args for c in drv.backend.grow_disk.call_args_list] == [
+        (UUID, 2 << 30), (UUID, 3 << 30, "eph0")]
+    spec = drv.backend.create.call_args.args[2]
+    assert [(d.name, d.size_mb) for d in spec.disks] == [
+        ("swap", 2), ("eph0", 3 << 10)]
 
 
 def test_backends_without_migration_are_refused(drv):
@@ -101,8 +159,9 @@ def test_finish_migration_pulls_the_disk(drv, monkeypatch):
     copy = mock.Mock(return_value=9)
     monkeypatch.setattr(cold.diskcopy, "copy", copy)
     token = base64.b64encode(b"t" * 32).decode()
-    info = json.dumps({"version": 1, "addr": "[fd00::2]:4000",
-                       "token": token, "size": 9})
+    info = json.dumps({"version": 1, "disks": [{
+        "name": "disk", "addr": "[fd00::2]:4000", "token": token,
+        "size": 9}]})
     drv.finish_migration(None, None, _instance(), info, [], None, False, {},
                          power_on=False)
     args = copy.call_args
@@ -116,7 +175,8 @@ def test_finish_migration_pulls_the_disk(drv, monkeypatch):
 def test_a_failed_pull_removes_the_new_files(drv, monkeypatch):
     monkeypatch.setattr(cold.diskcopy, "copy", mock.Mock(
         side_effect=cold.diskcopy.DiskCopyError("the peer closed")))
-    info = json.dumps({"addr": "127.0.0.1:1", "token": "dA==", "size": 1})
+    info = json.dumps({"disks": [{"name": "disk", "addr": "127.0.0.1:1",
+                                  "token": "dA==", "size": 1}]})
     with pytest.raises(exception.MigrationError, match="the peer closed"):
         drv.finish_migration(None, None, _instance(), info, [], None, False,
                              {})

@@ -199,6 +199,27 @@ def test_volumes_are_refused_before_anything_is_made(driver):
     driver.backend.create.assert_not_called()
 
 
+def test_spawn_asks_the_backend_for_swap_and_ephemeral_disks(driver):
+    inst = _instance()
+    inst.flavor.swap, inst.flavor.ephemeral_gb = 512, 2
+    bdi = {"swap": {"device_name": "/dev/vdc", "swap_size": 512},
+           "ephemerals": [{"device_name": "/dev/vdb", "size": 2, "num": 0}]}
+    driver.spawn(None, inst, None, [], None, {}, block_device_info=bdi)
+    spec = driver.backend.create.call_args.args[2]
+    assert [(d.name, d.size_mb, d.path) for d in spec.disks] == [
+        ("swap", 512, ""), ("eph0", 2048, "")]
+    driver.backend.start.assert_called_once_with(UUID)
+
+
+def test_more_extra_disks_than_bhyve_has_slots_are_refused(driver):
+    bdi = {"ephemerals": [{"size": 1, "num": i} for i in range(18)]}
+    with pytest.raises(exception.InstanceDeployFailure,
+                       match="more than 17 swap and ephemeral disks"):
+        driver.spawn(None, _instance(), None, [], None, {},
+                     block_device_info=bdi)
+    driver.backend.create.assert_not_called()
+
+
 @pytest.mark.parametrize("state,expected", [
     (MachineState.RUNNING, power_state.RUNNING),
     (MachineState.PAUSED, power_state.PAUSED),

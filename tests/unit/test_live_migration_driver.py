@@ -1,5 +1,6 @@
 """BhyveDriver.live_migration against a scripted engine: every ending."""
 
+import json
 import threading
 import types
 from unittest import mock
@@ -11,6 +12,7 @@ from nova import exception, objects
 from nova_bhyve.machine.base import Backend, HostFacts
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration import live
+from nova_bhyve.migration.diskcopy import copy as REAL_COPY
 from nova_bhyve.native.engine import (
     ErrorKind,
     MigrationError,
@@ -84,6 +86,7 @@ def env(monkeypatch):
     drv.backend.has_dirty_log = True
     drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
     drv.backend.disk_path.return_value = "/run/x/disk"
+    drv.backend.disk_paths.return_value = {"disk": "/run/x/disk"}
     drv.backend.host_facts.return_value = HostFacts(
         vcpus=2, memory_mb=4096, memory_mb_used=100, disk_gb=10,
         disk_gb_used=1, hypervisor_type="bhyve", hypervisor_version=1,
@@ -102,7 +105,7 @@ def env(monkeypatch):
     data.block_migration = True
     data.target_connect_addr = "127.0.0.1:40000"
     mdata.put(data, "mode", "live")
-    mdata.put(data, "disk_port", 40001)
+    mdata.put(data, "disk_ports", "disk:40001")
     dst_pub, dst_secrets = mdata.answer(drv._lm_keys.new(UUID), UUID)
     mdata.put(data, "dst_key", dst_pub)
     objects.register_all()
@@ -382,6 +385,60 @@ def test_failed_pre_live_migration_removes_what_it_made(env):
     assert UUID not in env.drv._incoming
 
 
+def test_block_migration_copies_every_disk_to_its_own_listener(
+        env, tmp_path, monkeypatch):
+    """pre_live_migration here, live_migration here: real disk copies."""
+    monkeypatch.setattr(live.diskcopy, "copy", REAL_COPY)
+    monkeypatch.setattr(live, "inbound_addr", lambda: "127.0.0.1")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    names = ("disk", "swap", "eph0")
+    for name in names:
+        (src / name).write_bytes(name.encode() * 1000)
+        (dst / name).write_bytes(b"")
+    env.drv.backend.list_machines.return_value = []
+    env.drv.backend.disk_paths.return_value = {n: str(dst / n) for n in names}
+    env.engine.receive.return_value.port = 40000
+    data = mdata.new_data()
+    data.block_migration = True
+    mdata.put(data, "src_key", env.drv._lm_keys.new(UUID))
+    data.migration = env.data.migration
+    env.drv.pre_live_migration(None, env.inst, None, [], None, data)
+    ports = mdata.get(data, "disk_ports").split(",")
+    assert [p.split(":")[0] for p in ports] == list(names)
+    assert len({p.split(":")[1] for p in ports}) == 3
+
+    env.drv.backend.disk_paths.return_value = {n: str(src / n) for n in names}
+    env.send.script = [_done()]
+    env.drv.live_migration(None, env.inst, "dst", env.post, env.recover,
+                           True, data)
+    env.post.assert_called_once()
+    for name in names:
+        assert (dst / name).read_bytes() == name.encode() * 1000
+    env.drv._incoming.pop(UUID).close()
+
+
+def test_a_disk_without_a_listener_fails_before_any_copy(env):
+    env.drv.backend.disk_paths.return_value = {"disk": "/run/x/disk",
+                                               "swap": "/run/x/disk.swap"}
+    _migrate(env)
+    live.diskcopy.copy.assert_not_called()
+    env.engine.send.assert_not_called()
+    env.recover.assert_called_once()
+    assert "no listener for disk swap" in env.events.finish.call_args.args[3]
+
+
+def test_disk_info_and_space_check_count_every_disk(env, tmp_path):
+    for name, size in (("disk", 4096), ("disk.swap", 8192)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    env.drv.backend.disk_paths.return_value = {
+        "disk": str(tmp_path / "disk"), "swap": str(tmp_path / "disk.swap")}
+    info = json.loads(env.drv.get_instance_disk_info(env.inst))
+    assert [(d["path"], d["virt_disk_size"]) for d in info] == [
+        (str(tmp_path / "disk"), 4096), (str(tmp_path / "disk.swap"), 8192)]
+
+
 def _dest_check(env, tmp_path, **kw):
     tmp_path.mkdir(exist_ok=True)
     env.drv.backend.instances_path = str(tmp_path)
@@ -394,7 +451,7 @@ def _dest_check(env, tmp_path, **kw):
 def test_source_check_sets_block_migration_mode_and_key(env, tmp_path):
     disk = tmp_path / "disk"
     disk.write_bytes(b"x")
-    env.drv.backend.disk_path.return_value = str(disk)
+    env.drv.backend.disk_paths.return_value = {"disk": str(disk)}
     data = _dest_check(env, tmp_path / "elsewhere", block_migration=None)
     (tmp_path / "elsewhere").mkdir(exist_ok=True)
     env.drv.backend.instances_path = str(tmp_path)   # the source's own path
@@ -421,7 +478,7 @@ def test_source_check_refuses_no_block_migration(env, tmp_path):
 def test_warm_without_a_dirty_log_on_the_destination(env, tmp_path):
     disk = tmp_path / "disk"
     disk.write_bytes(b"x")
-    env.drv.backend.disk_path.return_value = str(disk)
+    env.drv.backend.disk_paths.return_value = {"disk": str(disk)}
     env.flags(live_migration_dirty_log="no")
     data = _dest_check(env, tmp_path / "d", block_migration=None)
     env.flags(live_migration_dirty_log="auto")

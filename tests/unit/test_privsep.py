@@ -128,6 +128,10 @@ def test_entrypoints_check_before_running(execute):
     with pytest.raises(privsep.PrivilegeError):
         privsep.zfs("create-volume", f"zroot/nova/{UUID}-disk0", size_gb=10**9)
     with pytest.raises(privsep.PrivilegeError):
+        privsep.zfs("create-volume", f"zroot/nova/{UUID}-swap", size_mb="1G")
+    with pytest.raises(privsep.PrivilegeError):
+        privsep.zfs("create-volume", "zroot/nova/../swap", size_mb=512)
+    with pytest.raises(privsep.PrivilegeError):
         privsep.destroy_vmm("not-a-uuid")
     with pytest.raises(privsep.PrivilegeError):
         privsep.checkpoint_guest(UUID, "/tmp/ckp")
@@ -143,6 +147,10 @@ def test_entrypoints_check_before_running(execute):
 
 
 def test_entrypoints_build_their_own_commands(execute):
+    privsep.zfs("create-volume", f"zroot/nova/{UUID}-swap", size_mb=512)
+    assert execute.call_args.args == (
+        "/sbin/zfs", "create", "-p", "-s", "-V", "512M", "-o", "volmode=dev",
+        "-o", "snapdev=visible", f"zroot/nova/{UUID}-swap")
     privsep.zfs("clone", f"zroot/nova/{UUID}-disk0",
                 origin="zroot/nova/images/abc@base")
     assert execute.call_args.args == (

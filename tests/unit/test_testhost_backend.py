@@ -1,14 +1,17 @@
-"""The test-host backend's networking: taps through the privileged helper."""
+"""The test-host backend: taps through the privileged helper, disk files."""
 
+import os
+import types
 from unittest import mock
 
 import pytest
 from oslo_concurrency import processutils
 
+from nova import objects
 from nova_bhyve import privsep
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import testhost
-from nova_bhyve.machine.base import MachineError, MachineSpec, NicSpec
+from nova_bhyve.machine.base import DiskSpec, MachineError, MachineSpec, NicSpec
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 NICS = (NicSpec("v1", "tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "nbr3f2a9c1e7b4"),
@@ -58,3 +61,66 @@ def test_a_failed_ip_command_is_a_machine_error(backend):
     spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=64, nics=NICS[:1])
     with pytest.raises(MachineError, match="cannot unplug tap0a1b2c3d-4e"):
         backend.unplug_vifs(spec)
+
+
+def _flavor_instance(root_gb=1):
+    return types.SimpleNamespace(
+        uuid=UUID, flavor=types.SimpleNamespace(root_gb=root_gb))
+
+
+def _create(backend, *extras):
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=64, disks=extras)
+    return backend.create(None, _flavor_instance(), spec,
+                          objects.ImageMeta.from_dict({}))
+
+
+def test_swap_and_ephemeral_disks_are_sparse_files_in_the_instance_dir(
+        backend, tmp_path):
+    spec = _create(backend, DiskSpec(name="swap", size_mb=512),
+                   DiskSpec(name="eph0", size_mb=2048))
+    d = tmp_path / UUID
+    assert [(x.name, x.path, x.boot) for x in spec.disks] == [
+        ("disk", str(d / "disk"), True), ("swap", str(d / "disk.swap"), False),
+        ("eph0", str(d / "disk.eph0"), False)]
+    assert os.path.getsize(d / "disk.swap") == 512 << 20
+    assert os.path.getsize(d / "disk.eph0") == 2 << 30
+    assert os.stat(d / "disk.eph0").st_blocks == 0      # sparse
+    assert backend.disk_paths(UUID) == {
+        "disk": str(d / "disk"), "swap": str(d / "disk.swap"),
+        "eph0": str(d / "disk.eph0")}
+    assert backend.diagnostics(UUID)["disks"] == list(
+        backend.disk_paths(UUID).values())
+
+
+def test_create_again_keeps_ephemeral_data_and_remakes_a_resized_swap(
+        backend, tmp_path):
+    _create(backend, DiskSpec(name="swap", size_mb=16),
+            DiskSpec(name="eph0", size_mb=16))
+    d = tmp_path / UUID
+    for name in ("disk.swap", "disk.eph0"):
+        with open(d / name, "r+b") as f:
+            f.write(b"data")
+    _create(backend, DiskSpec(name="swap", size_mb=16),
+            DiskSpec(name="eph0", size_mb=16))
+    assert (d / "disk.swap").read_bytes()[:4] == b"data"     # a revert
+    _create(backend, DiskSpec(name="swap", size_mb=32),
+            DiskSpec(name="eph0", size_mb=16))
+    assert (d / "disk.swap").read_bytes()[:4] == b"\0\0\0\0"
+    assert os.path.getsize(d / "disk.swap") == 32 << 20
+    assert (d / "disk.eph0").read_bytes()[:4] == b"data"
+    _create(backend, DiskSpec(name="eph0", size_mb=16))      # swap dropped
+    assert not (d / "disk.swap").exists()
+
+
+def test_grow_an_ephemeral_disk_and_delete_keeping_or_not_the_disks(
+        backend, tmp_path):
+    _create(backend, DiskSpec(name="eph0", size_mb=16))
+    backend.grow_disk(UUID, 32 << 20, "eph0")
+    backend.grow_disk(UUID, 8 << 20, "eph0")            # never shrinks
+    d = tmp_path / UUID
+    assert os.path.getsize(d / "disk.eph0") == 32 << 20
+    (d / "console.log").write_text("x")
+    backend.delete_files(UUID, destroy_disks=False)
+    assert sorted(os.listdir(d)) == ["disk", "disk.eph0"]
+    backend.delete_files(UUID, destroy_disks=True)
+    assert not d.exists()
