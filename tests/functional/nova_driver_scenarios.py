@@ -205,6 +205,31 @@ class BhyveDriverLifecycleTest(integrated_helpers.ProviderUsageBaseTestCase):
         self.assertFalse(os.path.exists(
             os.path.join(self.instances_path, server["id"])))
 
+    def test_swap_and_ephemeral_disks_through_the_api(self):
+        """A flavor with swap and an ephemeral disk, as Tempest's swap tests."""
+        flavor = self._create_flavor(memory_mb=128, vcpu=1, disk=0,
+                                     ephemeral=1, swap=64)
+        server = self._create_server(image_uuid=IMAGE_ID, flavor_id=flavor,
+                                     networks="none")
+        self.assertEqual(RUNNING, server["OS-EXT-STS:power_state"])
+        report = self._wait_heartbeats(server)
+        self.assertEqual(0, report.errors)
+        # the test host's VM attaches no disks: the files are what a bhyve
+        # guest would get, blank and sparse
+        folder = os.path.join(self.instances_path, server["id"])
+        disks = self.driver.backend.disk_paths(server["id"])
+        self.assertEqual({"disk": f"{folder}/disk",
+                          "swap": f"{folder}/disk.swap",
+                          "eph0": f"{folder}/disk.eph0"}, disks)
+        self.assertEqual(64 << 20, os.path.getsize(disks["swap"]))
+        self.assertEqual(1 << 30, os.path.getsize(disks["eph0"]))
+        self.assertEqual(0, os.stat(disks["eph0"]).st_blocks)
+        instance = mock.Mock(uuid=server["id"])
+        self.assertEqual(3, len(self.driver.get_instance_diagnostics(
+            instance).disk_details))
+        self._delete_server(server)
+        self.assertFalse(os.path.exists(folder))
+
     def test_guest_killed_outside_nova_is_crashed_and_becomes_shutoff(self):
         server = self._boot()
         self._wait_heartbeats(server, count=5)

@@ -190,9 +190,9 @@ class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
                 drv.backend.destroy(uuid)
 
     # -- guests ---------------------------------------------------------------
-    def _boot(self, host="host1", image="stress"):
+    def _boot(self, host="host1", image="stress", flavor_id=None):
         server = self._create_server(image_uuid=IMAGES[image][0],
-                                     flavor_id=self.flavor_id,
+                                     flavor_id=flavor_id or self.flavor_id,
                                      networks="none", host=host)
         self.assertEqual(host, server["OS-EXT-SRV-ATTR:host"])
         self._wait_passes(host, server, 1)
@@ -609,7 +609,75 @@ class ColdMigrationTest(MigrationTestBase):
         self.assertEqual("host2", inst.host)
 
 
+class ExtraDisksTest(MigrationTestBase):
+    """A flavor with swap and an ephemeral disk moves with all its disks.
+
+    The test host's VM attaches no disks, so a marker written into each
+    file stands for what a bhyve guest would have written to it.
+    """
+
+    NAMES = ("disk", "swap", "eph0")
+
+    def setUp(self):
+        super().setUp()
+        self.extra_flavor = self._create_flavor(memory_mb=128, vcpu=1, disk=0,
+                                                ephemeral=1, swap=64)
+
+    def _boot_with_markers(self):
+        server = self._boot(flavor_id=self.extra_flavor)
+        paths = self.drivers["host1"].backend.disk_paths(server["id"])
+        self.assertEqual(list(self.NAMES), list(paths))
+        for name in ("swap", "eph0"):
+            with open(paths[name], "r+b") as f:
+                f.seek(1 << 20)
+                f.write(f"marker of {name}".encode())
+        return server
+
+    def _assert_disks_on(self, host, server):
+        """``host`` has every disk, markers intact; the other host none."""
+        folder = os.path.join(self.drivers[host].backend.instances_path,
+                              server["id"])
+        paths = self.drivers[host].backend.disk_paths(server["id"])
+        self.assertEqual({n: os.path.join(folder, "disk" if n == "disk" else
+                                          f"disk.{n}") for n in self.NAMES},
+                         paths)
+        self.assertEqual(64 << 20, os.path.getsize(paths["swap"]))
+        self.assertEqual(1 << 30, os.path.getsize(paths["eph0"]))
+        for name in ("swap", "eph0"):
+            with open(paths[name], "rb") as f:
+                f.seek(1 << 20)
+                self.assertEqual(f"marker of {name}".encode(),
+                                 f.read(len(f"marker of {name}")))
+        with open(paths["disk"], "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read(len(IMAGE_DATA)))
+
+    def test_cold_migrate_and_confirm_with_swap_and_ephemeral(self):
+        server = self._boot_with_markers()
+        server = self._migrate_server(server, host="host2")
+        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
+        self._wait_passes("host2", server, 1)
+        self._assert_disks_on("host2", server)
+        server = self._confirm_resize(server)
+        self._wait(lambda: self._gone("host1", server),
+                   "the source to drop the old guest and its disks",
+                   timeout=30)
+        self._assert_guest_alive("host2", server)
+        self._assert_no_secret_logged(derived=0, disk=3)
+
+    def test_live_block_migrate_with_swap_and_ephemeral(self):
+        server = self._boot_with_markers()
+        self._start_live_migration(server)
+        server = self._wait_done(server, "host2")
+        self._assert_moved(server, "host1", "host2")
+        self._assert_disks_on("host2", server)
+        disk = self._event(server, "live-migration", "bhyve_disk_copy")
+        self.assertIn(f"bytes={len(IMAGE_DATA) + (64 << 20) + (1 << 30)} ",
+                      disk["event"])
+        self._assert_no_secret_logged(derived=2, disk=3)
+
+
 if __name__ == "__main__":
     sys.exit(nova_scenarios.main(
-        __name__, [LiveMigrationTest, HotGuestTest, ColdMigrationTest],
+        __name__, [LiveMigrationTest, HotGuestTest, ColdMigrationTest,
+                   ExtraDisksTest],
         sys.argv[1:]))

@@ -22,6 +22,7 @@ EXPECTED = {
     "test_guest_killed_outside_nova_is_crashed_and_becomes_shutoff",
     "test_placement_inventory_matches_the_host",
     "test_snapshot_uploads_the_root_disk",
+    "test_swap_and_ephemeral_disks_through_the_api",
 }
 
 

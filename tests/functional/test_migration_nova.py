@@ -36,6 +36,8 @@ COLD = {
     "test_cold_migrate_and_revert",
     "test_resize_and_revert",
     "test_evacuate_and_the_old_host_coming_back",
+    "test_cold_migrate_and_confirm_with_swap_and_ephemeral",
+    "test_live_block_migrate_with_swap_and_ephemeral",
 }
 EVENTLET = [
     "LiveMigrationTest.test_live_migrate_to_a_named_host",
