@@ -27,7 +27,11 @@ from tests.cloud.guests import GuestCheckFailed, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_ADDR = {"host1": "127.0.0.2", "host2": "127.0.0.3"}  # tools/cloudctl/layout
+# A stress guest rewrites its 256 MiB working set faster than either link
+# carries it: the migration runs until aborted or forced (the pause of a
+# forced switch-over is the working set over the faster link, ~8 s).
 SLOW_LINK = "48mbit"
+FORCE_LINK = "256mbit"
 PREFIX = "nb-cli-"
 
 
@@ -236,7 +240,7 @@ def step_force_complete(ctx):
     src = host_of(uuid)
     follower = guests.ConsoleFollower(src, uuid)
     follower.start()
-    with Link(other(src), SLOW_LINK):
+    with Link(other(src), FORCE_LINK):
         mig = start_slow_migration(uuid)
         time.sleep(2)
         cli.os("server", "migration", "force", "complete", uuid,

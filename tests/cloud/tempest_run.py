@@ -112,8 +112,14 @@ def tempest_conf():
 
 def prepare():
     if not (WORKSPACE / ".stestr.conf").exists():
-        subprocess.run(["tempest", "init", str(WORKSPACE)], check=True,
-                       capture_output=True)
+        # the workspace registry lives in the cloud's folder too (tempest's
+        # default, ~/.tempest, would outlive `tools/cloud clean`)
+        proc = subprocess.run(
+            ["tempest", "init", "--name", "nova-bhyve-cloud",
+             "--workspace-path", str(CLOUD_DIR / "tempest-workspaces.yaml"),
+             str(WORKSPACE)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"tempest init failed: {proc.stderr.strip()[-1500:]}")
     conf = WORKSPACE / "etc" / "tempest.conf"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

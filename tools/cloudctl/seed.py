@@ -29,7 +29,7 @@ FLAVORS = {"m1.nano": (1, 128, 1), "m1.micro": (1, 192, 1),
            "m1.stress": (1, 1024, 1)}
 # name: guest payload command line (image property bhyve_testhost_cmdline)
 IMAGES = {"nb-guest": "mode=idle", "nb-guest-alt": "mode=idle",
-          "nb-stress": "mode=stress pattern=random ws=16M"}
+          "nb-stress": "mode=stress pattern=touch ws=256M"}
 IMAGE_BYTES = 1 << 20
 NETWORK, SUBNET, CIDR = "private", "private-subnet", "192.0.2.0/24"
 
