@@ -33,11 +33,19 @@ def console_text(host, uuid):
         return ""
 
 
-def current_boot(host, uuid):
-    """The console since the guest last booted (a revert or reboot boots anew)."""
-    text = console_text(host, uuid)
+def since_last_boot(text):
+    """The part of a console after the guest's last boot banner.
+
+    A revert, reboot or power-on boots the payload anew in the same
+    console.log, and its heartbeats start again from 1.
+    """
     banner = text.rfind("NBGUEST ")
     return text[text.rfind("\n", 0, banner) + 1:] if banner > 0 else text
+
+
+def current_boot(host, uuid):
+    """The console of the guest on ``host`` since it last booted."""
+    return since_last_boot(console_text(host, uuid))
 
 
 def hosts_running(uuid):
@@ -126,7 +134,7 @@ def check_continued(follower, dst, uuid):
     if not follower.complete:
         raise GuestCheckFailed(f"the source console of {uuid} vanished before "
                                "its VM ended: cannot check continuity")
-    src_text = follower.text.decode(errors="replace")
+    src_text = since_last_boot(follower.text.decode(errors="replace"))
     combined = parse_console(src_text + console_text(dst, uuid))
     if combined.sequence_breaks():
         raise GuestCheckFailed(f"guest {uuid}: heartbeats broken across the "
