@@ -12,18 +12,20 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import openstack
 
-HOST = "http://127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cloudctl.layout import REGION, url  # noqa: E402
+
 ENDPOINTS = {
     # service name: (type, description, url)
-    "nova": ("compute", "Compute", f"{HOST}:8774/v2.1"),
-    "glance": ("image", "Image", f"{HOST}:9292"),
-    "placement": ("placement", "Placement", f"{HOST}:8778"),
-    "neutron": ("network", "Networking", f"{HOST}:9696"),
+    "nova": ("compute", "Compute", url("nova", "/v2.1")),
+    "glance": ("image", "Image", url("glance")),
+    "placement": ("placement", "Placement", url("placement")),
+    "neutron": ("network", "Networking", url("neutron")),
 }
-REGION = "RegionOne"
 # name: (vcpus, MiB, root GB)
 FLAVORS = {"m1.nano": (1, 128, 1), "m1.micro": (1, 192, 1),
            "m1.stress": (1, 1024, 1)}
@@ -58,7 +60,7 @@ def identity(passwords_file):
             c.identity.update_user(user, password=pw[user_name])
         for role in roles.values():
             c.identity.assign_project_role_to_user(project, user, role)
-    for name, (stype, desc, url) in ENDPOINTS.items():
+    for name, (stype, desc, endpoint) in ENDPOINTS.items():
         service = c.identity.find_service(name)
         if service is None:
             service = c.identity.create_service(name=name, type=stype,
@@ -66,7 +68,7 @@ def identity(passwords_file):
         have = {e.interface for e in c.identity.endpoints(service_id=service.id)}
         for interface in ("public", "internal", "admin"):
             if interface not in have:
-                c.identity.create_endpoint(service_id=service.id, url=url,
+                c.identity.create_endpoint(service_id=service.id, url=endpoint,
                                            interface=interface,
                                            region_id=REGION)
 
