@@ -316,6 +316,11 @@ class LiveMigrationMixin:
         if incoming is not None:
             stats = incoming.recv.stats()
             handed_over = stats.committed or stats.guest_runs_here
+            if stats.finished and stats.error:
+                LOG.warning("This host's half of the migration ended %s in "
+                            "phase %s: %s", stats.result.name.lower(),
+                            stats.phase.name.lower(), stats.error,
+                            instance=instance)
         else:       # nova-compute restarted: only an incoming VM is safe
             try:
                 handed_over = self.backend.state(uuid) == MachineState.RUNNING

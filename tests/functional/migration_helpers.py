@@ -105,10 +105,16 @@ class FaultyProxy:
 
     ``corrupt_at``: flip one byte at this offset of the source-to-destination
     bytes of the first page connection (connection index 1).
+    ``join_delay``: hold every connection after the first (the page
+    channels) this many seconds before connecting it through, buffering
+    what the source sends on it meanwhile, as a busy destination that is
+    slow to accept does.
     """
 
-    def __init__(self, target_port, corrupt_at=None, record=False):
+    def __init__(self, target_port, corrupt_at=None, record=False,
+                 join_delay=0.0):
         self.target = ("127.0.0.1", target_port)
+        self.join_delay = join_delay
         self.corrupt_at = corrupt_at
         self.record = record
         self.recorded = []
@@ -129,17 +135,46 @@ class FaultyProxy:
                 a, _ = self.srv.accept()
             except OSError:
                 return
-            b = socket.create_connection(self.target)
             with self.lock:
-                self.conns += [a, b]
                 buf = bytearray() if self.record else None
                 self.recorded.append(buf)
-            corrupt = self.corrupt_at if index == 1 else None
-            threading.Thread(target=self._pump, args=(a, b, corrupt, buf, index),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, None, None, index),
+            threading.Thread(target=self._connect, args=(a, buf, index),
                              daemon=True).start()
             index += 1
+
+    def _connect(self, a, buf, index):
+        early = self._hold(a) if index and self.join_delay else b""
+        try:
+            b = socket.create_connection(self.target)
+            b.sendall(early)
+        except OSError:
+            a.close()
+            return
+        with self.lock:
+            self.conns += [a, b]
+        if buf is not None:
+            buf += early
+        corrupt = self.corrupt_at if index == 1 else None
+        threading.Thread(target=self._pump, args=(a, b, corrupt, buf, index),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(b, a, None, None, index),
+                         daemon=True).start()
+
+    def _hold(self, a):
+        """Read what the source sends for ``join_delay`` seconds."""
+        held = bytearray()
+        end = time.monotonic() + self.join_delay
+        while (left := end - time.monotonic()) > 0:
+            a.settimeout(left)
+            try:
+                data = a.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                break
+            held += data
+        a.settimeout(None)
+        return bytes(held)
 
     def _pump(self, a, b, corrupt, buf, index):
         seen = 0

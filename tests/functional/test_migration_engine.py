@@ -504,6 +504,30 @@ def test_a_paused_guest_moves_paused_and_resumes_intact(vms):
     assert_guest_continued(src, dst)
 
 
+def test_control_frames_that_overtake_the_page_channels_are_kept(vms):
+    """A quiet guest's STATE can reach the destination before it accepted
+    every page channel (a busy host): that is not the source giving up."""
+    src, dst = _pair(vms, "mode=idle", mem="256M")
+    wait_heartbeats(src, 2)
+    src.client.pause()
+    secret = new_secret()
+    recv = start_receive(dst, secret, keep_paused=True)
+    proxy = FaultyProxy(recv.port, join_delay=1.5)
+    send = start_send(src, proxy.port, secret, keep_paused=True, channels=4)
+    try:
+        s, d = wait_result(send, 60), wait_result(recv, 60)
+    finally:
+        send.close()
+        recv.close()
+        proxy.close()
+    assert s.result == Result.COMPLETED and d.result == Result.COMPLETED, (
+        s.error, d.error)
+    assert dst.client.status()["state"] == "paused"
+    assert src.stop() == 1
+    dst.client.resume()
+    assert_guest_continued(src, dst)
+
+
 def test_a_paused_guest_stays_paused_when_the_move_fails(vms):
     src, dst = _pair(vms, "mode=stress pattern=touch ws=16M", mem="256M")
     stress_ready(src)

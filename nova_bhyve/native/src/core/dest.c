@@ -62,6 +62,7 @@ struct dest {
     int failed;
     int kind;                   /* nb_error_kind of the phase that failed */
     struct nb_frame f;          /* the control frame the last phase waited for */
+    int early;                  /* f holds a control frame read while joining */
     struct nb_digest_msg dm;    /* the source's DIGEST */
 };
 
@@ -241,24 +242,21 @@ static void *receiver_main(void *arg)
     return NULL;
 }
 
-/*
- * Accept one connection, waiting at most the session timeout.  Once the
- * control connection is up (page channels joining), the source says
- * nothing on it: anything readable there means it gave up, so stop.
- */
+/* Note why the current phase failed; returns -1. */
+static int fail(struct dest *d, int kind)
+{
+    d->kind = kind;
+    return -1;
+}
+
+/* Accept one connection, waiting at most the session timeout. */
 static int accept_one(struct nb_mig *m, int *kind, char *err)
 {
-    struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
-                           { .fd = m->ctl.fd, .events = POLLIN } };
+    struct pollfd p = { .fd = m->listen_fd, .events = POLLIN };
     struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
     int fd, rc;
 
-    rc = poll(p, m->ctl.fd >= 0 ? 2 : 1, (int)m->p.timeout_ms);
-    if (rc > 0 && m->ctl.fd >= 0 && p[1].revents) {
-        nb_peer_gave_up(&m->ctl, "source", "before its page channels joined", err);
-        *kind = m->ctl.err_kind;
-        return -1;
-    }
+    rc = poll(&p, 1, (int)m->p.timeout_ms);
     if (rc <= 0 || atomic_load(&m->cancel_req)) {
         snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
                  : "stopped waiting for the source", m->p.timeout_ms);
@@ -278,14 +276,36 @@ static int accept_one(struct nb_mig *m, int *kind, char *err)
     return fd;
 }
 
-/* Take the next connection as the control channel. */
-/* Note why the current phase failed; returns -1. */
-static int fail(struct dest *d, int kind)
+/*
+ * While the page channels join, the source may already have sent its
+ * next control frame: a quiet guest's pages go out before this side has
+ * accepted every channel.  Wait until a channel is knocking; if the
+ * control channel speaks first, read that frame ahead (an ABORT ends the
+ * session) and keep it for the next phase.
+ */
+static int await_channel(struct dest *d, char *err)
 {
-    d->kind = kind;
-    return -1;
+    struct nb_mig *m = d->m;
+    struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
+                           { .fd = m->ctl.fd, .events = POLLIN } };
+    int rc = poll(p, d->early ? 1 : 2, (int)m->p.timeout_ms);
+
+    if (rc <= 0 || p[0].revents || d->early || !p[1].revents)
+        return 0;               /* accept_one reports timeouts and cancels */
+    if (nb_recv_frame(&m->ctl, &d->f, NB_MAX_CTRL_FRAME, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    if (d->f.type == NB_MSG_ABORT || d->f.type == NB_MSG_REFUSE) {
+        atomic_store(&m->cancel_req, d->f.type == NB_MSG_ABORT);
+        snprintf(err, NB_ERRLEN, "source %s before its page channels joined: %.*s",
+                 d->f.type == NB_MSG_ABORT ? "aborted" : "refused",
+                 (int)(d->f.len < 200 ? d->f.len : 200), (const char *)d->f.payload);
+        return fail(d, d->f.type == NB_MSG_ABORT ? NB_ERR_CANCELLED : NB_ERR_REFUSED);
+    }
+    d->early = 1;
+    return 0;
 }
 
+/* Take the next connection as the control channel. */
 static int open_control(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
@@ -402,8 +422,10 @@ static int join_channels(struct dest *d, char *err)
     struct nb_mig *m = d->m;
     int joined = 0, bad = 0;
     while (joined < d->nrcv) {
-        struct nb_chan c = { .fd = accept_one(m, &d->kind, err),
-                             .wire = &m->wire_bytes };
+        struct nb_chan c = { .fd = -1, .wire = &m->wire_bytes };
+        if (await_channel(d, err) < 0)
+            return -1;
+        c.fd = accept_one(m, &d->kind, err);
         if (c.fd < 0)
             return -1;
         if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
@@ -499,9 +521,11 @@ static int next_control(struct dest *d, uint8_t want, char *err)
     struct nb_mig *m = d->m;
     struct nb_frame *f = &d->f;
 
-    if (wait_control(d, err) < 0)
+    if (d->early)
+        d->early = 0;           /* read ahead while the channels joined */
+    else if (wait_control(d, err) < 0)
         return -1;
-    if (nb_recv_frame(&m->ctl, f, NB_MAX_CTRL_FRAME, err) < 0)
+    else if (nb_recv_frame(&m->ctl, f, NB_MAX_CTRL_FRAME, err) < 0)
         return fail(d, m->ctl.err_kind);
     if (f->type == want)
         return 0;
@@ -603,8 +627,10 @@ static int phase_commit(struct dest *d, char *err)
 
 /*
  * The epilogue, the only place that decides the result and who runs the
- * guest: here only after a completed COMMIT.  Then close the page
- * channels so the receivers finish, and reap them.
+ * guest: here only after a completed COMMIT.  A failure shuts the
+ * control channel, so the source does not wait out its timeout for an
+ * answer; then the page channels close so the receivers finish, and are
+ * reaped.
  */
 static void dest_finish(struct dest *d, int rc, const char *err)
 {
@@ -614,6 +640,8 @@ static void dest_finish(struct dest *d, int rc, const char *err)
         nb_fail(m, atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : d->kind, "%s",
                 err[0] ? err : "failed");
     nb_end(m, rc == 0 ? 0 : nb_fail_kind(m), rc == 0);
+    if (rc != 0 && m->ctl.fd >= 0)
+        shutdown(m->ctl.fd, SHUT_RDWR);     /* the source hears of it now */
     nb_shutdown_data(m);
     for (int i = 0; i < d->nrcv; i++)
         if (d->rcv[i].thread) {

@@ -423,6 +423,8 @@ static void source_finish(struct source *src, int rc, const char *err)
                                                          : src->kind,
             "%s", err[0] ? err : m->st.error);
     nb_end(m, nb_fail_kind(m), here);
+    if (m->ctl.fd >= 0)
+        shutdown(m->ctl.fd, SHUT_RDWR);     /* the destination hears of it now */
     nb_shutdown_data(m);
 }
 
