@@ -48,7 +48,8 @@ def receive(cfg):
     cpu0 = _cpu()
     mig = Migration.receive(vmm_target=cfg["vm"], secret=bytes.fromhex(cfg["secret"]),
                             host=cfg["host"], port=0,
-                            timeout_ms=int(cfg["timeout_s"] * 1000))
+                            timeout_ms=int(cfg["timeout_s"] * 1000),
+                            encrypt=cfg.get("encrypt", True))
     _out({"port": mig.port})
     t0 = time.monotonic()
     mig.wait(cfg["timeout_s"] + 60)
@@ -65,7 +66,8 @@ def send(cfg):
                          channels=cfg["channels"],
                          max_downtime_ms=cfg["max_downtime_ms"],
                          delta_cache=cfg["delta_cache"], max_bandwidth=0,
-                         verify=cfg["verify"], timeout_ms=30000)
+                         verify=cfg["verify"], timeout_ms=30000,
+                         encrypt=cfg.get("encrypt", True))
     dnf = not mig.wait(cfg["timeout_s"])
     if dnf:
         try:

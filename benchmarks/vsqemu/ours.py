@@ -107,8 +107,11 @@ class OursChain:
         """Let the guest run again."""
         self.vm.client.resume()
 
-    def migrate(self, link, config, timeout, downtime_ms):
-        """Migrate to a fresh test-host VM over ``link``; return the measurements."""
+    def migrate(self, link, config, timeout, downtime_ms, encrypt=True):
+        """Migrate to a fresh test-host VM over ``link``; return the measurements.
+
+        ``encrypt=False`` (both halves) only measures what the cipher costs.
+        """
         src = self.vm
         src_ns = self.net.ns_a
         dst_ns, addr, ifname = self.net.route(link, src_ns)
@@ -119,7 +122,7 @@ class OursChain:
             recv = _Half(dst_ns, "receive")
             halves.append(recv)
             recv.send({"vm": str(dst.socket_path), "secret": secret, "host": addr,
-                       "timeout_s": timeout})
+                       "timeout_s": timeout, "encrypt": encrypt})
             port = recv.read(30)["port"]
             send = _Half(src_ns, "send")
             halves.append(send)
@@ -129,7 +132,7 @@ class OursChain:
             wire0 = iface_bytes(recv.pid, ifname)
             send.send(dict(ENGINE, vm=str(src.socket_path), host=addr, port=port,
                            secret=secret, max_downtime_ms=downtime_ms,
-                           timeout_s=timeout))
+                           timeout_s=timeout, encrypt=encrypt))
             s = send.read(timeout + 60)
             r = recv.read(90)
             wire1 = iface_bytes(recv.pid, ifname)

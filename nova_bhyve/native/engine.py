@@ -7,8 +7,11 @@ return promptly (``wait`` blocks with the GIL released).  Protocol:
 
 import dataclasses
 import enum
+import logging
 
 from nova_bhyve.native._engine import ffi, lib
+
+LOG = logging.getLogger(__name__)
 
 
 class ErrorKind(enum.IntEnum):
@@ -231,7 +234,7 @@ _VERIFY = {"incremental": lib.NB_VERIFY_INCREMENTAL, "full": lib.NB_VERIFY_FULL}
 
 def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
             compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
-            verify, timeout_ms, keep_paused=False, keep):
+            verify, timeout_ms, keep_paused=False, encrypt=True, keep):
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
@@ -257,6 +260,10 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     p.verify = _VERIFY[verify]
     p.timeout_ms = int(timeout_ms)
     p.keep_paused = 1 if keep_paused else 0
+    if not encrypt:
+        LOG.warning("page channels in the clear (encrypt=False): guest memory "
+                    "crosses the wire readable by anyone on the path")
+    p.plaintext_pages = 0 if encrypt else 1
     return p
 
 
@@ -281,22 +288,25 @@ class Migration:
              vmm_kind=VmmKind.TESTHOST, channels=2, compress=False,
              zstd_level=1, delta_cache=64 << 20, max_bandwidth=0,
              max_downtime_ms=300, verify="incremental", timeout_ms=30000,
-             keep_paused=False):
+             keep_paused=False, encrypt=True):
         """Start migrating the VM at ``vmm_target`` to ``host:port``.
 
         ``keep_paused``: the guest is paused and stays so (never resumed here).
+        ``encrypt=False`` sends pages in the clear (both sides must say so;
+        for measuring the cipher's cost, never for production).
         """
         return cls._start(lib.nb_mig_send, True, dict(
             mode=mode, vmm_kind=vmm_kind, vmm_target=vmm_target, secret=secret,
             host=host, port=port, channels=channels, compress=compress,
             zstd_level=zstd_level, delta_cache=delta_cache,
             max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
-            verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused))
+            verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
+            encrypt=encrypt))
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
                 vmm_kind=VmmKind.TESTHOST, verify="incremental",
-                timeout_ms=30000, keep_paused=False):
+                timeout_ms=30000, keep_paused=False, encrypt=True):
         """Listen for a migration into ``vmm_target``; see ``port``.
 
         ``keep_paused``: take the guest over paused at the commit.
@@ -305,7 +315,8 @@ class Migration:
             mode=Mode.LIVE, vmm_kind=vmm_kind, vmm_target=vmm_target,
             secret=secret, host=host, port=port, channels=1, compress=False,
             zstd_level=1, delta_cache=0, max_bandwidth=0, max_downtime_ms=300,
-            verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused))
+            verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
+            encrypt=encrypt))
 
     def _handle(self):
         if self._h is None:

@@ -8,6 +8,8 @@ import struct
 import threading
 import time
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from nova_bhyve.native.engine import Migration, Phase, Result
 from nova_bhyve.testhost.console import parse_console
 
@@ -246,37 +248,63 @@ def crc32c(data, crc=0):
 
 
 MAGIC = b"NBMIG\x00\x00\x01"
+VERSION = 2
+TO_DEST, TO_SOURCE = 0, 1
+
+
+def direction_key(session_key, channel, direction):
+    """The AES-256-GCM key of one connection and direction (PROTOCOL.md)."""
+    info = (b"nbmig-aead" + MAGIC + struct.pack("<HH", VERSION, channel)
+            + bytes([direction]))
+    return hmac.new(session_key, info, hashlib.sha256).digest()
+
+
+def _nonce(seq):
+    return struct.pack("<I", seq) + bytes(8)
 
 
 class RawSource:
-    """Speaks the source side of the handshake by hand (PROTOCOL.md)."""
+    """Speaks the source side of the protocol by hand (PROTOCOL.md)."""
 
-    def __init__(self, port, secret):
+    def __init__(self, port, secret, channel=0):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.secret = secret
+        self.channel = channel
         self.seq = 0
         self.rseq = 0
-        self.key = None
+        self.key = None             # the session key, after the handshake
+        self.tx = self.rx = None    # AESGCM per direction, once sealed
 
-    def send(self, mtype, payload, length=None, seq=None, mac=True, channel=0):
-        """Send a frame; ``length``/``seq`` override the header fields."""
-        hdr = struct.pack("<BBHII", mtype, 1 if (self.key and mac) else 0, channel,
-                          self.seq if seq is None else seq,
+    def seal(self, session_key):
+        """Seal every later frame on this connection."""
+        self.tx = AESGCM(direction_key(session_key, self.channel, TO_DEST))
+        self.rx = AESGCM(direction_key(session_key, self.channel, TO_SOURCE))
+
+    def send(self, mtype, payload, length=None, seq=None, sealed=None, channel=None):
+        """Send a frame; ``length``/``seq``/``sealed`` override what is due."""
+        sealed = self.tx is not None if sealed is None else sealed
+        seq = self.seq if seq is None else seq
+        hdr = struct.pack("<BBHII", mtype, 1 if sealed else 0,
+                          self.channel if channel is None else channel, seq,
                           len(payload) if length is None else length)
-        tail = b""
-        if self.key and mac:
-            tail = hmac.new(self.key, hdr + payload, hashlib.sha256).digest()[:16]
-        crc = crc32c(hdr + payload + tail)
-        self.sock.sendall(hdr + struct.pack("<I", crc) + payload + tail)
+        if sealed:
+            body = self.tx.encrypt(_nonce(seq), payload, hdr)
+            crc = crc32c(hdr)
+        else:
+            body = payload
+            crc = crc32c(hdr + payload)
+        self.sock.sendall(hdr + struct.pack("<I", crc) + body)
         self.seq += 1
 
     def recv(self):
         """Receive one frame: (type, payload)."""
         hdr = self._exact(16)
-        mtype, flags, _chan, _seq, length, _crc = struct.unpack("<BBHIII", hdr)
-        payload = self._exact(length + (16 if flags & 1 else 0))
+        mtype, flags, _chan, seq, length, _crc = struct.unpack("<BBHIII", hdr)
+        body = self._exact(length + (16 if flags & 1 else 0))
+        if flags & 1:
+            body = self.rx.decrypt(_nonce(seq), body, hdr[:12])
         self.rseq += 1
-        return mtype, payload[:length]
+        return mtype, body
 
     def _exact(self, n):
         out = b""
@@ -288,9 +316,9 @@ class RawSource:
         return out
 
     def handshake(self):
-        """HELLO / CHALLENGE / AUTH; returns the CHALLENGE verdict."""
+        """HELLO / CHALLENGE / AUTH, then seal the control connection."""
         ns = os.urandom(32)
-        self.send(1, MAGIC + struct.pack("<HHI", 1, 1, 0) + ns)
+        self.send(1, MAGIC + struct.pack("<HHI", VERSION, VERSION, 0) + ns)
         mtype, payload = self.recv()
         assert mtype == 2, (mtype, payload)
         nd = payload[12:44]
@@ -300,6 +328,18 @@ class RawSource:
         self.send(3, proof)
         self.key = hmac.new(self.secret, b"nbmig-key" + ns + nd,
                             hashlib.sha256).digest()
+        self.seal(self.key)
+
+    def join(self, port, channel):
+        """Open page channel ``channel`` of this session (JOIN, unsealed)."""
+        page = RawSource(port, self.secret, channel)
+        sid = hmac.new(self.key, b"nbmig-sid", hashlib.sha256).digest()[:16]
+        idx = struct.pack("<H", channel)
+        token = hmac.new(self.key, b"nbmig-join" + sid + idx,
+                         hashlib.sha256).digest()
+        page.send(4, MAGIC + sid + idx + b"\0\0" + token)
+        page.seal(self.key)
+        return page
 
     def close(self):
         """Close the connection."""

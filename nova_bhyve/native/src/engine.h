@@ -69,6 +69,8 @@ struct nb_mig_params {
     uint32_t max_downtime_ms;   /* switch over once the rest fits in this */
     int verify;                 /* enum nb_verify */
     uint32_t timeout_ms;        /* connect, handshake and idle timeout */
+    int plaintext_pages;        /* 1: page channels unencrypted (measuring the
+                                 * cipher's cost only; both sides must agree) */
     int keep_paused;            /* the guest was paused before it moved and
                                  * stays so: the source never resumes it,
                                  * the destination takes it over paused */

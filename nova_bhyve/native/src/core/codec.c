@@ -125,42 +125,71 @@ int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page)
     return 0;
 }
 
-/* ---- keyed page hash ------------------------------------------------- */
-
-#define P1 0x9e3779b185ebca87ULL
-#define P2 0xc2b2ae3d27d4eb4fULL
-#define P3 0x165667b19e3779f9ULL
+/* ---- the memory digest's keyed hashes (PROTOCOL.md, "Memory digest") -- */
 
 static inline uint64_t rotl(uint64_t x, int r)
 {
     return (x << r) | (x >> (64 - r));
 }
 
-static inline uint64_t fmix(uint64_t h)
+static inline uint32_t load32(const uint8_t *p)
 {
-    h ^= h >> 33;
-    h *= P2;
-    h ^= h >> 29;
-    h *= P3;
-    h ^= h >> 32;
-    return h;
+    uint32_t v;
+    memcpy(&v, p, 4);       /* frames put pages at any offset */
+    return v;
 }
 
-/* 64-bit hash of one page under a per-session key (four lanes). */
+#define SIPROUND(v0, v1, v2, v3) do {                                   \
+        v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32);      \
+        v2 += v3; v3 = rotl(v3, 16); v3 ^= v2;                          \
+        v0 += v3; v3 = rotl(v3, 21); v3 ^= v0;                          \
+        v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32);      \
+    } while (0)
+
+/* SipHash-2-4 of `n` 64-bit words under (k0, k1). */
+static uint64_t siphash24(uint64_t k0, uint64_t k1, const uint64_t *m, size_t n)
+{
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    uint64_t last = (uint64_t)(n * 8) << 56;
+
+    for (size_t i = 0; i < n; i++) {
+        v3 ^= m[i];
+        SIPROUND(v0, v1, v2, v3);
+        SIPROUND(v0, v1, v2, v3);
+        v0 ^= m[i];
+    }
+    v3 ^= last;
+    SIPROUND(v0, v1, v2, v3);
+    SIPROUND(v0, v1, v2, v3);
+    v0 ^= last;
+    v2 ^= 0xff;
+    for (int r = 0; r < 4; r++)
+        SIPROUND(v0, v1, v2, v3);
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* NH over one page with the key words starting at `k` (a 2^-32-universal hash). */
+static uint64_t nh_page(const uint8_t *page, const uint32_t *k)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < NB_PAGE / 4; i += 2)
+        sum += (uint64_t)(uint32_t)(load32(page + 4 * i) + k[i]) *
+               (uint32_t)(load32(page + 4 * i + 4) + k[i + 1]);
+    return sum;
+}
+
+/*
+ * 64-bit keyed hash of one page: SipHash-2-4 of two NH passes (the second
+ * with the key shifted by four words), a pseudorandom function of the
+ * content whatever the difference between two pages.
+ */
 uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k)
 {
-    uint64_t a = k->k0, b = k->k1, c = k->k0 ^ P1, d = k->k1 ^ P2;
-    const uint64_t *w = (const uint64_t *)page;
-    for (size_t i = 0; i < NB_PAGE / 8; i += 4) {
-        a = rotl(a + w[i] * P2, 31) * P1;
-        b = rotl(b + w[i + 1] * P2, 31) * P1;
-        c = rotl(c + w[i + 2] * P2, 31) * P1;
-        d = rotl(d + w[i + 3] * P2, 31) * P1;
-    }
-    return fmix(rotl(a, 1) + rotl(b, 7) + rotl(c, 12) + rotl(d, 18));
+    uint64_t nh[2] = { nh_page(page, k->nh), nh_page(page, k->nh + 4) };
+    return siphash24(k->page_k0, k->page_k1, nh, 2);
 }
 
-/* Contribution of page `pfn` with content hash `h` to the memory digest. */
 /* The keyed hash of an all-zero page (never-written memory). */
 uint64_t nb_zero_page_hash(const struct nb_hash_key *k)
 {
@@ -168,9 +197,11 @@ uint64_t nb_zero_page_hash(const struct nb_hash_key *k)
     return nb_page_hash(zero, k);
 }
 
+/* Contribution of page `pfn` with content hash `h` to the memory digest. */
 uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k)
 {
-    return fmix(h ^ fmix(pfn * P1 + k->k1));
+    uint64_t m[2] = { pfn, h };
+    return siphash24(k->term_k0, k->term_k1, m, 2);
 }
 
 /* ---- delta cache (source side) --------------------------------------- */

@@ -59,6 +59,7 @@ struct dest {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
+    _Atomic uint32_t final_round; /* from DIGEST; UINT32_MAX until then */
     int failed;
     int kind;                   /* nb_error_kind of the phase that failed */
     struct nb_frame f;          /* the control frame the last phase waited for */
@@ -206,7 +207,12 @@ static void *receiver_main(void *arg)
             kind = r->ch->err_kind;
             break;
         }
-        if (f.type == NB_MSG_PAGES) {
+        if (f.type == NB_MSG_PAGES && round > atomic_load(&d->final_round)) {
+            snprintf(err, NB_ERRLEN, "channel %d: page frame after the final "
+                     "round %u (never applied)", slot + 1,
+                     atomic_load(&d->final_round));
+            break;
+        } else if (f.type == NB_MSG_PAGES) {
             if (apply_pages(r, &f, round, err) < 0) {
                 kind = r->kind ? r->kind : NB_ERR_CORRUPT;
                 break;
@@ -314,7 +320,7 @@ static int open_control(struct dest *d, char *err)
         return -1;
     m->ctl.index = 0;
     m->ctl.send_seq = m->ctl.recv_seq = 0;
-    m->ctl.key = NULL;
+    nb_seal_free(&m->ctl);
     m->ctl.wire = &m->wire_bytes;
     return 0;
 }
@@ -429,9 +435,11 @@ static int join_channels(struct dest *d, char *err)
         if (c.fd < 0)
             return -1;
         if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
-            m->data[c.index - 1].fd >= 0) {
+            m->data[c.index - 1].fd >= 0 ||
+            (!m->p.plaintext_pages && nb_seal_start(&c, m->keys.key, 0, err) < 0)) {
             close(c.fd);
             free(c.rbuf);
+            nb_seal_free(&c);
             if (++bad >= MAX_BAD_CONNECTIONS)
                 return fail(d, NB_ERR_AUTH);
             continue;
@@ -576,6 +584,7 @@ static int phase_switchover(struct dest *d, char *err)
                  nb_msg_name(d->f.type));
         return refuse(d, NB_ERR_CORRUPT, err);
     }
+    atomic_store(&d->final_round, d->dm.round);   /* no page applies after it */
     if (d->dm.npages != m->npages) {
         snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
                  (unsigned long long)d->dm.npages, (unsigned long long)m->npages);
@@ -668,6 +677,7 @@ void *nb_dest_main(void *arg)
 
     memset(&d, 0, sizeof(d));
     d.m = m;
+    atomic_store(&d.final_round, UINT32_MAX);
     pthread_mutex_init(&d.lock, NULL);
     pthread_cond_init(&d.cond, NULL);
 

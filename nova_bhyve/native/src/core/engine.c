@@ -515,10 +515,12 @@ void nb_mig_free(nb_mig *m)
     if (m->ctl.fd >= 0)
         close(m->ctl.fd);
     free(m->ctl.rbuf);
+    nb_seal_free(&m->ctl);
     for (int i = 0; i < NB_MAX_CHANNELS; i++) {
         if (m->data[i].fd >= 0)
             close(m->data[i].fd);
         free(m->data[i].rbuf);
+        nb_seal_free(&m->data[i]);
     }
     if (m->listen_fd >= 0)
         close(m->listen_fd);

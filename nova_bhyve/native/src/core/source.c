@@ -153,7 +153,8 @@ static int phase_handshake(struct source *src, char *err)
             return -1;
         c->index = (uint16_t)(i + 1);
         c->wire = &m->wire_bytes;
-        if (nb_join_send(c, &m->keys, err) < 0)
+        if (nb_join_send(c, &m->keys, err) < 0 ||
+            (!m->p.plaintext_pages && nb_seal_start(c, m->keys.key, 1, err) < 0))
             return fail(src, c->err_kind);
     }
     nb_init_page_hashes(m);
@@ -391,7 +392,7 @@ static int source_recover(struct source *src)
     pthread_mutex_lock(&m->lock);
     m->st.throttle = 0;
     pthread_mutex_unlock(&m->lock);
-    if (m->ctl.fd >= 0 && m->ctl.key) {
+    if (m->ctl.fd >= 0 && m->ctl.seal) {
         const char *why = atomic_load(&m->cancel_req) ? "cancelled by the source"
                                                       : "source failed";
         nb_send_text(&m->ctl, NB_MSG_ABORT, why, e);

@@ -38,10 +38,10 @@ int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params 
     for (uint32_t i = 0; i < s->nfeat && i < NB_MAX_CPUID_WORDS; i++)
         ADD("cpuid.%x.%x.%c=%08x\n", s->feat[i].leaf, s->feat[i].sub,
             "abcd"[s->feat[i].reg & 3], s->feat[i].bits);
-    ADD("channels=%d\ncompress=%s\nverify=%s\npaused=%d\n", p->channels,
+    ADD("channels=%d\ncompress=%s\nverify=%s\npaused=%d\ncipher=%s\n", p->channels,
         p->compress ? "zstd" : "none",
         p->verify == NB_VERIFY_FULL ? "full" : "incremental",
-        p->keep_paused ? 1 : 0);
+        p->keep_paused ? 1 : 0, p->plaintext_pages ? "none" : "aes-256-gcm");
 #undef ADD
     return (int)n;
 }
@@ -74,7 +74,7 @@ int nb_preamble_get(const char *text, const char *key, char *out, size_t cap)
  */
 int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen)
 {
-    static const char *equal[] = { "protocol", "arch", "page_size", "cpu_vendor",
+    static const char *equal[] = { "protocol", "cipher", "arch", "page_size", "cpu_vendor",
                                    "ncpus", "memory", "segments", "segment.0",
                                    "segment.1", "state_format" };
     char a[128], b[128];

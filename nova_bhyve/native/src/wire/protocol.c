@@ -18,9 +18,10 @@
 
 #include "wire/wire.h"
 
-static const uint8_t MAGIC[NB_MAGIC_LEN] = { 'N', 'B', 'M', 'I', 'G', 0, 0, 1 };
+const uint8_t NB_WIRE_MAGIC[NB_MAGIC_LEN] = { 'N', 'B', 'M', 'I', 'G', 0, 0, 1 };
+#define MAGIC NB_WIRE_MAGIC
 
-#define FLAG_MAC 0x01
+#define FLAG_SEALED 0x01
 
 const char *nb_msg_name(unsigned type)
 {
@@ -91,34 +92,34 @@ static int read_all(int fd, uint8_t *buf, size_t len)
     return 0;
 }
 
-/* Send one frame; MAC'd once the channel has a session key. */
+/* Send one frame; sealed (encrypted and authenticated) once the channel is. */
 int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
                   uint32_t len, char *err)
 {
-    uint8_t hdr[NB_FRAME_HDR], mac[32];
+    uint8_t hdr[NB_FRAME_HDR], tag[NB_TAG];
+    const uint8_t *body = payload;
     struct iovec iov[3];
     uint32_t crc;
     int n = 2;
 
     hdr[0] = type;
-    hdr[1] = c->key ? FLAG_MAC : 0;
+    hdr[1] = c->seal ? FLAG_SEALED : 0;
     nb_put16(hdr + 2, c->index);
     nb_put32(hdr + 4, c->send_seq);
     nb_put32(hdr + 8, len);
-    if (c->key && hmac3(c->key, NB_KEY, hdr, NB_FRAME_CRC_AT, payload, len,
-                        NULL, 0, mac) < 0) {
-        snprintf(err, NB_ERRLEN, "HMAC computation failed");
-        return nb_wire_fail(c, NB_ERR_INTERNAL);
-    }
     crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
-    crc = nb_crc32c(crc, payload, len);
-    if (c->key)
-        crc = nb_crc32c(crc, mac, NB_MAC);
+    if (c->seal) {
+        if (nb_seal_frame(c, hdr, payload, len, &body, tag) < 0) {
+            snprintf(err, NB_ERRLEN, "encrypting a %s frame failed", nb_msg_name(type));
+            return nb_wire_fail(c, NB_ERR_INTERNAL);
+        }
+    } else
+        crc = nb_crc32c(crc, payload, len);
     nb_put32(hdr + NB_FRAME_CRC_AT, crc);
     iov[0] = (struct iovec){ hdr, NB_FRAME_HDR };
-    iov[1] = (struct iovec){ (void *)payload, len };
-    if (c->key)
-        iov[n++] = (struct iovec){ mac, NB_MAC };
+    iov[1] = (struct iovec){ (void *)body, len };
+    if (c->seal)
+        iov[n++] = (struct iovec){ tag, NB_TAG };
     if (write_all(c->fd, iov, n) < 0) {
         snprintf(err, NB_ERRLEN, "sending %s on channel %u: %s",
                  nb_msg_name(type), c->index, strerror(errno));
@@ -126,18 +127,18 @@ int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
     }
     c->send_seq++;
     if (c->wire)
-        atomic_fetch_add(c->wire, NB_FRAME_HDR + len + (c->key ? NB_MAC : 0));
+        atomic_fetch_add(c->wire, NB_FRAME_HDR + len + (c->seal ? NB_TAG : 0));
     return 0;
 }
 
-/* Check a received header: flags, length limit, channel, sequence, MAC flag. */
+/* Check a received header: flags, length limit, channel, sequence, sealing. */
 static int check_header(struct nb_chan *c, const uint8_t *hdr,
                         uint32_t max_len, char *err)
 {
     uint32_t len = nb_get32(hdr + 8), seq = nb_get32(hdr + 4);
-    int has_mac = hdr[1] & FLAG_MAC;
+    int sealed = hdr[1] & FLAG_SEALED;
 
-    if (hdr[1] & ~FLAG_MAC) {
+    if (hdr[1] & ~FLAG_SEALED) {
         snprintf(err, NB_ERRLEN, "channel %u: unknown frame flags 0x%x", c->index, hdr[1]);
         return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
@@ -153,21 +154,57 @@ static int check_header(struct nb_chan *c, const uint8_t *hdr,
                  c->index, nb_get16(hdr + 2), seq, c->recv_seq);
         return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
-    if (!!has_mac != !!c->key) {
-        snprintf(err, NB_ERRLEN, "channel %u: %s frame %s a MAC", c->index,
-                 nb_msg_name(hdr[0]), has_mac ? "unexpectedly carries" : "lacks");
+    if (!!sealed != !!c->seal) {
+        snprintf(err, NB_ERRLEN, "channel %u: %s frame %s", c->index,
+                 nb_msg_name(hdr[0]), sealed ? "sealed before the keys were agreed"
+                                             : "not sealed (plaintext refused)");
         return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
     return 0;
 }
 
-/* Receive one frame, checking CRC, sequence, MAC and the size limit. */
+static int grow_rbuf(struct nb_chan *c, size_t need, char *err)
+{
+    uint8_t *b;
+    if (need <= c->rcap)
+        return 0;
+    b = realloc(c->rbuf, need);
+    if (!b) {
+        snprintf(err, NB_ERRLEN, "out of memory for a %zu byte frame", need);
+        return nb_wire_fail(c, NB_ERR_RESOURCE);
+    }
+    c->rbuf = b;
+    c->rcap = need;
+    return 0;
+}
+
+/* Check the CRC, then open a sealed payload in place. */
+static int check_body(struct nb_chan *c, const uint8_t *hdr, uint32_t len,
+                      char *err)
+{
+    uint32_t crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
+    if (!c->seal)
+        crc = nb_crc32c(crc, c->rbuf, len);
+    if (crc != nb_get32(hdr + NB_FRAME_CRC_AT)) {
+        snprintf(err, NB_ERRLEN, "channel %u: %s frame failed its CRC (corrupted)",
+                 c->index, nb_msg_name(hdr[0]));
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
+    }
+    if (c->seal && nb_open_frame(c, hdr, c->rbuf, len, c->rbuf + len) < 0) {
+        snprintf(err, NB_ERRLEN, "channel %u: %s frame failed authentication "
+                 "(altered, injected or misplaced)", c->index, nb_msg_name(hdr[0]));
+        return nb_wire_fail(c, NB_ERR_CORRUPT);
+    }
+    return 0;
+}
+
+/* Receive one frame, checking size, sequence, CRC and (sealed) its tag. */
 int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
                   char *err)
 {
-    uint8_t hdr[NB_FRAME_HDR], mac[32];
-    uint32_t len, crc, seq;
-    int has_mac, r;
+    uint8_t hdr[NB_FRAME_HDR];
+    uint32_t len, tail;
+    int r;
 
     r = read_all(c->fd, hdr, NB_FRAME_HDR);
     if (r < 0) {
@@ -178,47 +215,23 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     if (check_header(c, hdr, max_len, err) < 0)
         return -1;
     len = nb_get32(hdr + 8);
-    seq = nb_get32(hdr + 4);
-    has_mac = hdr[1] & FLAG_MAC;
-    if (len + (has_mac ? NB_MAC : 0) > c->rcap) {
-        size_t cap = len + NB_MAC;
-        uint8_t *nb = realloc(c->rbuf, cap);
-        if (!nb) {
-            snprintf(err, NB_ERRLEN, "out of memory for a %u byte frame", len);
-            return nb_wire_fail(c, NB_ERR_RESOURCE);
-        }
-        c->rbuf = nb;
-        c->rcap = cap;
-    }
-    r = read_all(c->fd, c->rbuf, len + (has_mac ? NB_MAC : 0));
-    if (r < 0) {
+    tail = c->seal ? NB_TAG : 0;
+    if (grow_rbuf(c, (size_t)len + tail, err) < 0)
+        return -1;
+    if (read_all(c->fd, c->rbuf, len + tail) < 0) {
         snprintf(err, NB_ERRLEN, "channel %u: stream truncated inside a %s frame",
                  c->index, nb_msg_name(hdr[0]));
         return nb_wire_fail(c, NB_ERR_PEER_GONE);
     }
-    crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
-    crc = nb_crc32c(crc, c->rbuf, len + (has_mac ? NB_MAC : 0));
-    if (crc != nb_get32(hdr + NB_FRAME_CRC_AT)) {
-        snprintf(err, NB_ERRLEN, "channel %u: %s frame failed its CRC (corrupted)",
-                 c->index, nb_msg_name(hdr[0]));
-        return nb_wire_fail(c, NB_ERR_CORRUPT);
-    }
-    if (has_mac) {
-        if (hmac3(c->key, NB_KEY, hdr, NB_FRAME_CRC_AT, c->rbuf, len, NULL, 0,
-                  mac) < 0 ||
-            CRYPTO_memcmp(mac, c->rbuf + len, NB_MAC) != 0) {
-            snprintf(err, NB_ERRLEN, "channel %u: %s frame failed authentication",
-                     c->index, nb_msg_name(hdr[0]));
-            return nb_wire_fail(c, NB_ERR_CORRUPT);
-        }
-    }
+    if (check_body(c, hdr, len, err) < 0)
+        return -1;
     if (c->wire)
-        atomic_fetch_add(c->wire, NB_FRAME_HDR + len + (has_mac ? NB_MAC : 0));
+        atomic_fetch_add(c->wire, NB_FRAME_HDR + len + tail);
     c->recv_seq++;
     f->type = hdr[0];
     f->flags = hdr[1];
     f->channel = nb_get16(hdr + 2);
-    f->seq = seq;
+    f->seq = nb_get32(hdr + 4);
     f->len = len;
     f->payload = c->rbuf;
     return 0;
@@ -264,6 +277,30 @@ int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
     return nb_wire_fail(c, NB_ERR_CORRUPT);
 }
 
+/* The digest keys: HMAC-SHA256(K, "nbmig-hash" || u32 i) for i = 0, 1, ... */
+static int derive_hash_key(const uint8_t *key, struct nb_hash_key *h)
+{
+    uint8_t t[32], idx[4];
+    size_t nh_bytes = sizeof(h->nh);
+
+    for (uint32_t i = 0; 32 * (size_t)i < 32 + nh_bytes; i++) {
+        nb_put32(idx, i);
+        if (hmac3(key, NB_KEY, "nbmig-hash", 10, idx, 4, NULL, 0, t) < 0)
+            return -1;
+        if (i == 0) {
+            h->page_k0 = nb_get64(t);
+            h->page_k1 = nb_get64(t + 8);
+            h->term_k0 = nb_get64(t + 16);
+            h->term_k1 = nb_get64(t + 24);
+            continue;
+        }
+        for (size_t w = 0; w < 8 && (i - 1) * 8 + w < NB_NH_WORDS; w++)
+            h->nh[(i - 1) * 8 + w] = nb_get32(t + 4 * w);
+    }
+    OPENSSL_cleanse(t, sizeof(t));
+    return 0;
+}
+
 static int derive_keys(const uint8_t *secret, size_t slen, const uint8_t *ns,
                        const uint8_t *nd, struct nb_session_keys *k)
 {
@@ -272,11 +309,7 @@ static int derive_keys(const uint8_t *secret, size_t slen, const uint8_t *ns,
         hmac3(k->key, NB_KEY, "nbmig-sid", 9, NULL, 0, NULL, 0, t) < 0)
         return -1;
     memcpy(k->sid, t, 16);
-    if (hmac3(k->key, NB_KEY, "nbmig-hash", 10, NULL, 0, NULL, 0, t) < 0)
-        return -1;
-    k->hash.k0 = nb_get64(t);
-    k->hash.k1 = nb_get64(t + 8);
-    return 0;
+    return derive_hash_key(k->key, &k->hash);
 }
 
 /*
@@ -323,8 +356,7 @@ int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
     }
     if (nb_send_frame(ctl, NB_MSG_AUTH, proof, NB_AUTH_LEN, err) < 0)
         return -1;
-    ctl->key = keys->key;
-    return 0;
+    return nb_seal_start(ctl, keys->key, 1, err);
 }
 
 /* Destination side of the handshake; sends REFUSE when the source fails it. */
@@ -375,8 +407,7 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
         snprintf(err, NB_ERRLEN, "key derivation failed");
         return nb_wire_fail(ctl, NB_ERR_INTERNAL);
     }
-    ctl->key = keys->key;
-    return 0;
+    return nb_seal_start(ctl, keys->key, 0, err);
 }
 
 /* A page channel joins the session: JOIN(sid, index, HMAC(key, ...)). */

@@ -13,15 +13,24 @@
 #include "engine.h"
 #include "vmm/vmm.h"
 
-#define NB_PROTO_VERSION 1
+#define NB_PROTO_VERSION 2
 #define NB_MAX_CHANNELS 16      /* page channels per session */
 #define NB_NONCE 32
 #define NB_KEY 32
-#define NB_MAC 16
+#define NB_TAG 16               /* AES-256-GCM tag after a sealed payload */
+#define NB_GCM_IV 12
+#define NB_DIR_TO_DEST 0        /* key directions (PROTOCOL.md, "Encryption") */
+#define NB_DIR_TO_SOURCE 1
 
-/* the memory digest's key, derived in the handshake */
+extern const uint8_t NB_WIRE_MAGIC[8];
+
+/* the memory digest's keys, derived in the handshake (PROTOCOL.md,
+ * "Memory digest"): two NH passes, then SipHash-2-4 twice */
+#define NB_NH_WORDS (4096 / 4 + 4)  /* a page's 32-bit words + the shift */
 struct nb_hash_key {
-    uint64_t k0, k1;
+    uint64_t page_k0, page_k1;      /* SipHash key of a page's NH pair */
+    uint64_t term_k0, term_k1;      /* SipHash key of (pfn, page hash) */
+    uint32_t nh[NB_NH_WORDS];
 };
 
 enum nb_msg {
@@ -82,7 +91,7 @@ struct nb_chan {
     uint32_t recv_seq;
     uint8_t *rbuf;          /* receive buffer */
     size_t rcap;
-    const uint8_t *key;     /* session key once authenticated, else NULL */
+    struct nb_seal *seal;   /* AES-256-GCM once sealed (seal.c), else NULL */
     _Atomic uint64_t *wire; /* byte counter to add to */
     int err_kind;           /* enum nb_error_kind of the last failure */
 };
@@ -103,6 +112,16 @@ void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
 int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
               uint32_t max_len, char *err);
 const char *nb_msg_name(unsigned type);
+
+/* seal.c: AES-256-GCM per connection and direction */
+struct nb_seal;
+int nb_seal_start(struct nb_chan *c, const uint8_t *session_key, int is_source,
+                  char *err);
+void nb_seal_free(struct nb_chan *c);
+int nb_seal_frame(struct nb_chan *c, const uint8_t *hdr, const void *pt,
+                  uint32_t len, const uint8_t **ct, uint8_t tag[NB_TAG]);
+int nb_open_frame(struct nb_chan *c, const uint8_t *hdr, uint8_t *buf,
+                  uint32_t len, const uint8_t *tag);
 
 struct nb_session_keys {
     uint8_t key[NB_KEY];    /* session key */
