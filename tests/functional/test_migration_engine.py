@@ -457,6 +457,20 @@ def test_a_sealed_frame_moved_to_another_channel_fails_its_tag(vms):
     assert d.result == Result.FAILED and "failed authentication" in d.error, d.error
 
 
+def test_a_peers_reason_text_is_shown_printable_and_short(vms):
+    dst, recv, raw = _raw_session(vms)
+    raw.send(5, _preamble_for(dst))
+    mtype, _ = raw.recv()
+    assert mtype == 6, "ACCEPT"
+    raw.send(14, b"bye\nERROR forged log line\x1b[31m" + b"x" * 3000)    # ABORT
+    d = wait_result(recv)
+    raw.close()
+    recv.close()
+    assert d.result == Result.CANCELLED, (d.result, d.error)
+    assert "bye?ERROR forged log line?[31m" in d.error, d.error
+    assert d.error.isprintable() and len(d.error) < 300, d.error
+
+
 def test_force_complete_ends_a_migration_that_cannot_converge(vms):
     src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
     stress_ready(src)

@@ -302,9 +302,10 @@ static int await_channel(struct dest *d, char *err)
         return fail(d, m->ctl.err_kind);
     if (d->f.type == NB_MSG_ABORT || d->f.type == NB_MSG_REFUSE) {
         atomic_store(&m->cancel_req, d->f.type == NB_MSG_ABORT);
-        snprintf(err, NB_ERRLEN, "source %s before its page channels joined: %.*s",
+        char text[NB_PEER_TEXT];
+        snprintf(err, NB_ERRLEN, "source %s before its page channels joined: %s",
                  d->f.type == NB_MSG_ABORT ? "aborted" : "refused",
-                 (int)(d->f.len < 200 ? d->f.len : 200), (const char *)d->f.payload);
+                 nb_peer_text(&d->f, text));
         return fail(d, d->f.type == NB_MSG_ABORT ? NB_ERR_CANCELLED : NB_ERR_REFUSED);
     }
     d->early = 1;
@@ -539,8 +540,8 @@ static int next_control(struct dest *d, uint8_t want, char *err)
         return 0;
     if (f->type == NB_MSG_ABORT) {
         atomic_store(&m->cancel_req, 1);
-        snprintf(err, NB_ERRLEN, "source aborted: %.*s",
-                 (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
+        char text[NB_PEER_TEXT];
+        snprintf(err, NB_ERRLEN, "source aborted: %s", nb_peer_text(f, text));
         return fail(d, NB_ERR_CANCELLED);
     }
     snprintf(err, NB_ERRLEN, "unexpected %s on the control channel",

@@ -238,6 +238,20 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
 }
 
 /*
+ * The peer's REFUSE or ABORT text, fit to log and show: at most
+ * NB_PEER_TEXT - 1 bytes, anything but printable ASCII as '?'.
+ */
+const char *nb_peer_text(const struct nb_frame *f, char out[NB_PEER_TEXT])
+{
+    uint32_t n = f->len < NB_PEER_TEXT - 1 ? f->len : NB_PEER_TEXT - 1;
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = f->payload[i] >= 0x20 && f->payload[i] < 0x7f
+                 ? (char)f->payload[i] : '?';
+    out[n] = 0;
+    return out;
+}
+
+/*
  * The peer spoke on a control channel that should be silent (`when`, e.g.
  * "during the copy"): read what it said and describe, in `err` and the
  * channel's err_kind, why the session is over.
@@ -246,11 +260,12 @@ void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
                      char *err)
 {
     struct nb_frame f;
+    char text[NB_PEER_TEXT];
     if (nb_recv_frame(c, &f, NB_MAX_REASON, err) == 0) {
-        snprintf(err, NB_ERRLEN, "%s %s %s: %.*s", peer,
+        snprintf(err, NB_ERRLEN, "%s %s %s: %s", peer,
                  f.type == NB_MSG_REFUSE ? "refused" :
                  f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
-                 when, (int)(f.len < 200 ? f.len : 200), (const char *)f.payload);
+                 when, nb_peer_text(&f, text));
         c->err_kind = f.type == NB_MSG_REFUSE ? NB_ERR_REFUSED
                       : f.type == NB_MSG_ABORT ? NB_ERR_PEER_GONE : NB_ERR_CORRUPT;
     } else
@@ -267,9 +282,10 @@ int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
     if (f->type == type && f->len <= max_len)
         return 0;
     if (f->type == NB_MSG_REFUSE || f->type == NB_MSG_ABORT) {
-        snprintf(err, NB_ERRLEN, "peer %s: %.*s",
+        char text[NB_PEER_TEXT];
+        snprintf(err, NB_ERRLEN, "peer %s: %s",
                  f->type == NB_MSG_REFUSE ? "refused" : "aborted",
-                 (int)(f->len < 200 ? f->len : 200), (const char *)f->payload);
+                 nb_peer_text(f, text));
         return nb_wire_fail(c, f->type == NB_MSG_REFUSE ? NB_ERR_REFUSED : NB_ERR_PEER_GONE);
     }
     snprintf(err, NB_ERRLEN, "expected %s (<= %u bytes), got %s of %u bytes",

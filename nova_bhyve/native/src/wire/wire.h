@@ -112,6 +112,8 @@ void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
 int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
               uint32_t max_len, char *err);
 const char *nb_msg_name(unsigned type);
+#define NB_PEER_TEXT 201        /* a peer's reason text as we show it, with NUL */
+const char *nb_peer_text(const struct nb_frame *f, char out[NB_PEER_TEXT]);
 
 /* seal.c: AES-256-GCM per connection and direction */
 struct nb_seal;
