@@ -3,6 +3,7 @@
 import os
 import pathlib
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -297,6 +298,29 @@ def test_wrong_secret_is_refused(vms):
     send.close()
     recv.close()
     assert_guest_kept_running(src, dst)
+
+
+def test_strangers_at_the_listener_do_not_end_or_stall_the_session(vms):
+    """Bad and silent connections are dropped; the real source still gets in."""
+    src, dst = _pair(vms, "mode=idle", mem="256M")
+    wait_heartbeats(src, 5)
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=30000)
+    silent = socket.create_connection(("127.0.0.1", recv.port))  # never speaks
+    for _ in range(12):                     # more than any fixed allowance
+        bad = RawSource(recv.port, new_secret())
+        with pytest.raises((AssertionError, ConnectionError, OSError)):
+            bad.handshake()
+        bad.close()
+    send = start_send(src, recv.port, secret)
+    s, d = wait_result(send, 60), wait_result(recv, 60)
+    silent.close()
+    send.close()
+    recv.close()
+    assert s.result == Result.COMPLETED and d.result == Result.COMPLETED, (
+        s.error, d.error)
+    assert src.stop() == 1
+    assert_guest_continued(src, dst)
 
 
 @pytest.mark.parametrize("dst_mem,dst_cpus,field", [

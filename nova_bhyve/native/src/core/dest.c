@@ -21,7 +21,10 @@
 
 #include "core/nbmig.h"
 
-#define MAX_BAD_CONNECTIONS 8
+/* An unauthenticated connection's time to prove itself (HELLO..AUTH or
+ * JOIN): a silent or slow stranger is dropped after this, never holding
+ * the listener for the session timeout. */
+#define HANDSHAKE_MS 3000
 
 struct receiver {
     struct nb_mig *m;
@@ -64,6 +67,9 @@ struct dest {
     int kind;                   /* nb_error_kind of the phase that failed */
     struct nb_frame f;          /* the control frame the last phase waited for */
     int early;                  /* f holds a control frame read while joining */
+    double deadline;            /* connections must come by then (monotonic ms) */
+    int rejected;               /* connections dropped for failing to prove
+                                 * themselves */
     struct nb_digest_msg dm;    /* the source's DIGEST */
 };
 
@@ -255,29 +261,38 @@ static int fail(struct dest *d, int kind)
     return -1;
 }
 
-/* Accept one connection, waiting at most the session timeout. */
-static int accept_one(struct nb_mig *m, int *kind, char *err)
+static void set_timeouts(int fd, uint32_t ms)
 {
-    struct pollfd p = { .fd = m->listen_fd, .events = POLLIN };
-    struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
-    int fd, rc;
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
 
-    rc = poll(&p, 1, (int)m->p.timeout_ms);
+/*
+ * Accept one connection by the deadline; it has HANDSHAKE_MS (or what is
+ * left, if less) to prove itself before it is dropped.
+ */
+static int accept_one(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    struct pollfd p = { .fd = m->listen_fd, .events = POLLIN };
+    double left = d->deadline - nb_now_ms();
+    int fd, rc = left > 0 ? poll(&p, 1, (int)left + 1) : 0;
+
     if (rc <= 0 || atomic_load(&m->cancel_req)) {
         snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
                  : "stopped waiting for the source", m->p.timeout_ms);
-        *kind = rc == 0 ? NB_ERR_TIMEOUT : atomic_load(&m->cancel_req)
-                                              ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
+        d->kind = rc == 0 ? NB_ERR_TIMEOUT : atomic_load(&m->cancel_req)
+                                                ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
         return -1;
     }
     fd = accept4(m->listen_fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) {
         snprintf(err, NB_ERRLEN, "accept failed: %s", strerror(errno));
-        *kind = atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
+        d->kind = atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
         return -1;
     }
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    set_timeouts(fd, left < HANDSHAKE_MS ? (uint32_t)left + 1 : HANDSHAKE_MS);
     nb_set_nodelay(fd);
     return fd;
 }
@@ -294,7 +309,8 @@ static int await_channel(struct dest *d, char *err)
     struct nb_mig *m = d->m;
     struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
                            { .fd = m->ctl.fd, .events = POLLIN } };
-    int rc = poll(p, d->early ? 1 : 2, (int)m->p.timeout_ms);
+    double left = d->deadline - nb_now_ms();
+    int rc = left > 0 ? poll(p, d->early ? 1 : 2, (int)left + 1) : 0;
 
     if (rc <= 0 || p[0].revents || d->early || !p[1].revents)
         return 0;               /* accept_one reports timeouts and cancels */
@@ -316,7 +332,7 @@ static int await_channel(struct dest *d, char *err)
 static int open_control(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    m->ctl.fd = accept_one(m, &d->kind, err);
+    m->ctl.fd = accept_one(d, err);
     if (m->ctl.fd < 0)
         return -1;
     m->ctl.index = 0;
@@ -328,30 +344,30 @@ static int open_control(struct dest *d, char *err)
 
 /*
  * Authenticate the control connection.  A connection that fails the
- * handshake is dropped and the next one awaited (at most a few), so a
- * stray or hostile client cannot end the session on its own.
+ * handshake, or stays silent through it, is dropped and the next one
+ * awaited until the session timeout: a stray or hostile client cannot end
+ * the session on its own.
  */
 static int authenticate(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
     char last[NB_ERRLEN] = "";
-    for (int bad = 0;;) {
+    for (;;) {
         if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
-                              err) == 0)
+                              err) == 0) {
+            set_timeouts(m->ctl.fd, m->p.timeout_ms);
+            d->deadline = nb_now_ms() + m->p.timeout_ms;  /* for the joins */
             return 0;
+        }
         close(m->ctl.fd);
         m->ctl.fd = -1;
         snprintf(last, sizeof(last), "%s", err);
-        d->kind = m->ctl.err_kind;      /* the last rejection's */
-        if (++bad == MAX_BAD_CONNECTIONS) {
-            snprintf(err, NB_ERRLEN, "rejected %d connections; last: %.180s",
-                     MAX_BAD_CONNECTIONS, last);
-            return -1;
-        }
+        d->rejected++;
         if (open_control(d, err) < 0) {
             snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
-                     "authenticated source followed; last: %.180s", bad, last);
-            return fail(d, m->ctl.err_kind);
+                     "authenticated source followed within %u ms; last: %.180s",
+                     d->rejected, m->p.timeout_ms, last);
+            return fail(d, m->ctl.err_kind ? m->ctl.err_kind : NB_ERR_AUTH);
         }
     }
 }
@@ -427,12 +443,12 @@ refused:
 static int join_channels(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    int joined = 0, bad = 0;
+    int joined = 0;
     while (joined < d->nrcv) {
         struct nb_chan c = { .fd = -1, .wire = &m->wire_bytes };
         if (await_channel(d, err) < 0)
             return -1;
-        c.fd = accept_one(m, &d->kind, err);
+        c.fd = accept_one(d, err);
         if (c.fd < 0)
             return -1;
         if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
@@ -441,8 +457,7 @@ static int join_channels(struct dest *d, char *err)
             close(c.fd);
             free(c.rbuf);
             nb_seal_free(&c);
-            if (++bad >= MAX_BAD_CONNECTIONS)
-                return fail(d, NB_ERR_AUTH);
+            d->rejected++;      /* dropped; the real channel may still come */
             continue;
         }
         {
@@ -679,6 +694,7 @@ void *nb_dest_main(void *arg)
     memset(&d, 0, sizeof(d));
     d.m = m;
     atomic_store(&d.final_round, UINT32_MAX);
+    d.deadline = nb_now_ms() + m->p.timeout_ms;
     pthread_mutex_init(&d.lock, NULL);
     pthread_cond_init(&d.cond, NULL);
 
