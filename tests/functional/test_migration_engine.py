@@ -446,6 +446,30 @@ def test_page_outside_guest_ram_is_refused(vms):
     assert dst.client.status()["state"] == "incoming"
 
 
+@pytest.mark.parametrize("channel,enc,length,error", [
+    (1, 2, 0, "malformed page record (encoding 2, length 0)"),      # DELTA
+    (1, 3, 4096, "malformed page record (encoding 3, length 4096)"),  # ZSTD
+    (1, 1, 4095, "malformed page record (encoding 1, length 4095)"),  # RAW
+    (1, 9, 0, "malformed page record (encoding 9, length 0)"),
+    (2, 1, 4096, "belongs to channel 1"),      # page 0 is channel 1's
+])
+def test_page_records_outside_the_specs_bounds_are_refused(vms, channel, enc,
+                                                           length, error):
+    dst, recv, raw = _raw_session(vms)
+    raw.send(5, _preamble_for(dst, channels=2))
+    mtype, _ = raw.recv()
+    assert mtype == 6, "ACCEPT"
+    pages = {1: raw.join(recv.port, 1), 2: raw.join(recv.port, 2)}
+    record = struct.pack("<IBBH", 0, enc, 0, length) + b"\x01" * length
+    pages[channel].send(7, struct.pack("<II", 0, 1) + record)
+    d = wait_result(recv)
+    for c in (*pages.values(), raw):
+        c.close()
+    recv.close()
+    assert d.result == Result.FAILED and error in d.error, d.error
+    assert dst.client.status()["state"] == "incoming"
+
+
 def test_page_frames_in_the_clear_are_refused(vms):
     """Page channels are sealed: a plaintext page frame with a valid CRC and
     the next sequence number (what a machine on the path could inject) is

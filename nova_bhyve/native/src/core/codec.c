@@ -13,12 +13,20 @@
 
 #include "core/codec.h"
 
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);       /* pages sit at any offset inside a frame */
+    return v;
+}
+
 int nb_page_is_zero(const uint8_t *page)
 {
-    const uint64_t *w = (const uint64_t *)page;
-    for (size_t i = 0; i < NB_PAGE / 8; i += 8) {
-        if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] |
-            w[i + 6] | w[i + 7])
+    for (size_t i = 0; i < NB_PAGE; i += 64) {
+        uint64_t any = 0;
+        for (size_t k = 0; k < 64; k += 8)
+            any |= load64(page + i + k);
+        if (any)
             return 0;
     }
     return 1;
@@ -65,9 +73,8 @@ size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out,
         /* unchanged bytes, a word at a time where aligned */
         while (i < NB_PAGE && (i & 7) && old[i] == cur[i])
             i++;
-        while (i + 8 <= NB_PAGE &&
-               *(const uint64_t *)(old + i) == *(const uint64_t *)(cur + i))
-            i += 8;
+        while (i + 8 <= NB_PAGE && memcmp(old + i, cur + i, 8) == 0)
+            i += 8;         /* memcmp: pages sit at any offset in a frame */
         while (i < NB_PAGE && old[i] == cur[i])
             i++;
         if (i == NB_PAGE)

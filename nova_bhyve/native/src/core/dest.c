@@ -151,6 +151,13 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
                  (unsigned long long)pr.pfn);
         return -1;
     }
+    if ((index / 64) % (uint64_t)r->dst->nrcv + 1 != r->ch->index) {
+        snprintf(err, NB_ERRLEN, "page record for pfn 0x%llx on channel %u; it "
+                 "belongs to channel %llu", (unsigned long long)pr.pfn,
+                 r->ch->index,
+                 (unsigned long long)((index / 64) % (uint64_t)r->dst->nrcv + 1));
+        return -1;
+    }
     rc = decode_record(r, &pr, off, m->vmm.mem + off, &hashed, err);
     if (rc < 0)
         return -1;

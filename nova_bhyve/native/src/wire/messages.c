@@ -47,6 +47,13 @@ int nb_pages_parse(const struct nb_frame *f, uint32_t *round, uint32_t *nrec)
 }
 
 /* Parse one record of `avail` bytes, checking its length before use. */
+/* Each encoding's record length bounds (PROTOCOL.md, "Page records"). */
+static const uint16_t LEN_MIN[] = { [NB_ENC_ZERO] = 0, [NB_ENC_RAW] = NB_PAGE,
+                                    [NB_ENC_DELTA] = 1, [NB_ENC_ZSTD] = 1 };
+static const uint16_t LEN_MAX[] = { [NB_ENC_ZERO] = 0, [NB_ENC_RAW] = NB_PAGE,
+                                    [NB_ENC_DELTA] = NB_PAGE,
+                                    [NB_ENC_ZSTD] = NB_PAGE - 1 };
+
 int nb_page_rec_parse(const uint8_t *rec, size_t avail, struct nb_page_rec *r,
                       char *err)
 {
@@ -58,8 +65,10 @@ int nb_page_rec_parse(const uint8_t *rec, size_t avail, struct nb_page_rec *r,
     r->enc = rec[4];
     r->len = nb_get16(rec + 6);
     r->data = rec + NB_REC_HDR;
-    if (rec[5] != 0 || r->len > NB_PAGE || r->len > avail - NB_REC_HDR) {
-        snprintf(err, NB_ERRLEN, "malformed page record (length %u)", r->len);
+    if (rec[5] != 0 || r->enc > NB_ENC_ZSTD || r->len < LEN_MIN[r->enc] ||
+        r->len > LEN_MAX[r->enc] || r->len > avail - NB_REC_HDR) {
+        snprintf(err, NB_ERRLEN, "malformed page record (encoding %u, length %u)",
+                 r->enc, r->len);
         return -1;
     }
     return 0;
