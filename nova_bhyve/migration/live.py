@@ -65,6 +65,7 @@ class _Outgoing:
     timeout_fired: bool = False
     timed_out: bool = False     # aborted by the completion timeout
     final: object = None        # the engine's last stats
+    stopping: bool = False      # the engine handle is being closed (lock)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -461,6 +462,8 @@ class LiveMigrationMixin:
                                  policy.completion_timeout(opts, gb), t0,
                                  mode == "live")
         finally:
+            with out.lock:          # no abort or force is inside the engine now
+                out.stopping = True
             out.final = _stop(out.mig.handle, instance)
 
     def _push_disks(self, context, instance, migration, host, ports,
@@ -569,6 +572,8 @@ class LiveMigrationMixin:
                         "it", PENDING_ABORT_WINDOW, instance=instance)
             return
         with out.lock:
+            if out.stopping:
+                return              # the engine has ended; nothing to cancel
             out.abort = True
             if out.mig is None:
                 return              # the disk copy sees the flag
@@ -589,7 +594,7 @@ class LiveMigrationMixin:
                 instance_id=instance.uuid)
         with out.lock:
             out.force = True
-            if out.mig is not None:
+            if out.mig is not None and not out.stopping:
                 out.mig.handle.force_complete()
         LOG.info("Live migration force-complete requested", instance=instance)
 

@@ -219,6 +219,15 @@ def test_abort_after_the_hand_over_is_refused(env):
         env.drv.live_migration_abort(env.inst)
 
 
+def test_abort_or_force_while_the_engine_is_closed_leaves_it_alone(env):
+    send = FakeSend([_stats()])
+    out = live._Outgoing(mig=live._Run(send), stopping=True)
+    env.drv._outgoing[UUID] = out
+    env.drv.live_migration_abort(env.inst)
+    env.drv.live_migration_force_complete(env.inst)
+    assert send.calls == [] and not out.abort
+
+
 def test_an_abort_just_before_the_start_applies(env):
     env.drv.live_migration_abort(env.inst)         # nothing runs yet
     _migrate(env)
