@@ -145,9 +145,19 @@ def open_beneath(dirfd_or_path, relpath, flags, mode=0o600):
     raise BeneathUnavailable(errno.ENOSYS, f"no safe open on {sys.platform}")
 
 
+def _check_stale(st, name):
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(errno.ELOOP, f"{name!r} is a symbolic link "
+                              "(refused)")
+    _check_regular_stat(st, name)
+
+
 def check_regular(fd, name):
     """Raise UnsafePathError unless ``fd`` is a regular file with one link."""
-    st = os.fstat(fd)
+    return _check_regular_stat(os.fstat(fd), name)
+
+
+def _check_regular_stat(st, name):
     if not stat.S_ISREG(st.st_mode):
         raise UnsafePathError(errno.EINVAL, f"{name!r} is not a regular file")
     if st.st_nlink > 1:
@@ -192,13 +202,15 @@ def lstat_beneath(dirfd_or_path, relpath):
 def create_beneath(dirfd_or_path, relpath, mode=0o666, replace=False):
     """Create a new regular file below a directory (O_EXCL); return the fd.
 
-    With ``replace``, an existing entry of that name (file or link) is
-    unlinked first; a link is removed, never followed.
+    With ``replace``, an existing regular, singly linked file of that name
+    is unlinked first; a symbolic link or hard link there is refused.
     """
     parent, name = open_parent(dirfd_or_path, relpath)
     try:
         if replace:
             with contextlib.suppress(FileNotFoundError):
+                _check_stale(os.stat(name, dir_fd=parent,
+                                     follow_symlinks=False), relpath)
                 os.unlink(name, dir_fd=parent)
         return open_beneath(parent, name, os.O_WRONLY | os.O_CREAT |
                             os.O_EXCL, mode)

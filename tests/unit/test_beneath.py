@@ -67,14 +67,19 @@ def test_symlinks_are_refused(tree, where):
 
 
 @linux_only
-def test_replace_removes_a_planted_link_without_following_it(tree):
+def test_replace_refuses_a_planted_link_and_replaces_a_stale_file(tree):
     root, outside = tree
     (root / "dir" / "out").symlink_to(outside / "secret")
-    fd = beneath.create_beneath(str(root), "dir/out", replace=True)
+    with pytest.raises(beneath.UnsafePathError, match="symbolic link"):
+        beneath.create_beneath(str(root), "dir/out", replace=True)
+    assert (root / "dir" / "out").is_symlink()
+    os.link(outside / "secret", root / "dir" / "hard")
+    with pytest.raises(beneath.UnsafePathError, match="hard links"):
+        beneath.create_beneath(str(root), "dir/hard", replace=True)
+    fd = beneath.create_beneath(str(root), "dir/file", replace=True)
     os.write(fd, b"new")
     os.close(fd)
-    assert (root / "dir" / "out").read_text() == "new"
-    assert not (root / "dir" / "out").is_symlink()
+    assert (root / "dir" / "file").read_text() == "new"
     assert (outside / "secret").read_text() == "secret"
 
 
