@@ -26,6 +26,7 @@ The ``check_*`` functions hold the checks and are what the unit tests call.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -203,6 +204,7 @@ def supervised_argv(uuid, argv):
     return [CONF.bhyve.daemon_path, "-f", "--",
             sys.executable, "-m", "nova_bhyve.machine.supervise",
             "--foreground", "--output-to-log", "--rundir", rundir,
+            "--check-bhyve-files", json.dumps(dataclasses.asdict(_paths())),
             "--stdout", os.path.join(rundir, "console.log"),
             "--reboot-argv", json.dumps(reboot_argv),
             "--before-restart", json.dumps(destroy), "--", *argv]

@@ -18,6 +18,9 @@ that descriptor with no link followed (``nova_bhyve.beneath``); the logs
 must be regular files with a single link.  ``--stdout`` names a file in
 DIR.  ``--output-to-log`` sends the supervisor's own output to
 ``process.log`` too (what daemon(8) -o did, without following links).
+``--check-bhyve-files PATHS`` (JSON of ``argv.BhyvePaths``) checks the
+files of a bhyve command line (``argv.check_guest_files``) before every
+start, reboots included.
 
 A guest that exits with status 0 (it rebooted, in bhyve(8) terms) is
 started again with ``--reboot-argv`` (default: ARGV) after running
@@ -28,6 +31,7 @@ started, with status 0, or 1 and the reason on stderr.
 """
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -36,6 +40,7 @@ import sys
 import time
 
 from nova_bhyve import beneath
+from nova_bhyve.machine import argv as bhyve_argv
 from nova_bhyve.machine.statefile import write_json_at
 
 # a guest that reboots more often than this is in a loop: give up
@@ -51,6 +56,7 @@ def _parse(argv):
     parser.add_argument("--stdout", help="file for the guest's standard "
                         "output (default: process.log)")
     parser.add_argument("--foreground", action="store_true")
+    parser.add_argument("--check-bhyve-files", help="JSON BhyvePaths")
     parser.add_argument("--output-to-log", action="store_true",
                         help="send the supervisor's own output to "
                         "process.log")
@@ -77,6 +83,9 @@ class Supervisor:
                             if args.reboot_argv else args.argv)
         self.before_restart = (json.loads(args.before_restart)
                                if args.before_restart else None)
+        self.bhyve_paths = (
+            bhyve_argv.BhyvePaths(**json.loads(args.check_bhyve_files))
+            if args.check_bhyve_files else None)
         self.stdout = os.path.basename(args.stdout) if args.stdout else None
         self.report_fd = report_fd
         self.child = None
@@ -104,6 +113,11 @@ class Supervisor:
             self.report_fd = None
 
     def _spawn(self, argv):
+        if self.bhyve_paths is not None:
+            try:
+                bhyve_argv.check_guest_files(argv, self.bhyve_paths)
+            except bhyve_argv.ArgvError as exc:
+                raise beneath.UnsafePathError(errno.EPERM, str(exc)) from exc
         log = self.open_log("process.log")
         try:
             out = self.open_log(self.stdout) if self.stdout else log
@@ -146,8 +160,8 @@ class Supervisor:
                     try:
                         self._spawn(self.reboot_argv)
                         continue
-                    except OSError:
-                        pass
+                    except OSError as exc:
+                        sys.stderr.write(f"cannot restart: {exc}\n")
             self._write("exit.json", {
                 "status": rc if rc >= 0 else None,
                 "signal": -rc if rc < 0 else None,

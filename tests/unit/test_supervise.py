@@ -126,3 +126,41 @@ def test_output_to_log_appends_the_supervisors_own_output(tmp_path):
     assert proc.stdout == proc.stderr == ""
     assert (rundir / "process.log").read_text().split() == [
         "before", "guest-out", "guest-err"]
+
+
+def test_bhyve_files_are_checked_before_every_start(tmp_path):
+    rundir, outside = _outside(tmp_path)
+    uuid = "0c9d3f2e-6a1b-4c8d-9e7f-112233445566"
+    (tmp_path / uuid).mkdir()
+    (tmp_path / uuid / "nvram.fd").symlink_to(outside / "secret")
+    paths = {"bhyve": "/bin/sh", "firmware": "/fw", "zvol_root": "/nonexist",
+             "instances_path": str(tmp_path)}
+    argv = ["/bin/sh", "-l", f"bootrom,/fw,{tmp_path}/{uuid}/nvram.fd", uuid]
+    cmd = [sys.executable, "-m", "nova_bhyve.machine.supervise",
+           "--foreground", "--rundir", str(rundir),
+           "--check-bhyve-files", json.dumps(paths), "--", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "symbolic link" in proc.stderr
+    _untouched(outside)
+
+
+def test_a_link_planted_while_the_guest_runs_stops_the_reboot(tmp_path):
+    rundir, outside = _outside(tmp_path)
+    uuid = "0c9d3f2e-6a1b-4c8d-9e7f-112233445566"
+    nvram = tmp_path / uuid / "nvram.fd"
+    nvram.parent.mkdir()
+    nvram.write_text("vars")
+    paths = {"bhyve": "/bin/sh", "firmware": "/fw", "zvol_root": "/nonexist",
+             "instances_path": str(tmp_path)}
+    plant = f"rm {nvram}; ln -s {outside / 'secret'} {nvram}; exit 0"
+    argv = ["/bin/sh", "-c", plant, "-l", f"bootrom,/fw,{nvram}", uuid]
+    cmd = [sys.executable, "-m", "nova_bhyve.machine.supervise",
+           "--foreground", "--rundir", str(rundir),
+           "--check-bhyve-files", json.dumps(paths), "--", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "cannot restart" in proc.stderr and "symbolic link" in proc.stderr
+    assert read_json(rundir / "exit.json") == {
+        "status": 0, "signal": None, "reboots": 1}
+    _untouched(outside)
