@@ -220,8 +220,7 @@ def create_beneath(dirfd_or_path, relpath, mode=0o666, replace=False):
 
 def open_dir_nofollow(path):
     """Open directory ``path``; its last component must not be a link."""
-    path = os.path.normpath(path)
-    parent, name = os.path.split(path)
+    parent, name = os.path.split(os.path.abspath(path))
     if not name or not parent:
         raise UnsafePathError(errno.EINVAL, f"{path!r} has no parent")
     return open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY)

@@ -128,9 +128,11 @@ def test_lstat_sees_the_link_itself(tree):
 
 
 @linux_only
-def test_open_dir_nofollow(tree):
+def test_open_dir_nofollow(tree, monkeypatch):
     root, outside = tree
     os.close(beneath.open_dir_nofollow(str(root / "dir")))
+    monkeypatch.chdir(root)
+    os.close(beneath.open_dir_nofollow("dir"))
     (root / "ldir").symlink_to(outside)
     with pytest.raises(beneath.UnsafePathError):
         beneath.open_dir_nofollow(str(root / "ldir"))
