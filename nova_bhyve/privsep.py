@@ -16,13 +16,22 @@ Bridges are created when a tap needs them and marked as made by nova-bhyve
 (description on FreeBSD, alias on Linux); only such a bridge is removed,
 and only once its last member is gone.
 
+Files are opened relative to a descriptor of ``instances_path`` (or of
+``/dev/zvol/<dataset>``) through ``nova_bhyve.beneath``: no symbolic link
+is followed in any component below it, files that must be regular are
+checked to be (with a single link) and new files are made with O_EXCL.
+nova-compute owns the instance directories; that is what this guards.
+
 The ``check_*`` functions hold the checks and are what the unit tests call.
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 
@@ -34,8 +43,8 @@ from oslo_privsep import daemon as privsep_daemon
 from oslo_privsep import priv_context
 
 import nova_bhyve.conf  # noqa: F401
+from nova_bhyve import beneath
 from nova_bhyve.machine import argv as bhyve_argv
-from nova_bhyve.machine.statefile import read_json
 
 CONF = nova.conf.CONF
 
@@ -53,6 +62,8 @@ NETNS_DIR = "/run/netns"
 OWNER_MARK = "nova-bhyve"    # description/alias of the bridges we create
 _NET_LOCK = threading.Lock()    # one plug or unplug at a time per helper
 DATASET_PART_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+ZVOL_DIR = "/dev/zvol"
+MAX_JSON_BYTES = 64 << 10
 _SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL,
             "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT}
 
@@ -69,7 +80,7 @@ def _paths():
     return bhyve_argv.BhyvePaths(
         bhyve=CONF.bhyve.bhyve_path, firmware=CONF.bhyve.uefi_firmware,
         instances_path=os.path.normpath(CONF.instances_path),
-        zvol_root="/dev/zvol/" + (CONF.bhyve.zfs_dataset or "-"))
+        zvol_root=f"{ZVOL_DIR}/{CONF.bhyve.zfs_dataset or '-'}")
 
 
 def check_uuid(name):
@@ -87,6 +98,60 @@ def check_instance_path(path, uuid=None):
     if not bhyve_argv.confined(path, root):
         raise PrivilegeError(f"{path!r} is outside {root}")
     return path
+
+
+def _instances_root():
+    return os.path.normpath(CONF.instances_path)
+
+
+@contextlib.contextmanager
+def _refusing():
+    """Turn an unsafe or unexpected file into a PrivilegeError."""
+    try:
+        yield
+    except beneath.UnsafePathError as exc:
+        raise PrivilegeError(str(exc)) from exc
+
+
+def check_instance_file(path, uuid, missing_ok=False):
+    """Raise unless ``path`` is a regular, singly linked file of ``uuid``.
+
+    No component below ``instances_path`` may be a symbolic link.
+    """
+    root = _instances_root()
+    rel = beneath.relative_below(check_instance_path(path, uuid), root)
+    with _refusing():
+        try:
+            st = beneath.lstat_beneath(root, rel)
+        except FileNotFoundError:
+            if missing_ok:
+                return
+            raise
+        if stat.S_ISLNK(st.st_mode):
+            raise PrivilegeError(f"{path!r} is a symbolic link")
+        if not stat.S_ISREG(st.st_mode):
+            raise PrivilegeError(f"{path!r} is not a regular file")
+        if st.st_nlink > 1:
+            raise PrivilegeError(f"{path!r} has {st.st_nlink} hard links")
+
+
+def _read_instance_json(uuid, name):
+    """Return the JSON in an instance directory file (None if missing)."""
+    try:
+        with _refusing():
+            fd = beneath.open_regular(_instances_root(),
+                                      f"{check_uuid(uuid)}/{name}",
+                                      os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise PrivilegeError(f"{name} of {uuid} is too large")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise PrivilegeError(f"{name} of {uuid} is not JSON") from exc
 
 
 def check_dataset(name, allow_snapshot=False):
@@ -134,11 +199,12 @@ def supervised_argv(uuid, argv):
         i = argv.index("-r")
         reboot_argv = argv[:i] + argv[i + 2:]
     destroy = [CONF.bhyve.bhyvectl_path, "--destroy", f"--vm={uuid}"]
-    return [CONF.bhyve.daemon_path, "-f", "-P",
-            os.path.join(rundir, "daemon.pid"), "-o",
-            os.path.join(rundir, "process.log"), "--",
+    # daemon(8) opens no file: its -o and -P would follow links as root;
+    # the supervisor opens its logs below the instance directory itself
+    return [CONF.bhyve.daemon_path, "-f", "--",
             sys.executable, "-m", "nova_bhyve.machine.supervise",
-            "--foreground", "--rundir", rundir,
+            "--foreground", "--output-to-log", "--rundir", rundir,
+            "--check-bhyve-files", json.dumps(dataclasses.asdict(_paths())),
             "--stdout", os.path.join(rundir, "console.log"),
             "--reboot-argv", json.dumps(reboot_argv),
             "--before-restart", json.dumps(destroy), "--", *argv]
@@ -147,7 +213,12 @@ def supervised_argv(uuid, argv):
 @bhyve_pctxt.entrypoint
 def start_guest(uuid, argv):
     """Start a checked bhyve argv for instance ``uuid`` under daemon(8)."""
-    processutils.execute(*supervised_argv(uuid, argv))
+    cmd = supervised_argv(uuid, argv)
+    try:
+        bhyve_argv.check_guest_files(argv, _paths())
+    except bhyve_argv.ArgvError as exc:
+        raise PrivilegeError(str(exc)) from exc
+    processutils.execute(*cmd)
 
 
 @bhyve_pctxt.entrypoint
@@ -156,9 +227,8 @@ def signal_guest(uuid, signame):
     check_uuid(uuid)
     if signame not in _SIGNALS:
         raise PrivilegeError(f"signal {signame!r} is not allowed")
-    rundir = os.path.join(os.path.normpath(CONF.instances_path), uuid)
-    rec = read_json(os.path.join(rundir, "child.pid")) or {}
-    pid = rec.get("pid")
+    rec = _read_instance_json(uuid, "child.pid") or {}
+    pid = rec.get("pid") if isinstance(rec, dict) else None
     if not isinstance(pid, int) or pid <= 1:
         return False
     try:
@@ -181,8 +251,13 @@ def destroy_vmm(uuid):
 
 @bhyve_pctxt.entrypoint
 def checkpoint_guest(uuid, base):
-    """Write a checkpoint set and stop guest ``uuid`` (bhyvectl --suspend)."""
-    check_instance_path(base, uuid)
+    """Write a checkpoint set and stop guest ``uuid`` (bhyvectl --suspend).
+
+    bhyve writes the files itself, following links: each must be absent or
+    a regular, singly linked file, with no link on the way to it.
+    """
+    for ext in ("", ".kern", ".meta"):
+        check_instance_file(base + ext, uuid, missing_ok=True)
     processutils.execute(CONF.bhyve.bhyvectl_path, f"--suspend={base}",
                          f"--vm={check_uuid(uuid)}")
 
@@ -361,20 +436,50 @@ def zfs(action, name, size_gb=None, origin=None, size_mb=None):
         raise PrivilegeError(f"zfs action {action!r} is not allowed")
 
 
+def _open_zvol(path, writing):
+    zvol_root = _paths().zvol_root
+    check_dataset(path[len(ZVOL_DIR) + 1:], allow_snapshot=True)
+    if not path.startswith(zvol_root + "/"):
+        raise PrivilegeError(f"{path!r} is outside {zvol_root}")
+    with _refusing():
+        fd = beneath.open_beneath(zvol_root,
+                                  beneath.relative_below(path, zvol_root),
+                                  os.O_WRONLY if writing else os.O_RDONLY)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise PrivilegeError(f"{path!r} is not a zvol device")
+    return fd
+
+
+def _open_copy_end(path, writing):
+    """Open one end of copy_image: a zvol, or a file below instances_path.
+
+    A file read must be regular with a single link; a file written is made
+    anew (O_EXCL) after whatever had its name is unlinked, not followed.
+    """
+    if not isinstance(path, str):
+        raise PrivilegeError(f"{path!r} is not a path")
+    if path.startswith(ZVOL_DIR + "/"):
+        return _open_zvol(path, writing)
+    root = _instances_root()
+    rel = beneath.relative_below(check_instance_path(path), root)
+    with _refusing():
+        if writing:
+            return beneath.create_beneath(root, rel, mode=0o644, replace=True)
+        return beneath.open_regular(root, rel, os.O_RDONLY)
+
+
 @bhyve_pctxt.entrypoint
 def copy_image(src, dst):
     """Copy between an instances-directory file and a zvol of the dataset."""
-    zvol_root = "/dev/zvol/" + (CONF.bhyve.zfs_dataset or "-")
-    for path in (src, dst):
-        if path.startswith("/dev/zvol/"):
-            dataset = path[len("/dev/zvol/"):]
-            check_dataset(dataset, allow_snapshot=True)
-            if not path.startswith(zvol_root + "/"):
-                raise PrivilegeError(f"{path!r} is outside {zvol_root}")
+    for path in (src, dst):     # check both names before opening either
+        if isinstance(path, str) and path.startswith(ZVOL_DIR + "/"):
+            check_dataset(path[len(ZVOL_DIR) + 1:], allow_snapshot=True)
         else:
             check_instance_path(path)
-    with open(src, "rb") as fin, open(dst, "r+b" if dst.startswith("/dev/")
-                                      else "wb") as fout:
+    with os.fdopen(_open_copy_end(src, False), "rb") as fin, \
+            os.fdopen(_open_copy_end(dst, True), "wb") as fout:
         while True:
             chunk = fin.read(4 << 20)
             if not chunk:

@@ -21,7 +21,10 @@ Slot layout (PCI bus 0, slots 0-31, one function each):
 import dataclasses
 import os
 import re
+import stat
 import uuid as uuidlib
+
+from nova_bhyve import beneath
 
 MAX_SLOT = 31
 DISK_SLOTS = range(2, 20)
@@ -60,7 +63,10 @@ def is_instance_uuid(name):
 
 
 def confined(path, root):
-    """Return True if ``path`` is absolute, normalised and inside ``root``."""
+    """Return True if ``path`` is absolute, normalised and inside ``root``.
+
+    A string check only: ``check_guest_files`` checks the files themselves.
+    """
     if not isinstance(path, str) or not path.startswith("/"):
         return False
     if os.path.normpath(path) != path or "," in path:
@@ -193,3 +199,46 @@ def validate(argv, paths):
     if (0, 0) not in slots or (LPC_SLOT, 0) not in slots:
         raise ArgvError("hostbridge (slot 0) and lpc (slot 31) are required")
     return name
+
+
+def guest_files(argv):
+    """Return (path, kind) for each file bhyve opens: disk, nvram, restore."""
+    out = []
+    for opt, value in zip(argv, argv[1:], strict=False):
+        parts = value.split(",")
+        if opt == "-s" and parts[1:2] == ["virtio-blk"]:
+            out.append((parts[2], "disk"))
+        elif opt == "-l" and parts[0] == "bootrom":
+            out.append((parts[2], "nvram"))
+        elif opt == "-r":
+            out += [(value + ext, "restore") for ext in ("", ".kern", ".meta")]
+    return out
+
+
+def check_guest_files(argv, paths):
+    """Raise ArgvError unless the files of a validated argv are safe to open.
+
+    bhyve opens these paths itself, as root and following links, so just
+    before it starts each must be, with no symbolic link in any component
+    below its directory: a zvol device under ``zvol_root``, or a regular
+    file with a single link under ``instances_path``.  Nothing stops the
+    owner of the instance directory from changing it after this check.
+    """
+    for path, kind in guest_files(argv):
+        zvol = kind == "disk" and confined(path, paths.zvol_root)
+        root = paths.zvol_root if zvol else paths.instances_path
+        try:
+            st = beneath.lstat_beneath(root, beneath.relative_below(path, root))
+        except FileNotFoundError as exc:
+            raise ArgvError(f"{kind} {path} does not exist") from exc
+        except OSError as exc:
+            raise ArgvError(f"{kind} {path}: {exc}") from exc
+        if stat.S_ISLNK(st.st_mode):
+            raise ArgvError(f"{kind} {path} is a symbolic link")
+        if zvol:
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ArgvError(f"disk {path} is not a zvol device")
+        elif not stat.S_ISREG(st.st_mode):
+            raise ArgvError(f"{kind} {path} is not a regular file")
+        elif st.st_nlink > 1:
+            raise ArgvError(f"{kind} {path} has {st.st_nlink} hard links")

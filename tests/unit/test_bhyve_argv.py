@@ -159,3 +159,48 @@ def test_restore_file_must_be_in_the_instance_directory():
 ])
 def test_confined(path, ok):
     assert bhyve_argv.confined(path, "/var/lib/nova/instances") is ok
+
+
+def test_guest_files_are_what_bhyve_opens():
+    argv = bhyve_argv.build(_spec(disks=2, nics=1), PATHS, NVRAM,
+                            restore_from=f"{PATHS.instances_path}/{UUID}/ckp")
+    base = f"{PATHS.instances_path}/{UUID}"
+    assert bhyve_argv.guest_files(argv) == [
+        (f"/dev/zvol/zroot/nova/{UUID}-disk0", "disk"),
+        (f"/dev/zvol/zroot/nova/{UUID}-disk1", "disk"),
+        (NVRAM, "nvram"),
+        (f"{base}/ckp", "restore"), (f"{base}/ckp.kern", "restore"),
+        (f"{base}/ckp.meta", "restore")]
+
+
+@pytest.mark.parametrize("how", ["ok", "symlink", "hardlink", "middle",
+                                 "missing"])
+def test_file_disks_are_checked_below_the_instance_dir(tmp_path, how):
+    paths = dataclasses.replace(PATHS, instances_path=str(tmp_path / "inst"))
+    vm_dir = tmp_path / "inst" / UUID
+    vm_dir.mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("secret")
+    (vm_dir / "nvram.fd").write_text("vars")
+    disk = vm_dir / "disk.img"
+    if how == "ok":
+        disk.write_text("disk")
+    elif how == "symlink":
+        disk.symlink_to(secret)
+    elif how == "hardlink":
+        disk.hardlink_to(secret)
+    elif how == "middle":
+        (tmp_path / "inst" / UUID).rename(tmp_path / "real")
+        (tmp_path / "inst" / UUID).symlink_to(tmp_path / "real")
+        (tmp_path / "real" / "disk.img").write_text("disk")
+    spec = dataclasses.replace(_spec(disks=0, nics=0),
+                               disks=(DiskSpec(str(disk)),))
+    argv = bhyve_argv.build(spec, paths, str(vm_dir / "nvram.fd"))
+    bhyve_argv.validate(argv, paths)
+    if how == "ok":
+        bhyve_argv.check_guest_files(argv, paths)
+    else:
+        with pytest.raises(bhyve_argv.ArgvError,
+                           match="symbolic link|hard links|does not exist"):
+            bhyve_argv.check_guest_files(argv, paths)
+    assert secret.read_text() == "secret"

@@ -1,7 +1,10 @@
 """The privileged helper refuses anything it was not built to run."""
 
 import json
+import os
+import stat
 import sys
+import types
 from unittest import mock
 
 import pytest
@@ -33,13 +36,44 @@ def execute(monkeypatch):
     return fake
 
 
-def _argv():
+@pytest.fixture
+def files(tmp_path, conf, monkeypatch):
+    """Real instances_path and /dev/zvol below tmp_path, and an outside.
+
+    ``outside/secret`` stands for /etc/crontab or /etc/shadow.  The zvols
+    are character devices like /dev/null (FreeBSD's zvols are character
+    devices).
+    """
+    tree = types.SimpleNamespace(
+        instances=tmp_path / "instances", zvol=tmp_path / "zvol",
+        outside=tmp_path / "outside")
+    tree.inst = tree.instances / UUID
+    tree.inst.mkdir(parents=True)
+    (tree.instances / "_base").mkdir()
+    tree.outside.mkdir()
+    tree.secret = tree.outside / "secret"
+    tree.secret.write_bytes(b"root:secret\n")
+    tree.images = tree.zvol / "zroot" / "nova" / "images"
+    tree.images.mkdir(parents=True)
+    for node in (tree.images / "abc", tree.images / "abc@base",
+                 tree.zvol / "zroot" / "nova" / f"{UUID}-disk0",
+                 tree.zvol / "zroot" / "nova" / f"{UUID}-disk0@snap"):
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (tree.inst / "nvram.fd").write_bytes(b"vars")
+    conf.set_override("instances_path", str(tree.instances))
+    monkeypatch.setattr(privsep, "ZVOL_DIR", str(tree.zvol))
+    return tree
+
+
+def _argv(restore_from=None):
+    paths = privsep._paths()
     spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512,
-                       disks=(DiskSpec(f"/dev/zvol/zroot/nova/{UUID}-disk0"),),
+                       disks=(DiskSpec(f"{paths.zvol_root}/{UUID}-disk0"),),
                        nics=(NicSpec("v", "tap7d1e0b7c-2f", "fa:16:3e:aa:bb:cc",
                                      "bridge0"),))
-    return bhyve_argv.build(spec, privsep._paths(),
-                            f"{INSTANCES}/{UUID}/nvram.fd")
+    return bhyve_argv.build(spec, paths,
+                            f"{paths.instances_path}/{UUID}/nvram.fd",
+                            restore_from=restore_from)
 
 
 @pytest.mark.parametrize("name", [
@@ -89,11 +123,11 @@ def test_tap_names(tap):
         privsep.check_tap(tap)
 
 
-def test_start_guest_pins_daemon_supervisor_and_bhyve(execute):
+def test_start_guest_pins_daemon_supervisor_and_bhyve(execute, files):
     argv = _argv()
     privsep.start_guest(UUID, argv)
     cmd = list(execute.call_args.args)
-    assert cmd[0] == "/usr/sbin/daemon"
+    assert cmd[:3] == ["/usr/sbin/daemon", "-f", "--"]     # no -o, no -P
     assert cmd[cmd.index("--") + 1:cmd.index("--") + 4] == [
         sys.executable, "-m", "nova_bhyve.machine.supervise"]
     assert cmd[-len(argv):] == argv
@@ -364,3 +398,169 @@ def test_linux_plug_checks_its_arguments(links, conf, tap, bridge, mac):
     with pytest.raises(privsep.PrivilegeError):
         privsep.plug_tap_linux(tap, bridge, mac)
     assert fake.calls == []
+
+
+# -- files opened as root: no link followed, nothing touched outside ----------
+def _untouched(files):
+    assert files.secret.read_bytes() == b"root:secret\n"
+    assert sorted(p.name for p in files.outside.iterdir()) == ["secret"]
+
+
+def _plant(files, rel, how):
+    """Make instances/<rel> a symlink or hard link to outside/secret, or
+    make its first directory a symlink to outside (a middle component)."""
+    path = files.instances / rel
+    if how == "middle":
+        first = files.instances / rel.split("/")[0]
+        if first.is_dir():
+            for child in first.iterdir():
+                child.unlink()
+            first.rmdir()
+        first.symlink_to(files.outside)
+        return
+    if path.exists():
+        path.unlink()
+    if how == "symlink":
+        path.symlink_to(files.secret)
+    else:
+        os.link(files.secret, path)
+
+
+def test_copy_image_from_the_image_cache_and_to_a_snapshot_file(files):
+    (files.instances / "_base" / "abc").write_bytes(b"image")
+    privsep.copy_image(str(files.instances / "_base" / "abc"),
+                       f"{files.zvol}/zroot/nova/images/abc")
+    raw = files.inst / "snapshot.raw"
+    raw.write_bytes(b"stale")               # left by a crash: replaced
+    privsep.copy_image(f"{files.zvol}/zroot/nova/{UUID}-disk0@snap", str(raw))
+    assert raw.read_bytes() == b""          # the null device reads empty
+    assert stat.S_IMODE(raw.stat().st_mode) & 0o044 == 0o044    # nova reads it
+    _untouched(files)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "middle"])
+def test_copy_image_refuses_a_planted_source(files, how):
+    (files.instances / "_base" / "abc").write_bytes(b"image")
+    _plant(files, "_base/abc", how)
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|hard links"):
+        privsep.copy_image(str(files.instances / "_base" / "abc"),
+                           f"{files.zvol}/zroot/nova/images/abc")
+    _untouched(files)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "middle"])
+def test_copy_image_refuses_a_planted_destination(files, how):
+    rel = f"{UUID}/snapshot.raw"
+    (files.instances / rel).write_bytes(b"stale")
+    _plant(files, rel, how)
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|hard links"):
+        privsep.copy_image(f"{files.zvol}/zroot/nova/{UUID}-disk0@snap",
+                           str(files.instances / rel))
+    _untouched(files)
+
+
+@pytest.mark.parametrize("how", ["symlink", "middle", "regular"])
+def test_copy_image_refuses_a_zvol_that_is_not_a_device(files, how):
+    (files.instances / "_base" / "abc").write_bytes(b"image")
+    node = files.images / "abc"
+    node.unlink()
+    if how == "symlink":
+        node.symlink_to(files.secret)
+    elif how == "middle":
+        for child in files.images.iterdir():
+            child.unlink()
+        files.images.rmdir()
+        files.images.symlink_to(files.outside)
+        (files.outside / "abc").write_bytes(b"")    # what a link would reach
+    else:
+        node.write_bytes(b"")
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|not a zvol"):
+        privsep.copy_image(str(files.instances / "_base" / "abc"), str(node))
+    assert files.secret.read_bytes() == b"root:secret\n"
+    if how == "middle":
+        assert (files.outside / "abc").read_bytes() == b""
+
+
+def test_copy_image_checks_both_names_before_opening(files):
+    (files.inst / "x").write_bytes(b"x")
+    with pytest.raises(privsep.PrivilegeError):
+        privsep.copy_image(str(files.inst / "x"), str(files.secret))
+    with pytest.raises(privsep.PrivilegeError):
+        privsep.copy_image(str(files.secret), str(files.inst / "x"))
+    assert (files.inst / "x").read_bytes() == b"x"
+    _untouched(files)
+
+
+def test_checkpoint_guest_checks_the_files_bhyve_writes(files, execute):
+    base = files.inst / "checkpoint"
+    privsep.checkpoint_guest(UUID, str(base))       # none there yet
+    base.write_bytes(b"old")                        # a stale set is fine
+    privsep.checkpoint_guest(UUID, str(base))
+    assert execute.call_count == 2
+
+
+@pytest.mark.parametrize("ext", ["", ".kern", ".meta"])
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "middle"])
+def test_checkpoint_guest_refuses_planted_files(files, execute, ext, how):
+    rel = f"{UUID}/checkpoint{ext}"
+    (files.instances / rel).write_bytes(b"old")
+    _plant(files, rel, how)
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|hard links"):
+        privsep.checkpoint_guest(UUID, str(files.inst / "checkpoint"))
+    execute.assert_not_called()
+    _untouched(files)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "middle"])
+def test_signal_guest_refuses_a_planted_pid_file(files, how):
+    (files.inst / "child.pid").write_text(json.dumps({"pid": 2}))
+    _plant(files, f"{UUID}/child.pid", how)
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|hard links"):
+        privsep.signal_guest(UUID, "KILL")
+    _untouched(files)
+
+
+def test_signal_guest_without_a_pid_file(files):
+    assert privsep.signal_guest(UUID, "KILL") is False
+
+
+def test_start_guest_checks_disk_nvram_and_restore_files(files, execute):
+    for ext in ("", ".kern", ".meta"):
+        (files.inst / f"checkpoint{ext}").write_bytes(b"ckp")
+    argv = _argv(restore_from=str(files.inst / "checkpoint"))
+    privsep.start_guest(UUID, argv)
+    assert list(execute.call_args.args[-len(argv):]) == argv
+
+
+@pytest.mark.parametrize("name", ["nvram.fd", "checkpoint", "checkpoint.kern",
+                                  "checkpoint.meta"])
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "middle"])
+def test_start_guest_refuses_planted_files(files, execute, name, how):
+    for ext in ("", ".kern", ".meta"):
+        (files.inst / f"checkpoint{ext}").write_bytes(b"ckp")
+    argv = _argv(restore_from=str(files.inst / "checkpoint"))
+    _plant(files, f"{UUID}/{name}", how)
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|hard links"):
+        privsep.start_guest(UUID, argv)
+    execute.assert_not_called()
+    _untouched(files)
+
+
+@pytest.mark.parametrize("how", ["symlink", "regular", "missing"])
+def test_start_guest_refuses_a_disk_that_is_not_a_zvol(files, execute, how):
+    disk = files.zvol / "zroot" / "nova" / f"{UUID}-disk0"
+    disk.unlink()
+    if how == "symlink":
+        disk.symlink_to(files.secret)
+    elif how == "regular":
+        disk.write_bytes(b"")
+    with pytest.raises(privsep.PrivilegeError,
+                       match="symbolic link|not a zvol|does not exist"):
+        privsep.start_guest(UUID, _argv())
+    execute.assert_not_called()
