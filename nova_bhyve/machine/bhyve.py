@@ -69,6 +69,7 @@ from nova_bhyve.machine.base import (
 )
 from nova_bhyve.machine.statefile import write_json
 from nova_bhyve.machine.supervised import SupervisedMachines
+from nova_bhyve.privsep import PrivilegeError
 
 LOG = logging.getLogger(__name__)
 VNC_PORTS = range(5900, 6000)
@@ -277,6 +278,9 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.start_guest(spec.uuid, self._argv(spec, restore_from))
         except processutils.ProcessExecutionError as exc:
             raise MachineError(f"cannot start guest {spec.uuid}: {exc.stderr}"
+                               ) from exc
+        except PrivilegeError as exc:
+            raise MachineError(f"refused to start guest {spec.uuid}: {exc}"
                                ) from exc
         deadline = time.monotonic() + 30
         while not (self._running(spec.uuid) and self._child_pid(spec.uuid)):

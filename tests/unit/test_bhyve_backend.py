@@ -17,6 +17,7 @@ from nova_bhyve.machine.base import (
     MachineState,
     NicSpec,
 )
+from nova_bhyve.privsep import PrivilegeError
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 
@@ -90,6 +91,14 @@ def test_start_boots_or_restores(backend, monkeypatch):
     backend.start(UUID)
     argv = backend.helper.start_guest.call_args.args[1]
     assert argv[argv.index("-r") + 1] == files.base
+
+
+def test_a_start_the_helper_refuses_is_a_machine_error(backend, monkeypatch):
+    _create(backend, monkeypatch)
+    backend.helper.start_guest.side_effect = PrivilegeError(
+        "disk.img: a symbolic link")
+    with pytest.raises(MachineError, match="refused to start guest .*link"):
+        backend.start(UUID)
 
 
 def test_stop_timeout_zero_kills_at_once(backend, monkeypatch):
