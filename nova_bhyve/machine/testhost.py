@@ -56,6 +56,7 @@ LOG = logging.getLogger(__name__)
 
 MAX_SOCKET_PATH = 107
 CMDLINE_MAX = 256
+ARCH = "x86_64"            # the only guests the test host runs
 _STATUS_TO_STATE = {
     "running": MachineState.RUNNING,
     "paused": MachineState.PAUSED,
@@ -124,7 +125,7 @@ class TestHostBackend(SupervisedMachines, Backend):
             vcpus=os.cpu_count() or 1, memory_mb=mem_total,
             memory_mb_used=mem_used, disk_gb=disk_total,
             disk_gb_used=disk_used, hypervisor_type="bhyve",
-            hypervisor_version=1, arch="x86_64",
+            hypervisor_version=1, arch=ARCH,
             cpu_model=hostinfo.linux_cpu_model(),
             cpu_vendor=hostinfo.linux_cpu_vendor(),
             page_size=os.sysconf("SC_PAGE_SIZE"))
@@ -331,8 +332,9 @@ class TestHostBackend(SupervisedMachines, Backend):
                         memsize=layout.size, lowmem=layout.lowmem,
                         highmem=layout.highmem, highbase=layout.highbase,
                         page_size=layout.page_size,
-                        kern_format="nb-testhost-state-1",
-                        kern_bytes=len(blob), kern_crc32=checkpoint.crc32(blob))
+                        state_format=checkpoint.STATE_FORMAT_TESTHOST,
+                        kern_bytes=len(blob), kern_crc32=checkpoint.crc32(blob),
+                        arch=ARCH, cpu_vendor=hostinfo.linux_cpu_vendor())
                     offload(checkpoint.write, files, meta, fd, blob)
                 finally:
                     os.close(fd)
