@@ -30,12 +30,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from oslo_concurrency import processutils
 from oslo_log import log as logging
 
-from nova_bhyve import privsep
+from nova_bhyve import polling, privsep
 from nova_bhyve.concurrency import offload
 from nova_bhyve.machine import checkpoint, hostinfo, images, power
 from nova_bhyve.machine.base import (
@@ -148,20 +147,20 @@ class TestHostBackend(SupervisedMachines, Backend):
         self._wait_socket(uuid)
 
     def _wait_socket(self, uuid, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(self._path(uuid, "exit.json")):
-                raise MachineError(
-                    f"guest {uuid} exited during start: {self._log_tail(uuid)}")
-            if os.path.exists(self._path(uuid, "control.sock")):
-                try:
-                    self._client(uuid).close()
-                    return
-                except TestHostError:
-                    pass
-            time.sleep(0.02)
-        raise MachineError(f"guest {uuid} did not open its control socket "
-                           f"within {timeout} s: {self._log_tail(uuid)}")
+        if not polling.poll(lambda: self._socket_answers(uuid), timeout):
+            raise MachineError(f"guest {uuid} did not open its control socket "
+                               f"within {timeout} s: {self._log_tail(uuid)}")
+
+    def _socket_answers(self, uuid):
+        """True once the control socket accepts; raises if the guest exited."""
+        if os.path.exists(self._path(uuid, "exit.json")):
+            raise MachineError(
+                f"guest {uuid} exited during start: {self._log_tail(uuid)}")
+        if os.path.exists(self._path(uuid, "control.sock")):
+            with contextlib.suppress(TestHostError):
+                self._client(uuid).close()
+                return True
+        return False
 
     def _kill(self, uuid):
         pid = self._child_pid(uuid)
