@@ -10,7 +10,7 @@ import pytest
 import nova_bhyve.driver as bhyve_driver
 from nova import exception, objects
 from nova_bhyve import polling
-from nova_bhyve.machine.base import Backend, HostFacts
+from nova_bhyve.machine.base import HostFacts
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration import live
 from nova_bhyve.migration.diskcopy import copy as REAL_COPY
@@ -80,9 +80,8 @@ class FakeSend:
 
 
 @pytest.fixture
-def env(monkeypatch):
-    drv = bhyve_driver.BhyveDriver(mock.Mock())
-    drv.backend = mock.create_autospec(Backend, instance=True)
+def env(driver, monkeypatch):
+    drv = driver
     drv.backend.can_migrate = True
     drv.backend.has_dirty_log = True
     drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
