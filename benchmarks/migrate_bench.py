@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+from nova_bhyve import polling
 from nova_bhyve.native.engine import Migration, Mode, Result
 from nova_bhyve.testhost.console import (
     largest_heartbeat_gap,
@@ -35,12 +36,8 @@ WORKLOADS = {
 
 
 def _wait(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for {what}")
+    if not polling.poll(pred, timeout):
+        raise RuntimeError(f"timed out waiting for {what}")
 
 
 def run_once(base, mem, cmdline, engine_opts):

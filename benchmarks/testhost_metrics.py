@@ -8,12 +8,14 @@ get-and-clear `dirty-log` request, per GiB of guest RAM, for 1 and 4 GiB
 guests with a stress working set.  State blob: size of `save-state`.
 """
 
+import math
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+from nova_bhyve import polling
 from nova_bhyve.testhost.console import parse_console, parse_tlog
 from nova_bhyve.testhost.process import TestHostVM
 
@@ -38,8 +40,8 @@ def dirty_sync(base, mem, gib):
     vm = TestHostVM.start("dl", f"{base}/dl", mem,
                           cmdline="mode=stress pattern=touch ws=64M")
     try:
-        while not parse_console(vm.console_text()).heartbeats:
-            time.sleep(0.05)
+        polling.poll(lambda: parse_console(vm.console_text()).heartbeats,
+                     math.inf, 0.05)
         times = []
         for _ in range(20):
             t0 = time.perf_counter()

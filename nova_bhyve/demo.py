@@ -8,12 +8,14 @@ heartbeats on the host clock).
 """
 
 import argparse
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 
+from nova_bhyve import polling
 from nova_bhyve.migration.cli import progress_line
 from nova_bhyve.native.engine import Migration, Mode, Result
 from nova_bhyve.testhost import artifacts
@@ -38,6 +40,14 @@ def _show_heartbeats(vm, seconds):
             _say(f"  {vm.name}: heartbeat {hb.seq:>7}  passes {hb.passes:>4}  "
                  f"self-check errors {hb.errors}")
         time.sleep(0.5)
+
+
+def _passed_once(vm):
+    """The console report once the guest completed a pass, else None."""
+    report = parse_console(vm.console_text())
+    if report.heartbeats and report.heartbeats[-1].passes >= 1:
+        return report
+    return None
 
 
 def _live_migrate(src, dst, max_downtime_ms):
@@ -78,9 +88,8 @@ def main(argv=None):
         src = TestHostVM.start("src", f"{base}/src", args.mem, cmdline=cmdline,
                                tlog=True)
         _show_heartbeats(src, 2)
-        while not (r := parse_console(src.console_text())).heartbeats or \
-                r.heartbeats[-1].passes < 1:
-            time.sleep(0.2)     # let the working set be written once
+        # let the working set be written once
+        r = polling.poll(lambda: _passed_once(src), math.inf, 0.2)
         _say(f"  working set written once (heartbeat {r.last_seq})")
         _say("pause / resume:")
         src.client.pause()

@@ -5,7 +5,10 @@ import time
 
 def poll(predicate, timeout, interval=0.02):
     """Call ``predicate`` until it returns a true value or ``timeout`` seconds
-    have passed; return its last value (false on a timeout)."""
+    have passed; return its last value (false on a timeout).
+
+    ``predicate`` may raise to end the wait early; ``timeout`` may be
+    ``math.inf``."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -3,8 +3,8 @@
 import os
 import pathlib
 import shutil
-import time
 
+from nova_bhyve import polling
 from nova_bhyve.testhost.console import largest_heartbeat_gap, parse_tlog
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -16,14 +16,10 @@ class BenchError(RuntimeError):
 
 def wait_for(pred, timeout, what, interval=0.02):
     """Poll ``pred`` until it is true; raise BenchError after ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    value = polling.poll(pred, timeout, interval)
+    if not value:
+        raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return value
 
 
 def _stat_times(path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from nova_bhyve import polling
 from nova_bhyve.testhost import artifacts
 from vsqemu.common import (
     BenchError,
@@ -299,11 +300,9 @@ class QemuChain:
             time.sleep(0.01)
         wall = time.monotonic() - t0
         # "completed" shows a moment before total-time and downtime are set
-        for _ in range(100):
-            if status != "completed" or info.get("total-time"):
-                break
-            time.sleep(0.01)
-            info = src.qmp.cmd("query-migrate")
+        if status == "completed" and not info.get("total-time"):
+            info = polling.poll(lambda: _with_total_time(src), 1.0, 0.01) or \
+                src.qmp.cmd("query-migrate")
         if status == "completed":
             if not dst.alive():
                 raise BenchError(f"QEMU destination died: {dst.log_tail(300)}")
@@ -351,6 +350,12 @@ class QemuChain:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+
+
+def _with_total_time(vm):
+    """QEMU's query-migrate once it carries total-time, else None."""
+    info = vm.qmp.cmd("query-migrate")
+    return info if info.get("total-time") else None
 
 
 def _rounds(samples, syncs, total_s, downtime_ms, final_bytes):

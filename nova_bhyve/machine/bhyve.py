@@ -55,7 +55,7 @@ import psutil
 from oslo_concurrency import lockutils, processutils
 from oslo_log import log as logging
 
-from nova_bhyve import privsep
+from nova_bhyve import polling, privsep
 from nova_bhyve.machine import argv as bhyve_argv
 from nova_bhyve.machine import images, power
 from nova_bhyve.machine.base import (
@@ -282,15 +282,18 @@ class BhyveBackend(SupervisedMachines, Backend):
         except PrivilegeError as exc:
             raise MachineError(f"refused to start guest {spec.uuid}: {exc}"
                                ) from exc
-        deadline = time.monotonic() + 30
-        while not (self._running(spec.uuid) and self._child_pid(spec.uuid)):
-            if os.path.exists(self._path(spec.uuid, "exit.json")):
-                raise MachineError(f"guest {spec.uuid} exited during start: "
-                                   f"{self._log_tail(spec.uuid)}")
-            if time.monotonic() > deadline:
-                raise MachineError(f"guest {spec.uuid} did not start within "
-                                   f"30 s: {self._log_tail(spec.uuid)}")
-            time.sleep(0.05)
+        if not polling.poll(lambda: self._started(spec.uuid), 30, 0.05):
+            raise MachineError(f"guest {spec.uuid} did not start within "
+                               f"30 s: {self._log_tail(spec.uuid)}")
+
+    def _started(self, uuid):
+        """True once bhyve runs; raises if it already exited."""
+        if self._running(uuid) and self._child_pid(uuid):
+            return True
+        if os.path.exists(self._path(uuid, "exit.json")):
+            raise MachineError(f"guest {uuid} exited during start: "
+                               f"{self._log_tail(uuid)}")
+        return False
 
     def start(self, uuid):
         """Boot the guest, or restore it (``bhyve -r``) if it is suspended."""
@@ -526,18 +529,17 @@ class BhyveBackend(SupervisedMachines, Backend):
         sock = os.path.join(self.checkpoint_rundir, uuid)
         timeout = self.RESTORE_TIMEOUT + self.RESTORE_PER_GIB * (
             self._spec(uuid).memory_mb >> 10)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def restored():
             if not self._running(uuid):
                 raise MachineError(f"bhyve exited: {self._log_tail(uuid)}")
             with contextlib.suppress(OSError):
-                st = os.stat(sock)
-                if st.st_mtime >= self._started_at(uuid) - 1:
-                    return
-            if time.monotonic() > deadline:
-                raise MachineError(f"{sock} did not appear within "
-                                   f"{timeout} s: {self._log_tail(uuid)}")
-            time.sleep(0.1)
+                return os.stat(sock).st_mtime >= self._started_at(uuid) - 1
+            return False
+
+        if not polling.poll(restored, timeout, 0.1):
+            raise MachineError(f"{sock} did not appear within "
+                               f"{timeout} s: {self._log_tail(uuid)}")
 
     def _started_at(self, uuid):
         try:

@@ -10,13 +10,17 @@ from nova_bhyve import beneath
 
 def write_json(path, data):
     """Atomically replace ``path`` with ``data`` as JSON."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def write_text(path, text):
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o640)

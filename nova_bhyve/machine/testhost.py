@@ -30,12 +30,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from oslo_concurrency import processutils
 from oslo_log import log as logging
 
-from nova_bhyve import privsep
+from nova_bhyve import polling, privsep
 from nova_bhyve.concurrency import offload
 from nova_bhyve.machine import checkpoint, hostinfo, images, power
 from nova_bhyve.machine.base import (
@@ -56,6 +55,7 @@ LOG = logging.getLogger(__name__)
 
 MAX_SOCKET_PATH = 107
 CMDLINE_MAX = 256
+ARCH = "x86_64"            # the only guests the test host runs
 _STATUS_TO_STATE = {
     "running": MachineState.RUNNING,
     "paused": MachineState.PAUSED,
@@ -124,7 +124,7 @@ class TestHostBackend(SupervisedMachines, Backend):
             vcpus=os.cpu_count() or 1, memory_mb=mem_total,
             memory_mb_used=mem_used, disk_gb=disk_total,
             disk_gb_used=disk_used, hypervisor_type="bhyve",
-            hypervisor_version=1, arch="x86_64",
+            hypervisor_version=1, arch=ARCH,
             cpu_model=hostinfo.linux_cpu_model(),
             cpu_vendor=hostinfo.linux_cpu_vendor(),
             page_size=os.sysconf("SC_PAGE_SIZE"))
@@ -147,20 +147,20 @@ class TestHostBackend(SupervisedMachines, Backend):
         self._wait_socket(uuid)
 
     def _wait_socket(self, uuid, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(self._path(uuid, "exit.json")):
-                raise MachineError(
-                    f"guest {uuid} exited during start: {self._log_tail(uuid)}")
-            if os.path.exists(self._path(uuid, "control.sock")):
-                try:
-                    self._client(uuid).close()
-                    return
-                except TestHostError:
-                    pass
-            time.sleep(0.02)
-        raise MachineError(f"guest {uuid} did not open its control socket "
-                           f"within {timeout} s: {self._log_tail(uuid)}")
+        if not polling.poll(lambda: self._socket_answers(uuid), timeout):
+            raise MachineError(f"guest {uuid} did not open its control socket "
+                               f"within {timeout} s: {self._log_tail(uuid)}")
+
+    def _socket_answers(self, uuid):
+        """True once the control socket accepts; raises if the guest exited."""
+        if os.path.exists(self._path(uuid, "exit.json")):
+            raise MachineError(
+                f"guest {uuid} exited during start: {self._log_tail(uuid)}")
+        if os.path.exists(self._path(uuid, "control.sock")):
+            with contextlib.suppress(TestHostError):
+                self._client(uuid).close()
+                return True
+        return False
 
     def _kill(self, uuid):
         pid = self._child_pid(uuid)
@@ -331,8 +331,9 @@ class TestHostBackend(SupervisedMachines, Backend):
                         memsize=layout.size, lowmem=layout.lowmem,
                         highmem=layout.highmem, highbase=layout.highbase,
                         page_size=layout.page_size,
-                        kern_format="nb-testhost-state-1",
-                        kern_bytes=len(blob), kern_crc32=checkpoint.crc32(blob))
+                        state_format=checkpoint.STATE_FORMAT_TESTHOST,
+                        kern_bytes=len(blob), kern_crc32=checkpoint.crc32(blob),
+                        arch=ARCH, cpu_vendor=hostinfo.linux_cpu_vendor())
                     offload(checkpoint.write, files, meta, fd, blob)
                 finally:
                     os.close(fd)

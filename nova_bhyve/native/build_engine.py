@@ -20,6 +20,7 @@ SRC = HERE / "src"
 # port; the bhyve port's portable helpers sit under vmm/bhyve/.
 LAYERS = ("core", "wire", "vmm", "vmm/bhyve")
 BHYVE_CDEF = SRC / "vmm" / "bhyve" / "bhyve.cdef"
+CKPT_META_H = SRC / "vmm" / "ckpt_meta.h"    # checkpoint .meta, for the tests
 COMPILE_ARGS = ["-O2", "-std=gnu11", "-pthread", "-Wall",
                 "-Wno-unused-parameter", "-Wno-format-truncation"]
 
@@ -58,9 +59,11 @@ def selftest_builder(module_name="_nb_engine_selftest"):
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(_cdef_from_header((SRC / "engine.h").read_text()))
 ffibuilder.cdef(BHYVE_CDEF.read_text())
+ffibuilder.cdef(_cdef_from_header(CKPT_META_H.read_text()))
 ffibuilder.set_source(
     "nova_bhyve.native._engine",
-    '#include "engine.h"\n#include "vmm/bhyve/bhyve.h"\n',
+    '#include "engine.h"\n#include "vmm/bhyve/bhyve.h"\n'
+    '#include "vmm/ckpt_meta.h"\n',
     sources=layer_sources(*LAYERS),
     include_dirs=[str(SRC)],
     libraries=["crypto", "zstd"],

@@ -4,8 +4,8 @@ import os
 import pathlib
 import signal
 import subprocess
-import time
 
+from nova_bhyve import polling
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.client import ControlClient
 from nova_bhyve.testhost.errors import TestHostError
@@ -85,22 +85,25 @@ class TestHostVM:
         return vm
 
     def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise TestHostError(
-                    "ECHILD", f"VM {self.name} exited with status "
-                    f"{self.popen.returncode} during start: {self.log_tail()}")
-            if self.socket_path.exists():
-                try:
-                    self._client = ControlClient(self.socket_path)
-                    return
-                except TestHostError:
-                    pass
-            time.sleep(0.01)
+        if polling.poll(self._connect, timeout, 0.01):
+            return
         self.kill()
         raise TestHostError("ETIMEDOUT", f"VM {self.name} did not open its "
                             f"control socket within {timeout} s")
+
+    def _connect(self):
+        """True once the control socket accepts; raises if the VM exited."""
+        if self.popen.poll() is not None:
+            raise TestHostError(
+                "ECHILD", f"VM {self.name} exited with status "
+                f"{self.popen.returncode} during start: {self.log_tail()}")
+        if self.socket_path.exists():
+            try:
+                self._client = ControlClient(self.socket_path)
+                return True
+            except TestHostError:
+                pass
+        return False
 
     @property
     def client(self):

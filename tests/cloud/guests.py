@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cloudctl import procs
 
+from nova_bhyve import polling
 from nova_bhyve.testhost.console import parse_console
 
 CLOUD_DIR = Path(os.environ.get("NB_CLOUD_DIR", "/var/lib/nova-bhyve-cloud"))
@@ -63,13 +64,10 @@ def hosts_running(uuid):
 
 def wait_for(predicate, timeout, what, interval=0.2):
     """Poll ``predicate`` until true, or raise GuestCheckFailed naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise GuestCheckFailed(f"timed out after {timeout} s waiting for {what}")
+    value = polling.poll(predicate, timeout, interval)
+    if not value:
+        raise GuestCheckFailed(f"timed out after {timeout} s waiting for {what}")
+    return value
 
 
 def check_runs_only_on(uuid, host, beats=200):

@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+import math
 import os
 import socket
 import struct
@@ -10,6 +11,7 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from nova_bhyve import polling
 from nova_bhyve.native.engine import Migration, Phase, Result
 from nova_bhyve.testhost.console import parse_console
 
@@ -182,8 +184,9 @@ class FaultyProxy:
         seen = 0
         try:
             while True:
-                while index in self.stalled and not self.closed:
-                    time.sleep(0.05)        # hold the bytes, keep it open
+                # hold the bytes, keep the connection open
+                polling.poll(lambda: index not in self.stalled or self.closed,
+                             math.inf, 0.05)
                 data = a.recv(65536)
                 if not data:
                     break

@@ -20,28 +20,22 @@ import os
 import sys
 
 import nova_scenarios
-from polling import wait_for
 
-MODE = nova_scenarios.select_mode()
+nova_scenarios.select_mode()
 
 # first nova import: it applies (or forbids) eventlet patching
-from nova.tests.functional import integrated_helpers  # noqa: E402
+from nova.tests.functional import integrated_helpers  # noqa: E402,F401
 
 # isort: split
 
-import io  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from unittest import mock  # noqa: E402
 
-from sqlalchemy import exc as sqla_exc  # noqa: E402
+from nova_scenario_base import IMAGE_DATA, BhyveScenarioTest  # noqa: E402
 
 import nova_bhyve.driver  # noqa: E402
 from nova import context as nova_context  # noqa: E402
-from nova import utils  # noqa: E402
 from nova_bhyve.machine import hostinfo  # noqa: E402
 from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.machine.statefile import read_json  # noqa: E402
@@ -51,46 +45,20 @@ nova_scenarios.install_shim(nova_bhyve.driver)
 
 RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED = 1, 3, 4, 6, 7
 IMAGE_ID = "5f0ac2a8-3c5e-4b7e-9d0a-6a1f3b2c4d5e"
-IMAGE_DATA = bytes(range(256)) * 256            # 64 KiB, a raw "disk"
 CMDLINE = "mode=stress pattern=touch ws=4M"
 
 
-class BhyveDriverLifecycleTest(integrated_helpers.ProviderUsageBaseTestCase):
+class BhyveDriverLifecycleTest(BhyveScenarioTest):
     """Servers on BhyveDriver + KVM test host, driven through Nova's API."""
 
-    compute_driver = "bhyve.BhyveDriver"
+    IMAGES = {IMAGE_ID: CMDLINE}
+    TMP_PREFIX = "nbd-"
 
     def setUp(self):
-        # unix sockets live in instance directories: keep the path short
-        self.instances_path = tempfile.mkdtemp(prefix="nbd-", dir="/tmp")
-        self.addCleanup(shutil.rmtree, self.instances_path, True)
-        self.flags(instances_path=self.instances_path)
-        # pip installs nova's paste config as data under the prefix
-        paste = os.path.join(sys.prefix, "etc", "nova", "api-paste.ini")
-        if os.path.exists(paste):
-            self.flags(api_paste_config=paste, group="wsgi")
-        self.flags(state_poll_interval=0.5, group="bhyve")
         super().setUp()
-        # nova 34 still calls noload(), which SQLAlchemy 2.1 deprecates;
-        # nova's WarningsFixture would turn that warning into an error
-        warnings.filterwarnings("ignore", message=r"The noload\(\) option",
-                                category=sqla_exc.SADeprecationWarning)
-        self.assertEqual(MODE == "threading", utils.concurrency_mode_threading())
-        self.compute = self._start_compute("host1")
-        self.driver = self.compute.driver
-        self.addCleanup(self._kill_leftovers)
-        self.flavor_id = self._create_flavor(memory_mb=128, vcpu=1, disk=0,
-                                             ephemeral=0)
-        self.glance.create(None, {
-            "id": IMAGE_ID, "name": "nb-guest", "status": "active",
-            "disk_format": "raw", "container_format": "bare",
-            "min_ram": 0, "min_disk": 0, "size": len(IMAGE_DATA),
-            "properties": {"bhyve_testhost_cmdline": CMDLINE},
-        }, data=io.BytesIO(IMAGE_DATA))
-
-    def _kill_leftovers(self):
-        for uuid in self.driver.backend.list_machines():
-            self.driver.backend.destroy(uuid)
+        self.compute = self.compute_services["host1"]
+        self.driver = self.drivers["host1"]
+        self.instances_path = self.driver.backend.instances_path
 
     # -- helpers ------------------------------------------------------------
     def _boot(self):
@@ -104,9 +72,6 @@ class BhyveDriverLifecycleTest(integrated_helpers.ProviderUsageBaseTestCase):
         output = self.api.post_server_action(
             server["id"], {"os-getConsoleOutput": {}})["output"]
         return parse_console(output)
-
-    def _wait(self, predicate, what, timeout=30.0):
-        return wait_for(predicate, timeout, 0.1, what)
 
     def _wait_heartbeats(self, server, more_than=0, count=20):
         def enough():

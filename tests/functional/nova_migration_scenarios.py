@@ -20,78 +20,63 @@ import os
 import sys
 
 import nova_scenarios
-from polling import wait_for
 
 MODE = nova_scenarios.select_mode()
 
-from nova.tests.functional import integrated_helpers  # noqa: E402
+# first nova import: it applies (or forbids) eventlet patching
+from nova.tests.functional import integrated_helpers  # noqa: E402,F401
 
 # isort: split
 
 import base64  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import tempfile  # noqa: E402
-import uuid as uuidlib  # noqa: E402
-import warnings  # noqa: E402
-from unittest import mock  # noqa: E402
 
 import fixtures  # noqa: E402
-from sqlalchemy import exc as sqla_exc  # noqa: E402
+from nova_scenario_base import IMAGE_DATA, BhyveScenarioTest  # noqa: E402
 
 import nova_bhyve.driver  # noqa: E402
 import nova_bhyve.migration.data  # noqa: E402
 import nova_bhyve.migration.diskcopy  # noqa: E402
 from nova import context as nova_context  # noqa: E402
-from nova import objects, utils  # noqa: E402
+from nova import objects  # noqa: E402
 from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.native.engine import MigrationError  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
 
 nova_scenarios.install_shim(nova_bhyve.driver)
 
-IMAGE_DATA = bytes(range(256)) * 256            # 64 KiB, a raw "disk"
-IMAGES = {
+GUEST_IMAGES = {
     "idle": ("0c2e8f5a-1d3b-4c6e-9f0a-2b4c6d8e0f1a", "mode=idle"),
     # rewrites one byte of each of 1024 pages, ~16 times a second (on
     # this nested KVM); delta encoding makes that cheap to send
     "stress": ("1d3f9a6b-2e4c-4d7f-8a1b-3c5d7e9f1a2b",
                "mode=stress pattern=touch ws=4M"),
 }
-NODE_NS = uuidlib.UUID("6f1c3b2a-9d8e-4f70-a1b2-c3d4e5f60718")
 SWITCHOVER = re.compile(r"bhyve_switchover mode=(\w+) downtime=([\d.]+)ms "
                         r"total=(\d+)ms bytes=(\d+) rounds=(\d+) "
                         r"throttle=(\d+)%")
 
 
-class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
+class MigrationTestBase(BhyveScenarioTest):
     """Two bhyve computes and helpers to watch guests move between them."""
 
-    compute_driver = "bhyve.BhyveDriver"
+    HOSTS = ("host1", "host2")
+    IMAGES = dict(GUEST_IMAGES.values())
+    TMP_PREFIX = "nbm-"
+    BHYVE_FLAGS = dict(live_migration_inbound_addr="127.0.0.1",
+                       live_migration_monitor_interval=0.5,
+                       live_migration_downtime=300,
+                       live_migration_downtime_steps=3)
+    WAIT_TIMEOUT = 60.0
+    WAIT_INTERVAL = 0.05
 
     def setUp(self):
-        self.base = tempfile.mkdtemp(prefix="nbm-", dir="/tmp")
-        self.addCleanup(shutil.rmtree, self.base, True)
-        os.makedirs(os.path.join(self.base, "saved"))
-        paste = os.path.join(sys.prefix, "etc", "nova", "api-paste.ini")
-        if os.path.exists(paste):
-            self.flags(api_paste_config=paste, group="wsgi")
-        self.flags(state_poll_interval=0.5,
-                   live_migration_inbound_addr="127.0.0.1",
-                   live_migration_monitor_interval=0.5,
-                   live_migration_downtime=300,
-                   live_migration_downtime_steps=3,
-                   group="bhyve")
         super().setUp()
-        # nova 34 still calls noload(), which SQLAlchemy 2.1 deprecates;
-        # nova's WarningsFixture would turn that warning into an error
-        warnings.filterwarnings("ignore", message=r"The noload\(\) option",
-                                category=sqla_exc.SADeprecationWarning)
-        self.assertEqual(MODE == "threading", utils.concurrency_mode_threading())
+        os.makedirs(os.path.join(self.base, "saved"))
         # every log record at every level, and every secret derived
         self.records = []
         handler = logging.Handler(logging.DEBUG)
@@ -117,29 +102,11 @@ class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
         self.useFixture(fixtures.MockPatch(
             "nova_bhyve.migration.diskcopy.DiskListener",
             side_effect=listener))
-        self.drivers = {}
-        for host in ("host1", "host2"):
-            self._start_bhyve_compute(host)
-        self.addCleanup(self._kill_leftovers)
-        self.flavor_id = self._create_flavor(memory_mb=128, vcpu=1, disk=0,
-                                             ephemeral=0)
-        for image_id, cmdline in IMAGES.values():
-            self.glance.create(None, {
-                "id": image_id, "name": cmdline, "status": "active",
-                "disk_format": "raw", "container_format": "bare",
-                "min_ram": 0, "min_disk": 0, "size": len(IMAGE_DATA),
-                "properties": {"bhyve_testhost_cmdline": cmdline},
-            }, data=io.BytesIO(IMAGE_DATA))
 
     def _start_bhyve_compute(self, host):
-        """Start ``host`` with its own instances directory and node UUID."""
-        self.flags(instances_path=os.path.join(self.base, host))
-        node = str(uuidlib.uuid5(NODE_NS, host))
-        with mock.patch("nova.virt.node.get_local_node_uuid",
-                        return_value=node):
-            compute = self._start_compute(host)
+        """Start ``host``; keep the console of each guest that leaves it."""
+        compute = super()._start_bhyve_compute(host)
         drv = compute.driver
-        self.drivers[host] = drv
         real_delete = drv.backend.delete_files
 
         def delete_files(uuid, destroy_disks=True, _drv=drv, _host=host):
@@ -185,13 +152,11 @@ class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
                         pass
         self._wait(lambda: not any(d._outgoing for d in self.drivers.values()),
                    "running migrations to end", timeout=60)
-        for drv in self.drivers.values():
-            for uuid in drv.backend.list_machines():
-                drv.backend.destroy(uuid)
+        super()._kill_leftovers()
 
     # -- guests ---------------------------------------------------------------
     def _boot(self, host="host1", image="stress", flavor_id=None):
-        server = self._create_server(image_uuid=IMAGES[image][0],
+        server = self._create_server(image_uuid=GUEST_IMAGES[image][0],
                                      flavor_id=flavor_id or self.flavor_id,
                                      networks="none", host=host)
         self.assertEqual(host, server["OS-EXT-SRV-ATTR:host"])
@@ -205,9 +170,6 @@ class MigrationTestBase(integrated_helpers.ProviderUsageBaseTestCase):
                 return f.read().decode("ascii", "replace")
         except FileNotFoundError:
             return ""
-
-    def _wait(self, predicate, what, timeout=60.0, interval=0.05):
-        return wait_for(predicate, timeout, interval, what)
 
     def _wait_passes(self, host, server, passes):
         def ok():

@@ -5,8 +5,9 @@ patching) once per process, when ``nova.tests`` is first imported.  So the
 scenario scripts (``nova_*_scenarios.py``) run in a fresh interpreter per
 mode, launched by their pytest wrappers (``test_*_nova.py``) through
 ``run_scenarios``.  A script calls ``select_mode`` before its first nova
-import, ``install_shim`` after it, and ends with ``main``.  This module
-imports no nova code itself.
+import, ``install_shim`` after it, and ends with ``main``; its test
+classes derive from ``nova_scenario_base.BhyveScenarioTest``, imported
+after ``select_mode``.  This module imports no nova code itself.
 """
 
 import json

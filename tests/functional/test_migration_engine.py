@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from nova_bhyve.machine import checkpoint
 from nova_bhyve.native.engine import (
     Migration,
     MigrationError,
@@ -120,6 +121,12 @@ def test_cold_migration_through_a_checkpoint_file_set(vms):
     assert s.result == d.result == Result.COMPLETED, (s.error, d.error)
     assert {p.name for p in base.parent.iterdir()} == {"vm", "vm.kern", "vm.meta"}
     assert base.stat().st_size == 256 * MiB
+    # the set the engine wrote is one checkpoint.py reads (one .meta schema)
+    files = checkpoint.CheckpointFiles(str(base))
+    meta = checkpoint.read_meta(files)
+    assert (meta.version, meta.ncpus, meta.memsize, meta.state_format,
+            meta.arch) == (2, 1, 256 * MiB, "nbvmstat/1", "x86_64")
+    assert checkpoint.read_kern(files, meta).startswith(b"NBVMSTAT")
     assert src.stop() == 1
     # checkpoint files -> a new VM
     dst = vms.start("dst", mem="256M", incoming=True)
@@ -130,6 +137,37 @@ def test_cold_migration_through_a_checkpoint_file_set(vms):
     s2, d2 = wait_result(send), wait_result(recv)
     assert s2.result == d2.result == Result.COMPLETED, (s2.error, d2.error)
     assert s2.digest == d2.digest
+    assert_guest_continued(src, dst)
+
+
+def test_a_checkpoint_written_by_checkpoint_py_moves_with_the_engine(vms):
+    # what the test host backend's suspend writes, restored by the engine
+    src = vms.start("src", mem="256M", cmdline="mode=stress ws=16M")
+    stress_ready(src)
+    files = checkpoint.CheckpointFiles(str(pathlib.Path(vms.base) / "suspended"))
+    src.client.pause()
+    blob = src.client.save_state()
+    fd, layout = src.client.memfd()
+    try:
+        checkpoint.write(files, checkpoint.CheckpointMeta(
+            vmname="src", ncpus=1, memsize=layout.size, lowmem=layout.lowmem,
+            highmem=layout.highmem, highbase=layout.highbase,
+            page_size=layout.page_size,
+            state_format=checkpoint.STATE_FORMAT_TESTHOST,
+            kern_bytes=len(blob), kern_crc32=checkpoint.crc32(blob),
+            arch="x86_64", cpu_vendor=""), fd, blob)
+    finally:
+        os.close(fd)
+    assert src.stop() == 1
+    dst = vms.start("dst", mem="256M", incoming=True)
+    secret = new_secret()
+    recv = start_receive(dst, secret)
+    send = Migration.send(vmm_target=files.base, host="127.0.0.1", port=recv.port,
+                          secret=secret, mode=Mode.COLD,
+                          vmm_kind=VmmKind.CHECKPOINT)
+    s, d = wait_result(send), wait_result(recv)
+    assert s.result == d.result == Result.COMPLETED, (s.error, d.error)
+    assert s.digest == d.digest
     assert_guest_continued(src, dst)
 
 

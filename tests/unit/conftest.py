@@ -1,9 +1,13 @@
-"""Fixtures shared by the unit tests."""
+"""Fixtures shared by the unit tests: BhyveDrivers on recording backends,
+and the engine's test build."""
 
 import functools
 import importlib.util
 import pathlib
 import tempfile
+from unittest import mock
+
+import pytest
 
 NATIVE = pathlib.Path(__file__).resolve().parents[2] / "nova_bhyve" / "native"
 
@@ -29,3 +33,39 @@ def selftest_module():
     path = builder.compile(tmpdir=tempfile.mkdtemp(prefix="nb-selftest-"))
     module = _load(name, path)
     return module.ffi, module.lib
+
+
+def host_facts(**changes):
+    """HostFacts of a roomy test host, with ``changes``."""
+    from nova_bhyve.machine.base import HostFacts
+
+    fields = dict(vcpus=8, memory_mb=32000, memory_mb_used=1000, disk_gb=500,
+                  disk_gb_used=100, hypervisor_type="bhyve",
+                  hypervisor_version=1501000, arch="x86_64", cpu_model="Test CPU")
+    fields.update(changes)
+    return HostFacts(**fields)
+
+
+def new_driver():
+    """A BhyveDriver whose backend is a recording autospec of Backend:
+    ``create`` returns the spec it is given, ``host_facts`` host_facts()."""
+    import nova_bhyve.driver as bhyve_driver
+    from nova_bhyve.machine.base import Backend
+
+    drv = bhyve_driver.BhyveDriver(mock.Mock())
+    drv.backend = mock.create_autospec(Backend, instance=True)
+    drv.backend.create.side_effect = lambda ctx, inst, spec, meta: spec
+    drv.backend.host_facts.return_value = host_facts()
+    return drv
+
+
+@pytest.fixture
+def driver():
+    """A BhyveDriver on a recording backend (see new_driver)."""
+    return new_driver()
+
+
+@pytest.fixture
+def make_driver():
+    """new_driver, for a test that needs more than one driver."""
+    return new_driver

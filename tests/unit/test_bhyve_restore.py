@@ -13,6 +13,7 @@ import pytest
 from nova_bhyve.native._engine import ffi, lib
 
 from nova_bhyve import polling
+from nova_bhyve.machine import checkpoint
 from nova_bhyve.native.engine import (
     Migration,
     MigrationError,
@@ -63,11 +64,14 @@ def source_set(tmp_path, memsize=MEM, ncpus=NCPUS, meta_ncpus=NCPUS):
     for page in (0, 1, 17, memsize // PAGE - 1):
         ram[page * PAGE:(page + 1) * PAGE] = os.urandom(PAGE)
     base.write_bytes(bytes(ram))
-    (tmp_path / "src" / "ckpt.kern").write_bytes(blob_pack(meta, kern))
-    (tmp_path / "src" / "ckpt.meta").write_text(json.dumps({
-        "ncpus": ncpus, "memsize": memsize, "lowmem": memsize, "highmem": 0,
-        "highbase": 4 << 30, "page_size": PAGE, "arch": "x86_64",
-        "state_format": "bhyve-ckpt/1"}))
+    blob = blob_pack(meta, kern)
+    (tmp_path / "src" / "ckpt.kern").write_bytes(blob)
+    (tmp_path / "src" / "ckpt.meta").write_text(checkpoint.CheckpointMeta(
+        vmname="vm1", ncpus=ncpus, memsize=memsize, lowmem=memsize, highmem=0,
+        highbase=4 << 30, page_size=PAGE,
+        state_format=checkpoint.STATE_FORMAT_BHYVE, kern_bytes=len(blob),
+        kern_crc32=checkpoint.crc32(blob), arch="x86_64",
+        cpu_vendor="").to_json())
     return base, bytes(ram), meta, kern
 
 

@@ -22,8 +22,9 @@ def _memfd(size, writes):
 def _meta(size, blob):
     return checkpoint.CheckpointMeta(
         vmname="vm", ncpus=1, memsize=size, lowmem=size, highmem=0,
-        highbase=4 << 30, page_size=4096, kern_format="nb-testhost-state-1",
-        kern_bytes=len(blob), kern_crc32=zlib.crc32(blob))
+        highbase=4 << 30, page_size=4096, state_format="nbvmstat/1",
+        kern_bytes=len(blob), kern_crc32=zlib.crc32(blob), arch="x86_64",
+        cpu_vendor="GenuineIntel")
 
 
 def test_round_trip_keeps_ram_and_holes(tmp_path):
@@ -83,3 +84,24 @@ def test_meta_must_be_consistent(tmp_path):
         checkpoint.read_meta(files)
     with pytest.raises(checkpoint.CheckpointError, match="kern_bytes"):
         checkpoint.write(files, _meta(MiB, b"x"), _memfd(MiB, []), blob)
+
+
+def test_a_set_suspended_before_version_2_still_resumes(tmp_path):
+    # checkpoint.py's .meta had kern_format and no version, arch or vendor
+    size = MiB
+    files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
+    blob = b"S" * 64
+    checkpoint.write(files, _meta(size, blob), _memfd(size, [(0, b"low")]), blob)
+    raw = json.loads(open(files.meta).read())
+    for name in ("version", "state_format", "arch", "cpu_vendor"):
+        del raw[name]
+    raw["kern_format"] = "nb-testhost-state-1"
+    with open(files.meta, "w") as f:
+        json.dump(raw, f)
+    meta = checkpoint.read_meta(files)
+    assert (meta.version, meta.state_format, meta.arch) == (0, "nbvmstat/1", "")
+    assert checkpoint.read_kern(files, meta) == blob
+    with open(files.kern, "r+b") as f:
+        f.write(b"T")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.read_kern(files, meta)

@@ -9,7 +9,6 @@ import pytest
 
 import nova_bhyve.driver as bhyve_driver
 from nova import exception
-from nova_bhyve.machine.base import Backend
 from nova_bhyve.migration import cold
 
 UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
@@ -23,9 +22,8 @@ def _flavor(root_gb=1, memory_mb=128, vcpus=1, ephemeral_gb=0, swap=0):
 
 
 @pytest.fixture
-def drv(tmp_path, monkeypatch):
-    d = bhyve_driver.BhyveDriver(mock.Mock())
-    d.backend = mock.create_autospec(Backend, instance=True)
+def drv(driver, tmp_path, monkeypatch):
+    d = driver
     d.backend.can_migrate = True
     d.backend.instances_path = str(tmp_path)
     disk = tmp_path / "disk"
@@ -196,11 +194,11 @@ def test_revert_boots_the_old_guest_again(drv):
     drv.backend.start.assert_called_once_with(UUID)
 
 
-def test_shared_storage_checks(drv, tmp_path):
+def test_shared_storage_checks(drv, make_driver, tmp_path):
     data = drv.check_instance_shared_storage_local(None, _instance())
     assert drv.check_instance_shared_storage_remote(None, data)
-    other = bhyve_driver.BhyveDriver(mock.Mock())
-    other.backend = mock.Mock(instances_path=str(tmp_path / "x"))
+    other = make_driver()
+    other.backend.instances_path = str(tmp_path / "x")
     (tmp_path / "x").mkdir()
     assert not other.check_instance_shared_storage_remote(None, data)
     drv.check_instance_shared_storage_cleanup(None, data)

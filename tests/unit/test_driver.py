@@ -16,7 +16,7 @@ from nova import exception
 from nova.virt import event as virtevent
 from nova_bhyve import guest
 from nova_bhyve.machine import images
-from nova_bhyve.machine.base import Backend, HostFacts, MachineError, MachineState
+from nova_bhyve.machine.base import MachineError, MachineState
 
 UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
 SECRET = "Tr0ub4dor&3-admin"
@@ -28,18 +28,6 @@ def _instance(**sysmeta):
                                    ephemeral_gb=0, swap=0)
     return types.SimpleNamespace(uuid=UUID, flavor=flavor,
                                  system_metadata=sysmeta, project_id="p1")
-
-
-@pytest.fixture
-def driver():
-    drv = bhyve_driver.BhyveDriver(mock.Mock())
-    drv.backend = mock.create_autospec(Backend, instance=True)
-    drv.backend.create.side_effect = lambda ctx, inst, spec, meta: spec
-    drv.backend.host_facts.return_value = HostFacts(
-        vcpus=8, memory_mb=32000, memory_mb_used=1000, disk_gb=500,
-        disk_gb_used=100, hypervisor_type="bhyve", hypervisor_version=1501000,
-        arch="x86_64", cpu_model="Test CPU")
-    return drv
 
 
 def test_capabilities_are_truthful():

@@ -9,7 +9,8 @@ import pytest
 
 import nova_bhyve.driver as bhyve_driver
 from nova import exception, objects
-from nova_bhyve.machine.base import Backend, HostFacts
+from nova_bhyve import polling
+from nova_bhyve.machine.base import HostFacts
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration import live
 from nova_bhyve.migration.diskcopy import copy as REAL_COPY
@@ -79,9 +80,8 @@ class FakeSend:
 
 
 @pytest.fixture
-def env(monkeypatch):
-    drv = bhyve_driver.BhyveDriver(mock.Mock())
-    drv.backend = mock.create_autospec(Backend, instance=True)
+def env(driver, monkeypatch):
+    drv = driver
     drv.backend.can_migrate = True
     drv.backend.has_dirty_log = True
     drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
@@ -195,11 +195,14 @@ def test_failure_after_commit_still_finishes_on_the_destination(env):
     env.recover.assert_not_called()
 
 
+def _engine_started(env):
+    out = env.drv._outgoing.get(UUID)
+    return out is not None and out.mig
+
+
 def test_abort_from_another_thread_cancels(env):
     def abort_soon():
-        while not env.drv._outgoing.get(UUID) or \
-                not env.drv._outgoing[UUID].mig:
-            pass
+        polling.poll(lambda: _engine_started(env), 10, 0.001)
         env.drv.live_migration_abort(env.inst)
 
     t = threading.Thread(target=abort_soon)
@@ -241,9 +244,7 @@ def test_force_complete(env):
         env.drv.live_migration_force_complete(env.inst)
 
     def force_soon():
-        while not env.drv._outgoing.get(UUID) or \
-                not env.drv._outgoing[UUID].mig:
-            pass
+        polling.poll(lambda: _engine_started(env), 10, 0.001)
         env.drv.live_migration_force_complete(env.inst)
 
     t = threading.Thread(target=force_soon)

@@ -6,7 +6,8 @@
  *   vmm_bhyve.c     FreeBSD bhyve (/dev/vmm/NAME + checkpoint socket);
  *                   compiled on FreeBSD only
  *   vmm_ckpt.c      a checkpoint file set (RAM file + .kern + .meta), the
- *                   shape `bhyvectl --suspend` and `bhyve -r` use
+ *                   shape `bhyvectl --suspend` and `bhyve -r` use; the
+ *                   .meta schema is CHECKPOINT.md (ckpt_meta.c)
  *
  * Every function returns 0 on success or -1 with a message in `err`.
  */

@@ -4,13 +4,15 @@
  *
  *   FILE        guest RAM, lowmem then highmem, contiguous
  *   FILE.kern   vCPU and device state (here: the VMM's state blob)
- *   FILE.meta   JSON describing the VM (ncpus, memsize, lowmem, highmem,
- *               highbase, page_size, state_format, arch, cpu_vendor, vmname)
+ *   FILE.meta   JSON describing the other two: the schema of CHECKPOINT.md,
+ *               parsed and written by ckpt_meta.c (nova_bhyve/machine/
+ *               checkpoint.py reads and writes the same sets)
  *
  * As a source it is a stopped VM (no dirty log; pause/resume do nothing).
  * As a destination, load_state writes FILE.kern and resume (the commit)
  * writes FILE.meta last, atomically, so a checkpoint with a .meta is
- * complete.  Checkpoint files are untrusted input: sizes are validated.
+ * complete.  Checkpoint files are untrusted input: sizes and the state
+ * file's CRC-32 are checked against the .meta.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,15 +24,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "vmm/ckpt_meta.h"
 #include "vmm/vmm.h"
-
-#define META_MAX 8192
-#define KERN_MAX (16u << 20)
 
 struct ck {
     char base[1024];
     int ramfd;
     int create;
+    struct nb_ckpt_meta meta;   /* source: as read; destination: kern_* so far */
 };
 
 static int read_file(const char *path, size_t max, uint8_t **out, size_t *len, char *err)
@@ -99,43 +100,6 @@ fail:
     return -1;
 }
 
-/* Minimal JSON field access for our flat .meta object. */
-static int json_num(const char *j, const char *key, uint64_t *v)
-{
-    char pat[64];
-    const char *p;
-    char *end;
-    snprintf(pat, sizeof(pat), "\"%s\"", key);
-    p = strstr(j, pat);
-    if (!p)
-        return -1;
-    p += strlen(pat);
-    while (*p == ' ' || *p == ':')
-        p++;
-    if (*p < '0' || *p > '9')
-        return -1;
-    *v = strtoull(p, &end, 10);
-    return 0;
-}
-
-static int json_str(const char *j, const char *key, char *out, size_t cap)
-{
-    char pat[64];
-    const char *p, *e;
-    snprintf(pat, sizeof(pat), "\"%s\"", key);
-    p = strstr(j, pat);
-    if (!p)
-        return -1;
-    p += strlen(pat);
-    while (*p == ' ' || *p == ':')
-        p++;
-    if (*p != '"' || !(e = strchr(p + 1, '"')) || (size_t)(e - p - 1) >= cap)
-        return -1;
-    memcpy(out, p + 1, (size_t)(e - p - 1));
-    out[e - p - 1] = 0;
-    return 0;
-}
-
 static int ck_map(struct nb_vmm *v, uint8_t **base, char *err)
 {
     struct ck *c = v->priv;
@@ -166,12 +130,24 @@ static int ck_dirty_log(struct nb_vmm *v, uint64_t *b, size_t w, char *err)
 
 static int ck_nop(struct nb_vmm *v, char *err) { (void)v; (void)err; return 0; }
 
+/* Source: the state blob, checked against the .meta's size and CRC-32. */
 static int ck_save(struct nb_vmm *v, uint8_t **blob, size_t *len, char *err)
 {
     struct ck *c = v->priv;
     char path[1100];
     snprintf(path, sizeof(path), "%s.kern", c->base);
-    return read_file(path, KERN_MAX, blob, len, err);
+    if (read_file(path, NB_CKPT_KERN_MAX, blob, len, err) < 0)
+        return -1;
+    if (c->meta.kern_recorded &&
+        (*len != c->meta.kern_bytes ||
+         nb_crc32_ieee(*blob, *len) != c->meta.kern_crc32)) {
+        snprintf(err, NB_ERRLEN, "%s is corrupt (size or CRC-32 differs from "
+                 "%s.meta)", path, c->base);
+        free(*blob);
+        *blob = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 static int ck_load(struct nb_vmm *v, const uint8_t *blob, size_t len, char *err)
@@ -182,40 +158,59 @@ static int ck_load(struct nb_vmm *v, const uint8_t *blob, size_t len, char *err)
         snprintf(err, NB_ERRLEN, "checkpoint %s is a source, not a destination", c->base);
         return -1;
     }
+    if (len < 1 || len > NB_CKPT_KERN_MAX) {
+        snprintf(err, NB_ERRLEN, "device state of %zu bytes does not fit a "
+                 "checkpoint (1 to %d)", len, NB_CKPT_KERN_MAX);
+        return -1;
+    }
     snprintf(path, sizeof(path), "%s.kern", c->base);
-    return write_atomic(path, blob, len, err);
+    if (write_atomic(path, blob, len, err) < 0)
+        return -1;
+    c->meta.kern_bytes = len;
+    c->meta.kern_crc32 = nb_crc32_ieee(blob, len);
+    c->meta.kern_recorded = 1;
+    return 0;
+}
+
+/* The .meta of the VM received: its spec and layout, the state loaded. */
+static void describe(const struct nb_vmm *v, struct nb_ckpt_meta *m)
+{
+    const struct nb_guest_spec *s = &v->spec;
+
+    m->version = NB_CKPT_META_VERSION;
+    m->vmname[0] = 0;           /* the engine is not told the VM's name */
+    m->ncpus = s->ncpus;
+    m->memsize = v->layout.total;
+    m->lowmem = v->layout.seg[0].len;
+    m->highmem = v->layout.nsegs > 1 ? v->layout.seg[1].len : 0;
+    m->highbase = v->layout.nsegs > 1 ? v->layout.seg[1].gpa : NB_CKPT_HIGHBASE;
+    m->page_size = s->page_size;
+    snprintf(m->state_format, sizeof(m->state_format), "%s", s->state_format);
+    snprintf(m->arch, sizeof(m->arch), "%s", s->arch);
+    snprintf(m->cpu_vendor, sizeof(m->cpu_vendor), "%s", s->cpu_vendor);
 }
 
 /* Destination commit: flush RAM, then publish the .meta. */
 static int ck_commit(struct nb_vmm *v, char *err)
 {
     struct ck *c = v->priv;
-    char path[1100], meta[META_MAX];
-    const struct nb_guest_spec *s = &v->spec;
-    int n;
+    char path[1100], text[NB_CKPT_META_MAX + 1], why[NB_ERRLEN];
+    size_t n;
+
     if (!c->create)
         return 0;
-    if (v->mem && msync(v->mem, v->layout.total, MS_SYNC) < 0) {
+    if ((v->mem && msync(v->mem, v->layout.total, MS_SYNC) < 0) ||
+        fsync(c->ramfd) < 0) {
         snprintf(err, NB_ERRLEN, "flushing %s: %s", c->base, strerror(errno));
         return -1;
     }
-    if (fsync(c->ramfd) < 0) {
-        snprintf(err, NB_ERRLEN, "flushing %s: %s", c->base, strerror(errno));
+    describe(v, &c->meta);
+    if (nb_ckpt_meta_format(&c->meta, text, sizeof(text), &n, why) < 0) {
+        snprintf(err, NB_ERRLEN, "%s.meta: %s", c->base, why);
         return -1;
     }
-    n = snprintf(meta, sizeof(meta),
-                 "{\n  \"version\": 1,\n  \"ncpus\": %u,\n  \"memsize\": %llu,\n"
-                 "  \"lowmem\": %llu,\n  \"highmem\": %llu,\n  \"highbase\": %llu,\n"
-                 "  \"page_size\": %u,\n  \"state_format\": \"%s\",\n"
-                 "  \"arch\": \"%s\",\n  \"cpu_vendor\": \"%s\"\n}\n",
-                 s->ncpus, (unsigned long long)v->layout.total,
-                 (unsigned long long)v->layout.seg[0].len,
-                 (unsigned long long)(v->layout.nsegs > 1 ? v->layout.seg[1].len : 0),
-                 (unsigned long long)(v->layout.nsegs > 1 ? v->layout.seg[1].gpa
-                                                          : (4ULL << 30)),
-                 s->page_size, s->state_format, s->arch, s->cpu_vendor);
     snprintf(path, sizeof(path), "%s.meta", c->base);
-    return write_atomic(path, meta, (size_t)n, err);
+    return write_atomic(path, text, n, err);
 }
 
 static int ck_throttle(struct nb_vmm *v, int pct, char *err)
@@ -266,51 +261,72 @@ static const struct nb_vmm_ops ckpt_ops = {
     .write_pages = ck_write_pages,
 };
 
-static int open_existing(struct nb_vmm *v, struct ck *c, char *err)
+/* The size of `path`, or -1 with a message. */
+static int file_size(const char *path, uint64_t *size, char *err)
 {
-    char path[1100];
-    uint8_t *meta;
-    size_t mlen;
-    uint64_t ncpus, memsize, low, high, base = 4ULL << 30, psize = NB_PAGE;
     struct stat st;
 
+    if (stat(path, &st) < 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, NB_ERRLEN, "%s is missing or not a regular file", path);
+        return -1;
+    }
+    *size = (uint64_t)st.st_size;
+    return 0;
+}
+
+/* Read and check PATH.meta against the RAM and state files beside it. */
+static int read_meta(struct ck *c, char *err)
+{
+    char path[1100], why[NB_ERRLEN];
+    uint8_t *text;
+    size_t len;
+    uint64_t ram_bytes, kern_bytes;
+    int rc;
+
     snprintf(path, sizeof(path), "%s.meta", c->base);
-    if (read_file(path, META_MAX, &meta, &mlen, err) < 0)
+    if (read_file(path, NB_CKPT_META_MAX, &text, &len, err) < 0)
         return -1;
-    if (json_num((char *)meta, "ncpus", &ncpus) < 0 ||
-        json_num((char *)meta, "memsize", &memsize) < 0 ||
-        json_num((char *)meta, "lowmem", &low) < 0 ||
-        json_num((char *)meta, "highmem", &high) < 0) {
-        free(meta);
-        snprintf(err, NB_ERRLEN, "%s lacks ncpus, memsize, lowmem or highmem", path);
+    rc = nb_ckpt_meta_parse((const char *)text, len, &c->meta, why);
+    free(text);
+    if (rc < 0) {
+        snprintf(err, NB_ERRLEN, "%s: %s", path, why);
         return -1;
     }
-    json_num((char *)meta, "highbase", &base);
-    json_num((char *)meta, "page_size", &psize);
-    if (json_str((char *)meta, "state_format", v->spec.state_format,
-                 sizeof(v->spec.state_format)) < 0)
-        strcpy(v->spec.state_format, "nbvmstat/1");
-    json_str((char *)meta, "arch", v->spec.arch, sizeof(v->spec.arch));
-    free(meta);
-    if (ncpus < 1 || ncpus > 1024 || psize != NB_PAGE || low + high != memsize ||
-        low % NB_PAGE || high % NB_PAGE || low == 0 || memsize > (1ULL << 40) ||
-        (high && base < low)) {
-        snprintf(err, NB_ERRLEN, "%s.meta describes an impossible VM", c->base);
+    if (file_size(c->base, &ram_bytes, err) < 0)
+        return -1;
+    snprintf(path, sizeof(path), "%s.kern", c->base);
+    if (file_size(path, &kern_bytes, err) < 0)
+        return -1;
+    if (nb_ckpt_meta_check_sizes(&c->meta, ram_bytes, kern_bytes, why) < 0) {
+        snprintf(err, NB_ERRLEN, "checkpoint %s: %s", c->base, why);
         return -1;
     }
+    return 0;
+}
+
+static int open_existing(struct nb_vmm *v, struct ck *c, char *err)
+{
+    const struct nb_ckpt_meta *m = &c->meta;
+    struct stat st;
+
+    if (read_meta(c, err) < 0)
+        return -1;
     c->ramfd = open(c->base, O_RDONLY | O_CLOEXEC);
-    if (c->ramfd < 0 || fstat(c->ramfd, &st) < 0 || (uint64_t)st.st_size != memsize) {
+    if (c->ramfd < 0 || fstat(c->ramfd, &st) < 0 || (uint64_t)st.st_size != m->memsize) {
         snprintf(err, NB_ERRLEN, "RAM file %s is missing or not %llu bytes",
-                 c->base, (unsigned long long)memsize);
+                 c->base, (unsigned long long)m->memsize);
         return -1;
     }
-    v->layout.nsegs = high ? 2 : 1;
-    v->layout.seg[0] = (struct nb_seg){ 0, low, 0 };
-    if (high)
-        v->layout.seg[1] = (struct nb_seg){ base, high, low };
-    v->layout.total = memsize;
-    v->spec.ncpus = (uint32_t)ncpus;
+    v->layout.nsegs = m->highmem ? 2 : 1;
+    v->layout.seg[0] = (struct nb_seg){ 0, m->lowmem, 0 };
+    if (m->highmem)
+        v->layout.seg[1] = (struct nb_seg){ m->highbase, m->highmem, m->lowmem };
+    v->layout.total = m->memsize;
+    v->spec.ncpus = m->ncpus;
     v->spec.page_size = NB_PAGE;
+    snprintf(v->spec.state_format, sizeof(v->spec.state_format), "%s",
+             m->state_format);
+    snprintf(v->spec.arch, sizeof(v->spec.arch), "%s", m->arch);
     return 0;
 }
 
@@ -322,6 +338,7 @@ static int create_new(struct nb_vmm *v, struct ck *c, const struct nb_guest_spec
     v->layout = s->layout;
     snprintf(path, sizeof(path), "%s.meta", c->base);
     unlink(path);   /* an old .meta would mark a half-written set complete */
+    c->meta.kern_recorded = 0;
     c->ramfd = open(c->base, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (c->ramfd < 0 || ftruncate(c->ramfd, (off_t)v->layout.total) < 0) {
         snprintf(err, NB_ERRLEN, "cannot create RAM file %s: %s", c->base,
