@@ -80,7 +80,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         struct nb_frame f;
         rc = mode & 4 ? nb_expect(&c, &f, EXPECT[sel >> 5], LIMITS[sel & 7], err)
                       : nb_recv_frame(&c, &f, LIMITS[sel & 7], err);
-        if (rc < 0)
+        if (fz_debug("frame", rc, err) < 0)
             break;
         use_frame(&f);
     }

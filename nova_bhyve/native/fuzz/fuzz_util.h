@@ -156,6 +156,16 @@ static inline void fz_put32(struct fz_buf *b, uint32_t v)
 
 static void fuzz_seeds(const char *dir);
 
+/* With NB_FUZZ_DEBUG set, say what a call returned (checking seeds). */
+static int FZ_DEBUG;
+
+static inline int fz_debug(const char *what, int rc, const char *err)
+{
+    if (FZ_DEBUG)
+        fprintf(stderr, "%s: %d%s%s\n", what, rc, rc ? ": " : "", rc ? err : "");
+    return rc;
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     const char *dir = getenv("NB_FUZZ_SEEDS");
@@ -163,6 +173,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     signal(SIGPIPE, SIG_IGN);
+    FZ_DEBUG = getenv("NB_FUZZ_DEBUG") != NULL;
     if (dir) {
         fuzz_seeds(dir);
         exit(0);
