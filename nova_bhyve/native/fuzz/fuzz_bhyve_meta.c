@@ -58,6 +58,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     if (size > NB_BHYVE_MAX_META + 64)
         return -1;
+    memset(err, 'X', sizeof(err));
     if (mode == 0) {
         uint32_t kern = fz_u32(&in);
         uint64_t ram = rams[fz_u8(&in) & 3];

@@ -25,6 +25,8 @@ static void target_string(struct fz *in)
     struct nb_bhyve_opts o;
     char *s = fz_cstr(in), err[NB_ERRLEN], dir[600];
 
+    memset(err, 'X', sizeof(err));
+
     if (fz_debug("parse_target", nb_bhyve_parse_target(s, &o, err), err) == 0) {
         if (!o.name[0] || strchr(o.name, '/') || strchr(o.name, ',') ||
             strlen(o.rundir) + 1 + strlen(o.name) >= 104)
@@ -118,6 +120,7 @@ static void dirty_list(struct fz *in)
     struct nb_layout l = { .nsegs = 1 + (flags & 1) };
     char err[NB_ERRLEN];
 
+    memset(err, 'X', sizeof(err));
     l.seg[0].len = low * NB_PAGE;
     l.seg[1].gpa = NB_BHYVE_HIGHMEM_BASE;
     l.seg[1].len = high * NB_PAGE;

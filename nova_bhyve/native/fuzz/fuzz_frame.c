@@ -76,6 +76,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(stream);
     if (sealed && nb_seal_start(&c, FZ_KEY, 0, err) < 0)
         abort();
+    memset(err, 'X', sizeof(err));
     for (int i = 0; i < FZ_MAX_FRAMES; i++) {
         struct nb_frame f;
         rc = mode & 4 ? nb_expect(&c, &f, EXPECT[sel >> 5], LIMITS[sel & 7], err)

@@ -78,6 +78,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_corrupt(cz, stream, len);
     c.fd = fz_stream(stream, len, &peer);
     free(stream);
+    memset(err, 'X', sizeof(err));
     fz_debug("handshake", nb_handshake_dest(&c, SECRET, sizeof(SECRET) - 1, &keys, err), err);
     nb_seal_free(&c);
     free(c.rbuf);

@@ -54,12 +54,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_corrupt(cz, stream, len);
     c.fd = fz_stream(stream, len, &peer);
     free(stream);
+    memset(err, 'X', sizeof(err));
     if (fz_debug("join", nb_join_check(&c, &KEYS, nch, err), err) == 0) {
         struct nb_frame f;
         if (c.index < 1 || c.index > nch)
             abort();    /* a JOIN accepted for a channel the session lacks */
         if (nb_seal_start(&c, KEYS.key, 0, err) < 0)
             abort();
+        memset(err, 'X', sizeof(err));
         fz_debug("sealed frame", nb_recv_frame(&c, &f, NB_MAX_PAGES_FRAME, err), err);
     }
     nb_seal_free(&c);

@@ -80,6 +80,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     f.len = (uint32_t)in.n;
     f.payload = malloc(in.n + 1);   /* exactly the frame, as ASan sees it */
     memcpy(f.payload, in.p, in.n);
+    memset(err, 'X', sizeof(err));
     fz_debug("apply_pages", apply_pages(&r, &f, round, err), err);
     if (r.nrun)
         abort();    /* a run left pointing into a frame about to be reused */

@@ -69,12 +69,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         dst = mine;
     }
-    if (fz_debug("read_opts", nb_preamble_read_opts(src, &o, err), err) == 0 &&
-        (o.channels < 1 || o.channels > NB_MAX_CHANNELS))
+    memset(err, 'X', sizeof(err));
+    if (fz_debug("read_opts", nb_preamble_read_opts(src, &o, err), err) == 0 ?
+        o.channels < 1 || o.channels > NB_MAX_CHANNELS : !memchr(err, 0, sizeof(err)))
         abort();
+    memset(err, 'X', sizeof(err));
     if (fz_debug("read_spec", nb_preamble_read_spec(src, &spec, err), err) == 0)
         check_round_trip(&spec);
-    fz_debug("check", nb_preamble_check(src, dst, err, sizeof(err)), err);
+    memset(err, 'X', sizeof(err));  /* a refusal must say why: no stale text */
+    if (fz_debug("check", nb_preamble_check(src, dst, err, sizeof(err)), err) < 0 &&
+        strnlen(err, sizeof(err)) == sizeof(err))
+        abort();
     free(src);
     return 0;
 }

@@ -30,6 +30,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pthread_mutex_init(&t->lock, NULL);
     t->memfd = -1;
     t->sock = fz_stream(in.p, in.n, &peer);
+    memset(err, 'X', sizeof(err));
     switch (op) {
     case 0: rc = th_dirty_log(&v, bitmap, words, err); break;
     case 1: rc = th_dirty_peek(&v, bitmap, words, err); break;

@@ -156,11 +156,19 @@ static inline void fz_put32(struct fz_buf *b, uint32_t v)
 
 static void fuzz_seeds(const char *dir);
 
-/* With NB_FUZZ_DEBUG set, say what a call returned (checking seeds). */
+/*
+ * With NB_FUZZ_DEBUG set, say what a call returned (checking seeds).  A
+ * failure must say why: targets fill `err` (256 bytes or more) with 'X'
+ * before the call, and a -1 that left no message there is a finding.
+ */
 static int FZ_DEBUG;
 
 static inline int fz_debug(const char *what, int rc, const char *err)
 {
+    if (rc < 0 && !memchr(err, 0, 256)) {
+        fprintf(stderr, "%s failed without an error message\n", what);
+        abort();
+    }
     if (FZ_DEBUG)
         fprintf(stderr, "%s: %d%s%s\n", what, rc, rc ? ": " : "", rc ? err : "");
     return rc;

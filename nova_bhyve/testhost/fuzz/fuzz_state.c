@@ -31,6 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         put32(blob + 24, nb_crc32(blob + HDR_LEN, in.n - HDR_LEN));
         put32(blob + 28, nb_crc32(blob, 28));
     }
+    memset(err, 'X', sizeof(err));
     rc = nb_state_load(vm, blob, in.n, err, sizeof(err));
     if (fz_debug("state_load", rc, err) == 0 || (rc != -1 && rc != -2))
         abort();
