@@ -4,6 +4,8 @@
 
 BASE_APT_PACKAGES=(build-essential python3-dev python3-venv qemu-system-x86
                    iproute2 libzstd-dev libssl-dev)
+# The test command also builds the libFuzzer targets (tools/fuzz).
+FUZZ_APT_PACKAGES=(clang)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

@@ -437,15 +437,16 @@ static int apply(struct nb_vm *vm, const struct parsed *p, char *err, size_t err
             struct kvm_msrs hdr;
             struct kvm_msr_entry e[NB_MAX_MSRS];
         } m;
-        void *xs = malloc((size_t)vm->xsave_size);
+        void *xs;
 
-        if (!xs) {
+        APPLY(fd, KVM_SET_SREGS, p->data[K_SREGS][i], "sregs");
+        APPLY(fd, KVM_SET_REGS, p->data[K_REGS][i], "regs");
+        /* an aligned copy, allocated after the returns above (no leak) */
+        if (!(xs = malloc((size_t)vm->xsave_size))) {
             snprintf(err, errlen, "out of memory");
             return -2;
         }
         memcpy(xs, p->data[K_XSAVE][i], (size_t)vm->xsave_size);
-        APPLY(fd, KVM_SET_SREGS, p->data[K_SREGS][i], "sregs");
-        APPLY(fd, KVM_SET_REGS, p->data[K_REGS][i], "regs");
         if (ioctl(fd, KVM_SET_XSAVE, xs) < 0) {
             free(xs);
             snprintf(err, errlen, "restoring xsave of vcpu %d: %s", i, strerror(errno));

@@ -180,6 +180,7 @@ static int th_dirty_request(struct nb_vmm *v, const char *req, uint64_t *bitmap,
     highpages = field(reply, "highpages");
     if (lowpages % 64 || bytes > words * 8 + 64 || lowbytes > bytes ||
         lowbytes > lowpages / 8 ||      /* the low bitmap covers low pages only */
+        lowpages > words * 64 || highpages > words * 64 ||  /* no wrap below */
         (lowpages + highpages + 63) / 64 > words) {
         snprintf(err, NB_ERRLEN, "test host dirty log has an unexpected shape");
         pthread_mutex_unlock(&t->lock);

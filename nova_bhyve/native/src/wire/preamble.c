@@ -100,8 +100,11 @@ int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen
             memcpy(key, p, ll);
             key[ll] = 0;
             eq = strchr(key, '=');
-            if (!eq)
+            if (!eq) {          /* no value, or one past the key buffer */
+                snprintf(err, errlen, "incompatible hosts: the source's CPU "
+                         "feature line %.40s... is malformed", key);
                 return -1;
+            }
             *eq = 0;
             sv = strtoul(eq + 1, NULL, 16);
             if (nb_preamble_get(dst, key, b, sizeof(b)) < 0) {

@@ -121,12 +121,12 @@ int nb_seal_frame(struct nb_chan *c, const uint8_t *hdr, const void *pt,
     uint8_t iv[NB_GCM_IV];
     int n = 0;
 
-    if (len > s->scap) {
-        uint8_t *b = realloc(s->sbuf, len);
+    if (len > s->scap || !s->sbuf) {    /* never NULL, even for len 0 */
+        uint8_t *b = realloc(s->sbuf, len ? len : 1);
         if (!b)
             return -1;
         s->sbuf = b;
-        s->scap = len;
+        s->scap = len ? len : 1;
     }
     frame_nonce(hdr, iv);
     if (!EVP_EncryptInit_ex(s->tx, NULL, NULL, NULL, iv) ||
