@@ -130,6 +130,35 @@ COUNT_RE = re.compile(r"^ - (Passed|Skipped|Failed|Expected Fail|"
                       r"Unexpected Success): (\d+)", re.M)
 
 
+# Why tempest skipped a test, in a few words (doc/tempest.md has the table).
+SKIP_WHY = (
+    ("unstable", "marked unstable by tempest"),
+    ("bug", "skipped by tempest until a bug is fixed"),
+    ("volume", "no volume service"),
+    ("cinder", "no volume service"),
+    ("validation", "need SSH into the guest"),
+    ("ssh", "need SSH into the guest"),
+    ("vtpm", "no vTPM"),
+    ("barbican", "no vTPM"),
+    ("console", "no remote console"),
+    ("vnc", "no remote console"),
+)
+
+
+def skip_reasons(text):
+    """'N reason, M reason' for the SKIPPED lines of a tempest log."""
+    counts = {}
+    for line in text.splitlines():
+        if "... SKIPPED" not in line:
+            continue
+        why = line.split("... SKIPPED", 1)[1].lstrip(": ").strip()
+        low = why.lower()
+        short = next((s for k, s in SKIP_WHY if k in low), why[:60] or "no reason")
+        counts[short] = counts.get(short, 0) + 1
+    return ", ".join(f"{n} {why}" for why, n in
+                     sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def run(concurrency):
     regex = "^(" + "|".join(re.escape(s) for s in SUITES) + r")\b"
     log = CLOUD_DIR / "logs" / "tempest-run.log"
@@ -150,6 +179,7 @@ def run(concurrency):
     if proc.returncode and not failed:
         failed = 1  # tempest failed without counting (see its log)
         print(f"tempest exited {proc.returncode}; see {log}")
+    print(f"tempest skipped: {skip_reasons(text) or 'none'}")
     print(f"tempest: {passed} passed, {failed} failed, "
           f"{counts.get('Skipped', 0)} skipped ({wall:.0f} s; log {log})",
           flush=True)
