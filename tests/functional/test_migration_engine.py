@@ -447,6 +447,14 @@ def _raw_session(vms):
     raw.handshake()
     return dst, recv, raw
 
+def _accepted_session(vms, channels=1):
+    """A hand-spoken session the destination has ACCEPTed (page channels next)."""
+    dst, recv, raw = _raw_session(vms)
+    raw.send(5, _preamble_for(dst, channels=channels))
+    mtype, _ = raw.recv()
+    assert mtype == 6, "ACCEPT"
+    return dst, recv, raw
+
 
 def test_absurd_frame_length_is_refused(vms):
     dst, recv, raw = _raw_session(vms)
@@ -468,10 +476,7 @@ def test_replayed_frame_sequence_is_refused(vms):
 
 
 def test_page_outside_guest_ram_is_refused(vms):
-    dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst))
-    mtype, _ = raw.recv()
-    assert mtype == 6, "ACCEPT"
+    dst, recv, raw = _accepted_session(vms)
     # join a page channel, then send a record for a page beyond the RAM
     page = raw.join(recv.port, 1)
     record = struct.pack("<IBBH", (300 * MiB) // 4096, 1, 0, 4096) + bytes(4096)
@@ -493,10 +498,7 @@ def test_page_outside_guest_ram_is_refused(vms):
 ])
 def test_page_records_outside_the_specs_bounds_are_refused(vms, channel, enc,
                                                            length, error):
-    dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst, channels=2))
-    mtype, _ = raw.recv()
-    assert mtype == 6, "ACCEPT"
+    dst, recv, raw = _accepted_session(vms, channels=2)
     pages = {1: raw.join(recv.port, 1), 2: raw.join(recv.port, 2)}
     record = struct.pack("<IBBH", 0, enc, 0, length) + b"\x01" * length
     pages[channel].send(7, struct.pack("<II", 0, 1) + record)
@@ -512,10 +514,7 @@ def test_page_frames_in_the_clear_are_refused(vms):
     """Page channels are sealed: a plaintext page frame with a valid CRC and
     the next sequence number (what a machine on the path could inject) is
     refused and never applied."""
-    dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst))
-    mtype, _ = raw.recv()
-    assert mtype == 6, "ACCEPT"
+    dst, recv, raw = _accepted_session(vms)
     page = raw.join(recv.port, 1)
     record = struct.pack("<IBBH", 0, 1, 0, 4096) + b"\xa5" * 4096
     page.send(7, struct.pack("<II", 0, 1) + record, sealed=False)
@@ -528,10 +527,7 @@ def test_page_frames_in_the_clear_are_refused(vms):
 
 
 def test_a_sealed_frame_moved_to_another_channel_fails_its_tag(vms):
-    dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst, channels=2))
-    mtype, _ = raw.recv()
-    assert mtype == 6, "ACCEPT"
+    dst, recv, raw = _accepted_session(vms, channels=2)
     one, two = raw.join(recv.port, 1), raw.join(recv.port, 2)
     one.tx = two.tx                 # channel 2's key on channel 1
     record = struct.pack("<IBBH", 0, 1, 0, 4096) + b"\xa5" * 4096
@@ -544,10 +540,7 @@ def test_a_sealed_frame_moved_to_another_channel_fails_its_tag(vms):
 
 
 def test_a_peers_reason_text_is_shown_printable_and_short(vms):
-    dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst))
-    mtype, _ = raw.recv()
-    assert mtype == 6, "ACCEPT"
+    dst, recv, raw = _accepted_session(vms)
     raw.send(14, b"bye\nERROR forged log line\x1b[31m" + b"x" * 3000)    # ABORT
     d = wait_result(recv)
     raw.close()
