@@ -34,9 +34,8 @@ const char *nb_msg_name(unsigned type)
 }
 
 /* HMAC-SHA256 over the concatenation of up to three parts. */
-static int hmac3(const uint8_t *key, size_t klen, const void *a, size_t al,
-                 const void *b, size_t bl, const void *c, size_t cl,
-                 uint8_t out[32])
+int nb_hmac3(const uint8_t *key, size_t klen, const void *a, size_t al,
+             const void *b, size_t bl, const void *c, size_t cl, uint8_t out[32])
 {
     EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
     EVP_MAC_CTX *ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
@@ -301,7 +300,7 @@ static int derive_hash_key(const uint8_t *key, struct nb_hash_key *h)
 
     for (uint32_t i = 0; 32 * (size_t)i < 32 + nh_bytes; i++) {
         nb_put32(idx, i);
-        if (hmac3(key, NB_KEY, "nbmig-hash", 10, idx, 4, NULL, 0, t) < 0)
+        if (nb_hmac3(key, NB_KEY, "nbmig-hash", 10, idx, 4, NULL, 0, t) < 0)
             return -1;
         if (i == 0) {
             h->page_k0 = nb_get64(t);
@@ -321,8 +320,8 @@ static int derive_keys(const uint8_t *secret, size_t slen, const uint8_t *ns,
                        const uint8_t *nd, struct nb_session_keys *k)
 {
     uint8_t t[32];
-    if (hmac3(secret, slen, "nbmig-key", 9, ns, NB_NONCE, nd, NB_NONCE, k->key) < 0 ||
-        hmac3(k->key, NB_KEY, "nbmig-sid", 9, NULL, 0, NULL, 0, t) < 0)
+    if (nb_hmac3(secret, slen, "nbmig-key", 9, ns, NB_NONCE, nd, NB_NONCE, k->key) < 0 ||
+        nb_hmac3(k->key, NB_KEY, "nbmig-sid", 9, NULL, 0, NULL, 0, t) < 0)
         return -1;
     memcpy(k->sid, t, 16);
     return derive_hash_key(k->key, &k->hash);
@@ -359,14 +358,14 @@ int nb_handshake_source(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
         return nb_wire_fail(ctl, NB_ERR_INCOMPATIBLE);
     }
     nd = f.payload + 12;
-    if (hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE, want) < 0 ||
+    if (nb_hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE, want) < 0 ||
         CRYPTO_memcmp(want, f.payload + 12 + NB_NONCE, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "the destination failed authentication: it does "
                  "not hold this migration's secret");
         return nb_wire_fail(ctl, NB_ERR_AUTH);
     }
     if (derive_keys(secret, slen, ns, nd, keys) < 0 ||
-        hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, proof) < 0) {
+        nb_hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, proof) < 0) {
         snprintf(err, NB_ERRLEN, "key derivation failed");
         return nb_wire_fail(ctl, NB_ERR_INTERNAL);
     }
@@ -399,7 +398,7 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
     }
     memcpy(ns, f.payload + 16, NB_NONCE);
     if (RAND_bytes(nd, NB_NONCE) != 1 ||
-        hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE,
+        nb_hmac3(secret, slen, "nbmig-dst", 9, ns, NB_NONCE, nd, NB_NONCE,
               chal + 12 + NB_NONCE) < 0) {
         snprintf(err, NB_ERRLEN, "no randomness or HMAC failure");
         return nb_wire_fail(ctl, NB_ERR_RESOURCE);
@@ -412,7 +411,7 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
         nb_expect(ctl, &f, NB_MSG_AUTH, NB_AUTH_LEN, err) < 0)
         return -1;
     if (f.len != NB_AUTH_LEN ||
-        hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, want) < 0 ||
+        nb_hmac3(secret, slen, "nbmig-src", 9, nd, NB_NONCE, ns, NB_NONCE, want) < 0 ||
         CRYPTO_memcmp(want, f.payload, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "the source failed authentication: it does not "
                  "hold this migration's secret");
@@ -435,7 +434,7 @@ int nb_join_send(struct nb_chan *c, const struct nb_session_keys *keys, char *er
     nb_put16(msg + 24, c->index);
     nb_put16(msg + 26, 0);
     nb_put16(idx, c->index);
-    if (hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2,
+    if (nb_hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2,
               msg + 28) < 0) {
         snprintf(err, NB_ERRLEN, "HMAC failure");
         return nb_wire_fail(c, NB_ERR_INTERNAL);
@@ -463,7 +462,7 @@ int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
     index = nb_get16(f.payload + 24);
     nb_put16(idx, index);
     if (index < 1 || index > nchannels || f.channel != index ||
-        hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2, want) < 0 ||
+        nb_hmac3(keys->key, NB_KEY, "nbmig-join", 10, keys->sid, NB_SID, idx, 2, want) < 0 ||
         CRYPTO_memcmp(want, f.payload + 28, NB_PROOF) != 0) {
         snprintf(err, NB_ERRLEN, "page channel join failed authentication");
         return nb_wire_fail(c, NB_ERR_AUTH);

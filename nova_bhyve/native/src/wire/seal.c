@@ -7,7 +7,6 @@
  * moved to another connection without failing its tag.
  */
 #define _GNU_SOURCE
-#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -27,27 +26,14 @@ static int direction_key(const uint8_t *session_key, uint16_t channel, uint8_t d
                          uint8_t out[NB_KEY])
 {
     static const char label[] = "nbmig-aead";
-    uint8_t info[sizeof(label) - 1 + NB_MAGIC_LEN + 5];
-    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    EVP_MAC_CTX *ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
-    OSSL_PARAM params[2];
-    size_t olen = 0;
-    int ok;
+    uint8_t tail[NB_MAGIC_LEN + 5];
 
-    memcpy(info, label, sizeof(label) - 1);
-    memcpy(info + sizeof(label) - 1, NB_WIRE_MAGIC, NB_MAGIC_LEN);
-    nb_put16(info + sizeof(label) - 1 + NB_MAGIC_LEN, NB_PROTO_VERSION);
-    nb_put16(info + sizeof(label) + 1 + NB_MAGIC_LEN, channel);
-    info[sizeof(info) - 1] = dir;
-    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
-                                                 (char *)"SHA256", 0);
-    params[1] = OSSL_PARAM_construct_end();
-    ok = ctx && EVP_MAC_init(ctx, session_key, NB_KEY, params) &&
-         EVP_MAC_update(ctx, info, sizeof(info)) &&
-         EVP_MAC_final(ctx, out, &olen, NB_KEY) && olen == NB_KEY;
-    EVP_MAC_CTX_free(ctx);
-    EVP_MAC_free(mac);
-    return ok ? 0 : -1;
+    memcpy(tail, NB_WIRE_MAGIC, NB_MAGIC_LEN);
+    nb_put16(tail + NB_MAGIC_LEN, NB_PROTO_VERSION);
+    nb_put16(tail + NB_MAGIC_LEN + 2, channel);
+    tail[NB_MAGIC_LEN + 4] = dir;
+    return nb_hmac3(session_key, NB_KEY, label, sizeof(label) - 1, tail,
+                    sizeof(tail), NULL, 0, out);
 }
 
 static EVP_CIPHER_CTX *cipher_for(const uint8_t *session_key, uint16_t channel,

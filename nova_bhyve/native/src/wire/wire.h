@@ -115,6 +115,9 @@ const char *nb_msg_name(unsigned type);
 #define NB_PEER_TEXT 201        /* a peer's reason text as we show it, with NUL */
 const char *nb_peer_text(const struct nb_frame *f, char out[NB_PEER_TEXT]);
 
+int nb_hmac3(const uint8_t *key, size_t klen, const void *a, size_t al,
+             const void *b, size_t bl, const void *c, size_t cl, uint8_t out[32]);
+
 /* seal.c: AES-256-GCM per connection and direction */
 struct nb_seal;
 int nb_seal_start(struct nb_chan *c, const uint8_t *session_key, int is_source,
