@@ -268,13 +268,6 @@ static int fail(struct dest *d, int kind)
     return -1;
 }
 
-static void set_timeouts(int fd, uint32_t ms)
-{
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
-
 /*
  * Accept one connection by the deadline; it has HANDSHAKE_MS (or what is
  * left, if less) to prove itself before it is dropped.
@@ -299,7 +292,7 @@ static int accept_one(struct dest *d, char *err)
         d->kind = atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
         return -1;
     }
-    set_timeouts(fd, left < HANDSHAKE_MS ? (uint32_t)left + 1 : HANDSHAKE_MS);
+    nb_set_timeouts(fd, left < HANDSHAKE_MS ? (uint32_t)left + 1 : HANDSHAKE_MS);
     nb_set_nodelay(fd);
     return fd;
 }
@@ -362,7 +355,7 @@ static int authenticate(struct dest *d, char *err)
     for (;;) {
         if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
                               err) == 0) {
-            set_timeouts(m->ctl.fd, m->p.timeout_ms);
+            nb_set_timeouts(m->ctl.fd, m->p.timeout_ms);
             d->deadline = nb_now_ms() + m->p.timeout_ms;  /* for the joins */
             return 0;
         }

@@ -71,6 +71,14 @@ int nb_set_nodelay(int fd)
     return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+/* Receive and send timeouts of `ms` on a socket (0: none). */
+void nb_set_timeouts(int fd, uint32_t ms)
+{
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
 /* Sleep as needed to keep page traffic under the bandwidth cap. */
 void nb_throttle_bandwidth(struct nb_mig *m, size_t bytes)
 {

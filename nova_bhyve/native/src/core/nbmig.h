@@ -70,6 +70,7 @@ int nb_setup_memory(struct nb_mig *m, char *err);
 int nb_fail_kind(struct nb_mig *m);
 void nb_init_page_hashes(struct nb_mig *m);
 int nb_set_nodelay(int fd);
+void nb_set_timeouts(int fd, uint32_t ms);
 void nb_deadline(struct timespec *until, long ms);
 
 /* phase.c: the state machine of each side (tables: transitions.c) */

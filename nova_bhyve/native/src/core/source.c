@@ -50,12 +50,10 @@ static int connect_to(struct nb_mig *m, int *kind, char *err)
         return -1;
     }
     for (struct addrinfo *a = res; a && fd < 0; a = a->ai_next) {
-        struct timeval tv = { m->p.timeout_ms / 1000, (m->p.timeout_ms % 1000) * 1000 };
         fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
         if (fd < 0)
             continue;
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        nb_set_timeouts(fd, m->p.timeout_ms);
         if (connect(fd, a->ai_addr, a->ai_addrlen) < 0) {
             snprintf(err, NB_ERRLEN, "cannot connect to %s port %d: %s", m->p.host,
                      m->p.port, strerror(errno));
