@@ -254,3 +254,48 @@ def test_the_engine_refuses_to_open_a_damaged_set(tmp_path, damage, why):
     with pytest.raises(VmmFailure, match=re.escape(why)):
         _move(src.base, tmp_path / "b")
     assert not os.path.exists(tmp_path / "b.meta")
+
+
+@pytest.mark.parametrize("suffix", ["", ".kern", ".kern.tmp", ".meta", ".meta.tmp"])
+def test_a_destination_never_writes_through_a_planted_link(tmp_path, suffix):
+    blob = b"S" * 64
+    src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+                     blob)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    os.symlink(victim, str(tmp_path / "b") + suffix)
+    s, d = _move(src.base, tmp_path / "b")
+    assert s.result == d.result == Result.COMPLETED, (s.error, d.error)
+    assert victim.read_bytes() == b"keep me"
+    assert checkpoint.read_kern(checkpoint.CheckpointFiles(str(tmp_path / "b")),
+                                checkpoint.read_meta(
+                                    checkpoint.CheckpointFiles(str(tmp_path / "b")))
+                                ) == blob
+
+
+@pytest.mark.parametrize("suffix", ["", ".kern", ".meta"])
+def test_a_source_refuses_a_set_with_a_link_in_it(tmp_path, suffix):
+    blob = b"S" * 64
+    real = checkpoint.CheckpointFiles(str(tmp_path / "real"))
+    checkpoint.write(real, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+                     blob)
+    src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+                     blob)
+    os.unlink(str(tmp_path / "a") + suffix)
+    os.symlink(str(tmp_path / "real") + suffix, str(tmp_path / "a") + suffix)
+    with pytest.raises(VmmFailure, match="symbolic link|not a regular file"):
+        _move(src.base, tmp_path / "b")
+    assert not os.path.exists(tmp_path / "b.meta")
+
+
+def test_a_set_in_a_linked_directory_is_refused(tmp_path):
+    blob = b"S" * 64
+    (tmp_path / "d").mkdir()
+    src = checkpoint.CheckpointFiles(str(tmp_path / "d" / "a"))
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+                     blob)
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    with pytest.raises(VmmFailure, match="is a symbolic link"):
+        _move(str(tmp_path / "link" / "a"), tmp_path / "b")

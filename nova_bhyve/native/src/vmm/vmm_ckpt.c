@@ -12,7 +12,11 @@
  * As a destination, load_state writes FILE.kern and resume (the commit)
  * writes FILE.meta last, atomically, so a checkpoint with a .meta is
  * complete.  Checkpoint files are untrusted input: sizes and the state
- * file's CRC-32 are checked against the .meta.
+ * file's CRC-32 are checked against the .meta.  Every file of the set is
+ * opened beneath a descriptor of its directory (a symlink as the directory
+ * or as any file is refused), and a destination creates its files with
+ * O_EXCL after removing what was there, so nothing planted in the
+ * directory redirects a write.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,19 +32,50 @@
 #include "vmm/vmm.h"
 
 struct ck {
-    char base[1024];
+    char base[1024];            /* the set's path, for messages only */
+    char name[256];             /* its last component, opened beneath dirfd */
+    int dirfd;
     int ramfd;
     int create;
     struct nb_ckpt_meta meta;   /* source: as read; destination: kern_* so far */
 };
 
-static int read_file(const char *path, size_t max, uint8_t **out, size_t *len, char *err)
+/* Open NAME+SUFFIX beneath the set's directory, never through a link. */
+static int ck_openat(const struct ck *c, const char *suffix, int flags, mode_t mode)
+{
+    char name[300];
+    snprintf(name, sizeof(name), "%s%s", c->name, suffix);
+    return openat(c->dirfd, name, flags | O_NOFOLLOW | O_CLOEXEC, mode);
+}
+
+/* Remove NAME+SUFFIX if present (a link is removed, not followed). */
+static int ck_remove(const struct ck *c, const char *suffix)
+{
+    char name[300];
+    snprintf(name, sizeof(name), "%s%s", c->name, suffix);
+    return unlinkat(c->dirfd, name, 0) < 0 && errno != ENOENT ? -1 : 0;
+}
+
+/* Create NAME+SUFFIX afresh: whatever was there (a link included) is
+ * removed, then the file is created exclusively. */
+static int ck_create(const struct ck *c, const char *suffix, int flags)
+{
+    if (ck_remove(c, suffix) < 0)
+        return -1;
+    return ck_openat(c, suffix, flags | O_CREAT | O_EXCL, 0600);
+}
+
+static int read_file(const struct ck *c, const char *suffix, size_t max,
+                     uint8_t **out, size_t *len, char *err)
 {
     struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = ck_openat(c, suffix, O_RDONLY, 0);
     size_t got = 0;
+    char path[1100];
+    snprintf(path, sizeof(path), "%s%s", c->base, suffix);
     if (fd < 0 || fstat(fd, &st) < 0) {
-        snprintf(err, NB_ERRLEN, "cannot open %s: %s", path, strerror(errno));
+        snprintf(err, NB_ERRLEN, "cannot open %s: %s", path,
+                 errno == ELOOP ? "it is a symbolic link" : strerror(errno));
         if (fd >= 0)
             close(fd);
         return -1;
@@ -72,14 +107,17 @@ static int read_file(const char *path, size_t max, uint8_t **out, size_t *len, c
     return 0;
 }
 
-/* Write a file atomically: temp file, fsync, rename. */
-static int write_atomic(const char *path, const void *data, size_t len, char *err)
+/* Write NAME+SUFFIX atomically: temp file, fsync, rename. */
+static int write_atomic(const struct ck *c, const char *suffix, const void *data,
+                        size_t len, char *err)
 {
-    char tmp[1100];
+    char tmpsuffix[32], tmp[300], final[300];
     const uint8_t *p = data;
     int fd;
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    snprintf(tmpsuffix, sizeof(tmpsuffix), "%s.tmp", suffix);
+    snprintf(tmp, sizeof(tmp), "%s%s", c->name, tmpsuffix);
+    snprintf(final, sizeof(final), "%s%s", c->name, suffix);
+    fd = ck_create(c, tmpsuffix, O_WRONLY);
     if (fd < 0)
         goto fail;
     while (len) {
@@ -91,12 +129,12 @@ static int write_atomic(const char *path, const void *data, size_t len, char *er
         p += w;
         len -= (size_t)w;
     }
-    if (fsync(fd) < 0 || close(fd) < 0 || rename(tmp, path) < 0)
+    if (fsync(fd) < 0 || close(fd) < 0 || renameat(c->dirfd, tmp, c->dirfd, final) < 0)
         goto fail;
     return 0;
 fail:
-    snprintf(err, NB_ERRLEN, "writing %s: %s", path, strerror(errno));
-    unlink(tmp);
+    snprintf(err, NB_ERRLEN, "writing %s%s: %s", c->base, suffix, strerror(errno));
+    unlinkat(c->dirfd, tmp, 0);
     return -1;
 }
 
@@ -134,15 +172,13 @@ static int ck_nop(struct nb_vmm *v, char *err) { (void)v; (void)err; return 0; }
 static int ck_save(struct nb_vmm *v, uint8_t **blob, size_t *len, char *err)
 {
     struct ck *c = v->priv;
-    char path[1100];
-    snprintf(path, sizeof(path), "%s.kern", c->base);
-    if (read_file(path, NB_CKPT_KERN_MAX, blob, len, err) < 0)
+    if (read_file(c, ".kern", NB_CKPT_KERN_MAX, blob, len, err) < 0)
         return -1;
     if (c->meta.kern_recorded &&
         (*len != c->meta.kern_bytes ||
          nb_crc32_ieee(*blob, *len) != c->meta.kern_crc32)) {
-        snprintf(err, NB_ERRLEN, "%s is corrupt (size or CRC-32 differs from "
-                 "%s.meta)", path, c->base);
+        snprintf(err, NB_ERRLEN, "%s.kern is corrupt (size or CRC-32 differs "
+                 "from %s.meta)", c->base, c->base);
         free(*blob);
         *blob = NULL;
         return -1;
@@ -153,7 +189,6 @@ static int ck_save(struct nb_vmm *v, uint8_t **blob, size_t *len, char *err)
 static int ck_load(struct nb_vmm *v, const uint8_t *blob, size_t len, char *err)
 {
     struct ck *c = v->priv;
-    char path[1100];
     if (!c->create) {
         snprintf(err, NB_ERRLEN, "checkpoint %s is a source, not a destination", c->base);
         return -1;
@@ -163,8 +198,7 @@ static int ck_load(struct nb_vmm *v, const uint8_t *blob, size_t len, char *err)
                  "checkpoint (1 to %d)", len, NB_CKPT_KERN_MAX);
         return -1;
     }
-    snprintf(path, sizeof(path), "%s.kern", c->base);
-    if (write_atomic(path, blob, len, err) < 0)
+    if (write_atomic(c, ".kern", blob, len, err) < 0)
         return -1;
     c->meta.kern_bytes = len;
     c->meta.kern_crc32 = nb_crc32_ieee(blob, len);
@@ -194,7 +228,7 @@ static void describe(const struct nb_vmm *v, struct nb_ckpt_meta *m)
 static int ck_commit(struct nb_vmm *v, char *err)
 {
     struct ck *c = v->priv;
-    char path[1100], text[NB_CKPT_META_MAX + 1], why[NB_ERRLEN];
+    char text[NB_CKPT_META_MAX + 1], why[NB_ERRLEN];
     size_t n;
 
     if (!c->create)
@@ -209,8 +243,7 @@ static int ck_commit(struct nb_vmm *v, char *err)
         snprintf(err, NB_ERRLEN, "%s.meta: %s", c->base, why);
         return -1;
     }
-    snprintf(path, sizeof(path), "%s.meta", c->base);
-    return write_atomic(path, text, n, err);
+    return write_atomic(c, ".meta", text, n, err);
 }
 
 static int ck_throttle(struct nb_vmm *v, int pct, char *err)
@@ -229,6 +262,8 @@ static void ck_close(struct nb_vmm *v)
     if (c) {
         if (c->ramfd >= 0)
             close(c->ramfd);
+        if (c->dirfd >= 0)
+            close(c->dirfd);
         free(c);
     }
     v->mem = NULL;
@@ -261,13 +296,15 @@ static const struct nb_vmm_ops ckpt_ops = {
     .write_pages = ck_write_pages,
 };
 
-/* The size of `path`, or -1 with a message. */
-static int file_size(const char *path, uint64_t *size, char *err)
+/* The size of NAME+SUFFIX (not followed if a link), or -1 with a message. */
+static int file_size(const struct ck *c, const char *suffix, uint64_t *size, char *err)
 {
     struct stat st;
+    char name[300];
 
-    if (stat(path, &st) < 0 || !S_ISREG(st.st_mode)) {
-        snprintf(err, NB_ERRLEN, "%s is missing or not a regular file", path);
+    snprintf(name, sizeof(name), "%s%s", c->name, suffix);
+    if (fstatat(c->dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, NB_ERRLEN, "%s%s is missing or not a regular file", c->base, suffix);
         return -1;
     }
     *size = (uint64_t)st.st_size;
@@ -277,25 +314,21 @@ static int file_size(const char *path, uint64_t *size, char *err)
 /* Read and check PATH.meta against the RAM and state files beside it. */
 static int read_meta(struct ck *c, char *err)
 {
-    char path[1100], why[NB_ERRLEN];
+    char why[NB_ERRLEN];
     uint8_t *text;
     size_t len;
     uint64_t ram_bytes, kern_bytes;
     int rc;
 
-    snprintf(path, sizeof(path), "%s.meta", c->base);
-    if (read_file(path, NB_CKPT_META_MAX, &text, &len, err) < 0)
+    if (read_file(c, ".meta", NB_CKPT_META_MAX, &text, &len, err) < 0)
         return -1;
     rc = nb_ckpt_meta_parse((const char *)text, len, &c->meta, why);
     free(text);
     if (rc < 0) {
-        snprintf(err, NB_ERRLEN, "%s: %s", path, why);
+        snprintf(err, NB_ERRLEN, "%s.meta: %s", c->base, why);
         return -1;
     }
-    if (file_size(c->base, &ram_bytes, err) < 0)
-        return -1;
-    snprintf(path, sizeof(path), "%s.kern", c->base);
-    if (file_size(path, &kern_bytes, err) < 0)
+    if (file_size(c, "", &ram_bytes, err) < 0 || file_size(c, ".kern", &kern_bytes, err) < 0)
         return -1;
     if (nb_ckpt_meta_check_sizes(&c->meta, ram_bytes, kern_bytes, why) < 0) {
         snprintf(err, NB_ERRLEN, "checkpoint %s: %s", c->base, why);
@@ -311,7 +344,7 @@ static int open_existing(struct nb_vmm *v, struct ck *c, char *err)
 
     if (read_meta(c, err) < 0)
         return -1;
-    c->ramfd = open(c->base, O_RDONLY | O_CLOEXEC);
+    c->ramfd = ck_openat(c, "", O_RDONLY, 0);
     if (c->ramfd < 0 || fstat(c->ramfd, &st) < 0 || (uint64_t)st.st_size != m->memsize) {
         snprintf(err, NB_ERRLEN, "RAM file %s is missing or not %llu bytes",
                  c->base, (unsigned long long)m->memsize);
@@ -333,16 +366,48 @@ static int open_existing(struct nb_vmm *v, struct ck *c, char *err)
 static int create_new(struct nb_vmm *v, struct ck *c, const struct nb_guest_spec *s,
                       char *err)
 {
-    char path[1100];
     v->spec = *s;
     v->layout = s->layout;
-    snprintf(path, sizeof(path), "%s.meta", c->base);
-    unlink(path);   /* an old .meta would mark a half-written set complete */
+    /* an old .meta would mark a half-written set complete */
+    if (ck_remove(c, ".meta") < 0) {
+        snprintf(err, NB_ERRLEN, "cannot remove %s.meta: %s", c->base, strerror(errno));
+        return -1;
+    }
     c->meta.kern_recorded = 0;
-    c->ramfd = open(c->base, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    c->ramfd = ck_create(c, "", O_RDWR);
     if (c->ramfd < 0 || ftruncate(c->ramfd, (off_t)v->layout.total) < 0) {
         snprintf(err, NB_ERRLEN, "cannot create RAM file %s: %s", c->base,
                  strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Split the set's path into a directory, opened without following a
+ * link, and a last component that names the files beneath it. */
+static int open_directory(struct ck *c, char *err)
+{
+    char dir[1024];
+    const char *slash = strrchr(c->base, '/');
+    const char *name = slash ? slash + 1 : c->base;
+
+    if (!*name || !strcmp(name, ".") || !strcmp(name, "..") ||
+        strlen(name) >= sizeof(c->name) - 16) {
+        snprintf(err, NB_ERRLEN, "checkpoint path %s does not end in a file name", c->base);
+        return -1;
+    }
+    snprintf(c->name, sizeof(c->name), "%s", name);
+    if (!slash)
+        snprintf(dir, sizeof(dir), ".");
+    else if (slash == c->base)
+        snprintf(dir, sizeof(dir), "/");
+    else
+        snprintf(dir, sizeof(dir), "%.*s", (int)(slash - c->base), c->base);
+    c->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (c->dirfd < 0) {
+        snprintf(err, NB_ERRLEN, "checkpoint directory %s: %s", dir,
+                 errno == ELOOP || errno == ENOTDIR ?
+                 "is a symbolic link or not a directory" : strerror(errno));
         return -1;
     }
     return 0;
@@ -367,10 +432,13 @@ int nb_vmm_open_ckpt(struct nb_vmm *v, const char *base, int create,
     }
     strcpy(c->base, base);
     c->ramfd = -1;
+    c->dirfd = -1;
     c->create = create;
     v->ops = &ckpt_ops;
     v->priv = c;
-    rc = create ? create_new(v, c, spec, err) : open_existing(v, c, err);
+    rc = open_directory(c, err);
+    if (rc == 0)
+        rc = create ? create_new(v, c, spec, err) : open_existing(v, c, err);
     if (rc < 0) {
         ck_close(v);
         v->ops = NULL;
