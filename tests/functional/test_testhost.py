@@ -323,6 +323,32 @@ def test_truncated_blob_upload_is_answered_not_hung(vms):
     assert vm.client.status()["state"] == "incoming"
 
 
+def test_a_trickled_upload_is_dropped_not_waited_for(vms):
+    """A client sending one byte a second (each within the socket timeout)
+    is dropped when the upload's overall time runs out, not 64 s later."""
+    vm = vms.start("trickle", incoming=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(vm.socket_path))
+        s.sendall(b"load-state 64\n")
+        sent, reply = 0, b""
+        s.setblocking(False)
+        while sent < 64 and not reply.endswith(b"\n"):
+            try:
+                s.send(b"\x00")
+                sent += 1
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(1)
+            try:
+                reply += s.recv(4096)
+            except BlockingIOError:
+                pass
+    assert reply.startswith(b"ERR EPROTO "), reply
+    assert sent < 64, "the whole trickled upload was waited for"
+    assert vm.client.status()["state"] == "incoming"
+
+
 def test_throttle_slows_the_guest(vms):
     vm = vms.start("thr", cmdline="mode=stress ws=2M")
     wait_heartbeats(vm, 50)

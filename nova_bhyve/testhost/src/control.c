@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "testhost.h"
@@ -43,13 +44,43 @@ static const char *state_name(enum nb_vm_state s)
     return "unknown";
 }
 
+/* Milliseconds since an arbitrary start, on the monotonic clock. */
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait until fd is ready for `events` or the deadline passes (-1). */
+static int wait_ready(int fd, short events, int64_t deadline)
+{
+    for (;;) {
+        int64_t left = deadline - now_ms();
+        struct pollfd p = { .fd = fd, .events = events };
+        int r;
+        if (left <= 0)
+            return -1;
+        r = poll(&p, 1, (int)left);
+        if (r > 0)
+            return 0;
+        if (r < 0 && errno != EINTR)
+            return -1;
+    }
+}
+
+/* Send all of buf within IO_TIMEOUT_S in all, however slowly the peer reads. */
 static int send_all(int fd, const void *buf, size_t len)
 {
     const uint8_t *p = buf;
+    int64_t deadline = now_ms() + IO_TIMEOUT_S * 1000;
     while (len) {
-        ssize_t w = send(fd, p, len, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
+        ssize_t w = send(fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (wait_ready(fd, POLLOUT, deadline) < 0)
+                return -1;
             continue;
+        }
         if (w <= 0)
             return -1;
         p += w;
@@ -75,17 +106,22 @@ static int reply(int fd, const char *fmt, ...)
     return send_all(fd, line, (size_t)n);
 }
 
-/* Read exactly len bytes: first what is buffered, then from the socket. */
+/* Read exactly len bytes: first what is buffered, then from the socket,
+ * all of it within IO_TIMEOUT_S (a byte now and then does not extend it). */
 static int read_exact(struct client *c, uint8_t *dst, size_t len)
 {
     size_t have = c->len < len ? c->len : len;
+    int64_t deadline = now_ms() + IO_TIMEOUT_S * 1000;
     memcpy(dst, c->buf, have);
     memmove(c->buf, c->buf + have, c->len - have);
     c->len -= have;
     while (have < len) {
-        ssize_t r = recv(c->fd, dst + have, len - have, 0);
-        if (r < 0 && errno == EINTR)
+        ssize_t r = recv(c->fd, dst + have, len - have, MSG_DONTWAIT);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (wait_ready(c->fd, POLLIN, deadline) < 0)
+                return -1;
             continue;
+        }
         if (r <= 0)
             return -1;
         have += (size_t)r;
