@@ -338,6 +338,28 @@ def test_wrong_secret_is_refused(vms):
     assert_guest_kept_running(src, dst)
 
 
+def test_a_crowd_of_silent_connections_does_not_hold_the_listener(vms):
+    """Twenty connections that never speak are ahead of the source at the
+    listener.  Vetted one after another (3 s each) they would hold it for a
+    minute; vetted together, with the oldest dropped to make room, the
+    source gets in well within its own 10 s timeout."""
+    src, dst = _pair(vms, "mode=idle", mem="256M")
+    wait_heartbeats(src, 5)
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    crowd = [socket.create_connection(("127.0.0.1", recv.port)) for _ in range(20)]
+    send = start_send(src, recv.port, secret, timeout_ms=10000)
+    s, d = wait_result(send, 60), wait_result(recv, 60)
+    for c in crowd:
+        c.close()
+    send.close()
+    recv.close()
+    assert s.result == Result.COMPLETED and d.result == Result.COMPLETED, (
+        s.error, d.error)
+    assert src.stop() == 1
+    assert_guest_continued(src, dst)
+
+
 def test_strangers_at_the_listener_do_not_end_or_stall_the_session(vms):
     """Bad and silent connections are dropped; the real source still gets in."""
     src, dst = _pair(vms, "mode=idle", mem="256M")

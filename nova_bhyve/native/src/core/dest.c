@@ -1,7 +1,7 @@
 /*
  * Destination side, the source's mirror as a state machine (PROTOCOL.md,
- * "Phases"): SETUP waits for the source, HANDSHAKE authenticates it and
- * checks compatibility, PRECOPY receives pages on several channels into
+ * "Phases"): SETUP waits for a source that passes the handshake (core/
+ * gate.c vets connections concurrently), HANDSHAKE checks compatibility, PRECOPY receives pages on several channels into
  * guest memory until STATE arrives, SWITCHOVER loads the device state,
  * VERIFY compares memory digests, and COMMIT runs the guest, on the
  * source's COMMIT only.  dest_finish() alone decides the result and who
@@ -19,12 +19,8 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "core/gate.h"
 #include "core/nbmig.h"
-
-/* An unauthenticated connection's time to prove itself (HELLO..AUTH or
- * JOIN): a silent or slow stranger is dropped after this, never holding
- * the listener for the session timeout. */
-#define HANDSHAKE_MS 3000
 
 struct receiver {
     struct nb_mig *m;
@@ -268,52 +264,63 @@ static int fail(struct dest *d, int kind)
     return -1;
 }
 
+/* Vet a control connection: the handshake (HELLO, CHALLENGE, AUTH). */
+static int vet_control(void *ctx, struct nb_chan *c, struct nb_session_keys *keys,
+                       char *err)
+{
+    struct nb_mig *m = ctx;
+    return nb_handshake_dest(c, m->p.secret, m->p.secret_len, keys, err);
+}
+
+/* Vet a page channel: its JOIN, then its sealing keys. */
+static int vet_join(void *ctx, struct nb_chan *c, struct nb_session_keys *keys,
+                    char *err)
+{
+    struct dest *d = ctx;
+    struct nb_mig *m = d->m;
+    (void)keys;
+    if (nb_join_check(c, &m->keys, d->nrcv, err) < 0)
+        return -1;
+    return m->p.plaintext_pages ? 0 : nb_seal_start(c, m->keys.key, 0, err);
+}
+
 /*
- * Accept one connection by the deadline; it has HANDSHAKE_MS (or what is
- * left, if less) to prove itself before it is dropped.
+ * Take the first connection that passes the handshake as the control
+ * channel.  Connections are vetted concurrently (core/gate.c): one that
+ * fails or stays silent is dropped after NB_GATE_MS, and the next awaited
+ * until the session timeout, so a stray or hostile client can neither end
+ * the session nor hold the listener.
  */
-static int accept_one(struct dest *d, char *err)
+static int open_control(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    struct pollfd p = { .fd = m->listen_fd, .events = POLLIN };
-    double left = d->deadline - nb_now_ms();
-    int fd, rc = left > 0 ? poll(&p, 1, (int)left + 1) : 0;
+    struct nb_gate g;
+    int kind = 0, rc;
 
-    if (rc <= 0 || atomic_load(&m->cancel_req)) {
-        snprintf(err, NB_ERRLEN, rc == 0 ? "no source connected within %u ms"
-                 : "stopped waiting for the source", m->p.timeout_ms);
-        d->kind = rc == 0 ? NB_ERR_TIMEOUT : atomic_load(&m->cancel_req)
-                                                ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
-        return -1;
-    }
-    fd = accept4(m->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd < 0) {
-        snprintf(err, NB_ERRLEN, "accept failed: %s", strerror(errno));
-        d->kind = atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : NB_ERR_RESOURCE;
-        return -1;
-    }
-    nb_set_timeouts(fd, left < HANDSHAKE_MS ? (uint32_t)left + 1 : HANDSHAKE_MS);
-    nb_set_nodelay(fd);
-    return fd;
+    if (nb_gate_open(&g, m->listen_fd, vet_control, m, "authenticated source",
+                     m->p.timeout_ms, &m->wire_bytes, err) < 0)
+        return fail(d, NB_ERR_RESOURCE);
+    rc = nb_gate_next(&g, d->deadline, -1, &m->cancel_req, &m->ctl, &m->keys,
+                      &kind, err);
+    d->rejected += g.rejected;
+    nb_gate_close(&g);
+    if (rc < 0)
+        return fail(d, kind);
+    nb_set_timeouts(m->ctl.fd, m->p.timeout_ms);
+    d->deadline = nb_now_ms() + m->p.timeout_ms;  /* for the joins */
+    return 0;
 }
 
 /*
  * While the page channels join, the source may already have sent its
  * next control frame: a quiet guest's pages go out before this side has
- * accepted every channel.  Wait until a channel is knocking; if the
- * control channel speaks first, read that frame ahead (an ABORT ends the
- * session) and keep it for the next phase.
+ * accepted every channel.  Read that frame ahead (an ABORT or REFUSE ends
+ * the session) and keep it for the next phase.
  */
-static int await_channel(struct dest *d, char *err)
+static int read_ahead(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    struct pollfd p[2] = { { .fd = m->listen_fd, .events = POLLIN },
-                           { .fd = m->ctl.fd, .events = POLLIN } };
-    double left = d->deadline - nb_now_ms();
-    int rc = left > 0 ? poll(p, d->early ? 1 : 2, (int)left + 1) : 0;
 
-    if (rc <= 0 || p[0].revents || d->early || !p[1].revents)
-        return 0;               /* accept_one reports timeouts and cancels */
     if (nb_recv_frame(&m->ctl, &d->f, NB_MAX_CTRL_FRAME, err) < 0)
         return fail(d, m->ctl.err_kind);
     if (d->f.type == NB_MSG_ABORT || d->f.type == NB_MSG_REFUSE) {
@@ -326,50 +333,6 @@ static int await_channel(struct dest *d, char *err)
     }
     d->early = 1;
     return 0;
-}
-
-/* Take the next connection as the control channel. */
-static int open_control(struct dest *d, char *err)
-{
-    struct nb_mig *m = d->m;
-    m->ctl.fd = accept_one(d, err);
-    if (m->ctl.fd < 0)
-        return -1;
-    m->ctl.index = 0;
-    m->ctl.send_seq = m->ctl.recv_seq = 0;
-    nb_seal_free(&m->ctl);
-    m->ctl.wire = &m->wire_bytes;
-    return 0;
-}
-
-/*
- * Authenticate the control connection.  A connection that fails the
- * handshake, or stays silent through it, is dropped and the next one
- * awaited until the session timeout: a stray or hostile client cannot end
- * the session on its own.
- */
-static int authenticate(struct dest *d, char *err)
-{
-    struct nb_mig *m = d->m;
-    char last[NB_ERRLEN] = "";
-    for (;;) {
-        if (nb_handshake_dest(&m->ctl, m->p.secret, m->p.secret_len, &m->keys,
-                              err) == 0) {
-            nb_set_timeouts(m->ctl.fd, m->p.timeout_ms);
-            d->deadline = nb_now_ms() + m->p.timeout_ms;  /* for the joins */
-            return 0;
-        }
-        close(m->ctl.fd);
-        m->ctl.fd = -1;
-        snprintf(last, sizeof(last), "%s", err);
-        d->rejected++;
-        if (open_control(d, err) < 0) {
-            snprintf(err, NB_ERRLEN, "rejected %d connection(s) and no "
-                     "authenticated source followed within %u ms; last: %.180s",
-                     d->rejected, m->p.timeout_ms, last);
-            return fail(d, m->ctl.err_kind ? m->ctl.err_kind : NB_ERR_AUTH);
-        }
-    }
 }
 
 /*
@@ -440,24 +403,29 @@ refused:
     return refuse(d, kind, err);
 }
 
-static int join_channels(struct dest *d, char *err)
+/* Accept the page channels (vetted by the gate), reading ahead a control
+ * frame that arrives meanwhile. */
+static int accept_channels(struct dest *d, struct nb_gate *g, char *err)
 {
     struct nb_mig *m = d->m;
-    int joined = 0;
+    int joined = 0, kind = 0;
+
     while (joined < d->nrcv) {
-        struct nb_chan c = { .fd = -1, .wire = &m->wire_bytes };
-        if (await_channel(d, err) < 0)
-            return -1;
-        c.fd = accept_one(d, err);
-        if (c.fd < 0)
-            return -1;
-        if (nb_join_check(&c, &m->keys, d->nrcv, err) < 0 ||
-            m->data[c.index - 1].fd >= 0 ||
-            (!m->p.plaintext_pages && nb_seal_start(&c, m->keys.key, 0, err) < 0)) {
-            close(c.fd);
+        struct nb_chan c;
+        int rc = nb_gate_next(g, d->deadline, d->early ? -1 : m->ctl.fd,
+                              &m->cancel_req, &c, NULL, &kind, err);
+        if (rc < 0)
+            return fail(d, kind);
+        if (rc == 1) {
+            if (read_ahead(d, err) < 0)
+                return -1;
+            continue;
+        }
+        if (m->data[c.index - 1].fd >= 0) {
+            close(c.fd);        /* a second JOIN of a joined channel */
             free(c.rbuf);
             nb_seal_free(&c);
-            d->rejected++;      /* dropped; the real channel may still come */
+            d->rejected++;
             continue;
         }
         {
@@ -469,6 +437,23 @@ static int join_channels(struct dest *d, char *err)
         m->data[c.index - 1] = c;
         joined++;
     }
+    return 0;
+}
+
+static int join_channels(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    struct nb_gate g;
+    int rc;
+
+    if (nb_gate_open(&g, m->listen_fd, vet_join, d, "page channel",
+                     m->p.timeout_ms, &m->wire_bytes, err) < 0)
+        return fail(d, NB_ERR_RESOURCE);
+    rc = accept_channels(d, &g, err);
+    d->rejected += g.rejected;
+    nb_gate_close(&g);
+    if (rc < 0)
+        return -1;
     for (int i = 0; i < d->nrcv; i++) {
         struct receiver *r = &d->rcv[i];
         r->m = m;
@@ -564,17 +549,15 @@ static int next_control(struct dest *d, uint8_t want, char *err)
     return refuse(d, NB_ERR_CORRUPT, err);
 }
 
-/* SETUP: wait for the source's control connection. */
+/* SETUP: wait for a control connection that passes the handshake. */
 static int phase_setup(struct dest *d, char *err)
 {
     return open_control(d, err);
 }
 
-/* HANDSHAKE: authenticate the source and agree on compatibility. */
+/* HANDSHAKE: agree on compatibility with the authenticated source. */
 static int phase_handshake(struct dest *d, char *err)
 {
-    if (authenticate(d, err) < 0)
-        return -1;
     return negotiate(d, err);
 }
 
