@@ -5,8 +5,6 @@ import pathlib
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 
 import pytest
@@ -30,6 +28,7 @@ from .migration_helpers import (
     assert_guest_kept_running,
     migrate,
     new_secret,
+    receiver_process,
     settle,
     start_receive,
     start_send,
@@ -230,23 +229,13 @@ def test_cancel_before_the_destination_answers(vms):
     assert_guest_kept_running(src)
 
 
-def _receiver_process(vms, dst, secret):
-    secret_file = pathlib.Path(vms.base) / "secret"
-    secret_file.write_bytes(secret)
-    proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "nova_bhyve.migration.cli", "receive",
-         "--vm", str(dst.socket_path), "--secret-file", str(secret_file),
-         "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("listening on "), line
-    return proc, int(line.rsplit(":", 1)[1])
-
-
 def test_destination_engine_killed_mid_round(vms):
     src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
     stress_ready(src)
     secret = new_secret()
-    proc, port = _receiver_process(vms, dst, secret)
+    secret_file = pathlib.Path(vms.base) / "secret"
+    secret_file.write_bytes(secret)
+    proc, port = receiver_process(secret_file, dst)
     send = start_send(src, port, secret, max_bandwidth=16 * MiB)
     wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
     os.kill(proc.pid, signal.SIGKILL)
