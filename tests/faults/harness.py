@@ -159,9 +159,10 @@ _HELD = {"verify": (TO_SOURCE, READY), "commit": (TO_DEST, COMMIT)}
 
 
 def expected_moved(fault, phase):
-    """Where the guest should end: force-complete and every fault after
-    the commit point leave it on the destination, all others on the source."""
-    return fault == "force" or phase == "commit"
+    """Where the guest should end: no fault, force-complete and every fault
+    after the commit point leave it on the destination, all others on the
+    source."""
+    return fault in (None, "force") or phase == "commit"
 
 
 def flip(frame):
@@ -194,8 +195,9 @@ class _Run:
         self.link_down = False
 
     def start(self):
-        self.fds = _socket_fds()
         self.dst = self.hosts._vm(self.dst_ns, incoming=True)
+        self.src.client.status(), self.dst.client.status()
+        self.fds = _socket_fds()    # with both VMs' control connections
         secret = new_secret()
         secret_file = pathlib.Path(self.dst.rundir) / "secret"
         secret_file.write_bytes(secret)
@@ -259,6 +261,10 @@ class _Run:
         if fault in ("kill_dest", "abort"):
             sig = signal.SIGKILL if fault == "kill_dest" else signal.SIGTERM
             os.kill(self.proc.pid, sig)
+            try:        # the destination has ended before anything goes on
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
         elif fault == "cancel":
             try:
                 self.send.cancel()
