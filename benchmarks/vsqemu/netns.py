@@ -8,6 +8,8 @@ namespaces: nothing can reach any other address from there, as the
 namespaces have no other interface and no route.
 """
 
+import contextlib
+import ctypes
 import os
 import re
 import subprocess
@@ -18,10 +20,41 @@ RATE = "1gbit"
 # Token bucket on both ends: 128 KiB burst (~1 ms at line rate) and at most
 # 5 ms of queue, roughly a switch port's buffer.
 TBF = ["tbf", "rate", RATE, "burst", "128kb", "latency", "5ms"]
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _ip(*args):
     subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _setns(fd):
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def entered(ns):
+    """Run the calling thread inside namespace ``ns`` for the ``with`` block.
+
+    Sockets and threads (Python's or the engine's native ones) created in
+    the block stay in ``ns`` after it: a thread inherits the namespace of
+    the thread that creates it.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 def remove_stale():
@@ -73,6 +106,10 @@ class Net:
         for ns in self.created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.created = []
+
+    def link(self, ns, up):
+        """Take ``ns``'s end of the veth pair down (up=False) or up again."""
+        _ip("-n", ns, "link", "set", self.veth[ns], "up" if up else "down")
 
     def other(self, ns):
         """The namespace at the other end of the veth pair."""

@@ -17,6 +17,7 @@ hold at least 16 bytes: for example ``head -c 32 /dev/urandom > secret``.
 
 import argparse
 import pathlib
+import signal
 import sys
 import time
 
@@ -69,6 +70,27 @@ def _watch(mig, out, interval=0.2):
         out.flush()
     if tty:
         out.write("\n")
+    return mig.stats()
+
+
+def _receive(mig):
+    """Wait for the end; SIGTERM or SIGINT cancel the session, so the
+    source hears ABORT (a wait blocked in the engine would defer them)."""
+    asked = []
+    handler = lambda signum, frame: asked.append(signum)  # noqa: E731
+    old = {sig: signal.signal(sig, handler)
+           for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not mig.wait(0.1):
+            if asked:
+                asked.clear()
+                try:
+                    mig.cancel()
+                except MigrationError:
+                    pass        # too late: the guest runs here now
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
     return mig.stats()
 
 
@@ -128,7 +150,7 @@ def main(argv=None, out=sys.stdout):
         out.write(f"error: {exc}\n")
         return 2
     t0 = time.monotonic()
-    stats = _watch(mig, out) if args.cmd == "send" else (mig.wait(), mig.stats())[1]
+    stats = _watch(mig, out) if args.cmd == "send" else _receive(mig)
     _report(stats, out)
     out.write(f"wall time {time.monotonic() - t0:.2f} s\n")
     mig.close()

@@ -6,6 +6,8 @@ import math
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -56,6 +58,23 @@ def migrate(src, dst, **kw):
     finally:
         send.close()
         recv.close()
+
+
+def receiver_process(secret_file, dst, listen="127.0.0.1:0", netns=None,
+                     timeout=None):
+    """``nova-bhyve-migrate receive`` into test-host VM ``dst`` in a process
+    of its own (in network namespace ``netns``); return (process, port)."""
+    cmd = [sys.executable, "-P", "-m", "nova_bhyve.migration.cli", "receive",
+           "--vm", str(dst.socket_path), "--secret-file", str(secret_file),
+           "--listen", listen]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns] + cmd
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proc, int(line.rsplit(":", 1)[1])
 
 
 def wait_phase(mig, phases, timeout=60):
@@ -113,11 +132,17 @@ class FaultyProxy:
     channels) this many seconds before connecting it through, buffering
     what the source sends on it meanwhile, as a busy destination that is
     slow to accept does.
+    ``frames``: forward whole frames (PROTOCOL.md), so that ``on_frame``
+    can hold, alter or drop one.  ``host``: where to listen.
     """
 
     def __init__(self, target_port, corrupt_at=None, record=False,
-                 join_delay=0.0):
-        self.target = ("127.0.0.1", target_port)
+                 join_delay=0.0, frames=False, host="127.0.0.1",
+                 target_host="127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.frames = frames
+        self.hooks = []             # [connection, direction, type, action]
+        self.stall_all = False
         self.join_delay = join_delay
         self.corrupt_at = corrupt_at
         self.record = record
@@ -125,7 +150,7 @@ class FaultyProxy:
         self.conns = []
         self.lock = threading.Lock()
         self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
+        self.srv.bind((host, 0))
         self.srv.listen(32)
         self.port = self.srv.getsockname()[1]
         self.closed = False
@@ -159,10 +184,10 @@ class FaultyProxy:
         if buf is not None:
             buf += early
         corrupt = self.corrupt_at if index == 1 else None
-        threading.Thread(target=self._pump, args=(a, b, corrupt, buf, index),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(b, a, None, None, index),
-                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(a, b, corrupt, buf, index,
+                                                  TO_DEST), daemon=True).start()
+        threading.Thread(target=self._pump, args=(b, a, None, None, index,
+                                                  TO_SOURCE), daemon=True).start()
 
     def _hold(self, a):
         """Read what the source sends for ``join_delay`` seconds."""
@@ -180,12 +205,13 @@ class FaultyProxy:
         a.settimeout(None)
         return bytes(held)
 
-    def _pump(self, a, b, corrupt, buf, index):
+    def _pump(self, a, b, corrupt, buf, index, direction):
         seen = 0
+        pending = bytearray()
         try:
             while True:
                 # hold the bytes, keep the connection open
-                polling.poll(lambda: index not in self.stalled or self.closed,
+                polling.poll(lambda: not self._stalled(index) or self.closed,
                              math.inf, 0.05)
                 data = a.recv(65536)
                 if not data:
@@ -197,6 +223,9 @@ class FaultyProxy:
                 seen += len(data)
                 if buf is not None:
                     buf += data
+                if self.frames:
+                    pending += data
+                    data = self._whole_frames(pending, index, direction)
                 b.sendall(data)
         except OSError:
             pass
@@ -205,6 +234,42 @@ class FaultyProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _stalled(self, index):
+        return self.stall_all or index in self.stalled
+
+    def _whole_frames(self, pending, index, direction):
+        """Take the complete frames off ``pending``; return what to forward."""
+        out = bytearray()
+        while len(pending) >= 16:
+            size = 16 + int.from_bytes(pending[8:12], "little") + \
+                (16 if pending[1] & 1 else 0)
+            if len(pending) < size:
+                break
+            frame = bytes(pending[:size])
+            del pending[:size]
+            out += self._frame_hook(index, direction, frame)
+        return bytes(out)
+
+    def _frame_hook(self, index, direction, frame):
+        with self.lock:
+            for hook in self.hooks:
+                conn, way, mtype, action = hook
+                if (conn, way) == (index, direction) and \
+                        mtype in (None, frame[0]):
+                    self.hooks.remove(hook)
+                    break
+            else:
+                return frame
+        return action(frame)
+
+    def on_frame(self, index, direction, mtype, action):
+        """Pass the next frame of type ``mtype`` (None: any) on connection
+        ``index`` going ``direction`` (TO_DEST, TO_SOURCE) to ``action``,
+        which returns the bytes to forward instead (it may block: the
+        connection waits).  Needs ``frames=True``."""
+        with self.lock:
+            self.hooks.append([index, direction, mtype, action])
 
     def cut(self, index=None):
         """Break every forwarded connection now (or only number ``index``)."""
@@ -216,15 +281,25 @@ class FaultyProxy:
                 except OSError:
                     pass
 
-    def stall(self, index):
-        """Stop forwarding connection ``index`` without closing it."""
-        self.stalled.add(index)
+    def stall(self, index=None):
+        """Stop forwarding connection ``index`` (None: all) without closing it."""
+        if index is None:
+            self.stall_all = True
+        else:
+            self.stalled.add(index)
 
     def close(self):
-        """Stop accepting and break everything."""
+        """Stop accepting, break everything and close the sockets."""
         self.closed = True
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)    # wakes the blocked accept
+        except OSError:
+            pass
         self.srv.close()
         self.cut()
+        with self.lock:
+            for s in self.conns:
+                s.close()
 
 
 # ---- a minimal independent implementation of the protocol's framing ----

@@ -250,9 +250,9 @@ static void *receiver_main(void *arg)
     pthread_mutex_unlock(&d->lock);
     if (!over) {
         nb_fail(m, kind, "%s", err);
-        /* wake the control thread */
+        /* wake the control thread; it can still tell the source why */
         if (m->ctl.fd >= 0)
-            shutdown(m->ctl.fd, SHUT_RDWR);
+            shutdown(m->ctl.fd, SHUT_RD);
     }
     return NULL;
 }
@@ -640,14 +640,32 @@ static int phase_commit(struct dest *d, char *err)
  * answer; then the page channels close so the receivers finish, and are
  * reaped.
  */
+/* REFUSE with the session's error (a page channel's, which the source
+ * would otherwise only see as the control connection closing). */
+static void refuse_with_error(struct nb_mig *m)
+{
+    char why[NB_ERRLEN], e2[NB_ERRLEN];
+
+    pthread_mutex_lock(&m->lock);
+    snprintf(why, sizeof(why), "%s", m->st.error);
+    pthread_mutex_unlock(&m->lock);
+    nb_send_text(&m->ctl, NB_MSG_REFUSE, why, e2);
+}
+
 static void dest_finish(struct dest *d, int rc, const char *err)
 {
     struct nb_mig *m = d->m;
+    int channel_failed;
 
     if (rc != 0)
         nb_fail(m, atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : d->kind, "%s",
                 err[0] ? err : "failed");
     nb_end(m, rc == 0 ? 0 : nb_fail_kind(m), rc == 0);
+    pthread_mutex_lock(&d->lock);
+    channel_failed = d->failed;
+    pthread_mutex_unlock(&d->lock);
+    if (rc != 0 && channel_failed && m->ctl.fd >= 0 && m->ctl.seal)
+        refuse_with_error(m);       /* a page channel failed: say why */
     if (rc != 0 && m->ctl.fd >= 0)
         shutdown(m->ctl.fd, SHUT_RDWR);     /* the source hears of it now */
     nb_shutdown_data(m);
