@@ -159,10 +159,14 @@ _HELD = {"verify": (TO_SOURCE, READY), "commit": (TO_DEST, COMMIT)}
 
 
 def expected_moved(fault, phase):
-    """Where the guest should end: no fault, force-complete and every fault
-    after the commit point leave it on the destination, all others on the
-    source."""
-    return fault in (None, "force") or phase == "commit"
+    """Where the guest should end.  No fault and force-complete move it.
+    With COMMIT held at the proxy: a cancel is too late and a cut link only
+    loses the destination's RUNNING, so it moves; a destination that refuses
+    the altered COMMIT or cancels says so, and the source takes the guest
+    back.  Every other fault leaves it on the source."""
+    if fault in (None, "force"):
+        return True
+    return phase == "commit" and fault in ("cancel", "link_cut")
 
 
 def flip(frame):
