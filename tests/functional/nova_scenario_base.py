@@ -29,7 +29,8 @@ class BhyveScenarioTest(integrated_helpers.ProviderUsageBaseTestCase):
     """Computes ``HOSTS`` on BhyveDriver, a 128 MiB flavor, ``IMAGES``.
 
     ``self.base`` is a short folder under /tmp (unix sockets live in the
-    instance directories) holding each host's instances directory;
+    runtime directories) holding each host's instances directory and its
+    runtime directory ``run-<host>`` ([bhyve] runtime_path);
     ``self.drivers`` and ``self.compute_services`` map host names to the
     computes' drivers and services.
     """
@@ -75,6 +76,8 @@ class BhyveScenarioTest(integrated_helpers.ProviderUsageBaseTestCase):
     def _start_bhyve_compute(self, host):
         """Start ``host`` with its own instances directory and node UUID."""
         self.flags(instances_path=os.path.join(self.base, host))
+        self.flags(runtime_path=os.path.join(self.base, "run-" + host),
+                   group="bhyve")
         node = str(uuidlib.uuid5(NODE_NS, host))
         with mock.patch("nova.virt.node.get_local_node_uuid",
                         return_value=node):
