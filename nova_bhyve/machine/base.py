@@ -203,6 +203,12 @@ class Backend(abc.ABC):
         """
         raise self._no_migration("use disks on shared storage")
 
+    def adopted(self, uuid):
+        """Return True if the guest's record was made by ``adopt``: its
+        disks were there before (shared storage) and are not this host's
+        to delete on its own account."""
+        return False
+
     def has_disks(self, uuid):
         """Return True if the guest's root disk is here and writable."""
         return False

@@ -49,6 +49,7 @@ from nova_bhyve.machine.base import (
     MachineError,
     MachineState,
 )
+from nova_bhyve.machine.statefile import write_json
 from nova_bhyve.machine.supervised import SupervisedMachines
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.client import ControlClient
@@ -416,8 +417,11 @@ class TestHostBackend(SupervisedMachines, Backend):
             if state != want:
                 raise MachineError(f"guest {uuid} is {state.value} here after "
                                    f"its migration, not {want.value}")
-            self._set_intent(uuid, power.INTENT_PAUSED if paused
-                             else power.INTENT_RUNNING)
+            rec = self._record(uuid)
+            rec.pop("adopted", None)    # the guest, and its disks, are ours
+            rec["intent"] = power.INTENT_PAUSED if paused else \
+                power.INTENT_RUNNING
+            write_json(self._run(uuid, "machine.json"), rec)
 
     def is_incoming(self, uuid):
         """Return True while nb-testhost waits in incoming mode."""
@@ -436,7 +440,18 @@ class TestHostBackend(SupervisedMachines, Backend):
             raise MachineError(
                 f"{disk} is missing: this host does not share [DEFAULT] "
                 "instances_path with the host the guest comes from")
-        return self.create(None, instance, spec, None)
+        spec = self.create(None, instance, spec, None)
+        rec = self._record(spec.uuid)
+        rec["adopted"] = True
+        write_json(self._run(spec.uuid, "machine.json"), rec)
+        return spec
+
+    def adopted(self, uuid):
+        """Return True if ``adopt`` recorded the guest (disks not ours)."""
+        try:
+            return bool(self._record(uuid).get("adopted"))
+        except KeyError:
+            return False
 
     def has_disks(self, uuid):
         """Return True if the root disk file exists and its directory is

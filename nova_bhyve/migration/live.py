@@ -129,8 +129,10 @@ class LiveMigrationMixin:
                 LOG.warning("Destroying guest %s: it waited for a migration "
                             "that ended when nova-compute stopped; the guest "
                             "still runs on its source host", uuid)
+                # disks adopted on a shared instances path are the source's
+                keep = self.backend.adopted(uuid)
                 self.backend.destroy(uuid)
-                self.backend.delete_files(uuid, True)
+                self.backend.delete_files(uuid, not keep)
 
     # -- checks ------------------------------------------------------------
     def check_can_live_migrate_destination(self, context, instance,

@@ -626,3 +626,15 @@ def test_a_paused_server_moves_paused(env):
     _rekey(env)
     _migrate(env)
     assert env.engine.send.call_args.kwargs["keep_paused"] is True
+
+
+@pytest.mark.parametrize("adopted", [True, False])
+def test_restart_reaps_incoming_vms_keeping_adopted_disks(env, adopted):
+    """nova-compute restarted while a guest was migrating in: its VM goes;
+    disks adopted on a shared instances path are the source's and stay."""
+    env.drv.backend.list_machines.return_value = [UUID]
+    env.drv.backend.is_incoming.return_value = True
+    env.drv.backend.adopted.return_value = adopted
+    env.drv._reap_incoming()
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_called_once_with(UUID, not adopted)

@@ -12,7 +12,13 @@ from nova import objects
 from nova_bhyve import privsep
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import testhost
-from nova_bhyve.machine.base import DiskSpec, MachineError, MachineSpec, NicSpec
+from nova_bhyve.machine.base import (
+    DiskSpec,
+    MachineError,
+    MachineSpec,
+    MachineState,
+    NicSpec,
+)
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 NICS = (NicSpec("v1", "tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "nbr3f2a9c1e7b4"),
@@ -218,3 +224,16 @@ def test_legacy_records_are_reported(backend, tmp_path):
     (tmp_path / UUID / "machine.json").write_text("{}")
     assert backend.legacy_records() == [UUID]
     assert backend.list_machines() == []
+
+
+def test_adopted_is_recorded_until_the_guest_is_ours(backend, tmp_path,
+                                                     monkeypatch):
+    _create(backend)
+    assert not backend.adopted(UUID)
+    backend.adopt(_flavor_instance(),
+                  MachineSpec(uuid=UUID, vcpus=1, memory_mb=64))
+    assert backend.adopted(UUID)
+    monkeypatch.setattr(backend, "state", lambda uuid: MachineState.RUNNING)
+    backend.finish_incoming(UUID)
+    assert not backend.adopted(UUID)
+    assert backend._record(UUID)["intent"] == "running"
