@@ -725,6 +725,16 @@ class SharedStorageTest(MigrationTestBase):
             self.drivers["host1"].backend._run_dir(uuid)),
             "host1 to remove its runtime files", timeout=30)
         self._assert_left("host1", server)
+        # and back: the record host2 adopted the disks with is its own now
+        self.assertFalse(self.drivers["host2"].backend.adopted(uuid))
+        self._start_live_migration(server, host="host1")
+        server = self._wait_done(server, "host1")
+        self._assert_guest_alive("host1", server)
+        self._assert_left("host2", server)
+        self.assertEqual([], self.copies)
+        self.assertEqual(before, self._disk(server)[1])
+        self.assertEqual([self.drivers["host1"].backend._child_pid(uuid)],
+                         self._processes(uuid))
 
     def test_abort_keeps_the_guest_and_its_disk(self):
         """The destination's rollback removes its incoming VM and runtime
@@ -753,6 +763,29 @@ class SharedStorageTest(MigrationTestBase):
                          self._processes(uuid))
         report = self._assert_guest_alive("host1", server)
         self.assertEqual([], report.sequence_breaks())
+
+    def test_cold_migrate_and_revert_keeps_the_disk(self):
+        server = self._boot()
+        uuid = server["id"]
+        path, (inode, size, _mtime) = self._disk(server)
+        server = self._migrate_server(server, host="host2")
+        self._wait_passes("host2", server, 1)
+        self.api.post_server_action(uuid, {"revertResize": None})
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1"},
+            max_retries=60)
+        self._wait_migration(server, "reverted")
+        self._wait(lambda: not os.path.exists(
+            self.drivers["host2"].backend._run_dir(uuid)),
+            "host2 to drop its guest", timeout=30)
+        self._assert_left("host2", server)
+        self._wait(lambda: self.drivers["host1"].backend.state(uuid)
+                   == MachineState.RUNNING, "the guest back on host1")
+        self.assertEqual((inode, size), self._disk(server)[1][:2])
+        with open(path, "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read())
+        self.assertEqual([], self.copies)
+        self._assert_guest_alive("host1", server)
 
     def test_evacuate_keeps_the_disk_and_the_old_host_coming_back(self):
         server = self._boot()

@@ -44,6 +44,7 @@ SHARED = {
     "test_abort_keeps_the_guest_and_its_disk",
     "test_block_migration_is_refused_with_what_to_fix",
     "test_cold_migrate_and_confirm_keeps_the_disk",
+    "test_cold_migrate_and_revert_keeps_the_disk",
     "test_evacuate_keeps_the_disk_and_the_old_host_coming_back",
 }
 EVENTLET = [
