@@ -30,6 +30,24 @@ common_opts = [
         "soft_reboot_timeout", default=120, min=1,
         help="Seconds a soft reboot waits for the guest to power itself off "
              "(ACPI power button) before it falls back to a hard reboot."),
+    cfg.StrOpt(
+        "runtime_path", default="$state_path/bhyve-runtime",
+        help="Directory of this host's own files about its guests, one "
+             "subdirectory per instance: the machine record (spec and "
+             "power intent), the supervisor's pid and exit files, the "
+             "process and console logs and the guest's control socket. "
+             "Instance disks (and a suspended guest's checkpoint) stay "
+             "under ``[DEFAULT] instances_path``, which may be shared "
+             "between hosts (NFS), as with the libvirt driver; this "
+             "directory must not be: it has to be local to the host, "
+             "persist across reboots (the records tell which guests to "
+             "restart) and differ for every nova-compute, including two on "
+             "one machine. It must not lie inside ``instances_path``. "
+             "Created with mode 0750 when missing; it must not be a "
+             "symbolic link. nova-compute writes a ``host`` file in it and "
+             "refuses to start when another host's name is there. Unix "
+             "socket paths below it must fit in 107 bytes, so keep it "
+             "short (at most about 55 characters)."),
     cfg.IntOpt(
         "console_log_max_bytes", default=100 * 1024, min=1024,
         help="How many bytes from the end of the console log the console "

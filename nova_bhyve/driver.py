@@ -207,6 +207,8 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
                        f"these are not: {', '.join(bad_vifs)}",
                 instance_id=instance.uuid)
         spec = guest.build_spec(instance, network_info, CONF, block_device_info)
+        # an evacuation to a host sharing instances_path finds the disk here
+        keep_disks = self.backend.has_disks(instance.uuid)
         try:
             spec = self.backend.create(context, instance, spec, image_meta)
             self._plug_and_wait(instance, spec, network_info, power_on)
@@ -216,7 +218,7 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
             with excutils.save_and_reraise_exception() as ctxt:
                 self.backend.destroy(instance.uuid)
                 self.backend.unplug_vifs(spec)
-                self.backend.delete_files(instance.uuid, True)
+                self.backend.delete_files(instance.uuid, not keep_disks)
                 if isinstance(exc, MachineError):
                     ctxt.reraise = False
             raise exception.InstanceDeployFailure(

@@ -16,11 +16,13 @@ Bridges are created when a tap needs them and marked as made by nova-bhyve
 (description on FreeBSD, alias on Linux); only such a bridge is removed,
 and only once its last member is gone.
 
-Files are opened relative to a descriptor of ``instances_path`` (or of
-``/dev/zvol/<dataset>``) through ``nova_bhyve.beneath``: no symbolic link
+Files are opened relative to a descriptor of ``instances_path``, of
+``[bhyve] runtime_path`` (the supervisor's files) or of
+``/dev/zvol/<dataset>`` through ``nova_bhyve.beneath``: no symbolic link
 is followed in any component below it, files that must be regular are
 checked to be (with a single link) and new files are made with O_EXCL.
-nova-compute owns the instance directories; that is what this guards.
+nova-compute owns the instance and runtime directories; that is what this
+guards.
 
 The ``check_*`` functions hold the checks and are what the unit tests call.
 """
@@ -135,11 +137,15 @@ def check_instance_file(path, uuid, missing_ok=False):
             raise PrivilegeError(f"{path!r} has {st.st_nlink} hard links")
 
 
-def _read_instance_json(uuid, name):
-    """Return the JSON in an instance directory file (None if missing)."""
+def _runtime_root():
+    return os.path.normpath(CONF.bhyve.runtime_path)
+
+
+def _read_runtime_json(uuid, name):
+    """Return the JSON in a guest's runtime directory file (None if missing)."""
     try:
         with _refusing():
-            fd = beneath.open_regular(_instances_root(),
+            fd = beneath.open_regular(_runtime_root(),
                                       f"{check_uuid(uuid)}/{name}",
                                       os.O_RDONLY)
     except FileNotFoundError:
@@ -193,14 +199,14 @@ def supervised_argv(uuid, argv):
         raise PrivilegeError(str(exc)) from exc
     if name != uuid:
         raise PrivilegeError("the guest name must be the instance UUID")
-    rundir = os.path.join(os.path.normpath(CONF.instances_path), uuid)
+    rundir = os.path.join(_runtime_root(), uuid)
     reboot_argv = list(argv)
     if "-r" in argv:        # a reboot after a restore boots normally
         i = argv.index("-r")
         reboot_argv = argv[:i] + argv[i + 2:]
     destroy = [CONF.bhyve.bhyvectl_path, "--destroy", f"--vm={uuid}"]
     # daemon(8) opens no file: its -o and -P would follow links as root;
-    # the supervisor opens its logs below the instance directory itself
+    # the supervisor opens its logs below the runtime directory itself
     return [CONF.bhyve.daemon_path, "-f", "--",
             sys.executable, "-m", "nova_bhyve.machine.supervise",
             "--foreground", "--output-to-log", "--rundir", rundir,
@@ -227,7 +233,7 @@ def signal_guest(uuid, signame):
     check_uuid(uuid)
     if signame not in _SIGNALS:
         raise PrivilegeError(f"signal {signame!r} is not allowed")
-    rec = _read_instance_json(uuid, "child.pid") or {}
+    rec = _read_runtime_json(uuid, "child.pid") or {}
     pid = rec.get("pid") if isinstance(rec, dict) else None
     if not isinstance(pid, int) or pid <= 1:
         return False

@@ -194,6 +194,25 @@ class Backend(abc.ABC):
         """Return True while the guest's VM waits for a migration to fill it."""
         return False
 
+    def adopt(self, instance, spec):
+        """Record a guest whose root disk is already here (shared storage).
+
+        The disks in the instance directory are used as they are (a resize
+        may add or re-make swap and ephemeral disks); raise MachineError if
+        the root disk is missing.  Return the spec with its disks.
+        """
+        raise self._no_migration("use disks on shared storage")
+
+    def adopted(self, uuid):
+        """Return True if the guest's record was made by ``adopt``: its
+        disks were there before (shared storage) and are not this host's
+        to delete on its own account."""
+        return False
+
+    def has_disks(self, uuid):
+        """Return True if the guest's root disk is here and writable."""
+        return False
+
     def disk_path(self, uuid):
         """Return the root disk as a file path a disk copy reads or writes."""
         raise self._no_migration("copy disks between hosts")

@@ -9,10 +9,11 @@ Per instance:
 - swap and ephemeral disks: blank sparse zvols ``<uuid>-swap``,
   ``<uuid>-eph0``…, attached after the root disk as further virtio-blk
   slots (swap first); nothing formats them, the guest does;
-- ``<instances_path>/<uuid>/``: ``machine.json``, ``nvram.fd`` (a copy of
-  the UEFI variable store template), ``console.log`` (COM1), the
-  supervisor's files and, while suspended, the checkpoint set written by
+- ``<instances_path>/<uuid>/``: ``nvram.fd`` (a copy of the UEFI variable
+  store template) and, while suspended, the checkpoint set written by
   ``bhyvectl --suspend`` (needs a bhyve built with BHYVE_SNAPSHOT);
+- ``<[bhyve] runtime_path>/<uuid>/``: this host's ``machine.json``,
+  ``console.log`` (COM1) and the supervisor's files;
 - one tap device per VIF, added to the VIF's bridge (an if_bridge made on
   demand, and destroyed with its last tap, when nova-bhyve made it);
 - a VNC framebuffer on ``[vnc] server_listen`` when ``[vnc] enabled``.
@@ -88,8 +89,9 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     hypervisor_os = "FreeBSD"
 
-    def __init__(self, conf, instances_path):
-        super().__init__(instances_path)
+    def __init__(self, conf, instances_path, runtime_path=None):
+        super().__init__(instances_path,
+                         runtime_path or conf.bhyve.runtime_path)
         self.conf = conf
         self.capabilities = dict(
             supports_image_type_raw=True,
@@ -118,6 +120,13 @@ class BhyveBackend(SupervisedMachines, Backend):
             raise MachineError("/dev/vmm is missing: load vmm(4) "
                                "(kldload vmm, vmm_load=YES in loader.conf)")
         os.makedirs(self.instances_path, exist_ok=True)
+        self.prepare_runtime_path(host)
+        for uuid in self.legacy_records():
+            LOG.warning("Guest %s has its machine record in %s, where "
+                        "versions before [bhyve] runtime_path kept it; this "
+                        "host ignores it. Stop the guest, then move the "
+                        "machine.json to %s", uuid, self._dir(uuid),
+                        self._run_dir(uuid))
         for name in os.listdir("/dev/vmm"):
             if bhyve_argv.is_instance_uuid(name) and not self._running(name):
                 LOG.info("Destroying stale VM %s left in /dev/vmm", name)
@@ -172,8 +181,8 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     def create(self, context, instance, spec, image_meta):
         """Clone the root zvol, make swap and ephemeral zvols, write the record."""
-        again = os.path.exists(self._path(spec.uuid, "machine.json"))
-        os.makedirs(self._dir(spec.uuid), exist_ok=True)
+        again = os.path.exists(self._run(spec.uuid, "machine.json"))
+        self._make_dirs(spec.uuid)
         disk = self._disk_name(spec.uuid)
         root_gb = max(1, instance.flavor.root_gb)
         if image_meta.obj_attr_is_set("id") and image_meta.id:
@@ -290,7 +299,7 @@ class BhyveBackend(SupervisedMachines, Backend):
         """True once bhyve runs; raises if it already exited."""
         if self._running(uuid) and self._child_pid(uuid):
             return True
-        if os.path.exists(self._path(uuid, "exit.json")):
+        if os.path.exists(self._run(uuid, "exit.json")):
             raise MachineError(f"guest {uuid} exited during start: "
                                f"{self._log_tail(uuid)}")
         return False
@@ -385,16 +394,18 @@ class BhyveBackend(SupervisedMachines, Backend):
             return
 
     def delete_files(self, uuid, destroy_disks=True):
-        """Remove the instance directory and, if asked, the instance's zvols."""
+        """Remove this host's runtime directory of the guest and, if asked,
+        the instance's zvols and instance directory (NVRAM, checkpoint)."""
         if destroy_disks:
             for name in self._instance_zvols(uuid) or [self._disk_name(uuid)]:
                 privsep.zfs("destroy", name)
-        shutil.rmtree(self._dir(uuid), ignore_errors=True)
+            shutil.rmtree(self._dir(uuid), ignore_errors=True)
+        shutil.rmtree(self._run_dir(uuid), ignore_errors=True)
         self._locks.pop(uuid, None)
 
     def console_log_path(self, uuid):
         """Return the path of console.log (COM1 output)."""
-        return self._path(uuid, "console.log")
+        return self._run(uuid, "console.log")
 
     def diagnostics(self, uuid):
         """Return pid, vCPUs, memory, uptime, disks and NICs of the guest."""
@@ -477,7 +488,7 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.destroy_vmm(uuid)       # the port must not find a VM
             rec = self._record(uuid)
             rec.update(intent=power.INTENT_SUSPENDED, incoming=True)
-            write_json(self._path(uuid, "machine.json"), rec)
+            write_json(self._run(uuid, "machine.json"), rec)
 
     def is_incoming(self, uuid):
         """Return True while the guest's memory is being received here."""
@@ -519,7 +530,7 @@ class BhyveBackend(SupervisedMachines, Backend):
             files.remove()
             rec = self._record(uuid)
             rec.pop("incoming", None)
-            write_json(self._path(uuid, "machine.json"), rec)
+            write_json(self._run(uuid, "machine.json"), rec)
             LOG.info("Guest %s restored from its migrated checkpoint", uuid)
         if paused:
             self.pause(uuid)
@@ -543,7 +554,7 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     def _started_at(self, uuid):
         try:
-            return os.stat(self._path(uuid, "child.pid")).st_mtime
+            return os.stat(self._run(uuid, "child.pid")).st_mtime
         except OSError:
             return time.time()
 

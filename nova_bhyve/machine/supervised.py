@@ -1,9 +1,19 @@
 """Instance directories, machine records and supervised guest processes.
 
-Shared by the backends: ``<instances_path>/<uuid>/machine.json`` holds the
-spec and the driver's intent; the supervisor (``supervise.py``, under
-daemon(8) on FreeBSD) leaves ``supervisor.json``, ``child.pid`` and, when
-the guest process has ended for good, ``exit.json``.
+Shared by the backends.  Each guest has two directories:
+
+- ``<instances_path>/<uuid>/``: its disks (and what else belongs to the
+  guest wherever it runs: bhyve's NVRAM, a suspended guest's checkpoint);
+  ``instances_path`` may be shared between hosts (NFS);
+- ``<[bhyve] runtime_path>/<uuid>/``: this host's own files about the
+  guest, never shared: ``machine.json`` (spec and the driver's intent), the
+  supervisor's ``supervisor.json``, ``child.pid``, ``process.log``,
+  ``console.log`` and, when the guest process has ended for good,
+  ``exit.json`` (plus what the test host's nb-testhost keeps there: its
+  control socket and pid file).
+
+A host knows the guests it has a machine record for, so two hosts sharing
+``instances_path`` never see (or reap) each other's guests.
 """
 
 import collections
@@ -16,27 +26,89 @@ import psutil
 
 from nova_bhyve import polling
 from nova_bhyve.machine import checkpoint, power
-from nova_bhyve.machine.base import MachineSpec
-from nova_bhyve.machine.statefile import read_json, write_json
+from nova_bhyve.machine.base import MachineError, MachineSpec
+from nova_bhyve.machine.statefile import read_json, write_json, write_text
 
 RUN_FILES = ("exit.json", "supervisor.json", "child.pid")
+HOST_FILE = "host"
 
 
 class SupervisedMachines:
-    """Records and process supervision for one instances directory."""
+    """Records and process supervision for one host's guests."""
 
-    def __init__(self, instances_path):
+    def __init__(self, instances_path, runtime_path):
         self.instances_path = instances_path
+        self.runtime_path = runtime_path
         self._locks = collections.defaultdict(threading.RLock)
 
     def _dir(self, uuid):
+        """The guest's instance directory (disks; may be shared)."""
         return os.path.join(self.instances_path, uuid)
 
     def _path(self, uuid, name):
         return os.path.join(self.instances_path, uuid, name)
 
+    def _run_dir(self, uuid):
+        """This host's runtime directory of the guest (never shared)."""
+        return os.path.join(self.runtime_path, uuid)
+
+    def _run(self, uuid, name):
+        return os.path.join(self.runtime_path, uuid, name)
+
+    def _make_dirs(self, uuid):
+        os.makedirs(self._dir(uuid), exist_ok=True)
+        os.makedirs(self._run_dir(uuid), mode=0o750, exist_ok=True)
+
+    def prepare_runtime_path(self, host):
+        """Create ``runtime_path`` (0750) and claim it for ``host``.
+
+        Raise MachineError when it is a symbolic link, lies inside
+        ``instances_path`` (which may be shared) or was claimed by another
+        host: two computes must never share their runtime files.
+        """
+        path = os.path.abspath(self.runtime_path)
+        inst = os.path.realpath(self.instances_path)
+        if os.path.islink(path):
+            raise MachineError(f"[bhyve] runtime_path {path} is a symbolic "
+                               "link: name the real directory")
+        real = os.path.realpath(path)
+        if real == inst or real.startswith(inst.rstrip("/") + "/"):
+            raise MachineError(
+                f"[bhyve] runtime_path {path} lies inside [DEFAULT] "
+                f"instances_path {self.instances_path}, which may be shared "
+                "between hosts: choose a directory local to this host, for "
+                "example $state_path/bhyve-runtime")
+        os.makedirs(path, mode=0o750, exist_ok=True)
+        marker = os.path.join(path, HOST_FILE)
+        try:
+            with open(marker) as f:
+                owner = f.read().strip()
+        except FileNotFoundError:
+            owner = None
+        if owner and owner != host:
+            raise MachineError(
+                f"[bhyve] runtime_path {path} belongs to host {owner!r} "
+                f"(its {HOST_FILE} file), not {host!r}: every nova-compute "
+                "needs a runtime_path of its own")
+        if owner is None:
+            write_text(marker, host + "\n")
+
+    def legacy_records(self):
+        """Return UUIDs with a machine record in the instance directory.
+
+        Before ``[bhyve] runtime_path`` existed the records lived there;
+        such guests are not known to this version.
+        """
+        try:
+            names = os.listdir(self.instances_path)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names
+                      if os.path.exists(self._path(n, "machine.json")) and
+                      not os.path.exists(self._run(n, "machine.json")))
+
     def _record(self, uuid):
-        rec = read_json(self._path(uuid, "machine.json"))
+        rec = read_json(self._run(uuid, "machine.json"))
         if rec is None:
             raise KeyError(uuid)
         return rec
@@ -45,33 +117,33 @@ class SupervisedMachines:
         return MachineSpec.from_dict(self._record(uuid)["spec"])
 
     def _write_record(self, spec, intent=power.INTENT_STOPPED):
-        write_json(self._path(spec.uuid, "machine.json"),
+        write_json(self._run(spec.uuid, "machine.json"),
                    {"spec": spec.to_dict(), "intent": intent})
 
     def _set_intent(self, uuid, intent):
         rec = self._record(uuid)
         rec["intent"] = intent
-        write_json(self._path(uuid, "machine.json"), rec)
+        write_json(self._run(uuid, "machine.json"), rec)
 
     def _checkpoint(self, uuid):
         return checkpoint.CheckpointFiles(self._path(uuid, "checkpoint"))
 
     def list_machines(self):
-        """Return the UUIDs of instance directories with a machine record."""
+        """Return the UUIDs this host has a machine record for."""
         try:
-            names = os.listdir(self.instances_path)
+            names = os.listdir(self.runtime_path)
         except FileNotFoundError:
             return []
         return sorted(n for n in names
-                      if os.path.exists(self._path(n, "machine.json")))
+                      if os.path.exists(self._run(n, "machine.json")))
 
     def _clear_run_files(self, uuid):
         for name in RUN_FILES:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(uuid, name))
+                os.unlink(self._run(uuid, name))
 
     def _supervisor_alive(self, uuid):
-        sup = read_json(self._path(uuid, "supervisor.json"))
+        sup = read_json(self._run(uuid, "supervisor.json"))
         if not sup:
             return False
         try:
@@ -85,23 +157,23 @@ class SupervisedMachines:
     def _running(self, uuid):
         """Return True while the guest process is supervised."""
         return (self._supervisor_alive(uuid) and
-                not os.path.exists(self._path(uuid, "exit.json")))
+                not os.path.exists(self._run(uuid, "exit.json")))
 
     def _child_pid(self, uuid):
-        rec = read_json(self._path(uuid, "child.pid"))
+        rec = read_json(self._run(uuid, "child.pid"))
         return rec["pid"] if rec else None
 
     def _wait_ended(self, uuid, timeout):
         return polling.poll(lambda: not self._running(uuid), timeout)
 
     def _ended_state(self, uuid, intent):
-        ended = read_json(self._path(uuid, "exit.json")) or {}
+        ended = read_json(self._run(uuid, "exit.json")) or {}
         return power.ended_state(intent, ended.get("status"),
                                  ended.get("signal"))
 
     def _log_tail(self, uuid):
         try:
-            with open(self._path(uuid, "process.log"), "rb") as f:
+            with open(self._run(uuid, "process.log"), "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 1000))
                 data = f.read()
         except OSError:

@@ -5,9 +5,12 @@ Each instance has a directory ``<instances_path>/<uuid>/`` holding its disks
 ``disk.swap``, ``disk.eph0``… for the flavor's swap and ephemeral disks,
 blank sparse raw files; the test host's VM attaches no disks at all, so
 the guest payload reads none of them: they are the files a bhyve guest
-would get as virtio-blk disks), ``machine.json`` (spec and intent), the supervisor's
-files, the control socket and ``console.log``, and while suspended the
-checkpoint set ``checkpoint``, ``checkpoint.kern``, ``checkpoint.meta``.
+would get as virtio-blk disks) and while suspended the checkpoint set
+``checkpoint``, ``checkpoint.kern``, ``checkpoint.meta``; that directory
+may be on storage shared with other hosts.  This host's own files about
+the guest are in ``<[bhyve] runtime_path>/<uuid>/``: ``machine.json``
+(spec and intent), the supervisor's files, nb-testhost's control socket,
+pid file and ``console.log``.
 
 Each VIF gets a tap device on its bridge (a Linux bridge made on demand,
 removed with its last tap), in the network namespace ``[bhyve]
@@ -46,6 +49,7 @@ from nova_bhyve.machine.base import (
     MachineError,
     MachineState,
 )
+from nova_bhyve.machine.statefile import write_json
 from nova_bhyve.machine.supervised import SupervisedMachines
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.client import ControlClient
@@ -82,8 +86,9 @@ class TestHostBackend(SupervisedMachines, Backend):
     capabilities = {"supports_image_type_raw": True}
     hypervisor_os = "Linux (KVM test host)"
 
-    def __init__(self, conf, instances_path):
-        super().__init__(instances_path)
+    def __init__(self, conf, instances_path, runtime_path=None):
+        super().__init__(instances_path,
+                         runtime_path or conf.bhyve.runtime_path)
         self.conf = conf
         self.cache = images.FileImageCache(os.path.join(instances_path, "_base"))
         self.capabilities = dict(
@@ -109,12 +114,19 @@ class TestHostBackend(SupervisedMachines, Backend):
                 raise MachineError(f"{what} not found at {path}: reinstall "
                                    "nova-bhyve-live or fix [bhyve] options")
         os.makedirs(self.instances_path, exist_ok=True)
-        sock = self._path("0" * 36, "control.sock")
+        sock = self._run("0" * 36, "control.sock")
         if len(sock) > MAX_SOCKET_PATH:
             raise MachineError(
                 f"control socket paths would be {len(sock)} bytes long, over "
                 f"the {MAX_SOCKET_PATH}-byte limit of unix sockets: choose a "
-                "shorter [DEFAULT] instances_path")
+                "shorter [bhyve] runtime_path")
+        self.prepare_runtime_path(host)
+        for uuid in self.legacy_records():
+            LOG.warning("Guest %s has its machine record in %s, where "
+                        "versions before [bhyve] runtime_path kept it; this "
+                        "host ignores it. Stop the guest, then move the "
+                        "machine.json to %s", uuid, self._dir(uuid),
+                        self._run_dir(uuid))
 
     def host_facts(self):
         """Return this Linux host's CPUs, memory and instances disk."""
@@ -130,14 +142,14 @@ class TestHostBackend(SupervisedMachines, Backend):
             page_size=os.sysconf("SC_PAGE_SIZE"))
 
     def _client(self, uuid):
-        return ControlClient(self._path(uuid, "control.sock"), timeout=30.0)
+        return ControlClient(self._run(uuid, "control.sock"), timeout=30.0)
 
     def _launch(self, uuid, argv, reboot_argv):
         self._clear_run_files(uuid)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(uuid, "control.sock"))
+            os.unlink(self._run(uuid, "control.sock"))
         cmd = [sys.executable, "-m", "nova_bhyve.machine.supervise",
-               "--rundir", self._dir(uuid), "--reboot-argv",
+               "--rundir", self._run_dir(uuid), "--reboot-argv",
                json.dumps(reboot_argv), "--", *argv]
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, check=False)
@@ -153,10 +165,10 @@ class TestHostBackend(SupervisedMachines, Backend):
 
     def _socket_answers(self, uuid):
         """True once the control socket accepts; raises if the guest exited."""
-        if os.path.exists(self._path(uuid, "exit.json")):
+        if os.path.exists(self._run(uuid, "exit.json")):
             raise MachineError(
                 f"guest {uuid} exited during start: {self._log_tail(uuid)}")
-        if os.path.exists(self._path(uuid, "control.sock")):
+        if os.path.exists(self._run(uuid, "control.sock")):
             with contextlib.suppress(TestHostError):
                 self._client(uuid).close()
                 return True
@@ -172,7 +184,7 @@ class TestHostBackend(SupervisedMachines, Backend):
 
     def _boot_argv(self, spec, incoming=False):
         argv = [self._binary(), "--name", spec["uuid"], "--rundir",
-                self._dir(spec["uuid"]), "--mem", f"{spec['memory_mb']}M",
+                self._run_dir(spec["uuid"]), "--mem", f"{spec['memory_mb']}M",
                 "--cpus", str(spec["vcpus"])]
         if incoming:
             return argv + ["--incoming"]
@@ -195,17 +207,24 @@ class TestHostBackend(SupervisedMachines, Backend):
 
     # -- lifecycle --------------------------------------------------------
     def create(self, context, instance, spec, image_meta):
-        """Make the instance directory, disk and machine record; return the spec."""
+        """Make the instance directory, disk and machine record; return the spec.
+
+        An existing root disk is kept, as the libvirt driver keeps it: an
+        evacuation to a host sharing ``instances_path`` finds the guest's
+        disk there (a rebuild destroys the disk before it spawns).
+        """
         if spec.memory_mb % 2:
             raise MachineError("the test host needs guest memory in whole "
                                f"2 MiB units; flavor has {spec.memory_mb} MiB")
         validate_cmdline(spec.cmdline)
-        os.makedirs(self._dir(spec.uuid), exist_ok=True)
+        self._make_dirs(spec.uuid)
         disk = self._path(spec.uuid, "disk")
-        if image_meta.obj_attr_is_set("id") and image_meta.id:
+        if os.path.exists(disk):
+            LOG.debug("Keeping the existing disk %s", disk)
+        elif image_meta.obj_attr_is_set("id") and image_meta.id:
             base = self.cache.get(context, image_meta.id)
             offload(images.sparse_copy, base, disk, instance.flavor.root_gb << 30)
-        elif not os.path.exists(disk):
+        else:
             with open(disk, "wb") as f:
                 f.truncate(instance.flavor.root_gb << 30)
         extras = tuple(self._make_extra_disk(spec.uuid, d) for d in spec.disks
@@ -354,20 +373,17 @@ class TestHostBackend(SupervisedMachines, Backend):
                 self._kill(uuid)
 
     def delete_files(self, uuid, destroy_disks=True):
-        """Remove the instance directory (keep the disks unless destroy_disks)."""
-        path = self._dir(uuid)
+        """Remove this host's runtime directory of the guest and, if
+        ``destroy_disks``, its instance directory.
+
+        Without ``destroy_disks`` nothing under ``instances_path`` is
+        touched: on shared storage it belongs to the host the guest runs on
+        now.
+        """
+        shutil.rmtree(self._run_dir(uuid), ignore_errors=True)
         if destroy_disks:
-            shutil.rmtree(path, ignore_errors=True)
-            self._locks.pop(uuid, None)
-            return
-        for name in os.listdir(path) if os.path.isdir(path) else ():
-            if name != "disk" and not name.startswith("disk."):
-                target = os.path.join(path, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(target)
+            shutil.rmtree(self._dir(uuid), ignore_errors=True)
+        self._locks.pop(uuid, None)
 
     # -- migration --------------------------------------------------------
     can_migrate = True
@@ -376,7 +392,7 @@ class TestHostBackend(SupervisedMachines, Backend):
     def migration_vmm(self, uuid):
         """Return ("testhost", control socket path) for the engine."""
         self._record(uuid)
-        return "testhost", self._path(uuid, "control.sock")
+        return "testhost", self._run(uuid, "control.sock")
 
     def start_incoming(self, uuid):
         """Start nb-testhost --incoming for the recorded spec (empty, paused).
@@ -401,8 +417,11 @@ class TestHostBackend(SupervisedMachines, Backend):
             if state != want:
                 raise MachineError(f"guest {uuid} is {state.value} here after "
                                    f"its migration, not {want.value}")
-            self._set_intent(uuid, power.INTENT_PAUSED if paused
-                             else power.INTENT_RUNNING)
+            rec = self._record(uuid)
+            rec.pop("adopted", None)    # the guest, and its disks, are ours
+            rec["intent"] = power.INTENT_PAUSED if paused else \
+                power.INTENT_RUNNING
+            write_json(self._run(uuid, "machine.json"), rec)
 
     def is_incoming(self, uuid):
         """Return True while nb-testhost waits in incoming mode."""
@@ -413,6 +432,32 @@ class TestHostBackend(SupervisedMachines, Backend):
                 return client.status()["state"] == "incoming"
         except TestHostError:
             return False
+
+    def adopt(self, instance, spec):
+        """Record the guest for the disks already in its instance directory."""
+        disk = self._path(spec.uuid, "disk")
+        if not os.path.isfile(disk):
+            raise MachineError(
+                f"{disk} is missing: this host does not share [DEFAULT] "
+                "instances_path with the host the guest comes from")
+        spec = self.create(None, instance, spec, None)
+        rec = self._record(spec.uuid)
+        rec["adopted"] = True
+        write_json(self._run(spec.uuid, "machine.json"), rec)
+        return spec
+
+    def adopted(self, uuid):
+        """Return True if ``adopt`` recorded the guest (disks not ours)."""
+        try:
+            return bool(self._record(uuid).get("adopted"))
+        except KeyError:
+            return False
+
+    def has_disks(self, uuid):
+        """Return True if the root disk file exists and its directory is
+        writable here."""
+        return (os.path.isfile(self._path(uuid, "disk")) and
+                os.access(self._dir(uuid), os.W_OK))
 
     def disk_path(self, uuid):
         """Return the path of the raw root disk file."""
@@ -455,8 +500,8 @@ class TestHostBackend(SupervisedMachines, Backend):
             raise MachineError(f"cannot {what} {tap}: {exc}") from exc
 
     def console_log_path(self, uuid):
-        """Return the path of console.log."""
-        return self._path(uuid, "console.log")
+        """Return the path of console.log (in the runtime directory)."""
+        return self._run(uuid, "console.log")
 
     def diagnostics(self, uuid):
         """Return pid, vCPUs, memory, uptime and disks of the guest."""

@@ -108,6 +108,29 @@ def remove_probe(directory, name):
             os.unlink(os.path.join(directory, name))
 
 
+def check_storage_layout(shared, block_migration, host, instances_path):
+    """Return whether the live migration copies disks; refuse a mismatch.
+
+    ``block_migration`` is what the user asked for (None: auto).  As the
+    libvirt driver: a shared instances path holds the disks on both hosts,
+    so a block migration cannot be used; a local one needs it.
+    """
+    if shared and block_migration:
+        raise exception.InvalidLocalStorage(path=host, reason=(
+            f"[DEFAULT] instances_path ({instances_path}) is shared with the "
+            "destination, so the disks are there already and a block "
+            "migration cannot be used with shared storage: live-migrate "
+            "without --block-migration (or with block_migration=auto)"))
+    if not shared and block_migration is False:
+        raise exception.InvalidSharedStorage(path=host, reason=(
+            f"[DEFAULT] instances_path ({instances_path}) is not shared with "
+            "the destination, so a live migration must copy the disks: "
+            "request a block migration (--block-migration, or "
+            "block_migration=auto), or share instances_path between the "
+            "hosts"))
+    return not shared
+
+
 # -- mode -------------------------------------------------------------------
 def choose_mode(src_dirty_log, dst_dirty_log, without_dirty_log):
     """Return "live" or "warm", or refuse, per the dirty-log capabilities."""

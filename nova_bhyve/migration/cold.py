@@ -20,12 +20,23 @@ Cold migration and resize (``nova migrate``, ``nova resize``):
   migration`` boots it again from its untouched disk (the destination's
   copy is removed by ``destroy`` before that).
 
+Shared ``instances_path`` (NFS): the source also puts a probe file there
+and names it in disk_info; a destination that sees it uses the disks in
+place (``Backend.adopt``) instead of pulling them, and records
+``nova_bhyve_shared_instance_path`` = ``1`` in the instance's system
+metadata, so that ``confirm_migration`` on the source removes only its own
+runtime files and keeps the disks.  A revert boots the disks as the
+destination left them (grown by a resize, with what the guest wrote):
+unlike the libvirt driver nova-bhyve keeps no ``_resize`` copy.
+
 Evacuation (``supports_evacuate``): Nova rebuilds the instance on another
-host with ``spawn`` from its image, because instance disks are local to
-each host (``instance_on_disk`` is always False).  When the failed host
-comes back, Nova's ``_destroy_evacuated_instances`` calls ``destroy`` with
-``destroy_disks`` decided by the shared-storage check below: the stale
-guest is killed and its files removed, a disk on shared storage is kept.
+host with ``spawn``.  ``instance_on_disk`` is True when the root disk is
+already here (a shared ``instances_path``): ``spawn`` then keeps it, as
+the libvirt driver does; otherwise the disk is made from the image.  When
+the failed host comes back, Nova's ``_destroy_evacuated_instances`` calls
+``destroy`` with ``destroy_disks`` decided by the shared-storage check
+below: the stale guest is killed and its runtime files removed, a disk on
+shared storage is kept.
 """
 
 import base64
@@ -45,6 +56,8 @@ from nova_bhyve.migration.live import inbound_addr
 
 CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
+#: system metadata key: the last cold migration found instances_path shared
+SHARED_KEY = "nova_bhyve_shared_instance_path"
 
 
 class ColdMigrationMixin:
@@ -53,10 +66,13 @@ class ColdMigrationMixin:
     def __init__(self, virtapi, *args, **kwargs):
         super().__init__(virtapi, *args, **kwargs)
         self._disk_offers = {}
+        self._cold_probes = {}
 
     def _close_offer(self, uuid):
         for offer in self._disk_offers.pop(uuid, ()):
             offer.close()
+        checks.remove_probe(self.backend.instances_path,
+                            self._cold_probes.pop(uuid, None))
 
     @staticmethod
     def _same_host(context, instance):
@@ -106,9 +122,13 @@ class ColdMigrationMixin:
             raise exception.InstanceFaultRollback(
                 exception.MigrationError(reason=str(exc))) from exc
         self._disk_offers[uuid] = offers
+        # a destination sharing instances_path sees this file and uses the
+        # disks in place
+        probe = checks.create_probe(self.backend.instances_path)
+        self._cold_probes[uuid] = probe
         LOG.info("Guest stopped; offering its disks (%s) to %s on %s",
                  ", ".join(paths), dest, addr, instance=instance)
-        return json.dumps({"version": 1, "disks": disks})
+        return json.dumps({"version": 1, "disks": disks, "probe": probe})
 
     def finish_migration(self, context, migration, instance, disk_info,
                          network_info, image_meta, resize_instance,
@@ -127,10 +147,19 @@ class ColdMigrationMixin:
                 "nova-bhyve with cold migration of every disk"))
         spec = guest.build_spec(instance, network_info, CONF,
                                 block_device_info)
+        shared = not same_host and checks.probe_exists(
+            self.backend.instances_path, info.get("probe"))
         try:
-            self.backend.create(context, instance, spec,
-                                objects.ImageMeta.from_dict({}))
+            if shared:
+                self.backend.adopt(instance, spec)
+                LOG.info("The disks are on the shared instances path; using "
+                         "them in place", instance=instance)
+            else:
+                self.backend.create(context, instance, spec,
+                                    objects.ImageMeta.from_dict({}))
             if not same_host:
+                instance.system_metadata[SHARED_KEY] = "1" if shared else "0"
+            if not same_host and not shared:
                 self._pull_disks(context, instance, info["disks"])
             if resize_instance:
                 self._grow_disks(instance, spec)
@@ -142,7 +171,7 @@ class ColdMigrationMixin:
             if not same_host:
                 self.backend.destroy(uuid)
                 self.backend.unplug_vifs(spec)
-                self.backend.delete_files(uuid, True)
+                self.backend.delete_files(uuid, not shared)
             raise exception.MigrationError(
                 reason=f"cannot finish the migration on {self._nodename()}: "
                        f"{exc}") from exc
@@ -191,13 +220,19 @@ class ColdMigrationMixin:
                       f"bhyve_disk_copy bytes={total} seconds={seconds:.1f}")
 
     def confirm_migration(self, context, migration, instance, network_info):
-        """Remove the old guest from this (the source) host."""
+        """Remove the old guest from this (the source) host.
+
+        Disks on a shared instances path are the destination's now: only
+        this host's runtime files go.
+        """
         self._close_offer(instance.uuid)
         if migration.source_compute == migration.dest_compute:
             return
-        self.destroy(context, instance, network_info)
-        LOG.info("Old guest removed after the confirmed migration",
-                 instance=instance)
+        shared = (instance.system_metadata or {}).get(SHARED_KEY) == "1"
+        self.destroy(context, instance, network_info, destroy_disks=not shared)
+        LOG.info("Old guest removed after the confirmed migration%s",
+                 " (its disks, on the shared instances path, stay)"
+                 if shared else "", instance=instance)
 
     def finish_revert_migration(self, context, instance, network_info,
                                 migration, block_device_info=None,
@@ -234,8 +269,8 @@ class ColdMigrationMixin:
         checks.remove_probe(self.backend.instances_path, data.get("filename"))
 
     def instance_on_disk(self, instance):
-        """Always False: instance disks are local, an evacuation rebuilds."""
-        return False
+        """True if the root disk is here (a shared instances path)."""
+        return self.backend.has_disks(instance.uuid)
 
 
 def _refuse_shrinks(instance, flavor, block_device_info):

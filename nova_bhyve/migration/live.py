@@ -4,14 +4,16 @@ Call order (``doc/migration.md`` has the whole story):
 
 1. destination ``check_can_live_migrate_destination``: hypervisor, CPU,
    page size, free memory; a shared-storage probe file;
-2. source ``check_can_live_migrate_source``: shared storage, disk space,
-   mode (live or warm), the source's key share;
+2. source ``check_can_live_migrate_source``: shared storage (a shared
+   instances path moves no disk: no block migration; a local one needs
+   one), disk space, mode (live or warm), the source's key share;
 3. destination ``cleanup_live_migration_destination_check``;
 4. destination ``pre_live_migration``: instance files, VIFs, an incoming
    VM, the memory and disk listeners; returns their address, the port and
    its key share in migrate_data (``nova_bhyve.migration.data``);
-5. source ``live_migration``: pushes the disk, runs the engine and a
-   monitor, then calls exactly one of ``post_method``/``recover_method``;
+5. source ``live_migration``: pushes the disks (unless the instances path
+   is shared), runs the engine and a monitor, then calls exactly one of
+   ``post_method``/``recover_method``;
 6. success: ``post_live_migration`` (the paused source VM is destroyed),
    ``post_live_migration_at_source``, ``cleanup``,
    ``post_live_migration_at_destination``; failure:
@@ -127,8 +129,10 @@ class LiveMigrationMixin:
                 LOG.warning("Destroying guest %s: it waited for a migration "
                             "that ended when nova-compute stopped; the guest "
                             "still runs on its source host", uuid)
+                # disks adopted on a shared instances path are the source's
+                keep = self.backend.adopted(uuid)
                 self.backend.destroy(uuid)
-                self.backend.delete_files(uuid, True)
+                self.backend.delete_files(uuid, not keep)
 
     # -- checks ------------------------------------------------------------
     def check_can_live_migrate_destination(self, context, instance,
@@ -181,24 +185,21 @@ class LiveMigrationMixin:
                                      data.filename)
         data.is_shared_instance_path = shared
         data.is_shared_block_storage = False
+        asked = data.block_migration if "block_migration" in data else None
+        data.block_migration = checks.check_storage_layout(
+            shared, asked, self._nodename(), self.backend.instances_path)
         if shared:
-            raise exception.MigrationPreCheckError(reason=(
-                f"[DEFAULT] instances_path ({self.backend.instances_path}) is "
-                "shared with the destination; nova-bhyve keeps per-host "
-                "runtime files (control sockets, supervisor records) there: "
-                "give each compute host its own local instances_path"))
-        if "block_migration" not in data:
-            data.block_migration = True
-        elif not data.block_migration:
-            raise exception.InvalidSharedStorage(path=self._nodename(), reason=(
-                "nova-bhyve instance disks are local to each host, so a live "
-                "migration must copy them: request a block migration "
-                "(block_migration=auto or true)"))
-        paths = self.backend.disk_paths(instance.uuid).values()
-        checks.check_disk(data.disk_available_mb,
-                          [checks.disk_info(path) for path in paths],
-                          bool(data.disk_over_commit)
-                          if "disk_over_commit" in data else False)
+            # nova runs the source's cleanup and the destination's rollback
+            # for a shared instances path only with this field present (as
+            # for libvirt's mdev guests): they remove this host's or the
+            # destination's runtime files and keep the disks
+            data.target_mdevs = {}
+        else:
+            paths = self.backend.disk_paths(instance.uuid).values()
+            checks.check_disk(data.disk_available_mb,
+                              [checks.disk_info(path) for path in paths],
+                              bool(data.disk_over_commit)
+                              if "disk_over_commit" in data else False)
         dst_dirty = mdata.require(data, "dst_dirty_log") == "1"
         mode = checks.choose_mode(self._has_dirty_log(), dst_dirty,
                                   CONF.bhyve.live_migration_without_dirty_log)
@@ -223,9 +224,10 @@ class LiveMigrationMixin:
                 reason="volumes cannot migrate yet")
         if uuid in self.backend.list_machines():
             raise exception.MigrationError(reason=(
-                f"this host already has files for {uuid} in "
-                f"{self.backend.instances_path}: remove the stale guest "
+                f"this host already has a machine record for {uuid} in "
+                f"{self.backend.runtime_path}: remove the stale guest "
                 "(or delete that directory) and retry"))
+        shared = _shared(migrate_data)
         old = self._incoming.pop(uuid, None)
         if old is not None:
             old.close(cancel=True)
@@ -239,8 +241,11 @@ class LiveMigrationMixin:
                                 block_device_info)
         incoming = None
         try:
-            self.backend.create(context, instance, spec,
-                                objects.ImageMeta.from_dict({}))
+            if shared:      # the disks are here already: use them
+                self.backend.adopt(instance, spec)
+            else:
+                self.backend.create(context, instance, spec,
+                                    objects.ImageMeta.from_dict({}))
             self.backend.plug_vifs(spec)
             self.backend.start_incoming(uuid)
             kind, target = self.backend.migration_vmm(uuid)
@@ -250,7 +255,7 @@ class LiveMigrationMixin:
                 timeout_ms=CONF.bhyve.live_migration_listen_timeout * 1000,
                 keep_paused=instance.vm_state == "paused")
             incoming = _Incoming(recv)
-            if migrate_data.block_migration:
+            if migrate_data.block_migration and not shared:
                 ports = []
                 limit = max(instance.flavor.root_gb << 30,
                             _disk_size(disk_info))
@@ -267,7 +272,7 @@ class LiveMigrationMixin:
                 incoming.close(cancel=True)
             self.backend.destroy(uuid)
             self.backend.unplug_vifs(spec)
-            self.backend.delete_files(uuid, True)
+            self.backend.delete_files(uuid, not shared)
             raise exception.MigrationError(
                 reason=f"cannot prepare {self._nodename()} for the incoming "
                        f"guest: {exc}") from exc
@@ -311,7 +316,11 @@ class LiveMigrationMixin:
                                                network_info, block_device_info,
                                                destroy_disks=True,
                                                migrate_data=None):
-        """Destroy the incoming VM and its files after a failed migration."""
+        """Destroy the incoming VM and its files after a failed migration.
+
+        The disks stay when ``destroy_disks`` is False or the instances
+        path is shared: they are the source's.
+        """
         uuid = instance.uuid
         incoming = self._incoming.pop(uuid, None)
         if incoming is not None:
@@ -336,10 +345,12 @@ class LiveMigrationMixin:
                 "before removing either copy"))
         if incoming is not None:
             incoming.close(cancel=True)
+        keep = not destroy_disks or _shared(migrate_data)
         self.destroy(context, instance, network_info, block_device_info,
-                     destroy_disks=True)
-        LOG.info("Removed the incoming guest after the failed migration",
-                 instance=instance)
+                     destroy_disks=not keep)
+        LOG.info("Removed the incoming guest after the failed migration%s",
+                 " (its disks, on the shared instances path, stay)" if keep
+                 else "", instance=instance)
 
     # -- source ------------------------------------------------------------
     def live_migration(self, context, instance, dest, post_method,
@@ -430,7 +441,10 @@ class LiveMigrationMixin:
         migration = migrate_data.migration
         t0 = time.monotonic()
         disks = ()
-        if migrate_data.block_migration:
+        if _shared(migrate_data):
+            LOG.info("The disks stay on the shared instances path; only "
+                     "memory and device state move", instance=instance)
+        elif migrate_data.block_migration:
             disks = self._push_disks(
                 context, instance, migration, host,
                 _parse_ports(mdata.require(migrate_data, "disk_ports")),
@@ -600,9 +614,15 @@ class LiveMigrationMixin:
 
     def post_live_migration(self, context, instance, block_device_info,
                             migrate_data=None):
-        """Destroy the source VM: after the hand-over it is paused for good."""
+        """Destroy the source VM: after the hand-over it is paused for good.
+
+        On a shared instances path this host's runtime files of the guest
+        go too (the disks are the destination's now).
+        """
         self.backend.destroy(instance.uuid)
         self._last_states.pop(instance.uuid, None)
+        if _shared(migrate_data):
+            self.backend.delete_files(instance.uuid, destroy_disks=False)
 
     def post_live_migration_at_source(self, context, instance, network_info):
         """Unplug the guest's VIFs on this host."""
@@ -663,6 +683,13 @@ def _stop(handle, instance, wait=30.0):
         stats = handle.stats()
     handle.close()
     return stats
+
+
+def _shared(migrate_data):
+    """True if the source's check found the instances path shared."""
+    return bool(migrate_data is not None and
+                "is_shared_instance_path" in migrate_data and
+                migrate_data.is_shared_instance_path)
 
 
 def _parse_ports(text):

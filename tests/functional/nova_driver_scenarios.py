@@ -212,7 +212,7 @@ class BhyveDriverLifecycleTest(BhyveScenarioTest):
         self.driver.power_off(mock.Mock(uuid=server["id"]), timeout=0)
         self.assertEqual(MachineState.SHUTDOWN, self._state(server))
         # timeout 0 means no graceful attempt: the process was SIGKILLed
-        ended = read_json(self.driver.backend._path(server["id"], "exit.json"))
+        ended = read_json(self.driver.backend._run(server["id"], "exit.json"))
         self.assertEqual(signal.SIGKILL, ended["signal"])
         # and the state watcher's "stopped" event makes nova stop it too
         server = self._wait_for_state_change(server, "SHUTOFF", max_retries=60)

@@ -34,8 +34,10 @@ import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import types  # noqa: E402
 
 import fixtures  # noqa: E402
+import psutil  # noqa: E402
 from nova_scenario_base import IMAGE_DATA, BhyveScenarioTest  # noqa: E402
 
 import nova_bhyve.driver  # noqa: E402
@@ -638,8 +640,231 @@ class ExtraDisksTest(MigrationTestBase):
         self._assert_no_secret_logged(derived=2, disk=3)
 
 
+class SharedStorageTest(MigrationTestBase):
+    """Both computes use one instances directory (an NFS instances_path in
+    the seed's testbed; here a directory on one machine): the disks stay
+    where they are, only memory and device state move."""
+
+    SHARED_INSTANCES = True
+
+    def setUp(self):
+        super().setUp()
+        self.copies = []
+        real_copy = nova_bhyve.migration.diskcopy.copy
+
+        def copy(*args, **kwargs):
+            self.copies.append(args[:2])
+            return real_copy(*args, **kwargs)
+        self.useFixture(fixtures.MockPatch(
+            "nova_bhyve.migration.diskcopy.copy", side_effect=copy))
+
+    def _disk(self, server):
+        """Return the disk path (the same from both hosts) and its identity."""
+        paths = {h: d.backend.instances_path for h, d in self.drivers.items()}
+        self.assertEqual(paths["host1"], paths["host2"])
+        path = os.path.join(paths["host1"], server["id"], "disk")
+        st = os.stat(path)
+        return path, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _processes(self, uuid):
+        """nb-testhost processes running guest ``uuid`` (on any host)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            argv = proc.info["cmdline"] or []
+            if argv and argv[0].endswith("nb-testhost") and \
+                    uuid in argv and "--name" in argv:
+                found.append(proc.pid)
+        return found
+
+    def _assert_left(self, host, server):
+        """``host`` has no record and no runtime files of the guest."""
+        backend = self.drivers[host].backend
+        self.assertNotIn(server["id"], backend.list_machines())
+        self.assertFalse(os.path.exists(backend._run_dir(server["id"])))
+
+    def test_live_migrate_moves_no_disk_bytes(self):
+        server = self._boot()
+        uuid = server["id"]
+        path, before = self._disk(server)
+        self.assertNotIn(uuid, self.drivers["host2"].backend.list_machines())
+        self._start_live_migration(server)
+        server = self._wait_done(server, "host2")
+        # memory and device state moved; the guest runs on, self-check clean
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers["host2"].backend.state(uuid))
+        report = self._assert_guest_alive("host2", server)
+        self.assertEqual({}, report.banner, "the guest booted anew")
+        combined = parse_console(open(self._saved("host1", uuid)).read() +
+                                 self._log("host2", server))
+        self.assertEqual([], combined.sequence_breaks())
+        self.assertEqual(0, combined.errors, combined.fails)
+        figs = self._figures(server, "shared instances path")
+        self.assertEqual("live", figs["mode"])
+        # zero disk bytes: no copy, no listener, no disk progress, no event
+        self.assertEqual([], self.copies)
+        self._assert_no_secret_logged(derived=2, disk=0)
+        mig = objects.Migration.get_by_id(nova_context.get_admin_context(),
+                                          self._migration(server)["id"])
+        self.assertFalse(mig.obj_attr_is_set("disk_total") and
+                         mig.disk_total)
+        self.assertFalse(mig.obj_attr_is_set("disk_processed") and
+                         mig.disk_processed)
+        self.assertEqual([], [e for e in self._events(server, "live-migration")
+                              if e["event"].startswith("bhyve_disk_copy")])
+        text = "\n".join(r.getMessage() for r in self.records)
+        self.assertIn("disks stay on the shared instances path", text)
+        # one VM process, the destination's; the disk untouched and used
+        self.assertEqual([self.drivers["host2"].backend._child_pid(uuid)],
+                         self._processes(uuid))
+        self.assertEqual(before, self._disk(server)[1])
+        self.assertEqual(path, self.drivers["host2"].backend.disk_path(uuid))
+        with open(path, "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read())
+        # nothing of the guest is left in the source's runtime directory
+        self._wait(lambda: not os.path.exists(
+            self.drivers["host1"].backend._run_dir(uuid)),
+            "host1 to remove its runtime files", timeout=30)
+        self._assert_left("host1", server)
+        # and back: the record host2 adopted the disks with is its own now
+        self.assertFalse(self.drivers["host2"].backend.adopted(uuid))
+        self._start_live_migration(server, host="host1")
+        server = self._wait_done(server, "host1")
+        self._assert_guest_alive("host1", server)
+        self._assert_left("host2", server)
+        self.assertEqual([], self.copies)
+        self.assertEqual(before, self._disk(server)[1])
+        self.assertEqual([self.drivers["host1"].backend._child_pid(uuid)],
+                         self._processes(uuid))
+
+    def test_abort_keeps_the_guest_and_its_disk(self):
+        """The destination's rollback removes its incoming VM and runtime
+        files, never the disk both hosts see."""
+        server = self._boot()
+        uuid = server["id"]
+        path, before = self._disk(server)
+        self.flags(live_migration_bandwidth=2, group="bhyve")
+        mig = self._start_live_migration(server)
+        self._wait(lambda: self._active_migration(server, True),
+                   "memory totals", timeout=30)
+        self.assertIn(uuid, self.drivers["host2"].backend.list_machines())
+        self.api.delete_migration(uuid, mig["id"])
+        self._wait_migration(server, "cancelled")
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1",
+                     "OS-EXT-STS:task_state": None}, max_retries=60)
+        self._wait(lambda: not os.path.exists(
+            self.drivers["host2"].backend._run_dir(uuid)),
+            "host2 to remove the incoming guest", timeout=30)
+        self._assert_left("host2", server)
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers["host1"].backend.state(uuid))
+        self.assertEqual(before, self._disk(server)[1])
+        self.assertEqual([self.drivers["host1"].backend._child_pid(uuid)],
+                         self._processes(uuid))
+        report = self._assert_guest_alive("host1", server)
+        self.assertEqual([], report.sequence_breaks())
+
+    def test_cold_migrate_and_revert_keeps_the_disk(self):
+        server = self._boot()
+        uuid = server["id"]
+        path, (inode, size, _mtime) = self._disk(server)
+        server = self._migrate_server(server, host="host2")
+        self._wait_passes("host2", server, 1)
+        self.api.post_server_action(uuid, {"revertResize": None})
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1"},
+            max_retries=60)
+        self._wait_migration(server, "reverted")
+        self._wait(lambda: not os.path.exists(
+            self.drivers["host2"].backend._run_dir(uuid)),
+            "host2 to drop its guest", timeout=30)
+        self._assert_left("host2", server)
+        self._wait(lambda: self.drivers["host1"].backend.state(uuid)
+                   == MachineState.RUNNING, "the guest back on host1")
+        self.assertEqual((inode, size), self._disk(server)[1][:2])
+        with open(path, "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read())
+        self.assertEqual([], self.copies)
+        self._assert_guest_alive("host1", server)
+
+    def test_evacuate_keeps_the_disk_and_the_old_host_coming_back(self):
+        server = self._boot()
+        uuid = server["id"]
+        path, (inode, size, _mtime) = self._disk(server)
+        compute1 = self.computes["host1"]
+        old_pid = self.drivers["host1"].backend._child_pid(uuid)
+        compute1.stop()
+        service = self.api.get_services(host="host1",
+                                        binary="nova-compute")[0]
+        self.api.put_service(service["id"], {"forced_down": True})
+        server = self._evacuate_server(server, expected_host="host2",
+                                       expected_state="SHUTOFF")
+        # the disk on shared storage was used, not made again from the image
+        self.assertTrue(self.drivers["host2"].instance_on_disk(
+            types.SimpleNamespace(uuid=uuid)))
+        self.assertEqual((inode, size), self._disk(server)[1][:2])
+        self.assertEqual(path, self.drivers["host2"].backend.disk_path(uuid))
+        server = self._start_server(server)
+        self._wait_passes("host2", server, 1)
+        self.assertTrue(self.drivers["host1"].backend._running(uuid))
+        self._start_bhyve_compute("host1")
+        self.api.put_service(service["id"], {"forced_down": False})
+        self._wait(lambda: not os.path.exists(
+            self.drivers["host1"].backend._run_dir(uuid)),
+            "host1 to destroy the evacuated guest", timeout=30)
+        self._assert_left("host1", server)
+        with self.assertRaises(ProcessLookupError):
+            os.kill(old_pid, 0)
+        self.assertEqual((inode, size), self._disk(server)[1][:2])
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers["host2"].backend.state(uuid))
+        self.assertEqual([self.drivers["host2"].backend._child_pid(uuid)],
+                         self._processes(uuid))
+        self._assert_guest_alive("host2", server)
+
+    def test_block_migration_is_refused_with_what_to_fix(self):
+        server = self._boot(image="idle")
+        self.api.post_server_action(
+            server["id"], {"os-migrateLive": {"host": "host2",
+                                              "block_migration": True}})
+        self._wait_migration(server, "error")
+        text = "\n".join(r.getMessage() for r in self.records)
+        self.assertIn("without --block-migration", text)
+        server = self._wait_for_server_parameter(
+            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1",
+                     "OS-EXT-STS:task_state": None})
+        self.assertEqual(MachineState.RUNNING,
+                         self.drivers["host1"].backend.state(server["id"]))
+        self.assertNotIn(server["id"],
+                         self.drivers["host2"].backend.list_machines())
+
+    def test_cold_migrate_and_confirm_keeps_the_disk(self):
+        server = self._boot()
+        uuid = server["id"]
+        path, (inode, size, _mtime) = self._disk(server)
+        server = self._migrate_server(server, host="host2")
+        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
+        self._wait_passes("host2", server, 1)
+        self.assertEqual(path, self.drivers["host2"].backend.disk_path(uuid))
+        self.assertEqual((inode, size), self._disk(server)[1][:2])
+        self.assertEqual([], self.copies)
+        self.assertEqual([], [e for e in self._events(server, "migrate")
+                              if e["event"].startswith("bhyve_disk_copy")])
+        server = self._confirm_resize(server)
+        self._wait(lambda: uuid not in
+                   self.drivers["host1"].backend.list_machines(),
+                   "the source to drop the old guest", timeout=30)
+        self._assert_left("host1", server)
+        self.assertEqual((inode, size), self._disk(server)[1][:2])
+        with open(path, "rb") as f:
+            self.assertEqual(IMAGE_DATA, f.read())
+        self.assertEqual([self.drivers["host2"].backend._child_pid(uuid)],
+                         self._processes(uuid))
+        self._assert_guest_alive("host2", server)
+
+
 if __name__ == "__main__":
     sys.exit(nova_scenarios.main(
         __name__, [LiveMigrationTest, HotGuestTest, ColdMigrationTest,
-                   ExtraDisksTest],
+                   ExtraDisksTest, SharedStorageTest],
         sys.argv[1:]))

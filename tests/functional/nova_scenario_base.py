@@ -29,7 +29,10 @@ class BhyveScenarioTest(integrated_helpers.ProviderUsageBaseTestCase):
     """Computes ``HOSTS`` on BhyveDriver, a 128 MiB flavor, ``IMAGES``.
 
     ``self.base`` is a short folder under /tmp (unix sockets live in the
-    instance directories) holding each host's instances directory;
+    runtime directories) holding each host's instances directory and its
+    runtime directory ``run-<host>`` ([bhyve] runtime_path), or with
+    ``SHARED_INSTANCES`` one instances directory ``shared`` for all hosts
+    (an NFS-mounted instances_path, as far as one machine can tell);
     ``self.drivers`` and ``self.compute_services`` map host names to the
     computes' drivers and services.
     """
@@ -39,6 +42,7 @@ class BhyveScenarioTest(integrated_helpers.ProviderUsageBaseTestCase):
     IMAGES = {}                 # image id -> bhyve_testhost_cmdline
     TMP_PREFIX = "nbs-"
     BHYVE_FLAGS = {}            # [bhyve] options besides state_poll_interval
+    SHARED_INSTANCES = False    # one instances directory for every host
     WAIT_TIMEOUT = 30.0         # _wait's defaults
     WAIT_INTERVAL = 0.1
 
@@ -74,7 +78,10 @@ class BhyveScenarioTest(integrated_helpers.ProviderUsageBaseTestCase):
 
     def _start_bhyve_compute(self, host):
         """Start ``host`` with its own instances directory and node UUID."""
-        self.flags(instances_path=os.path.join(self.base, host))
+        self.flags(instances_path=os.path.join(
+            self.base, "shared" if self.SHARED_INSTANCES else host))
+        self.flags(runtime_path=os.path.join(self.base, "run-" + host),
+                   group="bhyve")
         node = str(uuidlib.uuid5(NODE_NS, host))
         with mock.patch("nova.virt.node.get_local_node_uuid",
                         return_value=node):

@@ -39,12 +39,21 @@ COLD = {
     "test_cold_migrate_and_confirm_with_swap_and_ephemeral",
     "test_live_block_migrate_with_swap_and_ephemeral",
 }
+SHARED = {
+    "test_live_migrate_moves_no_disk_bytes",
+    "test_abort_keeps_the_guest_and_its_disk",
+    "test_block_migration_is_refused_with_what_to_fix",
+    "test_cold_migrate_and_confirm_keeps_the_disk",
+    "test_cold_migrate_and_revert_keeps_the_disk",
+    "test_evacuate_keeps_the_disk_and_the_old_host_coming_back",
+}
 EVENTLET = [
     "LiveMigrationTest.test_live_migrate_to_a_named_host",
     "LiveMigrationTest.test_abort_keeps_the_guest_on_the_source",
     "HotGuestTest.test_auto_converge_finishes_it",
     "ColdMigrationTest.test_cold_migrate_and_confirm",
     "ColdMigrationTest.test_evacuate_and_the_old_host_coming_back",
+    "SharedStorageTest.test_live_migrate_moves_no_disk_bytes",
 ]
 
 
@@ -58,5 +67,5 @@ def test_nova_migration_scenarios(mode, names):
         if "NOVA-BHYVE-FIGURES " in line:
             print(line[line.index("NOVA-BHYVE-FIGURES "):])
     expected = ({n.split(".")[1] for n in names} if names
-                else LIVE | HOT | COLD)
+                else LIVE | HOT | COLD | SHARED)
     assert results == dict.fromkeys(expected, "ok")

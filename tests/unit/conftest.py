@@ -56,6 +56,7 @@ def new_driver():
     drv.backend = mock.create_autospec(Backend, instance=True)
     drv.backend.create.side_effect = lambda ctx, inst, spec, meta: spec
     drv.backend.host_facts.return_value = host_facts()
+    drv.backend.has_disks.return_value = False
     return drv
 
 
@@ -69,3 +70,15 @@ def driver():
 def make_driver():
     """new_driver, for a test that needs more than one driver."""
     return new_driver
+
+
+@pytest.fixture(autouse=True)
+def runtime_path(tmp_path_factory):
+    """``[bhyve] runtime_path`` in a fresh directory for every test (its
+    default, below nova's state_path, is nova's package directory here)."""
+    from nova_bhyve.conf import CONF
+
+    path = tmp_path_factory.mktemp("run")
+    CONF.set_override("runtime_path", str(path), group="bhyve")
+    yield path
+    CONF.clear_override("runtime_path", group="bhyve")

@@ -66,7 +66,7 @@ def test_create_clones_the_cached_image(backend, monkeypatch):
     assert spec.vnc_port == 5900
     nvram = backend._path(UUID, "nvram.fd")
     assert open(nvram, "rb").read() == b"NVRAM"
-    record = json.load(open(backend._path(UUID, "machine.json")))
+    record = json.load(open(backend._run(UUID, "machine.json")))
     assert record["intent"] == power.INTENT_STOPPED
     # the next guest gets the next VNC port
     other = "1a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -114,7 +114,7 @@ def test_stop_timeout_zero_kills_at_once(backend, monkeypatch):
     backend.stop(UUID, 0)
     assert [c.args[1] for c in backend.helper.signal_guest.call_args_list] == [
         "KILL"]
-    assert json.load(open(backend._path(UUID, "machine.json")))["intent"] == \
+    assert json.load(open(backend._run(UUID, "machine.json")))["intent"] == \
         power.INTENT_STOPPED
 
 
@@ -233,11 +233,11 @@ def _fake_bhyve(be, monkeypatch, tmp_path, sock_appears=True, exits=False):
         seen["argv"] = argv
         alive["v"] = not exits
         if exits:
-            with open(be._path(uuid, "exit.json"), "w") as f:
+            with open(be._run(uuid, "exit.json"), "w") as f:
                 json.dump({"status": 4, "signal": None}, f)
-            with open(be._path(uuid, "process.log"), "w") as f:
+            with open(be._run(uuid, "process.log"), "w") as f:
                 f.write("bhyve: restore failed: memflags mismatch\n")
-        with open(be._path(uuid, "child.pid"), "w") as f:
+        with open(be._run(uuid, "child.pid"), "w") as f:
             json.dump({"pid": 4242}, f)
         if sock_appears:
             (rundir / uuid).touch()
@@ -269,7 +269,7 @@ def test_finish_incoming_restores_then_removes_the_set(backend, monkeypatch,
     assert seen["complete_at_start"]            # removed only after the start
     assert not any(os.path.exists(p) for p in (files.ram, files.kern,
                                                files.meta))
-    rec = json.load(open(backend._path(UUID, "machine.json")))
+    rec = json.load(open(backend._run(UUID, "machine.json")))
     assert rec["intent"] == power.INTENT_RUNNING and "incoming" not in rec
     assert alive["v"]
 
@@ -373,8 +373,8 @@ def test_delete_destroys_every_zvol_of_the_instance(backend, monkeypatch):
 
 def test_recreate_remakes_a_resized_swap_and_keeps_ephemeral_data(
         backend, monkeypatch):
-    os.makedirs(backend._dir(UUID))
-    open(backend._path(UUID, "machine.json"), "w").write("{}")
+    os.makedirs(backend._run_dir(UUID))
+    open(backend._run(UUID, "machine.json"), "w").write("{}")
     sizes = {f"zroot/nova/{UUID}-swap": 256 << 20,
              f"zroot/nova/{UUID}-eph0": 1 << 30}
 

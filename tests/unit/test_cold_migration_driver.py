@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import types
 from unittest import mock
 
@@ -105,6 +106,8 @@ def test_every_disk_is_offered_and_copied_a_resized_swap_is_made_anew(
 
     dst = tmp_path / "dst"
     dst.mkdir()
+    # the destination's own instances_path: the source's probe is not there
+    drv.backend.instances_path = str(dst)
 
     def create(ctx, instance, spec, meta):
         """The destination makes its files for the new flavor."""
@@ -204,3 +207,51 @@ def test_shared_storage_checks(drv, make_driver, tmp_path):
     drv.check_instance_shared_storage_cleanup(None, data)
     assert not drv.check_instance_shared_storage_remote(None, data)
     assert drv.instance_on_disk(_instance()) is False
+
+
+def test_instance_on_disk_when_the_disk_is_here(drv):
+    """An evacuation onto a host sharing instances_path keeps the disk."""
+    drv.backend.has_disks.return_value = True
+    assert drv.instance_on_disk(_instance()) is True
+    drv.backend.has_disks.assert_called_once_with(UUID)
+
+
+def test_shared_instances_path_cold_migration_keeps_the_disks(
+        drv, monkeypatch):
+    """The destination sees the source's probe: it adopts the disks in
+    place, pulls nothing and says so in the system metadata; the source's
+    confirm then keeps the disks."""
+    copy = mock.Mock(side_effect=AssertionError("a disk was copied"))
+    monkeypatch.setattr(cold.diskcopy, "copy", copy)
+    info = drv.migrate_disk_and_power_off(None, _instance(), "d", _flavor(),
+                                          [])
+    probe = json.loads(info)["probe"]
+    assert os.path.exists(os.path.join(drv.backend.instances_path, probe))
+    new = _instance()
+    drv.finish_migration(None, None, new, info, [], None, False, {})
+    drv.backend.adopt.assert_called_once()
+    drv.backend.create.assert_not_called()
+    assert new.system_metadata[cold.SHARED_KEY] == "1"
+    drv.confirm_migration(None, types.SimpleNamespace(
+        source_compute="src", dest_compute="d"), new, [])
+    drv.backend.destroy.assert_called_once_with(UUID)
+    drv.backend.delete_files.assert_called_once_with(UUID, False)
+    assert not os.path.exists(os.path.join(drv.backend.instances_path, probe))
+
+
+def test_local_instances_path_confirm_removes_the_disks(drv):
+    inst = _instance(system_metadata={cold.SHARED_KEY: "0"})
+    drv.confirm_migration(None, types.SimpleNamespace(
+        source_compute="src", dest_compute="d"), inst, [])
+    drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_a_failed_finish_on_a_shared_path_keeps_the_disks(drv, tmp_path):
+    drv.backend.start.side_effect = bhyve_driver.MachineError("no KVM")
+    probe = cold.checks.create_probe(str(tmp_path))
+    info = json.dumps({"version": 1, "probe": probe, "disks": [
+        {"name": "disk", "addr": "127.0.0.1:1", "token": "dA==", "size": 1}]})
+    with pytest.raises(exception.MigrationError, match="no KVM"):
+        drv.finish_migration(None, None, _instance(), info, [], None, False,
+                             {})
+    drv.backend.delete_files.assert_called_once_with(UUID, False)

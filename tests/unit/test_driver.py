@@ -315,6 +315,15 @@ def test_failed_spawn_removes_what_it_made(driver):
     driver.backend.delete_files.assert_called_once_with(UUID, True)
 
 
+def test_failed_spawn_on_a_disk_already_here_keeps_it(driver):
+    """An evacuation onto a shared instances path: the disk is the guest's."""
+    driver.backend.has_disks.return_value = True
+    driver.backend.start.side_effect = MachineError("nb-testhost exited: boom")
+    with pytest.raises(exception.InstanceDeployFailure, match="boom"):
+        driver.spawn(None, _instance(), None, [], None, {})
+    driver.backend.delete_files.assert_called_once_with(UUID, False)
+
+
 def test_machine_errors_name_the_guest(driver):
     driver.backend.suspend.side_effect = MachineError("no checkpoint support")
     with pytest.raises(bhyve_driver.GuestOperationFailed,

@@ -395,6 +395,81 @@ def test_failed_pre_live_migration_removes_what_it_made(env):
     assert UUID not in env.drv._incoming
 
 
+def _shared_data(env):
+    data = mdata.new_data()
+    data.block_migration = False
+    data.is_shared_instance_path = True
+    data.is_shared_block_storage = False
+    mdata.put(data, "src_key", env.drv._lm_keys.new(UUID))
+    data.migration = env.data.migration
+    return data
+
+
+def test_shared_path_pre_live_migration_adopts_the_disks(env, monkeypatch):
+    """The destination records the guest for the disks already there: no
+    create (which could make disk files), no disk listener."""
+    monkeypatch.setattr(live, "inbound_addr", lambda: "127.0.0.1")
+    listener = mock.Mock(side_effect=AssertionError("a disk listener"))
+    monkeypatch.setattr(live.diskcopy, "DiskListener", listener)
+    env.drv.backend.list_machines.return_value = []
+    env.engine.receive.return_value.port = 40000
+    data = _shared_data(env)
+    env.drv.pre_live_migration(None, env.inst, None, [], None, data)
+    env.drv.backend.adopt.assert_called_once()
+    env.drv.backend.create.assert_not_called()
+    assert mdata.get(data, "disk_ports") is None
+    assert data.target_connect_addr == "127.0.0.1:40000"
+    env.drv._incoming.pop(UUID).close()
+
+
+def test_shared_path_failed_pre_live_migration_keeps_the_disks(env):
+    env.engine.receive.side_effect = MigrationError("cannot listen")
+    env.drv.backend.list_machines.return_value = []
+    with pytest.raises(exception.MigrationError, match="cannot listen"):
+        env.drv.pre_live_migration(None, env.inst, None, [], None,
+                                   _shared_data(env))
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_called_once_with(UUID, False)
+
+
+def test_shared_path_live_migration_sends_memory_only(env):
+    env.data.block_migration = False
+    env.data.is_shared_instance_path = True
+    env.send.script = [_done()]
+    env.drv.live_migration(mock.sentinel.ctx, env.inst, "dst", env.post,
+                           env.recover, False, env.data)
+    env.post.assert_called_once()
+    env.recover.assert_not_called()
+    live.diskcopy.copy.assert_not_called()
+    names = [c.args[3] for c in env.events.record.call_args_list]
+    assert [n.split()[0] for n in names] == ["bhyve_switchover"]
+    assert not env.data.migration.obj_attr_is_set("disk_total")
+    assert not env.data.migration.obj_attr_is_set("disk_processed")
+
+
+def test_shared_path_post_at_source_removes_only_runtime_files(env):
+    env.drv.post_live_migration(None, env.inst, None, _shared_data(env))
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_called_once_with(
+        UUID, destroy_disks=False)
+
+
+def test_local_path_post_at_source_leaves_files_to_cleanup(env):
+    env.drv.post_live_migration(None, env.inst, None, env.data)
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_not_called()
+
+
+@pytest.mark.parametrize("destroy_disks", [True, False])
+def test_shared_path_rollback_at_destination_keeps_the_disks(env,
+                                                             destroy_disks):
+    env.drv._incoming[UUID] = live._Incoming(FakeRecv(guest_runs_here=False))
+    env.drv.rollback_live_migration_at_destination(
+        None, env.inst, [], None, destroy_disks=destroy_disks,
+        migrate_data=_shared_data(env))
+    env.drv.backend.delete_files.assert_called_once_with(UUID, False)
+
+
 def test_block_migration_copies_every_disk_to_its_own_listener(
         env, tmp_path, monkeypatch):
     """pre_live_migration here, live_migration here: real disk copies."""
@@ -472,16 +547,53 @@ def test_source_check_sets_block_migration_mode_and_key(env, tmp_path):
     assert mdata.get(data, "src_key")
 
 
-def test_source_check_refuses_a_shared_instances_path(env, tmp_path):
-    data = _dest_check(env, tmp_path)
-    with pytest.raises(exception.MigrationPreCheckError, match="shared"):
+@pytest.mark.parametrize("asked", [None, False])
+def test_a_shared_instances_path_moves_no_disk(env, tmp_path, asked):
+    """auto (None) or an explicit no: no block migration, no disk check."""
+    env.drv.backend.disk_paths.side_effect = AssertionError("disk checked")
+    data = _dest_check(env, tmp_path, block_migration=asked)
+    data = env.drv.check_can_live_migrate_source(None, env.inst, data)
+    assert data.is_shared_instance_path is True
+    assert data.is_shared_block_storage is False
+    assert data.block_migration is False
+    assert mdata.get(data, "mode") == "live"
+    assert mdata.get(data, "src_key")
+
+
+def test_nova_cleans_up_after_a_shared_path_migration_keeping_disks(
+        env, tmp_path):
+    """Nova's cleanup flags: the source's cleanup and the destination's
+    rollback run, with destroy_disks False (what target_mdevs is for)."""
+    from nova.compute.manager import ComputeManager
+
+    data = _dest_check(env, tmp_path, block_migration=None)
+    data = env.drv.check_can_live_migrate_source(None, env.inst, data)
+    assert ComputeManager._live_migration_cleanup_flags(None, data) == \
+        (True, False)
+    (tmp_path / "elsewhere").mkdir()
+    data = _dest_check(env, tmp_path / "d", block_migration=None)
+    env.drv.backend.disk_paths.return_value = {}
+    env.drv.backend.instances_path = str(tmp_path)
+    data = env.drv.check_can_live_migrate_source(None, env.inst, data)
+    assert "target_mdevs" not in data
+    assert ComputeManager._live_migration_cleanup_flags(None, data) == \
+        (True, True)
+
+
+def test_block_migration_on_a_shared_instances_path_is_refused(env, tmp_path):
+    data = _dest_check(env, tmp_path, block_migration=True)
+    with pytest.raises(exception.InvalidLocalStorage,
+                       match=r"shared with the destination.*without "
+                             r"--block-migration"):
         env.drv.check_can_live_migrate_source(None, env.inst, data)
 
 
 def test_source_check_refuses_no_block_migration(env, tmp_path):
     data = _dest_check(env, tmp_path / "d", block_migration=False)
     env.drv.backend.instances_path = str(tmp_path)
-    with pytest.raises(exception.InvalidSharedStorage, match="block"):
+    with pytest.raises(exception.InvalidSharedStorage,
+                       match=r"not shared.*request a block migration "
+                             r"\(--block-migration"):
         env.drv.check_can_live_migrate_source(None, env.inst, data)
 
 
@@ -514,3 +626,15 @@ def test_a_paused_server_moves_paused(env):
     _rekey(env)
     _migrate(env)
     assert env.engine.send.call_args.kwargs["keep_paused"] is True
+
+
+@pytest.mark.parametrize("adopted", [True, False])
+def test_restart_reaps_incoming_vms_keeping_adopted_disks(env, adopted):
+    """nova-compute restarted while a guest was migrating in: its VM goes;
+    disks adopted on a shared instances path are the source's and stay."""
+    env.drv.backend.list_machines.return_value = [UUID]
+    env.drv.backend.is_incoming.return_value = True
+    env.drv.backend.adopted.return_value = adopted
+    env.drv._reap_incoming()
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.delete_files.assert_called_once_with(UUID, not adopted)

@@ -46,9 +46,11 @@ def files(tmp_path, conf, monkeypatch):
     """
     tree = types.SimpleNamespace(
         instances=tmp_path / "instances", zvol=tmp_path / "zvol",
-        outside=tmp_path / "outside")
+        outside=tmp_path / "outside", runtime=tmp_path / "runtime")
     tree.inst = tree.instances / UUID
     tree.inst.mkdir(parents=True)
+    tree.run = tree.runtime / UUID
+    tree.run.mkdir(parents=True)
     (tree.instances / "_base").mkdir()
     tree.outside.mkdir()
     tree.secret = tree.outside / "secret"
@@ -61,6 +63,7 @@ def files(tmp_path, conf, monkeypatch):
         os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     (tree.inst / "nvram.fd").write_bytes(b"vars")
     conf.set_override("instances_path", str(tree.instances))
+    conf.set_override("runtime_path", str(tree.runtime), group="bhyve")
     monkeypatch.setattr(privsep, "ZVOL_DIR", str(tree.zvol))
     return tree
 
@@ -202,7 +205,7 @@ def test_entrypoints_build_their_own_commands(execute):
 
 
 def test_signal_guest_checks_the_process(tmp_path, conf):
-    conf.set_override("instances_path", str(tmp_path))
+    conf.set_override("runtime_path", str(tmp_path), group="bhyve")
     (tmp_path / UUID).mkdir()
     (tmp_path / UUID / "child.pid").write_text(json.dumps({"pid": 1}))
     assert privsep.signal_guest(UUID, "KILL") is False     # pid 1 refused
@@ -406,12 +409,14 @@ def _untouched(files):
     assert sorted(p.name for p in files.outside.iterdir()) == ["secret"]
 
 
-def _plant(files, rel, how):
-    """Make instances/<rel> a symlink or hard link to outside/secret, or
-    make its first directory a symlink to outside (a middle component)."""
-    path = files.instances / rel
+def _plant(files, rel, how, root=None):
+    """Make instances/<rel> (or <root>/<rel>) a symlink or hard link to
+    outside/secret, or make its first directory a symlink to outside (a
+    middle component)."""
+    root = files.instances if root is None else root
+    path = root / rel
     if how == "middle":
-        first = files.instances / rel.split("/")[0]
+        first = root / rel.split("/")[0]
         if first.is_dir():
             for child in first.iterdir():
                 child.unlink()
@@ -517,8 +522,8 @@ def test_checkpoint_guest_refuses_planted_files(files, execute, ext, how):
 
 @pytest.mark.parametrize("how", ["symlink", "hardlink", "middle"])
 def test_signal_guest_refuses_a_planted_pid_file(files, how):
-    (files.inst / "child.pid").write_text(json.dumps({"pid": 2}))
-    _plant(files, f"{UUID}/child.pid", how)
+    (files.run / "child.pid").write_text(json.dumps({"pid": 2}))
+    _plant(files, f"{UUID}/child.pid", how, files.runtime)
     with pytest.raises(privsep.PrivilegeError,
                        match="symbolic link|hard links"):
         privsep.signal_guest(UUID, "KILL")
@@ -564,3 +569,13 @@ def test_start_guest_refuses_a_disk_that_is_not_a_zvol(files, execute, how):
                        match="symbolic link|not a zvol|does not exist"):
         privsep.start_guest(UUID, _argv())
     execute.assert_not_called()
+
+
+def test_the_supervisor_keeps_its_files_in_runtime_path(files, execute):
+    """pid, exit and log files and the console go to this host's runtime
+    directory, not to a (possibly shared) instance directory."""
+    privsep.start_guest(UUID, _argv())
+    cmd = execute.call_args.args
+    rundir = cmd[cmd.index("--rundir") + 1]
+    assert rundir == str(files.run)
+    assert cmd[cmd.index("--stdout") + 1] == f"{files.run}/console.log"

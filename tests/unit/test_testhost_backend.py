@@ -1,6 +1,7 @@
 """The test-host backend: taps through the privileged helper, disk files."""
 
 import os
+import stat
 import types
 from unittest import mock
 
@@ -11,7 +12,13 @@ from nova import objects
 from nova_bhyve import privsep
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import testhost
-from nova_bhyve.machine.base import DiskSpec, MachineError, MachineSpec, NicSpec
+from nova_bhyve.machine.base import (
+    DiskSpec,
+    MachineError,
+    MachineSpec,
+    MachineState,
+    NicSpec,
+)
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 NICS = (NicSpec("v1", "tap0a1b2c3d-4e", "fa:16:3e:01:02:03", "nbr3f2a9c1e7b4"),
@@ -119,8 +126,114 @@ def test_grow_an_ephemeral_disk_and_delete_keeping_or_not_the_disks(
     backend.grow_disk(UUID, 8 << 20, "eph0")            # never shrinks
     d = tmp_path / UUID
     assert os.path.getsize(d / "disk.eph0") == 32 << 20
-    (d / "console.log").write_text("x")
+    run = backend._run_dir(UUID)
+    assert os.listdir(run) == ["machine.json"]
+    with open(backend.console_log_path(UUID), "w") as f:
+        f.write("x")
     backend.delete_files(UUID, destroy_disks=False)
     assert sorted(os.listdir(d)) == ["disk", "disk.eph0"]
+    assert not os.path.exists(run)
     backend.delete_files(UUID, destroy_disks=True)
     assert not d.exists()
+
+
+# -- runtime files outside instances_path (shared storage) ------------------
+def test_runtime_files_live_in_runtime_path_disks_in_instances_path(
+        backend, tmp_path, runtime_path):
+    _create(backend, DiskSpec(name="swap", size_mb=1))
+    assert sorted(os.listdir(tmp_path / UUID)) == ["disk", "disk.swap"]
+    assert os.listdir(runtime_path / UUID) == ["machine.json"]
+    run = str(runtime_path / UUID)
+    assert backend.console_log_path(UUID) == f"{run}/console.log"
+    assert backend.migration_vmm(UUID) == ("testhost", f"{run}/control.sock")
+    argv = backend._boot_argv(backend._record(UUID)["spec"])
+    assert argv[argv.index("--rundir") + 1] == run
+
+
+def test_a_guest_recorded_by_another_host_is_not_listed(backend, tmp_path,
+                                                        runtime_path):
+    """Two hosts share instances_path: each knows only its own guests."""
+    other = testhost.TestHostBackend(CONF, str(tmp_path),
+                                     str(tmp_path.parent / "other-run"))
+    _create(backend)
+    assert backend.list_machines() == [UUID]
+    assert other.list_machines() == []
+    assert other.has_disks(UUID)        # the disk is visible there
+    spec = other.adopt(_flavor_instance(),
+                       MachineSpec(uuid=UUID, vcpus=1, memory_mb=64))
+    assert spec.disks[0].path == str(tmp_path / UUID / "disk")
+    assert other.list_machines() == [UUID]
+    other.delete_files(UUID, destroy_disks=False)
+    assert other.list_machines() == []
+    assert backend.list_machines() == [UUID]
+    assert os.path.exists(tmp_path / UUID / "disk")
+
+
+def test_adopt_refuses_a_missing_disk(backend):
+    with pytest.raises(MachineError, match="does not share"):
+        backend.adopt(_flavor_instance(),
+                      MachineSpec(uuid=UUID, vcpus=1, memory_mb=64))
+    assert backend.list_machines() == []
+
+
+def test_create_keeps_an_existing_root_disk(backend, tmp_path, monkeypatch):
+    """An evacuation onto shared storage: the disk is used, not re-imaged."""
+    (tmp_path / UUID).mkdir()
+    (tmp_path / UUID / "disk").write_bytes(b"guest data")
+    monkeypatch.setattr(backend.cache, "get", mock.Mock(
+        side_effect=AssertionError("image fetched")))
+    meta = objects.ImageMeta.from_dict({"id": "1f2e3d4c-0000-4000-8000-"
+                                              "000000000001"})
+    backend.create(None, _flavor_instance(),
+                   MachineSpec(uuid=UUID, vcpus=1, memory_mb=64), meta)
+    assert (tmp_path / UUID / "disk").read_bytes() == b"guest data"
+
+
+def test_runtime_path_is_claimed_by_one_host(backend, runtime_path):
+    backend.prepare_runtime_path("host1")
+    assert (runtime_path / "host").read_text() == "host1\n"
+    backend.prepare_runtime_path("host1")
+    with pytest.raises(MachineError, match="belongs to host 'host1'"):
+        backend.prepare_runtime_path("host2")
+
+
+def test_runtime_path_is_made_private(tmp_path):
+    path = tmp_path / "fresh" / "run"
+    be = testhost.TestHostBackend(CONF, str(tmp_path / "inst"), str(path))
+    be.prepare_runtime_path("host1")
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o027 == 0
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "link"])
+def test_runtime_path_must_be_local_and_real(tmp_path, where):
+    inst = tmp_path / "inst"
+    inst.mkdir()
+    path = {"inside": inst / "run", "same": inst,
+            "link": tmp_path / "link"}[where]
+    if where == "link":
+        (tmp_path / "real").mkdir()
+        path.symlink_to(tmp_path / "real")
+    be = testhost.TestHostBackend(CONF, str(inst), str(path))
+    with pytest.raises(MachineError, match="inside|symbolic link"):
+        be.prepare_runtime_path("host1")
+    assert not (inst / "run").exists()
+
+
+def test_legacy_records_are_reported(backend, tmp_path):
+    (tmp_path / UUID).mkdir()
+    (tmp_path / UUID / "machine.json").write_text("{}")
+    assert backend.legacy_records() == [UUID]
+    assert backend.list_machines() == []
+
+
+def test_adopted_is_recorded_until_the_guest_is_ours(backend, tmp_path,
+                                                     monkeypatch):
+    _create(backend)
+    assert not backend.adopted(UUID)
+    backend.adopt(_flavor_instance(),
+                  MachineSpec(uuid=UUID, vcpus=1, memory_mb=64))
+    assert backend.adopted(UUID)
+    monkeypatch.setattr(backend, "state", lambda uuid: MachineState.RUNNING)
+    backend.finish_incoming(UUID)
+    assert not backend.adopted(UUID)
+    assert backend._record(UUID)["intent"] == "running"

@@ -169,6 +169,9 @@ def compute_overlay(host, facts):
                     "debug": True},
         "oslo_concurrency": {"lock_path": base / "lock"},
         "bhyve": {"live_migration_inbound_addr": facts["inbound_addr"],
+                  # this compute's own guest records, sockets and logs:
+                  # one per compute, short (unix socket paths below it)
+                  "runtime_path": base / "run",
                   # two computes share this kernel: one namespace each for
                   # their taps and bridges (doc/networking.md)
                   "testhost_netns": f"nb-{host}"},  # tools/cloud clean removes it
