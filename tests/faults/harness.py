@@ -383,7 +383,7 @@ CAUSE = {
     "link_cut": ("timeout", "timed out"),
     "flip": ("corrupt", "authentic", "tag"),
     "inject": ("corrupt", "authentic", "tag"),
-    "stall": ("timeout", "timed out"),
+    "stall": ("timeout", "timed out", "went silent"),
     "abort": ("abort",),
     "force": ("force",),
 }

@@ -1,7 +1,10 @@
 """The fault matrix and the soak (issue 11); doc/faults.md.
 
-    python -m tests.faults.matrix matrix [--faults F,..] [--phases P,..]
-    python -m tests.faults.matrix soak [--hops 100] [--every 3]
+    .venv/bin/python -P tests/faults/matrix.py matrix [--faults F,..] [--phases P,..]
+    .venv/bin/python -P tests/faults/matrix.py soak [--hops 100] [--every 3]
+
+(-P: the installed nova_bhyve, with its compiled engine, not the source
+tree's; the repository root is appended to the import path below.)
 
 Needs root (network namespaces) and /dev/kvm.  Prints one line per hop
 and a summary; ``--json FILE`` keeps every hop.
@@ -11,13 +14,16 @@ import argparse
 import dataclasses
 import itertools
 import json
+import pathlib
 import signal
 import statistics
 import sys
 
-from benchmarks.vsqemu import netns
-from tests.faults.harness import FAULTS, PHASES, Hosts
-from tests.functional.conftest import VMFactory
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[2]))
+
+from benchmarks.vsqemu import netns  # noqa: E402
+from tests.faults.harness import FAULTS, PHASES, Hosts  # noqa: E402
+from tests.functional.conftest import VMFactory  # noqa: E402
 
 
 def _line(i, hop):

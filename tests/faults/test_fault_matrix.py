@@ -30,9 +30,9 @@ def hosts():
     ("cancel", "precopy", False, "CANCELLED"),
     ("kill_dest", "switchover", False, "PEER_GONE"),
     ("flip", "verify", False, "CORRUPT"),
-    pytest.param("abort", "iterate", False, "CANCELLED", marks=pytest.mark.xfail(
-        reason="a destination that cancels sends no ABORT: the source only "
-               "sees the connection close (doc/faults.md)", strict=False)),
+    ("abort", "precopy", False, "PEER_GONE"),
+    ("abort", "commit", False, "PEER_GONE"),
+    ("flip", "commit", False, "REFUSED"),
     ("stall", "verify", False, "TIMEOUT"),
     ("force", "iterate", True, ""),
     ("cancel", "commit", True, ""),

@@ -697,9 +697,6 @@ def test_pages_first_written_during_round_0_arrive(vms):
     assert_guest_continued(src, dst, more_passes=2)
 
 
-@pytest.mark.xfail(reason="a source sender that hits the closed page channel "
-                   "first reports a broken pipe before the control watcher "
-                   "reads the REFUSE (doc/faults.md)", strict=False)
 def test_a_corrupted_page_frame_is_named_to_the_source(vms):
     """The destination says why a page channel failed (REFUSE), so the
     source's error names the corruption, not only a closed connection."""

@@ -63,6 +63,7 @@ struct dest {
     int kind;                   /* nb_error_kind of the phase that failed */
     struct nb_frame f;          /* the control frame the last phase waited for */
     int early;                  /* f holds a control frame read while joining */
+    int told;                   /* a REFUSE went to the source already */
     double deadline;            /* connections must come by then (monotonic ms) */
     int rejected;               /* connections dropped for failing to prove
                                  * themselves */
@@ -345,6 +346,7 @@ static int refuse(struct dest *d, int kind, const char *err)
     char e2[NB_ERRLEN];
     nb_fail(d->m, kind, "%s", err);
     nb_send_text(&d->m->ctl, NB_MSG_REFUSE, err, e2);
+    d->told = 1;
     return fail(d, kind);
 }
 
@@ -634,38 +636,45 @@ static int phase_commit(struct dest *d, char *err)
 }
 
 /*
+ * Tell the source this side failed and does not run the guest: ABORT if
+ * cancelled here, else REFUSE with the session's error (a page channel's,
+ * say, which the source would otherwise see only as a broken pipe).  Sent
+ * only from the failure epilogue, so it always means "not running here":
+ * a source that already sent COMMIT may then take its guest back.
+ */
+static void tell_source(struct dest *d)
+{
+    struct nb_mig *m = d->m;
+    char why[NB_ERRLEN], e2[NB_ERRLEN];
+    int cancelled = atomic_load(&m->cancel_req);
+
+    if (d->told || m->ctl.fd < 0 || !m->ctl.seal)
+        return;
+    pthread_mutex_lock(&m->lock);
+    snprintf(why, sizeof(why), "%s", cancelled ? "cancelled by the destination"
+                                               : m->st.error);
+    pthread_mutex_unlock(&m->lock);
+    nb_send_text(&m->ctl, cancelled ? NB_MSG_ABORT : NB_MSG_REFUSE, why, e2);
+    d->told = 1;
+}
+
+/*
  * The epilogue, the only place that decides the result and who runs the
  * guest: here only after a completed COMMIT.  A failure shuts the
  * control channel, so the source does not wait out its timeout for an
  * answer; then the page channels close so the receivers finish, and are
  * reaped.
  */
-/* REFUSE with the session's error (a page channel's, which the source
- * would otherwise only see as the control connection closing). */
-static void refuse_with_error(struct nb_mig *m)
-{
-    char why[NB_ERRLEN], e2[NB_ERRLEN];
-
-    pthread_mutex_lock(&m->lock);
-    snprintf(why, sizeof(why), "%s", m->st.error);
-    pthread_mutex_unlock(&m->lock);
-    nb_send_text(&m->ctl, NB_MSG_REFUSE, why, e2);
-}
-
 static void dest_finish(struct dest *d, int rc, const char *err)
 {
     struct nb_mig *m = d->m;
-    int channel_failed;
 
     if (rc != 0)
         nb_fail(m, atomic_load(&m->cancel_req) ? NB_ERR_CANCELLED : d->kind, "%s",
                 err[0] ? err : "failed");
     nb_end(m, rc == 0 ? 0 : nb_fail_kind(m), rc == 0);
-    pthread_mutex_lock(&d->lock);
-    channel_failed = d->failed;
-    pthread_mutex_unlock(&d->lock);
-    if (rc != 0 && channel_failed && m->ctl.fd >= 0 && m->ctl.seal)
-        refuse_with_error(m);       /* a page channel failed: say why */
+    if (rc != 0)
+        tell_source(d);
     if (rc != 0 && m->ctl.fd >= 0)
         shutdown(m->ctl.fd, SHUT_RDWR);     /* the source hears of it now */
     nb_shutdown_data(m);

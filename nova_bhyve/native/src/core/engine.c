@@ -43,6 +43,18 @@ void nb_fail(struct nb_mig *m, int kind, const char *fmt, ...)
     pthread_mutex_unlock(&m->lock);
 }
 
+/* Replace the recorded failure with the peer's own reason for it (a REFUSE
+ * or ABORT read after a broken pipe had been recorded first). */
+void nb_fail_because(struct nb_mig *m, int kind, const char *why)
+{
+    pthread_mutex_lock(&m->lock);
+    if (m->st.result == NB_RESULT_RUNNING) {
+        snprintf(m->st.error, sizeof(m->st.error), "%s", why);
+        m->fail_kind = kind ? kind : NB_ERR_INTERNAL;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
 /* The kind of the first recorded failure, 0 if none. */
 int nb_fail_kind(struct nb_mig *m)
 {
@@ -456,10 +468,12 @@ void nb_shutdown_data(struct nb_mig *m)
             shutdown(m->data[i].fd, SHUT_RDWR);
 }
 
+/* Wake every thread blocked on a socket.  The control channel is shut for
+ * reading only, so the failure epilogue can still tell the peer (ABORT). */
 static void shutdown_channels(struct nb_mig *m)
 {
     if (m->ctl.fd >= 0)
-        shutdown(m->ctl.fd, SHUT_RDWR);
+        shutdown(m->ctl.fd, SHUT_RD);
     nb_shutdown_data(m);
     if (m->listen_fd >= 0)
         shutdown(m->listen_fd, SHUT_RDWR);

@@ -68,6 +68,7 @@ int nb_pfn_to_offset(const struct nb_mig *m, uint64_t pfn, uint64_t *off, uint64
 uint64_t nb_memory_digest(struct nb_mig *m, int full);
 int nb_setup_memory(struct nb_mig *m, char *err);
 int nb_fail_kind(struct nb_mig *m);
+void nb_fail_because(struct nb_mig *m, int kind, const char *why);
 void nb_init_page_hashes(struct nb_mig *m);
 int nb_set_nodelay(int fd);
 void nb_set_timeouts(int fd, uint32_t ms);

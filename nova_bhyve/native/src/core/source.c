@@ -15,6 +15,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,8 @@
 
 /* Below this expected downtime, stop iterating even if rounds still shrink. */
 #define SMALL_DOWNTIME_MS 5.0
+/* How long a failing source listens for the destination's reason. */
+#define PEER_REASON_MS 500
 
 /* Note why the current phase failed; returns -1. */
 static int fail(struct source *src, int kind)
@@ -355,14 +358,34 @@ static int phase_verify(struct source *src, char *err)
     return 0;
 }
 
+/*
+ * The destination answered COMMIT with REFUSE or ABORT: it sends those only
+ * from its failure epilogue, never once its guest runs, and only it can seal
+ * them, so the guest is provably not running there and comes back here.
+ */
+static int declined(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+
+    pthread_mutex_lock(&m->lock);
+    m->st.committed = 0;
+    pthread_mutex_unlock(&m->lock);
+    snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
+             " (after COMMIT: the destination does not run the guest; it "
+             "resumes here)");
+    return fail(src, m->ctl.err_kind);
+}
+
 /* COMMIT: the guest is the destination's from here; its RUNNING ends the downtime. */
 static int phase_commit(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
-    struct nb_frame f;
+    struct nb_frame f = { 0 };
 
     if (nb_send_empty(&m->ctl, NB_MSG_COMMIT, err) < 0 ||
         nb_expect(&m->ctl, &f, NB_MSG_RUNNING, NB_MAX_ACK, err) < 0) {
+        if (f.type == NB_MSG_REFUSE || f.type == NB_MSG_ABORT)
+            return declined(src, err);
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
                  " (after COMMIT: the source stays stopped; check the destination)");
         return fail(src, m->ctl.err_kind);
@@ -373,6 +396,31 @@ static int phase_commit(struct source *src, char *err)
     m->st.downtime_ms = nb_now_ms() - src->t_pause;
     pthread_mutex_unlock(&m->lock);
     return 0;
+}
+
+/*
+ * A session that broke on a page channel: the destination has usually said
+ * why on the control channel (REFUSE or ABORT) by then.  Read it, briefly,
+ * so that its reason and not the broken pipe is the error.
+ */
+static void take_peer_reason(struct source *src)
+{
+    struct nb_mig *m = src->m;
+    struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
+    struct nb_frame f;
+    char why[NB_ERRLEN], text[NB_PEER_TEXT];
+    int kind = nb_fail_kind(m);
+
+    if (m->ctl.fd < 0 || !m->ctl.seal || atomic_load(&m->cancel_req) ||
+        kind == NB_ERR_REFUSED || poll(&p, 1, PEER_REASON_MS) <= 0)
+        return;
+    nb_set_timeouts(m->ctl.fd, PEER_REASON_MS);
+    if (nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, why) < 0 ||
+        (f.type != NB_MSG_REFUSE && f.type != NB_MSG_ABORT))
+        return;
+    snprintf(why, sizeof(why), "destination %s: %s",
+             f.type == NB_MSG_REFUSE ? "refused" : "aborted", nb_peer_text(&f, text));
+    nb_fail_because(m, f.type == NB_MSG_REFUSE ? NB_ERR_REFUSED : NB_ERR_PEER_GONE, why);
 }
 
 /* Undo what we did to the guest; returns 1 if it lives here (running, or
@@ -415,6 +463,8 @@ static void source_finish(struct source *src, int rc, const char *err)
     pthread_mutex_lock(&m->lock);
     committed = m->st.committed;
     pthread_mutex_unlock(&m->lock);
+    if (!committed)
+        take_peer_reason(src);
     if (!committed)
         here = source_recover(src);
     /* a cancel before COMMIT is what ended it, whatever broke as it did */
