@@ -121,12 +121,7 @@ class BhyveBackend(SupervisedMachines, Backend):
                                "(kldload vmm, vmm_load=YES in loader.conf)")
         os.makedirs(self.instances_path, exist_ok=True)
         self.prepare_runtime_path(host)
-        for uuid in self.legacy_records():
-            LOG.warning("Guest %s has its machine record in %s, where "
-                        "versions before [bhyve] runtime_path kept it; this "
-                        "host ignores it. Stop the guest, then move the "
-                        "machine.json to %s", uuid, self._dir(uuid),
-                        self._run_dir(uuid))
+        self.warn_legacy_records()
         for name in os.listdir("/dev/vmm"):
             if bhyve_argv.is_instance_uuid(name) and not self._running(name):
                 LOG.info("Destroying stale VM %s left in /dev/vmm", name)

@@ -23,11 +23,14 @@ import threading
 import time
 
 import psutil
+from oslo_log import log as logging
 
 from nova_bhyve import polling
 from nova_bhyve.machine import checkpoint, power
 from nova_bhyve.machine.base import MachineError, MachineSpec
 from nova_bhyve.machine.statefile import read_json, write_json, write_text
+
+LOG = logging.getLogger(__name__)
 
 RUN_FILES = ("exit.json", "supervisor.json", "child.pid")
 HOST_FILE = "host"
@@ -106,6 +109,15 @@ class SupervisedMachines:
         return sorted(n for n in names
                       if os.path.exists(self._path(n, "machine.json")) and
                       not os.path.exists(self._run(n, "machine.json")))
+
+    def warn_legacy_records(self):
+        """Log each guest whose record this version ignores (legacy_records)."""
+        for uuid in self.legacy_records():
+            LOG.warning("Guest %s has its machine record in %s, where "
+                        "versions before [bhyve] runtime_path kept it; this "
+                        "host ignores it. Stop the guest, then move the "
+                        "machine.json to %s", uuid, self._dir(uuid),
+                        self._run_dir(uuid))
 
     def _record(self, uuid):
         rec = read_json(self._run(uuid, "machine.json"))

@@ -121,12 +121,7 @@ class TestHostBackend(SupervisedMachines, Backend):
                 f"the {MAX_SOCKET_PATH}-byte limit of unix sockets: choose a "
                 "shorter [bhyve] runtime_path")
         self.prepare_runtime_path(host)
-        for uuid in self.legacy_records():
-            LOG.warning("Guest %s has its machine record in %s, where "
-                        "versions before [bhyve] runtime_path kept it; this "
-                        "host ignores it. Stop the guest, then move the "
-                        "machine.json to %s", uuid, self._dir(uuid),
-                        self._run_dir(uuid))
+        self.warn_legacy_records()
 
     def host_facts(self):
         """Return this Linux host's CPUs, memory and instances disk."""

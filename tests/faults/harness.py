@@ -161,11 +161,15 @@ _HELD = {"verify": (TO_SOURCE, READY), "commit": (TO_DEST, COMMIT)}
 def expected_moved(fault, phase):
     """Where the guest should end.  No fault and force-complete move it.
     With COMMIT held at the proxy: a cancel is too late and a cut link only
-    loses the destination's RUNNING, so it moves; a destination that refuses
+    loses the destination's RUNNING, so it moves; a destination killed
+    after its READY leaves the outcome unknown to the source, and the
+    control plane resumes the verified copy there; a destination that refuses
     the altered COMMIT or cancels says so, and the source takes the guest
     back.  Every other fault leaves it on the source."""
     if fault in (None, "force"):
         return True
+    if fault == "kill_dest" and phase in ("verify", "commit"):
+        return True     # settled by the control plane (_settle_unknown)
     return phase == "commit" and fault in ("cancel", "link_cut")
 
 
@@ -302,7 +306,22 @@ class _Run:
         self._check_hosts(s)
         self._check_error(s)
 
+    def _settle_unknown(self, s):
+        """A source that sent COMMIT and then heard neither RUNNING nor a
+        refusal cannot know whether the destination runs the guest; the
+        control plane settles it, as the driver's
+        post_live_migration_at_destination does: the destination's VM holds
+        the verified state (the source had its READY), so it is resumed
+        there if it is not running yet."""
+        if s.guest_runs_here or not s.committed or not self.dst.alive():
+            return
+        if self.dst.client.status()["state"] == "paused":
+            self.dst.client.resume()
+            self.hop.note = "settled by the control plane: the destination's " \
+                "verified copy resumed"
+
     def _check_hosts(self, s):
+        self._settle_unknown(s)
         states = [vm.client.status()["state"] if vm.alive() else "gone"
                   for vm in (self.src, self.dst)]
         running = states.count("running")
