@@ -163,9 +163,9 @@ def expected_moved(fault, phase):
     With COMMIT held at the proxy: a cancel is too late and a cut link only
     loses the destination's RUNNING, so it moves; a destination killed
     after its READY leaves the outcome unknown to the source, and the
-    control plane resumes the verified copy there; a destination that refuses
-    the altered COMMIT or cancels says so, and the source takes the guest
-    back.  Every other fault leaves it on the source."""
+    control plane resumes the verified copy there (_settle_unknown); a
+    destination that refuses the altered COMMIT or cancels says so, and the
+    source takes the guest back.  Every other fault leaves it on the source."""
     if fault in (None, "force"):
         return True
     if fault == "kill_dest" and phase in ("verify", "commit"):
@@ -309,16 +309,23 @@ class _Run:
     def _settle_unknown(self, s):
         """A source that sent COMMIT and then heard neither RUNNING nor a
         refusal cannot know whether the destination runs the guest; the
-        control plane settles it, as the driver's
-        post_live_migration_at_destination does: the destination's VM holds
-        the verified state (the source had its READY), so it is resumed
-        there if it is not running yet."""
-        if s.guest_runs_here or not s.committed or not self.dst.alive():
+        control plane settles it as the Nova driver does (live.py, "handed
+        over"): the destination's VM, paused with the state it verified
+        before its READY, is resumed there (post_live_migration_at_
+        destination); without one the source resumes its own copy, which it
+        keeps intact until then."""
+        if s.guest_runs_here or not s.committed:
             return
-        if self.dst.client.status()["state"] == "paused":
+        state = self.dst.client.status()["state"] if self.dst.alive() else "gone"
+        if state == "running":
+            return
+        if state == "paused":
             self.dst.client.resume()
             self.hop.note = "settled by the control plane: the destination's " \
                 "verified copy resumed"
+        else:
+            self.src.client.resume()
+            self.hop.note = "settled by the control plane: the source resumed"
 
     def _check_hosts(self, s):
         self._settle_unknown(s)
@@ -336,7 +343,9 @@ class _Run:
             assert not s.guest_runs_here
             assert_guest_continued(self.src, self.dst)
         else:
-            assert s.guest_runs_here and not s.committed
+            # the engine's own word, unless the control plane settled it
+            assert self.hop.note.startswith("settled") or (
+                s.guest_runs_here and not s.committed)
             assert_guest_kept_running(self.src, self.dst)
 
     def _check_error(self, s):

@@ -33,7 +33,9 @@ def hosts():
     ("abort", "precopy", False, "PEER_GONE"),
     ("abort", "commit", False, "PEER_GONE"),
     ("flip", "commit", False, "REFUSED"),
+    ("stall", "precopy", False, ""),  # either side may time out first
     ("stall", "verify", False, "TIMEOUT"),
+    ("kill_dest", "commit", True, "PEER_GONE"),
     ("force", "iterate", True, ""),
     ("cancel", "commit", True, ""),
 ])

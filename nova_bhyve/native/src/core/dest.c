@@ -469,24 +469,53 @@ static int join_channels(struct dest *d, char *err)
     return 0;
 }
 
-/* Wait until every channel has delivered round `last`. */
+/* Bytes seen on the wire so far, and since when none arrived. */
+struct quiet {
+    uint64_t seen;
+    double since;
+};
+
+/* 1 once nothing at all has arrived for the session timeout. */
+static int source_silent(struct nb_mig *m, struct quiet *q)
+{
+    uint64_t now_bytes = atomic_load(&m->wire_bytes);
+    if (now_bytes != q->seen) {
+        q->seen = now_bytes;
+        q->since = nb_now_ms();
+        return 0;
+    }
+    return nb_now_ms() - q->since > m->p.timeout_ms;
+}
+
+/* Wait until every channel has delivered round `last`, or the source
+ * goes silent (a stalled path would otherwise hold this forever: the page
+ * channels have no receive timeout). */
 static int wait_rounds(struct dest *d, uint32_t last, char *err)
 {
-    int ok = 1;
+    struct nb_mig *m = d->m;
+    struct quiet q = { atomic_load(&m->wire_bytes), nb_now_ms() };
+    int ok = 1, silent = 0;
     pthread_mutex_lock(&d->lock);
     for (;;) {
         int all = 1;
+        struct timespec until;
         for (int i = 0; i < d->nrcv; i++)
             if (d->done_round[i] < last + 1)
                 all = 0;
-        if (all || d->failed)
+        if (all || d->failed || (silent = source_silent(m, &q)))
             break;
-        pthread_cond_wait(&d->cond, &d->lock);
+        nb_deadline(&until, 250);
+        pthread_cond_timedwait(&d->cond, &d->lock, &until);
     }
-    ok = !d->failed;
+    ok = !d->failed && !silent;
     pthread_mutex_unlock(&d->lock);
+    if (silent) {
+        snprintf(err, NB_ERRLEN, "the source went silent for %u ms before its "
+                 "final round arrived", m->p.timeout_ms);
+        return fail(d, NB_ERR_TIMEOUT);
+    }
     if (!ok)
-        snprintf(err, NB_ERRLEN, "%s", d->m->st.error);
+        snprintf(err, NB_ERRLEN, "%s", m->st.error);
     return ok ? 0 : -1;
 }
 
@@ -498,23 +527,17 @@ static int wait_rounds(struct dest *d, uint32_t last, char *err)
 static int wait_control(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
-    uint64_t seen = atomic_load(&m->wire_bytes);
-    double idle_since = nb_now_ms();
+    struct quiet q = { atomic_load(&m->wire_bytes), nb_now_ms() };
     for (;;) {
         struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
         int rc = poll(&p, 1, 250);
-        uint64_t now_bytes;
         if (rc > 0)
             return 0;
         if (rc < 0 && errno != EINTR) {
             snprintf(err, NB_ERRLEN, "control channel: %s", strerror(errno));
             return fail(d, NB_ERR_PEER_GONE);
         }
-        now_bytes = atomic_load(&m->wire_bytes);
-        if (now_bytes != seen) {
-            seen = now_bytes;
-            idle_since = nb_now_ms();
-        } else if (nb_now_ms() - idle_since > m->p.timeout_ms) {
+        if (source_silent(m, &q)) {
             snprintf(err, NB_ERRLEN, "the source went silent for %u ms",
                      m->p.timeout_ms);
             return fail(d, NB_ERR_TIMEOUT);
