@@ -49,6 +49,7 @@ class Hop:
     fault: str = None
     phase: str = None
     fired_in: str = ""
+    missed: bool = False    # the fault fired in another phase, or never
     moved: bool = False
     src_result: str = ""
     src_error: str = ""
@@ -170,6 +171,8 @@ def expected_moved(fault, phase):
         return True
     if fault == "kill_dest" and phase in ("verify", "commit"):
         return True     # settled by the control plane (_settle_unknown)
+    if fault == "stall" and phase == "commit":
+        return None     # REFUSE heard (stays) or not, then settled (moves)
     return phase == "commit" and fault in ("cancel", "link_cut")
 
 
@@ -232,11 +235,15 @@ class _Run:
         if phase is None or phase in _HELD:
             return
         wanted = Phase[phase.upper()]
-        if phase == "switchover":
-            wait_phase(self.send, [Phase.ITERATE])
-            self.send.set_param("max_bandwidth", 1 * MiB)
-            self.send.set_param("max_downtime_ms", 600000)
-        wait_phase(self.send, [wanted])
+        try:
+            if phase == "switchover":
+                wait_phase(self.send, [Phase.ITERATE])
+                self.send.set_param("max_bandwidth", 1 * MiB)
+                self.send.set_param("max_downtime_ms", 600000)
+            wait_phase(self.send, [wanted])
+        except AssertionError as exc:   # ended first: no fault, still checked
+            self.hop.note = f"trigger missed: {exc}"
+            return
         if phase == "precopy":
             wait_for(lambda: self.send.stats().bytes_transferred > 2 * MiB,
                      timeout=20, what="pages on the wire")
@@ -300,9 +307,12 @@ class _Run:
             raise AssertionError("the destination engine did not end") from None
         self.hop.dst_report = "".join(
             ln for ln in out.splitlines(True) if ln.startswith("result:")).strip()
-        if self.hop.fault is not None:
-            assert self.hop.fired_in == self.hop.phase, \
-                f"fault fired in {self.hop.fired_in or 'no phase'}"
+        if self.hop.fault is not None and self.hop.fired_in != self.hop.phase:
+            # a trigger missed its phase: the invariants are checked all the
+            # same, against the phase the fault did fire in (or no fault)
+            self.hop.missed = True
+            self.hop.note = self.hop.note or \
+                f"trigger missed: fired in {self.hop.fired_in or 'no phase'}"
         self._check_hosts(s)
         self._check_error(s)
 
@@ -335,8 +345,12 @@ class _Run:
         assert running == 1, f"guest running on {running} hosts " \
             f"(source {states[0]}, destination {states[1]})"
         self.hop.moved = states[1] == "running"
-        want = expected_moved(self.hop.fault, self.hop.phase)
-        assert self.hop.moved == want, \
+        want = expected_moved(self.hop.fault if self.hop.fired_in else None,
+                              self.hop.fired_in or None)
+        if self.hop.fault in ("cancel", "abort") and s.result == Result.COMPLETED:
+            want = True     # asked after the commit point: refused, too late
+            self.hop.note = self.hop.note or "too late: after the commit point"
+        assert want is None or self.hop.moved == want, \
             f"guest {'moved' if self.hop.moved else 'stayed'}, expected " \
             f"{'moved' if want else 'stayed'}"
         if self.hop.moved:
@@ -349,11 +363,11 @@ class _Run:
             assert_guest_kept_running(self.src, self.dst)
 
     def _check_error(self, s):
-        fault = self.hop.fault
+        fault = self.hop.fault if self.hop.fired_in else None
         if fault is None or (self.hop.moved and s.result == Result.COMPLETED):
             assert s.result == Result.COMPLETED, s.error
             return
-        words = CAUSE.get((fault, self.hop.phase)) or CAUSE[fault]
+        words = CAUSE.get((fault, self.hop.fired_in)) or CAUSE[fault]
         text = f"{s.error_kind.name} {s.error}".lower()
         assert any(w in text for w in words), \
             f"error does not name the cause ({'|'.join(words)}): {self.hop.src_error}"

@@ -65,7 +65,9 @@ def matrix_table(hops, faults, phases):
             h = cell.get((f, p))
             marks.append("" if h is None else
                          ("ok" if h.ok else "**FAIL**") +
-                         (" (moved)" if h.moved else " (stayed)"))
+                         (" (moved" if h.moved else " (stayed") +
+                         (f"; fired in {h.fired_in or 'none'})" if h.missed
+                          else ")"))
         rows.append(f"| {f} | " + " | ".join(marks) + " |")
     return "\n".join(rows)
 
@@ -81,8 +83,10 @@ def summary(hops):
     """The soak's figures."""
     clean = [h.seconds for h in hops if h.fault is None]
     failed = [h for h in hops if not h.ok]
+    missed = sum(h.missed for h in hops)
     moved = sum(h.moved for h in hops)
-    return (f"{len(hops)} hops ({len(hops) - len(clean)} with a fault), "
+    return (f"{len(hops)} hops ({len(hops) - len(clean)} with a fault, "
+            f"{missed} of those missed their phase), "
             f"{moved} moved the guest, {len(failed)} failed an invariant; "
             f"clean hop median {statistics.median(clean):.2f} s, "
             f"max {max(clean):.2f} s; total {sum(h.seconds for h in hops):.0f} s"
