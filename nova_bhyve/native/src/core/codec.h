@@ -15,6 +15,8 @@ struct nb_xcache;
 int nb_page_is_zero(const uint8_t *page);
 size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out, size_t cap);
 int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page);
+/* -1 (default): vector code where the CPU has it; 0: portable code only */
+extern int nb_codec_simd;
 uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k);
 uint64_t nb_zero_page_hash(const struct nb_hash_key *k);
 uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k);

@@ -4,6 +4,7 @@
  * into the engine.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "core/codec.h"
 #include "core/transitions.h"
@@ -24,6 +25,21 @@ int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page)
 uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len)
 {
     return nb_crc32c(0, buf, len);
+}
+
+uint64_t nb_selftest_page_hash(const uint8_t *page, const uint32_t *nh,
+                               uint64_t k0, uint64_t k1, int simd)
+{
+    static struct nb_hash_key k;
+    uint64_t h;
+
+    memcpy(k.nh, nh, sizeof(k.nh));
+    k.page_k0 = k0;
+    k.page_k1 = k1;
+    nb_codec_simd = simd ? -1 : 0;
+    h = nb_page_hash(page, &k);
+    nb_codec_simd = -1;
+    return h;
 }
 
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
