@@ -77,6 +77,90 @@ def test_crc32c_matches_the_published_check_value():
         lib.nb_selftest_crc32c(data, len(data))
 
 
+M64 = (1 << 64) - 1
+
+
+def _siphash24(k0, k1, words):
+    """SipHash-2-4 of 64-bit words (the reference algorithm)."""
+    def rotl(x, r):
+        return ((x << r) | (x >> (64 - r))) & M64
+
+    v = [k0 ^ 0x736f6d6570736575, k1 ^ 0x646f72616e646f6d,
+         k0 ^ 0x6c7967656e657261, k1 ^ 0x7465646279746573]
+
+    def rnd():
+        v[0] = (v[0] + v[1]) & M64
+        v[1] = rotl(v[1], 13) ^ v[0]
+        v[0] = rotl(v[0], 32)
+        v[2] = (v[2] + v[3]) & M64
+        v[3] = rotl(v[3], 16) ^ v[2]
+        v[0] = (v[0] + v[3]) & M64
+        v[3] = rotl(v[3], 21) ^ v[0]
+        v[2] = (v[2] + v[1]) & M64
+        v[1] = rotl(v[1], 17) ^ v[2]
+        v[2] = rotl(v[2], 32)
+
+    for m in words + [(len(words) * 8) << 56]:
+        v[3] ^= m
+        rnd()
+        rnd()
+        v[0] ^= m
+    v[2] ^= 0xff
+    for _ in range(4):
+        rnd()
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def _page_hash(page, nh, k0, k1):
+    """H(page) as PROTOCOL.md ("Memory digest") defines it."""
+    w = [int.from_bytes(page[i:i + 4], "little") for i in range(0, PAGE, 4)]
+    m32 = (1 << 32) - 1
+
+    def nh_pass(k):
+        return sum(((w[2 * i] + k[2 * i]) & m32) * ((w[2 * i + 1] + k[2 * i + 1]) & m32)
+                   for i in range(PAGE // 8)) & M64
+
+    return _siphash24(k0, k1, [nh_pass(nh), nh_pass(nh[4:])])
+
+
+def _simd_or_skip(simd, used):
+    if used[0] != simd:
+        pytest.skip(f"this CPU has no vector level {simd}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("simd", [0, 1])
+def test_page_hash_matches_the_protocol(seed, simd):
+    ffi, lib = selftest_module()
+    rng = random.Random(seed)
+    nh = [rng.getrandbits(32) for _ in range(PAGE // 4 + 4)]
+    k0, k1 = rng.getrandbits(64), rng.getrandbits(64)
+    page = bytes(rng.getrandbits(8) for _ in range(PAGE))
+    if seed == 1:
+        page = bytes(PAGE)
+    elif seed == 2:
+        page = b"\xff" * PAGE      # every sum wraps
+    buf = ffi.new("uint8_t[]", PAGE + 1)
+    ffi.memmove(buf + 1, page, PAGE)    # pages sit at any offset in a frame
+    used = ffi.new("int *")
+    h = lib.nb_selftest_page_hash(buf + 1, ffi.new("uint32_t[]", nh), k0, k1,
+                                  simd, used)
+    _simd_or_skip(simd, used)
+    assert h == _page_hash(page, nh, k0, k1)
+
+
+@pytest.mark.parametrize("simd", [0, 1, 2])
+def test_digest_terms_match_the_protocol(simd):
+    ffi, lib = selftest_module()
+    rng = random.Random(simd)
+    k0, k1, h = rng.getrandbits(64), rng.getrandbits(64), rng.getrandbits(64)
+    first, n = (1 << 32) - 5, 21        # lanes and a tail; pfns past 2^32
+    out, used = ffi.new("uint64_t[]", n), ffi.new("int *")
+    lib.nb_selftest_digest_terms(first, n, h, k0, k1, simd, used, out)
+    _simd_or_skip(simd, used)
+    assert list(out) == [_siphash24(k0, k1, [first + j, h]) for j in range(n)]
+
+
 BASE = """protocol=1
 arch=x86_64
 page_size=4096

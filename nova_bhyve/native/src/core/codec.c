@@ -176,14 +176,79 @@ static uint64_t siphash24(uint64_t k0, uint64_t k1, const uint64_t *m, size_t n)
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
-/* NH over one page with the key words starting at `k` (a 2^-32-universal hash). */
-static uint64_t nh_page(const uint8_t *page, const uint32_t *k)
+/*
+ * NH over one page twice, with the key words starting at k and at k + 4
+ * (each a 2^-32-universal hash), in one pass over the page:
+ *   out[j] = sum_i ((w[2i] + k[2i + 4j]) mod 2^32) * ((w[2i+1] + k[2i+1 + 4j]) mod 2^32)
+ * mod 2^64.  The sums are order-free, so the vector version below adds
+ * the same products in another order and gets the same result.
+ */
+static void nh_pair_scalar(const uint8_t *page, const uint32_t *k, uint64_t out[2])
 {
-    uint64_t sum = 0;
-    for (size_t i = 0; i < NB_PAGE / 4; i += 2)
-        sum += (uint64_t)(uint32_t)(load32(page + 4 * i) + k[i]) *
-               (uint32_t)(load32(page + 4 * i + 4) + k[i + 1]);
-    return sum;
+    uint64_t a = 0, b = 0;
+    for (size_t i = 0; i < NB_PAGE / 4; i += 2) {
+        uint32_t w0 = load32(page + 4 * i), w1 = load32(page + 4 * i + 4);
+        a += (uint64_t)(uint32_t)(w0 + k[i]) * (uint32_t)(w1 + k[i + 1]);
+        b += (uint64_t)(uint32_t)(w0 + k[i + 4]) * (uint32_t)(w1 + k[i + 5]);
+    }
+    out[0] = a;
+    out[1] = b;
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* The same with AVX2: eight words at a time, four products per pass. */
+__attribute__((target("avx2")))
+static void nh_pair_avx2(const uint8_t *page, const uint32_t *k, uint64_t out[2])
+{
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    uint64_t la[4], lb[4];
+
+    for (size_t i = 0; i < NB_PAGE / 4; i += 8) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(page + 4 * i));
+        __m256i sa = _mm256_add_epi32(w, _mm256_loadu_si256((const __m256i *)(k + i)));
+        __m256i sb = _mm256_add_epi32(w, _mm256_loadu_si256((const __m256i *)(k + i + 4)));
+        /* each 64-bit lane: (low word) * (high word) */
+        a = _mm256_add_epi64(a, _mm256_mul_epu32(sa, _mm256_srli_epi64(sa, 32)));
+        b = _mm256_add_epi64(b, _mm256_mul_epu32(sb, _mm256_srli_epi64(sb, 32)));
+    }
+    _mm256_storeu_si256((__m256i *)la, a);
+    _mm256_storeu_si256((__m256i *)lb, b);
+    out[0] = la[0] + la[1] + la[2] + la[3];
+    out[1] = lb[0] + lb[1] + lb[2] + lb[3];
+}
+#endif
+
+/*
+ * The vector code to use: 0 none, 1 AVX2, 2 AVX2 and AVX-512F; -1 (the
+ * default): the best the CPU has, decided on first use.
+ */
+int nb_codec_simd = -1;
+
+int nb_simd_level(void)
+{
+#if defined(__x86_64__)
+    if (nb_codec_simd < 0) {
+        __builtin_cpu_init();
+        nb_codec_simd = !__builtin_cpu_supports("avx2") ? 0
+                        : __builtin_cpu_supports("avx512f") ? 2 : 1;
+    }
+    return nb_codec_simd;
+#else
+    return 0;
+#endif
+}
+
+static void nh_pair(const uint8_t *page, const uint32_t *k, uint64_t out[2])
+{
+#if defined(__x86_64__)
+    if (nb_simd_level() >= 1) {
+        nh_pair_avx2(page, k, out);
+        return;
+    }
+#endif
+    nh_pair_scalar(page, k, out);
 }
 
 /*
@@ -193,7 +258,8 @@ static uint64_t nh_page(const uint8_t *page, const uint32_t *k)
  */
 uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k)
 {
-    uint64_t nh[2] = { nh_page(page, k->nh), nh_page(page, k->nh + 4) };
+    uint64_t nh[2];
+    nh_pair(page, k->nh, nh);
     return siphash24(k->page_k0, k->page_k1, nh, 2);
 }
 
@@ -209,6 +275,137 @@ uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k)
 {
     uint64_t m[2] = { pfn, h };
     return siphash24(k->term_k0, k->term_k1, m, 2);
+}
+
+/*
+ * out[j] = T(first + j, h) for j < n: the digest terms of n consecutive
+ * pfns with one content hash (every page starts as a zero page).
+ */
+static void terms_scalar(uint64_t first, uint64_t n, uint64_t h,
+                         const struct nb_hash_key *k, uint64_t *out)
+{
+    for (uint64_t j = 0; j < n; j++)
+        out[j] = nb_digest_term(first + j, h, k);
+}
+
+#if defined(__x86_64__)
+#define ROTL4(x, r) _mm256_or_si256(_mm256_slli_epi64(x, r), _mm256_srli_epi64(x, 64 - (r)))
+#define ROTL4_32(x) _mm256_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1))
+#define SIPROUND4(v0, v1, v2, v3) do {                                       \
+        v0 = _mm256_add_epi64(v0, v1); v1 = ROTL4(v1, 13);                  \
+        v1 = _mm256_xor_si256(v1, v0); v0 = ROTL4_32(v0);                   \
+        v2 = _mm256_add_epi64(v2, v3); v3 = ROTL4(v3, 16);                  \
+        v3 = _mm256_xor_si256(v3, v2);                                      \
+        v0 = _mm256_add_epi64(v0, v3); v3 = ROTL4(v3, 21);                  \
+        v3 = _mm256_xor_si256(v3, v0);                                      \
+        v2 = _mm256_add_epi64(v2, v1); v1 = ROTL4(v1, 17);                  \
+        v1 = _mm256_xor_si256(v1, v2); v2 = ROTL4_32(v2);                   \
+    } while (0)
+
+/* The same, four SipHash-2-4 computations at a time with AVX2. */
+__attribute__((target("avx2")))
+static void terms_avx2(uint64_t first, uint64_t n, uint64_t h,
+                       const struct nb_hash_key *k, uint64_t *out)
+{
+    const __m256i hv = _mm256_set1_epi64x((long long)h);
+    const __m256i last = _mm256_set1_epi64x((long long)(16ULL << 56));
+    const __m256i ff = _mm256_set1_epi64x(0xff);
+    const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+    uint64_t j = 0;
+
+    for (; j + 4 <= n; j += 4) {
+        __m256i v0 = _mm256_set1_epi64x((long long)(k->term_k0 ^ 0x736f6d6570736575ULL));
+        __m256i v1 = _mm256_set1_epi64x((long long)(k->term_k1 ^ 0x646f72616e646f6dULL));
+        __m256i v2 = _mm256_set1_epi64x((long long)(k->term_k0 ^ 0x6c7967656e657261ULL));
+        __m256i v3 = _mm256_set1_epi64x((long long)(k->term_k1 ^ 0x7465646279746573ULL));
+        __m256i pfn = _mm256_add_epi64(_mm256_set1_epi64x((long long)(first + j)), lane);
+
+        v3 = _mm256_xor_si256(v3, pfn);
+        SIPROUND4(v0, v1, v2, v3);
+        SIPROUND4(v0, v1, v2, v3);
+        v0 = _mm256_xor_si256(v0, pfn);
+        v3 = _mm256_xor_si256(v3, hv);
+        SIPROUND4(v0, v1, v2, v3);
+        SIPROUND4(v0, v1, v2, v3);
+        v0 = _mm256_xor_si256(v0, hv);
+        v3 = _mm256_xor_si256(v3, last);
+        SIPROUND4(v0, v1, v2, v3);
+        SIPROUND4(v0, v1, v2, v3);
+        v0 = _mm256_xor_si256(v0, last);
+        v2 = _mm256_xor_si256(v2, ff);
+        for (int r = 0; r < 4; r++)
+            SIPROUND4(v0, v1, v2, v3);
+        v0 = _mm256_xor_si256(_mm256_xor_si256(v0, v1), _mm256_xor_si256(v2, v3));
+        _mm256_storeu_si256((__m256i *)(out + j), v0);
+    }
+    terms_scalar(first + j, n - j, h, k, out + j);
+}
+
+#define SIPROUND8(v0, v1, v2, v3) do {                                       \
+        v0 = _mm512_add_epi64(v0, v1); v1 = _mm512_rol_epi64(v1, 13);       \
+        v1 = _mm512_xor_si512(v1, v0); v0 = _mm512_rol_epi64(v0, 32);       \
+        v2 = _mm512_add_epi64(v2, v3); v3 = _mm512_rol_epi64(v3, 16);       \
+        v3 = _mm512_xor_si512(v3, v2);                                      \
+        v0 = _mm512_add_epi64(v0, v3); v3 = _mm512_rol_epi64(v3, 21);       \
+        v3 = _mm512_xor_si512(v3, v0);                                      \
+        v2 = _mm512_add_epi64(v2, v1); v1 = _mm512_rol_epi64(v1, 17);       \
+        v1 = _mm512_xor_si512(v1, v2); v2 = _mm512_rol_epi64(v2, 32);       \
+    } while (0)
+
+/* The same, eight at a time with AVX-512 (which rotates in one step). */
+__attribute__((target("avx512f")))
+static void terms_avx512(uint64_t first, uint64_t n, uint64_t h,
+                         const struct nb_hash_key *k, uint64_t *out)
+{
+    const __m512i hv = _mm512_set1_epi64((long long)h);
+    const __m512i last = _mm512_set1_epi64((long long)(16ULL << 56));
+    const __m512i ff = _mm512_set1_epi64(0xff);
+    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    uint64_t j = 0;
+
+    for (; j + 8 <= n; j += 8) {
+        __m512i v0 = _mm512_set1_epi64((long long)(k->term_k0 ^ 0x736f6d6570736575ULL));
+        __m512i v1 = _mm512_set1_epi64((long long)(k->term_k1 ^ 0x646f72616e646f6dULL));
+        __m512i v2 = _mm512_set1_epi64((long long)(k->term_k0 ^ 0x6c7967656e657261ULL));
+        __m512i v3 = _mm512_set1_epi64((long long)(k->term_k1 ^ 0x7465646279746573ULL));
+        __m512i pfn = _mm512_add_epi64(_mm512_set1_epi64((long long)(first + j)), lane);
+
+        v3 = _mm512_xor_si512(v3, pfn);
+        SIPROUND8(v0, v1, v2, v3);
+        SIPROUND8(v0, v1, v2, v3);
+        v0 = _mm512_xor_si512(v0, pfn);
+        v3 = _mm512_xor_si512(v3, hv);
+        SIPROUND8(v0, v1, v2, v3);
+        SIPROUND8(v0, v1, v2, v3);
+        v0 = _mm512_xor_si512(v0, hv);
+        v3 = _mm512_xor_si512(v3, last);
+        SIPROUND8(v0, v1, v2, v3);
+        SIPROUND8(v0, v1, v2, v3);
+        v0 = _mm512_xor_si512(v0, last);
+        v2 = _mm512_xor_si512(v2, ff);
+        for (int r = 0; r < 4; r++)
+            SIPROUND8(v0, v1, v2, v3);
+        v0 = _mm512_xor_si512(_mm512_xor_si512(v0, v1), _mm512_xor_si512(v2, v3));
+        _mm512_storeu_si512((void *)(out + j), v0);
+    }
+    terms_scalar(first + j, n - j, h, k, out + j);
+}
+#endif
+
+void nb_digest_terms(uint64_t first, uint64_t n, uint64_t h,
+                     const struct nb_hash_key *k, uint64_t *out)
+{
+#if defined(__x86_64__)
+    if (nb_simd_level() >= 2) {
+        terms_avx512(first, n, h, k, out);
+        return;
+    }
+    if (nb_simd_level() == 1) {
+        terms_avx2(first, n, h, k, out);
+        return;
+    }
+#endif
+    terms_scalar(first, n, h, k, out);
 }
 
 /* ---- delta cache (source side) --------------------------------------- */

@@ -601,10 +601,14 @@ int nb_setup_memory(struct nb_mig *m, char *err)
 /* Every page starts as a zero page in the incremental digest. */
 void nb_init_page_hashes(struct nb_mig *m)
 {
-    uint64_t hz = nb_zero_page_hash(&m->keys.hash);
-    for (uint64_t i = 0; i < m->npages; i++) {
-        uint64_t pfn, off;
-        nb_page_addr(m, i, &pfn, &off);
-        m->page_hash[i] = nb_digest_term(pfn, hz, &m->keys.hash);
+    const struct nb_layout *l = &m->vmm.layout;
+    uint64_t hz = nb_zero_page_hash(&m->keys.hash), i = 0;
+    /* page indices run through the segments in layout order (as
+     * nb_page_addr); nb_setup_memory made npages their sum */
+    for (int s = 0; s < l->nsegs; s++) {
+        uint64_t n = l->seg[s].len / NB_PAGE;
+        nb_digest_terms(l->seg[s].gpa / NB_PAGE, n, hz, &m->keys.hash,
+                        m->page_hash + i);
+        i += n;
     }
 }

@@ -26,7 +26,9 @@ static int flush_frame(struct sender *s, uint32_t round, char *err)
         return 0;
     nb_pages_finish(s->frame, round, s->nrec);
     nb_throttle_bandwidth(s->m, s->flen);
-    if (nb_send_frame(s->ch, NB_MSG_PAGES, s->frame, (uint32_t)s->flen, err) < 0)
+    /* sealed in place: the frame is rebuilt from the next page on */
+    if (nb_send_frame_in_place(s->ch, NB_MSG_PAGES, s->frame, (uint32_t)s->flen,
+                               err) < 0)
         return -1;
     s->flen = NB_PAGES_HDR;
     s->nrec = 0;
@@ -335,7 +337,7 @@ int nb_src_start_senders(struct source *src, char *err)
         s->src = src;
         s->slot = i;
         s->ch = &m->data[i];
-        s->frame = malloc(FRAME_CAP);
+        s->frame = malloc(FRAME_CAP + NB_TAG);  /* room for the tag */
         s->flen = NB_PAGES_HDR;
         if (!s->frame) {
             snprintf(err, NB_ERRLEN, "out of memory");

@@ -4,6 +4,7 @@
  * into the engine.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "core/codec.h"
 #include "core/transitions.h"
@@ -24,6 +25,44 @@ int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page)
 uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len)
 {
     return nb_crc32c(0, buf, len);
+}
+
+/* Allow vector code up to `simd` (what the CPU has, at most). */
+static int limit_simd(int simd)
+{
+    int best;
+    nb_codec_simd = -1;
+    best = nb_simd_level();
+    nb_codec_simd = simd < best ? simd : best;
+    return nb_codec_simd;
+}
+
+uint64_t nb_selftest_page_hash(const uint8_t *page, const uint32_t *nh,
+                               uint64_t k0, uint64_t k1, int simd, int *used)
+{
+    static struct nb_hash_key k;
+    uint64_t h;
+
+    memcpy(k.nh, nh, sizeof(k.nh));
+    k.page_k0 = k0;
+    k.page_k1 = k1;
+    *used = limit_simd(simd);
+    h = nb_page_hash(page, &k);
+    nb_codec_simd = -1;
+    return h;
+}
+
+void nb_selftest_digest_terms(uint64_t first, uint64_t n, uint64_t h,
+                              uint64_t k0, uint64_t k1, int simd, int *used,
+                              uint64_t *out)
+{
+    static struct nb_hash_key k;
+
+    k.term_k0 = k0;
+    k.term_k1 = k1;
+    *used = limit_simd(simd);
+    nb_digest_terms(first, n, h, &k, out);
+    nb_codec_simd = -1;
 }
 
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)

@@ -91,43 +91,81 @@ static int read_all(int fd, uint8_t *buf, size_t len)
     return 0;
 }
 
-/* Send one frame; sealed (encrypted and authenticated) once the channel is. */
-int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
-                  uint32_t len, char *err)
+/* Header bytes 0..11 of the next frame on `c` (the CRC comes last). */
+static void frame_header(struct nb_chan *c, uint8_t type, uint32_t len,
+                         uint8_t hdr[NB_FRAME_HDR])
 {
-    uint8_t hdr[NB_FRAME_HDR], tag[NB_TAG];
-    const uint8_t *body = payload;
-    struct iovec iov[3];
-    uint32_t crc;
-    int n = 2;
-
     hdr[0] = type;
     hdr[1] = c->seal ? FLAG_SEALED : 0;
     nb_put16(hdr + 2, c->index);
     nb_put32(hdr + 4, c->send_seq);
     nb_put32(hdr + 8, len);
-    crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
-    if (c->seal) {
-        if (nb_seal_frame(c, hdr, payload, len, &body, tag) < 0) {
-            snprintf(err, NB_ERRLEN, "encrypting a %s frame failed", nb_msg_name(type));
-            return nb_wire_fail(c, NB_ERR_INTERNAL);
-        }
-    } else
-        crc = nb_crc32c(crc, payload, len);
+}
+
+/* Complete the header with its CRC and write the frame: header, body and,
+ * if sealed, the tag (which may directly follow the body). */
+static int write_frame(struct nb_chan *c, uint8_t hdr[NB_FRAME_HDR],
+                       const uint8_t *body, uint32_t len, const uint8_t *tag,
+                       char *err)
+{
+    uint32_t crc = nb_crc32c(0, hdr, NB_FRAME_CRC_AT);
+    struct iovec iov[3];
+    int n = 2;
+
+    if (!c->seal)
+        crc = nb_crc32c(crc, body, len);
     nb_put32(hdr + NB_FRAME_CRC_AT, crc);
     iov[0] = (struct iovec){ hdr, NB_FRAME_HDR };
     iov[1] = (struct iovec){ (void *)body, len };
-    if (c->seal)
-        iov[n++] = (struct iovec){ tag, NB_TAG };
+    if (c->seal && tag == body + len)
+        iov[1].iov_len += NB_TAG;
+    else if (c->seal)
+        iov[n++] = (struct iovec){ (void *)tag, NB_TAG };
     if (write_all(c->fd, iov, n) < 0) {
         snprintf(err, NB_ERRLEN, "sending %s on channel %u: %s",
-                 nb_msg_name(type), c->index, strerror(errno));
+                 nb_msg_name(hdr[0]), c->index, strerror(errno));
         return nb_wire_fail(c, errno == EAGAIN || errno == EWOULDBLOCK ? NB_ERR_TIMEOUT : NB_ERR_PEER_GONE);
     }
     c->send_seq++;
     if (c->wire)
         atomic_fetch_add(c->wire, NB_FRAME_HDR + len + (c->seal ? NB_TAG : 0));
     return 0;
+}
+
+static int seal_failed(struct nb_chan *c, uint8_t type, char *err)
+{
+    snprintf(err, NB_ERRLEN, "encrypting a %s frame failed", nb_msg_name(type));
+    return nb_wire_fail(c, NB_ERR_INTERNAL);
+}
+
+/* Send one frame; sealed (encrypted and authenticated) once the channel is. */
+int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
+                  uint32_t len, char *err)
+{
+    uint8_t hdr[NB_FRAME_HDR], tag[NB_TAG];
+    const uint8_t *body = payload;
+
+    frame_header(c, type, len, hdr);
+    if (c->seal && nb_seal_frame(c, hdr, payload, len, &body, tag) < 0)
+        return seal_failed(c, type, err);
+    return write_frame(c, hdr, body, len, tag, err);
+}
+
+/*
+ * nb_send_frame for a payload the caller lets go of, with NB_TAG bytes to
+ * spare after it: a sealed channel encrypts it in place and puts the tag
+ * in those bytes, so the page data is neither copied nor buffered twice.
+ * Afterwards the buffer holds what was sent.
+ */
+int nb_send_frame_in_place(struct nb_chan *c, uint8_t type, uint8_t *payload,
+                           uint32_t len, char *err)
+{
+    uint8_t hdr[NB_FRAME_HDR];
+
+    frame_header(c, type, len, hdr);
+    if (c->seal && nb_seal_in_place(c, hdr, payload, len, payload + len) < 0)
+        return seal_failed(c, type, err);
+    return write_frame(c, hdr, payload, len, payload + len, err);
 }
 
 /* Check a received header: flags, length limit, channel, sequence, sealing. */
@@ -177,7 +215,35 @@ static int grow_rbuf(struct nb_chan *c, size_t need, char *err)
     return 0;
 }
 
-/* Check the CRC, then open a sealed payload in place. */
+/*
+ * Read a sealed frame's payload and tag into c->rbuf, decrypting each
+ * piece in place as it arrives, while it is still in cache; the plaintext
+ * is used only once check_body has verified the tag.  Returns 0, -1/-2 as
+ * read_all, or -3 if the cipher failed.
+ */
+static int read_sealed(struct nb_chan *c, const uint8_t *hdr, uint32_t len)
+{
+    size_t got = 0, opened = 0, total = (size_t)len + NB_TAG;
+
+    if (nb_open_begin(c, hdr) < 0)
+        return -3;
+    while (got < total) {
+        ssize_t r = recv(c->fd, c->rbuf + got, total - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r == 0 ? -2 : -1;
+        got += (size_t)r;
+        size_t upto = got < len ? got : len;
+        if (upto > opened &&
+            nb_open_update(c, c->rbuf + opened, (uint32_t)(upto - opened)) < 0)
+            return -3;
+        opened = upto;
+    }
+    return 0;
+}
+
+/* Check the CRC, then (sealed) the tag of the payload read_sealed opened. */
 static int check_body(struct nb_chan *c, const uint8_t *hdr, uint32_t len,
                       char *err)
 {
@@ -189,7 +255,7 @@ static int check_body(struct nb_chan *c, const uint8_t *hdr, uint32_t len,
                  c->index, nb_msg_name(hdr[0]));
         return nb_wire_fail(c, NB_ERR_CORRUPT);
     }
-    if (c->seal && nb_open_frame(c, hdr, c->rbuf, len, c->rbuf + len) < 0) {
+    if (c->seal && nb_open_end(c, c->rbuf + len, c->rbuf + len) < 0) {
         snprintf(err, NB_ERRLEN, "channel %u: %s frame failed authentication "
                  "(altered, injected or misplaced)", c->index, nb_msg_name(hdr[0]));
         return nb_wire_fail(c, NB_ERR_CORRUPT);
@@ -217,7 +283,13 @@ int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
     tail = c->seal ? NB_TAG : 0;
     if (grow_rbuf(c, (size_t)len + tail, err) < 0)
         return -1;
-    if (read_all(c->fd, c->rbuf, len + tail) < 0) {
+    r = c->seal ? read_sealed(c, hdr, len) : read_all(c->fd, c->rbuf, len);
+    if (r == -3) {
+        snprintf(err, NB_ERRLEN, "channel %u: decrypting a %s frame failed",
+                 c->index, nb_msg_name(hdr[0]));
+        return nb_wire_fail(c, NB_ERR_INTERNAL);
+    }
+    if (r < 0) {
         snprintf(err, NB_ERRLEN, "channel %u: stream truncated inside a %s frame",
                  c->index, nb_msg_name(hdr[0]));
         return nb_wire_fail(c, NB_ERR_PEER_GONE);

@@ -95,6 +95,21 @@ static void frame_nonce(const uint8_t *hdr, uint8_t iv[NB_GCM_IV])
     memcpy(iv, hdr + 4, 4);
 }
 
+/* AES-256-GCM of `len` bytes from `in` to `out` (which may be `in`). */
+static int seal(struct nb_seal *s, const uint8_t *hdr, const uint8_t *in,
+                uint8_t *out, uint32_t len, uint8_t tag[NB_TAG])
+{
+    uint8_t iv[NB_GCM_IV];
+    int n = 0;
+
+    frame_nonce(hdr, iv);
+    return EVP_EncryptInit_ex(s->tx, NULL, NULL, NULL, iv) &&
+           EVP_EncryptUpdate(s->tx, NULL, &n, hdr, NB_FRAME_CRC_AT) &&
+           (!len || EVP_EncryptUpdate(s->tx, out, &n, in, (int)len)) &&
+           EVP_EncryptFinal_ex(s->tx, out + (len ? n : 0), &n) &&
+           EVP_CIPHER_CTX_ctrl(s->tx, EVP_CTRL_GCM_GET_TAG, NB_TAG, tag) ? 0 : -1;
+}
+
 /*
  * Encrypt `len` bytes of `pt` for the frame whose header bytes 0..11 are
  * `hdr` (the additional data); *ct points at the ciphertext, valid until
@@ -104,8 +119,6 @@ int nb_seal_frame(struct nb_chan *c, const uint8_t *hdr, const void *pt,
                   uint32_t len, const uint8_t **ct, uint8_t tag[NB_TAG])
 {
     struct nb_seal *s = c->seal;
-    uint8_t iv[NB_GCM_IV];
-    int n = 0;
 
     if (len > s->scap || !s->sbuf) {    /* never NULL, even for len 0 */
         uint8_t *b = realloc(s->sbuf, len ? len : 1);
@@ -114,31 +127,49 @@ int nb_seal_frame(struct nb_chan *c, const uint8_t *hdr, const void *pt,
         s->sbuf = b;
         s->scap = len ? len : 1;
     }
-    frame_nonce(hdr, iv);
-    if (!EVP_EncryptInit_ex(s->tx, NULL, NULL, NULL, iv) ||
-        !EVP_EncryptUpdate(s->tx, NULL, &n, hdr, NB_FRAME_CRC_AT) ||
-        (len && !EVP_EncryptUpdate(s->tx, s->sbuf, &n, pt, (int)len)) ||
-        !EVP_EncryptFinal_ex(s->tx, s->sbuf + (len ? n : 0), &n) ||
-        !EVP_CIPHER_CTX_ctrl(s->tx, EVP_CTRL_GCM_GET_TAG, NB_TAG, tag))
-        return -1;
     *ct = s->sbuf;
-    return 0;
+    return seal(s, hdr, pt, s->sbuf, len, tag);
 }
 
-/* Decrypt `len` bytes of `buf` in place; -1 if the tag does not verify. */
-int nb_open_frame(struct nb_chan *c, const uint8_t *hdr, uint8_t *buf,
-                  uint32_t len, const uint8_t *tag)
+/*
+ * nb_seal_frame for a payload the caller lets go of: encrypted in place,
+ * so the bytes are read and written once, where they already are.
+ */
+int nb_seal_in_place(struct nb_chan *c, const uint8_t *hdr, uint8_t *buf,
+                     uint32_t len, uint8_t tag[NB_TAG])
 {
-    struct nb_seal *s = c->seal;
-    uint8_t iv[NB_GCM_IV], t[NB_TAG];
+    return seal(c->seal, hdr, buf, buf, len, tag);
+}
+
+/*
+ * Opening a frame, piece by piece as its payload arrives (so that each
+ * piece is decrypted while it is still in cache): nb_open_begin with the
+ * header bytes 0..11, nb_open_update over the payload in order (in place),
+ * then nb_open_end with the tag, -1 if it does not verify.  The plaintext
+ * must not be used before nb_open_end has returned 0.
+ */
+int nb_open_begin(struct nb_chan *c, const uint8_t *hdr)
+{
+    uint8_t iv[NB_GCM_IV];
+    int n = 0;
+
+    frame_nonce(hdr, iv);
+    return EVP_DecryptInit_ex(c->seal->rx, NULL, NULL, NULL, iv) &&
+           EVP_DecryptUpdate(c->seal->rx, NULL, &n, hdr, NB_FRAME_CRC_AT) ? 0 : -1;
+}
+
+int nb_open_update(struct nb_chan *c, uint8_t *buf, uint32_t len)
+{
+    int n = 0;
+    return !len || EVP_DecryptUpdate(c->seal->rx, buf, &n, buf, (int)len) ? 0 : -1;
+}
+
+int nb_open_end(struct nb_chan *c, uint8_t *end, const uint8_t *tag)
+{
+    uint8_t t[NB_TAG];
     int n = 0;
 
     memcpy(t, tag, NB_TAG);
-    frame_nonce(hdr, iv);
-    if (!EVP_DecryptInit_ex(s->rx, NULL, NULL, NULL, iv) ||
-        !EVP_DecryptUpdate(s->rx, NULL, &n, hdr, NB_FRAME_CRC_AT) ||
-        (len && !EVP_DecryptUpdate(s->rx, buf, &n, buf, (int)len)) ||
-        !EVP_CIPHER_CTX_ctrl(s->rx, EVP_CTRL_GCM_SET_TAG, NB_TAG, t))
-        return -1;
-    return EVP_DecryptFinal_ex(s->rx, buf + (len ? n : 0), &n) > 0 ? 0 : -1;
+    return EVP_CIPHER_CTX_ctrl(c->seal->rx, EVP_CTRL_GCM_SET_TAG, NB_TAG, t) &&
+           EVP_DecryptFinal_ex(c->seal->rx, end, &n) > 0 ? 0 : -1;
 }

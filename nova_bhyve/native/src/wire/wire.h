@@ -105,6 +105,8 @@ static inline int nb_wire_fail(struct nb_chan *c, int kind)
 
 int nb_send_frame(struct nb_chan *c, uint8_t type, const void *payload,
                   uint32_t len, char *err);
+int nb_send_frame_in_place(struct nb_chan *c, uint8_t type, uint8_t *payload,
+                           uint32_t len, char *err);
 int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
                   char *err);
 void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
@@ -125,8 +127,11 @@ int nb_seal_start(struct nb_chan *c, const uint8_t *session_key, int is_source,
 void nb_seal_free(struct nb_chan *c);
 int nb_seal_frame(struct nb_chan *c, const uint8_t *hdr, const void *pt,
                   uint32_t len, const uint8_t **ct, uint8_t tag[NB_TAG]);
-int nb_open_frame(struct nb_chan *c, const uint8_t *hdr, uint8_t *buf,
-                  uint32_t len, const uint8_t *tag);
+int nb_seal_in_place(struct nb_chan *c, const uint8_t *hdr, uint8_t *buf,
+                     uint32_t len, uint8_t tag[NB_TAG]);
+int nb_open_begin(struct nb_chan *c, const uint8_t *hdr);
+int nb_open_update(struct nb_chan *c, uint8_t *buf, uint32_t len);
+int nb_open_end(struct nb_chan *c, uint8_t *end, const uint8_t *tag);
 
 struct nb_session_keys {
     uint8_t key[NB_KEY];    /* session key */
