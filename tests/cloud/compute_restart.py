@@ -17,7 +17,8 @@ each check prints one line:
 - exactly one nb-testhost process of the instance exists on the machine;
 - its heartbeats advance and its self-check is clean (no FAIL);
 - nothing is left on the other host: no VM process, no listener on its
-  migration address, no instance or runtime directory;
+  migration address, no instance or runtime directory (and, after the
+  delete, no tap device of its ports);
 - the migration record ended (status and the driver's event, whose
   details must name the cause);
 - one more live migration of the server completes;
@@ -250,12 +251,27 @@ VARIANTS = {
 }
 
 
-def left_behind(uuid):
+def taps(host):
+    """Tap devices in ``host``'s network namespace (nb-<host>)."""
+    out = subprocess.run(["ip", "netns", "exec", f"nb-{host}", "ip", "-br",
+                          "link"], capture_output=True, text=True).stdout
+    return {line.split()[0].split("@")[0] for line in out.splitlines()
+            if line.startswith("tap")}
+
+
+def tap_names(uuid):
+    """The tap devices of the server's ports ("tap" + 11 characters)."""
+    return {"tap" + p["ID"][:11]
+            for p in cli.os("port", "list", "--server", uuid)}
+
+
+def left_behind(uuid, its_taps=()):
     """{host: [what]} of ``uuid`` still on the machine."""
     left = {}
     for host in guests.HOSTS:
         what = [f"VM pid {pid}" for pid, h in vm_processes(uuid) if h == host]
         what += files_of(host, uuid)
+        what += sorted(taps(host) & set(its_taps))
         if what:
             left[host] = what
     return left
@@ -268,26 +284,28 @@ def delete_and_check(variant, uuid):
     incoming migration (LiveMigrationMixin._reap_incoming): the restart is
     the operator's way out, checked here too.
     """
+    its_taps = tap_names(uuid)
     cli.os("server", "delete", "--wait", uuid, fmt=False)
     left = {}
     try:
-        wait_for(lambda: not left_behind(uuid), 60, f"{uuid} to be removed")
+        wait_for(lambda: not left_behind(uuid, its_taps), 60,
+                 f"{uuid} to be removed")
     except GuestCheckFailed:
-        left = left_behind(uuid)
+        left = left_behind(uuid, its_taps)
     results.check(variant, "server deleted, nothing left", not left,
                   f"left: {left}" if left else "no process or file")
     for host in left:
         took = cloud("service", "stop", f"nova-compute-{host}")
         cloud("service", "start", f"nova-compute-{host}")
         try:
-            wait_for(lambda: host not in left_behind(uuid), 120,
+            wait_for(lambda: host not in left_behind(uuid, its_taps), 120,
                      f"nova-compute-{host} to reap {uuid}")
             reaped = True
         except GuestCheckFailed:
             reaped = False
         results.check(variant, f"restarting nova-compute-{host} reaps it",
                       reaped, f"stop took {took:.1f} s; left now: "
-                      f"{left_behind(uuid).get(host, [])}")
+                      f"{left_behind(uuid, its_taps).get(host, [])}")
 
 
 def cleanup():
