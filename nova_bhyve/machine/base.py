@@ -194,6 +194,10 @@ class Backend(abc.ABC):
         """Return True while the guest's VM waits for a migration to fill it."""
         return False
 
+    def recorded_spec(self, uuid):
+        """Return the MachineSpec recorded for ``uuid``; KeyError if none."""
+        raise KeyError(uuid)
+
     def adopt(self, instance, spec):
         """Record a guest whose root disk is already here (shared storage).
 

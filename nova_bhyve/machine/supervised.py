@@ -128,6 +128,10 @@ class SupervisedMachines:
     def _spec(self, uuid):
         return MachineSpec.from_dict(self._record(uuid)["spec"])
 
+    def recorded_spec(self, uuid):
+        """Return the MachineSpec recorded for ``uuid`` (KeyError if none)."""
+        return self._spec(uuid)
+
     def _write_record(self, spec, intent=power.INTENT_STOPPED):
         write_json(self._run(spec.uuid, "machine.json"),
                    {"spec": spec.to_dict(), "intent": intent})

@@ -131,7 +131,13 @@ class LiveMigrationMixin:
                             "still runs on its source host", uuid)
                 # disks adopted on a shared instances path are the source's
                 keep = self.backend.adopted(uuid)
+                try:        # its taps: no rollback will come to remove them
+                    spec = self.backend.recorded_spec(uuid)
+                except KeyError:
+                    spec = None
                 self.backend.destroy(uuid)
+                if spec is not None:
+                    self.backend.unplug_vifs(spec)
                 self.backend.delete_files(uuid, not keep)
 
     # -- checks ------------------------------------------------------------

@@ -343,8 +343,9 @@ def cleanup(ctx):
         wait_for(lambda u=uuid: not guests.hosts_running(u), 60,
                  f"guest {uuid} to end")
         for host in guests.HOSTS:
-            if guests.rundir(host, uuid).exists():
-                raise GuestCheckFailed(f"{guests.rundir(host, uuid)} left behind")
+            for path in (guests.rundir(host, uuid), guests.instdir(host, uuid)):
+                if path.exists():
+                    raise GuestCheckFailed(f"{path} left behind")
     return f"{len(servers)} servers deleted, no guest process or file left"
 
 

@@ -1,7 +1,9 @@
 """What the guests themselves say, read on the hosts of the cloud.
 
 A test-host guest runs as an ``nb-testhost`` process whose ``--rundir`` is
-``<instances_path>/<uuid>``; its console (``console.log`` there) carries
+``<[bhyve] runtime_path>/<uuid>`` (``data/<host>/run/<uuid>``; its disks
+are in ``<instances_path>/<uuid>``); its console (``console.log`` in the
+run directory) carries
 the payload's heartbeats and self-check (nova_bhyve/testhost/guest/README.md).
 """
 
@@ -24,6 +26,12 @@ class GuestCheckFailed(AssertionError):
 
 
 def rundir(host, uuid):
+    """The guest's runtime directory on ``host`` ([bhyve] runtime_path)."""
+    return CLOUD_DIR / "data" / host / "run" / uuid
+
+
+def instdir(host, uuid):
+    """The guest's instance directory (disks) on ``host`` (instances_path)."""
     return CLOUD_DIR / "data" / host / "instances" / uuid
 
 

@@ -630,11 +630,14 @@ def test_a_paused_server_moves_paused(env):
 
 @pytest.mark.parametrize("adopted", [True, False])
 def test_restart_reaps_incoming_vms_keeping_adopted_disks(env, adopted):
-    """nova-compute restarted while a guest was migrating in: its VM goes;
-    disks adopted on a shared instances path are the source's and stay."""
+    """nova-compute restarted while a guest was migrating in: its VM and
+    its taps go; disks adopted on a shared instances path are the source's
+    and stay."""
     env.drv.backend.list_machines.return_value = [UUID]
     env.drv.backend.is_incoming.return_value = True
     env.drv.backend.adopted.return_value = adopted
     env.drv._reap_incoming()
     env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.unplug_vifs.assert_called_once_with(
+        env.drv.backend.recorded_spec.return_value)
     env.drv.backend.delete_files.assert_called_once_with(UUID, not adopted)
