@@ -38,11 +38,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
+from nova_bhyve.testhost.console import parse_console  # noqa: E402
 from tests.cloud import guests  # noqa: E402
 from tests.cloud.cli_scenario import (  # noqa: E402
-    HOST_ADDR, SLOW_LINK, Link, cli, create, live_migrate, migrations, show)
+    HOST_ADDR,
+    SLOW_LINK,
+    Link,
+    cli,
+    create,
+    live_migrate,
+    migrations,
+    show,
+)
 from tests.cloud.guests import GuestCheckFailed, wait_for  # noqa: E402
-from nova_bhyve.testhost.console import parse_console  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "nb-cli-restart-"
@@ -298,7 +306,7 @@ def delete_and_check(variant, uuid):
         took = cloud("service", "stop", f"nova-compute-{host}")
         cloud("service", "start", f"nova-compute-{host}")
         try:
-            wait_for(lambda: host not in left_behind(uuid, its_taps), 120,
+            wait_for(lambda h=host: h not in left_behind(uuid, its_taps), 120,
                      f"nova-compute-{host} to reap {uuid}")
             reaped = True
         except GuestCheckFailed:
