@@ -124,9 +124,26 @@ migration_opts = [
         help="Address this host listens on for incoming migrations (the "
              "guest's memory and disk during a live migration, the disk "
              "during a cold migration from this host) and tells the other "
-             "host to connect to. Default: ``[DEFAULT] my_ip``. Traffic is "
-             "authenticated but guest memory is not encrypted: use an "
-             "address on a trusted migration network."),
+             "host to connect to. Default: ``[DEFAULT] my_ip``. Every byte of "
+             "guest memory, vCPU state and disk is encrypted and "
+             "authenticated with a per-migration key (doc/migration.md); "
+             "an address on a dedicated migration network still keeps the "
+             "copy off the guests' own links."),
+    cfg.IntOpt(
+        "live_migration_orphan_grace", default=60, min=0,
+        help="Seconds an incoming live migration may stay orphaned before "
+             "this host removes it. Orphaned: the engine never handed the "
+             "guest over, and Nova no longer moves the instance here (it "
+             "was deleted, or its task state is no longer ``migrating`` "
+             "and its host is another one), which happens when the "
+             "source's nova-compute stops mid-migration and so never asks "
+             "for the rollback. The incoming VM, its listener, taps and "
+             "files go, the instance's port bindings for this host are "
+             "deleted (else later live migrations here fail with \"No "
+             "valid host\") and the migration's event is closed with the "
+             "reason. Checked every grace/4 seconds (1 to 15). 0 disables "
+             "the check: then only a restart of this nova-compute removes "
+             "them, and the port bindings stay."),
     cfg.IntOpt(
         "live_migration_listen_timeout", default=600, min=10,
         help="Seconds the destination's listener waits for the source to "

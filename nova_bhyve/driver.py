@@ -27,6 +27,7 @@ from nova_bhyve import guest
 from nova_bhyve.concurrency import PeriodicThread
 from nova_bhyve.machine import load_backend, power
 from nova_bhyve.machine.base import MachineError, MachineState
+from nova_bhyve.migration import orphans
 from nova_bhyve.migration.cold import ColdMigrationMixin
 from nova_bhyve.migration.live import LiveMigrationMixin
 
@@ -66,6 +67,10 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
         self._watcher = PeriodicThread("bhyve-state-watch",
                                        CONF.bhyve.state_poll_interval,
                                        self._watch_states)
+        self._orphan_watch = PeriodicThread(
+            "bhyve-orphan-watch",
+            orphans.check_interval(CONF.bhyve.live_migration_orphan_grace),
+            self._orphans.check)
         self._image_api = None
 
     # -- host ---------------------------------------------------------------
@@ -82,10 +87,12 @@ class BhyveDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
         self._reap_incoming()
         self._last_states = self._current_states()
         self._watcher.start()
+        self._orphan_watch.start()
 
     def cleanup_host(self, host):
-        """Stop the state watcher; guests keep running."""
+        """Stop the watchers; guests keep running."""
         self._watcher.stop()
+        self._orphan_watch.stop()
 
     def _nodename(self):
         return self._host or CONF.host

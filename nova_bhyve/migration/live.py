@@ -36,7 +36,7 @@ from oslo_serialization import jsonutils
 from nova import exception, objects
 from nova_bhyve import guest, polling
 from nova_bhyve.machine.base import MachineError, MachineState
-from nova_bhyve.migration import checks, diskcopy, events, policy
+from nova_bhyve.migration import checks, diskcopy, events, orphans, policy
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.native.engine import (
     Migration,
@@ -103,7 +103,11 @@ class LiveMigrationMixin:
         self._lm_keys = mdata.KeyStore()
         self._outgoing = {}
         self._incoming = {}
+        self._incoming_lock = threading.Lock()
         self._pending_aborts = {}
+        self._orphans = orphans.OrphanWatch(
+            self._nodename, self._incoming, self._incoming_lock,
+            self._remove_incoming, CONF.bhyve.live_migration_orphan_grace)
 
     # -- capabilities ------------------------------------------------------
     def _has_dirty_log(self):
@@ -129,16 +133,28 @@ class LiveMigrationMixin:
                 LOG.warning("Destroying guest %s: it waited for a migration "
                             "that ended when nova-compute stopped; the guest "
                             "still runs on its source host", uuid)
-                # disks adopted on a shared instances path are the source's
-                keep = self.backend.adopted(uuid)
-                try:        # its taps: no rollback will come to remove them
-                    spec = self.backend.recorded_spec(uuid)
-                except KeyError:
-                    spec = None
-                self.backend.destroy(uuid)
-                if spec is not None:
-                    self.backend.unplug_vifs(spec)
-                self.backend.delete_files(uuid, not keep)
+                self._remove_incoming(uuid)
+
+    def _remove_incoming(self, uuid, incoming=None):
+        """Free an incoming migration: listeners, VM, taps, own files.
+
+        Disks adopted on a shared instances path are the source's and stay.
+        """
+        if incoming is not None:
+            incoming.close(cancel=True)
+        keep = self.backend.adopted(uuid)
+        try:        # its taps: no rollback will come to remove them
+            spec = self.backend.recorded_spec(uuid)
+        except KeyError:
+            spec = None
+        self.backend.destroy(uuid)
+        if spec is not None:
+            self.backend.unplug_vifs(spec)
+        self.backend.delete_files(uuid, not keep)
+
+    def _take_incoming(self, uuid):
+        with self._incoming_lock:
+            return self._incoming.pop(uuid, None)
 
     # -- checks ------------------------------------------------------------
     def check_can_live_migrate_destination(self, context, instance,
@@ -234,7 +250,7 @@ class LiveMigrationMixin:
                 f"{self.backend.runtime_path}: remove the stale guest "
                 "(or delete that directory) and retry"))
         shared = _shared(migrate_data)
-        old = self._incoming.pop(uuid, None)
+        old = self._take_incoming(uuid)
         if old is not None:
             old.close(cancel=True)
         try:
@@ -282,7 +298,8 @@ class LiveMigrationMixin:
             raise exception.MigrationError(
                 reason=f"cannot prepare {self._nodename()} for the incoming "
                        f"guest: {exc}") from exc
-        self._incoming[uuid] = incoming
+        with self._incoming_lock:
+            self._incoming[uuid] = incoming
         migrate_data.target_connect_addr = mdata.format_addr(
             addr, incoming.recv.port)
         mdata.put(migrate_data, "dst_key", public)
@@ -295,7 +312,7 @@ class LiveMigrationMixin:
                                            block_device_info=None):
         """Confirm that the guest runs here and take it over."""
         uuid = instance.uuid
-        incoming = self._incoming.pop(uuid, None)
+        incoming = self._take_incoming(uuid)
         if incoming is not None:
             polling.poll(lambda: incoming.recv.stats().finished, FINISH_WAIT,
                          POLL)
@@ -328,7 +345,7 @@ class LiveMigrationMixin:
         path is shared: they are the source's.
         """
         uuid = instance.uuid
-        incoming = self._incoming.pop(uuid, None)
+        incoming = self._take_incoming(uuid)
         if incoming is not None:
             stats = incoming.recv.stats()
             handed_over = stats.committed or stats.guest_runs_here

@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "nb-cli-restart-"
 SRC, DST = "host1", "host2"
 SETTLE_TIMEOUT = 300        # the server leaving MIGRATING after the restart
+ORPHAN_WAIT = 120           # orphan grace (60 s) + check interval + margin
 
 
 class Results:
@@ -218,6 +219,14 @@ def check_outcome(variant, uuid, mig):
                   f"{s['status']} (fault: {s.get('fault')})"
                   if s["status"] != "ACTIVE" else "ACTIVE")
     api_host = s["OS-EXT-SRV-ATTR:host"]
+    other = DST if api_host == SRC else SRC
+    # first what the other host keeps: an orphaned incoming guest goes only
+    # after the destination's grace period
+    left, waited = wait_other_clean(other, uuid)
+    results.check(variant, f"nothing left on {other}",
+                  not any(left.values()),
+                  f"{left}" if any(left.values()) else
+                  f"clean {waited:.0f} s after the server settled")
     procs = vm_processes(uuid)
     running = guests.hosts_running(uuid)
     results.check(variant, "API host is where the guest runs",
@@ -227,12 +236,6 @@ def check_outcome(variant, uuid, mig):
                   f"{procs}")
     ok, detail = heartbeats(api_host, uuid)
     results.check(variant, "heartbeats advance, self-check clean", ok, detail)
-    other = DST if api_host == SRC else SRC
-    left = {"VM processes": [p for p in procs if p[1] == other],
-            "listeners": listeners(other),
-            "files": files_of(other, uuid)}
-    results.check(variant, f"nothing left on {other}",
-                  not any(left.values()), f"{left}")
     record = next(m for m in migrations(uuid) if m["Id"] == mig["Id"])
     events = migration_events(uuid)
     results.check(variant, "migration record ended",
@@ -251,6 +254,29 @@ def check_outcome(variant, uuid, mig):
         results.check(variant, "another live migration", True, detail)
     except GuestCheckFailed as e:
         results.check(variant, "another live migration", False, str(e))
+
+
+def leftovers(other, uuid):
+    """What of the instance is on ``other``: VM processes, listeners, files."""
+    return {"VM processes": [p for p in vm_processes(uuid) if p[1] == other],
+            "listeners": listeners(other),
+            "files": files_of(other, uuid)}
+
+
+def wait_other_clean(other, uuid):
+    """({what: left}, seconds waited) once ``other`` is clean or time is up.
+
+    A destination whose source's compute restarted hears of no rollback:
+    its orphan watch removes the incoming guest after
+    ``[bhyve] live_migration_orphan_grace`` (60 s, checked every 15 s).
+    """
+    t0 = time.monotonic()
+    while True:
+        left = leftovers(other, uuid)
+        waited = time.monotonic() - t0
+        if not any(left.values()) or waited > ORPHAN_WAIT:
+            return left, waited
+        time.sleep(3)
 
 
 VARIANTS = {

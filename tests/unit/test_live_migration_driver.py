@@ -641,3 +641,33 @@ def test_restart_reaps_incoming_vms_keeping_adopted_disks(env, adopted):
     env.drv.backend.unplug_vifs.assert_called_once_with(
         env.drv.backend.recorded_spec.return_value)
     env.drv.backend.delete_files.assert_called_once_with(UUID, not adopted)
+
+
+def test_orphan_watch_removes_the_incoming_guest(env, monkeypatch):
+    """The source's compute restarted mid-migration and will never ask for
+    the rollback: the driver's watch frees the listener, the VM, its taps
+    and its files once the grace has passed."""
+    from nova_bhyve.migration import orphans
+    inc = mock.Mock()
+    inc.recv.stats.return_value = _stats(result=Result.FAILED, finished=True,
+                                         committed=False,
+                                         guest_runs_here=False)
+    env.drv._incoming[UUID] = inc
+    env.drv.backend.adopted.return_value = False
+    nova_view = types.SimpleNamespace(uuid=UUID, host="host1",
+                                      task_state=None, deleted=False)
+    monkeypatch.setattr(orphans, "lookup", lambda ctx, uuid: nova_view)
+    monkeypatch.setattr(orphans, "release_port_bindings", mock.Mock())
+    monkeypatch.setattr(orphans, "close_events", mock.Mock())
+    env.drv._orphans.check(context="ctx", now=0.0)
+    env.drv.backend.destroy.assert_not_called()
+    env.drv._orphans.check(context="ctx", now=1e6)
+    inc.recv.cancel.assert_not_called()     # finished already
+    inc.close.assert_called_once_with(cancel=True)
+    env.drv.backend.destroy.assert_called_once_with(UUID)
+    env.drv.backend.unplug_vifs.assert_called_once_with(
+        env.drv.backend.recorded_spec.return_value)
+    env.drv.backend.delete_files.assert_called_once_with(UUID, True)
+    orphans.release_port_bindings.assert_called_once_with(
+        "ctx", nova_view, env.drv._nodename())
+    assert UUID not in env.drv._incoming

@@ -9,6 +9,9 @@
  *   mode bits 0-1: the VM's state (running, paused, incoming, failed)
  *        bit 2: the VM has highmem
  */
+#include <fcntl.h>
+#include <pthread.h>
+
 #include "../src/control.c"
 #include "../src/state.c"
 
@@ -19,14 +22,21 @@ void nb_vcpus_pause(struct nb_vm *vm) { vm->state = NB_STATE_PAUSED; }
 void nb_vcpus_resume(struct nb_vm *vm) { vm->state = NB_STATE_RUNNING; }
 void nb_vcpus_kick(struct nb_vm *vm, int throttle) {}
 
-/* Throw away what the server replied so far (show it with NB_FUZZ_DEBUG). */
-static void drain(int fd)
+/*
+ * Read and throw away what the server replies (show it with
+ * NB_FUZZ_DEBUG), on a thread of its own until the server's end closes: a
+ * client that never reads would fill the socket buffer, and the server
+ * then waits, as designed, up to IO_TIMEOUT_S for it.
+ */
+static void *drain(void *arg)
 {
+    int fd = *(int *)arg;
     char buf[4096];
     ssize_t n;
-    while ((n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0)
+    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0)
         if (FZ_DEBUG)
             fprintf(stderr, "%.*s", (int)n, buf);
+    return NULL;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -36,6 +46,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t mode = fz_u8(&in);
     struct nb_vm *vm = &vms[(mode >> 2) & 1];
     struct client c = { .len = 0 };
+    pthread_t reader;
     int peer;
 
     if (size > 100000)
@@ -45,16 +56,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     vm->state = (enum nb_vm_state)(mode & 3);
     vm->throttle_pct = 0;
     c.fd = fz_stream(in.p, in.n, &peer);
+    fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) & ~O_NONBLOCK);
+    if (pthread_create(&reader, NULL, drain, &peer))
+        abort();
     for (;;) {
         ssize_t r = recv(c.fd, c.buf + c.len, MAX_LINE - c.len, 0);
         if (r <= 0 || (c.len += (size_t)r, handle_input(vm, &c)) != 0)
             break;
         if (c.len > MAX_LINE)
             abort();
-        drain(peer);
     }
-    drain(peer);
     close(c.fd);
+    pthread_join(reader, NULL);
     close(peer);
     return 0;
 }
