@@ -51,6 +51,13 @@ def _touch(pct, gib):
              "kind": "touch", "series": "touch" if pct == 5 else "", "gib": gib})
 
 
+def _tight(pct, gib):
+    mib = gib * 1024 * pct // 100
+    return (f"tight {pct}% of {gib}G",
+            {"mem": f"{gib}G", "cmdline": f"mode=stress pattern=tight ws={mib}M",
+             "kind": "tight", "series": "", "gib": gib})
+
+
 def _idle(gib):
     return (f"idle {gib}G", {"mem": f"{gib}G", "cmdline": "mode=idle",
                              "kind": "idle", "series": "idle", "gib": gib})
@@ -62,8 +69,8 @@ RANDOM = ("random 1M in 1G", {"mem": "1G", "cmdline":
                               "mode=stress pattern=random ws=1M",
                               "kind": "random", "series": "", "gib": 1})
 FULL = dict([_idle(1), _idle(4), _idle(8), _touch(5, 1), _touch(25, 1),
-             _touch(50, 1), _touch(5, 4), _touch(5, 8), RANDOM])
-QUICK = dict([_idle(1), _touch(25, 1), _touch(5, 8)])
+             _touch(50, 1), _touch(5, 4), _touch(5, 8), _tight(25, 1), RANDOM])
+QUICK = dict([_idle(1), _touch(25, 1), _touch(5, 8), _tight(25, 1)])
 
 
 def _log(msg):

@@ -72,7 +72,8 @@ def main(argv=None):
     parser.add_argument("--mem", default="1G", help="guest RAM (default 1G)")
     parser.add_argument("--ws", default="256M",
                         help="stress working set (default 256M)")
-    parser.add_argument("--pattern", default="touch", choices=["touch", "random"])
+    parser.add_argument("--pattern", default="touch",
+                        choices=["touch", "random", "tight"])
     parser.add_argument("--max-downtime-ms", type=int, default=50)
     args = parser.parse_args(argv)
 

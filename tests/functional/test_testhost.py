@@ -24,6 +24,7 @@ GiB = 1 << 30
     ("mode=idle", "idle"),
     ("mode=stress pattern=touch ws=16M", "stress"),
     ("mode=stress pattern=random ws=2M", "stress"),
+    ("mode=stress pattern=tight ws=64M", "stress"),
 ])
 def test_payload_boots_and_heartbeats(vms, cmdline, mode):
     vm = vms.start("hb", cmdline=cmdline, tlog=True)
@@ -53,11 +54,13 @@ def test_stress_passes_complete_and_self_check_holds(vms):
     assert report.ranges == [(16 * MiB, 24 * MiB)]
 
 
-def test_self_check_detects_a_lost_write(vms):
-    vm = vms.start("corrupt", cmdline="mode=stress ws=4M selftest_corrupt=1")
+@pytest.mark.parametrize("pattern", ["touch", "tight"])
+def test_self_check_detects_a_lost_write(vms, pattern):
+    vm = vms.start("corrupt", cmdline=f"mode=stress pattern={pattern} ws=4M "
+                                      "selftest_corrupt=1")
     report = wait_for(lambda: (r := parse_console(vm.console_text())).fails and r,
                       timeout=30, what="a FAIL line")
-    assert report.fails[0].startswith("FAIL ")
+    assert report.fails[0].startswith(f"FAIL {pattern} addr="), report.fails
     wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].errors >= 1,
              what="the error counted in heartbeats")
 
@@ -166,6 +169,7 @@ def _warm_migrate(src, dst):
 @pytest.mark.parametrize("cmdline", [
     "mode=stress pattern=touch ws=32M",
     "mode=stress pattern=random ws=512K",
+    "mode=stress pattern=tight ws=32M",
     "mode=idle",
 ])
 def test_hand_made_warm_migration_continues_the_guest(vms, cmdline):

@@ -9,11 +9,12 @@
  *   mode bits 0-1: the VM's state (running, paused, incoming, failed)
  *        bit 2: the VM has highmem
  */
-#include <fcntl.h>
-#include <pthread.h>
-
 #include "../src/control.c"
 #include "../src/state.c"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
 
 #include "fake_vm.h"
 
@@ -26,17 +27,45 @@ void nb_vcpus_kick(struct nb_vm *vm, int throttle) {}
  * Read and throw away what the server replies (show it with
  * NB_FUZZ_DEBUG), on a thread of its own until the server's end closes: a
  * client that never reads would fill the socket buffer, and the server
- * then waits, as designed, up to IO_TIMEOUT_S for it.
+ * then waits, as designed, up to IO_TIMEOUT_S for it.  One thread serves
+ * every input (creating one per input would slow the target tenfold).
  */
+static sem_t drain_start, drain_done;
+static int drain_fd;
+
 static void *drain(void *arg)
 {
-    int fd = *(int *)arg;
     char buf[4096];
     ssize_t n;
-    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0)
-        if (FZ_DEBUG)
-            fprintf(stderr, "%.*s", (int)n, buf);
+
+    (void)arg;
+    for (;;) {
+        while (sem_wait(&drain_start) < 0)
+            ;
+        while ((n = recv(drain_fd, buf, sizeof(buf), 0)) > 0)
+            if (FZ_DEBUG)
+                fprintf(stderr, "%.*s", (int)n, buf);
+        sem_post(&drain_done);
+    }
     return NULL;
+}
+
+static void drain_begin(int peer)
+{
+    static pthread_t reader;
+
+    if (!reader && (sem_init(&drain_start, 0, 0) || sem_init(&drain_done, 0, 0) ||
+                    pthread_create(&reader, NULL, drain, NULL)))
+        abort();
+    fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) & ~O_NONBLOCK);
+    drain_fd = peer;
+    sem_post(&drain_start);
+}
+
+static void drain_end(void)
+{
+    while (sem_wait(&drain_done) < 0)
+        ;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -46,7 +75,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t mode = fz_u8(&in);
     struct nb_vm *vm = &vms[(mode >> 2) & 1];
     struct client c = { .len = 0 };
-    pthread_t reader;
     int peer;
 
     if (size > 100000)
@@ -56,9 +84,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     vm->state = (enum nb_vm_state)(mode & 3);
     vm->throttle_pct = 0;
     c.fd = fz_stream(in.p, in.n, &peer);
-    fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) & ~O_NONBLOCK);
-    if (pthread_create(&reader, NULL, drain, &peer))
-        abort();
+    drain_begin(peer);
     for (;;) {
         ssize_t r = recv(c.fd, c.buf + c.len, MAX_LINE - c.len, 0);
         if (r <= 0 || (c.len += (size_t)r, handle_input(vm, &c)) != 0)
@@ -67,7 +93,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
     }
     close(c.fd);
-    pthread_join(reader, NULL);
+    drain_end();
     close(peer);
     return 0;
 }

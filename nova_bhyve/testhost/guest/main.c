@@ -18,10 +18,10 @@
 #define SIZE_LIMIT          (1ULL << 40)    /* sanity bound for ws/wsoff */
 
 enum mode { MODE_IDLE, MODE_STRESS };
-enum pattern { PATTERN_TOUCH, PATTERN_RANDOM };
+enum pattern { PATTERN_TOUCH, PATTERN_RANDOM, PATTERN_TIGHT };
 
 static const char *const mode_names[] = { "idle", "stress" };
-static const char *const pattern_names[] = { "touch", "random" };
+static const char *const pattern_names[] = { "touch", "random", "tight" };
 
 static struct {
     enum mode mode;
@@ -119,7 +119,7 @@ static bool apply_option(const char *key, size_t klen, const char *val)
             return false;
         cfg.mode = (enum mode)choice;
     } else if (KEY_IS("pattern")) {
-        if (!parse_choice(val, pattern_names, 2, &choice))
+        if (!parse_choice(val, pattern_names, 3, &choice))
             return false;
         cfg.pattern = (enum pattern)choice;
     } else if (KEY_IS("ws")) {
@@ -309,6 +309,46 @@ static NORETURN void run_touch(void)
                         report_fail("touch", a, want, got);
                 }
                 *b = tag;
+                hb_poll();
+            }
+        }
+        passes = p;
+        if (selftest_due())
+            selftest_corrupt(ws_page_addr(ws_bytes / PAGE_SIZE / 2));
+    }
+}
+
+/* ---- stress/tight: one byte per page per pass, as fast as a loop can --------- */
+
+/* Pages written between two looks at the clock. */
+#define TIGHT_CLOCK_PAGES   64
+
+/*
+ * Byte 0 of every page holds (uint8_t)p after pass p.  The check reads the
+ * byte the store is about to replace: the store needs that cache line
+ * anyway, so verifying every page costs the loop almost nothing, and the
+ * clock is read once per TIGHT_CLOCK_PAGES pages, not once per page.
+ */
+static NORETURN void run_tight(void)
+{
+    for (uint64_t p = 1;; p++) {
+        const uint8_t want = (uint8_t)(p - 1), tag = (uint8_t)p;
+
+        for (int r = 0; r < ws_nranges; r++) {
+            uint64_t a = ws_ranges[r].start, end = ws_ranges[r].end;
+
+            while (a < end) {
+                uint64_t stop = end - a > TIGHT_CLOCK_PAGES * PAGE_SIZE
+                                ? a + TIGHT_CLOCK_PAGES * PAGE_SIZE : end;
+
+                for (; a < stop; a += PAGE_SIZE) {
+                    volatile uint8_t *b = (volatile uint8_t *)(uintptr_t)a;
+                    uint8_t got = *b;
+
+                    if (p > 1 && got != want)
+                        report_fail("tight", a, want, got);
+                    *b = tag;
+                }
                 hb_poll();
             }
         }
@@ -514,5 +554,7 @@ void kmain(uint32_t magic, uint32_t mbi)
         run_empty();
     if (cfg.pattern == PATTERN_RANDOM)
         run_random();
+    if (cfg.pattern == PATTERN_TIGHT)
+        run_tight();
     run_touch();
 }
