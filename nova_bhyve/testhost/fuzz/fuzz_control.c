@@ -9,12 +9,21 @@
  *   mode bits 0-1: the VM's state (running, paused, incoming, failed)
  *        bit 2: the VM has highmem
  */
-#include "../src/control.c"
-#include "../src/state.c"
+#define _GNU_SOURCE
+#include <sys/socket.h>
 
-#include <fcntl.h>
-#include <pthread.h>
-#include <semaphore.h>
+/*
+ * The server's replies go through reply_send: a client that never reads
+ * would fill the socket buffer, and the server then waits, as designed,
+ * up to IO_TIMEOUT_S for it.  The harness is that client, so when the
+ * buffer is full it reads and throws away what the server replied (shown
+ * with NB_FUZZ_DEBUG), then lets the send go on.
+ */
+static ssize_t reply_send(int fd, const void *buf, size_t len, int flags);
+#define send reply_send
+#include "../src/control.c"
+#undef send
+#include "../src/state.c"
 
 #include "fake_vm.h"
 
@@ -23,49 +32,25 @@ void nb_vcpus_pause(struct nb_vm *vm) { vm->state = NB_STATE_PAUSED; }
 void nb_vcpus_resume(struct nb_vm *vm) { vm->state = NB_STATE_RUNNING; }
 void nb_vcpus_kick(struct nb_vm *vm, int throttle) {}
 
-/*
- * Read and throw away what the server replies (show it with
- * NB_FUZZ_DEBUG), on a thread of its own until the server's end closes: a
- * client that never reads would fill the socket buffer, and the server
- * then waits, as designed, up to IO_TIMEOUT_S for it.  One thread serves
- * every input (creating one per input would slow the target tenfold).
- */
-static sem_t drain_start, drain_done;
-static int drain_fd;
+static int client_fd = -1;
 
-static void *drain(void *arg)
+static void drain(void)
 {
     char buf[4096];
     ssize_t n;
+    while ((n = recv(client_fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0)
+        if (FZ_DEBUG)
+            fprintf(stderr, "%.*s", (int)n, buf);
+}
 
-    (void)arg;
-    for (;;) {
-        while (sem_wait(&drain_start) < 0)
-            ;
-        while ((n = recv(drain_fd, buf, sizeof(buf), 0)) > 0)
-            if (FZ_DEBUG)
-                fprintf(stderr, "%.*s", (int)n, buf);
-        sem_post(&drain_done);
+static ssize_t reply_send(int fd, const void *buf, size_t len, int flags)
+{
+    ssize_t w = send(fd, buf, len, flags);
+    if (w < 0 && errno == EAGAIN && client_fd >= 0) {
+        drain();
+        w = send(fd, buf, len, flags);
     }
-    return NULL;
-}
-
-static void drain_begin(int peer)
-{
-    static pthread_t reader;
-
-    if (!reader && (sem_init(&drain_start, 0, 0) || sem_init(&drain_done, 0, 0) ||
-                    pthread_create(&reader, NULL, drain, NULL)))
-        abort();
-    fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) & ~O_NONBLOCK);
-    drain_fd = peer;
-    sem_post(&drain_start);
-}
-
-static void drain_end(void)
-{
-    while (sem_wait(&drain_done) < 0)
-        ;
+    return w;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -84,16 +69,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     vm->state = (enum nb_vm_state)(mode & 3);
     vm->throttle_pct = 0;
     c.fd = fz_stream(in.p, in.n, &peer);
-    drain_begin(peer);
+    client_fd = peer;
     for (;;) {
         ssize_t r = recv(c.fd, c.buf + c.len, MAX_LINE - c.len, 0);
         if (r <= 0 || (c.len += (size_t)r, handle_input(vm, &c)) != 0)
             break;
         if (c.len > MAX_LINE)
             abort();
+        drain();
     }
+    drain();
+    client_fd = -1;
     close(c.fd);
-    drain_end();
     close(peer);
     return 0;
 }
