@@ -25,7 +25,6 @@ GiB = 1 << 30
     ("mode=stress pattern=touch ws=16M", "stress"),
     ("mode=stress pattern=random ws=2M", "stress"),
     ("mode=stress pattern=tight ws=64M", "stress"),
-    ("mode=stress pattern=touch ws=16M fill=random", "stress"),
 ])
 def test_payload_boots_and_heartbeats(vms, cmdline, mode):
     vm = vms.start("hb", cmdline=cmdline, tlog=True)

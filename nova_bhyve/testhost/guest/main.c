@@ -22,7 +22,6 @@ enum pattern { PATTERN_TOUCH, PATTERN_RANDOM, PATTERN_TIGHT };
 
 static const char *const mode_names[] = { "idle", "stress" };
 static const char *const pattern_names[] = { "touch", "random", "tight" };
-static const char *const fill_names[] = { "zero", "random" };
 
 static struct {
     enum mode mode;
@@ -32,7 +31,6 @@ static struct {
     uint64_t hb_us;             /* heartbeat interval, microseconds */
     uint64_t canary_slice;      /* idle: canary bytes checked per heartbeat */
     bool selftest_corrupt;      /* flip one byte after pass 2 */
-    bool fill_random;           /* stress: working set starts as random bytes */
 } cfg = {
     .mode = MODE_IDLE,
     .pattern = PATTERN_TOUCH,
@@ -124,10 +122,6 @@ static bool apply_option(const char *key, size_t klen, const char *val)
         if (!parse_choice(val, pattern_names, 3, &choice))
             return false;
         cfg.pattern = (enum pattern)choice;
-    } else if (KEY_IS("fill")) {
-        if (!parse_choice(val, fill_names, 2, &choice))
-            return false;
-        cfg.fill_random = choice == 1;
     } else if (KEY_IS("ws")) {
         if (!parse_size(val, &num) || num > SIZE_LIMIT)
             return false;
@@ -284,23 +278,6 @@ static inline uint64_t xorshift64star(uint64_t *s)
     x ^= x >> 27;
     *s = x;
     return x * 0x2545F4914F6CDD1DULL;
-}
-
-/*
- * fill=random: before READY, every page of the working set gets the
- * xorshift64* stream seeded from (i, 0), so that memory holds data that
- * does not compress, as a real guest's does; the stress patterns then
- * change byte 0 (touch, tight) or whole pages (random) as usual.
- */
-static void fill_random(void)
-{
-    for (uint64_t i = 0; i < ws_bytes / PAGE_SIZE; i++) {
-        volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)ws_page_addr(i);
-        uint64_t st = stream_seed(i, 0);
-
-        for (unsigned k = 0; k < PAGE_SIZE / 8; k++)
-            w[k] = xorshift64star(&st);
-    }
 }
 
 /* ---- stress/touch: one byte per page per pass ---------------------------------- */
@@ -564,8 +541,6 @@ void kmain(uint32_t magic, uint32_t mbi)
         kprintf("WS 0x%lx 0x%lx\n", ws_ranges[i].start, ws_ranges[i].end);
     if (cfg.mode == MODE_IDLE)
         canary_fill();
-    else if (cfg.fill_random)
-        fill_random();
     kprintf("READY\n");
 
     hb_ticks = cfg.hb_us * tsc_khz / 1000;
