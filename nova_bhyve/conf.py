@@ -185,15 +185,25 @@ migration_opts = [
         "live_migration_parallel_connections", default=2, min=1, max=16,
         help="TCP connections that carry guest memory (the engine's "
              "channels)."),
-    cfg.BoolOpt(
-        "live_migration_compression", default=False,
-        help="Compress memory pages (zstd) that are not sent as deltas; "
-             "trades CPU for bandwidth on slow links."),
+    cfg.StrOpt(
+        "live_migration_compression", default="auto", choices=[
+            ("auto", "compress (zstd) while the link is the bottleneck: the "
+                     "engine measures, per connection, how fast the link "
+                     "carries pages and how fast and how well zstd shrinks "
+                     "them, and compresses when that saves time"),
+            ("on", "always compress; trades CPU for bandwidth"),
+            ("off", "never compress"),
+        ],
+        help="Compression of memory pages that are not sent as zero pages "
+             "or deltas."),
     cfg.IntOpt(
-        "live_migration_delta_cache", default=64, min=0,
+        "live_migration_delta_cache", default=-1, min=-1,
         help="MiB of memory per migration remembering what was last sent of "
-             "each page, so that a page dirtied again is sent as a delta; "
-             "0 disables delta encoding."),
+             "each page, so that a page dirtied again is sent as a delta. "
+             "-1 (default): as much as the guest has memory, at most a "
+             "quarter of the memory free on the source host when the "
+             "migration starts (only pages cached cost memory); 0 disables "
+             "delta encoding."),
     cfg.StrOpt(
         "live_migration_verify", default="incremental", choices=[
             ("incremental", "digest of what was sent and applied"),
@@ -205,9 +215,14 @@ migration_opts = [
              "source's before the guest moves."),
     cfg.BoolOpt(
         "live_migration_permit_auto_converge", default=False,
-        help="Slow the guest's vCPUs down, stepwise (20% then +10% per "
-             "round up to 99%), when it dirties memory faster than the link "
-             "can copy it, so that the migration can finish."),
+        help="Let the engine slow the guest's vCPUs down when it dirties "
+             "memory faster than the link can copy it, so that the "
+             "migration can finish: when the dirty set has not shrunk by a "
+             "tenth in two rounds and the rest does not fit the downtime, "
+             "20%, then 10 points more at most every 0.5 s, up to 99%. As "
+             "``[libvirt] live_migration_permit_auto_converge``, off by "
+             "default; the migration's ``bhyve_switchover`` event gives the "
+             "highest throttle applied."),
     cfg.FloatOpt(
         "live_migration_monitor_interval", default=5.0, min=0.1,
         help="Seconds between updates of the migration's memory totals and "

@@ -34,6 +34,8 @@ def _final(stats, cpu_s, wall_s):
     return {
         "result": stats.result.name.lower(), "error": stats.error,
         "total_ms": stats.total_ms, "downtime_ms": stats.downtime_ms,
+        "expected_downtime_ms": getattr(stats, "expected_downtime_ms", None),
+        "throttle": getattr(stats, "throttle", 0),
         "bytes": stats.bytes_transferred, "pages_sent": stats.pages_sent,
         "pages_delta": stats.pages_delta, "pages_zero": stats.pages_zero,
         "round_ms": [r.duration_ms for r in stats.rounds],
@@ -61,13 +63,14 @@ def receive(cfg):
 def send(cfg):
     """Send one migration; cancel it if it runs past the timeout."""
     cpu0, t0 = _cpu(), time.monotonic()
+    # the engine's defaults, unless the caller names a setting
+    extra = {k: cfg[k] for k in ("delta_cache", "compress") if k in cfg}
     mig = Migration.send(vmm_target=cfg["vm"], host=cfg["host"], port=cfg["port"],
                          secret=bytes.fromhex(cfg["secret"]), mode=Mode.LIVE,
                          channels=cfg["channels"],
-                         max_downtime_ms=cfg["max_downtime_ms"],
-                         delta_cache=cfg["delta_cache"], max_bandwidth=0,
+                         max_downtime_ms=cfg["max_downtime_ms"], max_bandwidth=0,
                          verify=cfg["verify"], timeout_ms=30000,
-                         encrypt=cfg.get("encrypt", True))
+                         encrypt=cfg.get("encrypt", True), **extra)
     dnf = not mig.wait(cfg["timeout_s"])
     if dnf:
         try:

@@ -24,10 +24,11 @@ from vsqemu.common import (
 
 _HALF = pathlib.Path(__file__).resolve().parent / "half.py"
 
-# The engine's settings: those of `nova-bhyve-migrate send` (2 channels,
-# incremental verification, no compression, no bandwidth cap, 64 MiB delta
-# cache); only the downtime limit is the comparison's common one.
-ENGINE = {"channels": 2, "verify": "incremental", "delta_cache": 64 << 20}
+# The engine's settings: its defaults, those of `nova-bhyve-migrate send`
+# (2 channels, incremental verification, compression and delta cache as
+# the engine chooses, no bandwidth cap); only the downtime limit is the
+# comparison's common one.
+ENGINE = {"channels": 2, "verify": "incremental"}
 
 
 class _Half:
@@ -107,10 +108,12 @@ class OursChain:
         """Let the guest run again."""
         self.vm.client.resume()
 
-    def migrate(self, link, config, timeout, downtime_ms, encrypt=True):
+    def migrate(self, link, config, timeout, downtime_ms, encrypt=True,
+                **engine):
         """Migrate to a fresh test-host VM over ``link``; return the measurements.
 
-        ``encrypt=False`` (both halves) only measures what the cipher costs.
+        ``encrypt=False`` (both halves) only measures what the cipher costs;
+        ``engine`` overrides the engine's defaults (``compress``, ``delta_cache``).
         """
         src = self.vm
         src_ns = self.net.ns_a
@@ -130,7 +133,8 @@ class OursChain:
             start_seq = last_seq(read_tlog(src.tlog_path)) + 1
             cpu0 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
             wire0 = iface_bytes(recv.pid, ifname)
-            send.send(dict(ENGINE, vm=str(src.socket_path), host=addr, port=port,
+            send.send(dict(ENGINE, **engine, vm=str(src.socket_path), host=addr,
+                           port=port,
                            secret=secret, max_downtime_ms=downtime_ms,
                            timeout_s=timeout, encrypt=encrypt))
             s = send.read(timeout + 60)
@@ -150,6 +154,7 @@ class OursChain:
             "status": "ok" if ok else "dnf" if s.get("dnf") else "error",
             "total_s": s["total_ms"] / 1e3,
             "reported_downtime_ms": s["downtime_ms"],
+            "predicted_downtime_ms": s.get("expected_downtime_ms"),
             "wire_bytes": wire1 - wire0,
             "payload_bytes": s["bytes"],
             "rounds": len(s["round_ms"]),

@@ -11,7 +11,7 @@ COLORS = {"ours": "tab:blue", "qemu-default": "tab:gray",
           "qemu-xbzrle": "tab:orange", "qemu-multifd": "tab:red"}
 METRICS = ("total_s", "guest_downtime_ms", "wire_bytes", "rounds", "cpu_src_s",
            "cpu_dst_s")
-EXTRA = ("reported_downtime_ms", "payload_bytes")
+EXTRA = ("reported_downtime_ms", "predicted_downtime_ms", "payload_bytes")
 
 
 def summarize(runs):
@@ -66,11 +66,20 @@ def _cell(metric, row, ours):
     return text
 
 
+def _pause(row):
+    """This engine's predicted and measured pause (QEMU rows: —)."""
+    p, m = row.get("predicted_downtime_ms"), row.get("reported_downtime_ms")
+    if row["config"] != "ours" or p is None or m is None:
+        return "—"
+    return f"{p:.1f} / {m:.1f}"
+
+
 def markdown(summary, workloads, links):
     """Render the medians as one Markdown table."""
     head = ("| workload | link | engine | total s | guest downtime ms | "
-            "on the wire MB | rounds | CPU source s | CPU destination s |")
-    lines = [head, "|" + "---|" * 9]
+            "on the wire MB | rounds | CPU source s | CPU destination s | "
+            "pause predicted / engine-measured ms |")
+    lines = [head, "|" + "---|" * 10]
     index = {(r["workload"], r["link"], r["config"]): r for r in summary}
     for wl in workloads:
         for link in links:
@@ -80,7 +89,7 @@ def markdown(summary, workloads, links):
                 row = index.get((wl, link, cfg))
                 if row is None:
                     continue
-                cells = [_cell(m, row, ours) for m in METRICS]
+                cells = [_cell(m, row, ours) for m in METRICS] + [_pause(row)]
                 n = f" ({row['ok']}/{row['runs']})" if row["ok"] < row["runs"] else ""
                 lines.append(f"| {wl if first else ''} | {link if first else ''} | "
                              f"{CONFIG_LABEL[cfg]}{n} | " + " | ".join(cells) + " |")

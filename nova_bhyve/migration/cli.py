@@ -102,6 +102,13 @@ def _report(stats, out):
                   f"downtime {stats.downtime_ms:.1f} ms, "
                   f"{stats.bytes_transferred} bytes on the wire, "
                   f"{len(stats.rounds)} rounds, digest {stats.digest:016x}\n")
+        if stats.is_source:
+            out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms; "
+                      f"pages zero/delta/zstd/raw {stats.pages_zero}/"
+                      f"{stats.pages_delta}/{stats.pages_compressed}/"
+                      f"{stats.pages_raw}; delta cache "
+                      f"{stats.delta_cache_bytes >> 20} MiB; throttle "
+                      f"{stats.throttle}%\n")
 
 
 def main(argv=None, out=sys.stdout):
@@ -120,7 +127,14 @@ def main(argv=None, out=sys.stdout):
     snd.add_argument("--to", required=True, metavar="HOST:PORT")
     snd.add_argument("--mode", choices=["live", "warm", "cold"], default="live")
     snd.add_argument("--channels", type=int, default=2)
-    snd.add_argument("--compress", action="store_true")
+    snd.add_argument("--compress", choices=["auto", "on", "off"], default="auto",
+                     help="zstd for pages not sent as zeros or deltas; auto: "
+                          "while the link is the bottleneck")
+    snd.add_argument("--delta-cache-mib", type=int, default=-1,
+                     help="delta cache in MiB; -1 (default): sized from the "
+                          "guest and this host's free memory; 0: no deltas")
+    snd.add_argument("--no-auto-converge", action="store_true",
+                     help="never throttle the guest's vCPUs to converge")
     snd.add_argument("--max-downtime-ms", type=int, default=300)
     snd.add_argument("--bandwidth-mib", type=int, default=0,
                      help="cap in MiB/s (0 = unlimited)")
@@ -143,6 +157,9 @@ def main(argv=None, out=sys.stdout):
                 vmm_target=args.vm, host=host, port=port, secret=secret,
                 mode=Mode[args.mode.upper()], vmm_kind=_VMM[args.vmm],
                 channels=args.channels, compress=args.compress,
+                delta_cache=("auto" if args.delta_cache_mib < 0
+                             else args.delta_cache_mib << 20),
+                auto_converge=not args.no_auto_converge,
                 max_downtime_ms=args.max_downtime_ms,
                 max_bandwidth=args.bandwidth_mib << 20, verify=args.verify,
                 timeout_ms=int(args.timeout * 1000))

@@ -484,7 +484,9 @@ class LiveMigrationMixin:
                 secret=secrets.memory, mode=_MODES[mode],
                 channels=opts.live_migration_parallel_connections,
                 compress=opts.live_migration_compression,
-                delta_cache=opts.live_migration_delta_cache << 20,
+                delta_cache=_delta_cache(opts.live_migration_delta_cache),
+                auto_converge=(mode == "live" and
+                               opts.live_migration_permit_auto_converge),
                 max_bandwidth=opts.live_migration_bandwidth << 20,
                 max_downtime_ms=steps[0][1],
                 verify=opts.live_migration_verify,
@@ -544,7 +546,7 @@ class LiveMigrationMixin:
         return tuple(sizes)
 
     def _monitor(self, instance, migration, out, steps, timeout, t0, live):
-        """Drive downtime steps, timeout and auto-converge; report progress."""
+        """Drive downtime steps and the timeout; report progress."""
         run = out.mig
         opts = CONF.bhyve
         downtime = steps[0][1]
@@ -560,13 +562,11 @@ class LiveMigrationMixin:
                 run.set("max_downtime_ms", allowed, instance)
             if timeout and elapsed > timeout and not out.timeout_fired:
                 self._on_timeout(instance, out, timeout)
-            if live and opts.live_migration_permit_auto_converge:
-                throttle = run.converge.step(stats)
-                if throttle is not None:
-                    LOG.info("Guest dirties memory faster than it can be "
-                             "copied; throttling its vCPUs to %d%%", throttle,
-                             instance=instance)
-                    run.set("throttle", throttle, instance)
+            if stats.throttle > run.peak:
+                run.peak = stats.throttle
+                LOG.info("Guest dirties memory faster than it can be copied; "
+                         "the engine throttles its vCPUs to %d%%",
+                         stats.throttle, instance=instance)
             if time.monotonic() - last_report >= \
                     opts.live_migration_monitor_interval:
                 last_report = time.monotonic()
@@ -672,16 +672,11 @@ class LiveMigrationMixin:
 
 
 class _Run:
-    """A running engine send with the monitor's converge state."""
+    """A running engine send and the highest throttle it applied (percent)."""
 
     def __init__(self, handle):
         self.handle = handle
-        self.converge = policy.Converge()
-
-    @property
-    def peak(self):
-        """The highest throttle applied (percent)."""
-        return self.converge.peak
+        self.peak = 0
 
     def set(self, name, value, instance):
         """Change an engine parameter; a refusal is logged, not raised."""
@@ -706,6 +701,11 @@ def _stop(handle, instance, wait=30.0):
         stats = handle.stats()
     handle.close()
     return stats
+
+
+def _delta_cache(mib):
+    """The engine's delta_cache for ``[bhyve] live_migration_delta_cache``."""
+    return "auto" if mib < 0 else mib << 20
 
 
 def _shared(migrate_data):

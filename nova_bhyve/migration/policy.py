@@ -1,20 +1,15 @@
-"""Live-migration policy: downtime steps, completion timeout, auto-converge.
+"""Live-migration policy: downtime steps, completion timeout, progress.
 
 Pure functions of the ``[bhyve] live_migration_*`` options and the engine's
 statistics, with the libvirt driver's semantics where an option mirrors
 one of ``[libvirt]``.
 """
 
-import dataclasses
-
 from nova_bhyve.native.engine import ErrorKind, Result
 
 GiB = 1 << 30
 MiB = 1 << 20
 MIN_DATA_GB = 2           # as libvirt: small guests count as 2 GiB
-THROTTLE_INITIAL = 20     # as QEMU's cpu-throttle-initial
-THROTTLE_INCREMENT = 10   # as QEMU's cpu-throttle-increment
-THROTTLE_MAX = 99
 
 
 def data_gb(memory_mb, disk_bytes=()):
@@ -52,40 +47,6 @@ def completion_timeout(conf, gb):
     return int(conf.live_migration_completion_timeout * gb)
 
 
-def next_throttle(current):
-    """Return the throttle (percent) after ``current`` when not converging."""
-    if current <= 0:
-        return THROTTLE_INITIAL
-    return min(THROTTLE_MAX, current + THROTTLE_INCREMENT)
-
-
-@dataclasses.dataclass
-class Converge:
-    """Decides, round by round, when to throttle the guest further."""
-
-    last_round: int = 0
-    throttle: int = 0
-    peak: int = 0
-
-    def step(self, stats):
-        """Return a new throttle for this stats snapshot, or None.
-
-        The guest is throttled once per pre-copy round from the second
-        iteration on, while the engine's estimate of the switch-over pause
-        exceeds the allowed downtime.
-        """
-        if stats.round <= self.last_round:
-            return None
-        self.last_round = stats.round
-        if stats.round < 2 or \
-                stats.expected_downtime_ms <= stats.max_downtime_ms or \
-                self.throttle >= THROTTLE_MAX:
-            return None
-        self.throttle = next_throttle(self.throttle)
-        self.peak = max(self.peak, self.throttle)
-        return self.throttle
-
-
 def memory_progress(stats):
     """Return (total, processed, remaining) bytes of guest memory."""
     total = stats.mem_total
@@ -109,14 +70,16 @@ def summary(stats, throttle_peak=0):
     """Return the one-line account of a finished migration.
 
     The downtime is the engine's measure: from pausing the guest on the
-    source until the destination reports it running (never shown below 0).
+    source until the destination reports it running (never shown below 0);
+    ``predicted`` the pause the engine expected when it chose to switch.
     """
     return (f"mode={stats.mode.name.lower()} "
             f"downtime={max(0.0, stats.downtime_ms):.1f}ms "
             f"total={stats.total_ms:.0f}ms "
             f"bytes={stats.bytes_transferred} "
             f"rounds={len(stats.rounds)} "
-            f"throttle={throttle_peak}%")
+            f"throttle={throttle_peak}% "
+            f"predicted={max(0.0, stats.expected_downtime_ms):.1f}ms")
 
 
 def outcome(stats, aborted):

@@ -49,7 +49,7 @@ def selftest_builder(module_name="_nb_engine_selftest"):
     builder.cdef(_cdef_from_header((SRC / "test" / "selftest.h").read_text()))
     builder.set_source(
         module_name, '#include "test/selftest.h"\n',
-        sources=[str(SRC / "core" / "codec.c"),
+        sources=[str(SRC / "core" / "codec.c"), str(SRC / "core" / "adapt.c"),
                  str(SRC / "core" / "transitions.c"),
                  str(SRC / "wire" / "crc32c.c"), *layer_sources("test")],
         include_dirs=[str(SRC)], extra_compile_args=COMPILE_ARGS)

@@ -209,6 +209,8 @@ class MigrationStats:
     rtt_ms: float
     max_downtime_ms: int
     throttle: int
+    delta_cache_bytes: int
+    compressing: int
     committed: bool
     guest_runs_here: bool
     digest: int
@@ -230,11 +232,35 @@ class MigrationStats:
 
 
 _VERIFY = {"incremental": lib.NB_VERIFY_INCREMENTAL, "full": lib.NB_VERIFY_FULL}
+_COMPRESS = {"off": lib.NB_COMPRESS_OFF, False: lib.NB_COMPRESS_OFF,
+             "on": lib.NB_COMPRESS_ON, True: lib.NB_COMPRESS_ON,
+             "auto": lib.NB_COMPRESS_AUTO}
+
+
+def _compress(value):
+    try:
+        return _COMPRESS[value]
+    except (KeyError, TypeError):
+        raise InvalidRequest("compress must be 'auto', 'on' or 'off' "
+                             f"(or a bool), not {value!r}") from None
+
+
+def _delta_cache(value):
+    """(bytes, auto) from "auto", "auto:<cap bytes>" or a byte count."""
+    if value == "auto":
+        return 0, 1
+    if isinstance(value, str) and value.startswith("auto:"):
+        return int(value[5:]), 1
+    if isinstance(value, int) and value >= 0:
+        return value, 0
+    raise InvalidRequest("delta_cache must be 'auto' or a number of bytes >= 0, "
+                         f"not {value!r}")
 
 
 def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
             compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
-            verify, timeout_ms, keep_paused=False, encrypt=True, keep):
+            verify, timeout_ms, keep_paused=False, encrypt=True,
+            auto_converge=False, keep):
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
@@ -252,9 +278,10 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     p.host = hst
     p.port = int(port)
     p.channels = int(channels)
-    p.compress = 1 if compress else 0
+    p.compress = _compress(compress)
     p.zstd_level = int(zstd_level)
-    p.delta_cache = int(delta_cache)
+    p.delta_cache, p.delta_cache_auto = _delta_cache(delta_cache)
+    p.auto_converge = 1 if auto_converge else 0
     p.max_bandwidth = int(max_bandwidth)
     p.max_downtime_ms = int(max_downtime_ms)
     p.verify = _VERIFY[verify]
@@ -285,11 +312,17 @@ class Migration:
 
     @classmethod
     def send(cls, *, vmm_target, host, port, secret, mode=Mode.LIVE,
-             vmm_kind=VmmKind.TESTHOST, channels=2, compress=False,
-             zstd_level=1, delta_cache=64 << 20, max_bandwidth=0,
+             vmm_kind=VmmKind.TESTHOST, channels=2, compress="auto",
+             zstd_level=1, delta_cache="auto", max_bandwidth=0,
              max_downtime_ms=300, verify="incremental", timeout_ms=30000,
-             keep_paused=False, encrypt=True):
+             keep_paused=False, encrypt=True, auto_converge=True):
         """Start migrating the VM at ``vmm_target`` to ``host:port``.
+
+        ``compress``: "auto" (zstd while the link is the bottleneck),
+        "on" or "off".  ``delta_cache``: bytes, or "auto" (the guest's
+        memory, at most a quarter of this host's free memory; "auto:N"
+        caps it at N bytes).  ``auto_converge``: throttle the guest's
+        vCPUs when rounds stop shrinking (stats().throttle says how much).
 
         ``keep_paused``: the guest is paused and stays so (never resumed here).
         ``encrypt=False`` sends pages in the clear (both sides must say so;
@@ -301,7 +334,7 @@ class Migration:
             zstd_level=zstd_level, delta_cache=delta_cache,
             max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
             verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
-            encrypt=encrypt))
+            encrypt=encrypt, auto_converge=auto_converge))
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
@@ -347,6 +380,7 @@ class Migration:
             bandwidth=s.bandwidth, expected_downtime_ms=s.expected_downtime_ms,
             downtime_ms=s.downtime_ms, total_ms=s.total_ms, rtt_ms=s.rtt_ms,
             max_downtime_ms=s.max_downtime_ms, throttle=s.throttle,
+            delta_cache_bytes=s.delta_cache_bytes, compressing=s.compressing,
             committed=bool(s.committed), guest_runs_here=bool(s.guest_runs_here),
             digest=s.digest, rounds=rounds,
             error=ffi.string(s.error).decode(errors="replace"),

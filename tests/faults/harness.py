@@ -149,11 +149,13 @@ class Hosts:
 
 # ---- how each phase is reached ----
 
-# polled phases: send() parameters that make the phase last
+# polled phases: send() parameters that make the phase last (raw pages,
+# no throttle: the engine's defaults would shorten them)
+_RAW = dict(compress="off", auto_converge=False)
 _STRETCH = {
-    "precopy": dict(max_bandwidth=8 * MiB),
-    "iterate": dict(max_bandwidth=32 * MiB, max_downtime_ms=1),
-    "switchover": dict(max_downtime_ms=1, delta_cache=0),
+    "precopy": dict(max_bandwidth=8 * MiB, **_RAW),
+    "iterate": dict(max_bandwidth=32 * MiB, max_downtime_ms=1, **_RAW),
+    "switchover": dict(max_downtime_ms=1, delta_cache=0, **_RAW),
 }
 # short phases: the frame held at the proxy while the fault fires
 _HELD = {"verify": (TO_SOURCE, READY), "commit": (TO_DEST, COMMIT)}

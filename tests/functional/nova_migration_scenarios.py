@@ -305,7 +305,9 @@ class LiveMigrationTest(MigrationTestBase):
     def test_live_migrate_to_a_named_host(self):
         server = self._boot()
         # a slow link, so that the migration is seen running
-        self.flags(live_migration_bandwidth=2, group="bhyve")
+        # raw pages at 2 MiB/s: a copy that still runs when the test acts
+        self.flags(live_migration_bandwidth=2,
+                   live_migration_compression="off", group="bhyve")
         self._start_live_migration(server)
         mig = self._wait(lambda: self._active_migration(server, True),
                          "memory totals while the migration runs", timeout=30,
@@ -351,7 +353,9 @@ class LiveMigrationTest(MigrationTestBase):
 
     def test_abort_keeps_the_guest_on_the_source(self):
         server = self._boot()
-        self.flags(live_migration_bandwidth=2, group="bhyve")
+        # raw pages at 2 MiB/s: a copy that still runs when the test acts
+        self.flags(live_migration_bandwidth=2,
+                   live_migration_compression="off", group="bhyve")
         mig = self._start_live_migration(server)
         self._wait(lambda: self._active_migration(server, True),
                    "memory totals", timeout=30)
@@ -365,7 +369,9 @@ class LiveMigrationTest(MigrationTestBase):
 
     def test_destination_vm_killed_mid_migration(self):
         server = self._boot()
-        self.flags(live_migration_bandwidth=2, group="bhyve")
+        # raw pages at 2 MiB/s: a copy that still runs when the test acts
+        self.flags(live_migration_bandwidth=2,
+                   live_migration_compression="off", group="bhyve")
         self._start_live_migration(server)
         self._wait(lambda: self._active_migration(server, True),
                    "memory totals", timeout=30)
@@ -408,13 +414,14 @@ class HotGuestTest(MigrationTestBase):
 
     def setUp(self):
         super().setUp()
-        # without delta encoding every rewritten page costs 4 KiB: the
-        # stress guest dirties ~16k pages/s, the 4 MiB/s link copies 1024;
+        # without delta encoding or compression every rewritten page costs
+        # 4 KiB: the stress guest dirties ~16k pages/s, the 4 MiB/s link
+        # copies 1024;
         # all 4 MiB are dirty again after each ~1 s round, so the switch-
         # over would take ~1 s against 100 ms allowed.  The margin (the
         # guest could run 16 times slower) keeps this true on a busy host.
         self.flags(live_migration_bandwidth=4, live_migration_delta_cache=0,
-                   group="bhyve")
+                   live_migration_compression="off", group="bhyve")
 
     def _assert_not_converging(self, server):
         uuid = server["id"]
@@ -742,7 +749,9 @@ class SharedStorageTest(MigrationTestBase):
         server = self._boot()
         uuid = server["id"]
         path, before = self._disk(server)
-        self.flags(live_migration_bandwidth=2, group="bhyve")
+        # raw pages at 2 MiB/s: a copy that still runs when the test acts
+        self.flags(live_migration_bandwidth=2,
+                   live_migration_compression="off", group="bhyve")
         mig = self._start_live_migration(server)
         self._wait(lambda: self._active_migration(server, True),
                    "memory totals", timeout=30)

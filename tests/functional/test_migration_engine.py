@@ -188,9 +188,11 @@ def test_cancel_keeps_the_guest_on_the_source(vms, phase):
     secret = new_secret()
     recv = start_receive(dst, secret)
     # slow links make every phase long enough to be caught in
+    # (raw pages and no throttle: this is about cancelling, not converging)
     kw = {Phase.PRECOPY: dict(max_bandwidth=8 * MiB),
           Phase.ITERATE: dict(max_bandwidth=64 * MiB, max_downtime_ms=1),
           Phase.SWITCHOVER: dict(max_downtime_ms=1, delta_cache=0)}[phase]
+    kw.update(compress="off", auto_converge=False)
     send = start_send(src, recv.port, secret, **kw)
     if phase == Phase.SWITCHOVER:
         # iterate freely, then make the final round crawl: 1 MiB/s
@@ -236,7 +238,8 @@ def test_destination_engine_killed_mid_round(vms):
     secret_file = pathlib.Path(vms.base) / "secret"
     secret_file.write_bytes(secret)
     proc, port = receiver_process(secret_file, dst)
-    send = start_send(src, port, secret, max_bandwidth=16 * MiB)
+    send = start_send(src, port, secret, max_bandwidth=16 * MiB,
+                      compress="off")
     wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -252,7 +255,8 @@ def test_destination_vm_killed_mid_round(vms):
     stress_ready(src)
     secret = new_secret()
     recv = start_receive(dst, secret)
-    send = start_send(src, recv.port, secret, max_bandwidth=32 * MiB)
+    send = start_send(src, recv.port, secret, max_bandwidth=32 * MiB,
+                      compress="off")
     wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
     dst.kill()
     s, d = wait_result(send), wait_result(recv)
@@ -271,7 +275,8 @@ def test_connection_cut_mid_round(vms):
     secret = new_secret()
     recv = start_receive(dst, secret)
     proxy = FaultyProxy(recv.port)
-    send = start_send(src, proxy.port, secret, max_bandwidth=16 * MiB)
+    send = start_send(src, proxy.port, secret, max_bandwidth=16 * MiB,
+                      compress="off")
     wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
     proxy.cut()
     s, d = wait_result(send), wait_result(recv)
@@ -566,7 +571,8 @@ def test_force_complete_ends_a_migration_that_cannot_converge(vms):
     secret = new_secret()
     recv = start_receive(dst, secret)
     send = start_send(src, recv.port, secret, max_downtime_ms=1, delta_cache=0,
-                      max_bandwidth=64 * MiB)
+                      max_bandwidth=64 * MiB, compress="off",
+                      auto_converge=False)
     wait_phase(send, [Phase.ITERATE])
     wait_for(lambda: send.stats().round >= 2, timeout=30, what="two rounds")
     send.force_complete()
@@ -582,7 +588,8 @@ def test_throttle_and_downtime_can_change_while_running(vms):
     secret = new_secret()
     recv = start_receive(dst, secret)
     send = start_send(src, recv.port, secret, max_downtime_ms=1, delta_cache=0,
-                      max_bandwidth=64 * MiB)
+                      max_bandwidth=64 * MiB, compress="off",
+                      auto_converge=False)
     wait_phase(send, [Phase.ITERATE])
     send.set_param("throttle", 80)
     assert src.client.status()["throttle"] == 80
@@ -704,7 +711,8 @@ def test_a_corrupted_page_frame_is_named_to_the_source(vms):
     secret = new_secret()
     recv = start_receive(dst, secret)
     proxy = FaultyProxy(recv.port, corrupt_at=2 * MiB + 123)
-    send = start_send(src, proxy.port, secret, channels=1, max_bandwidth=8 * MiB)
+    send = start_send(src, proxy.port, secret, channels=1, max_bandwidth=8 * MiB,
+                      compress="off")
     s, d = wait_result(send), wait_result(recv)
     proxy.close()
     assert "failed authentication" in d.error, d.error

@@ -33,7 +33,8 @@ def _stats(**kw):
                 bytes_remaining=5 * MiB, expected_downtime_ms=50,
                 max_downtime_ms=100, downtime_ms=0.0, total_ms=0.0,
                 committed=False, guest_runs_here=True, rounds=(), error="",
-                error_kind=ErrorKind.NONE, mode=Mode.LIVE)
+                error_kind=ErrorKind.NONE, mode=Mode.LIVE, throttle=0,
+                delta_cache_bytes=0, compressing=0)
     base.update(kw)
     st = types.SimpleNamespace(**base)
     st.finished = st.result != Result.RUNNING
@@ -272,18 +273,32 @@ def test_completion_timeout_force_complete(env, monkeypatch):
     env.post.assert_called_once()
 
 
-def test_auto_converge_throttles_only_when_permitted(env):
-    slow = [_stats(round=r, expected_downtime_ms=900) for r in range(1, 6)]
-    env.send.script = slow + [_done()]
+def test_auto_converge_is_the_engines_and_only_when_permitted(env):
+    """The engine throttles (live mode only, when the option permits it);
+    the driver reports the highest throttle it saw."""
+    env.send.script = [_done()]
     _migrate(env)
-    assert not [c for c in env.send.calls if c[0] == "throttle"]
+    assert env.engine.send.call_args.kwargs["auto_converge"] is False
     env.flags(live_migration_permit_auto_converge=True)
-    env.send.script = slow + [_done()]
+    env.send.script = [_stats(round=r, throttle=20 + 10 * r)
+                       for r in range(1, 4)] + [_done(throttle=50)]
     _rekey(env)
     _migrate(env)
-    assert [c for c in env.send.calls if c[0] == "throttle"] == [
-        ("throttle", 20), ("throttle", 30), ("throttle", 40),
-        ("throttle", 50)]
+    assert env.engine.send.call_args.kwargs["auto_converge"] is True
+    assert not [c for c in env.send.calls if c[0] == "throttle"]
+    names = [c.args[3] for c in env.events.record.call_args_list]
+    assert any("throttle=50%" in n for n in names), names
+
+
+@pytest.mark.parametrize("setting,passed", [(-1, "auto"), (0, 0),
+                                            (256, 256 << 20)])
+def test_delta_cache_option_reaches_the_engine(env, setting, passed):
+    """-1 lets the engine size the cache; MiB otherwise."""
+    env.flags(live_migration_delta_cache=setting)
+    env.send.script = [_done()]
+    _migrate(env)
+    assert env.engine.send.call_args.kwargs["delta_cache"] == passed
+    assert env.engine.send.call_args.kwargs["compress"] == "auto"
 
 
 def _rekey(env):

@@ -1,4 +1,4 @@
-"""Downtime steps, timeouts, auto-converge, progress and pre-checks."""
+"""Downtime steps, timeouts, progress and pre-checks."""
 
 import dataclasses
 import types
@@ -58,20 +58,6 @@ class _Stats:
     bytes_remaining: int = 0
     finished: bool = False
     committed: bool = False
-
-
-def test_auto_converge_steps_up_once_per_round_while_not_converging():
-    conv = policy.Converge()
-    slow = dict(expected_downtime_ms=1000, max_downtime_ms=100)
-    assert conv.step(_Stats(round=1, **slow)) is None     # too early
-    assert conv.step(_Stats(round=2, **slow)) == 20
-    assert conv.step(_Stats(round=2, **slow)) is None     # same round
-    assert conv.step(_Stats(round=3, **slow)) == 30
-    assert conv.step(_Stats(round=4, expected_downtime_ms=50)) is None
-    throttles = [conv.step(_Stats(round=r, **slow)) for r in range(5, 20)]
-    assert max(t for t in throttles if t) == 99
-    assert conv.peak == 99
-    assert throttles[-1] is None                          # capped
 
 
 def test_progress_reporting():

@@ -14,6 +14,7 @@
 enum nb_mode { NB_MODE_LIVE = 0, NB_MODE_WARM = 1, NB_MODE_COLD = 2 };
 enum nb_vmm_kind { NB_VMM_TESTHOST = 0, NB_VMM_BHYVE = 1, NB_VMM_CKPT = 2 };
 enum nb_verify { NB_VERIFY_INCREMENTAL = 0, NB_VERIFY_FULL = 1 };
+enum nb_compress { NB_COMPRESS_OFF = 0, NB_COMPRESS_ON = 1, NB_COMPRESS_AUTO = 2 };
 
 enum nb_phase {
     NB_PHASE_SETUP = 0,      /* opening the VM, listening or connecting */
@@ -62,9 +63,16 @@ struct nb_mig_params {
     const char *host;           /* source: where to connect; dest: bind address */
     int port;                   /* dest: 0 picks a free port */
     int channels;               /* TCP connections for page data, 1..16 */
-    int compress;               /* 0 none, 1 zstd for pages not sent as deltas */
+    int compress;               /* enum nb_compress: zstd for pages not sent
+                                 * as zeros or deltas: never, always, or
+                                 * while the link is the bottleneck */
     int zstd_level;             /* default 1 */
     uint64_t delta_cache;       /* bytes of delta cache; 0 disables deltas */
+    int delta_cache_auto;       /* 1: size the cache from the guest and the
+                                 * host's free memory (delta_cache, if not
+                                 * 0, caps it) */
+    int auto_converge;          /* 1: throttle the guest's vCPUs when rounds
+                                 * stop shrinking and the rest does not fit */
     uint64_t max_bandwidth;     /* bytes/s, 0 = unlimited */
     uint32_t max_downtime_ms;   /* switch over once the rest fits in this */
     int verify;                 /* enum nb_verify */
@@ -110,6 +118,8 @@ struct nb_mig_stats {
     double rtt_ms;
     uint32_t max_downtime_ms;
     uint32_t throttle;          /* percent applied through the vmm port */
+    uint64_t delta_cache_bytes; /* the delta cache's size (auto: as chosen) */
+    uint32_t compressing;       /* page channels compressing now */
     int committed;              /* ownership passed to the destination */
     int guest_runs_here;        /* 1 if the guest is running on this side */
     uint64_t digest;            /* memory digest (after verify) */

@@ -10,6 +10,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "core/codec.h"
 
@@ -417,6 +418,21 @@ struct nb_xcache {
     uint8_t *pages;
 };
 
+/* Room for the cached pages, in huge pages where the system has them:
+ * caching a page then faults (and zeroes) 2 MiB at a time, not 4 KiB. */
+static uint8_t *cache_pages(size_t bytes)
+{
+#ifdef MADV_HUGEPAGE
+    void *p = NULL;
+    if (bytes < (2u << 20) || posix_memalign(&p, 2u << 20, bytes) != 0)
+        return malloc(bytes);
+    madvise(p, bytes, MADV_HUGEPAGE);
+    return p;
+#else
+    return malloc(bytes);
+#endif
+}
+
 struct nb_xcache *nb_xcache_new(uint64_t bytes)
 {
     struct nb_xcache *c;
@@ -429,7 +445,7 @@ struct nb_xcache *nb_xcache_new(uint64_t bytes)
     c->nslots = n;
     c->tags = calloc(n, sizeof(uint64_t));
     c->ages = calloc(n, sizeof(uint32_t));
-    c->pages = malloc(n * NB_PAGE);
+    c->pages = cache_pages(n * NB_PAGE);
     if (!c->tags || !c->ages || !c->pages) {
         nb_xcache_free(c);
         return NULL;

@@ -243,8 +243,8 @@ static int validate_params(const struct nb_mig_params *p, int is_source, char *e
         snprintf(err, NB_ERRLEN, "port %d out of range", p->port);
     else if (is_source && (p->channels < 1 || p->channels > NB_MAX_CHANNELS))
         snprintf(err, NB_ERRLEN, "channels must be 1..%d", NB_MAX_CHANNELS);
-    else if (p->compress < 0 || p->compress > 1)
-        snprintf(err, NB_ERRLEN, "compress must be 0 (none) or 1 (zstd)");
+    else if (p->compress < NB_COMPRESS_OFF || p->compress > NB_COMPRESS_AUTO)
+        snprintf(err, NB_ERRLEN, "compress must be 0 (off), 1 (zstd) or 2 (auto)");
     else if (p->verify < 0 || p->verify > 1)
         snprintf(err, NB_ERRLEN, "verify must be 0 (incremental) or 1 (full)");
     else
@@ -406,6 +406,7 @@ void nb_mig_stats(nb_mig *m, struct nb_mig_stats *out)
     out->pages_delta = atomic_load(&m->pages_delta);
     out->pages_compressed = atomic_load(&m->pages_compressed);
     out->pages_raw = atomic_load(&m->pages_raw);
+    out->compressing = atomic_load(&m->compressing);
     out->pages_sent = out->pages_zero + out->pages_delta + out->pages_compressed +
                       out->pages_raw;
     out->max_downtime_ms = atomic_load(&m->max_downtime_ms);

@@ -52,6 +52,7 @@ struct nb_mig {
     /* progress, written by engine threads, read by nb_mig_stats */
     _Atomic uint64_t wire_bytes;
     _Atomic uint64_t pages_sent, pages_zero, pages_delta, pages_compressed, pages_raw;
+    _Atomic uint32_t compressing;   /* page channels compressing now */
     struct nb_mig_stats st;     /* protected by lock */
     double t0;                  /* start, monotonic ms */
     double bw_tokens_t;         /* bandwidth cap bookkeeping (lock) */

@@ -11,6 +11,7 @@
 #include <poll.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/source.h"
 
@@ -24,12 +25,22 @@ static int flush_frame(struct sender *s, uint32_t round, char *err)
 {
     if (!s->nrec)
         return 0;
+    int was = s->adapt.active;
+    double t0 = nb_now_ms();
+
     nb_pages_finish(s->frame, round, s->nrec);
     nb_throttle_bandwidth(s->m, s->flen);
     /* sealed in place: the frame is rebuilt from the next page on */
     if (nb_send_frame_in_place(s->ch, NB_MSG_PAGES, s->frame, (uint32_t)s->flen,
                                err) < 0)
         return -1;
+    nb_adapt_sent(&s->adapt, s->flen, nb_now_ms() - t0);
+    if (s->adapt.active != was) {
+        if (s->adapt.active)
+            atomic_fetch_add(&s->m->compressing, 1);
+        else
+            atomic_fetch_sub(&s->m->compressing, 1);
+    }
     s->flen = NB_PAGES_HDR;
     s->nrec = 0;
     return 0;
@@ -56,9 +67,12 @@ static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
             return NB_ENC_DELTA;
         }
     }
-    if (s->zctx) {
+    if (s->zctx && nb_adapt_try(&s->adapt)) {
+        double t0 = nb_now_ms();
         size_t z = ZSTD_compressCCtx(s->zctx, tmp, NB_PAGE - 256, snap, NB_PAGE,
                                      s->m->p.zstd_level);
+        nb_adapt_compressed(&s->adapt, NB_PAGE, ZSTD_isError(z) ? NB_PAGE : z,
+                            (nb_now_ms() - t0) * 1e6);
         if (!ZSTD_isError(z) && z > 0) {
             memcpy(snap, tmp, z);
             *n = z;
@@ -328,9 +342,37 @@ void nb_src_mark_data_pages(struct source *src)
     }
 }
 
+/*
+ * The delta cache's size: as given, or (auto) as large as the guest's
+ * memory, at most a quarter of what is free on this host now and at most
+ * the cap given.  Its pages are only touched as pages are cached.
+ */
+static uint64_t delta_cache_size(const struct nb_mig *m)
+{
+    long free_pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    uint64_t quarter = free_pages > 0 && page > 0
+                       ? (uint64_t)free_pages * (uint64_t)page / 4 : 0;
+    uint64_t size = m->vmm.layout.total;
+
+    if (m->p.mode != NB_MODE_LIVE)
+        return 0;
+    if (!m->p.delta_cache_auto)
+        return m->p.delta_cache;
+    if (quarter && size > quarter)
+        size = quarter;
+    if (m->p.delta_cache && size > m->p.delta_cache)
+        size = m->p.delta_cache;
+    return size;
+}
+
 int nb_src_start_senders(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
+    uint64_t cache = delta_cache_size(m);
+
+    pthread_mutex_lock(&m->lock);
+    m->st.delta_cache_bytes = cache;
+    pthread_mutex_unlock(&m->lock);
     for (int i = 0; i < src->nsnd; i++) {
         struct sender *s = &src->snd[i];
         s->m = m;
@@ -343,10 +385,13 @@ int nb_src_start_senders(struct source *src, char *err)
             snprintf(err, NB_ERRLEN, "out of memory");
             return -1;
         }
-        if (m->p.delta_cache && m->p.mode == NB_MODE_LIVE)
-            s->cache = nb_xcache_new(m->p.delta_cache / (uint64_t)src->nsnd);
+        if (cache)
+            s->cache = nb_xcache_new(cache / (uint64_t)src->nsnd);
+        nb_adapt_init(&s->adapt, m->p.compress);
         if (m->p.compress)
             s->zctx = ZSTD_createCCtx();
+        if (s->adapt.active)
+            atomic_fetch_add(&m->compressing, 1);
         if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
             snprintf(err, NB_ERRLEN, "cannot start a sender thread");
             return -1;
@@ -375,5 +420,6 @@ int nb_src_sync_dirty(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     memset(src->bitmap, 0, src->words * 8);
+    src->t_sync = nb_now_ms();
     return m->vmm.ops->dirty_log(&m->vmm, src->bitmap, src->words, err);
 }

@@ -26,6 +26,14 @@
 
 /* Below this expected downtime, stop iterating even if rounds still shrink. */
 #define SMALL_DOWNTIME_MS 5.0
+/* Rounds run at most after the rest first fitted the downtime limit. */
+#define EXTRA_ROUNDS 8
+/* Rounds of at least this many pages time the pause estimate's per-page cost. */
+#define MIN_TIMED_PAGES 1024
+/* Auto-converge: rounds without progress before a throttle step, and the
+ * least time between two steps. */
+#define CONVERGE_STALLS 2
+#define CONVERGE_EVERY_MS 500.0
 /* How long a failing source listens for the destination's reason. */
 #define PEER_REASON_MS 500
 
@@ -196,14 +204,18 @@ static int phase_precopy(struct source *src, char *err)
     return 0;
 }
 
-/* Estimate and decide: 1 = switch over now. */
-static int should_switch(struct source *src, uint64_t dirty, double since_ms)
+/*
+ * The pause `dirty` pages would cause, in ms: each page costs what the
+ * last round's pages cost, its wire bytes at the measured bandwidth or,
+ * where that was larger, the round's wall time per page (encoding and
+ * sealing included), plus two round trips.  Publishes the estimate.
+ */
+static double estimate_pause(struct source *src, uint64_t dirty, double since_ms)
 {
     struct nb_mig *m = src->m;
-    double bw, bpp = NB_PAGE + NB_REC_HDR, send_ms = 0, expected;
-    uint64_t bytes = 0, pages = 0;
-    uint32_t nr, limit = atomic_load(&m->max_downtime_ms);
-    int force = atomic_load(&m->force_req);
+    double bw, bpp = NB_PAGE + NB_REC_HDR, send_ms = 0, per_page, expected;
+    uint64_t bytes = 0, cap = atomic_load(&m->max_bandwidth);
+    uint32_t nr;
 
     pthread_mutex_lock(&m->lock);
     nr = m->st.nrounds < NB_MAX_ROUND_STATS ? m->st.nrounds : NB_MAX_ROUND_STATS;
@@ -211,42 +223,94 @@ static int should_switch(struct source *src, uint64_t dirty, double since_ms)
         bytes += m->st.rounds[i].bytes;
         send_ms += m->st.rounds[i].duration_ms;
     }
-    if (nr && m->st.rounds[nr - 1].pages) {
-        pages = m->st.rounds[nr - 1].pages;
-        bpp = (double)m->st.rounds[nr - 1].bytes / (double)pages;
-    }
     bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
-    {
-        uint64_t cap = atomic_load(&m->max_bandwidth);
-        if (cap && bw > (double)cap)
-            bw = (double)cap;
+    if (cap && bw > (double)cap)
+        bw = (double)cap;
+    if (nr && m->st.rounds[nr - 1].pages)
+        bpp = (double)m->st.rounds[nr - 1].bytes / (double)m->st.rounds[nr - 1].pages;
+    per_page = bpp * 1e3 / bw;
+    if (nr && m->st.rounds[nr - 1].pages >= MIN_TIMED_PAGES) {
+        const struct nb_round_stat *r = &m->st.rounds[nr - 1];
+        if (r->duration_ms / (double)r->pages > per_page)
+            per_page = r->duration_ms / (double)r->pages;
     }
-    expected = (double)dirty * bpp * 1e3 / bw + 2 * m->st.rtt_ms + 1.0;
+    expected = (double)dirty * per_page + 2 * m->st.rtt_ms + 1.0;
     m->st.dirty_pages = dirty;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
     m->st.bandwidth = bw;
     m->st.bytes_remaining = (uint64_t)((double)dirty * bpp);
     m->st.expected_downtime_ms = expected;
     pthread_mutex_unlock(&m->lock);
-    if (dirty == 0 || force)
+    return expected;
+}
+
+/*
+ * Decide: 1 = switch over now.  Not before the rest fits the limit; then
+ * keep iterating while another round pays: after round 0 always once
+ * (its raw pages say little about what resending costs), then while the
+ * pages the guest dirties during a round (at the rate seen since the last
+ * sync) or the last round's drop promise a dirty set a quarter smaller,
+ * until the pause is already tiny or EXTRA_ROUNDS rounds have run since
+ * it first fitted.
+ */
+static int should_switch(struct source *src, uint64_t dirty, double since_ms)
+{
+    struct nb_mig *m = src->m;
+    double expected = estimate_pause(src, dirty, since_ms);
+    uint64_t prev = src->prev_dirty;
+    double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
+
+    src->prev_dirty = dirty;
+    if (dirty == 0 || atomic_load(&m->force_req))
         return 1;
-    if (expected > (double)limit) {
-        src->prev_dirty = dirty;
+    if (expected > (double)atomic_load(&m->max_downtime_ms))
         return 0;
-    }
-    /*
-     * It would fit.  While each round still shrinks the dirty set by a
-     * quarter or more, one more (short) round is cheaper than the extra
-     * downtime; stop once it no longer converges or is already tiny.
-     */
-    {
-        uint64_t prev = src->prev_dirty;
-        src->prev_dirty = dirty;
-        if (prev && dirty * 4 <= prev * 3 &&
-            expected > SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms)
-            return 0;
-    }
+    if (expected <= SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms ||
+        ++src->fit_rounds > EXTRA_ROUNDS)
+        return 1;
+    /* round 0 sent every page raw; one more round shows what resending
+     * dirtied pages (as deltas, compressed) really costs */
+    if (src->cur_round == 0)
+        return 0;
+    if (during_next * 4 <= (double)dirty * 3 || (prev && dirty * 4 <= prev * 3))
+        return 0;
     return 1;
+}
+
+/*
+ * Auto-converge, the last resort: when the dirty set has not shrunk by a
+ * tenth in CONVERGE_STALLS rounds in a row (and the rest does not fit),
+ * slow the guest's vCPUs down through the vmm port: 20 %, then 10 points
+ * more each time, at most 99 %, at most once per CONVERGE_EVERY_MS.
+ */
+static void converge(struct source *src, uint64_t dirty)
+{
+    struct nb_mig *m = src->m;
+    uint64_t prev = src->conv_prev;
+    uint32_t cur, next;
+    double now = nb_now_ms();
+    char e[NB_ERRLEN];
+
+    src->conv_prev = dirty;
+    if (!m->p.auto_converge || !m->vmm.ops->throttle || !prev)
+        return;
+    if (dirty * 10 < prev * 9) {
+        src->stalls = 0;
+        return;
+    }
+    if (++src->stalls < CONVERGE_STALLS || now - src->t_converge < CONVERGE_EVERY_MS)
+        return;
+    pthread_mutex_lock(&m->lock);
+    cur = m->st.throttle;
+    pthread_mutex_unlock(&m->lock);
+    next = cur ? (cur + 10 > 99 ? 99 : cur + 10) : 20;
+    if (next == cur || m->vmm.ops->throttle(&m->vmm, (int)next, e) < 0)
+        return;
+    src->stalls = 0;
+    src->t_converge = now;
+    pthread_mutex_lock(&m->lock);
+    m->st.throttle = next;
+    pthread_mutex_unlock(&m->lock);
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
@@ -266,25 +330,45 @@ static int count_dirty(struct source *src, uint64_t *dirty, char *err)
     return 0;
 }
 
+/*
+ * Since when the pages the next count finds have been piling up: the last
+ * get-and-clear sync, or, clearing lazily (chunk by chunk as the last
+ * round sent them), the middle of the last round.
+ */
+static double dirtied_from(struct source *src)
+{
+    struct nb_mig *m = src->m;
+    double from = src->t_sync;
+    uint32_t last;
+
+    if (!src->lazy)
+        return from;
+    pthread_mutex_lock(&m->lock);
+    last = m->st.nrounds ? m->st.nrounds - 1 : 0;
+    if (m->st.nrounds && last < NB_MAX_ROUND_STATS)
+        from = m->t0 + m->st.rounds[last].start_ms +
+               m->st.rounds[last].duration_ms / 2;
+    pthread_mutex_unlock(&m->lock);
+    return from;
+}
+
 /* ITERATE: send what the guest dirtied since the last round until the rest fits. */
 static int phase_iterate(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
-    double last_sync = nb_now_ms();
 
     for (;;) {
         uint64_t dirty;
-        double now;
+        double from = dirtied_from(src);
         if (atomic_load(&m->cancel_req)) {
             snprintf(err, NB_ERRLEN, "cancelled");
             return fail(src, NB_ERR_CANCELLED);
         }
         if (count_dirty(src, &dirty, err) < 0)
             return -1;
-        now = nb_now_ms();
-        if (should_switch(src, dirty, now - last_sync))
+        if (should_switch(src, dirty, nb_now_ms() - from))
             return 0;
-        last_sync = now;
+        converge(src, dirty);
         if (nb_src_round(src, ++src->cur_round, dirty, src->lazy) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
             return fail(src, nb_fail_kind(m));

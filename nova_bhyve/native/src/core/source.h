@@ -7,6 +7,7 @@
 
 #include <zstd.h>
 
+#include "core/adapt.h"
 #include "core/nbmig.h"
 
 struct source;
@@ -18,6 +19,7 @@ struct sender {
     int slot;                   /* 0-based channel slot */
     struct nb_xcache *cache;
     ZSTD_CCtx *zctx;
+    struct nb_adapt adapt;      /* whether to compress, compress=auto */
     uint8_t *frame;
     size_t flen;
     uint32_t nrec;
@@ -44,6 +46,11 @@ struct source {
     int kind;                   /* nb_error_kind of the phase that failed */
     double t_pause;             /* when the guest stopped (downtime starts) */
     uint64_t prev_dirty;        /* dirty pages at the previous sync */
+    double t_sync;              /* when the dirty log was last synced */
+    int fit_rounds;             /* rounds since the rest first fitted */
+    uint64_t conv_prev;         /* auto-converge: dirty pages last round */
+    int stalls;                 /* auto-converge: rounds without progress */
+    double t_converge;          /* auto-converge: last throttle step */
     /* the words [w0, w1) of the bitmap the senders work on now; the
      * round ends (ROUND_END) with the part that reaches the last word */
     size_t w0, w1;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/adapt.h"
 #include "core/codec.h"
 #include "core/transitions.h"
 #include "test/selftest.h"
@@ -92,4 +93,25 @@ long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
 int nb_selftest_phase_legal(int is_source, int from, int to)
 {
     return nb_phase_legal(is_source, from, to);
+}
+
+int nb_selftest_adapt(int mode, double link_Bps, double zstd_Bps, double ratio,
+                      int pages, int *active)
+{
+    struct nb_adapt a;
+    int tried = 0;
+    const size_t frame = 256u << 10;
+
+    nb_adapt_init(&a, mode);
+    for (int i = 1; i <= pages; i++) {
+        if (nb_adapt_try(&a)) {
+            tried++;
+            nb_adapt_compressed(&a, 4096, (size_t)(4096 * ratio),
+                                4096 / zstd_Bps * 1e9);
+        }
+        if (i % 64 == 0)
+            nb_adapt_sent(&a, frame, (double)frame / link_Bps * 1e3);
+    }
+    *active = a.active;
+    return tried;
 }

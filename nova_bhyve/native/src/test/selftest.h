@@ -30,6 +30,12 @@ void nb_selftest_digest_terms(uint64_t first, uint64_t n, uint64_t h,
  * (as rounds of a guest rewriting its working set in order); returns the
  * hits of the last round, or -1 if a dropped page was still returned. */
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
+/* Drive compress mode `mode` (0 off, 1 on, 2 auto) over `pages` data
+ * pages on a link of `link_Bps`, with zstd taking in `zstd_Bps` and
+ * keeping `ratio` of a page; a 256 KiB frame is sent every 64 pages.
+ * Returns the pages it compressed; *active is the final choice. */
+int nb_selftest_adapt(int mode, double link_Bps, double zstd_Bps, double ratio,
+                      int pages, int *active);
 /* 1 if the phase table lets a side (source: 1) go from `from` to `to`. */
 int nb_selftest_phase_legal(int is_source, int from, int to);
 

@@ -39,7 +39,7 @@ int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params 
         ADD("cpuid.%x.%x.%c=%08x\n", s->feat[i].leaf, s->feat[i].sub,
             "abcd"[s->feat[i].reg & 3], s->feat[i].bits);
     ADD("channels=%d\ncompress=%s\nverify=%s\npaused=%d\ncipher=%s\n", p->channels,
-        p->compress ? "zstd" : "none",
+        p->compress == NB_COMPRESS_AUTO ? "auto" : p->compress ? "zstd" : "none",
         p->verify == NB_VERIFY_FULL ? "full" : "incremental",
         p->keep_paused ? 1 : 0, p->plaintext_pages ? "none" : "aes-256-gcm");
 #undef ADD

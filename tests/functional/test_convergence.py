@@ -1,0 +1,105 @@
+"""Convergence with the engine's defaults: adaptive encoding, the delta
+cache's size, auto-converge and the switch-over decision, on guests that
+dirty memory as fast as a loop can (``pattern=tight``)."""
+
+import time
+
+from nova_bhyve.native.engine import Result
+
+from .conftest import needs_kvm
+from .migration_helpers import (
+    assert_guest_continued,
+    assert_guest_kept_running,
+    migrate,
+    new_secret,
+    start_receive,
+    start_send,
+    stress_ready,
+    wait_result,
+)
+
+pytestmark = needs_kvm
+
+MiB = 1 << 20
+
+
+def _pair(vms, cmdline, mem="512M"):
+    src = vms.start("src", mem=mem, cmdline=cmdline)
+    dst = vms.start("dst", mem=mem, incoming=True)
+    stress_ready(src)
+    return src, dst
+
+
+def _moved(src, dst, s, d):
+    assert s.result == Result.COMPLETED, s.error
+    assert d.result == Result.COMPLETED, d.error
+    assert s.digest == d.digest != 0
+    assert dst.client.status()["state"] == "running"
+    assert src.stop() == 1
+    return assert_guest_continued(src, dst)
+
+
+def test_tight_loop_guest_converges_with_the_defaults_on_a_slow_link(vms):
+    """Every page of 64 MiB rewritten in a tight loop, a 16 MB/s link: raw,
+    each round would take 4 s while the guest rewrites everything many
+    times over.  The defaults (compress=auto, delta cache auto) see that
+    the link is the bottleneck and send the pages small."""
+    src, dst = _pair(vms, "mode=stress pattern=tight ws=64M")
+    s, d = migrate(src, dst, max_bandwidth=16 * MiB)
+    assert s.compressing >= 1                   # auto chose zstd
+    assert s.pages_compressed + s.pages_delta > s.pages_raw
+    assert s.delta_cache_bytes >= 64 * MiB      # sized to the guest
+    assert s.bytes_transferred < 64 * MiB       # less than one raw sweep
+    assert s.throttle == 0                      # no need to slow the guest
+    _moved(src, dst, s, d)
+
+
+def test_auto_converge_throttles_when_rounds_stop_shrinking(vms):
+    """Nothing can shrink the pages (compression and deltas off) and the
+    link is too slow for the rate the guest rewrites them: the engine
+    slows the guest's vCPU down, step by step, until the rest fits."""
+    src, dst = _pair(vms, "mode=stress pattern=tight ws=16M")
+    s, d = migrate(src, dst, max_bandwidth=24 * MiB, compress="off",
+                   delta_cache=0, max_downtime_ms=300, timeout_ms=60000)
+    assert s.throttle >= 20
+    assert s.pages_compressed == s.pages_delta == 0
+    assert s.downtime_ms > 0
+    _moved(src, dst, s, d)
+
+
+def test_without_auto_converge_the_same_guest_does_not_converge(vms):
+    """The control for the test above: without the throttle the rounds
+    never shrink; cancelling leaves the guest running on the source, at
+    full speed again."""
+    src, dst = _pair(vms, "mode=stress pattern=tight ws=16M")
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    send = start_send(src, recv.port, secret, max_bandwidth=24 * MiB,
+                      compress="off", delta_cache=0, max_downtime_ms=300,
+                      auto_converge=False, timeout_ms=60000)
+    try:
+        time.sleep(6)
+        st = send.stats()
+        assert st.result == Result.RUNNING and st.round >= 3, st
+        assert st.throttle == 0
+        send.cancel()
+        assert wait_result(send).result == Result.CANCELLED
+        wait_result(recv)
+    finally:
+        send.close()
+        recv.close()
+    assert_guest_kept_running(src)
+
+
+def test_switch_over_waits_while_another_round_pays(vms):
+    """The rest fits a generous limit right after round 0, yet the engine
+    keeps iterating while a round shrinks the dirty set, so the pause
+    ends far below the limit; the prediction it switched on is published
+    next to the measured pause."""
+    src, dst = _pair(vms, "mode=stress pattern=tight ws=64M")
+    s, d = migrate(src, dst, max_downtime_ms=1000)
+    iterated = s.rounds[1:-1]
+    assert iterated, s.rounds                    # not only round 0 + final
+    assert s.rounds[-1].dirty < s.rounds[1].dirty
+    assert 0 < s.expected_downtime_ms < 1000
+    _moved(src, dst, s, d)
