@@ -30,7 +30,8 @@ _READER = pathlib.Path(__file__).resolve().parent / "tlog_reader.py"
 UNLIMITED = 100 << 30      # bytes/s: "max-bandwidth" has no "unlimited" value
 
 CAPABILITIES = ("xbzrle", "multifd", "auto-converge", "events")
-# QEMU 7.2's defaults; the xbzrle cache (64 MiB) equals the engine's delta cache.
+# QEMU 7.2's defaults (xbzrle cache 64 MiB; the tuned configurations size it
+# to the working set, below).
 DEFAULT_PARAMS = {"max-bandwidth": 128 << 20, "multifd-channels": 2,
                   "xbzrle-cache-size": 64 << 20}
 # QEMU configurations (capabilities, parameters), the same on both links.
@@ -41,6 +42,19 @@ DEFAULT_PARAMS = {"max-bandwidth": 128 << 20, "multifd-channels": 2,
 # every page through the multifd threads, which bypass xbzrle, so the two
 # tuned configurations differ in more than the channel count.
 _TUNED = {"max-bandwidth": UNLIMITED}
+
+
+def xbzrle_cache_for(cmdline):
+    """The xbzrle cache a user tuning QEMU would give this guest: the
+    working set (``ws=`` of the payload's command line) rounded up to a
+    power of two, at least QEMU's default 64 MiB."""
+    size = DEFAULT_PARAMS["xbzrle-cache-size"]
+    for tok in cmdline.split():
+        if tok.startswith("ws=") and tok[3:-1].isdigit():
+            ws = int(tok[3:-1]) << {"K": 10, "M": 20, "G": 30}.get(tok[-1], 0)
+            while size < ws:
+                size <<= 1
+    return size
 CONFIGS = {
     "qemu-default": ([], {}),
     "qemu-xbzrle": (["xbzrle"], _TUNED),
@@ -250,6 +264,8 @@ class QemuChain:
         dst_ns, addr, ifname = self.net.route(link, src.ns)
         caps, params = CONFIGS[config]
         params = dict(DEFAULT_PARAMS, **params, **{"downtime-limit": downtime_ms})
+        if "xbzrle" in caps:    # tuned as a user would: the working set fits
+            params["xbzrle-cache-size"] = xbzrle_cache_for(self.cmdline)
         dst = self._new(dst_ns, incoming=True)
         try:
             res = self._migrate(src, dst, addr, ifname, caps, params, timeout)

@@ -208,7 +208,9 @@ static int phase_precopy(struct source *src, char *err)
  * The pause `dirty` pages would cause, in ms: each page costs what the
  * last round's pages cost, its wire bytes at the measured bandwidth or,
  * where that was larger, the round's wall time per page (encoding and
- * sealing included), plus two round trips.  Publishes the estimate.
+ * sealing included), plus the last dirty-log sync (the final one, with
+ * the guest paused, costs about as much) and two round trips.  Publishes
+ * the estimate.
  */
 static double estimate_pause(struct source *src, uint64_t dirty, double since_ms)
 {
@@ -234,7 +236,7 @@ static double estimate_pause(struct source *src, uint64_t dirty, double since_ms
         if (r->duration_ms / (double)r->pages > per_page)
             per_page = r->duration_ms / (double)r->pages;
     }
-    expected = (double)dirty * per_page + 2 * m->st.rtt_ms + 1.0;
+    expected = (double)dirty * per_page + src->sync_ms + 2 * m->st.rtt_ms + 1.0;
     m->st.dirty_pages = dirty;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
     m->st.bandwidth = bw;
@@ -364,8 +366,10 @@ static int phase_iterate(struct source *src, char *err)
             snprintf(err, NB_ERRLEN, "cancelled");
             return fail(src, NB_ERR_CANCELLED);
         }
+        double t0 = nb_now_ms();
         if (count_dirty(src, &dirty, err) < 0)
             return -1;
+        src->sync_ms = nb_now_ms() - t0;    /* the final sync costs about as much */
         if (should_switch(src, dirty, nb_now_ms() - from))
             return 0;
         converge(src, dirty);

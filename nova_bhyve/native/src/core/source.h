@@ -47,6 +47,7 @@ struct source {
     double t_pause;             /* when the guest stopped (downtime starts) */
     uint64_t prev_dirty;        /* dirty pages at the previous sync */
     double t_sync;              /* when the dirty log was last synced */
+    double sync_ms;             /* how long the last count of dirty pages took */
     int fit_rounds;             /* rounds since the rest first fitted */
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     int stalls;                 /* auto-converge: rounds without progress */
