@@ -108,8 +108,16 @@ class Net:
         self.created = []
 
     def link(self, ns, up):
-        """Take ``ns``'s end of the veth pair down (up=False) or up again."""
+        """Take ``ns``'s end of the veth pair down (up=False) or up again.
+
+        Up again, both ends forget their neighbours: an address that went
+        unanswered while the link was down stays FAILED for a while, and a
+        connect to it then fails at once with "No route to host".
+        """
         _ip("-n", ns, "link", "set", self.veth[ns], "up" if up else "down")
+        if up:
+            for end in (ns, self.other(ns)):
+                _ip("-n", end, "neigh", "flush", "all")
 
     def other(self, ns):
         """The namespace at the other end of the veth pair."""
