@@ -78,6 +78,11 @@ class _Incoming:
     recv: object
     disks: list = dataclasses.field(default_factory=list)
 
+    def handed_over(self):
+        """True once the guest was committed here or runs here."""
+        stats = self.recv.stats()
+        return bool(stats.committed or stats.guest_runs_here)
+
     def close(self, cancel=False):
         """Free the listeners (cancelling an unfinished receive)."""
         for disk in self.disks:
@@ -348,7 +353,7 @@ class LiveMigrationMixin:
         incoming = self._take_incoming(uuid)
         if incoming is not None:
             stats = incoming.recv.stats()
-            handed_over = stats.committed or stats.guest_runs_here
+            handed_over = incoming.handed_over()
             if stats.finished and stats.error:
                 LOG.warning("This host's half of the migration ended %s in "
                             "phase %s: %s", stats.result.name.lower(),

@@ -109,7 +109,8 @@ def close_events(context, instance, error):
 class OrphanWatch:
     """Find incoming migrations no rollback will end, and end them.
 
-    ``incoming`` is the driver's dict {uuid: _Incoming} and ``lock``
+    ``incoming`` is the driver's dict {uuid: _Incoming} (whose
+    ``handed_over()`` says whether the guest was committed) and ``lock``
     guards it; ``remove(uuid, incoming)`` tears one down (listeners, VM,
     taps, files) and is called with the entry already taken out.
     """
@@ -132,7 +133,7 @@ class OrphanWatch:
         for uuid in set(self._since) - {u for u, _ in pending}:
             del self._since[uuid]
         for uuid, incoming in pending:
-            if self._handed_over(incoming):
+            if incoming.handed_over():
                 self._since.pop(uuid, None)
                 continue
             instance = lookup(context, uuid)
@@ -142,11 +143,6 @@ class OrphanWatch:
             first = self._since.setdefault(uuid, now)
             if now - first >= self._grace:
                 self._reap(context, uuid, incoming, instance, host)
-
-    @staticmethod
-    def _handed_over(incoming):
-        stats = incoming.recv.stats()
-        return stats.committed or stats.guest_runs_here
 
     def _reap(self, context, uuid, incoming, instance, host):
         with self._lock:

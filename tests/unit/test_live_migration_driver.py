@@ -663,10 +663,10 @@ def test_orphan_watch_removes_the_incoming_guest(env, monkeypatch):
     the rollback: the driver's watch frees the listener, the VM, its taps
     and its files once the grace has passed."""
     from nova_bhyve.migration import orphans
-    inc = mock.Mock()
-    inc.recv.stats.return_value = _stats(result=Result.FAILED, finished=True,
-                                         committed=False,
-                                         guest_runs_here=False)
+    recv = mock.Mock()
+    recv.stats.return_value = _stats(result=Result.FAILED, finished=True,
+                                     committed=False, guest_runs_here=False)
+    inc = mock.Mock(wraps=live._Incoming(recv))
     env.drv._incoming[UUID] = inc
     env.drv.backend.adopted.return_value = False
     nova_view = types.SimpleNamespace(uuid=UUID, host="host1",
@@ -677,8 +677,9 @@ def test_orphan_watch_removes_the_incoming_guest(env, monkeypatch):
     env.drv._orphans.check(context="ctx", now=0.0)
     env.drv.backend.destroy.assert_not_called()
     env.drv._orphans.check(context="ctx", now=1e6)
-    inc.recv.cancel.assert_not_called()     # finished already
+    recv.cancel.assert_not_called()         # finished already
     inc.close.assert_called_once_with(cancel=True)
+    recv.close.assert_called_once_with()
     env.drv.backend.destroy.assert_called_once_with(UUID)
     env.drv.backend.unplug_vifs.assert_called_once_with(
         env.drv.backend.recorded_spec.return_value)

@@ -6,7 +6,7 @@ from unittest import mock
 
 import pytest
 
-from nova_bhyve.migration import orphans
+from nova_bhyve.migration import live, orphans
 
 UUID = "0c9a3f0e-5b1d-4c2e-8f3a-1d2e3f4a5b6c"
 HOST = "host2"
@@ -15,8 +15,7 @@ HOST = "host2"
 def _incoming(committed=False, runs_here=False):
     stats = types.SimpleNamespace(committed=committed,
                                   guest_runs_here=runs_here)
-    return types.SimpleNamespace(recv=mock.Mock(**{"stats.return_value":
-                                                   stats}))
+    return live._Incoming(recv=mock.Mock(**{"stats.return_value": stats}))
 
 
 def _instance(host="host1", task_state=None, deleted=False):

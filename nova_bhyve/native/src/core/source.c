@@ -306,13 +306,10 @@ static void converge(struct source *src, uint64_t dirty)
     cur = m->st.throttle;
     pthread_mutex_unlock(&m->lock);
     next = cur ? (cur + 10 > 99 ? 99 : cur + 10) : 20;
-    if (next == cur || m->vmm.ops->throttle(&m->vmm, (int)next, e) < 0)
+    if (next == cur || nb_mig_set_param(m, "throttle", next, e, sizeof(e)) < 0)
         return;
     src->stalls = 0;
     src->t_converge = now;
-    pthread_mutex_lock(&m->lock);
-    m->st.throttle = next;
-    pthread_mutex_unlock(&m->lock);
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
