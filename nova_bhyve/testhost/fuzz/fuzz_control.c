@@ -30,6 +30,8 @@ static ssize_t reply_send(int fd, const void *buf, size_t len, int flags);
 /* vcpu.c, for a VM without vCPU threads. */
 void nb_vcpus_pause(struct nb_vm *vm) { vm->state = NB_STATE_PAUSED; }
 void nb_vcpus_resume(struct nb_vm *vm) { vm->state = NB_STATE_RUNNING; }
+void nb_vcpus_release(struct nb_vm *vm) { vm->state = NB_STATE_RUNNING; }
+void nb_vcpus_wake(struct nb_vm *vm) {}
 void nb_vcpus_kick(struct nb_vm *vm, int throttle) {}
 
 static int client_fd = -1;

@@ -315,8 +315,14 @@ static int handle_line(struct nb_vm *vm, struct client *c, char *line)
         return reply(c->fd, "OK state=paused");
     }
     if (!strcmp(argv[0], "resume") && argc == 1) {
-        if (vm->state == NB_STATE_PAUSED)
-            nb_vcpus_resume(vm);
+        if (vm->state == NB_STATE_PAUSED) {
+            /* answer before waking the vCPUs: a vCPU woken on this CPU
+             * would otherwise hold the answer back for its time slice */
+            nb_vcpus_release(vm);
+            int rc = reply(c->fd, "OK state=running");
+            nb_vcpus_wake(vm);
+            return rc;
+        }
         if (vm->state != NB_STATE_RUNNING)
             return reply(c->fd, "ERR EBUSY VM is %s%s", state_name(vm->state),
                          vm->state == NB_STATE_INCOMING

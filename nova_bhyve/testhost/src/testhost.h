@@ -102,6 +102,8 @@ void nb_vm_notify(struct nb_vm *vm);
 int nb_vcpus_start(struct nb_vm *vm);
 void nb_vcpus_pause(struct nb_vm *vm);
 void nb_vcpus_resume(struct nb_vm *vm);
+void nb_vcpus_release(struct nb_vm *vm);
+void nb_vcpus_wake(struct nb_vm *vm);
 void nb_vcpus_stop(struct nb_vm *vm);
 void nb_vcpus_kick(struct nb_vm *vm, int throttle);
 

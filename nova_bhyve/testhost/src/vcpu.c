@@ -305,13 +305,27 @@ void nb_vcpus_pause(struct nb_vm *vm)
     pthread_mutex_unlock(&vm->lock);
 }
 
-void nb_vcpus_resume(struct nb_vm *vm)
+/* Mark the VM running; its parked vCPUs go once nb_vcpus_wake() wakes them. */
+void nb_vcpus_release(struct nb_vm *vm)
 {
     pthread_mutex_lock(&vm->lock);
     vm->pause_req = 0;
     vm->state = NB_STATE_RUNNING;
+    pthread_mutex_unlock(&vm->lock);
+}
+
+/* Wake parked vCPUs to look at the pause request again. */
+void nb_vcpus_wake(struct nb_vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
     pthread_cond_broadcast(&vm->cond);
     pthread_mutex_unlock(&vm->lock);
+}
+
+void nb_vcpus_resume(struct nb_vm *vm)
+{
+    nb_vcpus_release(vm);
+    nb_vcpus_wake(vm);
 }
 
 /* End all vCPU threads (process exit path). */
