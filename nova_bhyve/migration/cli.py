@@ -103,8 +103,10 @@ def _report(stats, out):
                   f"{stats.bytes_transferred} bytes on the wire, "
                   f"{len(stats.rounds)} rounds, digest {stats.digest:016x}\n")
         if stats.is_source:
-            out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms; "
-                      f"pages zero/delta/zstd/raw {stats.pages_zero}/"
+            out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms "
+                      f"(after {stats.catchup_ms:.1f} ms waiting for the "
+                      f"destination to catch up); pages zero/delta/zstd/raw "
+                      f"{stats.pages_zero}/"
                       f"{stats.pages_delta}/{stats.pages_compressed}/"
                       f"{stats.pages_raw}; delta cache "
                       f"{stats.delta_cache_bytes >> 20} MiB; throttle "

@@ -205,6 +205,7 @@ class MigrationStats:
     bandwidth: float
     expected_downtime_ms: float
     downtime_ms: float
+    catchup_ms: float
     total_ms: float
     rtt_ms: float
     max_downtime_ms: int
@@ -378,7 +379,8 @@ class Migration:
             pages_compressed=s.pages_compressed, pages_raw=s.pages_raw,
             dirty_pages=s.dirty_pages, dirty_rate=s.dirty_rate,
             bandwidth=s.bandwidth, expected_downtime_ms=s.expected_downtime_ms,
-            downtime_ms=s.downtime_ms, total_ms=s.total_ms, rtt_ms=s.rtt_ms,
+            downtime_ms=s.downtime_ms, catchup_ms=s.catchup_ms,
+            total_ms=s.total_ms, rtt_ms=s.rtt_ms,
             max_downtime_ms=s.max_downtime_ms, throttle=s.throttle,
             delta_cache_bytes=s.delta_cache_bytes, compressing=s.compressing,
             committed=bool(s.committed), guest_runs_here=bool(s.guest_runs_here),

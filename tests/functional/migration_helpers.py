@@ -326,7 +326,7 @@ def crc32c(data, crc=0):
 
 
 MAGIC = b"NBMIG\x00\x00\x01"
-VERSION = 2
+VERSION = 3
 TO_DEST, TO_SOURCE = 0, 1
 
 
@@ -432,6 +432,16 @@ def wait_result(mig, timeout=30):
                              f"{st.phase.name}, round {st.round}, "
                              f"error {st.error!r}")
     return mig.stats()
+
+
+def wait_both(send, recv, *others, timeout=60):
+    """Wait for both halves, then close them and ``others`` (proxies)
+    whatever happened; return (source stats, destination stats)."""
+    try:
+        return wait_result(send, timeout), wait_result(recv, timeout)
+    finally:
+        for x in (send, recv) + others:
+            x.close()
 
 
 def settle(seconds=0.3):

@@ -22,6 +22,7 @@ from nova_bhyve.testhost.console import parse_console
 
 from .conftest import needs_kvm, wait_for, wait_heartbeats
 from .migration_helpers import (
+    VERSION,
     FaultyProxy,
     RawSource,
     assert_guest_continued,
@@ -33,6 +34,7 @@ from .migration_helpers import (
     start_receive,
     start_send,
     stress_ready,
+    wait_both,
     wait_phase,
     wait_result,
 )
@@ -448,7 +450,7 @@ def _preamble_for(vm, channels=1):
             vendor = line.split(":", 1)[1].strip()
             break
     st = vm.client.status()
-    lines = ["protocol=2", "mode=live", "arch=x86_64", "page_size=4096",
+    lines = [f"protocol={VERSION}", "mode=live", "arch=x86_64", "page_size=4096",
              f"cpu_vendor={vendor}", f"ncpus={st['cpus']}",
              "state_format=nbvmstat/1", f"memory={st['mem']}", "segments=1",
              f"segment.0=0:{st['lowmem']:x}", f"channels={channels}",
@@ -653,12 +655,7 @@ def test_control_frames_that_overtake_the_page_channels_are_kept(vms):
     recv = start_receive(dst, secret, keep_paused=True)
     proxy = FaultyProxy(recv.port, join_delay=1.5)
     send = start_send(src, proxy.port, secret, keep_paused=True, channels=4)
-    try:
-        s, d = wait_result(send, 60), wait_result(recv, 60)
-    finally:
-        send.close()
-        recv.close()
-        proxy.close()
+    s, d = wait_both(send, recv, proxy)
     assert s.result == Result.COMPLETED and d.result == Result.COMPLETED, (
         s.error, d.error)
     assert dst.client.status()["state"] == "paused"

@@ -2,7 +2,7 @@
  * Target "frame": the destination's frame receive path, nb_recv_frame and
  * nb_expect (header checks, length limits, sequence, CRC, and with a
  * fixed key the AES-256-GCM open), then the typed message parsers on what
- * it accepts.
+ * it accepts (the source's APPLIED parser included).
  *
  * Input: u8 mode, u8 select, corruptions, then the stream.
  *   mode   bit 0: the stream is the rest of the input as raw bytes;
@@ -38,6 +38,7 @@ static void use_frame(const struct nb_frame *f)
     nb_peer_text(f, text);
     nb_round_end_parse(f, &e);
     nb_digest_parse(f, &d);
+    nb_applied_parse(f, &round);
     if (f->type != NB_MSG_PAGES || nb_pages_parse(f, &round, &nrec) < 0)
         return;
     for (uint32_t i = 0; i < nrec && pos <= f->len; i++) {
@@ -98,6 +99,7 @@ static void fuzz_seeds(const char *dir)
     static const char *names[] = { "plain", "sealed" };
     uint8_t pages[NB_PAGES_HDR + 2 * NB_REC_HDR + NB_PAGE];
     uint8_t rend[NB_ROUND_END_LEN] = { 0 }, dig[NB_DIGEST_LEN] = { 0 };
+    uint8_t applied[NB_APPLIED_LEN] = { 3 };    /* round 3 */
 
     memset(pages, 0xab, sizeof(pages));
     nb_pages_finish(pages, 0, 2);
@@ -119,6 +121,7 @@ static void fuzz_seeds(const char *dir)
         fz_put8(&b, (uint8_t)(s << 1 | 4));
         fz_put8(&b, 1 | 2 << 5);        /* control limit, channel 0, DIGEST */
         fz_put_frame(&b, NB_MSG_DIGEST, dig, sizeof(dig));
+        fz_put_frame(&b, NB_MSG_APPLIED, applied, sizeof(applied));
         fz_put_frame(&b, NB_MSG_ABORT, "source gave up\n\x01", 16);
         snprintf(name, sizeof(name), "control-%s", names[s]);
         fz_seed(dir, name, b.p, b.len);

@@ -114,6 +114,8 @@ struct nb_mig_stats {
     double bandwidth;           /* bytes per second, last round */
     double expected_downtime_ms;
     double downtime_ms;         /* measured: source stopped -> RUNNING heard */
+    double catchup_ms;          /* source: waited, guest running, for the
+                                 * destination to apply what was sent */
     double total_ms;
     double rtt_ms;
     uint32_t max_downtime_ms;

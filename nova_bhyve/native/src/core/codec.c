@@ -222,8 +222,8 @@ static void nh_pair_avx2(const uint8_t *page, const uint32_t *k, uint64_t out[2]
 #endif
 
 /*
- * The vector code to use: 0 none, 1 AVX2, 2 AVX2 and AVX-512F; -1 (the
- * default): the best the CPU has, decided on first use.
+ * The vector code to use: 0 none, 1 AVX2; -1 (the default): the best the
+ * CPU has, decided on first use.
  */
 int nb_codec_simd = -1;
 
@@ -232,8 +232,7 @@ int nb_simd_level(void)
 #if defined(__x86_64__)
     if (nb_codec_simd < 0) {
         __builtin_cpu_init();
-        nb_codec_simd = !__builtin_cpu_supports("avx2") ? 0
-                        : __builtin_cpu_supports("avx512f") ? 2 : 1;
+        nb_codec_simd = __builtin_cpu_supports("avx2") ? 1 : 0;
     }
     return nb_codec_simd;
 #else
@@ -271,142 +270,18 @@ uint64_t nb_zero_page_hash(const struct nb_hash_key *k)
     return nb_page_hash(zero, k);
 }
 
-/* Contribution of page `pfn` with content hash `h` to the memory digest. */
-uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k)
-{
-    uint64_t m[2] = { pfn, h };
-    return siphash24(k->term_k0, k->term_k1, m, 2);
-}
-
 /*
- * out[j] = T(first + j, h) for j < n: the digest terms of n consecutive
- * pfns with one content hash (every page starts as a zero page).
+ * Page `pfn`'s term of the memory digest (PROTOCOL.md) given its content
+ * hash `h`: T(pfn, h) - T(pfn, hz), so that a zero page adds nothing.
  */
-static void terms_scalar(uint64_t first, uint64_t n, uint64_t h,
-                         const struct nb_hash_key *k, uint64_t *out)
+uint64_t nb_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
+                        const struct nb_hash_key *k)
 {
-    for (uint64_t j = 0; j < n; j++)
-        out[j] = nb_digest_term(first + j, h, k);
-}
-
-#if defined(__x86_64__)
-#define ROTL4(x, r) _mm256_or_si256(_mm256_slli_epi64(x, r), _mm256_srli_epi64(x, 64 - (r)))
-#define ROTL4_32(x) _mm256_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1))
-#define SIPROUND4(v0, v1, v2, v3) do {                                       \
-        v0 = _mm256_add_epi64(v0, v1); v1 = ROTL4(v1, 13);                  \
-        v1 = _mm256_xor_si256(v1, v0); v0 = ROTL4_32(v0);                   \
-        v2 = _mm256_add_epi64(v2, v3); v3 = ROTL4(v3, 16);                  \
-        v3 = _mm256_xor_si256(v3, v2);                                      \
-        v0 = _mm256_add_epi64(v0, v3); v3 = ROTL4(v3, 21);                  \
-        v3 = _mm256_xor_si256(v3, v0);                                      \
-        v2 = _mm256_add_epi64(v2, v1); v1 = ROTL4(v1, 17);                  \
-        v1 = _mm256_xor_si256(v1, v2); v2 = ROTL4_32(v2);                   \
-    } while (0)
-
-/* The same, four SipHash-2-4 computations at a time with AVX2. */
-__attribute__((target("avx2")))
-static void terms_avx2(uint64_t first, uint64_t n, uint64_t h,
-                       const struct nb_hash_key *k, uint64_t *out)
-{
-    const __m256i hv = _mm256_set1_epi64x((long long)h);
-    const __m256i last = _mm256_set1_epi64x((long long)(16ULL << 56));
-    const __m256i ff = _mm256_set1_epi64x(0xff);
-    const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
-    uint64_t j = 0;
-
-    for (; j + 4 <= n; j += 4) {
-        __m256i v0 = _mm256_set1_epi64x((long long)(k->term_k0 ^ 0x736f6d6570736575ULL));
-        __m256i v1 = _mm256_set1_epi64x((long long)(k->term_k1 ^ 0x646f72616e646f6dULL));
-        __m256i v2 = _mm256_set1_epi64x((long long)(k->term_k0 ^ 0x6c7967656e657261ULL));
-        __m256i v3 = _mm256_set1_epi64x((long long)(k->term_k1 ^ 0x7465646279746573ULL));
-        __m256i pfn = _mm256_add_epi64(_mm256_set1_epi64x((long long)(first + j)), lane);
-
-        v3 = _mm256_xor_si256(v3, pfn);
-        SIPROUND4(v0, v1, v2, v3);
-        SIPROUND4(v0, v1, v2, v3);
-        v0 = _mm256_xor_si256(v0, pfn);
-        v3 = _mm256_xor_si256(v3, hv);
-        SIPROUND4(v0, v1, v2, v3);
-        SIPROUND4(v0, v1, v2, v3);
-        v0 = _mm256_xor_si256(v0, hv);
-        v3 = _mm256_xor_si256(v3, last);
-        SIPROUND4(v0, v1, v2, v3);
-        SIPROUND4(v0, v1, v2, v3);
-        v0 = _mm256_xor_si256(v0, last);
-        v2 = _mm256_xor_si256(v2, ff);
-        for (int r = 0; r < 4; r++)
-            SIPROUND4(v0, v1, v2, v3);
-        v0 = _mm256_xor_si256(_mm256_xor_si256(v0, v1), _mm256_xor_si256(v2, v3));
-        _mm256_storeu_si256((__m256i *)(out + j), v0);
-    }
-    terms_scalar(first + j, n - j, h, k, out + j);
-}
-
-#define SIPROUND8(v0, v1, v2, v3) do {                                       \
-        v0 = _mm512_add_epi64(v0, v1); v1 = _mm512_rol_epi64(v1, 13);       \
-        v1 = _mm512_xor_si512(v1, v0); v0 = _mm512_rol_epi64(v0, 32);       \
-        v2 = _mm512_add_epi64(v2, v3); v3 = _mm512_rol_epi64(v3, 16);       \
-        v3 = _mm512_xor_si512(v3, v2);                                      \
-        v0 = _mm512_add_epi64(v0, v3); v3 = _mm512_rol_epi64(v3, 21);       \
-        v3 = _mm512_xor_si512(v3, v0);                                      \
-        v2 = _mm512_add_epi64(v2, v1); v1 = _mm512_rol_epi64(v1, 17);       \
-        v1 = _mm512_xor_si512(v1, v2); v2 = _mm512_rol_epi64(v2, 32);       \
-    } while (0)
-
-/* The same, eight at a time with AVX-512 (which rotates in one step). */
-__attribute__((target("avx512f")))
-static void terms_avx512(uint64_t first, uint64_t n, uint64_t h,
-                         const struct nb_hash_key *k, uint64_t *out)
-{
-    const __m512i hv = _mm512_set1_epi64((long long)h);
-    const __m512i last = _mm512_set1_epi64((long long)(16ULL << 56));
-    const __m512i ff = _mm512_set1_epi64(0xff);
-    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-    uint64_t j = 0;
-
-    for (; j + 8 <= n; j += 8) {
-        __m512i v0 = _mm512_set1_epi64((long long)(k->term_k0 ^ 0x736f6d6570736575ULL));
-        __m512i v1 = _mm512_set1_epi64((long long)(k->term_k1 ^ 0x646f72616e646f6dULL));
-        __m512i v2 = _mm512_set1_epi64((long long)(k->term_k0 ^ 0x6c7967656e657261ULL));
-        __m512i v3 = _mm512_set1_epi64((long long)(k->term_k1 ^ 0x7465646279746573ULL));
-        __m512i pfn = _mm512_add_epi64(_mm512_set1_epi64((long long)(first + j)), lane);
-
-        v3 = _mm512_xor_si512(v3, pfn);
-        SIPROUND8(v0, v1, v2, v3);
-        SIPROUND8(v0, v1, v2, v3);
-        v0 = _mm512_xor_si512(v0, pfn);
-        v3 = _mm512_xor_si512(v3, hv);
-        SIPROUND8(v0, v1, v2, v3);
-        SIPROUND8(v0, v1, v2, v3);
-        v0 = _mm512_xor_si512(v0, hv);
-        v3 = _mm512_xor_si512(v3, last);
-        SIPROUND8(v0, v1, v2, v3);
-        SIPROUND8(v0, v1, v2, v3);
-        v0 = _mm512_xor_si512(v0, last);
-        v2 = _mm512_xor_si512(v2, ff);
-        for (int r = 0; r < 4; r++)
-            SIPROUND8(v0, v1, v2, v3);
-        v0 = _mm512_xor_si512(_mm512_xor_si512(v0, v1), _mm512_xor_si512(v2, v3));
-        _mm512_storeu_si512((void *)(out + j), v0);
-    }
-    terms_scalar(first + j, n - j, h, k, out + j);
-}
-#endif
-
-void nb_digest_terms(uint64_t first, uint64_t n, uint64_t h,
-                     const struct nb_hash_key *k, uint64_t *out)
-{
-#if defined(__x86_64__)
-    if (nb_simd_level() >= 2) {
-        terms_avx512(first, n, h, k, out);
-        return;
-    }
-    if (nb_simd_level() == 1) {
-        terms_avx2(first, n, h, k, out);
-        return;
-    }
-#endif
-    terms_scalar(first, n, h, k, out);
+    uint64_t mh[2] = { pfn, h }, mz[2] = { pfn, hz };
+    if (h == hz)
+        return 0;
+    return siphash24(k->term_k0, k->term_k1, mh, 2) -
+           siphash24(k->term_k0, k->term_k1, mz, 2);
 }
 
 /* ---- delta cache (source side) --------------------------------------- */

@@ -15,14 +15,13 @@ struct nb_xcache;
 int nb_page_is_zero(const uint8_t *page);
 size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out, size_t cap);
 int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page);
-/* vector code: -1 (default) the best the CPU has, 0 none, 1 AVX2, 2 AVX-512F */
+/* vector code: -1 (default) the best the CPU has, 0 none, 1 AVX2 */
 extern int nb_codec_simd;
 int nb_simd_level(void);
 uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k);
 uint64_t nb_zero_page_hash(const struct nb_hash_key *k);
-uint64_t nb_digest_term(uint64_t pfn, uint64_t h, const struct nb_hash_key *k);
-void nb_digest_terms(uint64_t first, uint64_t n, uint64_t h,
-                     const struct nb_hash_key *k, uint64_t *out);
+uint64_t nb_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
+                        const struct nb_hash_key *k);
 struct nb_xcache *nb_xcache_new(uint64_t bytes);
 void nb_xcache_free(struct nb_xcache *c);
 uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn);

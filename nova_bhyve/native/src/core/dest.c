@@ -1,8 +1,10 @@
 /*
  * Destination side, the source's mirror as a state machine (PROTOCOL.md,
  * "Phases"): SETUP waits for a source that passes the handshake (core/
- * gate.c vets connections concurrently), HANDSHAKE checks compatibility, PRECOPY receives pages on several channels into
- * guest memory until STATE arrives, SWITCHOVER loads the device state,
+ * gate.c vets connections concurrently), HANDSHAKE checks compatibility,
+ * PRECOPY receives pages on several channels into guest memory (APPLIED
+ * tells the source each round that is in) until STATE arrives,
+ * SWITCHOVER loads the device state,
  * VERIFY compares memory digests, and COMMIT runs the guest, on the
  * source's COMMIT only.  dest_finish() alone decides the result and who
  * runs the guest: anything but a completed COMMIT leaves it not running
@@ -10,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +61,9 @@ struct dest {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
+    int wake[2];                /* a receiver finished a round (pipe) */
+    int acking;                 /* PRECOPY: tell the source with APPLIED */
+    uint32_t acked;             /* rounds told so far */
     _Atomic uint32_t final_round; /* from DIGEST; UINT32_MAX until then */
     int failed;
     int kind;                   /* nb_error_kind of the phase that failed */
@@ -164,8 +170,9 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
         return -1;
     }
     if (m->p.verify == NB_VERIFY_INCREMENTAL)
-        m->page_hash[index] = nb_digest_term(
-            pr.pfn, nb_page_hash(hashed, &m->keys.hash), &m->keys.hash);
+        nb_set_page_term(m, r->ch->index - 1, index,
+                         nb_digest_term(pr.pfn, nb_page_hash(hashed, &m->keys.hash),
+                                        r->dst->hz, &m->keys.hash));
     *used = NB_REC_HDR + pr.len;
     return 0;
 }
@@ -232,6 +239,9 @@ static void *receiver_main(void *arg)
             d->done_round[slot] = ++round;
             pthread_cond_broadcast(&d->cond);
             pthread_mutex_unlock(&d->lock);
+            if (write(d->wake[1], "x", 1) < 0) {
+                /* the pipe is full: the control thread is awake anyway */
+            }
         } else {
             snprintf(err, NB_ERRLEN, "channel %d: unexpected %s frame in round %u",
                      slot + 1, nb_msg_name(f.type), round);
@@ -393,7 +403,7 @@ static int negotiate(struct dest *d, char *err)
         goto refused;
     if ((kind = -nb_setup_memory(m, err)) > 0)
         goto refused;
-    nb_init_page_hashes(m);
+    d->hz = nb_zero_page_hash(&m->keys.hash);
     d->nrcv = o.channels;
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;
@@ -519,20 +529,46 @@ static int wait_rounds(struct dest *d, uint32_t last, char *err)
     return ok ? 0 : -1;
 }
 
+/* Tell the source the rounds every channel has delivered since last told. */
+static int report_applied(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    char drain[64];
+    uint32_t all = UINT32_MAX;
+
+    while (read(d->wake[0], drain, sizeof(drain)) > 0)
+        ;
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->nrcv; i++)
+        if (d->done_round[i] < all)
+            all = d->done_round[i];
+    pthread_mutex_unlock(&d->lock);
+    if (all == UINT32_MAX || all <= d->acked)
+        return 0;
+    d->acked = all;
+    if (nb_applied_send(&m->ctl, all - 1, err) < 0)
+        return fail(d, m->ctl.err_kind);
+    return 0;
+}
+
 /*
  * The control channel is quiet while pages flow: wait for it as long as
  * page data keeps arriving, and give up only after `timeout_ms` without
- * any traffic at all.
+ * any traffic at all.  Meanwhile, in PRECOPY, answer each round every
+ * channel has delivered with APPLIED.
  */
 static int wait_control(struct dest *d, char *err)
 {
     struct nb_mig *m = d->m;
     struct quiet q = { atomic_load(&m->wire_bytes), nb_now_ms() };
     for (;;) {
-        struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
-        int rc = poll(&p, 1, 250);
-        if (rc > 0)
+        struct pollfd p[2] = { { .fd = m->ctl.fd, .events = POLLIN },
+                               { .fd = d->wake[0], .events = POLLIN } };
+        int rc = poll(p, d->acking ? 2 : 1, 250);
+        if (rc > 0 && p[0].revents)
             return 0;
+        if (rc > 0 && report_applied(d, err) < 0)
+            return -1;
         if (rc < 0 && errno != EINTR) {
             snprintf(err, NB_ERRLEN, "control channel: %s", strerror(errno));
             return fail(d, NB_ERR_PEER_GONE);
@@ -586,12 +622,18 @@ static int phase_handshake(struct dest *d, char *err)
     return negotiate(d, err);
 }
 
-/* PRECOPY: the page channels join and deliver rounds until STATE arrives. */
+/* PRECOPY: the page channels join and deliver rounds (each one APPLIED)
+ * until STATE arrives. */
 static int phase_precopy(struct dest *d, char *err)
 {
+    int rc;
+
     if (join_channels(d, err) < 0)
         return -1;
-    return next_control(d, NB_MSG_STATE, err);
+    d->acking = 1;
+    rc = next_control(d, NB_MSG_STATE, err);
+    d->acking = 0;
+    return rc;
 }
 
 /* SWITCHOVER: load the device state (the VM stays paused); wait for DIGEST. */
@@ -731,7 +773,11 @@ void *nb_dest_main(void *arg)
     pthread_mutex_init(&d.lock, NULL);
     pthread_cond_init(&d.cond, NULL);
 
-    rc = phase_setup(&d, err);
+    if (pipe2(d.wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        snprintf(err, NB_ERRLEN, "cannot create a pipe: %s", strerror(errno));
+        rc = fail(&d, NB_ERR_RESOURCE);
+    } else
+        rc = phase_setup(&d, err);
     if (rc == 0)
         rc = run_phase(&d, NB_PHASE_HANDSHAKE, phase_handshake, err);
     if (rc == 0)
@@ -743,6 +789,10 @@ void *nb_dest_main(void *arg)
     if (rc == 0)
         rc = run_phase(&d, NB_PHASE_COMMIT, phase_commit, err);
     dest_finish(&d, rc, err);
+    if (d.wake[0] > 0) {
+        close(d.wake[0]);
+        close(d.wake[1]);
+    }
 
     pthread_mutex_lock(&m->lock);
     m->done = 1;

@@ -173,10 +173,9 @@ static void *digest_worker(void *arg)
                 data_off = data_end = UINT64_MAX;
         }
         if (m->vmm.ops->next_data && off < data_off)
-            h = hz;
-        else
-            h = nb_page_hash(m->vmm.mem + off, &m->keys.hash);
-        sum += nb_digest_term(pfn, h, &m->keys.hash);
+            continue;
+        h = nb_page_hash(m->vmm.mem + off, &m->keys.hash);
+        sum += nb_digest_term(pfn, h, hz, &m->keys.hash);
     }
     j->sum = sum;
     return NULL;
@@ -184,15 +183,17 @@ static void *digest_worker(void *arg)
 
 /*
  * The memory digest: the sum over all pages of a keyed hash of (pfn,
- * content).  full=1 reads all guest memory now (two threads); full=0 sums
- * the per-page terms recorded as pages were sent or applied.
+ * content), less what zero pages would give.  full=1 reads all guest
+ * memory now (two threads); full=0 adds up the channels' running sums of
+ * the terms recorded as pages were sent or applied.
  */
 uint64_t nb_memory_digest(struct nb_mig *m, int full)
 {
     uint64_t sum = 0;
     if (!full) {
-        for (uint64_t i = 0; i < m->npages; i++)
-            sum += m->page_hash[i];
+        /* the running sum: O(channels), not O(pages), in the pause */
+        for (int c = 0; c < NB_MAX_CHANNELS; c++)
+            sum += m->digest_part[c].sum;
         return sum;
     }
     enum { NT = 2 };
@@ -597,19 +598,4 @@ int nb_setup_memory(struct nb_mig *m, char *err)
     m->st.mem_total = expect;
     pthread_mutex_unlock(&m->lock);
     return 0;
-}
-
-/* Every page starts as a zero page in the incremental digest. */
-void nb_init_page_hashes(struct nb_mig *m)
-{
-    const struct nb_layout *l = &m->vmm.layout;
-    uint64_t hz = nb_zero_page_hash(&m->keys.hash), i = 0;
-    /* page indices run through the segments in layout order (as
-     * nb_page_addr); nb_setup_memory made npages their sum */
-    for (int s = 0; s < l->nsegs; s++) {
-        uint64_t n = l->seg[s].len / NB_PAGE;
-        nb_digest_terms(l->seg[s].gpa / NB_PAGE, n, hz, &m->keys.hash,
-                        m->page_hash + i);
-        i += n;
-    }
 }

@@ -27,7 +27,11 @@ struct nb_mig {
     struct nb_vmm vmm;
     int vmm_open;
     uint64_t npages;            /* pages in layout order */
-    uint64_t *page_hash;        /* incremental digest terms, per page */
+    uint64_t *page_hash;        /* incremental digest terms, per page
+                                 * (0: a zero page, as every page starts) */
+    /* the sum of the terms of each page channel's pages (a page is on
+     * one channel only, so each part has one writer) */
+    struct { uint64_t sum; char pad[56]; } digest_part[NB_MAX_CHANNELS];
 
     int listen_fd;
     struct nb_chan ctl;
@@ -70,7 +74,15 @@ uint64_t nb_memory_digest(struct nb_mig *m, int full);
 int nb_setup_memory(struct nb_mig *m, char *err);
 int nb_fail_kind(struct nb_mig *m);
 void nb_fail_because(struct nb_mig *m, int kind, const char *why);
-void nb_init_page_hashes(struct nb_mig *m);
+
+/* Record page `index`'s new digest term, keeping channel `slot`'s part of
+ * the sum (the page's channel's: one writer per part). */
+static inline void nb_set_page_term(struct nb_mig *m, int slot, uint64_t index,
+                                    uint64_t term)
+{
+    m->digest_part[slot].sum += term - m->page_hash[index];
+    m->page_hash[index] = term;
+}
 int nb_set_nodelay(int fd);
 void nb_set_timeouts(int fd, uint32_t ms);
 void nb_deadline(struct timespec *until, long ms);

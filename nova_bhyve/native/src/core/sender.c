@@ -111,7 +111,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
         if (s->cache)   /* the destination's copy is zeros, not the cached one */
             nb_xcache_drop(s->cache, key);
         if (incremental)
-            m->page_hash[index] = nb_digest_term(pfn, src->hz, &m->keys.hash);
+            nb_set_page_term(m, s->slot, index, 0);
         if (round == 0)
             return 0;       /* the destination starts out zeroed */
         enc = NB_ENC_ZERO;
@@ -119,8 +119,9 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
         atomic_fetch_add(&m->pages_zero, 1);
     } else {
         if (incremental)
-            m->page_hash[index] = nb_digest_term(
-                pfn, nb_page_hash(snap, &m->keys.hash), &m->keys.hash);
+            nb_set_page_term(m, s->slot, index,
+                             nb_digest_term(pfn, nb_page_hash(snap, &m->keys.hash),
+                                            src->hz, &m->keys.hash));
         enc = encode_data_page(s, key, snap, round, &n);
         atomic_fetch_add(enc == NB_ENC_DELTA ? &m->pages_delta
                          : enc == NB_ENC_ZSTD ? &m->pages_compressed
@@ -204,26 +205,41 @@ static void *sender_main(void *arg)
 }
 
 /*
- * The destination says nothing on the control channel while rounds run:
- * anything readable there (a REFUSE, an ABORT, or the connection closing)
- * means it has given up.  Fail at once and break the page links, so that
- * no sender stays blocked on a socket nobody reads.  Called unlocked.
+ * While rounds run the destination says only APPLIED on the control
+ * channel; anything else readable there (a REFUSE, an ABORT, or the
+ * connection closing) means it has given up: fail at once and break the
+ * page links, so that no sender stays blocked on a socket nobody reads.
+ * Reads what arrives within `wait_ms`; -1 once the session failed.
+ * Called unlocked, from the migration thread only.
  */
-static void check_peer(struct source *src)
+int nb_src_read_control(struct source *src, int wait_ms)
 {
     struct nb_mig *m = src->m;
     struct pollfd p = { .fd = m->ctl.fd, .events = POLLIN };
-    char err[NB_ERRLEN];
+    struct nb_frame f;
+    char err[NB_ERRLEN] = "";
+    uint32_t round;
+    int ok;
 
     /* a cancel shuts our own sockets down: that is not the peer talking */
-    if (m->ctl.fd < 0 || atomic_load(&m->cancel_req) || poll(&p, 1, 0) <= 0)
-        return;
-    nb_peer_gave_up(&m->ctl, "destination", "during the copy", err);
-    pthread_mutex_lock(&src->lock);
-    src->failed = 1;
-    pthread_mutex_unlock(&src->lock);
-    nb_fail(m, m->ctl.err_kind, "%s", err);
-    nb_shutdown_data(m);
+    while (m->ctl.fd >= 0 && !atomic_load(&m->cancel_req) &&
+           poll(&p, 1, wait_ms) > 0) {
+        ok = nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, err) == 0;
+        if (ok && nb_applied_parse(&f, &round) == 0 && round <= src->cur_round) {
+            if (round + 1 > src->applied)
+                src->applied = round + 1;
+            wait_ms = 0;
+            continue;
+        }
+        nb_peer_said(&m->ctl, ok ? &f : NULL, "destination", "during the copy", err);
+        pthread_mutex_lock(&src->lock);
+        src->failed = 1;
+        pthread_mutex_unlock(&src->lock);
+        nb_fail(m, m->ctl.err_kind, "%s", err);
+        nb_shutdown_data(m);
+        return -1;
+    }
+    return 0;
 }
 
 /* Have every sender send its pages of words [w0, w1); wait for them. */
@@ -243,7 +259,7 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
             src->failed)
             continue;
         pthread_mutex_unlock(&src->lock);
-        check_peer(src);
+        nb_src_read_control(src, 0);
         pthread_mutex_lock(&src->lock);
     }
     pthread_mutex_unlock(&src->lock);

@@ -166,7 +166,6 @@ static int phase_handshake(struct source *src, char *err)
             (!m->p.plaintext_pages && nb_seal_start(c, m->keys.key, 1, err) < 0))
             return fail(src, c->err_kind);
     }
-    nb_init_page_hashes(m);
     src->hz = nb_zero_page_hash(&m->keys.hash);
     if (nb_src_start_senders(src, err) < 0)
         return fail(src, NB_ERR_RESOURCE);
@@ -351,7 +350,60 @@ static double dirtied_from(struct source *src)
     return from;
 }
 
-/* ITERATE: send what the guest dirtied since the last round until the rest fits. */
+/* Fail on a cancel or a destination that gave up; take its APPLIED
+ * frames, waiting up to `wait_ms` for one. */
+static int read_control(struct source *src, int wait_ms, char *err)
+{
+    struct nb_mig *m = src->m;
+
+    if (atomic_load(&m->cancel_req)) {
+        snprintf(err, NB_ERRLEN, "cancelled");
+        return fail(src, NB_ERR_CANCELLED);
+    }
+    if (nb_src_read_control(src, wait_ms) < 0) {
+        snprintf(err, NB_ERRLEN, "%s", m->st.error);
+        return fail(src, nb_fail_kind(m));
+    }
+    return 0;
+}
+
+/* Read the control channel for up to 50 ms, for APPLIED; fail as
+ * read_control() does, or on silence past `until`. */
+static int await_applied(struct source *src, double until, char *err)
+{
+    struct nb_mig *m = src->m;
+
+    if (read_control(src, 50, err) < 0)
+        return -1;
+    if (src->applied <= src->cur_round && nb_now_ms() > until) {
+        snprintf(err, NB_ERRLEN, "the destination reported no round applied "
+                 "for %u ms", m->p.timeout_ms);
+        return fail(src, NB_ERR_TIMEOUT);
+    }
+    return 0;
+}
+
+/*
+ * Wait until the destination holds every round sent so far (APPLIED): a
+ * backlog still in flight or being decoded there would otherwise land in
+ * the pause.  A destination that stays silent for timeout_ms fails it.
+ */
+static int wait_applied(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
+    int rc = 0;
+
+    while (src->applied <= src->cur_round && rc == 0)
+        rc = await_applied(src, until, err);
+    pthread_mutex_lock(&m->lock);
+    m->st.catchup_ms += nb_now_ms() - t0;
+    pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+/* ITERATE: send what the guest dirtied since the last round until the rest
+ * fits, and pause only once the destination holds everything sent. */
 static int phase_iterate(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
@@ -359,16 +411,19 @@ static int phase_iterate(struct source *src, char *err)
     for (;;) {
         uint64_t dirty;
         double from = dirtied_from(src);
-        if (atomic_load(&m->cancel_req)) {
-            snprintf(err, NB_ERRLEN, "cancelled");
-            return fail(src, NB_ERR_CANCELLED);
-        }
+        if (read_control(src, 0, err) < 0)
+            return -1;
         double t0 = nb_now_ms();
         if (count_dirty(src, &dirty, err) < 0)
             return -1;
         src->sync_ms = nb_now_ms() - t0;    /* the final sync costs about as much */
-        if (should_switch(src, dirty, nb_now_ms() - from))
-            return 0;
+        if (should_switch(src, dirty, nb_now_ms() - from)) {
+            if (src->applied > src->cur_round)
+                return 0;
+            if (wait_applied(src, err) < 0)
+                return -1;
+            continue;       /* the guest ran meanwhile: count again */
+        }
         converge(src, dirty);
         if (nb_src_round(src, ++src->cur_round, dirty, src->lazy) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
@@ -426,6 +481,20 @@ static int phase_switchover(struct source *src, char *err)
     return rc < 0 ? fail(src, m->ctl.err_kind) : 0;
 }
 
+/* Receive the control frame `type`, passing over late APPLIED frames. */
+static int expect_control(struct source *src, struct nb_frame *f, uint8_t type,
+                          char *err)
+{
+    struct nb_mig *m = src->m;
+    uint32_t round;
+
+    do {
+        if (nb_recv_frame(&m->ctl, f, NB_MAX_REASON, err) < 0)
+            return -1;
+    } while (nb_applied_parse(f, &round) == 0 && round <= src->cur_round);
+    return nb_frame_expect(&m->ctl, f, type, NB_MAX_ACK, err);
+}
+
 /* VERIFY: send the memory digest; the destination answers READY if its own matches. */
 static int phase_verify(struct source *src, char *err)
 {
@@ -435,7 +504,7 @@ static int phase_verify(struct source *src, char *err)
 
     dm.digest = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
-        nb_expect(&m->ctl, &f, NB_MSG_READY, NB_MAX_ACK, err) < 0)
+        expect_control(src, &f, NB_MSG_READY, err) < 0)
         return fail(src, m->ctl.err_kind);
     pthread_mutex_lock(&m->lock);
     m->st.digest = dm.digest;
@@ -468,7 +537,7 @@ static int phase_commit(struct source *src, char *err)
     struct nb_frame f = { 0 };
 
     if (nb_send_empty(&m->ctl, NB_MSG_COMMIT, err) < 0 ||
-        nb_expect(&m->ctl, &f, NB_MSG_RUNNING, NB_MAX_ACK, err) < 0) {
+        expect_control(src, &f, NB_MSG_RUNNING, err) < 0) {
         if (f.type == NB_MSG_REFUSE || f.type == NB_MSG_ABORT)
             return declined(src, err);
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
@@ -500,8 +569,11 @@ static void take_peer_reason(struct source *src)
         kind == NB_ERR_REFUSED || poll(&p, 1, PEER_REASON_MS) <= 0)
         return;
     nb_set_timeouts(m->ctl.fd, PEER_REASON_MS);
-    if (nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, why) < 0 ||
-        (f.type != NB_MSG_REFUSE && f.type != NB_MSG_ABORT))
+    do {            /* past the APPLIED frames sent before it gave up */
+        if (nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, why) < 0)
+            return;
+    } while (f.type == NB_MSG_APPLIED);
+    if (f.type != NB_MSG_REFUSE && f.type != NB_MSG_ABORT)
         return;
     snprintf(why, sizeof(why), "destination %s: %s",
              f.type == NB_MSG_REFUSE ? "refused" : "aborted", nb_peer_text(&f, text));

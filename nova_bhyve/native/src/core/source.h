@@ -43,6 +43,8 @@ struct source {
     int stop;
     int failed;
     uint32_t cur_round;         /* the migration thread's round counter */
+    uint32_t applied;           /* rounds the destination holds in guest
+                                 * memory (its last APPLIED round + 1) */
     int kind;                   /* nb_error_kind of the phase that failed */
     double t_pause;             /* when the guest stopped (downtime starts) */
     uint64_t prev_dirty;        /* dirty pages at the previous sync */
@@ -67,6 +69,7 @@ struct source {
 
 int nb_src_start_senders(struct source *src, char *err);
 void nb_src_stop_senders(struct source *src);
+int nb_src_read_control(struct source *src, int wait_ms);
 int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy);
 void nb_src_mark_data_pages(struct source *src);
 int nb_src_sync_dirty(struct source *src, char *err);

@@ -53,17 +53,11 @@ uint64_t nb_selftest_page_hash(const uint8_t *page, const uint32_t *nh,
     return h;
 }
 
-void nb_selftest_digest_terms(uint64_t first, uint64_t n, uint64_t h,
-                              uint64_t k0, uint64_t k1, int simd, int *used,
-                              uint64_t *out)
+uint64_t nb_selftest_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
+                                 uint64_t k0, uint64_t k1)
 {
-    static struct nb_hash_key k;
-
-    k.term_k0 = k0;
-    k.term_k1 = k1;
-    *used = limit_simd(simd);
-    nb_digest_terms(first, n, h, &k, out);
-    nb_codec_simd = -1;
+    struct nb_hash_key k = { .term_k0 = k0, .term_k1 = k1 };
+    return nb_digest_term(pfn, h, hz, &k);
 }
 
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)

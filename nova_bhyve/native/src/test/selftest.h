@@ -17,15 +17,14 @@ int nb_selftest_undelta(const uint8_t *delta, size_t len, uint8_t *page);
 uint32_t nb_selftest_crc32c(const uint8_t *buf, size_t len);
 /* The memory digest's page hash H (PROTOCOL.md) of one 4096-byte page
  * under the SipHash key (k0, k1) and the 1028 NH key words `nh`, with
- * vector code up to level `simd` (0 none, 1 AVX2, 2 AVX-512F) if the CPU
+ * vector code up to level `simd` (0 none, 1 AVX2) if the CPU
  * has it; returns the level used in *used. */
 uint64_t nb_selftest_page_hash(const uint8_t *page, const uint32_t *nh,
                                uint64_t k0, uint64_t k1, int simd, int *used);
-/* The digest terms T(first + j, h) for j < n under the key (k0, k1) into
- * out, as nb_selftest_page_hash for `simd` and *used. */
-void nb_selftest_digest_terms(uint64_t first, uint64_t n, uint64_t h,
-                              uint64_t k0, uint64_t k1, int simd, int *used,
-                              uint64_t *out);
+/* Page `pfn`'s digest term for content hash `h`, the zero page's hash
+ * being `hz`, under the SipHash key (k0, k1) (PROTOCOL.md). */
+uint64_t nb_selftest_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
+                                 uint64_t k0, uint64_t k1);
 /* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
  * (as rounds of a guest rewriting its working set in order); returns the
  * hits of the last round, or -1 if a dropped page was still returned. */

@@ -115,3 +115,22 @@ int nb_digest_parse(const struct nb_frame *f, struct nb_digest_msg *d)
     d->npages = nb_get64(f->payload + 16);
     return 0;
 }
+
+/* Send APPLIED on the control channel: round `round` is in guest memory. */
+int nb_applied_send(struct nb_chan *c, uint32_t round, char *err)
+{
+    uint8_t msg[NB_APPLIED_LEN];
+    nb_put32(msg, round);
+    nb_put32(msg + 4, 0);
+    return nb_send_frame(c, NB_MSG_APPLIED, msg, sizeof(msg), err);
+}
+
+/* Parse an APPLIED frame; -1 if it is not one. */
+int nb_applied_parse(const struct nb_frame *f, uint32_t *round)
+{
+    if (f->type != NB_MSG_APPLIED || f->len != NB_APPLIED_LEN ||
+        nb_get32(f->payload + 4) != 0)
+        return -1;
+    *round = nb_get32(f->payload);
+    return 0;
+}

@@ -28,7 +28,7 @@ const char *nb_msg_name(unsigned type)
     static const char *names[] = {
         "?", "HELLO", "CHALLENGE", "AUTH", "JOIN", "PREAMBLE", "ACCEPT",
         "PAGES", "ROUND_END", "STATE", "DIGEST", "READY", "COMMIT",
-        "RUNNING", "ABORT", "REFUSE",
+        "RUNNING", "ABORT", "REFUSE", "APPLIED",
     };
     return type < sizeof(names) / sizeof(names[0]) ? names[type] : "?";
 }
@@ -324,32 +324,29 @@ const char *nb_peer_text(const struct nb_frame *f, char out[NB_PEER_TEXT])
 
 /*
  * The peer spoke on a control channel that should be silent (`when`, e.g.
- * "during the copy"): read what it said and describe, in `err` and the
- * channel's err_kind, why the session is over.
+ * "during the copy"): describe what it said (`f`, or NULL if reading it
+ * failed), in `err` and the channel's err_kind, as why the session is over.
  */
-void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
-                     char *err)
+void nb_peer_said(struct nb_chan *c, const struct nb_frame *f, const char *peer,
+                  const char *when, char *err)
 {
-    struct nb_frame f;
     char text[NB_PEER_TEXT];
-    if (nb_recv_frame(c, &f, NB_MAX_REASON, err) == 0) {
+    if (f) {
         snprintf(err, NB_ERRLEN, "%s %s %s: %s", peer,
-                 f.type == NB_MSG_REFUSE ? "refused" :
-                 f.type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
-                 when, nb_peer_text(&f, text));
-        c->err_kind = f.type == NB_MSG_REFUSE ? NB_ERR_REFUSED
-                      : f.type == NB_MSG_ABORT ? NB_ERR_PEER_GONE : NB_ERR_CORRUPT;
+                 f->type == NB_MSG_REFUSE ? "refused" :
+                 f->type == NB_MSG_ABORT ? "aborted" : "spoke out of turn",
+                 when, nb_peer_text(f, text));
+        c->err_kind = f->type == NB_MSG_REFUSE ? NB_ERR_REFUSED
+                      : f->type == NB_MSG_ABORT ? NB_ERR_PEER_GONE : NB_ERR_CORRUPT;
     } else
         snprintf(err + strlen(err), NB_ERRLEN - strlen(err),
                  " (the %s ended the session %s)", peer, when);
 }
 
-/* Receive a frame of one type; REFUSE/ABORT from the peer become errors. */
-int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
-              uint32_t max_len, char *err)
+/* Check that a received frame is of one type; REFUSE/ABORT become errors. */
+int nb_frame_expect(struct nb_chan *c, const struct nb_frame *f, uint8_t type,
+                    uint32_t max_len, char *err)
 {
-    if (nb_recv_frame(c, f, max_len > NB_MAX_REASON ? max_len : NB_MAX_REASON, err) < 0)
-        return -1;
     if (f->type == type && f->len <= max_len)
         return 0;
     if (f->type == NB_MSG_REFUSE || f->type == NB_MSG_ABORT) {
@@ -362,6 +359,15 @@ int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
     snprintf(err, NB_ERRLEN, "expected %s (<= %u bytes), got %s of %u bytes",
              nb_msg_name(type), max_len, nb_msg_name(f->type), f->len);
     return nb_wire_fail(c, NB_ERR_CORRUPT);
+}
+
+/* Receive a frame of one type; REFUSE/ABORT from the peer become errors. */
+int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
+              uint32_t max_len, char *err)
+{
+    if (nb_recv_frame(c, f, max_len > NB_MAX_REASON ? max_len : NB_MAX_REASON, err) < 0)
+        return -1;
+    return nb_frame_expect(c, f, type, max_len, err);
 }
 
 /* The digest keys: HMAC-SHA256(K, "nbmig-hash" || u32 i) for i = 0, 1, ... */

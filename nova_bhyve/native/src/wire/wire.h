@@ -13,7 +13,7 @@
 #include "engine.h"
 #include "vmm/vmm.h"
 
-#define NB_PROTO_VERSION 2
+#define NB_PROTO_VERSION 3
 #define NB_MAX_CHANNELS 16      /* page channels per session */
 #define NB_NONCE 32
 #define NB_KEY 32
@@ -49,6 +49,7 @@ enum nb_msg {
     NB_MSG_RUNNING = 13,
     NB_MSG_ABORT = 14,
     NB_MSG_REFUSE = 15,
+    NB_MSG_APPLIED = 16,
 };
 
 enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3 };
@@ -67,6 +68,7 @@ enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3
 #define NB_REC_HDR 8            /* u32 pfn, u8 encoding, u8 0, u16 length */
 #define NB_ROUND_END_LEN 16     /* u32 round, u32 0, u64 pages */
 #define NB_DIGEST_LEN 24        /* u32 round, u32 0, u64 digest, u64 pages */
+#define NB_APPLIED_LEN 8        /* u32 round, u32 0 */
 #define NB_PREAMBLE_CAP 4096    /* the preamble this side writes */
 #define NB_MAX_PREAMBLE 8192    /* the peer's preamble, at most */
 #define NB_MAX_JOIN_FRAME 64
@@ -109,8 +111,10 @@ int nb_send_frame_in_place(struct nb_chan *c, uint8_t type, uint8_t *payload,
                            uint32_t len, char *err);
 int nb_recv_frame(struct nb_chan *c, struct nb_frame *f, uint32_t max_len,
                   char *err);
-void nb_peer_gave_up(struct nb_chan *c, const char *peer, const char *when,
-                     char *err);
+void nb_peer_said(struct nb_chan *c, const struct nb_frame *f, const char *peer,
+                  const char *when, char *err);
+int nb_frame_expect(struct nb_chan *c, const struct nb_frame *f, uint8_t type,
+                    uint32_t max_len, char *err);
 int nb_expect(struct nb_chan *c, struct nb_frame *f, uint8_t type,
               uint32_t max_len, char *err);
 const char *nb_msg_name(unsigned type);
@@ -197,6 +201,8 @@ int nb_round_end_send(struct nb_chan *c, const struct nb_round_end *e, char *err
 int nb_round_end_parse(const struct nb_frame *f, struct nb_round_end *e);
 int nb_digest_send(struct nb_chan *c, const struct nb_digest_msg *d, char *err);
 int nb_digest_parse(const struct nb_frame *f, struct nb_digest_msg *d);
+int nb_applied_send(struct nb_chan *c, uint32_t round, char *err);
+int nb_applied_parse(const struct nb_frame *f, uint32_t *round);
 int nb_preamble_read_spec(const char *text, struct nb_guest_spec *s, char *err);
 int nb_preamble_read_opts(const char *text, struct nb_preamble_opts *o, char *err);
 
