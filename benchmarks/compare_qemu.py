@@ -68,8 +68,9 @@ def _idle(gib):
 RANDOM = ("random 1M in 1G", {"mem": "1G", "cmdline":
                               "mode=stress pattern=random ws=1M",
                               "kind": "random", "series": "", "gib": 1})
-FULL = dict([_idle(1), _idle(4), _idle(8), _touch(5, 1), _touch(25, 1),
-             _touch(50, 1), _touch(5, 4), _touch(5, 8), _tight(25, 1), RANDOM])
+FULL = dict([_idle(1), _idle(4), _idle(8), _idle(16), _touch(5, 1),
+             _touch(25, 1), _touch(50, 1), _touch(5, 4), _touch(5, 8),
+             _touch(5, 16), _tight(25, 1), RANDOM])
 QUICK = dict([_idle(1), _touch(25, 1), _touch(5, 8), _tight(25, 1)])
 
 
