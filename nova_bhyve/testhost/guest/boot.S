@@ -10,6 +10,27 @@
  */
 #include "guest.h"
 
+/* Load the flat data segment everywhere (32-bit code). */
+.macro DATA_SEGMENTS32
+    movl    $GDT_DATA, %eax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    movw    %ax, %fs
+    movw    %ax, %gs
+.endm
+
+/* Load the data segments of long mode: flat DS, ES, SS; null FS, GS. */
+.macro DATA_SEGMENTS64
+    movl    $GDT_DATA, %eax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    xorl    %eax, %eax
+    movw    %ax, %fs
+    movw    %ax, %gs
+.endm
+
 /* ------------------------------------------------------------------------
  * Multiboot header: its own section, placed first by linker.ld, so that it
  * lies within the first 8 KiB of the image file.  No a.out kludge (flag
@@ -35,12 +56,7 @@ _start32:
 
     lgdt    gdt_ptr
     ljmp    $GDT_CODE32, $1f
-1:  movl    $GDT_DATA, %eax
-    movw    %ax, %ds
-    movw    %ax, %es
-    movw    %ax, %ss
-    movw    %ax, %fs
-    movw    %ax, %gs
+1:  DATA_SEGMENTS32
 
     /*
      * Clear .bss (PML4, PDPT and stack live there).  The page-directory pool
@@ -85,8 +101,15 @@ _start32:
     cmpl    $BOOT_MAP_GIB, %ecx
     jb      4b
     movl    $(pdpt + PTE_TABLE), pml4
+    call    long_mode_on
+    ljmp    $GDT_CODE64, $long_entry
 
-    /* Enable PAE, load CR3, set EFER.LME, then enable paging. */
+/*
+ * Enable PAE, load CR3 with the kernel's page tables, set EFER.LME, then
+ * enable paging: returns in compatibility mode (a far jump to 64-bit code
+ * follows).  Clobbers EAX, ECX, EDX.
+ */
+long_mode_on:
     movl    %cr4, %eax
     orl     $CR4_PAE, %eax
     movl    %eax, %cr4
@@ -100,20 +123,14 @@ _start32:
     andl    $~(CR0_CD | CR0_NW), %eax   /* make sure caches are on */
     orl     $(CR0_PG | CR0_PE), %eax
     movl    %eax, %cr0
-    ljmp    $GDT_CODE64, $long_entry
+    ret
 
 /* ------------------------------------------------------------------------
  * 64-bit entry: reload data segments, call kmain(magic, mbi).
  * ---------------------------------------------------------------------- */
     .code64
 long_entry:
-    movl    $GDT_DATA, %eax
-    movw    %ax, %ds
-    movw    %ax, %es
-    movw    %ax, %ss
-    xorl    %eax, %eax
-    movw    %ax, %fs
-    movw    %ax, %gs
+    DATA_SEGMENTS64
     movl    $boot_stack_top, %esp       /* zero-extends into %rsp */
     movl    %esi, %edi                  /* arg 0: magic */
     movl    %ebp, %esi                  /* arg 1: multiboot info */
@@ -122,6 +139,50 @@ long_entry:
 5:  cli
     hlt
     jmp     5b
+
+/* ------------------------------------------------------------------------
+ * Application processors.  smp.c copies [ap_tramp, ap_tramp_end) to
+ * AP_TRAMP_ADDR and sends INIT, SIPI with vector AP_TRAMP_ADDR >> 12: the
+ * AP starts there in real mode with CS = AP_TRAMP_ADDR >> 4.  It loads
+ * the kernel's GDT, enters protected mode, then takes the BSP's path to
+ * long mode with the BSP's page tables, and calls ap_main() on the stack
+ * smp.c left in ap_stack_top.
+ * ---------------------------------------------------------------------- */
+    .section .text.boot, "ax"
+    .code16
+    .globl  ap_tramp, ap_tramp_end
+ap_tramp:
+    cli
+    cld
+    movw    %cs, %ax
+    movw    %ax, %ds
+    lgdtl   (ap_gdtr - ap_tramp)
+    movl    %cr0, %eax
+    orl     $CR0_PE, %eax
+    movl    %eax, %cr0
+    ljmpl   $GDT_CODE32, $ap_start32
+    .balign 8
+ap_gdtr:
+    .word   gdt_end - gdt - 1
+    .long   gdt
+ap_tramp_end:
+
+    .code32
+ap_start32:
+    DATA_SEGMENTS32
+    movl    ap_stack_top, %esp          /* below 4 GiB (.bss) */
+    call    long_mode_on
+    ljmp    $GDT_CODE64, $ap_long
+
+    .code64
+ap_long:
+    DATA_SEGMENTS64
+    movq    ap_stack_top(%rip), %rsp
+    xorl    %ebp, %ebp
+    call    ap_main
+7:  cli
+    hlt
+    jmp     7b
 
 /* ------------------------------------------------------------------------
  * Interrupt entry points (64-bit IDT gates, installed by cpu.c).

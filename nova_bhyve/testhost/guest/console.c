@@ -49,14 +49,20 @@ static void emit_line(char *buf, size_t cap, const char *fmt, va_list ap)
     con_write(buf, len);
 }
 
+/* Lines from several CPUs (smp.c) come out whole, one at a time. */
+static volatile int line_lock;
+
 /* Print one line ("\n" is appended if the format does not end in one). */
 void kprintf(const char *fmt, ...)
 {
     va_list ap;
 
+    while (__atomic_exchange_n(&line_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
     va_start(ap, fmt);
     emit_line(line_buf, sizeof(line_buf), fmt, ap);
     va_end(ap);
+    __atomic_store_n(&line_lock, 0, __ATOMIC_RELEASE);
 }
 
 /*

@@ -91,8 +91,6 @@ static void pic_disable(void)
  */
 void idt_init(void)
 {
-    struct idt_ptr ptr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
-
     pic_disable();
     for (unsigned vec = 0; vec < 256; vec++)
         idt_set(vec, isr_stubs + vec * ISR_STUB_SIZE);
@@ -100,6 +98,14 @@ void idt_init(void)
     idt_set(VEC_SPURIOUS, spurious_isr);
     idt_set(PIC1_VECTOR + 7, spurious_isr);
     idt_set(PIC2_VECTOR + 7, spurious_isr);
+    idt_load();
+}
+
+/* Load the IDT idt_init() filled (each CPU loads its own IDTR). */
+void idt_load(void)
+{
+    struct idt_ptr ptr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
+
     __asm__ volatile("lidt %0" : : "m"(ptr));
 }
 

@@ -163,10 +163,15 @@ NORETURN void panic(const char *fmt, ...) PRINTF(1, 2);
 
 /* ---- cpu.c ------------------------------------------------------------ */
 void idt_init(void);
+void idt_load(void);
 void kvm_pv_disable(void);
 uint64_t tsc_calibrate_khz(void);
 bool lapic_deadline_init(void);
 void wait_until_tsc(uint64_t deadline);
+
+/* ---- smp.c ------------------------------------------------------------ */
+#define MAX_CPUS            8
+int smp_start(int ncpus, uint64_t tsc_khz, void (*fn)(int cpu));
 
 /* ---- memory.c --------------------------------------------------------- */
 #define MAX_RANGES          64

@@ -3,7 +3,7 @@
  * idle / stress workloads with their heartbeat and self-checks.
  *
  * Output lines (see README.md for the full contract):
- *   NBGUEST 1 mode=.. pattern=.. ws=.. wsoff=.. hb=.. tsc_khz=.. mem=..
+ *   NBGUEST 1 mode=.. pattern=.. ws=.. wsoff=.. hb=.. tsc_khz=.. mem=.. cpus=..
  *   WS 0x<start> 0x<end>          (one per contiguous range)
  *   READY
  *   HB <seq> <passes> <errors>
@@ -30,6 +30,7 @@ static struct {
     uint64_t wsoff;             /* offset into the arena, bytes */
     uint64_t hb_us;             /* heartbeat interval, microseconds */
     uint64_t canary_slice;      /* idle: canary bytes checked per heartbeat */
+    uint64_t cpus;              /* stress touch/tight: CPUs that write */
     bool selftest_corrupt;      /* flip one byte after pass 2 */
 } cfg = {
     .mode = MODE_IDLE,
@@ -38,6 +39,7 @@ static struct {
     .wsoff = 0,
     .hb_us = 1000,
     .canary_slice = CANARY_SLICE,
+    .cpus = 1,
 };
 
 /* Working set. */
@@ -45,13 +47,21 @@ static struct range ws_ranges[MAX_RANGES];
 static int ws_nranges;
 static uint64_t ws_bytes;
 
+/* Writers: CPU c writes its share of the working set (pages
+ * [c * P / n, (c + 1) * P / n)), w_ranges[c], and counts its passes and
+ * errors; CPU 0 alone also keeps the heartbeat. */
+static int writers = 1;
+static struct range w_ranges[MAX_CPUS][MAX_RANGES];
+static int w_nranges[MAX_CPUS];
+static uint64_t w_first[MAX_CPUS];          /* index of the share's first page */
+static volatile uint64_t w_passes[MAX_CPUS];
+static volatile uint64_t w_errors[MAX_CPUS];
+
 /* Heartbeat and self-check state. */
 static uint64_t tsc_khz;
 static uint64_t hb_ticks;
 static uint64_t hb_next;
 static uint64_t hb_seq;
-static uint64_t passes;
-static uint64_t errors;
 static unsigned fails_printed;
 static bool corrupted;
 static volatile uint64_t hb_rec[HB_RECORDS];
@@ -138,6 +148,10 @@ static bool apply_option(const char *key, size_t klen, const char *val)
         if (!parse_size(val, &num) || num == 0 || num > CANARY_MAX)
             return false;
         cfg.canary_slice = ALIGN_UP(num, 8);
+    } else if (KEY_IS("cpus")) {
+        if (!parse_size(val, &num) || num == 0 || num > MAX_CPUS)
+            return false;
+        cfg.cpus = num;
     } else if (KEY_IS("selftest_corrupt")) {
         if (!parse_size(val, &num) || num > 1)
             return false;
@@ -188,15 +202,19 @@ static void parse_cmdline(const char *p)
 
 /* ---- Heartbeat and failure reporting ------------------------------------------ */
 
+static void report_fail_on(int cpu, const char *what, uint64_t addr,
+                           uint64_t want, uint64_t got)
+{
+    w_errors[cpu]++;
+    if (__atomic_fetch_add(&fails_printed, 1, __ATOMIC_RELAXED) < FAIL_PRINT_LIMIT)
+        kprintf("FAIL %s addr=0x%lx want=0x%lx got=0x%lx\n", what, addr, want,
+                got);
+}
+
 static void report_fail(const char *what, uint64_t addr, uint64_t want,
                         uint64_t got)
 {
-    errors++;
-    if (fails_printed < FAIL_PRINT_LIMIT) {
-        fails_printed++;
-        kprintf("FAIL %s addr=0x%lx want=0x%lx got=0x%lx\n", what, addr, want,
-                got);
-    }
+    report_fail_on(0, what, addr, want, got);
 }
 
 /*
@@ -206,6 +224,14 @@ static void report_fail(const char *what, uint64_t addr, uint64_t want,
  */
 static void heartbeat(uint64_t now)
 {
+    uint64_t passes = w_passes[0], errors = 0;
+
+    /* the passes every writer has finished, all writers' errors */
+    for (int c = 0; c < writers; c++) {
+        if (w_passes[c] < passes)
+            passes = w_passes[c];
+        errors += w_errors[c];
+    }
     hb_seq++;
     kprintf("HB %lu %lu %lu\n", hb_seq, passes, errors);
     hb_next += hb_ticks;
@@ -248,7 +274,7 @@ static void selftest_corrupt(uint64_t addr)
 
 static bool selftest_due(void)
 {
-    return cfg.selftest_corrupt && !corrupted && passes == 2 && ws_bytes;
+    return cfg.selftest_corrupt && !corrupted && w_passes[0] == 2 && ws_bytes;
 }
 
 /* ---- Pseudo-random streams ------------------------------------------------------ */
@@ -291,13 +317,14 @@ static inline uint8_t touch_tag(uint64_t i, uint64_t p)
     return (uint8_t)(p * 151 + i * 7 + 1);
 }
 
-static NORETURN void run_touch(void)
+static NORETURN void run_touch(int cpu)
 {
     for (uint64_t p = 1;; p++) {
-        uint8_t want = touch_tag(0, p - 1), tag = touch_tag(0, p);
+        uint8_t want = touch_tag(w_first[cpu], p - 1);
+        uint8_t tag = touch_tag(w_first[cpu], p);
 
-        for (int r = 0; r < ws_nranges; r++) {
-            uint64_t a = ws_ranges[r].start, end = ws_ranges[r].end;
+        for (int r = 0; r < w_nranges[cpu]; r++) {
+            uint64_t a = w_ranges[cpu][r].start, end = w_ranges[cpu][r].end;
 
             for (; a < end; a += PAGE_SIZE, want += 7, tag += 7) {
                 volatile uint8_t *b = (volatile uint8_t *)(uintptr_t)a;
@@ -306,14 +333,15 @@ static NORETURN void run_touch(void)
                     uint8_t got = *b;
 
                     if (got != want)
-                        report_fail("touch", a, want, got);
+                        report_fail_on(cpu, "touch", a, want, got);
                 }
                 *b = tag;
-                hb_poll();
+                if (cpu == 0)
+                    hb_poll();
             }
         }
-        passes = p;
-        if (selftest_due())
+        w_passes[cpu] = p;
+        if (cpu == 0 && selftest_due())
             selftest_corrupt(ws_page_addr(ws_bytes / PAGE_SIZE / 2));
     }
 }
@@ -329,13 +357,13 @@ static NORETURN void run_touch(void)
  * anyway, so verifying every page costs the loop almost nothing, and the
  * clock is read once per TIGHT_CLOCK_PAGES pages, not once per page.
  */
-static NORETURN void run_tight(void)
+static NORETURN void run_tight(int cpu)
 {
     for (uint64_t p = 1;; p++) {
         const uint8_t want = (uint8_t)(p - 1), tag = (uint8_t)p;
 
-        for (int r = 0; r < ws_nranges; r++) {
-            uint64_t a = ws_ranges[r].start, end = ws_ranges[r].end;
+        for (int r = 0; r < w_nranges[cpu]; r++) {
+            uint64_t a = w_ranges[cpu][r].start, end = w_ranges[cpu][r].end;
 
             while (a < end) {
                 uint64_t stop = end - a > TIGHT_CLOCK_PAGES * PAGE_SIZE
@@ -346,14 +374,15 @@ static NORETURN void run_tight(void)
                     uint8_t got = *b;
 
                     if (p > 1 && got != want)
-                        report_fail("tight", a, want, got);
+                        report_fail_on(cpu, "tight", a, want, got);
                     *b = tag;
                 }
-                hb_poll();
+                if (cpu == 0)
+                    hb_poll();
             }
         }
-        passes = p;
-        if (selftest_due())
+        w_passes[cpu] = p;
+        if (cpu == 0 && selftest_due())
             selftest_corrupt(ws_page_addr(ws_bytes / PAGE_SIZE / 2));
     }
 }
@@ -405,7 +434,7 @@ static NORETURN void run_random(void)
                  a += PAGE_SIZE, i++)
                 random_page(a, i, p);
         }
-        passes = p;
+        w_passes[0] = p;
         if (selftest_due())
             selftest_corrupt(ws_page_addr(ws_bytes / PAGE_SIZE / 2) + 0x80B);
     }
@@ -474,7 +503,7 @@ static void canary_check_slice(void)
         canary_pos += n;
         if (canary_pos == canary_len) {
             canary_pos = 0;
-            passes++;
+            w_passes[0]++;
             break;
         }
     }
@@ -512,6 +541,58 @@ static NORETURN void run_empty(void)
     }
 }
 
+/* ---- Writers on several CPUs ------------------------------------------------------ */
+
+/* Split the working set's pages into `n` shares, in order, as w_ranges. */
+static void split_shares(int n)
+{
+    uint64_t pages = ws_bytes / PAGE_SIZE, idx = 0;
+    int r = 0;
+    uint64_t a = ws_nranges ? ws_ranges[0].start : 0;
+
+    for (int c = 0; c < n; c++) {
+        uint64_t left = (uint64_t)(c + 1) * pages / (uint64_t)n - idx;
+
+        w_first[c] = idx;
+        w_nranges[c] = 0;
+        while (left && r < ws_nranges) {
+            uint64_t take = (ws_ranges[r].end - a) / PAGE_SIZE;
+
+            if (take > left)
+                take = left;
+            w_ranges[c][w_nranges[c]++] = (struct range){ a, a + take * PAGE_SIZE };
+            a += take * PAGE_SIZE;
+            idx += take;
+            left -= take;
+            if (a == ws_ranges[r].end && ++r < ws_nranges)
+                a = ws_ranges[r].start;
+        }
+    }
+}
+
+static NORETURN void run_writer(int cpu)
+{
+    if (cfg.pattern == PATTERN_TIGHT)
+        run_tight(cpu);
+    run_touch(cpu);
+}
+
+/*
+ * Stress touch/tight on cfg.cpus CPUs: each writes its share.  A CPU that
+ * does not start leaves its share unwritten, and the heartbeat's passes
+ * (every writer's) at 0: the failure shows.
+ */
+static void start_writers(void)
+{
+    int up;
+
+    writers = cfg.mode == MODE_STRESS && ws_bytes &&
+              cfg.pattern != PATTERN_RANDOM ? (int)cfg.cpus : 1;
+    split_shares(writers);
+    if (writers > 1 && (up = smp_start(writers, tsc_khz, run_writer)) < writers)
+        kprintf("WARN %d of %d cpus started", up, writers);
+}
+
 /* ---- Entry ---------------------------------------------------------------------- */
 
 /* Called from boot.S in long mode with the multiboot registers. */
@@ -532,8 +613,8 @@ void kmain(uint32_t magic, uint32_t mbi)
         warn_defer("WARN empty working set");
 
     kprintf("NBGUEST 1 mode=%s pattern=%s ws=%lu wsoff=%lu hb=%lu tsc_khz=%lu "
-            "mem=%lu\n", mode_names[cfg.mode], pattern_names[cfg.pattern],
-            ws_bytes, cfg.wsoff, cfg.hb_us, tsc_khz, boot.mem_bytes);
+            "mem=%lu cpus=%lu\n", mode_names[cfg.mode], pattern_names[cfg.pattern],
+            ws_bytes, cfg.wsoff, cfg.hb_us, tsc_khz, boot.mem_bytes, cfg.cpus);
     if (cfg.mode == MODE_IDLE && !lapic_deadline_init())
         warn_defer("WARN no TSC-deadline timer, idle busy-waits");
     warn_flush();
@@ -541,11 +622,11 @@ void kmain(uint32_t magic, uint32_t mbi)
         kprintf("WS 0x%lx 0x%lx\n", ws_ranges[i].start, ws_ranges[i].end);
     if (cfg.mode == MODE_IDLE)
         canary_fill();
-    kprintf("READY\n");
-
     hb_ticks = cfg.hb_us * tsc_khz / 1000;
     if (!hb_ticks)
         hb_ticks = 1;
+    start_writers();
+    kprintf("READY\n");
     hb_next = rdtsc() + hb_ticks;
 
     if (cfg.mode == MODE_IDLE)
@@ -554,7 +635,5 @@ void kmain(uint32_t magic, uint32_t mbi)
         run_empty();
     if (cfg.pattern == PATTERN_RANDOM)
         run_random();
-    if (cfg.pattern == PATTERN_TIGHT)
-        run_tight();
-    run_touch();
+    run_writer(0);
 }
