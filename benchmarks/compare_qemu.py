@@ -51,10 +51,11 @@ def _touch(pct, gib):
              "kind": "touch", "series": "touch" if pct == 5 else "", "gib": gib})
 
 
-def _tight(pct, gib):
+def _tight(pct, gib, cpus=1):
     mib = gib * 1024 * pct // 100
-    return (f"tight {pct}% of {gib}G",
-            {"mem": f"{gib}G", "cmdline": f"mode=stress pattern=tight ws={mib}M",
+    return (f"tight {pct}% of {gib}G" + (f", {cpus} vCPUs" if cpus > 1 else ""),
+            {"mem": f"{gib}G", "cmdline": f"mode=stress pattern=tight ws={mib}M"
+             + (f" cpus={cpus}" if cpus > 1 else ""),
              "kind": "tight", "series": "", "gib": gib})
 
 
@@ -70,7 +71,7 @@ RANDOM = ("random 1M in 1G", {"mem": "1G", "cmdline":
                               "kind": "random", "series": "", "gib": 1})
 FULL = dict([_idle(1), _idle(4), _idle(8), _idle(16), _touch(5, 1),
              _touch(25, 1), _touch(50, 1), _touch(5, 4), _touch(5, 8),
-             _touch(5, 16), _tight(25, 1), RANDOM])
+             _touch(5, 16), _tight(25, 1), _tight(25, 1, cpus=2), RANDOM])
 QUICK = dict([_idle(1), _touch(25, 1), _touch(5, 8), _tight(25, 1)])
 
 

@@ -14,6 +14,14 @@ class BenchError(RuntimeError):
     """A benchmark step failed (the run is reported as an error)."""
 
 
+def guest_cpus(cmdline):
+    """The vCPUs a guest needs: ``cpus=`` of the payload's command line."""
+    for tok in cmdline.split():
+        if tok.startswith("cpus=") and tok[5:].isdigit():
+            return int(tok[5:])
+    return 1
+
+
 def wait_for(pred, timeout, what, interval=0.02):
     """Poll ``pred`` until it is true; raise BenchError after ``timeout`` s."""
     value = polling.poll(pred, timeout, interval)

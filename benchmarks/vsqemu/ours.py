@@ -13,6 +13,7 @@ from vsqemu.common import (
     BenchError,
     console_tail,
     cpu_outside_guest,
+    guest_cpus,
     iface_bytes,
     keep_consoles,
     last_seq,
@@ -89,6 +90,7 @@ class OursChain:
         self.count += 1
         name = f"t{self.count}"
         return TestHostVM.start(name, f"{self.base}/{name}", self.mem,
+                                cpus=guest_cpus(self.cmdline),
                                 cmdline=self.cmdline, incoming=incoming,
                                 tlog=True)
 

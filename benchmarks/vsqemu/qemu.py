@@ -15,6 +15,7 @@ from vsqemu.common import (
     BenchError,
     console_tail,
     cpu_outside_guest,
+    guest_cpus,
     iface_bytes,
     keep_consoles,
     last_seq,
@@ -161,7 +162,8 @@ class QemuVM:
             argv = (["ip", "netns", "exec", ns] if ns else []) + [
                 QEMU, "-name", f"{name},debug-threads=on",
                 "-machine", "q35,accel=kvm", "-cpu", "host,-arch-capabilities",
-                "-m", str(mem), "-smp", "1", "-nodefaults", "-display", "none",
+                "-m", str(mem), "-smp", str(guest_cpus(cmdline)),
+                "-nodefaults", "-display", "none",
                 "-bios", QBOOT, "-kernel", str(artifacts.guest_kernel()),
                 "-append", cmdline,
                 "-qmp", f"unix:{qmp},server=on,wait=off",
