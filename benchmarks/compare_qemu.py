@@ -241,7 +241,10 @@ def write_outputs(meta, runs, workloads, links, plots=True):
             f"took {meta['other_cpu_pct']}% of the machine meanwhile "
             f"({meta['busy_before_pct']}% just before the start).")
     md = (f"# Live migration: nova-bhyve against QEMU ({meta['started']})\n\n"
-          + table + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+          + table + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+          + "\n## Targets (issue 12), this engine against the best QEMU\n\n"
+          + report.targets(summary, list(workloads), links,
+                           meta["downtime_limit_ms"]))
     for old in [*RESULTS.glob("round_*.png"), RESULTS / "downtime_vs_size.png"]:
         old.unlink(missing_ok=True)
     written = None
@@ -273,7 +276,16 @@ def main(argv=None):
                     help="comma-separated subset of loopback,1gbit")
     ap.add_argument("--only", help="run only workloads whose name contains this")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="run nothing: render results.md (and the plots) "
+                         "again from a results.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(pathlib.Path(args.from_json).read_text())
+        meta = saved["meta"]
+        print(write_outputs(meta, saved["runs"], meta["workloads"], meta["links"],
+                            plots=not args.no_plots))
+        return 0
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.timeout = args.timeout or (30.0 if args.quick else 60.0)
     args.links = [x for x in args.links.split(",") if x]

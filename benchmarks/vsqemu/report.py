@@ -97,6 +97,50 @@ def markdown(summary, workloads, links):
     return "\n".join(lines) + "\n"
 
 
+def _ratio_mark(ours, best, limit):
+    if best is None:
+        return "— (no QEMU finished) ✓"
+    if not best:
+        return "—"
+    r = ours / best
+    return f"{r:.2f} {'✓' if r <= limit else '✗'}"
+
+
+def targets(summary, workloads, links, downtime_limit_ms):
+    """Issue 12's targets for every row, met (✓) or missed (✗): this
+    engine's defaults finish within the downtime limit; total time and
+    guest downtime at most half the best QEMU configuration's, bytes at
+    most the fewest QEMU sent; idle guests at most 5 ms of downtime."""
+    lines = ["| workload | link | finished within the limit | total ÷ best QEMU "
+             "(≤ 0.5) | downtime ÷ best QEMU (≤ 0.5) | bytes ÷ fewest QEMU (≤ 1) "
+             "| idle: downtime ≤ 5 ms |", "|" + "---|" * 7]
+    index = {(r["workload"], r["link"], r["config"]): r for r in summary}
+    for wl in workloads:
+        for link in links:
+            ours = index.get((wl, link, "ours"))
+            if ours is None:
+                continue
+            qemus = [index[(wl, link, c)] for c in CONFIG_LABEL
+                     if c != "ours" and (wl, link, c) in index
+                     and index[(wl, link, c)]["ok"]]
+            done = ours["ok"] == ours["runs"] and ours["ok"] > 0 and \
+                ours["guest_downtime_ms"] <= downtime_limit_ms
+            cells = [f"{ours['ok']}/{ours['runs']} {'✓' if done else '✗'}"]
+            for m, pick, limit in (("total_s", min, 0.5),
+                                   ("guest_downtime_ms", min, 0.5),
+                                   ("wire_bytes", min, 1.0)):
+                best = pick((q[m] for q in qemus), default=None)
+                cells.append(_ratio_mark(ours[m], best, limit) if ours["ok"]
+                             else "✗")
+            idle = "—"
+            if wl.startswith("idle") and ours["ok"]:
+                d = ours["guest_downtime_ms"]
+                idle = f"{d:.1f} {'✓' if d <= 5.0 else '✗'}"
+            cells.append(idle)
+            lines.append(f"| {wl} | {link} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plots(summary, workloads, sizes, outdir):
     """Write round_*.png and downtime_vs_size.png; return the files written."""
     try:
