@@ -91,14 +91,15 @@ def wait_phase(mig, phases, timeout=60):
                     what=f"phase {[p.name for p in phases]}")
 
 
-def assert_guest_continued(src, dst, more_passes=1):
+def assert_guest_continued(src, dst, more_passes=1, timeout=60):
     """The guest runs on dst, continuing src's heartbeats with no error."""
     before = parse_console(src.console_text())
     def ok():
         r = parse_console(dst.console_text())
         return r.heartbeats and \
             r.heartbeats[-1].passes >= before.heartbeats[-1].passes + more_passes
-    wait_for(ok, timeout=60, what="the guest to make progress on the destination")
+    wait_for(ok, timeout=timeout,
+             what="the guest to make progress on the destination")
     after = parse_console(dst.console_text())
     combined = parse_console(src.console_text() + dst.console_text())
     assert after.banner == {}, "the destination booted the guest anew"
