@@ -18,6 +18,9 @@ import types
 import unittest
 
 RESULTS = "NOVA-BHYVE-RESULTS "
+FAILURES = "NOVA-BHYVE-FAILURES "
+# API access lines: they would crowd the failures out of a stderr tail
+NOISE = "[nova.api.openstack.requestlog]"
 
 
 def select_mode():
@@ -63,10 +66,15 @@ def main(module_name, classes, names):
     ids = [test.id().rsplit(".", 1)[-1] for test in _flatten(suite)]
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     outcome = dict.fromkeys(ids, "ok")
+    details = {}
     for kind, entries in (("FAIL", result.failures), ("ERROR", result.errors),
                           ("skipped", result.skipped)):
-        for test, _detail in entries:
-            outcome[test.id().rsplit(".", 1)[-1]] = kind
+        for test, detail in entries:
+            name = test.id().rsplit(".", 1)[-1]
+            outcome[name] = kind
+            if kind != "skipped":
+                details[name] = detail
+    print(FAILURES + json.dumps(details), flush=True)
     print(RESULTS + json.dumps(outcome), flush=True)
     return 0 if result.wasSuccessful() and result.testsRun else 1
 
@@ -83,9 +91,15 @@ def run_scenarios(script, mode, names=(), timeout=900):
                           stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=timeout, check=False)
     lines = proc.stdout.splitlines()
+    stderr = "\n".join(ln for ln in proc.stderr.splitlines()
+                       if NOISE not in ln)[-20000:]
     summary = [ln for ln in lines if ln.startswith(RESULTS)]
-    assert summary, f"{mode} mode: no results\n{proc.stderr[-20000:]}"
+    assert summary, f"{mode} mode: no results\n{stderr}"
     results = json.loads(summary[-1][len(RESULTS):])
+    failed = [ln for ln in lines if ln.startswith(FAILURES)]
+    details = json.loads(failed[-1][len(FAILURES):]) if failed else {}
+    report = "".join(f"\n--- {name}\n{text}" for name, text in details.items())
     assert proc.returncode == 0, (
-        f"{mode} mode: {results}\n{proc.stderr[-20000:]}")
+        f"{mode} mode: {results}{report}\n--- stderr, API access lines "
+        f"left out\n{stderr}")
     return results, lines
