@@ -44,15 +44,17 @@ def _cdef_from_header(text):
 
 
 def selftest_builder(module_name="_nb_engine_selftest"):
-    """An FFI for the test build: codecs, phase tables and src/test/'s shims."""
+    """An FFI for the test build: codecs, the cipher, phase tables, shims."""
     builder = cffi.FFI()
     builder.cdef(_cdef_from_header((SRC / "test" / "selftest.h").read_text()))
     builder.set_source(
         module_name, '#include "test/selftest.h"\n',
         sources=[str(SRC / "core" / "codec.c"), str(SRC / "core" / "adapt.c"),
                  str(SRC / "core" / "transitions.c"),
-                 str(SRC / "wire" / "crc32c.c"), *layer_sources("test")],
-        include_dirs=[str(SRC)], extra_compile_args=COMPILE_ARGS)
+                 str(SRC / "wire" / "crc32c.c"), str(SRC / "wire" / "gcm.c"),
+                 *layer_sources("test")],
+        include_dirs=[str(SRC)], libraries=["crypto"],
+        extra_compile_args=COMPILE_ARGS, extra_link_args=["-pthread"])
     return builder
 
 

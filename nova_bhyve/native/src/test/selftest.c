@@ -10,6 +10,7 @@
 #include "core/codec.h"
 #include "core/transitions.h"
 #include "test/selftest.h"
+#include "wire/gcm.h"
 
 int nb_selftest_delta(const uint8_t *old, const uint8_t *cur, uint8_t *out,
                       size_t cap, size_t *outlen)
@@ -108,4 +109,26 @@ int nb_selftest_adapt(int mode, double link_Bps, double zstd_Bps, double ratio,
     }
     *active = a.active;
     return tried;
+}
+
+int nb_selftest_gcm(const uint8_t *key, const uint8_t *iv, const uint8_t *aad,
+                    size_t aadlen, const uint8_t *in, uint8_t *out, size_t len,
+                    const size_t *pieces, size_t npieces, int decrypt,
+                    uint8_t *tag)
+{
+    struct nb_gcm *g = nb_gcm_new(key);
+    size_t at = 0;
+
+    if (!g)
+        return -1;
+    nb_gcm_start(g, iv, aad, aadlen);
+    for (size_t i = 0; i < npieces && at < len; i++) {
+        size_t n = pieces[i] < len - at ? pieces[i] : len - at;
+        nb_gcm_crypt(g, in + at, out + at, n, decrypt);
+        at += n;
+    }
+    nb_gcm_crypt(g, in + at, out + at, len - at, decrypt);
+    nb_gcm_finish(g, tag);
+    nb_gcm_free(g);
+    return 0;
 }

@@ -35,6 +35,13 @@ long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
  * Returns the pages it compressed; *active is the final choice. */
 int nb_selftest_adapt(int mode, double link_Bps, double zstd_Bps, double ratio,
                       int pages, int *active);
+/* AES-256-GCM through wire/gcm.c: en- or decrypt `len` bytes of `in`
+ * into `out`, fed in `npieces` pieces of the given lengths (the rest in
+ * one more), and the tag; -1 if this CPU has no such path. */
+int nb_selftest_gcm(const uint8_t *key, const uint8_t *iv, const uint8_t *aad,
+                    size_t aadlen, const uint8_t *in, uint8_t *out, size_t len,
+                    const size_t *pieces, size_t npieces, int decrypt,
+                    uint8_t *tag);
 /* 1 if the phase table lets a side (source: 1) go from `from` to `to`. */
 int nb_selftest_phase_legal(int is_source, int from, int to);
 

@@ -4,7 +4,10 @@
  * direction, derived from the session key with the protocol's magic and
  * version, the channel index and the direction; the nonce is the frame's
  * sequence number, so a frame cannot be injected, replayed, reordered or
- * moved to another connection without failing its tag.
+ * moved to another connection without failing its tag.  The cipher is
+ * OpenSSL's, or gcm.c's on CPUs with VAES (the same AES-256-GCM, faster
+ * than OpenSSL 3.0's); the choice is local, the bytes on the wire are
+ * the same.
  */
 #define _GNU_SOURCE
 #include <openssl/crypto.h>
@@ -13,10 +16,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "wire/gcm.h"
 #include "wire/wire.h"
 
+/* One direction's cipher: OpenSSL's, or gcm.c's when `fast` is set. */
+struct direction {
+    EVP_CIPHER_CTX *evp;
+    struct nb_gcm *fast;
+};
+
 struct nb_seal {
-    EVP_CIPHER_CTX *tx, *rx;
+    struct direction tx, rx;
     uint8_t *sbuf;              /* ciphertext of the frame being sent */
     size_t scap;
 };
@@ -36,19 +46,29 @@ static int direction_key(const uint8_t *session_key, uint16_t channel, uint8_t d
                     sizeof(tail), NULL, 0, out);
 }
 
-static EVP_CIPHER_CTX *cipher_for(const uint8_t *session_key, uint16_t channel,
-                                  uint8_t dir, int encrypt)
+static int cipher_for(const uint8_t *session_key, uint16_t channel, uint8_t dir,
+                      int encrypt, struct direction *d)
 {
     uint8_t key[NB_KEY];
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    int ok = ctx && direction_key(session_key, channel, dir, key) == 0 &&
-             EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL, encrypt);
-    OPENSSL_cleanse(key, sizeof(key));
-    if (!ok) {
-        EVP_CIPHER_CTX_free(ctx);
-        return NULL;
+    int ok = direction_key(session_key, channel, dir, key) == 0;
+
+    if (ok)
+        d->fast = nb_gcm_new(key);
+    if (ok && !d->fast) {
+        d->evp = EVP_CIPHER_CTX_new();
+        ok = d->evp && EVP_CipherInit_ex(d->evp, EVP_aes_256_gcm(), NULL, key,
+                                         NULL, encrypt);
     }
-    return ctx;
+    OPENSSL_cleanse(key, sizeof(key));
+    return ok ? 0 : -1;
+}
+
+static void direction_free(struct direction *d)
+{
+    EVP_CIPHER_CTX_free(d->evp);
+    nb_gcm_free(d->fast);
+    d->evp = NULL;
+    d->fast = NULL;
 }
 
 /* Seal every later frame on `c` (both directions); `is_source`: our side. */
@@ -59,14 +79,11 @@ int nb_seal_start(struct nb_chan *c, const uint8_t *session_key, int is_source,
     uint8_t out = is_source ? NB_DIR_TO_DEST : NB_DIR_TO_SOURCE;
     uint8_t in = is_source ? NB_DIR_TO_SOURCE : NB_DIR_TO_DEST;
 
-    if (s) {
-        s->tx = cipher_for(session_key, c->index, out, 1);
-        s->rx = cipher_for(session_key, c->index, in, 0);
-    }
-    if (!s || !s->tx || !s->rx) {
+    if (!s || cipher_for(session_key, c->index, out, 1, &s->tx) < 0 ||
+        cipher_for(session_key, c->index, in, 0, &s->rx) < 0) {
         if (s) {
-            EVP_CIPHER_CTX_free(s->tx);
-            EVP_CIPHER_CTX_free(s->rx);
+            direction_free(&s->tx);
+            direction_free(&s->rx);
         }
         free(s);
         snprintf(err, NB_ERRLEN, "cannot set up AES-256-GCM for channel %u",
@@ -81,8 +98,8 @@ void nb_seal_free(struct nb_chan *c)
 {
     if (!c->seal)
         return;
-    EVP_CIPHER_CTX_free(c->seal->tx);
-    EVP_CIPHER_CTX_free(c->seal->rx);
+    direction_free(&c->seal->tx);
+    direction_free(&c->seal->rx);
     free(c->seal->sbuf);
     free(c->seal);
     c->seal = NULL;
@@ -99,15 +116,22 @@ static void frame_nonce(const uint8_t *hdr, uint8_t iv[NB_GCM_IV])
 static int seal(struct nb_seal *s, const uint8_t *hdr, const uint8_t *in,
                 uint8_t *out, uint32_t len, uint8_t tag[NB_TAG])
 {
+    EVP_CIPHER_CTX *x = s->tx.evp;
     uint8_t iv[NB_GCM_IV];
     int n = 0;
 
     frame_nonce(hdr, iv);
-    return EVP_EncryptInit_ex(s->tx, NULL, NULL, NULL, iv) &&
-           EVP_EncryptUpdate(s->tx, NULL, &n, hdr, NB_FRAME_CRC_AT) &&
-           (!len || EVP_EncryptUpdate(s->tx, out, &n, in, (int)len)) &&
-           EVP_EncryptFinal_ex(s->tx, out + (len ? n : 0), &n) &&
-           EVP_CIPHER_CTX_ctrl(s->tx, EVP_CTRL_GCM_GET_TAG, NB_TAG, tag) ? 0 : -1;
+    if (s->tx.fast) {
+        nb_gcm_start(s->tx.fast, iv, hdr, NB_FRAME_CRC_AT);
+        nb_gcm_crypt(s->tx.fast, in, out, len, 0);
+        nb_gcm_finish(s->tx.fast, tag);
+        return 0;
+    }
+    return EVP_EncryptInit_ex(x, NULL, NULL, NULL, iv) &&
+           EVP_EncryptUpdate(x, NULL, &n, hdr, NB_FRAME_CRC_AT) &&
+           (!len || EVP_EncryptUpdate(x, out, &n, in, (int)len)) &&
+           EVP_EncryptFinal_ex(x, out + (len ? n : 0), &n) &&
+           EVP_CIPHER_CTX_ctrl(x, EVP_CTRL_GCM_GET_TAG, NB_TAG, tag) ? 0 : -1;
 }
 
 /*
@@ -150,26 +174,42 @@ int nb_seal_in_place(struct nb_chan *c, const uint8_t *hdr, uint8_t *buf,
  */
 int nb_open_begin(struct nb_chan *c, const uint8_t *hdr)
 {
+    struct direction *d = &c->seal->rx;
     uint8_t iv[NB_GCM_IV];
     int n = 0;
 
     frame_nonce(hdr, iv);
-    return EVP_DecryptInit_ex(c->seal->rx, NULL, NULL, NULL, iv) &&
-           EVP_DecryptUpdate(c->seal->rx, NULL, &n, hdr, NB_FRAME_CRC_AT) ? 0 : -1;
+    if (d->fast) {
+        nb_gcm_start(d->fast, iv, hdr, NB_FRAME_CRC_AT);
+        return 0;
+    }
+    return EVP_DecryptInit_ex(d->evp, NULL, NULL, NULL, iv) &&
+           EVP_DecryptUpdate(d->evp, NULL, &n, hdr, NB_FRAME_CRC_AT) ? 0 : -1;
 }
 
 int nb_open_update(struct nb_chan *c, uint8_t *buf, uint32_t len)
 {
+    struct direction *d = &c->seal->rx;
     int n = 0;
-    return !len || EVP_DecryptUpdate(c->seal->rx, buf, &n, buf, (int)len) ? 0 : -1;
+
+    if (d->fast) {
+        nb_gcm_crypt(d->fast, buf, buf, len, 1);
+        return 0;
+    }
+    return !len || EVP_DecryptUpdate(d->evp, buf, &n, buf, (int)len) ? 0 : -1;
 }
 
 int nb_open_end(struct nb_chan *c, uint8_t *end, const uint8_t *tag)
 {
+    struct direction *d = &c->seal->rx;
     uint8_t t[NB_TAG];
     int n = 0;
 
+    if (d->fast) {
+        nb_gcm_finish(d->fast, t);
+        return CRYPTO_memcmp(t, tag, NB_TAG) ? -1 : 0;
+    }
     memcpy(t, tag, NB_TAG);
-    return EVP_CIPHER_CTX_ctrl(c->seal->rx, EVP_CTRL_GCM_SET_TAG, NB_TAG, t) &&
-           EVP_DecryptFinal_ex(c->seal->rx, end, &n) > 0 ? 0 : -1;
+    return EVP_CIPHER_CTX_ctrl(d->evp, EVP_CTRL_GCM_SET_TAG, NB_TAG, t) &&
+           EVP_DecryptFinal_ex(d->evp, end, &n) > 0 ? 0 : -1;
 }
