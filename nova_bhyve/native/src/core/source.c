@@ -481,18 +481,26 @@ static int phase_switchover(struct source *src, char *err)
     return rc < 0 ? fail(src, m->ctl.err_kind) : 0;
 }
 
+/* Receive the next control frame that is not a late APPLIED (one for a
+ * round already sent, which the destination may still be reporting). */
+static int recv_past_applied(struct source *src, struct nb_frame *f, char *err)
+{
+    uint32_t round;
+
+    do {
+        if (nb_recv_frame(&src->m->ctl, f, NB_MAX_REASON, err) < 0)
+            return -1;
+    } while (nb_applied_parse(f, &round) == 0 && round <= src->cur_round);
+    return 0;
+}
+
 /* Receive the control frame `type`, passing over late APPLIED frames. */
 static int expect_control(struct source *src, struct nb_frame *f, uint8_t type,
                           char *err)
 {
-    struct nb_mig *m = src->m;
-    uint32_t round;
-
-    do {
-        if (nb_recv_frame(&m->ctl, f, NB_MAX_REASON, err) < 0)
-            return -1;
-    } while (nb_applied_parse(f, &round) == 0 && round <= src->cur_round);
-    return nb_frame_expect(&m->ctl, f, type, NB_MAX_ACK, err);
+    if (recv_past_applied(src, f, err) < 0)
+        return -1;
+    return nb_frame_expect(&src->m->ctl, f, type, NB_MAX_ACK, err);
 }
 
 /* VERIFY: send the memory digest; the destination answers READY if its own matches. */
@@ -569,10 +577,8 @@ static void take_peer_reason(struct source *src)
         kind == NB_ERR_REFUSED || poll(&p, 1, PEER_REASON_MS) <= 0)
         return;
     nb_set_timeouts(m->ctl.fd, PEER_REASON_MS);
-    do {            /* past the APPLIED frames sent before it gave up */
-        if (nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, why) < 0)
-            return;
-    } while (f.type == NB_MSG_APPLIED);
+    if (recv_past_applied(src, &f, why) < 0)
+        return;
     if (f.type != NB_MSG_REFUSE && f.type != NB_MSG_ABORT)
         return;
     snprintf(why, sizeof(why), "destination %s: %s",
@@ -588,13 +594,12 @@ static int source_recover(struct source *src)
     char e[NB_ERRLEN];
     int paused = atomic_load(&m->guest_paused);
 
-    if (m->st.throttle && m->vmm.ops->throttle)
-        m->vmm.ops->throttle(&m->vmm, 0, e);
+    /* the guest runs at full speed again (the stats keep a throttle that
+     * could not be lifted) */
+    if (m->st.throttle)
+        nb_mig_set_param(m, "throttle", 0, e, sizeof(e));
     if (paused && !m->p.keep_paused && m->vmm.ops->resume(&m->vmm, e) == 0)
         atomic_store(&m->guest_paused, paused = 0);
-    pthread_mutex_lock(&m->lock);
-    m->st.throttle = 0;
-    pthread_mutex_unlock(&m->lock);
     if (m->ctl.fd >= 0 && m->ctl.seal) {
         const char *why = atomic_load(&m->cancel_req) ? "cancelled by the source"
                                                       : "source failed";
