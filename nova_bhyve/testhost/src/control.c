@@ -154,12 +154,14 @@ static int cmd_status(struct nb_vm *vm, int fd)
     return reply(fd, "OK state=%s name=%s pid=%d cpus=%d mem=%" PRIu64
                  " lowmem=%" PRIu64 " highmem=%" PRIu64 " highbase=%" PRIu64 ""
                  " page_size=%" PRIu64 " dirty_log=1 throttle=%d exits=%" PRIu64
-                 " console_lines=%" PRIu64,
+                 " console_lines=%" PRIu64 " disk_size=%" PRIu64
+                 " disk_block=%" PRIu64,
                  state_name(st), vm->name, (int)getpid(), vm->ncpus,
                  vm->mem_size, vm->lowmem, vm->highmem, NB_HIGHMEM_BASE,
                  NB_PAGE_SIZE, thr,
                  __atomic_load_n(&vm->exits, __ATOMIC_RELAXED),
-                 vm->console_lines);
+                 vm->console_lines, vm->ata.sectors * NB_SECTOR,
+                 NB_DISK_BLOCK);
 }
 
 static int cmd_memfd(struct nb_vm *vm, int fd)
@@ -220,6 +222,30 @@ static int cmd_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
     rc = reply(fd, "OK bytes=%zu lowpages=%" PRIu64 " highpages=%" PRIu64
                " lowbytes=%" PRIu64, len, vm->lowmem / NB_PAGE_SIZE,
                vm->highmem / NB_PAGE_SIZE, nb_bitmap_bytes(vm->lowmem / NB_PAGE_SIZE));
+    if (rc == 0)
+        rc = send_all(fd, bm, len);
+    free(bm);
+    return rc;
+}
+
+/* disk-dirty-log [peek]: see CONTROL_PROTOCOL.md */
+static int cmd_disk_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
+{
+    int peek = argc == 2 && !strcmp(argv[1], "peek");
+    size_t len = nb_ata_dirty_bytes(&vm->ata);
+    uint8_t *bm;
+    int rc;
+
+    if (argc != 1 && !peek)
+        return reply(fd, "ERR EINVAL usage: disk-dirty-log [peek]");
+    if (!vm->ata.present)
+        return reply(fd, "ERR EINVAL this VM has no disk (start it with --disk)");
+    bm = malloc(len);
+    if (!bm)
+        return reply(fd, "ERR ENOMEM cannot allocate %zu bytes", len);
+    nb_ata_dirty_log(&vm->ata, bm, peek);
+    rc = reply(fd, "OK bytes=%zu blocks=%" PRIu64 " block_size=%" PRIu64, len,
+               vm->ata.nblocks, NB_DISK_BLOCK);
     if (rc == 0)
         rc = send_all(fd, bm, len);
     free(bm);
@@ -346,6 +372,8 @@ static int handle_line(struct nb_vm *vm, struct client *c, char *line)
         return cmd_memfd(vm, c->fd);
     if (!strcmp(argv[0], "dirty-log"))
         return cmd_dirty_log(vm, c->fd, argc, argv);
+    if (!strcmp(argv[0], "disk-dirty-log"))
+        return cmd_disk_dirty_log(vm, c->fd, argc, argv);
     if (!strcmp(argv[0], "shutdown") && argc == 1) {
         reply(c->fd, "OK state=stopping");
         return 1;
