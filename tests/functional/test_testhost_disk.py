@@ -124,7 +124,9 @@ def test_state_round_trip_with_the_same_disk_continues_clean(vms):
 
 def test_a_destination_with_a_stale_disk_copy_is_caught(vms):
     # the same round trip, but the destination gets a copy of the disk
-    # taken a pass earlier: the guest's re-reads find old versions
+    # taken a pass earlier: the guest's re-reads find old versions (or,
+    # if the pause split a block write, its read-back finds the sectors
+    # written before the pause missing)
     path, stale = _disk(vms), f"{vms.base}/stale.img"
     src = vms.start("src", cmdline=CMDLINE, disk=path)
     _wait_disk_passes(src, 1)
@@ -136,7 +138,8 @@ def test_a_destination_with_a_stale_disk_copy_is_caught(vms):
     _migrate(src, dst)
     report = wait_for(lambda: (r := parse_console(dst.console_text())).fails
                       and r, timeout=60, what="a FAIL for a stale block")
-    assert report.fails[0].startswith("FAIL diskold addr="), report.fails
+    assert report.fails[0].split()[:2] in (["FAIL", "diskold"],
+                                           ["FAIL", "disk"]), report.fails
     assert parse_console(src.console_text()).errors == 0
 
 
