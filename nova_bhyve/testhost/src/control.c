@@ -309,6 +309,23 @@ static int cmd_load_state(struct nb_vm *vm, struct client *c, const char *arg)
     return reply(c->fd, "OK state=paused");
 }
 
+static int cmd_resume(struct nb_vm *vm, int fd)
+{
+    if (vm->state == NB_STATE_PAUSED) {
+        /* answer before waking the vCPUs: a vCPU woken on this CPU
+         * would otherwise hold the answer back for its time slice */
+        nb_vcpus_release(vm);
+        int rc = reply(fd, "OK state=running");
+        nb_vcpus_wake(vm);
+        return rc;
+    }
+    if (vm->state != NB_STATE_RUNNING)
+        return reply(fd, "ERR EBUSY VM is %s%s", state_name(vm->state),
+                     vm->state == NB_STATE_INCOMING
+                         ? "; load a state blob first" : "");
+    return reply(fd, "OK state=running");
+}
+
 /* Handle one request line.  Returns -1 to drop the client, 1 to exit. */
 static int handle_line(struct nb_vm *vm, struct client *c, char *line)
 {
@@ -340,21 +357,8 @@ static int handle_line(struct nb_vm *vm, struct client *c, char *line)
             return reply(c->fd, "ERR EBUSY VM is %s", state_name(vm->state));
         return reply(c->fd, "OK state=paused");
     }
-    if (!strcmp(argv[0], "resume") && argc == 1) {
-        if (vm->state == NB_STATE_PAUSED) {
-            /* answer before waking the vCPUs: a vCPU woken on this CPU
-             * would otherwise hold the answer back for its time slice */
-            nb_vcpus_release(vm);
-            int rc = reply(c->fd, "OK state=running");
-            nb_vcpus_wake(vm);
-            return rc;
-        }
-        if (vm->state != NB_STATE_RUNNING)
-            return reply(c->fd, "ERR EBUSY VM is %s%s", state_name(vm->state),
-                         vm->state == NB_STATE_INCOMING
-                             ? "; load a state blob first" : "");
-        return reply(c->fd, "OK state=running");
-    }
+    if (!strcmp(argv[0], "resume") && argc == 1)
+        return cmd_resume(vm, c->fd);
     if (!strcmp(argv[0], "throttle") && argc == 2) {
         if (parse_u64(argv[1], 99, &v) < 0)
             return reply(c->fd, "ERR EINVAL throttle takes a percentage 0..99");
