@@ -33,12 +33,15 @@ static void fake_vm_init(struct nb_vm *vm, int ncpus, int high)
     nb_ata_init(&vm->ata);
 }
 
-/* Give the fake VM a 1 MiB disk (no file behind it: never read or written). */
+/* Give the fake VM a 1 MiB disk: a dirty-block log, no file behind it. */
 static void fake_vm_add_disk(struct nb_vm *vm)
 {
+    static uint64_t dirty[4];
+
     vm->ata.present = 1;
     vm->ata.sectors = 2048;
     vm->ata.nblocks = 256;
+    vm->ata.dirty = dirty;
 }
 
 /* Fill in a blob's header: section count, payload length, checksums. */
