@@ -30,8 +30,8 @@ static void usage(FILE *f)
         "the rest at 4 GiB).  DIR receives control.sock, console.log and\n"
         "testhost.pid.  SIZE takes a K, M or G suffix.  --disk attaches FILE (a raw\n"
         "image, not a symbolic link) as the ATA master on the primary IDE ports.\n"
-        "A test and development\n"
-        "backend for nova-bhyve, not a production hypervisor.\n"
+        "A test and development backend for nova-bhyve, not a production\n"
+        "hypervisor.\n"
         "Exit status as bhyve(8): 1 powered off, 2 halted, 3 triple fault, 4 error.\n");
 }
 
