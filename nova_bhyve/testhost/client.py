@@ -64,6 +64,29 @@ class DirtyLog:
                 int.from_bytes(self.high, "little").bit_count())
 
 
+@dataclasses.dataclass(frozen=True)
+class DiskDirtyLog:
+    """One get-and-clear of the disk's dirty-block log."""
+
+    bitmap: bytes      # bit i = block i, little-endian 64-bit words
+    blocks: int        # blocks on the disk (the last may be partial)
+    block_size: int    # bytes per block (4096)
+
+    def dirty_blocks(self):
+        """Return the sorted numbers of the blocks marked dirty."""
+        out = []
+        for byte_index, byte in enumerate(self.bitmap):
+            for bit in range(8):
+                index = byte_index * 8 + bit
+                if byte >> bit & 1 and index < self.blocks:
+                    out.append(index)
+        return out
+
+    def count(self):
+        """Return how many blocks are marked dirty."""
+        return len(self.dirty_blocks())
+
+
 def _parse_fields(words):
     fields = {}
     for word in words:
@@ -218,6 +241,19 @@ class ControlClient:
         return DirtyLog(low=data[:lowbytes], high=data[lowbytes:],
                         lowpages=int(fields["lowpages"]),
                         highpages=int(fields["highpages"]))
+
+    def disk_dirty_log(self, peek=False):
+        """Get-and-clear the disk's dirty-block log; returns a DiskDirtyLog.
+
+        ``peek``: read every bit, clear none.  A VM without a disk answers
+        ``EINVAL``.
+        """
+        with self._lock:
+            fields = self._call("disk-dirty-log peek" if peek
+                                else "disk-dirty-log")
+            data = self._readexact(int(fields["bytes"]))
+        return DiskDirtyLog(bitmap=data, blocks=int(fields["blocks"]),
+                            block_size=int(fields["block_size"]))
 
     def shutdown(self):
         """Ask the VM process to exit (the guest is discarded)."""

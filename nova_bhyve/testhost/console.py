@@ -1,8 +1,9 @@
 """Parse what the guest payload prints on COM1.
 
 Line formats are specified in ``guest/README.md``: a ``NBGUEST`` banner,
-``WS`` working-set ranges, ``READY``, then ``HB <seq> <passes> <errors>``
-heartbeats and ``FAIL ...`` lines for self-check failures.
+``WS`` working-set ranges, with ``disk=1`` a ``DISK`` line, ``READY``, then
+``HB <seq> <passes> <errors> [<disk passes>]`` heartbeats and ``FAIL ...``
+lines for self-check failures.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ class Heartbeat:
     seq: int
     passes: int
     errors: int
+    disk_passes: int = None     # with disk=1: disk-writer passes completed
 
 
 @dataclasses.dataclass
@@ -23,6 +25,7 @@ class ConsoleReport:
 
     banner: dict = dataclasses.field(default_factory=dict)
     ranges: list = dataclasses.field(default_factory=list)
+    disk: dict = dataclasses.field(default_factory=dict)
     ready: bool = False
     heartbeats: list = dataclasses.field(default_factory=list)
     fails: list = dataclasses.field(default_factory=list)
@@ -48,6 +51,12 @@ class ConsoleReport:
         return breaks
 
 
+def _is_heartbeat(words):
+    """True for ``HB`` and 3 numbers, or 4 with the disk writer's passes."""
+    return len(words) in (4, 5) and words[0] == "HB" and \
+        all(w.isdigit() for w in words[1:])
+
+
 def parse_console(text):
     """Parse console text into a ConsoleReport (a torn last line is ignored)."""
     report = ConsoleReport()
@@ -57,7 +66,7 @@ def parse_console(text):
         if not words:
             continue
         tag = words[0]
-        if tag == "HB" and len(words) == 4 and all(w.isdigit() for w in words[1:]):
+        if _is_heartbeat(words):
             report.heartbeats.append(Heartbeat(*(int(w) for w in words[1:])))
         elif tag == "FAIL":
             report.fails.append(line)
@@ -65,6 +74,9 @@ def parse_console(text):
             report.banner = dict(w.split("=", 1) for w in words[2:] if "=" in w)
         elif tag == "WS" and len(words) == 3:
             report.ranges.append((int(words[1], 16), int(words[2], 16)))
+        elif tag == "DISK":
+            report.disk = {k: int(v) for k, _, v in
+                           (w.partition("=") for w in words[1:]) if v.isdigit()}
         elif tag == "READY":
             report.ready = True
         else:
@@ -92,8 +104,7 @@ def largest_heartbeat_gap(entries, min_seq=0):
     beats = []
     for ns, line in entries:
         words = line.split()
-        if len(words) == 4 and words[0] == "HB" and words[1].isdigit() and \
-                int(words[1]) >= min_seq:
+        if _is_heartbeat(words) and int(words[1]) >= min_seq:
             beats.append((ns, int(words[1])))
     beats.sort()
     best = (0.0, 0)

@@ -53,7 +53,8 @@ class TestHostVM:
     # -- lifecycle --------------------------------------------------------
     @classmethod
     def start(cls, name, rundir, mem, cpus=1, kernel=None, cmdline="",
-              incoming=False, paused=False, tlog=False, timeout=30.0):
+              incoming=False, paused=False, tlog=False, disk=None,
+              timeout=30.0):
         """Start a VM process and wait until its control socket answers.
 
         ``mem`` is a size string ("1G") or bytes.  Either boot ``kernel``
@@ -73,6 +74,8 @@ class TestHostVM:
                 argv.append("--paused")
         if tlog:
             argv.append("--console-tlog")
+        if disk is not None:
+            argv += ["--disk", str(disk)]
         log = open(rundir / "testhost.log", "ab")
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,

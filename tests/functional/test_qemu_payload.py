@@ -8,6 +8,7 @@ import pytest
 
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.console import parse_console
+from nova_bhyve.testhost.diskimage import sector_versions
 
 from .conftest import needs_kvm, wait_for
 
@@ -61,3 +62,43 @@ def test_payload_boots_and_heartbeats_under_qemu(cmdline, cpus):
     assert report.sequence_breaks() == []
     assert report.errors == 0
     assert report.banner["cpus"] == str(cpus)
+
+
+def test_disk_writer_self_checks_clean_under_qemu(tmp_path):
+    """disk=1 on QEMU's IDE: i440FX ("pc"), whose PIIX IDE decodes the
+    legacy ports (q35's AHCI does not); the same guest driver as on the
+    test host, with QEMU's BSY phases."""
+    disk, log = tmp_path / "disk.img", tmp_path / "serial.log"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    proc = subprocess.Popen(
+        [QEMU, "-machine", "pc,accel=kvm", "-cpu", "host,-arch-capabilities",
+         "-m", "256M", "-nodefaults", "-display", "none",
+         "-serial", f"file:{log}", "-kernel", str(artifacts.guest_kernel()),
+         "-append", "mode=stress pattern=touch ws=8M disk=1 disksize=32K",
+         "-drive", f"file={disk},format=raw,if=ide,index=0,media=disk"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+
+    def text():
+        try:
+            return log.read_text("ascii", "replace")
+        except FileNotFoundError:
+            return ""
+
+    try:
+        report = wait_for(
+            lambda: (r := parse_console(text())).heartbeats and
+            r.heartbeats[-1].disk_passes >= 3 and r,
+            timeout=120, what="three disk-writer passes under QEMU")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert report.banner["disk"] == "1"
+    assert report.disk == {"sectors": 2048, "blocks": 8, "block": 4096}
+    assert report.sequence_breaks() == []
+    assert report.errors == 0 and report.fails == []
+    versions = sector_versions(disk.read_bytes(), 8,
+                               range(report.heartbeats[-1].disk_passes,
+                                     report.heartbeats[-1].disk_passes + 3))
+    assert None not in versions and min(versions) >= 3

@@ -9,7 +9,12 @@ import threading
 import pytest
 
 from nova_bhyve.testhost import artifacts
-from nova_bhyve.testhost.client import ControlClient, DirtyLog, MemoryLayout
+from nova_bhyve.testhost.client import (
+    ControlClient,
+    DirtyLog,
+    DiskDirtyLog,
+    MemoryLayout,
+)
 from nova_bhyve.testhost.console import (
     largest_heartbeat_gap,
     parse_console,
@@ -34,6 +39,28 @@ def test_console_parser_reads_every_line_kind():
     assert [h.seq for h in report.heartbeats] == [1, 2, 3]
     assert report.errors == 1
     assert report.sequence_breaks() == []
+
+
+def test_console_parser_reads_the_disk_writer_lines():
+    text = ("NBGUEST 1 mode=stress ws=0 cpus=1 disk=1\n"
+            "DISK sectors=2048 blocks=16 block=4096\nREADY\n"
+            "HB 1 0 0 0\nHB 2 0 0 1\n"
+            "FAIL diskold addr=0x3000 want=0x2 got=0x1\nHB 3 0 1 1\n"
+            "HB 4 0 1 2 9\nHB 5 0 1 x\n")      # malformed heartbeats: other
+    report = parse_console(text)
+    assert report.banner["disk"] == "1"
+    assert report.disk == {"sectors": 2048, "blocks": 16, "block": 4096}
+    assert [(h.seq, h.disk_passes) for h in report.heartbeats] == \
+        [(1, 0), (2, 1), (3, 1)]
+    assert report.errors == 1 and report.fails[0].startswith("FAIL diskold ")
+    assert report.other == ["HB 4 0 1 2 9", "HB 5 0 1 x"]
+    assert parse_console("HB 1 2 0\n").heartbeats[0].disk_passes is None
+
+
+def test_largest_gap_counts_disk_writer_heartbeats():
+    gap, seq = largest_heartbeat_gap(parse_tlog(
+        "1000000 HB 1 0 0 0\n3000000 HB 2 0 0 0\n3500000 HB 3 0 0 1\n"))
+    assert (seq, gap) == (1, pytest.approx(0.002))
 
 
 def test_console_parser_finds_sequence_breaks():
@@ -169,6 +196,29 @@ def test_client_reads_binary_payloads_of_the_stated_size():
         log = client.dirty_log()
         assert log.low == bitmap[:8] and log.high == bitmap[8:]
         assert log.count() == 2
+        client.close()
+    finally:
+        host.close()
+
+
+def test_client_reads_the_disk_dirty_log():
+    bitmap = bytes([0b1001, 0, 0, 0, 0, 0, 0, 0x80,
+                    0x03, 0, 0, 0, 0, 0, 0, 0])         # 2 bits past the end
+    host = FakeHost([b"OK bytes=16 blocks=65 block_size=4096\n" + bitmap,
+                     b"OK bytes=8 blocks=3 block_size=4096\n" + bytes(8),
+                     b"ERR EINVAL this VM has no disk (start it with --disk)\n"])
+    try:
+        client = ControlClient(host.path)
+        log = client.disk_dirty_log()
+        assert log == DiskDirtyLog(bitmap, blocks=65, block_size=4096)
+        assert log.dirty_blocks() == [0, 3, 63, 64]
+        assert log.count() == 4
+        assert client.disk_dirty_log(peek=True).count() == 0
+        with pytest.raises(TestHostError) as err:
+            client.disk_dirty_log()
+        assert err.value.code == "EINVAL"
+        assert host.requests == ["disk-dirty-log", "disk-dirty-log peek",
+                                 "disk-dirty-log"]
         client.close()
     finally:
         host.close()

@@ -30,6 +30,18 @@ static void fake_vm_init(struct nb_vm *vm, int ncpus, int high)
     pthread_mutex_init(&vm->lock, NULL);
     pthread_cond_init(&vm->cond, NULL);
     pthread_mutex_init(&vm->console_lock, NULL);
+    nb_ata_init(&vm->ata);
+}
+
+/* Give the fake VM a 1 MiB disk: a dirty-block log, no file behind it. */
+static void fake_vm_add_disk(struct nb_vm *vm)
+{
+    static uint64_t dirty[4];
+
+    vm->ata.present = 1;
+    vm->ata.sectors = 2048;
+    vm->ata.nblocks = 256;
+    vm->ata.dirty = dirty;
 }
 
 /* Fill in a blob's header: section count, payload length, checksums. */
@@ -56,6 +68,8 @@ static uint8_t *fake_blob(const struct nb_vm *vm, size_t *len)
     for (size_t k = 1; k < NKINDS; k++) {
         for (int i = 0; i < (kinds[k].per_vcpu ? vm->ncpus : 1); i++) {
             uint8_t *d = add_section(&b, kinds[k].kind, i, kind_size(vm, kinds[k].kind));
+            if (kinds[k].kind == K_ATA)
+                nb_ata_save((struct nb_ata *)&vm->ata, d);
             if (kinds[k].kind != K_MSRS)
                 continue;
             put32(d, (uint32_t)vm->nmsrs);

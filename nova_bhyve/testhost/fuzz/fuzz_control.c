@@ -7,7 +7,7 @@
  *
  * Input: u8 mode, then the client's bytes.
  *   mode bits 0-1: the VM's state (running, paused, incoming, failed)
- *        bit 2: the VM has highmem
+ *        bit 2: the VM has highmem and a disk (its dirty-block log)
  */
 #define _GNU_SOURCE
 #include <sys/socket.h>
@@ -66,8 +66,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     if (size > 100000)
         return -1;
-    if (!vm->ncpus)
+    if (!vm->ncpus) {
         fake_vm_init(vm, 1, (mode >> 2) & 1);
+        if (mode & 4)
+            fake_vm_add_disk(vm);
+    }
     vm->state = (enum nb_vm_state)(mode & 3);
     vm->throttle_pct = 0;
     c.fd = fz_stream(in.p, in.n, &peer);
@@ -92,7 +95,10 @@ static void fuzz_seeds(const char *dir)
 {
     static const char requests[] = "\x00status\nthrottle 30\npause\nsave-state\n"
         "resume\ndirty-log\ndirty-log peek\ndirty-log 0 1\nbogus 1 2\n"
-        "throttle 100\n\nmemfd\nshutdown\n";
+        "throttle 100\n\nmemfd\ndisk-dirty-log\nshutdown\n";
+    static const char highmem[] = "\x05" "dirty-log 1 18446744073709551615\r\n"
+        "dirty-log 2 1\ndisk-dirty-log\ndisk-dirty-log peek\n"
+        "disk-dirty-log 1\n";
     struct fz_buf b = { 0 };
     struct nb_vm vm;
     uint8_t *blob;
@@ -100,8 +106,7 @@ static void fuzz_seeds(const char *dir)
     char line[64];
 
     fz_seed(dir, "requests", requests, sizeof(requests) - 1);
-    fz_seed(dir, "dirty-log-highmem", "\x05" "dirty-log 1 18446744073709551615\r\n"
-            "dirty-log 2 1\n", 49);
+    fz_seed(dir, "dirty-log-highmem", highmem, sizeof(highmem) - 1);
     fake_vm_init(&vm, 1, 0);
     blob = fake_blob(&vm, &len);
     fz_put8(&b, NB_STATE_INCOMING);

@@ -173,6 +173,16 @@ void wait_until_tsc(uint64_t deadline);
 #define MAX_CPUS            8
 int smp_start(int ncpus, uint64_t tsc_khz, void (*fn)(int cpu));
 
+/* ---- disk.c ----------------------------------------------------------- */
+#define DISK_MAX_BLOCKS     16384           /* 64 MiB region of 4 KiB blocks */
+uint64_t disk_init(uint64_t region, uint64_t tsc_khz);
+uint64_t disk_sectors(void);
+uint64_t disk_passes(void);
+void disk_step(void);
+
+/* ---- main.c ----------------------------------------------------------- */
+void report_fail(const char *what, uint64_t addr, uint64_t want, uint64_t got);
+
 /* ---- memory.c --------------------------------------------------------- */
 #define MAX_RANGES          64
 

@@ -6,7 +6,8 @@
  *   NBGUEST 1 mode=.. pattern=.. ws=.. wsoff=.. hb=.. tsc_khz=.. mem=.. cpus=..
  *   WS 0x<start> 0x<end>          (one per contiguous range)
  *   READY
- *   HB <seq> <passes> <errors>
+ *   DISK sectors=.. blocks=..      (with disk=1)
+ *   HB <seq> <passes> <errors> [<disk passes>]
  *   FAIL <what> addr=0x.. want=0x.. got=0x..
  */
 #include "guest.h"
@@ -32,6 +33,8 @@ static struct {
     uint64_t canary_slice;      /* idle: canary bytes checked per heartbeat */
     uint64_t cpus;              /* stress touch/tight: CPUs that write */
     bool selftest_corrupt;      /* flip one byte after pass 2 */
+    bool disk;                  /* run the disk writer too */
+    uint64_t disksize;          /* disk writer region, bytes (0: all) */
 } cfg = {
     .mode = MODE_IDLE,
     .pattern = PATTERN_TOUCH,
@@ -64,6 +67,8 @@ static uint64_t hb_next;
 static uint64_t hb_seq;
 static unsigned fails_printed;
 static bool corrupted;
+static bool disk_on;            /* the disk writer has a region */
+static uint64_t disk_next;      /* TSC of the memory writer's next disk step */
 static volatile uint64_t hb_rec[HB_RECORDS];
 
 /* ---- Command line ------------------------------------------------------------ */
@@ -152,6 +157,14 @@ static bool apply_option(const char *key, size_t klen, const char *val)
         if (!parse_size(val, &num) || num == 0 || num > MAX_CPUS)
             return false;
         cfg.cpus = num;
+    } else if (KEY_IS("disk")) {
+        if (!parse_size(val, &num) || num > 1)
+            return false;
+        cfg.disk = num == 1;
+    } else if (KEY_IS("disksize")) {
+        if (!parse_size(val, &num) || num > SIZE_LIMIT)
+            return false;
+        cfg.disksize = num;
     } else if (KEY_IS("selftest_corrupt")) {
         if (!parse_size(val, &num) || num > 1)
             return false;
@@ -211,8 +224,8 @@ static void report_fail_on(int cpu, const char *what, uint64_t addr,
                 got);
 }
 
-static void report_fail(const char *what, uint64_t addr, uint64_t want,
-                        uint64_t got)
+/* Count and print a self-check failure of CPU 0's workloads. */
+void report_fail(const char *what, uint64_t addr, uint64_t want, uint64_t got)
 {
     report_fail_on(0, what, addr, want, got);
 }
@@ -233,16 +246,30 @@ static void heartbeat(uint64_t now)
         errors += w_errors[c];
     }
     hb_seq++;
-    kprintf("HB %lu %lu %lu\n", hb_seq, passes, errors);
+    if (cfg.disk)
+        kprintf("HB %lu %lu %lu %lu\n", hb_seq, passes, errors, disk_passes());
+    else
+        kprintf("HB %lu %lu %lu\n", hb_seq, passes, errors);
     hb_next += hb_ticks;
     if (hb_next <= now)
         hb_next = now + hb_ticks;
 }
 
+/*
+ * Between heartbeats: a step of disk work if the disk writer runs, paced
+ * so that it takes at most half of the CPU's time from the memory writer.
+ */
 static inline void hb_poll(void)
 {
     uint64_t now = rdtsc();
 
+    if (disk_on && now >= disk_next) {
+        uint64_t start = now;
+
+        disk_step();
+        now = rdtsc();
+        disk_next = now + (now - start);
+    }
     if (now >= hb_next)
         heartbeat(now);
 }
@@ -514,7 +541,12 @@ static NORETURN void run_idle(void)
     for (;;) {
         uint64_t seq, got;
 
-        wait_until_tsc(hb_next);
+        if (disk_on) {
+            while (rdtsc() < hb_next)
+                disk_step();
+        } else {
+            wait_until_tsc(hb_next);
+        }
         seq = hb_seq + 1;
         if (seq > 1) {
             got = hb_rec[(seq - 1) % HB_RECORDS];
@@ -535,8 +567,12 @@ static NORETURN void run_idle(void)
 static NORETURN void run_empty(void)
 {
     for (;;) {
-        while (rdtsc() < hb_next)
-            cpu_relax();
+        while (rdtsc() < hb_next) {
+            if (disk_on)
+                disk_step();
+            else
+                cpu_relax();
+        }
         heartbeat(rdtsc());
     }
 }
@@ -593,6 +629,23 @@ static void start_writers(void)
         kprintf("WARN %d of %d cpus started", up, writers);
 }
 
+/*
+ * disk=1: find the disk and announce the writer's region; without a
+ * usable disk the writer does nothing (its passes stay 0: the failure
+ * shows).
+ */
+static void start_disk(void)
+{
+    uint64_t blocks = disk_init(cfg.disksize, tsc_khz);
+
+    if (!disk_sectors())
+        kprintf("WARN no ATA disk on the primary IDE channel\n");
+    else if (!blocks)
+        kprintf("WARN disk region smaller than one block\n");
+    kprintf("DISK sectors=%lu blocks=%lu block=4096\n", disk_sectors(), blocks);
+    disk_on = blocks != 0;
+}
+
 /* ---- Entry ---------------------------------------------------------------------- */
 
 /* Called from boot.S in long mode with the multiboot registers. */
@@ -613,8 +666,9 @@ void kmain(uint32_t magic, uint32_t mbi)
         warn_defer("WARN empty working set");
 
     kprintf("NBGUEST 1 mode=%s pattern=%s ws=%lu wsoff=%lu hb=%lu tsc_khz=%lu "
-            "mem=%lu cpus=%lu\n", mode_names[cfg.mode], pattern_names[cfg.pattern],
-            ws_bytes, cfg.wsoff, cfg.hb_us, tsc_khz, boot.mem_bytes, cfg.cpus);
+            "mem=%lu cpus=%lu disk=%d\n", mode_names[cfg.mode],
+            pattern_names[cfg.pattern], ws_bytes, cfg.wsoff, cfg.hb_us, tsc_khz,
+            boot.mem_bytes, cfg.cpus, cfg.disk);
     if (cfg.mode == MODE_IDLE && !lapic_deadline_init())
         warn_defer("WARN no TSC-deadline timer, idle busy-waits");
     warn_flush();
@@ -622,6 +676,8 @@ void kmain(uint32_t magic, uint32_t mbi)
         kprintf("WS 0x%lx 0x%lx\n", ws_ranges[i].start, ws_ranges[i].end);
     if (cfg.mode == MODE_IDLE)
         canary_fill();
+    if (cfg.disk)
+        start_disk();
     hb_ticks = cfg.hb_us * tsc_khz / 1000;
     if (!hb_ticks)
         hb_ticks = 1;

@@ -154,12 +154,14 @@ static int cmd_status(struct nb_vm *vm, int fd)
     return reply(fd, "OK state=%s name=%s pid=%d cpus=%d mem=%" PRIu64
                  " lowmem=%" PRIu64 " highmem=%" PRIu64 " highbase=%" PRIu64 ""
                  " page_size=%" PRIu64 " dirty_log=1 throttle=%d exits=%" PRIu64
-                 " console_lines=%" PRIu64,
+                 " console_lines=%" PRIu64 " disk_size=%" PRIu64
+                 " disk_block=%" PRIu64,
                  state_name(st), vm->name, (int)getpid(), vm->ncpus,
                  vm->mem_size, vm->lowmem, vm->highmem, NB_HIGHMEM_BASE,
                  NB_PAGE_SIZE, thr,
                  __atomic_load_n(&vm->exits, __ATOMIC_RELAXED),
-                 vm->console_lines);
+                 vm->console_lines, vm->ata.sectors * NB_SECTOR,
+                 NB_DISK_BLOCK);
 }
 
 static int cmd_memfd(struct nb_vm *vm, int fd)
@@ -226,6 +228,30 @@ static int cmd_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
     return rc;
 }
 
+/* disk-dirty-log [peek]: see CONTROL_PROTOCOL.md */
+static int cmd_disk_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
+{
+    int peek = argc == 2 && !strcmp(argv[1], "peek");
+    size_t len = nb_ata_dirty_bytes(&vm->ata);
+    uint8_t *bm;
+    int rc;
+
+    if (argc != 1 && !peek)
+        return reply(fd, "ERR EINVAL usage: disk-dirty-log [peek]");
+    if (!vm->ata.present)
+        return reply(fd, "ERR EINVAL this VM has no disk (start it with --disk)");
+    bm = malloc(len);
+    if (!bm)
+        return reply(fd, "ERR ENOMEM cannot allocate %zu bytes", len);
+    nb_ata_dirty_log(&vm->ata, bm, peek);
+    rc = reply(fd, "OK bytes=%zu blocks=%" PRIu64 " block_size=%" PRIu64, len,
+               vm->ata.nblocks, NB_DISK_BLOCK);
+    if (rc == 0)
+        rc = send_all(fd, bm, len);
+    free(bm);
+    return rc;
+}
+
 static int cmd_save_state(struct nb_vm *vm, int fd)
 {
     char err[256];
@@ -283,6 +309,23 @@ static int cmd_load_state(struct nb_vm *vm, struct client *c, const char *arg)
     return reply(c->fd, "OK state=paused");
 }
 
+static int cmd_resume(struct nb_vm *vm, int fd)
+{
+    if (vm->state == NB_STATE_PAUSED) {
+        /* answer before waking the vCPUs: a vCPU woken on this CPU
+         * would otherwise hold the answer back for its time slice */
+        nb_vcpus_release(vm);
+        int rc = reply(fd, "OK state=running");
+        nb_vcpus_wake(vm);
+        return rc;
+    }
+    if (vm->state != NB_STATE_RUNNING)
+        return reply(fd, "ERR EBUSY VM is %s%s", state_name(vm->state),
+                     vm->state == NB_STATE_INCOMING
+                         ? "; load a state blob first" : "");
+    return reply(fd, "OK state=running");
+}
+
 /* Handle one request line.  Returns -1 to drop the client, 1 to exit. */
 static int handle_line(struct nb_vm *vm, struct client *c, char *line)
 {
@@ -314,21 +357,8 @@ static int handle_line(struct nb_vm *vm, struct client *c, char *line)
             return reply(c->fd, "ERR EBUSY VM is %s", state_name(vm->state));
         return reply(c->fd, "OK state=paused");
     }
-    if (!strcmp(argv[0], "resume") && argc == 1) {
-        if (vm->state == NB_STATE_PAUSED) {
-            /* answer before waking the vCPUs: a vCPU woken on this CPU
-             * would otherwise hold the answer back for its time slice */
-            nb_vcpus_release(vm);
-            int rc = reply(c->fd, "OK state=running");
-            nb_vcpus_wake(vm);
-            return rc;
-        }
-        if (vm->state != NB_STATE_RUNNING)
-            return reply(c->fd, "ERR EBUSY VM is %s%s", state_name(vm->state),
-                         vm->state == NB_STATE_INCOMING
-                             ? "; load a state blob first" : "");
-        return reply(c->fd, "OK state=running");
-    }
+    if (!strcmp(argv[0], "resume") && argc == 1)
+        return cmd_resume(vm, c->fd);
     if (!strcmp(argv[0], "throttle") && argc == 2) {
         if (parse_u64(argv[1], 99, &v) < 0)
             return reply(c->fd, "ERR EINVAL throttle takes a percentage 0..99");
@@ -346,6 +376,8 @@ static int handle_line(struct nb_vm *vm, struct client *c, char *line)
         return cmd_memfd(vm, c->fd);
     if (!strcmp(argv[0], "dirty-log"))
         return cmd_dirty_log(vm, c->fd, argc, argv);
+    if (!strcmp(argv[0], "disk-dirty-log"))
+        return cmd_disk_dirty_log(vm, c->fd, argc, argv);
     if (!strcmp(argv[0], "shutdown") && argc == 1) {
         reply(c->fd, "OK state=stopping");
         return 1;

@@ -24,12 +24,14 @@ static void usage(FILE *f)
     fprintf(f,
         "usage: nb-testhost --name NAME --rundir DIR --mem SIZE [--cpus N]\n"
         "                   (--kernel ELF [--cmdline STR] [--paused] | --incoming)\n"
-        "                   [--console-tlog]\n"
+        "                   [--console-tlog] [--disk FILE]\n"
         "\n"
         "Runs one KVM guest laid out as bhyve does (lowmem below 3 GiB at GPA 0,\n"
         "the rest at 4 GiB).  DIR receives control.sock, console.log and\n"
-        "testhost.pid.  SIZE takes a K, M or G suffix.  A test and development\n"
-        "backend for nova-bhyve, not a production hypervisor.\n"
+        "testhost.pid.  SIZE takes a K, M or G suffix.  --disk attaches FILE (a raw\n"
+        "image, not a symbolic link) as the ATA master on the primary IDE ports.\n"
+        "A test and development backend for nova-bhyve, not a production\n"
+        "hypervisor.\n"
         "Exit status as bhyve(8): 1 powered off, 2 halted, 3 triple fault, 4 error.\n");
 }
 
@@ -98,11 +100,13 @@ int main(int argc, char **argv)
         { "paused", no_argument, NULL, 'p' },
         { "incoming", no_argument, NULL, 'i' },
         { "console-tlog", no_argument, NULL, 't' },
+        { "disk", required_argument, NULL, 'D' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     struct nb_vm *vm = &the_vm;
     const char *name = NULL, *rundir = NULL, *kernel = NULL, *cmdline = "";
+    const char *disk = NULL;
     uint64_t mem = 0;
     long cpus = 1;
     int paused = 0, incoming = 0, tlog = 0, opt, status;
@@ -130,6 +134,7 @@ int main(int argc, char **argv)
         case 'p': paused = 1; break;
         case 'i': incoming = 1; break;
         case 't': tlog = 1; break;
+        case 'D': disk = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return NB_EXIT_ERROR;
         }
@@ -169,6 +174,9 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    nb_ata_init(&vm->ata);
+    if (disk)
+        nb_ata_open(&vm->ata, disk);
     nb_vm_create(vm, (int)cpus, mem);
     if (kernel) {
         uint64_t entry, mbi;

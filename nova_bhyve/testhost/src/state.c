@@ -22,7 +22,7 @@
 #include "testhost.h"
 
 #define BLOB_MAGIC "NBVMSTAT"
-#define BLOB_VERSION 1
+#define BLOB_VERSION 2
 #define HDR_LEN 32
 #define SEC_LEN 16
 #define MAX_BLOB (16u << 20)
@@ -33,7 +33,7 @@ enum kind {
     K_REGS = 2, K_SREGS = 3, K_XSAVE = 5, K_XCRS = 6, K_MSRS = 7,
     K_EVENTS = 8, K_MPSTATE = 9, K_LAPIC = 10, K_DEBUGREGS = 11,
     K_PIC_MASTER = 20, K_PIC_SLAVE = 21, K_IOAPIC = 22, K_PIT = 23,
-    K_CLOCK = 24,
+    K_CLOCK = 24, K_ATA = 25,
 };
 
 struct kind_desc {
@@ -50,6 +50,7 @@ static const struct kind_desc kinds[] = {
     { K_DEBUGREGS, "debugregs", 1 },
     { K_PIC_MASTER, "pic_master", 0 }, { K_PIC_SLAVE, "pic_slave", 0 },
     { K_IOAPIC, "ioapic", 0 }, { K_PIT, "pit", 0 }, { K_CLOCK, "clock", 0 },
+    { K_ATA, "ata", 0 },
 };
 #define NKINDS (sizeof(kinds) / sizeof(kinds[0]))
 
@@ -103,6 +104,7 @@ static size_t kind_size(const struct nb_vm *vm, enum kind k)
         return sizeof(struct kvm_irqchip);
     case K_PIT: return sizeof(struct kvm_pit_state2);
     case K_CLOCK: return sizeof(struct kvm_clock_data);
+    case K_ATA: return NB_ATA_STATE_LEN;
     case K_META: return 0; /* variable */
     }
     return 0;
@@ -245,6 +247,10 @@ int nb_state_save(struct nb_vm *vm, uint8_t **blob, size_t *len,
     }
     SAVE(K_PIT, 0, vm->vm_fd, KVM_GET_PIT2, struct kvm_pit_state2);
     SAVE(K_CLOCK, 0, vm->vm_fd, KVM_GET_CLOCK, struct kvm_clock_data);
+    d = add_section(&b, K_ATA, 0, NB_ATA_STATE_LEN);
+    if (!d)
+        goto nomem;
+    nb_ata_save(&vm->ata, d);
 
     memcpy(b.buf, BLOB_MAGIC, 8);
     put16(b.buf + 8, BLOB_VERSION);
@@ -483,6 +489,7 @@ static int apply(struct nb_vm *vm, const struct parsed *p, char *err, size_t err
         c.flags = 0;
         APPLY(vm->vm_fd, KVM_SET_CLOCK, &c, "clock");
     }
+    nb_ata_restore(&vm->ata, p->data[K_ATA][0]);
     return 0;
 }
 
@@ -507,6 +514,8 @@ int nb_state_load(struct nb_vm *vm, const uint8_t *blob, size_t len,
         return -1;
     }
     rc = validate(vm, blob, len, p, err, errlen);
+    if (rc == 0)
+        rc = nb_ata_check(&vm->ata, p->data[K_ATA][0], err, errlen);
     if (rc == 0)
         rc = apply(vm, p, err, errlen);
     free(p);

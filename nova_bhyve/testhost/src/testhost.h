@@ -49,6 +49,32 @@ struct nb_vcpu {
     int throttle_pending;   /* protected by vm->lock */
 };
 
+/*
+ * The ATA disk (ata.c): legacy PIO on the primary IDE ports, one master
+ * drive backed by a raw file, and its dirty-block log.  `lock` guards
+ * everything below it (vCPU threads do port I/O, the control loop reads
+ * the log).
+ */
+#define NB_SECTOR 512
+#define NB_DISK_BLOCK ((uint64_t)4096)      /* dirty-block log granularity */
+#define NB_ATA_STATE_LEN 552                /* bytes of the state section */
+
+struct nb_ata {
+    pthread_mutex_t lock;
+    int present;            /* 0: no --disk, the ports float */
+    int fd;
+    uint64_t sectors;       /* disk size / 512 */
+    uint64_t *dirty;        /* one bit per NB_DISK_BLOCK */
+    uint64_t nblocks;
+    /* task-file registers and the PIO transfer in flight */
+    uint8_t feature, nsector, lbal, lbam, lbah, select;
+    uint8_t status, error, control, command, xfer;
+    uint64_t lba;           /* sector in buf */
+    uint32_t remaining;     /* sectors left, the one in buf included */
+    uint32_t pos;           /* byte position in buf */
+    uint8_t buf[NB_SECTOR];
+};
+
 struct nb_vm {
     char name[64];
     char rundir[512];
@@ -83,6 +109,8 @@ struct nb_vm {
     char line[256];
     size_t line_len;
     uint64_t console_lines;
+
+    struct nb_ata ata;
 };
 
 /* vm.c */
@@ -117,6 +145,19 @@ int nb_state_save(struct nb_vm *vm, uint8_t **blob, size_t *len,
 int nb_state_load(struct nb_vm *vm, const uint8_t *blob, size_t len,
                   char *err, size_t errlen);
 uint32_t nb_crc32(const uint8_t *buf, size_t len);
+
+/* ata.c */
+void nb_ata_init(struct nb_ata *ata);
+void nb_ata_open(struct nb_ata *ata, const char *path);
+int nb_ata_claims(uint16_t port);
+void nb_ata_io(struct nb_ata *ata, uint16_t port, int is_write, uint8_t *data,
+               size_t size, size_t count);
+size_t nb_ata_dirty_bytes(const struct nb_ata *ata);
+void nb_ata_dirty_log(struct nb_ata *ata, uint8_t *out, int peek);
+void nb_ata_save(struct nb_ata *ata, uint8_t *out);
+int nb_ata_check(const struct nb_ata *ata, const uint8_t *in,
+                 char *err, size_t errlen);
+void nb_ata_restore(struct nb_ata *ata, const uint8_t *in);
 
 /* control.c */
 int nb_control_serve(struct nb_vm *vm, const char *sock_path);

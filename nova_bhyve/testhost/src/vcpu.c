@@ -74,6 +74,11 @@ static void handle_io(struct nb_vcpu *v)
     size_t bytes = (size_t)run->io.size * run->io.count;
     uint16_t port = run->io.port;
 
+    if (v->vm->ata.present && nb_ata_claims(port)) {
+        nb_ata_io(&v->vm->ata, port, run->io.direction == KVM_EXIT_IO_OUT,
+                  data, run->io.size, run->io.count);
+        return;
+    }
     if (run->io.direction == KVM_EXIT_IO_OUT) {
         if (port == COM1_BASE && run->io.size == 1)
             console_write(v->vm, data, bytes);

@@ -1,0 +1,217 @@
+"""The test host's ATA disk with the guest's disk writer: real writes, the
+dirty-block log, and the disk state across a state round trip."""
+
+import os
+import shutil
+import struct
+import time
+
+import pytest
+
+from nova_bhyve.testhost.console import parse_console
+from nova_bhyve.testhost.diskimage import (
+    BLOCK,
+    is_write_front,
+    sector_versions,
+)
+from nova_bhyve.testhost.errors import TestHostError
+from nova_bhyve.testhost.memory import GuestMemory, copy_memory
+
+from .conftest import needs_kvm, wait_for
+
+pytestmark = needs_kvm
+
+MiB = 1 << 20
+REGION_BLOCKS = 8
+# memory and disk at once: the touch writer over 4 MiB, the disk writer
+# over the first 8 blocks of a 1 MiB disk
+CMDLINE = f"mode=stress pattern=touch ws=4M disk=1 disksize={REGION_BLOCKS * 4}K"
+
+
+def _disk(vms, name="disk.img", size=MiB):
+    path = f"{vms.base}/{name}"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _disk_passes(vm):
+    report = parse_console(vm.console_text())
+    return report.heartbeats[-1].disk_passes if report.heartbeats else 0
+
+
+def _wait_disk_passes(vm, count, timeout=60):
+    return wait_for(lambda: (r := parse_console(vm.console_text())).heartbeats
+                    and r.heartbeats[-1].disk_passes >= count and r,
+                    timeout=timeout, what=f"{count} disk passes on {vm.name}")
+
+
+def _check_disk_file(path, passes_reported):
+    """The region holds the writer's front, the rest of the disk zeros."""
+    with open(path, "rb") as f:
+        image = f.read()
+    candidates = range(passes_reported, passes_reported + 3)
+    versions = sector_versions(image, REGION_BLOCKS, candidates)
+    assert is_write_front(versions), versions
+    assert min(versions) >= passes_reported >= 1, (versions, passes_reported)
+    assert image[REGION_BLOCKS * BLOCK:] == bytes(len(image) - REGION_BLOCKS * BLOCK)
+
+
+def test_disk_writer_writes_the_disk_and_the_dirty_block_log_shows_it(vms):
+    path = _disk(vms)
+    vm = vms.start("disk", cmdline=CMDLINE, disk=path)
+    assert vm.client.status()["disk_size"] == MiB
+    assert vm.client.status()["disk_block"] == 4096
+    first = vm.client.disk_dirty_log()          # every block, as memory's
+    assert (first.blocks, first.block_size) == (256, 4096)
+    assert first.count() == 256
+    report = _wait_disk_passes(vm, 2)
+    assert report.disk == {"sectors": 2048, "blocks": REGION_BLOCKS,
+                           "block": 4096}
+    start = _disk_passes(vm)
+    _wait_disk_passes(vm, start + 1)            # a whole pass since `first`
+    written = vm.client.disk_dirty_log().dirty_blocks()
+    assert written == list(range(REGION_BLOCKS))
+
+    vm.client.pause()
+    vm.client.disk_dirty_log()
+    time.sleep(0.2)
+    assert vm.client.disk_dirty_log(peek=True).count() == 0   # paused: quiet
+    report = parse_console(vm.console_text())
+    assert report.errors == 0 and report.fails == []
+    assert report.sequence_breaks() == []
+    _check_disk_file(path, report.heartbeats[-1].disk_passes)
+    assert report.heartbeats[-1].passes >= 1    # the memory writer ran too
+
+    vm.client.resume()
+    _wait_disk_passes(vm, report.heartbeats[-1].disk_passes + 1)
+    assert vm.client.disk_dirty_log().count() > 0
+    assert parse_console(vm.console_text()).errors == 0
+
+
+def _migrate(src, dst, disk_for_dst=None):
+    """Pause src, move memory and state to the incoming dst, run dst."""
+    src.client.pause()
+    blob = src.client.save_state()
+    if disk_for_dst:
+        disk_for_dst()
+    with GuestMemory.from_client(src.client) as sm, \
+            GuestMemory.from_client(dst.client) as dm:
+        copy_memory(sm, dm)
+    assert dst.client.load_state(blob) == {"state": "paused"}
+    assert src.stop() == 1
+    dst.client.resume()
+    return blob
+
+
+def test_state_round_trip_with_the_same_disk_continues_clean(vms):
+    path = _disk(vms)
+    src = vms.start("src", cmdline=CMDLINE, disk=path)
+    _wait_disk_passes(src, 1)
+    dst = vms.start("dst", incoming=True, disk=path)
+    _migrate(src, dst)
+    before = parse_console(src.console_text())
+    _wait_disk_passes(dst, before.heartbeats[-1].disk_passes + 2)
+    dst_text = dst.console_text()
+    after = parse_console(dst_text)
+    assert after.banner == {} and not after.ready   # continued, not rebooted
+    combined = parse_console(src.console_text() + dst_text)
+    assert combined.sequence_breaks() == []
+    assert combined.errors == 0 and combined.fails == []
+    dst.client.pause()
+    _check_disk_file(path, parse_console(dst.console_text()).heartbeats[-1]
+                     .disk_passes)
+
+
+def _ata_section(blob):
+    """The `ata` section (kind 25) of a state blob (STATE_FORMAT.md)."""
+    off = 32
+    for _ in range(struct.unpack_from("<I", blob, 12)[0]):
+        kind, _ver, _inst, _z, length = struct.unpack_from("<4HI", blob, off)
+        if kind == 25:
+            return blob[off + 16:off + 16 + length]
+        off += 16 + (length + 7) // 8 * 8
+    raise AssertionError("no ata section")
+
+
+def test_transfers_in_flight_survive_a_chain_of_round_trips(vms):
+    # disk only: the vCPU is nearly always inside a transfer, so most
+    # pauses catch one (registers, half a sector) and the destination
+    # must finish it exactly where the source stopped
+    path = _disk(vms)
+    cmdline = f"mode=stress ws=0 disk=1 disksize={REGION_BLOCKS * 4}K"
+    vm = vms.start("hop0", cmdline=cmdline, disk=path)
+    _wait_disk_passes(vm, 1)
+    texts, in_flight = [], 0
+    for hop in range(1, 16):
+        dst = vms.start(f"hop{hop}", incoming=True, disk=path)
+        time.sleep(0.1 + 0.05 * (hop % 5))
+        ata = _ata_section(_migrate(vm, dst))
+        in_flight += ata[11] != 0                   # transfer state
+        texts.append(vm.console_text())
+        vm = dst
+        if in_flight >= 3 and hop >= 5:
+            break
+    assert in_flight >= 3, "pauses never caught a transfer in flight"
+    _wait_disk_passes(vm, parse_console("".join(texts)).heartbeats[-1]
+                      .disk_passes + 1)
+    combined = parse_console("".join(texts) + vm.console_text())
+    assert combined.sequence_breaks() == []
+    assert combined.errors == 0 and combined.fails == []
+
+
+def test_a_destination_with_a_stale_disk_copy_is_caught(vms):
+    # the same round trip, but the destination gets a copy of the disk
+    # taken a pass earlier: the guest's re-reads find old versions (or,
+    # if the pause split a block write, its read-back finds the sectors
+    # written before the pause missing)
+    path, stale = _disk(vms), f"{vms.base}/stale.img"
+    src = vms.start("src", cmdline=CMDLINE, disk=path)
+    _wait_disk_passes(src, 1)
+    src.client.pause()
+    shutil.copyfile(path, stale)
+    src.client.resume()
+    _wait_disk_passes(src, _disk_passes(src) + 2)
+    dst = vms.start("dst", incoming=True, disk=stale)
+    _migrate(src, dst)
+    report = wait_for(lambda: (r := parse_console(dst.console_text())).fails
+                      and r, timeout=60, what="a FAIL for a stale block")
+    assert report.fails[0].split()[:2] in (["FAIL", "diskold"],
+                                           ["FAIL", "disk"]), report.fails
+    assert parse_console(src.console_text()).errors == 0
+
+
+def test_disk_state_must_match_the_destination(vms):
+    src = vms.start("src", cmdline=CMDLINE, disk=_disk(vms))
+    _wait_disk_passes(src, 1)
+    src.client.pause()
+    blob = src.client.save_state()
+    for name, kwargs in (("nodisk", {}),
+                         ("small", {"disk": _disk(vms, "small.img", MiB // 2)})):
+        dst = vms.start(name, incoming=True, **kwargs)
+        with pytest.raises(TestHostError, match="state refused: ata section"):
+            dst.client.load_state(blob)
+        assert dst.client.status()["state"] == "incoming"
+        if name == "nodisk":
+            with pytest.raises(TestHostError, match="EINVAL.*no disk"):
+                dst.client.disk_dirty_log()
+            assert dst.client.status()["disk_size"] == 0
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("symlink", "is a symbolic link"),
+    ("missing", "No such file or directory"),
+    ("odd size", "not a multiple of 512"),
+])
+def test_a_bad_disk_path_ends_the_process_with_a_clear_error(vms, setup,
+                                                             message):
+    path = f"{vms.base}/bad.img"
+    if setup == "symlink":
+        os.symlink(_disk(vms), path)
+    elif setup == "odd size":
+        _disk(vms, "bad.img", 5000)
+    with pytest.raises(TestHostError) as err:
+        vms.start("bad", incoming=True, disk=path)
+    assert err.value.code == "ECHILD"
+    assert "exited with status 4" in err.value.message
+    assert message in err.value.message
