@@ -107,8 +107,10 @@ BHYVECTL_SYNOPSIS = """
 
 # zfs(8) subcommand pages of OpenZFS 2.4.0-rc4, the OpenZFS of FreeBSD
 # 15.0-RELEASE (its release announcement), man/man8/zfs-*.8 at tag
-# zfs-2.4.0-rc4 of openzfs/zfs rendered by mandoc; at zfs-2.4.4 these
-# synopses are the same but for a new -u of zfs clone.
+# zfs-2.4.0-rc4 of openzfs/zfs rendered with groff -mandoc; at zfs-2.4.4
+# these synopses are the same but for a new -u of zfs clone.  The driver
+# runs no zfs send, receive or rename (moving a zvol between hosts is not
+# implemented), so their pages are not quoted.
 ZFS_CREATE_SYNOPSIS = """
      zfs create [-Pnpuv] [-o property=value]… filesystem
      zfs create [-ps] [-b blocksize] [-o property=value]… -V size volume
