@@ -38,6 +38,8 @@ def _final(stats, cpu_s, wall_s):
         "throttle": getattr(stats, "throttle", 0),
         "bytes": stats.bytes_transferred, "pages_sent": stats.pages_sent,
         "pages_delta": stats.pages_delta, "pages_zero": stats.pages_zero,
+        "pages_compressed": stats.pages_compressed,
+        "pages_raw": stats.pages_raw,
         "round_ms": [r.duration_ms for r in stats.rounds],
         "round_bytes": [r.bytes for r in stats.rounds],
         "round_dirty": [r.dirty for r in stats.rounds],

@@ -164,6 +164,8 @@ class OursChain:
             "cpu_dst_s": r["cpu_s"] + cpu_outside_guest(cpu0[1], cpu1[1]),
             "round_ms": s["round_ms"], "round_bytes": s["round_bytes"],
             "pages_delta": s["pages_delta"],
+            "pages_compressed": s["pages_compressed"],
+            "pages_raw": s["pages_raw"],
         }
         if not ok:
             res["note"] = s["error"] or r["error"]
