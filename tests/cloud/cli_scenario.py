@@ -28,8 +28,10 @@ from tests.cloud.guests import GuestCheckFailed, wait_for  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 HOST_ADDR = {"host1": "127.0.0.2", "host2": "127.0.0.3"}  # tools/cloudctl/layout
 # Over either link, round 0 of the stress guest's 256 MiB working set lasts
-# 20 s or more, so the abort and the force arrive while it still runs (over
-# 256 Mbit/s the engine converged by itself before a force could land).
+# 20 s or more once the guest has written all of it (guests.wait_full_pass:
+# a copy started sooner, on a loaded host, ended in 13 s), so the abort and
+# the force arrive while it still runs (over 256 Mbit/s the engine
+# converged by itself before a force could land).
 # A forced switch-over pauses the guest while the rest crosses the link.
 SLOW_LINK = "48mbit"
 FORCE_LINK = "96mbit"
@@ -221,6 +223,7 @@ def step_live_named_and_back(ctx):
 def step_progress_and_abort(ctx):
     uuid = ctx["stress"] = create("stress", image="nb-stress", flavor="m1.stress")
     src = host_of(uuid)
+    guests.wait_full_pass(uuid, src)
     with Link(other(src), SLOW_LINK):
         mig = start_slow_migration(uuid)
         listed = f"{mig['Type']} {mig['Status']} {mig['Source Compute']} -> " \

@@ -169,6 +169,7 @@ def restart_mid_migration(variant, restarted):
     uuid = create(f"{variant}", image="nb-stress", flavor="m1.stress",
                   host=SRC)
     print(f"  [{variant}] {now()} server {uuid} ACTIVE on {SRC}", flush=True)
+    guests.wait_full_pass(uuid, SRC)
     service = f"nova-compute-{restarted}"
     with Link(DST, SLOW_LINK):
         cli.os("server", "migrate", "--live-migration", "--host", DST, uuid,

@@ -97,6 +97,20 @@ def check_runs_only_on(uuid, host, beats=200):
     return report
 
 
+def wait_full_pass(uuid, host, timeout=300):
+    """Wait until the guest has written its whole working set once.
+
+    A stress guest that has not finished its first pass still has zero
+    pages, which the engine does not send: a copy started earlier is
+    shorter than the link and the working set make it look.
+    """
+    def done():
+        beats = parse_console(current_boot(host, uuid)).heartbeats
+        return bool(beats) and beats[-1].passes >= 1
+    wait_for(done, timeout, f"a full pass of {uuid}'s working set on {host}",
+             interval=1)
+
+
 class ConsoleFollower(threading.Thread):
     """Keeps the whole console of a guest on its source host while it moves.
 
