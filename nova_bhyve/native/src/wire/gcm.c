@@ -246,8 +246,8 @@ GCM_TARGET static size_t crypt_partial(struct nb_gcm *g, const uint8_t *in,
     return i;
 }
 
-GCM_TARGET static void gcm_start(struct nb_gcm *g, const uint8_t iv[12],
-                                 const uint8_t *aad, size_t n)
+GCM_TARGET void nb_gcm_start(struct nb_gcm *g, const uint8_t iv[12],
+                             const uint8_t *aad, size_t n)
 {
     uint8_t j0[16] = {0}, blk[16];
 
@@ -269,8 +269,8 @@ GCM_TARGET static void gcm_start(struct nb_gcm *g, const uint8_t iv[12],
     }
 }
 
-GCM_TARGET static void gcm_crypt(struct nb_gcm *g, const uint8_t *in,
-                                 uint8_t *out, size_t n, int decrypt)
+GCM_TARGET void nb_gcm_crypt(struct nb_gcm *g, const uint8_t *in, uint8_t *out,
+                             size_t n, int decrypt)
 {
     size_t k;
 
@@ -287,7 +287,7 @@ GCM_TARGET static void gcm_crypt(struct nb_gcm *g, const uint8_t *in,
         crypt_partial(g, in, out, n, decrypt);
 }
 
-GCM_TARGET static void gcm_finish(struct nb_gcm *g, uint8_t tag[16])
+GCM_TARGET void nb_gcm_finish(struct nb_gcm *g, uint8_t tag[16])
 {
     uint8_t lens[16];
     uint64_t abits = g->aad_len * 8, cbits = g->len * 8;
@@ -332,23 +332,6 @@ static struct nb_gcm *gcm_alloc(const uint8_t key[32])
     return g;
 }
 
-void nb_gcm_start(struct nb_gcm *g, const uint8_t iv[12], const uint8_t *aad,
-                  size_t n)
-{
-    gcm_start(g, iv, aad, n);
-}
-
-void nb_gcm_crypt(struct nb_gcm *g, const uint8_t *in, uint8_t *out, size_t n,
-                  int decrypt)
-{
-    gcm_crypt(g, in, out, n, decrypt);
-}
-
-void nb_gcm_finish(struct nb_gcm *g, uint8_t tag[16])
-{
-    gcm_finish(g, tag);
-}
-
 void nb_gcm_free(struct nb_gcm *g)
 {
     if (!g)
@@ -385,14 +368,14 @@ static int matches_openssl(void)
          EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, 16, ta);
     if (ok) {
         size_t at = 0;
-        gcm_start(g, iv, aad, 12);
+        nb_gcm_start(g, iv, aad, 12);
         for (size_t i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++) {
             size_t piece = at + cuts[i] > sizeof(pt) ? sizeof(pt) - at : cuts[i];
-            gcm_crypt(g, pt + at, b + at, piece, 0);
+            nb_gcm_crypt(g, pt + at, b + at, piece, 0);
             at += piece;
         }
-        gcm_crypt(g, pt + at, b + at, sizeof(pt) - at, 0);
-        gcm_finish(g, tb);
+        nb_gcm_crypt(g, pt + at, b + at, sizeof(pt) - at, 0);
+        nb_gcm_finish(g, tb);
         ok = !memcmp(a, b, sizeof(a)) && !memcmp(ta, tb, 16);
     }
     EVP_CIPHER_CTX_free(ctx);
