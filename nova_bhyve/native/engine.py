@@ -180,6 +180,8 @@ class RoundStats:
     pages: int
     bytes: int
     dirty: int
+    blocks: int = 0         # disk blocks sent in the round
+    dirty_blocks: int = 0   # disk blocks pending at the sync that began it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,11 @@ class MigrationStats:
     rounds: tuple
     error: str
     error_kind: ErrorKind = ErrorKind.NONE
+    disk_total: int = 0         # bytes of all disks moved
+    disk_bytes: int = 0         # bytes on the wire in DISK frames
+    disk_blocks: int = 0        # blocks sent (source) or written (destination)
+    dirty_blocks: int = 0       # disk blocks pending at the last sync
+    disk_digest: int = 0
 
     @property
     def finished(self):
@@ -261,7 +268,7 @@ def _delta_cache(value):
 def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
             compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
             verify, timeout_ms, keep_paused=False, encrypt=True,
-            auto_converge=False, keep):
+            auto_converge=False, disks=(), keep):
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
@@ -292,6 +299,11 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
         LOG.warning("page channels in the clear (encrypt=False): guest memory "
                     "crosses the wire readable by anyone on the path")
     p.plaintext_pages = 0 if encrypt else 1
+    paths = [ffi.new("char[]", str(path).encode()) for path in disks]
+    array = ffi.new("const char *[]", paths or 1)
+    keep += paths + [array]
+    p.ndisks = len(paths)
+    p.disk_paths = array
     return p
 
 
@@ -316,8 +328,12 @@ class Migration:
              vmm_kind=VmmKind.TESTHOST, channels=2, compress="auto",
              zstd_level=1, delta_cache="auto", max_bandwidth=0,
              max_downtime_ms=300, verify="incremental", timeout_ms=30000,
-             keep_paused=False, encrypt=True, auto_converge=True):
+             keep_paused=False, encrypt=True, auto_converge=True, disks=()):
         """Start migrating the VM at ``vmm_target`` to ``host:port``.
+
+        ``disks``: the VM's disk files, in the vmm's order, moved with its
+        memory (their writes come from the vmm's dirty-block log; the
+        destination must be given as many target files).
 
         ``compress``: "auto" (zstd while the link is the bottleneck),
         "on" or "off".  ``delta_cache``: bytes, or "auto" (the guest's
@@ -335,22 +351,26 @@ class Migration:
             zstd_level=zstd_level, delta_cache=delta_cache,
             max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
             verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
-            encrypt=encrypt, auto_converge=auto_converge))
+            encrypt=encrypt, auto_converge=auto_converge, disks=disks))
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
                 vmm_kind=VmmKind.TESTHOST, verify="incremental",
-                timeout_ms=30000, keep_paused=False, encrypt=True):
+                timeout_ms=30000, keep_paused=False, encrypt=True, disks=()):
         """Listen for a migration into ``vmm_target``; see ``port``.
 
         ``keep_paused``: take the guest over paused at the commit.
+        ``disks``: the files to write the source's disks into, created or
+        truncated to the announced sizes.  A file the migration created is
+        removed if it fails; one that existed is left truncated and partly
+        written (the caller's, as the incoming VM is).
         """
         return cls._start(lib.nb_mig_receive, False, dict(
             mode=Mode.LIVE, vmm_kind=vmm_kind, vmm_target=vmm_target,
             secret=secret, host=host, port=port, channels=1, compress=False,
             zstd_level=1, delta_cache=0, max_bandwidth=0, max_downtime_ms=300,
             verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
-            encrypt=encrypt))
+            encrypt=encrypt, disks=disks))
 
     def _handle(self):
         if self._h is None:
@@ -367,7 +387,7 @@ class Migration:
         s = ffi.new("struct nb_mig_stats *")
         lib.nb_mig_stats(self._handle(), s)
         rounds = tuple(RoundStats(r.start_ms, r.duration_ms, r.pages, r.bytes,
-                                  r.dirty)
+                                  r.dirty, r.blocks, r.dirty_blocks)
                        for r in list(s.rounds)[:min(s.nrounds, len(s.rounds))])
         return MigrationStats(
             phase=Phase(s.phase), result=Result(s.result),
@@ -386,7 +406,9 @@ class Migration:
             committed=bool(s.committed), guest_runs_here=bool(s.guest_runs_here),
             digest=s.digest, rounds=rounds,
             error=ffi.string(s.error).decode(errors="replace"),
-            error_kind=ErrorKind(s.error_kind))
+            error_kind=ErrorKind(s.error_kind), disk_total=s.disk_total,
+            disk_bytes=s.disk_bytes, disk_blocks=s.disk_blocks,
+            dirty_blocks=s.dirty_blocks, disk_digest=s.disk_digest)
 
     def set_param(self, name, value):
         """Change max_downtime_ms, max_bandwidth or throttle while running."""

@@ -4,6 +4,7 @@ import hashlib
 import hmac
 import math
 import os
+import pathlib
 import socket
 import struct
 import subprocess
@@ -327,7 +328,7 @@ def crc32c(data, crc=0):
 
 
 MAGIC = b"NBMIG\x00\x00\x01"
-VERSION = 3
+VERSION = 4
 TO_DEST, TO_SOURCE = 0, 1
 
 
@@ -423,6 +424,22 @@ class RawSource:
     def close(self):
         """Close the connection."""
         self.sock.close()
+
+
+def preamble_for(vm, channels=1, extra=()):
+    """A source's preamble for a guest of test-host VM ``vm``'s shape."""
+    vendor = "unknown"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("vendor_id"):
+            vendor = line.split(":", 1)[1].strip()
+            break
+    st = vm.client.status()
+    lines = [f"protocol={VERSION}", "mode=live", "arch=x86_64", "page_size=4096",
+             f"cpu_vendor={vendor}", f"ncpus={st['cpus']}",
+             "state_format=nbvmstat/1", f"memory={st['mem']}", "segments=1",
+             f"segment.0=0:{st['lowmem']:x}", f"channels={channels}",
+             "verify=incremental", "cipher=aes-256-gcm", *extra]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def wait_result(mig, timeout=30):

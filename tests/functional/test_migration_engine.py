@@ -22,13 +22,13 @@ from nova_bhyve.testhost.console import parse_console
 
 from .conftest import needs_kvm, wait_for, wait_heartbeats
 from .migration_helpers import (
-    VERSION,
     FaultyProxy,
     RawSource,
     assert_guest_continued,
     assert_guest_kept_running,
     migrate,
     new_secret,
+    preamble_for,
     receiver_process,
     settle,
     start_receive,
@@ -444,21 +444,6 @@ def test_replayed_stream_is_refused(vms):
     assert dst2.console_text() == "" and dst2.client.status()["state"] == "incoming"
 
 
-def _preamble_for(vm, channels=1):
-    vendor = "unknown"
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("vendor_id"):
-            vendor = line.split(":", 1)[1].strip()
-            break
-    st = vm.client.status()
-    lines = [f"protocol={VERSION}", "mode=live", "arch=x86_64", "page_size=4096",
-             f"cpu_vendor={vendor}", f"ncpus={st['cpus']}",
-             "state_format=nbvmstat/1", f"memory={st['mem']}", "segments=1",
-             f"segment.0=0:{st['lowmem']:x}", f"channels={channels}",
-             "verify=incremental", "cipher=aes-256-gcm"]
-    return ("\n".join(lines) + "\n").encode()
-
-
 def _raw_session(vms):
     dst = vms.start("dst", mem="256M", incoming=True)
     secret = new_secret()
@@ -470,7 +455,7 @@ def _raw_session(vms):
 def _accepted_session(vms, channels=1):
     """A hand-spoken session the destination has ACCEPTed (page channels next)."""
     dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst, channels=channels))
+    raw.send(5, preamble_for(dst, channels=channels))
     mtype, _ = raw.recv()
     assert mtype == 6, "ACCEPT"
     return dst, recv, raw
@@ -488,7 +473,7 @@ def test_absurd_frame_length_is_refused(vms):
 
 def test_replayed_frame_sequence_is_refused(vms):
     dst, recv, raw = _raw_session(vms)
-    raw.send(5, _preamble_for(dst), seq=0)     # sequence 0 was the HELLO
+    raw.send(5, preamble_for(dst), seq=0)     # sequence 0 was the HELLO
     d = wait_result(recv)
     raw.close()
     recv.close()

@@ -161,6 +161,22 @@ def test_digest_terms_match_the_protocol(seed):
     assert lib.nb_selftest_digest_term(pfn, hz, hz, k0, k1) == 0
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_disk_terms_match_the_protocol_and_differ_from_page_terms(seed):
+    """D(d, b, h) - D(d, b, hz): four words, the first the tag "nbdisk"."""
+    ffi, lib = selftest_module()
+    rng = random.Random(seed)
+    k0, k1, h, hz = (rng.getrandbits(64) for _ in range(4))
+    disk, block = rng.getrandbits(3), (1 << 33) + rng.getrandbits(20)
+    tag = int.from_bytes(b"nbdisk\0\0", "little")
+    want = (_siphash24(k0, k1, [tag, disk, block, h]) -
+            _siphash24(k0, k1, [tag, disk, block, hz])) & M64
+    assert lib.nb_selftest_disk_term(disk, block, h, hz, k0, k1) == want != 0
+    assert lib.nb_selftest_disk_term(disk, block, hz, hz, k0, k1) == 0
+    # a block is not a page: the same numbers give another term
+    assert want != lib.nb_selftest_digest_term(block, h, hz, k0, k1)
+
+
 BASE = """protocol=1
 arch=x86_64
 page_size=4096
@@ -202,6 +218,17 @@ def test_destination_with_more_cpu_features_is_compatible():
 def test_mismatched_hosts_are_refused_with_the_field(field, value, message):
     with pytest.raises(MigrationError, match=message):
         spec_check(BASE, _with(**{field: value}))
+
+
+def test_disks_must_agree_in_number_and_size():
+    one = BASE + "disks=1\ndisk.0=1048576:4096\n"
+    spec_check(one, one)
+    spec_check(BASE, BASE + "disks=0\n")       # absent: no disks
+    with pytest.raises(MigrationError,
+                       match="disks is 1 on the source and 0 on the destination"):
+        spec_check(one, BASE)
+    with pytest.raises(MigrationError, match="disk.0 is 1048576:4096 on the source"):
+        spec_check(one, BASE + "disks=1\ndisk.0=2097152:4096\n")
 
 
 def test_cpu_feature_missing_on_the_destination_is_refused():

@@ -82,6 +82,13 @@ struct nb_mig_params {
     int keep_paused;            /* the guest was paused before it moved and
                                  * stays so: the source never resumes it,
                                  * the destination takes it over paused */
+    int ndisks;                 /* disks moved with the memory, 0..8 */
+    const char **disk_paths;    /* source: the VM's disk files, in the vmm's
+                                 * order (their writes come from its
+                                 * dirty-block log); destination: the files
+                                 * to write, created or truncated to the size
+                                 * the source announces.  Opened without
+                                 * following a link as the last component. */
 };
 
 struct nb_round_stat {
@@ -90,6 +97,8 @@ struct nb_round_stat {
     uint64_t pages;             /* pages sent in this round */
     uint64_t bytes;             /* bytes on the wire in this round */
     uint64_t dirty;             /* pages dirty at the sync that began it */
+    uint64_t blocks;            /* disk blocks sent in this round */
+    uint64_t dirty_blocks;      /* disk blocks dirty at that sync */
 };
 
 #define NB_MAX_ROUND_STATS 64
@@ -126,6 +135,11 @@ struct nb_mig_stats {
     int guest_runs_here;        /* 1 if the guest is running on this side */
     uint64_t digest;            /* memory digest (after verify) */
     int error_kind;             /* enum nb_error_kind of `error` */
+    uint64_t disk_total;        /* bytes of all disks moved */
+    uint64_t disk_bytes;        /* bytes on the wire in DISK frames */
+    uint64_t disk_blocks;       /* disk blocks sent (source) or written (dest.) */
+    uint64_t dirty_blocks;      /* disk blocks dirty at the last sync */
+    uint64_t disk_digest;       /* digest of the disks (after verify) */
     uint32_t nrounds;           /* entries used in rounds[] */
     struct nb_round_stat rounds[NB_MAX_ROUND_STATS];
     char error[256];

@@ -284,6 +284,26 @@ uint64_t nb_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
            siphash24(k->term_k0, k->term_k1, mz, 2);
 }
 
+/*
+ * Block `block` of disk `disk`'s term of the disk digest (PROTOCOL.md,
+ * "Digest"): T_disk(d, b, h) - T_disk(d, b, hz), with T_disk a SipHash-2-4
+ * of four words (a tag, the disk, the block, the content hash) under the
+ * same key as the pages' terms.  A page's term hashes two words: messages
+ * of another length, so no block's term can equal a page's.
+ */
+#define DISK_TERM_TAG 0x00006b736964626eULL     /* "nbdisk\0\0" */
+
+uint64_t nb_disk_term(uint32_t disk, uint64_t block, uint64_t h, uint64_t hz,
+                      const struct nb_hash_key *k)
+{
+    uint64_t mh[4] = { DISK_TERM_TAG, disk, block, h };
+    uint64_t mz[4] = { DISK_TERM_TAG, disk, block, hz };
+    if (h == hz)
+        return 0;
+    return siphash24(k->term_k0, k->term_k1, mh, 4) -
+           siphash24(k->term_k0, k->term_k1, mz, 4);
+}
+
 /* ---- delta cache (source side) --------------------------------------- */
 
 struct nb_xcache {

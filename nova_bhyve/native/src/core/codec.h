@@ -22,6 +22,8 @@ uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k);
 uint64_t nb_zero_page_hash(const struct nb_hash_key *k);
 uint64_t nb_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
                         const struct nb_hash_key *k);
+uint64_t nb_disk_term(uint32_t disk, uint64_t block, uint64_t h, uint64_t hz,
+                      const struct nb_hash_key *k);
 struct nb_xcache *nb_xcache_new(uint64_t bytes);
 void nb_xcache_free(struct nb_xcache *c);
 uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn);

@@ -30,6 +30,7 @@ struct receiver {
     struct dest *dst;
     struct nb_chan *ch;
     ZSTD_DCtx *zctx;
+    void *dzctx;                /* the disk blocks' (ZSTD_DCtx) */
     pthread_t thread;
     /* a run of RAW pages at consecutive offsets, written in one call
      * (vmm write_pages); they point into the frame being applied */
@@ -224,9 +225,10 @@ static void *receiver_main(void *arg)
             kind = r->ch->err_kind;
             break;
         }
-        if (f.type == NB_MSG_PAGES && round > atomic_load(&d->final_round)) {
-            snprintf(err, NB_ERRLEN, "channel %d: page frame after the final "
-                     "round %u (never applied)", slot + 1,
+        if ((f.type == NB_MSG_PAGES || f.type == NB_MSG_DISK) &&
+            round > atomic_load(&d->final_round)) {
+            snprintf(err, NB_ERRLEN, "channel %d: %s frame after the final "
+                     "round %u (never applied)", slot + 1, nb_msg_name(f.type),
                      atomic_load(&d->final_round));
             break;
         } else if (f.type == NB_MSG_PAGES) {
@@ -234,6 +236,10 @@ static void *receiver_main(void *arg)
                 kind = r->kind ? r->kind : NB_ERR_CORRUPT;
                 break;
             }
+        } else if (f.type == NB_MSG_DISK) {
+            if (nb_disk_apply(m, d->nrcv, slot + 1, &r->dzctx, &f, round, &kind,
+                              err) < 0)
+                break;
         } else if (nb_round_end_parse(&f, &end) == 0 && end.round == round) {
             pthread_mutex_lock(&d->lock);
             d->done_round[slot] = ++round;
@@ -365,6 +371,7 @@ static int negotiate(struct dest *d, char *err)
     struct nb_mig *m = d->m;
     char src[NB_MAX_PREAMBLE], mine[NB_PREAMBLE_CAP];
     struct nb_preamble_opts o;
+    struct nb_disk_spec disks;
     struct nb_frame f;
     int n, kind = NB_ERR_INCOMPATIBLE;
 
@@ -372,8 +379,10 @@ static int negotiate(struct dest *d, char *err)
         return fail(d, m->ctl.err_kind);
     memcpy(src, f.payload, f.len);
     src[f.len] = 0;
-    if (nb_preamble_read_opts(src, &o, err) < 0)
+    if (nb_preamble_read_opts(src, &o, err) < 0 ||
+        nb_preamble_read_disks(src, &disks, err) < 0)
         goto refused;
+    disks.ndisks = (uint32_t)m->ndisks;     /* ours: a differing count is refused */
     if (m->p.vmm_kind == NB_VMM_CKPT) {
         struct nb_guest_spec spec;
         if (nb_preamble_read_spec(src, &spec, err) < 0)
@@ -392,7 +401,7 @@ static int negotiate(struct dest *d, char *err)
             m->p.keep_paused = 1;
         mp = m->p;
         mp.channels = o.channels;
-        n = nb_preamble_write(&m->vmm.spec, &mp, mine, sizeof(mine));
+        n = nb_preamble_write(&m->vmm.spec, &mp, &disks, mine, sizeof(mine));
     }
     if (n < 0) {
         snprintf(err, NB_ERRLEN, "preamble too long");
@@ -401,7 +410,8 @@ static int negotiate(struct dest *d, char *err)
     }
     if (nb_preamble_check(src, mine, err, NB_ERRLEN) < 0)
         goto refused;
-    if ((kind = -nb_setup_memory(m, err)) > 0)
+    if ((kind = -nb_setup_memory(m, err)) > 0 ||
+        (kind = -nb_disk_open_dest(m, &disks, err)) > 0)
         goto refused;
     d->hz = nb_zero_page_hash(&m->keys.hash);
     d->nrcv = o.channels;
@@ -651,9 +661,11 @@ static int phase_switchover(struct dest *d, char *err)
         return refuse(d, NB_ERR_CORRUPT, err);
     }
     atomic_store(&d->final_round, d->dm.round);   /* no page applies after it */
-    if (d->dm.npages != m->npages) {
-        snprintf(err, NB_ERRLEN, "digest covers %llu pages, guest has %llu",
-                 (unsigned long long)d->dm.npages, (unsigned long long)m->npages);
+    if (d->dm.npages != m->npages || d->dm.nblocks != nb_disk_total_blocks(m)) {
+        snprintf(err, NB_ERRLEN, "digest covers %llu pages and %llu disk blocks, "
+                 "guest has %llu and %llu", (unsigned long long)d->dm.npages,
+                 (unsigned long long)d->dm.nblocks, (unsigned long long)m->npages,
+                 (unsigned long long)nb_disk_total_blocks(m));
         return refuse(d, NB_ERR_CORRUPT, err);
     }
     return 0;
@@ -666,9 +678,12 @@ static int phase_verify(struct dest *d, char *err)
     struct nb_mig *m = d->m;
     uint32_t last = d->dm.round;
     uint64_t mine;
+    int rc;
 
     if (wait_rounds(d, last, err) < 0)
         return fail(d, nb_fail_kind(m));
+    if ((rc = nb_disk_verify(m, d->dm.disk_digest, err)) < 0)
+        return refuse(d, -rc, err);
     mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     pthread_mutex_lock(&m->lock);
     m->st.digest = mine;
@@ -747,7 +762,10 @@ static void dest_finish(struct dest *d, int rc, const char *err)
         if (d->rcv[i].thread) {
             pthread_join(d->rcv[i].thread, NULL);
             ZSTD_freeDCtx(d->rcv[i].zctx);
+            ZSTD_freeDCtx(d->rcv[i].dzctx);
         }
+    if (rc != 0)
+        nb_disk_discard(m);     /* a file this session created goes */
 }
 
 typedef int (*dest_phase_fn)(struct dest *, char *);

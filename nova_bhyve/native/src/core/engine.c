@@ -230,6 +230,17 @@ static int open_vmm(struct nb_mig *m, char *err)
     return -1;
 }
 
+static int valid_disk_paths(const struct nb_mig_params *p, char *err)
+{
+    for (int i = 0; i < p->ndisks; i++)
+        if (!p->disk_paths[i] || !*p->disk_paths[i] ||
+            strlen(p->disk_paths[i]) >= 1024) {
+            snprintf(err, NB_ERRLEN, "disk path %d is empty or too long", i);
+            return -1;
+        }
+    return 0;
+}
+
 static int validate_params(const struct nb_mig_params *p, int is_source, char *err)
 {
     if (p->mode < NB_MODE_LIVE || p->mode > NB_MODE_COLD)
@@ -248,8 +259,12 @@ static int validate_params(const struct nb_mig_params *p, int is_source, char *e
         snprintf(err, NB_ERRLEN, "compress must be 0 (off), 1 (zstd) or 2 (auto)");
     else if (p->verify < 0 || p->verify > 1)
         snprintf(err, NB_ERRLEN, "verify must be 0 (incremental) or 1 (full)");
+    else if (p->ndisks < 0 || p->ndisks > NB_MAX_DISKS ||
+             (p->ndisks && !p->disk_paths))
+        snprintf(err, NB_ERRLEN, "ndisks must be 0..%d, with as many disk paths",
+                 NB_MAX_DISKS);
     else
-        return 0;
+        return valid_disk_paths(p, err);
     return -1;
 }
 
@@ -317,6 +332,20 @@ static struct nb_mig *session_new(const struct nb_mig_params *p, int is_source,
         return NULL;
     }
     memcpy(m->secret, p->secret, p->secret_len);
+    for (int i = 0; i < NB_MAX_DISKS; i++)
+        m->disk[i].fd = m->disk[i].dirfd = -1;
+    m->ndisks = p->ndisks;
+    for (int i = 0; i < p->ndisks; i++)
+        if (!(m->disk[i].path = strdup(p->disk_paths[i]))) {
+            nb_disk_close(m);
+            free(m->host);
+            free(m->target);
+            free(m->secret);
+            free(m);
+            snprintf(err, NB_ERRLEN, "out of memory");
+            return NULL;
+        }
+    m->p.disk_paths = NULL;     /* the private copies are m->disk[i].path */
     m->p.host = m->host;
     m->p.vmm_target = m->target;
     m->p.secret = m->secret;
@@ -407,6 +436,8 @@ void nb_mig_stats(nb_mig *m, struct nb_mig_stats *out)
     out->pages_delta = atomic_load(&m->pages_delta);
     out->pages_compressed = atomic_load(&m->pages_compressed);
     out->pages_raw = atomic_load(&m->pages_raw);
+    out->disk_bytes = atomic_load(&m->disk_bytes);
+    out->disk_blocks = atomic_load(&m->disk_blocks);
     out->compressing = atomic_load(&m->compressing);
     out->pages_sent = out->pages_zero + out->pages_delta + out->pages_compressed +
                       out->pages_raw;
@@ -551,6 +582,7 @@ void nb_mig_free(nb_mig *m)
     if (m->vmm.ops && m->vmm.ops->close)
         m->vmm.ops->close(&m->vmm);
     free(m->page_hash);
+    nb_disk_close(m);
     if (m->secret)
         memset(m->secret, 0, m->p.secret_len);
     memset(&m->keys, 0, sizeof(m->keys));

@@ -17,6 +17,19 @@
 #include "wire/wire.h"
 
 
+/* ---- disk.c: one disk moved with the guest ------------------------------ */
+struct nb_disk {
+    char *path;                 /* private copy of the caller's, for messages */
+    int dirfd, fd;              /* its directory, the file (-1: not open) */
+    char name[256];             /* the last component, beneath dirfd */
+    int created;                /* destination: this session created the file */
+    uint64_t size, blocks;      /* bytes, NB_DISK_BLOCK blocks (last may be short) */
+    size_t words;               /* 64-bit words of a block bitmap */
+    uint64_t *pending;          /* source: blocks the next round sends */
+    uint64_t *log;              /* source: the vmm's log, read into here */
+    uint64_t *term;             /* incremental digest term per block */
+};
+
 /* ---- engine.c: the session -------------------------------------------- */
 struct nb_mig {
     struct nb_mig_params p;     /* strings below are private copies */
@@ -32,6 +45,11 @@ struct nb_mig {
     /* the sum of the terms of each page channel's pages (a page is on
      * one channel only, so each part has one writer) */
     struct { uint64_t sum; char pad[56]; } digest_part[NB_MAX_CHANNELS];
+
+    int ndisks;                 /* disks moved with the memory */
+    struct nb_disk disk[NB_MAX_DISKS];
+    /* the disks' digest, kept per page channel as the memory's */
+    struct { uint64_t sum; char pad[56]; } disk_part[NB_MAX_CHANNELS];
 
     int listen_fd;
     struct nb_chan ctl;
@@ -57,6 +75,7 @@ struct nb_mig {
     _Atomic uint64_t wire_bytes;
     _Atomic uint64_t pages_sent, pages_zero, pages_delta, pages_compressed, pages_raw;
     _Atomic uint32_t compressing;   /* page channels compressing now */
+    _Atomic uint64_t disk_bytes, disk_blocks;   /* DISK frames, their records */
     struct nb_mig_stats st;     /* protected by lock */
     double t0;                  /* start, monotonic ms */
     double bw_tokens_t;         /* bandwidth cap bookkeeping (lock) */
@@ -86,6 +105,19 @@ static inline void nb_set_page_term(struct nb_mig *m, int slot, uint64_t index,
 int nb_set_nodelay(int fd);
 void nb_set_timeouts(int fd, uint32_t ms);
 void nb_deadline(struct timespec *until, long ms);
+
+/* disk.c: the disks moved with the guest (PROTOCOL.md, "Disks") */
+int nb_disk_open_source(struct nb_mig *m, struct nb_disk_spec *spec, char *err);
+int nb_disk_open_dest(struct nb_mig *m, const struct nb_disk_spec *spec, char *err);
+void nb_disk_discard(struct nb_mig *m);
+void nb_disk_close(struct nb_mig *m);
+int nb_disk_sync(struct nb_mig *m, uint64_t *pending, char *err);
+void nb_disk_mark_data(struct nb_mig *m);
+uint64_t nb_disk_total_blocks(const struct nb_mig *m);
+uint64_t nb_disk_digest(struct nb_mig *m, int full);
+int nb_disk_verify(struct nb_mig *m, uint64_t theirs, char *err);
+int nb_disk_apply(struct nb_mig *m, int nchan, int chan, void **zctx,
+                  const struct nb_frame *f, uint32_t round, int *kind, char *err);
 
 /* phase.c: the state machine of each side (tables: transitions.c) */
 int nb_enter_phase(struct nb_mig *m, int next, char *err);

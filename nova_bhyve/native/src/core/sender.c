@@ -20,20 +20,28 @@
 #endif
 
 #define FRAME_CAP (NB_MAX_PAGES_FRAME)
+_Static_assert(NB_PAGES_HDR == NB_DISK_HDR, "PAGES and DISK frames share a buffer");
 
-static int flush_frame(struct sender *s, uint32_t round, char *err)
+/* Send the frame being filled (PAGES or DISK), if it holds a record. */
+int nb_sender_flush(struct sender *s, uint32_t round, char *err)
 {
     if (!s->nrec)
         return 0;
     int was = s->adapt.active;
     double t0 = nb_now_ms();
 
-    nb_pages_finish(s->frame, round, s->nrec);
+    if (s->ftype == NB_MSG_DISK)
+        nb_disk_finish(s->frame, round, s->nrec);
+    else
+        nb_pages_finish(s->frame, round, s->nrec);
     nb_throttle_bandwidth(s->m, s->flen);
-    /* sealed in place: the frame is rebuilt from the next page on */
-    if (nb_send_frame_in_place(s->ch, NB_MSG_PAGES, s->frame, (uint32_t)s->flen,
+    /* sealed in place: the frame is rebuilt from the next record on */
+    if (nb_send_frame_in_place(s->ch, s->ftype, s->frame, (uint32_t)s->flen,
                                err) < 0)
         return -1;
+    if (s->ftype == NB_MSG_DISK)
+        atomic_fetch_add(&s->m->disk_bytes, NB_FRAME_HDR + s->flen +
+                         (s->ch->seal ? NB_TAG : 0));
     nb_adapt_sent(&s->adapt, s->flen, nb_now_ms() - t0);
     if (s->adapt.active != was) {
         if (s->adapt.active)
@@ -41,7 +49,7 @@ static int flush_frame(struct sender *s, uint32_t round, char *err)
         else
             atomic_fetch_sub(&s->m->compressing, 1);
     }
-    s->flen = NB_PAGES_HDR;
+    s->flen = NB_PAGES_HDR;     /* = NB_DISK_HDR */
     s->nrec = 0;
     return 0;
 }
@@ -99,7 +107,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
 
     if (nb_page_addr(m, index, &pfn, &off) < 0)
         return 0;
-    if (s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP && flush_frame(s, round, err) < 0)
+    if (s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP && nb_sender_flush(s, round, err) < 0)
         return -1;
     rec = s->frame + s->flen;
     snap = rec + NB_REC_HDR;
@@ -142,7 +150,7 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
     /* the first word of [w0, w1) that is this sender's (word w: w % n) */
     size_t w = src->w0 + ((size_t)s->slot + n - src->w0 % n) % n;
     if (src->w0 == 0)
-        s->round_pages = 0;
+        s->round_pages = s->round_blocks = 0;
     for (; w < src->w1; w += n) {
         uint64_t bits = src->bitmap[w];
         while (bits) {
@@ -158,9 +166,10 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
     }
     if (src->w1 < src->words)
         return 0;               /* more of this round to come */
-    if (flush_frame(s, round, err) < 0)
+    if (nb_sender_flush(s, round, err) < 0 ||
+        (s->m->ndisks && nb_sender_disks(s, src, round, err) < 0))
         return -1;
-    end = (struct nb_round_end){ round, s->round_pages };
+    end = (struct nb_round_end){ round, s->round_pages + s->round_blocks };
     return nb_round_end_send(s->ch, &end, err);
 }
 
@@ -276,7 +285,7 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
 int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
 {
     struct nb_mig *m = src->m;
-    uint64_t bytes0 = atomic_load(&m->wire_bytes), pages = 0;
+    uint64_t bytes0 = atomic_load(&m->wire_bytes), pages = 0, blocks = 0;
     double t0 = nb_now_ms();
     char err[NB_ERRLEN];
     int failed = 0, log_failed = 0;
@@ -306,8 +315,10 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
     failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);
 
-    for (int i = 0; i < src->nsnd; i++)
+    for (int i = 0; i < src->nsnd; i++) {
         pages += src->snd[i].round_pages;
+        blocks += src->snd[i].round_blocks;
+    }
     pthread_mutex_lock(&m->lock);
     m->st.round = round;
     m->st.nrounds = round + 1;
@@ -318,6 +329,8 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
         r->pages = pages;
         r->bytes = atomic_load(&m->wire_bytes) - bytes0;
         r->dirty = dirty;
+        r->blocks = blocks;
+        r->dirty_blocks = src->dirty_blocks;
     }
     pthread_mutex_unlock(&m->lock);
     return failed ? -1 : 0;
@@ -397,6 +410,7 @@ int nb_src_start_senders(struct source *src, char *err)
         s->ch = &m->data[i];
         s->frame = malloc(FRAME_CAP + NB_TAG);  /* room for the tag */
         s->flen = NB_PAGES_HDR;
+        s->ftype = NB_MSG_PAGES;
         if (!s->frame) {
             snprintf(err, NB_ERRLEN, "out of memory");
             return -1;

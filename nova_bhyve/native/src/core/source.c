@@ -86,7 +86,7 @@ static int phase_setup(struct source *src, char *err)
     struct nb_mig *m = src->m;
     int rc = nb_setup_memory(m, err);
 
-    if (rc < 0)
+    if (rc < 0 || (rc = nb_disk_open_source(m, &src->disks, err)) < 0)
         return fail(src, -rc);
     src->words = (m->npages + 63) / 64;
     src->bitmap = calloc(src->words, 8);
@@ -121,7 +121,7 @@ static int exchange_preambles(struct source *src, char *err)
     struct nb_frame f;
     int n;
 
-    n = nb_preamble_write(&m->vmm.spec, &m->p, pre, sizeof(pre));
+    n = nb_preamble_write(&m->vmm.spec, &m->p, &src->disks, pre, sizeof(pre));
     if (n < 0) {
         snprintf(err, NB_ERRLEN, "preamble too long");
         return fail(src, NB_ERR_INTERNAL);
@@ -182,7 +182,8 @@ static int pause_guest(struct source *src, char *err)
     return 0;
 }
 
-/* PRECOPY: round 0, every page that holds data (warm and cold stop the guest first). */
+/* PRECOPY: round 0, every page and disk block that holds data (warm and
+ * cold stop the guest first). */
 static int phase_precopy(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
@@ -190,12 +191,13 @@ static int phase_precopy(struct source *src, char *err)
 
     if (!live && pause_guest(src, err) < 0)
         return -1;
-    /* live: track from here: every bit set later is a page written since,
-     * so round 0 may add what its lazy clears report (and no more: a VM's
-     * log starts with every page set, holes included) */
-    if (live && nb_src_sync_dirty(src, err) < 0)
+    /* live: track from here: every bit set later is a page (a block)
+     * written since, so round 0 may add what its lazy clears report (and
+     * no more: a VM's log starts with every page set, holes included) */
+    if (live && (nb_src_sync_dirty(src, err) < 0 || nb_disk_sync(m, NULL, err) < 0))
         return fail(src, NB_ERR_VMM);
     nb_src_mark_data_pages(src);
+    nb_disk_mark_data(m);
     if (nb_src_round(src, 0, 0, src->lazy && live) < 0) {
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
         return fail(src, nb_fail_kind(m));
@@ -211,9 +213,11 @@ static int phase_precopy(struct source *src, char *err)
  * the guest paused, costs about as much) and two round trips.  Publishes
  * the estimate.
  */
-static double estimate_pause(struct source *src, uint64_t dirty, double since_ms)
+static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
+                             double since_ms)
 {
     struct nb_mig *m = src->m;
+    uint64_t units = dirty + blocks;    /* a block costs what a page does */
     double bw, bpp = NB_PAGE + NB_REC_HDR, send_ms = 0, per_page, expected;
     uint64_t bytes = 0, cap = atomic_load(&m->max_bandwidth);
     uint32_t nr;
@@ -227,19 +231,23 @@ static double estimate_pause(struct source *src, uint64_t dirty, double since_ms
     bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
     if (cap && bw > (double)cap)
         bw = (double)cap;
-    if (nr && m->st.rounds[nr - 1].pages)
-        bpp = (double)m->st.rounds[nr - 1].bytes / (double)m->st.rounds[nr - 1].pages;
+    if (nr && m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks)
+        bpp = (double)m->st.rounds[nr - 1].bytes /
+              (double)(m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks);
     per_page = bpp * 1e3 / bw;
-    if (nr && m->st.rounds[nr - 1].pages >= MIN_TIMED_PAGES) {
+    if (nr && m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks >=
+                  MIN_TIMED_PAGES) {
         const struct nb_round_stat *r = &m->st.rounds[nr - 1];
-        if (r->duration_ms / (double)r->pages > per_page)
-            per_page = r->duration_ms / (double)r->pages;
+        double sent = (double)(r->pages + r->blocks);
+        if (r->duration_ms / sent > per_page)
+            per_page = r->duration_ms / sent;
     }
-    expected = (double)dirty * per_page + src->sync_ms + 2 * m->st.rtt_ms + 1.0;
+    expected = (double)units * per_page + src->sync_ms + 2 * m->st.rtt_ms + 1.0;
     m->st.dirty_pages = dirty;
+    m->st.dirty_blocks = blocks;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
     m->st.bandwidth = bw;
-    m->st.bytes_remaining = (uint64_t)((double)dirty * bpp);
+    m->st.bytes_remaining = (uint64_t)((double)units * bpp);
     m->st.expected_downtime_ms = expected;
     pthread_mutex_unlock(&m->lock);
     return expected;
@@ -254,10 +262,11 @@ static double estimate_pause(struct source *src, uint64_t dirty, double since_ms
  * until the pause is already tiny or EXTRA_ROUNDS rounds have run since
  * it first fitted.
  */
-static int should_switch(struct source *src, uint64_t dirty, double since_ms)
+static int should_switch(struct source *src, uint64_t pages, double since_ms)
 {
     struct nb_mig *m = src->m;
-    double expected = estimate_pause(src, dirty, since_ms);
+    double expected = estimate_pause(src, pages, src->dirty_blocks, since_ms);
+    uint64_t dirty = pages + src->dirty_blocks;     /* pages and blocks alike */
     uint64_t prev = src->prev_dirty;
     double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
 
@@ -312,10 +321,13 @@ static void converge(struct source *src, uint64_t dirty)
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
- * get-and-clear into the bitmap. */
+ * get-and-clear into the bitmap; and, at the same moment, take the disks'
+ * dirty-block logs into the blocks pending. */
 static int count_dirty(struct source *src, uint64_t *dirty, char *err)
 {
     struct nb_mig *m = src->m;
+    if (nb_disk_sync(m, &src->dirty_blocks, err) < 0)
+        return fail(src, NB_ERR_VMM);
     if (src->lazy) {
         if (m->vmm.ops->dirty_peek(&m->vmm, src->scratch, src->words, err) < 0)
             return fail(src, NB_ERR_VMM);
@@ -424,7 +436,7 @@ static int phase_iterate(struct source *src, char *err)
                 return -1;
             continue;       /* the guest ran meanwhile: count again */
         }
-        converge(src, dirty);
+        converge(src, dirty + src->dirty_blocks);
         if (nb_src_round(src, ++src->cur_round, dirty, src->lazy) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
             return fail(src, nb_fail_kind(m));
@@ -446,7 +458,8 @@ static int stop_and_collect(struct source *src, char *err)
         memset(keep, 0, src->words * 8);
     else
         memcpy(keep, src->bitmap, src->words * 8);
-    if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0) {
+    if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0 ||
+        nb_disk_sync(src->m, &src->dirty_blocks, err) < 0) {
         free(keep);
         return fail(src, NB_ERR_VMM);
     }
@@ -507,15 +520,18 @@ static int expect_control(struct source *src, struct nb_frame *f, uint8_t type,
 static int phase_verify(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
-    struct nb_digest_msg dm = { src->cur_round, 0, m->npages };
+    struct nb_digest_msg dm = { src->cur_round, 0, m->npages, 0,
+                                nb_disk_total_blocks(m) };
     struct nb_frame f;
 
     dm.digest = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
+    dm.disk_digest = nb_disk_digest(m, m->p.verify == NB_VERIFY_FULL);
     if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
         expect_control(src, &f, NB_MSG_READY, err) < 0)
         return fail(src, m->ctl.err_kind);
     pthread_mutex_lock(&m->lock);
     m->st.digest = dm.digest;
+    m->st.disk_digest = dm.disk_digest;
     pthread_mutex_unlock(&m->lock);
     return 0;
 }

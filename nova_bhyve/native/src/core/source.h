@@ -22,8 +22,10 @@ struct sender {
     struct nb_adapt adapt;      /* whether to compress, compress=auto */
     uint8_t *frame;
     size_t flen;
+    uint8_t ftype;              /* the frame being filled: PAGES or DISK */
     uint32_t nrec;
     uint64_t round_pages;
+    uint64_t round_blocks;      /* disk blocks sent in this round */
     pthread_t thread;
 };
 
@@ -34,6 +36,7 @@ struct source {
     uint64_t *bitmap;           /* pages to send this round, layout order */
     size_t words;
     uint64_t hz;                /* hash of the zero page */
+    struct nb_disk_spec disks;  /* the disks, as the preamble announces them */
     /* round hand-off between the migration thread and the senders */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -47,7 +50,8 @@ struct source {
                                  * memory (its last APPLIED round + 1) */
     int kind;                   /* nb_error_kind of the phase that failed */
     double t_pause;             /* when the guest stopped (downtime starts) */
-    uint64_t prev_dirty;        /* dirty pages at the previous sync */
+    uint64_t prev_dirty;        /* dirty pages and blocks at the previous sync */
+    uint64_t dirty_blocks;      /* disk blocks pending at the last sync */
     double t_sync;              /* when the dirty log was last synced */
     double sync_ms;             /* how long the last count of dirty pages took */
     int fit_rounds;             /* rounds since the rest first fitted */
@@ -74,5 +78,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy);
 void nb_src_mark_data_pages(struct source *src);
 int nb_src_sync_dirty(struct source *src, char *err);
 uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words);
+int nb_sender_flush(struct sender *s, uint32_t round, char *err);
+int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *err);
 
 #endif

@@ -61,6 +61,13 @@ uint64_t nb_selftest_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
     return nb_digest_term(pfn, h, hz, &k);
 }
 
+uint64_t nb_selftest_disk_term(uint32_t disk, uint64_t block, uint64_t h,
+                               uint64_t hz, uint64_t k0, uint64_t k1)
+{
+    struct nb_hash_key k = { .term_k0 = k0, .term_k1 = k1 };
+    return nb_disk_term(disk, block, h, hz, &k);
+}
+
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
 {
     struct nb_xcache *c = nb_xcache_new(slots * NB_PAGE);

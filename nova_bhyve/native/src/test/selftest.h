@@ -25,6 +25,9 @@ uint64_t nb_selftest_page_hash(const uint8_t *page, const uint32_t *nh,
  * being `hz`, under the SipHash key (k0, k1) (PROTOCOL.md). */
 uint64_t nb_selftest_digest_term(uint64_t pfn, uint64_t h, uint64_t hz,
                                  uint64_t k0, uint64_t k1);
+/* Block `block` of disk `disk`'s term of the disk digest (PROTOCOL.md). */
+uint64_t nb_selftest_disk_term(uint32_t disk, uint64_t block, uint64_t h,
+                               uint64_t hz, uint64_t k0, uint64_t k1);
 /* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
  * (as rounds of a guest rewriting its working set in order); returns the
  * hits of the last round, or -1 if a dropped page was still returned. */

@@ -22,6 +22,7 @@
 #define NB_MAX_SEGS 2
 #define NB_WRITE_BATCH 64   /* pages per write_pages call, at most */
 #define NB_MAX_CPUID_WORDS 24  /* CPUID feature words in a guest spec */
+#define NB_DISK_BLOCK 4096u /* a disk's dirty-block log: bytes per bit */
 
 struct nb_seg {
     uint64_t gpa;       /* guest-physical start */
@@ -86,6 +87,15 @@ struct nb_vmm_ops {
     int (*dirty_log_range)(struct nb_vmm *, size_t first, size_t count,
                            uint64_t *bitmap, size_t words, char *err);
     int (*dirty_peek)(struct nb_vmm *, uint64_t *bitmap, size_t words, char *err);
+    /* Optional (NULL: the VM's disks cannot move with it): get-and-clear
+     * the dirty-block log of the VM's disk `disk` (0-based, the vmm's own
+     * order): bit i = bytes [i * NB_DISK_BLOCK, (i + 1) * NB_DISK_BLOCK)
+     * written since the last call, into `words` 64-bit words of `bitmap`;
+     * *nblocks = the blocks the disk has.  A write the guest makes after
+     * its bit was read shows up in the next call; every write made before
+     * a pause returned is in the file when the log is read. */
+    int (*disk_dirty_log)(struct nb_vmm *, int disk, uint64_t *bitmap,
+                          size_t words, uint64_t *nblocks, char *err);
 };
 
 struct nb_vmm {

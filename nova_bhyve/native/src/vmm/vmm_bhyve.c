@@ -641,6 +641,9 @@ static const struct nb_vmm_ops bhyve_ops = {
     .save_state = bh_save_state,
     .load_state = bh_load_state,
     .close = bh_close,
+    /* no disk_dirty_log yet: bhyve's block devices keep no dirty-block
+     * log, so the engine refuses to move disks from bhyve ("not
+     * supported on bhyve yet") */
 };
 
 static int fill_spec(struct nb_vmm *vmm, struct bhyve *b, char *err)

@@ -236,6 +236,42 @@ static int th_dirty_log_range(struct nb_vmm *v, size_t first, size_t count,
     return 0;
 }
 
+/*
+ * The disk's dirty-block log (get-and-clear; CONTROL_PROTOCOL.md,
+ * `disk-dirty-log`): the test host has one disk, number 0.
+ */
+static int th_disk_dirty_log(struct nb_vmm *v, int disk, uint64_t *bitmap,
+                             size_t words, uint64_t *nblocks, char *err)
+{
+    struct th *t = v->priv;
+    char reply[REPLY_MAX] = "";
+    uint64_t bytes, blocks;
+    int rc;
+
+    if (disk != 0) {
+        snprintf(err, NB_ERRLEN, "the test host has one disk; there is no disk %d",
+                 disk);
+        return -1;
+    }
+    pthread_mutex_lock(&t->lock);
+    rc = request(t, "disk-dirty-log\n", reply, err);
+    bytes = field(reply, "bytes");
+    blocks = field(reply, "blocks");
+    if (rc == 0 && (field(reply, "block_size") != NB_DISK_BLOCK || bytes % 8 ||
+                    bytes > words * 8 || blocks > bytes * 8 ||
+                    bytes != (blocks + 63) / 64 * 8)) {
+        snprintf(err, NB_ERRLEN, "test host dirty-block log has an unexpected "
+                 "shape (%s)", reply);
+        rc = -1;
+    }
+    memset(bitmap, 0, words * 8);
+    if (rc == 0)
+        rc = read_exact(t, (uint8_t *)bitmap, bytes, err);
+    pthread_mutex_unlock(&t->lock);
+    *nblocks = blocks;      /* little-endian words, as the memory log's */
+    return rc;
+}
+
 static int th_simple(struct nb_vmm *v, const char *req, char *err)
 {
     struct th *t = v->priv;
@@ -360,6 +396,7 @@ static const struct nb_vmm_ops testhost_ops = {
     .commit_paused = th_commit_paused,
     .dirty_log_range = th_dirty_log_range,
     .dirty_peek = th_dirty_peek,
+    .disk_dirty_log = th_disk_dirty_log,
 };
 
 /* Connect to a test-host VM's control socket and learn its shape. */

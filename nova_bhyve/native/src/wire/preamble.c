@@ -12,7 +12,7 @@
 
 /* Write this side's preamble: "key=value\n" lines (see PROTOCOL.md). */
 int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params *p,
-                      char *out, size_t cap)
+                      const struct nb_disk_spec *d, char *out, size_t cap)
 {
     static const char *modes[] = { "live", "warm", "cold" };
     size_t n = 0;
@@ -42,6 +42,9 @@ int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params 
         p->compress == NB_COMPRESS_AUTO ? "auto" : p->compress ? "zstd" : "none",
         p->verify == NB_VERIFY_FULL ? "full" : "incremental",
         p->keep_paused ? 1 : 0, p->plaintext_pages ? "none" : "aes-256-gcm");
+    ADD("disks=%u\n", d ? d->ndisks : 0);
+    for (uint32_t i = 0; d && i < d->ndisks && i < NB_MAX_DISKS; i++)
+        ADD("disk.%u=%llu:%u\n", i, (unsigned long long)d->size[i], NB_DISK_BLOCK);
 #undef ADD
     return (int)n;
 }
@@ -72,22 +75,43 @@ int nb_preamble_get(const char *text, const char *key, char *out, size_t cap)
  * device-state format must be equal; every CPU feature the guest may be
  * using must exist on the destination.
  */
+/* -1 with a message if `key` differs between the two preambles (a
+ * missing `disks` reads as 0, as nb_preamble_read_disks takes it). */
+static int differs(const char *src, const char *dst, const char *key, char *err,
+                   size_t errlen)
+{
+    char a[128], b[128];
+    int ha = nb_preamble_get(src, key, a, sizeof(a)) == 0;
+    int hb = nb_preamble_get(dst, key, b, sizeof(b)) == 0;
+
+    if (!strcmp(key, "disks")) {
+        if (!ha)
+            snprintf(a, sizeof(a), "0");
+        if (!hb)
+            snprintf(b, sizeof(b), "0");
+        ha = hb = 1;
+    }
+    if (ha == hb && (!ha || strcmp(a, b) == 0))
+        return 0;
+    snprintf(err, errlen, "incompatible hosts: %s is %s on the source and %s on "
+             "the destination", key, ha ? a : "(absent)", hb ? b : "(absent)");
+    return -1;
+}
+
 int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen)
 {
     static const char *equal[] = { "protocol", "cipher", "arch", "page_size", "cpu_vendor",
                                    "ncpus", "memory", "segments", "segment.0",
-                                   "segment.1", "state_format" };
-    char a[128], b[128];
+                                   "segment.1", "state_format", "disks" };
+    char b[128], disk[32];
 
-    for (size_t i = 0; i < sizeof(equal) / sizeof(equal[0]); i++) {
-        int ha = nb_preamble_get(src, equal[i], a, sizeof(a)) == 0;
-        int hb = nb_preamble_get(dst, equal[i], b, sizeof(b)) == 0;
-        if (ha != hb || (ha && strcmp(a, b) != 0)) {
-            snprintf(err, errlen, "incompatible hosts: %s is %s on the source "
-                     "and %s on the destination", equal[i], ha ? a : "(absent)",
-                     hb ? b : "(absent)");
+    for (size_t i = 0; i < sizeof(equal) / sizeof(equal[0]); i++)
+        if (differs(src, dst, equal[i], err, errlen) < 0)
             return -1;
-        }
+    for (int i = 0; i < NB_MAX_DISKS; i++) {
+        snprintf(disk, sizeof(disk), "disk.%d", i);
+        if (differs(src, dst, disk, err, errlen) < 0)
+            return -1;
     }
     for (const char *p = src; p && *p;) {
         const char *e = strchr(p, '\n');
@@ -205,5 +229,55 @@ int nb_preamble_read_opts(const char *text, struct nb_preamble_opts *o, char *er
     o->verify = strcmp(verify, "incremental") ? NB_VERIFY_FULL
                                               : NB_VERIFY_INCREMENTAL;
     o->keep_paused = !strcmp(paused, "1");  /* arrives paused */
+    return 0;
+}
+
+/* One `disk.N=size:block_size` line, checked: a size of 1 byte to 16 TiB
+ * in whole sectors, blocks of NB_DISK_BLOCK bytes. */
+static int read_disk_line(const char *text, uint32_t i, uint64_t *size, char *err)
+{
+    char key[32], val[64], *colon, *end;
+    unsigned long long bs;
+
+    snprintf(key, sizeof(key), "disk.%u", i);
+    if (nb_preamble_get(text, key, val, sizeof(val)) < 0 ||
+        !(colon = strchr(val, ':'))) {
+        snprintf(err, NB_ERRLEN, "the source announces disk %u without its "
+                 "size and block size", i);
+        return -1;
+    }
+    *colon = 0;
+    *size = strtoull(val, &end, 10);
+    if (*end || *size == 0 || *size % 512 || *size > NB_MAX_DISK_SIZE) {
+        snprintf(err, NB_ERRLEN, "disk %u: size %s is not a whole number of "
+                 "512-byte sectors up to 16 TiB", i, val);
+        return -1;
+    }
+    bs = strtoull(colon + 1, &end, 10);
+    if (*end || bs != NB_DISK_BLOCK) {
+        snprintf(err, NB_ERRLEN, "disk %u: block size %s is not supported (this "
+                 "engine moves %u-byte blocks)", i, colon + 1, NB_DISK_BLOCK);
+        return -1;
+    }
+    return 0;
+}
+
+/* The disks a source's preamble announces (none without `disks`). */
+int nb_preamble_read_disks(const char *text, struct nb_disk_spec *d, char *err)
+{
+    uint64_t n = 0;
+    char buf[24];
+
+    memset(d, 0, sizeof(*d));
+    if (nb_preamble_get(text, "disks", buf, sizeof(buf)) == 0 &&
+        (parse_u(text, "disks", &n) < 0 || n > NB_MAX_DISKS)) {
+        snprintf(err, NB_ERRLEN, "the source announces an invalid disk count "
+                 "(0..%d)", NB_MAX_DISKS);
+        return -1;
+    }
+    d->ndisks = (uint32_t)n;
+    for (uint32_t i = 0; i < d->ndisks; i++)
+        if (read_disk_line(text, i, &d->size[i], err) < 0)
+            return -1;
     return 0;
 }

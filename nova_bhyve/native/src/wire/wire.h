@@ -13,7 +13,7 @@
 #include "engine.h"
 #include "vmm/vmm.h"
 
-#define NB_PROTO_VERSION 3
+#define NB_PROTO_VERSION 4
 #define NB_MAX_CHANNELS 16      /* page channels per session */
 #define NB_NONCE 32
 #define NB_KEY 32
@@ -50,6 +50,7 @@ enum nb_msg {
     NB_MSG_ABORT = 14,
     NB_MSG_REFUSE = 15,
     NB_MSG_APPLIED = 16,
+    NB_MSG_DISK = 17,
 };
 
 enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3 };
@@ -67,7 +68,13 @@ enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3
 #define NB_PAGES_HDR 8          /* u32 round, u32 record count */
 #define NB_REC_HDR 8            /* u32 pfn, u8 encoding, u8 0, u16 length */
 #define NB_ROUND_END_LEN 16     /* u32 round, u32 0, u64 pages */
-#define NB_DIGEST_LEN 24        /* u32 round, u32 0, u64 digest, u64 pages */
+#define NB_DIGEST_LEN 40        /* u32 round, u32 0, u64 memory digest,
+                                 * u64 pages, u64 disk digest, u64 blocks */
+#define NB_DISK_HDR 8           /* DISK: u32 round, u32 record count */
+#define NB_DREC_HDR 16          /* u64 block, u16 disk, u8 encoding, u8 0,
+                                 * u16 length, u16 0 */
+#define NB_MAX_DISKS 8          /* disks per session */
+#define NB_MAX_DISK_SIZE (1ULL << 44)   /* 16 TiB */
 #define NB_APPLIED_LEN 8        /* u32 round, u32 0 */
 #define NB_PREAMBLE_CAP 4096    /* the preamble this side writes */
 #define NB_MAX_PREAMBLE 8192    /* the peer's preamble, at most */
@@ -150,8 +157,14 @@ int nb_handshake_dest(struct nb_chan *ctl, const uint8_t *secret, size_t slen,
 int nb_join_send(struct nb_chan *c, const struct nb_session_keys *keys, char *err);
 int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
                   int nchannels, char *err);
+/* The disks a source announces (preamble `disks`, `disk.N`). */
+struct nb_disk_spec {
+    uint32_t ndisks;
+    uint64_t size[NB_MAX_DISKS];    /* bytes, a multiple of 512 */
+};
+
 int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params *p,
-                      char *out, size_t cap);
+                      const struct nb_disk_spec *d, char *out, size_t cap);
 int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen);
 int nb_preamble_get(const char *text, const char *key, char *out, size_t cap);
 
@@ -171,9 +184,21 @@ struct nb_round_end {
 
 struct nb_digest_msg {
     uint32_t round;         /* the final round */
-    uint64_t digest;
+    uint64_t digest;        /* guest memory */
     uint64_t npages;
+    uint64_t disk_digest;   /* every disk's blocks */
+    uint64_t nblocks;       /* blocks of all disks */
 };
+
+/* One record of a DISK frame (PROTOCOL.md, "Disk records"). */
+struct nb_disk_rec {
+    uint64_t block;
+    uint16_t disk;
+    uint8_t enc;            /* NB_ENC_ZERO, NB_ENC_RAW or NB_ENC_ZSTD */
+    uint16_t len;
+    const uint8_t *data;    /* `len` bytes inside the frame */
+};
+
 
 struct nb_page_rec {
     uint32_t pfn;
@@ -205,6 +230,13 @@ int nb_applied_send(struct nb_chan *c, uint32_t round, char *err);
 int nb_applied_parse(const struct nb_frame *f, uint32_t *round);
 int nb_preamble_read_spec(const char *text, struct nb_guest_spec *s, char *err);
 int nb_preamble_read_opts(const char *text, struct nb_preamble_opts *o, char *err);
+int nb_preamble_read_disks(const char *text, struct nb_disk_spec *d, char *err);
+void nb_disk_finish(uint8_t *frame, uint32_t round, uint32_t nrec);
+void nb_disk_rec_put(uint8_t *rec, uint64_t block, uint16_t disk, uint8_t enc,
+                     uint16_t len);
+int nb_disk_parse(const struct nb_frame *f, uint32_t *round, uint32_t *nrec);
+int nb_disk_rec_parse(const uint8_t *rec, size_t avail, struct nb_disk_rec *r,
+                      char *err);
 
 /* crc32c.c */
 uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len);
