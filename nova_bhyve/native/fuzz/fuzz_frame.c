@@ -2,7 +2,8 @@
  * Target "frame": the destination's frame receive path, nb_recv_frame and
  * nb_expect (header checks, length limits, sequence, CRC, and with a
  * fixed key the AES-256-GCM open), then the typed message parsers on what
- * it accepts (the source's APPLIED parser included).
+ * it accepts (the source's APPLIED parser included, and a DISK frame's
+ * records).
  *
  * Input: u8 mode, u8 select, corruptions, then the stream.
  *   mode   bit 0: the stream is the rest of the input as raw bytes;
@@ -39,6 +40,15 @@ static void use_frame(const struct nb_frame *f)
     nb_round_end_parse(f, &e);
     nb_digest_parse(f, &d);
     nb_applied_parse(f, &round);
+    if (f->type == NB_MSG_DISK && nb_disk_parse(f, &round, &nrec) == 0) {
+        struct nb_disk_rec dr;
+        for (uint32_t i = 0; i < nrec && pos <= f->len; i++) {
+            if (nb_disk_rec_parse(f->payload + pos, f->len - pos, &dr, err) < 0)
+                break;
+            pos += NB_DREC_HDR + dr.len;
+        }
+        return;
+    }
     if (f->type != NB_MSG_PAGES || nb_pages_parse(f, &round, &nrec) < 0)
         return;
     for (uint32_t i = 0; i < nrec && pos <= f->len; i++) {
@@ -93,14 +103,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     return 0;
 }
 
-/* Seeds: control and page frames, plain and sealed, as the source sends them. */
+/* Seeds: control and page frames (PAGES, DISK, ROUND_END), plain and
+ * sealed, as the source sends them. */
 static void fuzz_seeds(const char *dir)
 {
     static const char *names[] = { "plain", "sealed" };
     uint8_t pages[NB_PAGES_HDR + 2 * NB_REC_HDR + NB_PAGE];
     uint8_t rend[NB_ROUND_END_LEN] = { 0 }, dig[NB_DIGEST_LEN] = { 0 };
     uint8_t applied[NB_APPLIED_LEN] = { 3 };    /* round 3 */
+    uint8_t disk[NB_DISK_HDR + 2 * NB_DREC_HDR + 512];
 
+    memset(disk, 0xcd, sizeof(disk));
+    nb_disk_finish(disk, 0, 2);
+    nb_disk_rec_put(disk + NB_DISK_HDR, 7, 0, NB_ENC_ZERO, 0);
+    nb_disk_rec_put(disk + NB_DISK_HDR + NB_DREC_HDR, 8, 1, NB_ENC_RAW, 512);
     memset(pages, 0xab, sizeof(pages));
     nb_pages_finish(pages, 0, 2);
     nb_page_rec_put(pages + NB_PAGES_HDR, 5, NB_ENC_ZERO, 0);
@@ -114,6 +130,7 @@ static void fuzz_seeds(const char *dir)
         fz_put8(&b, (uint8_t)(s << 1));
         fz_put8(&b, 1 << 3);            /* page-frame limit, channel 1 */
         fz_put_frame(&b, NB_MSG_PAGES, pages, sizeof(pages));
+        fz_put_frame(&b, NB_MSG_DISK, disk, sizeof(disk));
         fz_put_frame(&b, NB_MSG_ROUND_END, rend, sizeof(rend));
         snprintf(name, sizeof(name), "pages-%s", names[s]);
         fz_seed(dir, name, b.p, b.len);

@@ -6,24 +6,38 @@
  * through write_pages or into the mapping, DELTA, ZSTD into one page),
  * then the incremental digest term.
  *
+ * With mode bit 2 the payload is a DISK frame's instead, applied as the
+ * receiver applies it (core/disk.c, nb_disk_apply): nb_disk_parse,
+ * nb_disk_rec_parse, the disk, block and channel checks, ZERO (a punched
+ * hole), RAW (the block's exact length, the last one short) and ZSTD
+ * decoding, pwrite into the disk file and the block's digest term.
+ *
  * Guest: 64 pages at pfn 0 and 64 at pfn 0x100 (4 GiB would need a
- * larger pfn; the layout code is the same).
+ * larger pfn; the layout code is the same).  Disks (memory files): disk 0
+ * of 64 blocks and a sector, disk 1 of two blocks.
  *
  * Input: u8 mode, u8 channels, u8 round, then the frame payload.
  *   mode bit 0: the vmm has write_pages (RAW pages are batched)
- *        bit 1: incremental verification (page hashes kept)
+ *        bit 1: incremental verification (page and block hashes kept)
+ *        bit 2: a DISK frame, not PAGES
  *   channels: bits 0-1 session channels - 1, bits 2-3 this channel - 1
  */
 #include "../src/core/dest.c"
+
+#include <sys/mman.h>
 
 #include "fuzz_util.h"
 
 #define SEG_PAGES 64
 #define HIGH_PFN 0x100
 
+#define DISK0_SIZE (64 * NB_DISK_BLOCK + 512)
+#define DISK1_SIZE (2 * NB_DISK_BLOCK)
+
 static struct nb_mig M;
 static uint64_t HASHES[2 * SEG_PAGES];
 static ZSTD_DCtx *ZCTX;
+static void *DZCTX;                 /* the receiver's for disk blocks */
 
 /* write_pages into the mapping, checking that the run stays inside it. */
 static int fake_write_pages(struct nb_vmm *v, uint64_t off,
@@ -40,6 +54,19 @@ static int fake_write_pages(struct nb_vmm *v, uint64_t off,
 static const struct nb_vmm_ops WITH_WRITE = { .kind = "fuzz",
                                               .write_pages = fake_write_pages };
 static const struct nb_vmm_ops WITHOUT_WRITE = { .kind = "fuzz" };
+
+/* A disk on a memory file, as nb_disk_open_dest leaves one. */
+static void disk_init(struct nb_disk *d, const char *name, uint64_t size)
+{
+    d->path = (char *)name;
+    d->dirfd = -1;
+    d->size = size;
+    d->blocks = (size + NB_DISK_BLOCK - 1) / NB_DISK_BLOCK;
+    d->words = (size_t)((d->blocks + 63) / 64);
+    if ((d->fd = memfd_create(name, MFD_CLOEXEC)) < 0 ||
+        ftruncate(d->fd, (off_t)size) < 0 || !(d->term = calloc(d->blocks, 8)))
+        abort();
+}
 
 static void guest_init(void)
 {
@@ -58,6 +85,9 @@ static void guest_init(void)
         M.keys.hash.nh[i] = (uint32_t)(i * 2654435761u);
     M.keys.hash.page_k0 = 1, M.keys.hash.page_k1 = 2;
     M.keys.hash.term_k0 = 3, M.keys.hash.term_k1 = 4;
+    disk_init(&M.disk[0], "fuzz-disk-0", DISK0_SIZE);
+    disk_init(&M.disk[1], "fuzz-disk-1", DISK1_SIZE);
+    M.ndisks = 2;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -81,12 +111,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     f.payload = malloc(in.n + 1);   /* exactly the frame, as ASan sees it */
     memcpy(f.payload, in.p, in.n);
     memset(err, 'X', sizeof(err));
+    if (mode & 4) {
+        int kind = 0;
+        f.type = NB_MSG_DISK;
+        fz_debug("nb_disk_apply", nb_disk_apply(&M, d.nrcv, ch.index, &DZCTX, &f,
+                                                round, &kind, err), err);
+        free(f.payload);
+        return 0;
+    }
     fz_debug("apply_pages", apply_pages(&r, &f, round, err), err);
     if (r.nrun)
         abort();    /* a run left pointing into a frame about to be reused */
     free(f.payload);
     return 0;
 }
+
+static void disk_seed(const char *dir);
 
 /* Seeds: one frame of each encoding, as the source encodes them. */
 static void fuzz_seeds(const char *dir)
@@ -133,5 +173,40 @@ static void fuzz_seeds(const char *dir)
     nb_page_rec_put(rec, HIGH_PFN + 1, NB_ENC_ZERO, 0);
     fz_put(&b, rec, sizeof(rec));
     fz_seed(dir, "second-channel", b.p, b.len);
+    free(b.p);
+    disk_seed(dir);
+}
+
+/* Seed: a DISK frame with one record of each encoding, the short last
+ * block of disk 0 among them. */
+static void disk_seed(const char *dir)
+{
+    static uint8_t block[NB_DISK_BLOCK], enc[NB_DISK_BLOCK];
+    struct fz_buf b = { 0 };
+    uint8_t rec[NB_DREC_HDR], hdr[NB_DISK_HDR];
+    size_t n;
+
+    for (size_t i = 0; i < NB_DISK_BLOCK; i++)
+        block[i] = (uint8_t)(i % 5 == 0 ? i : 0);
+    fz_put8(&b, 4 | 2);             /* DISK, incremental */
+    fz_put8(&b, 0);                 /* one channel */
+    fz_put8(&b, 2);
+    nb_disk_finish(hdr, 2, 4);
+    fz_put(&b, hdr, sizeof(hdr));
+    nb_disk_rec_put(rec, 1, 0, NB_ENC_ZERO, 0);
+    fz_put(&b, rec, sizeof(rec));
+    nb_disk_rec_put(rec, 2, 0, NB_ENC_RAW, NB_DISK_BLOCK);
+    fz_put(&b, rec, sizeof(rec));
+    fz_put(&b, block, NB_DISK_BLOCK);
+    nb_disk_rec_put(rec, 64, 0, NB_ENC_RAW, 512);     /* the last, short */
+    fz_put(&b, rec, sizeof(rec));
+    fz_put(&b, block, 512);
+    n = ZSTD_compress(enc, NB_DISK_BLOCK - 1, block, NB_DISK_BLOCK, 1);
+    if (ZSTD_isError(n))
+        abort();
+    nb_disk_rec_put(rec, 1, 1, NB_ENC_ZSTD, (uint16_t)n);
+    fz_put(&b, rec, sizeof(rec));
+    fz_put(&b, enc, n);
+    fz_seed(dir, "disk-one-of-each", b.p, b.len);
     free(b.p);
 }

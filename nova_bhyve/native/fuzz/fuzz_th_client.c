@@ -2,6 +2,7 @@
  * Target "th_client": the engine's side of the test host's control socket
  * (vmm/vmm_testhost.c, included for its static functions): reply lines,
  * the dirty-log replies and their bitmaps (whole, peek, ranged), the
+ * disk's dirty-block log (disk 0, or a disk that does not exist), the
  * state blob of save-state, and the simple requests, with the input as
  * everything the test host answers.
  *
@@ -15,7 +16,7 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct fz in = { data, size };
-    uint8_t op = fz_u8(&in) % 8;
+    uint8_t op = fz_u8(&in) % 9;
     size_t words = 1 + fz_u8(&in), first = fz_u8(&in), count = fz_u8(&in);
     struct th *t = calloc(1, sizeof(*t));
     struct nb_vmm v = { .ops = &testhost_ops, .priv = t };
@@ -23,6 +24,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char err[NB_ERRLEN], line[REPLY_MAX];
     uint8_t *blob = NULL;
     size_t len;
+    uint64_t nblocks;
     int peer, fd = -1, rc = 0;
 
     if (size > 100000)
@@ -51,6 +53,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         while ((rc = read_reply(t, line, NULL, err)) == 0)
             field(line, "bytes");
         break;
+    case 8:
+        rc = th_disk_dirty_log(&v, first % 2, bitmap, words, &nblocks, err);
+        if (rc == 0 && nblocks > words * 64)
+            abort();
+        break;
     }
     fz_debug("th_client", rc, err);
     if (fd >= 0)
@@ -74,8 +81,9 @@ static void fuzz_seeds(const char *dir)
         "OK size=5242880 lowmem=4194304 highmem=1048576 highbase=4294967296 "
         "highoffset=4194304 page_size=4096\n",
         "OK state=running name=vm pid=1 cpus=2 mem=5242880\nERR EINVAL no\n",
+        "OK bytes=160 blocks=1280 block_size=4096\n",
     };
-    for (int op = 0; op < 8; op++) {
+    for (int op = 0; op < 9; op++) {
         struct fz_buf b = { 0 };
         char name[16];
         fz_put8(&b, (uint8_t)op);
@@ -83,7 +91,7 @@ static void fuzz_seeds(const char *dir)
         fz_put8(&b, 2);
         fz_put8(&b, 3);
         fz_put(&b, replies[op], strlen(replies[op]));
-        if (op <= 3) {              /* the payload the reply announces */
+        if (op <= 3 || op == 8) {   /* the payload the reply announces */
             uint8_t bits[160];
             memset(bits, 0xa5, sizeof(bits));
             fz_put(&b, bits, op == 3 ? 8 : 160);
