@@ -1,0 +1,179 @@
+"""The engine moving a guest's disk with its memory, in one session: the
+guest writes both while pre-copy runs (PROTOCOL.md, "Disk records")."""
+
+import hashlib
+import os
+
+from nova_bhyve.native.engine import Result
+from nova_bhyve.testhost.console import parse_console
+
+from .conftest import needs_kvm, wait_for
+from .migration_helpers import (
+    TO_DEST,
+    FaultyProxy,
+    RawSource,
+    assert_guest_continued,
+    assert_guest_kept_running,
+    new_secret,
+    preamble_for,
+    start_receive,
+    start_send,
+    stress_ready,
+    wait_both,
+    wait_result,
+)
+
+pytestmark = needs_kvm
+
+MiB = 1 << 20
+DISK = 4 * MiB
+REGION_BLOCKS = 16
+# memory and disk at once: the touch writer over 16 MiB, the disk writer
+# over the first 16 blocks (64 KiB) of a 4 MiB disk (a few blocks a
+# second where the host is busy)
+CMDLINE = (f"mode=stress pattern=touch ws=16M disk=1 "
+           f"disksize={REGION_BLOCKS * 4}K")
+COMMIT = 12
+
+
+def _disk_file(vms, name, size=DISK, data=None):
+    path = f"{vms.base}/{name}"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if data:
+            f.write(data)
+    return path
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _disk_passes(vm):
+    report = parse_console(vm.console_text())
+    return report.heartbeats[-1].disk_passes if report.heartbeats else 0
+
+
+def _wait_disk_passes(vm, count, timeout=60):
+    wait_for(lambda: _disk_passes(vm) >= count, timeout=timeout,
+             what=f"{count} disk passes on {vm.name}")
+
+
+def test_live_migration_moves_memory_and_disk_together(vms):
+    src_disk, dst_disk = _disk_file(vms, "src.img"), _disk_file(vms, "dst.img")
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    dst = vms.start("dst", incoming=True, disk=dst_disk)
+    stress_ready(src)
+    _wait_disk_passes(src, 2)
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[dst_disk])
+    proxy = FaultyProxy(recv.port, frames=True)
+    sums = {}
+
+    def at_commit(frame):
+        # the source is paused for good, the destination holds the final
+        # round on stable storage: neither file changes until COMMIT
+        sums["src"], sums["dst"] = _sha(src_disk), _sha(dst_disk)
+        return frame
+
+    proxy.on_frame(0, TO_DEST, COMMIT, at_commit)
+    # a slow link: round 0 (16 MiB of raw pages) takes seconds, and the
+    # guest's disk writer rewrites blocks of its region meanwhile
+    send = start_send(src, proxy.port, secret, disks=[src_disk],
+                      max_downtime_ms=100, max_bandwidth=4 * MiB,
+                      compress="off")
+    s, d = wait_both(send, recv, proxy, timeout=120)
+
+    assert s.result == Result.COMPLETED, s.error
+    assert d.result == Result.COMPLETED, d.error
+    assert s.digest == d.digest != 0
+    assert s.disk_digest == d.disk_digest != 0
+    assert s.disk_total == d.disk_total == DISK
+    assert s.disk_bytes > 0 and s.disk_blocks > 0 and d.disk_blocks > 0
+    assert s.rounds[0].blocks > 0
+    # the guest kept writing its disk while pre-copy ran: later rounds
+    # resent the blocks it wrote
+    assert sum(r.blocks for r in s.rounds[1:]) >= 2, s.rounds
+    assert src.client.status()["state"] == "paused"
+    assert src.stop() == 1          # the source VM is gone
+    assert _sha(src_disk) == sums["src"] == sums["dst"]
+    assert_guest_continued(src, dst)
+    # the disk writer's re-reads cover every block of its region on the
+    # destination: a lost or stale block would print FAIL diskold
+    _wait_disk_passes(dst, _disk_passes(src) + 2)
+    report = parse_console(src.console_text() + dst.console_text())
+    assert report.errors == 0 and report.fails == [], report.fails
+    assert report.sequence_breaks() == []
+
+
+def test_a_migration_cut_mid_disk_leaves_the_guest_and_its_disk_on_the_source(vms):
+    # 64 MiB of data beyond the writer's region: round 0 takes seconds at
+    # 16 MiB/s, and the link is cut while disk blocks flow
+    filler = os.urandom(64 * MiB)
+    src_disk = _disk_file(vms, "src.img", size=80 * MiB)
+    with open(src_disk, "r+b") as f:
+        f.seek(16 * MiB)
+        f.write(filler)
+    target = f"{vms.base}/new.img"          # the engine creates it
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    dst = vms.start("dst", incoming=True)
+    stress_ready(src)
+    _wait_disk_passes(src, 1)
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[target])
+    proxy = FaultyProxy(recv.port)
+    send = start_send(src, proxy.port, secret, disks=[src_disk],
+                      max_bandwidth=16 * MiB, compress="off")
+    wait_for(lambda: send.stats().disk_blocks > 1000, timeout=60,
+             what="disk blocks on the wire")
+    assert os.path.exists(target)
+    proxy.cut()
+    s, d = wait_result(send), wait_result(recv)
+    proxy.close()
+    assert s.result == Result.FAILED and d.result == Result.FAILED
+    assert not s.committed and s.guest_runs_here
+    send.close()
+    recv.close()
+    assert not os.path.exists(target), "the engine left its disk file behind"
+    assert_guest_kept_running(src, dst)
+    _wait_disk_passes(src, _disk_passes(src) + 1)
+    src.client.pause()
+    with open(src_disk, "rb") as f:
+        f.seek(16 * MiB)
+        assert f.read(64 * MiB) == filler
+    report = parse_console(src.console_text())
+    assert report.errors == 0 and report.fails == [], report.fails
+
+
+def test_a_destination_without_the_disks_refuses(vms):
+    src_disk = _disk_file(vms, "src.img")
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    dst = vms.start("dst", incoming=True, disk=_disk_file(vms, "dst.img"))
+    stress_ready(src)
+    secret = new_secret()
+    recv = start_receive(dst, secret)                  # no disks given
+    send = start_send(src, recv.port, secret, disks=[src_disk])
+    s, d = wait_both(send, recv)
+    assert s.result == d.result == Result.FAILED
+    assert "disks is 1 on the source and 0 on the destination" in d.error
+    assert "disks is 1 on the source" in s.error, s.error
+    assert_guest_kept_running(src, dst)
+
+
+def test_a_disk_of_another_block_size_is_refused_with_the_reason(vms):
+    target = f"{vms.base}/new.img"
+    dst = vms.start("dst", incoming=True)
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[target], timeout_ms=5000)
+    raw = RawSource(recv.port, secret)
+    raw.handshake()
+    raw.send(5, preamble_for(dst, extra=["disks=1", "disk.0=1048576:512"]))
+    mtype, reason = raw.recv()
+    raw.close()
+    d = wait_result(recv)
+    recv.close()
+    assert mtype == 15, (mtype, reason)             # REFUSE
+    assert b"disk 0: block size 512 is not supported" in reason, reason
+    assert d.result == Result.FAILED and "block size 512" in d.error
+    assert not os.path.exists(target)
