@@ -102,6 +102,10 @@ def _report(stats, out):
                   f"downtime {stats.downtime_ms:.1f} ms, "
                   f"{stats.bytes_transferred} bytes on the wire, "
                   f"{len(stats.rounds)} rounds, digest {stats.digest:016x}\n")
+        if stats.disk_total:
+            out.write(f"disks {stats.disk_total} bytes: {stats.disk_blocks} "
+                      f"blocks in {stats.disk_bytes} bytes on the wire, "
+                      f"digest {stats.disk_digest:016x}\n")
         if stats.is_source:
             out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms "
                       f"(after {stats.catchup_ms:.1f} ms waiting for the "
@@ -125,6 +129,10 @@ def main(argv=None, out=sys.stdout):
         p.add_argument("--secret-file", required=True)
         p.add_argument("--timeout", type=float, default=30.0,
                        help="connect/idle timeout in seconds")
+        p.add_argument("--disk", action="append", default=[], metavar="PATH",
+                       help="a disk file moved with the memory (repeat for "
+                            "each, in the VM's order); receive: the file to "
+                            "write it to (created or truncated)")
     snd, rcv = sub.choices["send"], sub.choices["receive"]
     snd.add_argument("--to", required=True, metavar="HOST:PORT")
     snd.add_argument("--mode", choices=["live", "warm", "cold"], default="live")
@@ -150,7 +158,8 @@ def main(argv=None, out=sys.stdout):
             host, port = _split_hostport(args.listen)
             mig = Migration.receive(vmm_target=args.vm, secret=secret, host=host,
                                     port=port, vmm_kind=_VMM[args.vmm],
-                                    timeout_ms=int(args.timeout * 1000))
+                                    timeout_ms=int(args.timeout * 1000),
+                                    disks=args.disk)
             out.write(f"listening on {host}:{mig.port}\n")
             out.flush()
         else:
@@ -164,7 +173,7 @@ def main(argv=None, out=sys.stdout):
                 auto_converge=not args.no_auto_converge,
                 max_downtime_ms=args.max_downtime_ms,
                 max_bandwidth=args.bandwidth_mib << 20, verify=args.verify,
-                timeout_ms=int(args.timeout * 1000))
+                timeout_ms=int(args.timeout * 1000), disks=args.disk)
     except MigrationError as exc:
         out.write(f"error: {exc}\n")
         return 2

@@ -62,12 +62,13 @@ def migrate(src, dst, **kw):
 
 
 def receiver_process(secret_file, dst, listen="127.0.0.1:0", netns=None,
-                     timeout=None):
+                     timeout=None, extra=()):
     """``nova-bhyve-migrate receive`` into test-host VM ``dst`` in a process
-    of its own (in network namespace ``netns``); return (process, port)."""
+    of its own (in network namespace ``netns``, with more arguments
+    ``extra``); return (process, port)."""
     cmd = [sys.executable, "-P", "-m", "nova_bhyve.migration.cli", "receive",
            "--vm", str(dst.socket_path), "--secret-file", str(secret_file),
-           "--listen", listen]
+           "--listen", listen, *extra]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
     if netns is not None:

@@ -3,6 +3,7 @@ guest writes both while pre-copy runs (PROTOCOL.md, "Disk records")."""
 
 import hashlib
 import os
+import signal
 
 from nova_bhyve.native.engine import Mode, Result
 from nova_bhyve.testhost.console import parse_console
@@ -16,6 +17,7 @@ from .migration_helpers import (
     assert_guest_kept_running,
     new_secret,
     preamble_for,
+    receiver_process,
     start_receive,
     start_send,
     stress_ready,
@@ -139,26 +141,49 @@ def test_warm_migration_with_full_verification_reads_the_disks_back(vms):
     assert_guest_continued(src, dst)
 
 
-def test_a_migration_cut_mid_disk_leaves_the_guest_and_its_disk_on_the_source(vms):
-    # 64 MiB of data beyond the writer's region: round 0 takes seconds at
-    # 16 MiB/s, and the link is cut while disk blocks flow
+def _big_disk_source(vms):
+    """A source guest whose disk holds 64 MiB of data beyond the writer's
+    region: round 0 takes seconds at 16 MiB/s, so a failure can be made
+    to strike while disk blocks flow.  Returns (src, its disk, the data)."""
     filler = os.urandom(64 * MiB)
     src_disk = _disk_file(vms, "src.img", size=80 * MiB)
     with open(src_disk, "r+b") as f:
         f.seek(16 * MiB)
         f.write(filler)
-    target = f"{vms.base}/new.img"          # the engine creates it
     src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
-    dst = vms.start("dst", incoming=True)
     stress_ready(src)
     _wait_disk_passes(src, 1)
-    secret = new_secret()
-    recv = start_receive(dst, secret, disks=[target])
-    proxy = FaultyProxy(recv.port)
-    send = start_send(src, proxy.port, secret, disks=[src_disk],
+    return src, src_disk, filler
+
+
+def _send_until_mid_disk(src, port, secret, src_disk):
+    send = start_send(src, port, secret, disks=[src_disk],
                       max_bandwidth=16 * MiB, compress="off")
     wait_for(lambda: send.stats().disk_blocks > 1000, timeout=60,
              what="disk blocks on the wire")
+    return send
+
+
+def _assert_disk_intact_on_the_source(src, src_disk, filler):
+    """The guest runs on with its disk: the writer's re-reads find every
+    block it wrote, and the data beyond its region is untouched."""
+    _wait_disk_passes(src, _disk_passes(src) + 1)
+    src.client.pause()
+    with open(src_disk, "rb") as f:
+        f.seek(16 * MiB)
+        assert f.read(64 * MiB) == filler
+    report = parse_console(src.console_text())
+    assert report.errors == 0 and report.fails == [], report.fails
+
+
+def test_a_migration_cut_mid_disk_leaves_the_guest_and_its_disk_on_the_source(vms):
+    src, src_disk, filler = _big_disk_source(vms)
+    dst = vms.start("dst", incoming=True)
+    target = f"{vms.base}/new.img"          # the engine creates it
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[target])
+    proxy = FaultyProxy(recv.port)
+    send = _send_until_mid_disk(src, proxy.port, secret, src_disk)
     assert os.path.exists(target)
     proxy.cut()
     s, d = wait_result(send), wait_result(recv)
@@ -169,13 +194,30 @@ def test_a_migration_cut_mid_disk_leaves_the_guest_and_its_disk_on_the_source(vm
     recv.close()
     assert not os.path.exists(target), "the engine left its disk file behind"
     assert_guest_kept_running(src, dst)
-    _wait_disk_passes(src, _disk_passes(src) + 1)
-    src.client.pause()
-    with open(src_disk, "rb") as f:
-        f.seek(16 * MiB)
-        assert f.read(64 * MiB) == filler
-    report = parse_console(src.console_text())
-    assert report.errors == 0 and report.fails == [], report.fails
+    _assert_disk_intact_on_the_source(src, src_disk, filler)
+
+
+def test_a_destination_killed_mid_disk_leaves_the_guest_on_the_source(vms):
+    src, src_disk, filler = _big_disk_source(vms)
+    dst = vms.start("dst", incoming=True)
+    target = f"{vms.base}/new.img"
+    secret = new_secret()
+    secret_file = f"{vms.base}/secret"
+    with open(secret_file, "wb") as f:
+        f.write(secret)
+    proc, port = receiver_process(secret_file, dst, extra=["--disk", target])
+    send = _send_until_mid_disk(src, port, secret, src_disk)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s = wait_result(send)
+    assert s.result == Result.FAILED and not s.committed
+    assert s.guest_runs_here
+    send.close()
+    # a killed process cleans nothing up: its partial file, like the
+    # incoming VM, is the caller's to discard
+    assert os.path.exists(target)
+    assert_guest_kept_running(src, dst)
+    _assert_disk_intact_on_the_source(src, src_disk, filler)
 
 
 def test_a_destination_without_the_disks_refuses(vms):
