@@ -208,6 +208,50 @@ static int apply_pages(struct receiver *r, const struct nb_frame *f,
     return 0;
 }
 
+/*
+ * Take one frame of a page channel that is in round *round: PAGES and
+ * DISK frames apply (none after the final round), ROUND_END moves the
+ * channel to the next round.  -1 with err and *kind: the channel ends.
+ */
+static int take_frame(struct receiver *r, const struct nb_frame *f,
+                      uint32_t *round, int *kind, char *err)
+{
+    struct dest *d = r->dst;
+    struct nb_round_end end;
+    int slot = r->ch->index - 1;
+
+    *kind = NB_ERR_CORRUPT;
+    if ((f->type == NB_MSG_PAGES || f->type == NB_MSG_DISK) &&
+        *round > atomic_load(&d->final_round)) {
+        snprintf(err, NB_ERRLEN, "channel %d: %s frame after the final "
+                 "round %u (never applied)", slot + 1, nb_msg_name(f->type),
+                 atomic_load(&d->final_round));
+        return -1;
+    }
+    if (f->type == NB_MSG_PAGES) {
+        if (apply_pages(r, f, *round, err) == 0)
+            return 0;
+        *kind = r->kind ? r->kind : NB_ERR_CORRUPT;
+        return -1;
+    }
+    if (f->type == NB_MSG_DISK)
+        return nb_disk_apply(r->m, d->nrcv, slot + 1, &r->dzctx, f, *round, kind,
+                             err);
+    if (nb_round_end_parse(f, &end) < 0 || end.round != *round) {
+        snprintf(err, NB_ERRLEN, "channel %d: unexpected %s frame in round %u",
+                 slot + 1, nb_msg_name(f->type), *round);
+        return -1;
+    }
+    pthread_mutex_lock(&d->lock);
+    d->done_round[slot] = ++*round;
+    pthread_cond_broadcast(&d->cond);
+    pthread_mutex_unlock(&d->lock);
+    if (write(d->wake[1], "x", 1) < 0) {
+        /* the pipe is full: the control thread is awake anyway */
+    }
+    return 0;
+}
+
 static void *receiver_main(void *arg)
 {
     struct receiver *r = arg;
@@ -215,44 +259,16 @@ static void *receiver_main(void *arg)
     struct nb_mig *m = r->m;
     char err[NB_ERRLEN];
     uint32_t round = 0;
-    int slot = r->ch->index - 1, kind;
+    int kind;
 
     for (;;) {
         struct nb_frame f;
-        struct nb_round_end end;
-        kind = NB_ERR_CORRUPT;
         if (nb_recv_frame(r->ch, &f, NB_MAX_PAGES_FRAME, err) < 0) {
             kind = r->ch->err_kind;
             break;
         }
-        if ((f.type == NB_MSG_PAGES || f.type == NB_MSG_DISK) &&
-            round > atomic_load(&d->final_round)) {
-            snprintf(err, NB_ERRLEN, "channel %d: %s frame after the final "
-                     "round %u (never applied)", slot + 1, nb_msg_name(f.type),
-                     atomic_load(&d->final_round));
+        if (take_frame(r, &f, &round, &kind, err) < 0)
             break;
-        } else if (f.type == NB_MSG_PAGES) {
-            if (apply_pages(r, &f, round, err) < 0) {
-                kind = r->kind ? r->kind : NB_ERR_CORRUPT;
-                break;
-            }
-        } else if (f.type == NB_MSG_DISK) {
-            if (nb_disk_apply(m, d->nrcv, slot + 1, &r->dzctx, &f, round, &kind,
-                              err) < 0)
-                break;
-        } else if (nb_round_end_parse(&f, &end) == 0 && end.round == round) {
-            pthread_mutex_lock(&d->lock);
-            d->done_round[slot] = ++round;
-            pthread_cond_broadcast(&d->cond);
-            pthread_mutex_unlock(&d->lock);
-            if (write(d->wake[1], "x", 1) < 0) {
-                /* the pipe is full: the control thread is awake anyway */
-            }
-        } else {
-            snprintf(err, NB_ERRLEN, "channel %d: unexpected %s frame in round %u",
-                     slot + 1, nb_msg_name(f.type), round);
-            break;
-        }
     }
     /* a channel ending is normal once the session is over */
     pthread_mutex_lock(&m->lock);
