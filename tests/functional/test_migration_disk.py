@@ -235,6 +235,27 @@ def test_a_destination_without_the_disks_refuses(vms):
     assert_guest_kept_running(src, dst)
 
 
+def test_a_destination_pointed_at_the_sources_own_disk_refuses(vms):
+    # both halves on one host, one path: the destination must not
+    # truncate the disk the source is moving (the source's shared lock)
+    src_disk = _disk_file(vms, "src.img")
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    dst = vms.start("dst", incoming=True)
+    stress_ready(src)
+    _wait_disk_passes(src, 1)
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[src_disk])
+    send = start_send(src, recv.port, secret, disks=[src_disk])
+    s, d = wait_both(send, recv)
+    assert s.result == d.result == Result.FAILED
+    assert "is in use" in d.error and "is in use" in s.error, (d.error, s.error)
+    assert os.path.getsize(src_disk) == DISK
+    assert_guest_kept_running(src, dst)
+    _wait_disk_passes(src, _disk_passes(src) + 1)
+    report = parse_console(src.console_text())
+    assert report.errors == 0 and report.fails == [], report.fails
+
+
 def test_a_disk_of_another_block_size_is_refused_with_the_reason(vms):
     target = f"{vms.base}/new.img"
     dst = vms.start("dst", incoming=True)

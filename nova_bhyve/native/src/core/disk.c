@@ -10,6 +10,11 @@
  * destination creates a missing file (and removes it again if the
  * migration fails) or truncates an existing one, which then stays the
  * caller's: a failed migration leaves it truncated and partly written.
+ *
+ * Each side holds an advisory lock (flock) on its files for the session:
+ * the source a shared one, the destination an exclusive one taken before
+ * it truncates anything, so a destination pointed at a disk that a
+ * source on the same host is moving refuses instead of destroying it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -17,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zstd.h>
@@ -83,6 +89,17 @@ static int open_file(struct nb_disk *d, int flags, char *err)
     return 0;
 }
 
+/* Take the session's advisory lock on the file, without waiting. */
+static int lock_file(struct nb_disk *d, int how, char *err)
+{
+    if (flock(d->fd, how | LOCK_NB) == 0)
+        return 0;
+    snprintf(err, NB_ERRLEN, "disk %s is in use: %s", d->path,
+             errno == EWOULDBLOCK ? "another migration holds it (the source's "
+             "own disk, on this host?)" : strerror(errno));
+    return -1;
+}
+
 /* Size the bitmaps and term table of a disk of d->size bytes. */
 static int size_tables(struct nb_disk *d, int source, char *err)
 {
@@ -127,7 +144,8 @@ int nb_disk_open_source(struct nb_mig *m, struct nb_disk_spec *spec, char *err)
     }
     for (int i = 0; i < m->ndisks; i++) {
         struct nb_disk *d = &m->disk[i];
-        if (open_dir(d, err) < 0 || open_file(d, O_RDONLY, err) < 0)
+        if (open_dir(d, err) < 0 || open_file(d, O_RDONLY, err) < 0 ||
+            lock_file(d, LOCK_SH, err) < 0)
             return -NB_ERR_INVALID;
         if (d->size == 0 || d->size % 512 || d->size > NB_MAX_DISK_SIZE) {
             snprintf(err, NB_ERRLEN, "disk %s: %llu bytes is not a whole number "
@@ -149,11 +167,11 @@ static int create_or_truncate(struct nb_disk *d, char *err)
 {
     if (open_file(d, O_RDWR | O_CREAT | O_EXCL, err) == 0) {
         d->created = 1;
-        return 0;
+        return lock_file(d, LOCK_EX, err);
     }
     if (d->fd >= 0 || errno != EEXIST)
         return -1;
-    if (open_file(d, O_RDWR, err) < 0)
+    if (open_file(d, O_RDWR, err) < 0 || lock_file(d, LOCK_EX, err) < 0)
         return -1;
     if (ftruncate(d->fd, 0) < 0) {
         snprintf(err, NB_ERRLEN, "cannot truncate disk %s: %s", d->path,
