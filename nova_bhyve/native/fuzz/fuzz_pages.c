@@ -85,6 +85,7 @@ static void guest_init(void)
         M.keys.hash.nh[i] = (uint32_t)(i * 2654435761u);
     M.keys.hash.page_k0 = 1, M.keys.hash.page_k1 = 2;
     M.keys.hash.term_k0 = 3, M.keys.hash.term_k1 = 4;
+    M.disk_hz = nb_zero_page_hash(&M.keys.hash);
     disk_init(&M.disk[0], "fuzz-disk-0", DISK0_SIZE);
     disk_init(&M.disk[1], "fuzz-disk-1", DISK1_SIZE);
     M.ndisks = 2;

@@ -429,7 +429,7 @@ static int negotiate(struct dest *d, char *err)
     if ((kind = -nb_setup_memory(m, err)) > 0 ||
         (kind = -nb_disk_open_dest(m, &disks, err)) > 0)
         goto refused;
-    d->hz = nb_zero_page_hash(&m->keys.hash);
+    d->hz = m->disk_hz = nb_zero_page_hash(&m->keys.hash);
     d->nrcv = o.channels;
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;

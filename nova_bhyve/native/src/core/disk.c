@@ -333,8 +333,8 @@ static void set_block_term(struct nb_mig *m, int slot, int i, uint64_t b,
 static uint64_t term_of(struct nb_mig *m, int i, uint64_t b, const uint8_t *data,
                         uint32_t len)
 {
-    uint64_t hz = nb_zero_page_hash(&m->keys.hash);
-    return nb_disk_term((uint32_t)i, b, block_hash(m, data, len), hz, &m->keys.hash);
+    return nb_disk_term((uint32_t)i, b, block_hash(m, data, len), m->disk_hz,
+                        &m->keys.hash);
 }
 
 /*

@@ -47,6 +47,8 @@ struct nb_mig {
     struct { uint64_t sum; char pad[56]; } digest_part[NB_MAX_CHANNELS];
 
     int ndisks;                 /* disks moved with the memory */
+    uint64_t disk_hz;           /* H(0) under the session's keys (a zero
+                                 * block's hash), set once they exist */
     struct nb_disk disk[NB_MAX_DISKS];
     /* the disks' digest, kept per page channel as the memory's */
     struct { uint64_t sum; char pad[56]; } disk_part[NB_MAX_CHANNELS];

@@ -166,7 +166,7 @@ static int phase_handshake(struct source *src, char *err)
             (!m->p.plaintext_pages && nb_seal_start(c, m->keys.key, 1, err) < 0))
             return fail(src, c->err_kind);
     }
-    src->hz = nb_zero_page_hash(&m->keys.hash);
+    src->hz = m->disk_hz = nb_zero_page_hash(&m->keys.hash);
     if (nb_src_start_senders(src, err) < 0)
         return fail(src, NB_ERR_RESOURCE);
     return 0;
