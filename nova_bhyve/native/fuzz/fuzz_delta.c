@@ -1,7 +1,7 @@
 /*
  * Target "delta": the page decoders on their own.  nb_delta_decode of an
  * arbitrary record into a page; zstd decompression into one page with
- * the destination's exact call (core/dest.c, decode_record); and the
+ * the destination's exact call (core/receiver.c, decode_record); and the
  * delta encoder's round trip: decode(encode(old, cur)) applied to old
  * must give cur.
  *

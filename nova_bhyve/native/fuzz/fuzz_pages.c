@@ -1,6 +1,6 @@
 /*
  * Target "pages": a PAGES frame's payload applied as the destination's
- * receiver applies it (core/dest.c, apply_pages, included here so that
+ * receiver applies it (core/receiver.c, apply_pages, included here so that
  * its static functions are reachable): nb_pages_parse, nb_page_rec_parse,
  * the pfn and channel checks, and each encoding's decoder (ZERO, RAW
  * through write_pages or into the mapping, DELTA, ZSTD into one page),
@@ -22,7 +22,7 @@
  *        bit 2: a DISK frame, not PAGES
  *   channels: bits 0-1 session channels - 1, bits 2-3 this channel - 1
  */
-#include "../src/core/dest.c"
+#include "../src/core/receiver.c"
 
 #include <sys/mman.h>
 

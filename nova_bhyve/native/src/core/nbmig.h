@@ -1,5 +1,6 @@
 /*
- * Migration engine internals shared by engine.c, source.c and dest.c.
+ * Migration engine internals shared by the core's files (engine.c, the
+ * source's source.c and sender.c, the destination's dest.c and receiver.c).
  */
 #ifndef NB_MIG_INTERNAL_H
 #define NB_MIG_INTERNAL_H
