@@ -268,7 +268,7 @@ def _delta_cache(value):
 def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
             compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
             verify, timeout_ms, keep_paused=False, encrypt=True,
-            auto_converge=False, disks=(), keep):
+            auto_converge=False, disks=(), detached_disks=(), keep):
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
@@ -304,7 +304,19 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     keep += paths + [array]
     p.ndisks = len(paths)
     p.disk_paths = array
+    p.disks_detached = _detached_mask(disks, detached_disks)
     return p
+
+
+def _detached_mask(disks, detached):
+    """The engine's disks_detached bitmask: bit i for each of ``detached``."""
+    order = [str(path) for path in disks]
+    mask = 0
+    for path in detached:
+        if str(path) not in order:
+            raise InvalidRequest(f"detached disk {path} is not one of the disks")
+        mask |= 1 << order.index(str(path))
+    return mask
 
 
 class Migration:
@@ -328,12 +340,16 @@ class Migration:
              vmm_kind=VmmKind.TESTHOST, channels=2, compress="auto",
              zstd_level=1, delta_cache="auto", max_bandwidth=0,
              max_downtime_ms=300, verify="incremental", timeout_ms=30000,
-             keep_paused=False, encrypt=True, auto_converge=True, disks=()):
+             keep_paused=False, encrypt=True, auto_converge=True, disks=(),
+             detached_disks=()):
         """Start migrating the VM at ``vmm_target`` to ``host:port``.
 
         ``disks``: the VM's disk files, in the vmm's order, moved with its
         memory (their writes come from the vmm's dirty-block log; the
         destination must be given as many target files).
+        ``detached_disks``: those of ``disks`` the VM does not have attached
+        (nothing may write them meanwhile): they have no dirty-block log
+        and go whole in round 0; the others are the vmm's disks, in order.
 
         ``compress``: "auto" (zstd while the link is the bottleneck),
         "on" or "off".  ``delta_cache``: bytes, or "auto" (the guest's
@@ -351,7 +367,8 @@ class Migration:
             zstd_level=zstd_level, delta_cache=delta_cache,
             max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
             verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
-            encrypt=encrypt, auto_converge=auto_converge, disks=disks))
+            encrypt=encrypt, auto_converge=auto_converge, disks=disks,
+            detached_disks=detached_disks))
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,

@@ -5,7 +5,9 @@ import hashlib
 import os
 import signal
 
-from nova_bhyve.native.engine import Mode, Result
+import pytest
+
+from nova_bhyve.native.engine import InvalidRequest, Mode, Result
 from nova_bhyve.testhost.console import parse_console
 
 from .conftest import needs_kvm, wait_for
@@ -107,6 +109,45 @@ def test_live_migration_moves_memory_and_disk_together(vms):
     report = parse_console(src.console_text() + dst.console_text())
     assert report.errors == 0 and report.fails == [], report.fails
     assert report.sequence_breaks() == []
+
+
+def test_a_detached_disk_goes_whole_in_round_0_beside_the_attached_one(vms):
+    # a swap or ephemeral file the VM does not have open: no dirty-block
+    # log to read, nothing writes it; round 0 must carry all of its data
+    src_disk, dst_disk = _disk_file(vms, "src.img"), _disk_file(vms, "dst.img")
+    extra = os.urandom(256 * 1024)
+    src_extra = _disk_file(vms, "src.swap", 2 * MiB)
+    with open(src_extra, "r+b") as f:
+        f.seek(MiB)
+        f.write(extra)
+    dst_extra = f"{vms.base}/dst.swap"              # the engine creates it
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    dst = vms.start("dst", incoming=True, disk=dst_disk)
+    stress_ready(src)
+    _wait_disk_passes(src, 1)
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[dst_disk, dst_extra])
+    send = start_send(src, recv.port, secret, disks=[src_disk, src_extra],
+                      detached_disks=[src_extra], max_downtime_ms=100,
+                      max_bandwidth=8 * MiB, compress="off")
+    s, d = wait_both(send, recv, timeout=120)
+    assert s.result == Result.COMPLETED, s.error
+    assert d.result == Result.COMPLETED, d.error
+    assert s.disk_digest == d.disk_digest != 0
+    assert s.disk_total == d.disk_total == DISK + 2 * MiB
+    assert src.stop() == 1
+    # the guest, running on the destination, writes its attached disk
+    # (the digests compared that one); nothing writes the detached one
+    assert _sha(src_extra) == _sha(dst_extra)
+    assert_guest_continued(src, dst)
+
+
+def test_a_detached_disk_beyond_the_disks_given_is_refused(vms):
+    src_disk = _disk_file(vms, "src.img")
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    with pytest.raises(InvalidRequest, match="not one of the disks"):
+        start_send(src, 1, new_secret(), disks=[src_disk],
+                   detached_disks=[f"{vms.base}/other"])
 
 
 def test_warm_migration_with_full_verification_reads_the_disks_back(vms):

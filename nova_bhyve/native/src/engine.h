@@ -89,6 +89,12 @@ struct nb_mig_params {
                                  * to write, created or truncated to the size
                                  * the source announces.  Opened without
                                  * following a link as the last component. */
+    uint32_t disks_detached;    /* source: bit i set: disk i is not attached
+                                 * to the VM (a swap or ephemeral file it
+                                 * does not have open), so nothing may write
+                                 * it while it moves: it has no dirty-block
+                                 * log and is sent whole in round 0.  The
+                                 * attached disks are the vmm's, in order. */
 };
 
 struct nb_round_stat {

@@ -128,15 +128,25 @@ static void publish_total(struct nb_mig *m)
     pthread_mutex_unlock(&m->lock);
 }
 
+/* The disks attached to the VM (a detached one has no dirty-block log). */
+static int attached_disks(const struct nb_mig *m)
+{
+    int n = 0;
+    for (int i = 0; i < m->ndisks; i++)
+        n += m->disk[i].vmm_index >= 0;
+    return n;
+}
+
 /*
  * Source: open every disk read-only and describe them for the preamble.
- * The vmm must report their writes (a dirty-block log) whatever the
- * mode, and agree on each disk's size.  Returns 0 or the negated kind.
+ * The vmm must report the attached disks' writes (a dirty-block log)
+ * whatever the mode, and agree on each one's size.  Returns 0 or the
+ * negated kind.
  */
 int nb_disk_open_source(struct nb_mig *m, struct nb_disk_spec *spec, char *err)
 {
     memset(spec, 0, sizeof(*spec));
-    if (m->ndisks && !m->vmm.ops->disk_dirty_log) {
+    if (attached_disks(m) && !m->vmm.ops->disk_dirty_log) {
         snprintf(err, NB_ERRLEN, "moving disks with the migration is not "
                  "supported on %s yet (its vmm port has no dirty-block log)",
                  m->vmm.ops->kind);
@@ -242,8 +252,9 @@ uint64_t nb_disk_total_blocks(const struct nb_mig *m)
 }
 
 /*
- * Source: read (and clear) every disk's dirty-block log and add it to the
- * blocks pending; *pending = how many are pending now.
+ * Source: read (and clear) every attached disk's dirty-block log and add
+ * it to the blocks pending; *pending = how many are pending now.  A
+ * detached disk has no log: nothing writes it, so round 0 sent it whole.
  */
 int nb_disk_sync(struct nb_mig *m, uint64_t *pending, char *err)
 {
@@ -251,10 +262,11 @@ int nb_disk_sync(struct nb_mig *m, uint64_t *pending, char *err)
 
     for (int i = 0; i < m->ndisks; i++) {
         struct nb_disk *d = &m->disk[i];
-        if (m->vmm.ops->disk_dirty_log(&m->vmm, i, d->log, d->words, &nblocks,
-                                       err) < 0)
+        if (d->vmm_index >= 0 &&
+            m->vmm.ops->disk_dirty_log(&m->vmm, d->vmm_index, d->log, d->words,
+                                       &nblocks, err) < 0)
             return -1;
-        if (nblocks != d->blocks) {
+        if (d->vmm_index >= 0 && nblocks != d->blocks) {
             snprintf(err, NB_ERRLEN, "disk %d: the VM's dirty-block log covers "
                      "%llu blocks, but %s has %llu", i,
                      (unsigned long long)nblocks, d->path,
@@ -262,7 +274,7 @@ int nb_disk_sync(struct nb_mig *m, uint64_t *pending, char *err)
             return -1;
         }
         for (size_t w = 0; w < d->words; w++) {
-            d->pending[w] |= d->log[w];
+            d->pending[w] |= d->vmm_index >= 0 ? d->log[w] : 0;
             n += (uint64_t)__builtin_popcountll(d->pending[w]);
         }
     }

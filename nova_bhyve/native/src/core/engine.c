@@ -263,6 +263,9 @@ static int validate_params(const struct nb_mig_params *p, int is_source, char *e
              (p->ndisks && !p->disk_paths))
         snprintf(err, NB_ERRLEN, "ndisks must be 0..%d, with as many disk paths",
                  NB_MAX_DISKS);
+    else if (p->disks_detached >> p->ndisks)
+        snprintf(err, NB_ERRLEN, "disks_detached names a disk beyond the %d given",
+                 p->ndisks);
     else
         return valid_disk_paths(p, err);
     return -1;
@@ -311,6 +314,22 @@ static int bind_listener(struct nb_mig *m, char *err)
     return 0;
 }
 
+/* The session's own copies of the disks' paths, and each one's vmm number
+ * (the attached disks in order; -1 for a detached one). */
+static int take_disks(struct nb_mig *m, const struct nb_mig_params *p)
+{
+    for (int i = 0; i < NB_MAX_DISKS; i++)
+        m->disk[i].fd = m->disk[i].dirfd = -1;
+    m->ndisks = p->ndisks;
+    m->p.disk_paths = NULL;     /* the private copies are m->disk[i].path */
+    for (int i = 0, vmm = 0; i < p->ndisks; i++) {
+        m->disk[i].vmm_index = p->disks_detached >> i & 1 ? -1 : vmm++;
+        if (!(m->disk[i].path = strdup(p->disk_paths[i])))
+            return -1;
+    }
+    return 0;
+}
+
 static struct nb_mig *session_new(const struct nb_mig_params *p, int is_source,
                                   char *err)
 {
@@ -323,7 +342,9 @@ static struct nb_mig *session_new(const struct nb_mig_params *p, int is_source,
     m->host = p->host ? strdup(p->host) : NULL;
     m->target = strdup(p->vmm_target);
     m->secret = malloc(p->secret_len);
-    if (!m->target || !m->secret || (p->host && !m->host)) {
+    if (!m->target || !m->secret || (p->host && !m->host) ||
+        take_disks(m, p) < 0) {
+        nb_disk_close(m);
         free(m->host);
         free(m->target);
         free(m->secret);
@@ -332,20 +353,6 @@ static struct nb_mig *session_new(const struct nb_mig_params *p, int is_source,
         return NULL;
     }
     memcpy(m->secret, p->secret, p->secret_len);
-    for (int i = 0; i < NB_MAX_DISKS; i++)
-        m->disk[i].fd = m->disk[i].dirfd = -1;
-    m->ndisks = p->ndisks;
-    for (int i = 0; i < p->ndisks; i++)
-        if (!(m->disk[i].path = strdup(p->disk_paths[i]))) {
-            nb_disk_close(m);
-            free(m->host);
-            free(m->target);
-            free(m->secret);
-            free(m);
-            snprintf(err, NB_ERRLEN, "out of memory");
-            return NULL;
-        }
-    m->p.disk_paths = NULL;     /* the private copies are m->disk[i].path */
     m->p.host = m->host;
     m->p.vmm_target = m->target;
     m->p.secret = m->secret;

@@ -24,6 +24,9 @@ struct nb_disk {
     int dirfd, fd;              /* its directory, the file (-1: not open) */
     char name[256];             /* the last component, beneath dirfd */
     int created;                /* destination: this session created the file */
+    int vmm_index;              /* source: the vmm's number of the disk, whose
+                                 * dirty-block log it reads; -1: detached
+                                 * (not the VM's: nothing writes it) */
     uint64_t size, blocks;      /* bytes, NB_DISK_BLOCK blocks (last may be short) */
     size_t words;               /* 64-bit words of a block bitmap */
     uint64_t *pending;          /* source: blocks the next round sends */
