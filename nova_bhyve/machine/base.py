@@ -225,6 +225,12 @@ class Backend(abc.ABC):
         """Return {disk name: path} of every disk of the guest, root first."""
         return {ROOT_DISK: self.disk_path(uuid)}
 
+    def detached_disks(self, uuid):
+        """Return the names of the guest's disks its running VM does not
+        have open (nothing writes them while it runs); the others' writes
+        are in the vmm's dirty-block log, in ``disk_paths`` order."""
+        return []
+
     def grow_disk(self, uuid, size, name=ROOT_DISK):
         """Grow disk ``name`` to ``size`` bytes (never shrinks it)."""
         raise self._no_migration("resize disks")

@@ -3,9 +3,7 @@
 Each instance has a directory ``<instances_path>/<uuid>/`` holding its disks
 (``disk``, a sparse raw file made from the cached Glance image, and
 ``disk.swap``, ``disk.eph0``… for the flavor's swap and ephemeral disks,
-blank sparse raw files; the test host's VM attaches no disks at all, so
-the guest payload reads none of them: they are the files a bhyve guest
-would get as virtio-blk disks) and while suspended the checkpoint set
+blank sparse raw files) and while suspended the checkpoint set
 ``checkpoint``, ``checkpoint.kern``, ``checkpoint.meta``; that directory
 may be on storage shared with other hosts.  This host's own files about
 the guest are in ``<[bhyve] runtime_path>/<uuid>/``: ``machine.json``
@@ -17,6 +15,15 @@ removed with its last tap), in the network namespace ``[bhyve]
 testhost_netns`` when set, through the privileged helper.  The test host's
 VMs have no NIC device: the tap is the host side a bhyve guest's
 virtio-net would use, and it carries no guest traffic here.
+
+The root disk is the VM's ATA disk (``nb-testhost --disk``: the guest
+payload reads and writes it with ``disk=1``; its writes go to the
+dirty-block log the migration engine reads), if its size suits the drive
+(whole 512-byte sectors, at least 4 KiB, LBA28: ``attachable``); a root
+disk that does not, such as an image of odd size, is left detached and
+the guest runs without a disk.  The swap and ephemeral files are never
+attached: they stand for the disks a bhyve guest would get as further
+virtio-blk disks, and nothing writes them while the guest runs here.
 
 The guest payload is the bundled ``guest.elf``; its command line comes
 from the image property ``bhyve_testhost_cmdline`` (default
@@ -59,6 +66,9 @@ LOG = logging.getLogger(__name__)
 
 MAX_SOCKET_PATH = 107
 CMDLINE_MAX = 256
+SECTOR = 512
+MIN_DISK = 4096             # one dirty-log block
+MAX_SECTORS = (1 << 28) - 1     # LBA28
 ARCH = "x86_64"            # the only guests the test host runs
 _STATUS_TO_STATE = {
     "running": MachineState.RUNNING,
@@ -76,6 +86,16 @@ def validate_cmdline(cmdline):
             f"of at most {CMDLINE_MAX} characters (image property "
             "bhyve_testhost_cmdline)")
     return cmdline
+
+
+def attachable(path):
+    """True if ``path`` can be the test host's ATA disk (``--disk``)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    return (size >= MIN_DISK and size % SECTOR == 0 and
+            size // SECTOR <= MAX_SECTORS)
 
 
 class TestHostBackend(SupervisedMachines, Backend):
@@ -181,6 +201,9 @@ class TestHostBackend(SupervisedMachines, Backend):
         argv = [self._binary(), "--name", spec["uuid"], "--rundir",
                 self._run_dir(spec["uuid"]), "--mem", f"{spec['memory_mb']}M",
                 "--cpus", str(spec["vcpus"])]
+        root = self._path(spec["uuid"], "disk")
+        if attachable(root):
+            argv += ["--disk", root]
         if incoming:
             return argv + ["--incoming"]
         return argv + ["--kernel", self._kernel(), "--cmdline", spec["cmdline"]]
@@ -462,6 +485,17 @@ class TestHostBackend(SupervisedMachines, Backend):
         """Return {name: path} of the root, swap and ephemeral disk files."""
         disks = self._record(uuid)["spec"]["disks"]
         return {d.get("name", ROOT_DISK): d["path"] for d in disks}
+
+    def detached_disks(self, uuid):
+        """Return the names of the disks the running VM does not have open.
+
+        The swap and ephemeral files always; the root disk too if the VM
+        runs without it (the test host's status says so).
+        """
+        names = list(self.disk_paths(uuid))
+        with self._client(uuid) as client:
+            has_root = int(client.status().get("disk_size", 0)) > 0
+        return [n for n in names if n != ROOT_DISK or not has_root]
 
     def grow_disk(self, uuid, size, name=ROOT_DISK):
         """Extend a sparse disk file to ``size`` bytes if it is smaller."""

@@ -18,18 +18,19 @@ field                      set by                content
 =========================  ====================  ==============================
 
 Tags: ``dst_dirty_log`` and ``mode`` (``live``/``warm``), ``src_key`` and
-``dst_key`` (X25519 public keys, base64), ``disk_ports``
-(``name:port,…``, one listener per disk).
+``dst_key`` (X25519 public keys, base64), ``disks`` (``name,…``: the disks
+the destination's engine receives, in that order; absent when none move).
 
 The per-migration secret never travels and is never logged.  The source
 puts an ephemeral X25519 public key in the data during
 ``check_can_live_migrate_source`` and keeps the private half in memory; the
 destination answers with its own public key from ``pre_live_migration``.
-Each side derives the same secrets with HKDF-SHA256 over the X25519 shared
-value, salted with the instance UUID: one for the memory engine, one for
-the disk copy.  Nova logs migrate_data at DEBUG ("pre_live_migration data
-is ...", "live_migration data is ..."); those lines show the public keys,
-the address and the port, from which the secret cannot be computed.
+Each side derives the same secret with HKDF-SHA256 over the X25519 shared
+value, salted with the instance UUID: the engine's, which authenticates
+and encrypts the one session that moves memory and disks.  Nova logs
+migrate_data at DEBUG ("pre_live_migration data is ...", "live_migration
+data is ..."); those lines show the public keys, the address and the
+port, from which the secret cannot be computed.
 """
 
 import base64
@@ -121,13 +122,12 @@ def _peer_key(text):
 
 
 class Secrets:
-    """The two secrets of one migration (never logged, no repr)."""
+    """The secret of one migration (never logged, no repr)."""
 
-    __slots__ = ("memory", "disk")
+    __slots__ = ("memory",)
 
-    def __init__(self, memory, disk):
+    def __init__(self, memory):
         self.memory = memory
-        self.disk = disk
 
     def __repr__(self):
         return "Secrets(<hidden>)"
@@ -137,13 +137,9 @@ def derive(private, peer_public_b64, instance_uuid):
     """Return the Secrets both sides compute from the key exchange."""
     shared = private.exchange(_peer_key(peer_public_b64))
 
-    def hkdf(label):
-        """HKDF-SHA256 of the shared value for one purpose."""
-        return HKDF(algorithm=hashes.SHA256(), length=32,
-                    salt=instance_uuid.encode(),
-                    info=b"nova-bhyve live migration " + label).derive(shared)
-
-    return Secrets(hkdf(b"memory"), hkdf(b"disk"))
+    return Secrets(HKDF(algorithm=hashes.SHA256(), length=32,
+                        salt=instance_uuid.encode(),
+                        info=b"nova-bhyve live migration memory").derive(shared))
 
 
 class KeyStore:

@@ -7,9 +7,11 @@ with its events.  The driver adds its own events to that action:
 - ``bhyve_live_migration_<mode>`` (``live`` or ``warm``): the engine run;
   an error result carries the reason in the event's details;
 - ``bhyve_switchover mode=.. downtime=..ms total=..ms bytes=.. rounds=..
-  throttle=..% predicted=..ms``: the measured figures of a completed live
-  migration, and the pause the engine predicted when it switched over;
-- ``bhyve_disk_copy bytes=.. seconds=..``: a disk moved between hosts.
+  throttle=..% predicted=..ms disk_bytes=.. disk_blocks=..``: the measured
+  figures of a completed live migration (its disks moved in the same
+  engine session: their bytes on the wire and blocks sent), and the pause
+  the engine predicted when it switched over;
+- ``bhyve_disk_copy bytes=.. seconds=..``: a cold migration's disk copy.
 
 Event names are unique within an action, so figures go into the name.
 Failing to record an event never fails the migration.

@@ -8,12 +8,16 @@ Call order (``doc/migration.md`` has the whole story):
    instances path moves no disk: no block migration; a local one needs
    one), disk space, mode (live or warm), the source's key share;
 3. destination ``cleanup_live_migration_destination_check``;
-4. destination ``pre_live_migration``: instance files, VIFs, an incoming
-   VM, the memory and disk listeners; returns their address, the port and
-   its key share in migrate_data (``nova_bhyve.migration.data``);
-5. source ``live_migration``: pushes the disks (unless the instances path
-   is shared), runs the engine and a monitor, then calls exactly one of
-   ``post_method``/``recover_method``;
+4. destination ``pre_live_migration``: instance files (the disks sized
+   as the source's), VIFs, an incoming VM, the engine's listener (which
+   also receives the disks unless the instances path is shared); returns
+   its address, port, key share and disk names in migrate_data
+   (``nova_bhyve.migration.data``);
+5. source ``live_migration``: runs the engine, which moves the memory and,
+   unless the instances path is shared, every disk in one authenticated,
+   encrypted session (the disks the VM has open through its dirty-block
+   log, the others whole in round 0), and a monitor; then calls exactly
+   one of ``post_method``/``recover_method``;
 6. success: ``post_live_migration`` (the paused source VM is destroyed),
    ``post_live_migration_at_source``, ``cleanup``,
    ``post_live_migration_at_destination``; failure:
@@ -36,7 +40,7 @@ from oslo_serialization import jsonutils
 from nova import exception, objects
 from nova_bhyve import guest, polling
 from nova_bhyve.machine.base import MachineError, MachineState
-from nova_bhyve.migration import checks, diskcopy, events, orphans, policy
+from nova_bhyve.migration import checks, events, orphans, policy
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.native.engine import (
     Migration,
@@ -73,10 +77,9 @@ class _Outgoing:
 
 @dataclasses.dataclass
 class _Incoming:
-    """The destination's listeners for one migration."""
+    """The destination's engine listener for one migration."""
 
     recv: object
-    disks: list = dataclasses.field(default_factory=list)
 
     def handed_over(self):
         """True once the guest was committed here or runs here."""
@@ -84,9 +87,7 @@ class _Incoming:
         return bool(stats.committed or stats.guest_runs_here)
 
     def close(self, cancel=False):
-        """Free the listeners (cancelling an unfinished receive)."""
-        for disk in self.disks:
-            disk.close()
+        """Free the listener (cancelling an unfinished receive)."""
         if cancel and not self.recv.stats().finished:
             try:
                 self.recv.cancel()
@@ -244,7 +245,7 @@ class LiveMigrationMixin:
     # -- destination -------------------------------------------------------
     def pre_live_migration(self, context, instance, block_device_info,
                            network_info, disk_info, migrate_data):
-        """Prepare files, VIFs, an incoming VM and the listeners here."""
+        """Prepare files, VIFs, an incoming VM and the engine's listener."""
         uuid = instance.uuid
         if self._unmovable_devices(instance, block_device_info):
             raise exception.MigrationError(
@@ -268,33 +269,28 @@ class LiveMigrationMixin:
                                 block_device_info)
         incoming = None
         try:
+            disks = {}
             if shared:      # the disks are here already: use them
                 self.backend.adopt(instance, spec)
             else:
                 self.backend.create(context, instance, spec,
                                     objects.ImageMeta.from_dict({}))
+                disks = self._size_incoming_disks(uuid, disk_info)
             self.backend.plug_vifs(spec)
             self.backend.start_incoming(uuid)
             kind, target = self.backend.migration_vmm(uuid)
+            # the engine writes the disks beneath their directory, never
+            # through a link, and removes the ones it made if it fails
             recv = Migration.receive(
                 vmm_target=target, vmm_kind=_VMM[kind], secret=secrets.memory,
                 host=addr, port=0, verify=CONF.bhyve.live_migration_verify,
                 timeout_ms=CONF.bhyve.live_migration_listen_timeout * 1000,
-                keep_paused=instance.vm_state == "paused")
+                keep_paused=instance.vm_state == "paused",
+                disks=list(disks.values()))
             incoming = _Incoming(recv)
-            if migrate_data.block_migration and not shared:
-                ports = []
-                limit = max(instance.flavor.root_gb << 30,
-                            _disk_size(disk_info))
-                for name, path in self.backend.disk_paths(uuid).items():
-                    incoming.disks.append(diskcopy.DiskListener(
-                        path, diskcopy.disk_secret(secrets.disk, name),
-                        diskcopy.RECEIVE, addr,
-                        CONF.bhyve.live_migration_listen_timeout,
-                        max_size=max(limit, os.path.getsize(path))))
-                    ports.append(f"{name}:{incoming.disks[-1].port}")
-                mdata.put(migrate_data, "disk_ports", ",".join(ports))
-        except (MachineError, MigrationError, diskcopy.DiskCopyError) as exc:
+            if disks:
+                mdata.put(migrate_data, "disks", ",".join(disks))
+        except (MachineError, MigrationError) as exc:
             if incoming is not None:
                 incoming.close(cancel=True)
             self.backend.destroy(uuid)
@@ -311,6 +307,27 @@ class LiveMigrationMixin:
         LOG.info("Waiting for the guest on %s", migrate_data.target_connect_addr,
                  instance=instance)
         return migrate_data
+
+    def _size_incoming_disks(self, uuid, disk_info):
+        """Size this host's disk files as the source's; return {name: path}.
+
+        The incoming VM opens its disk at that size; the engine then
+        rewrites every file with the source's content.
+        """
+        sizes = _source_sizes(disk_info)
+        paths = self.backend.disk_paths(uuid)
+        for name, path in paths.items():
+            size = sizes.get(os.path.basename(path))
+            if size is None:
+                raise MigrationError(
+                    f"the source reports no disk {os.path.basename(path)} "
+                    f"(its disks: {', '.join(sorted(sizes)) or 'none'})")
+            self.backend.grow_disk(uuid, size, name)
+            if os.path.getsize(path) != size:
+                raise MigrationError(
+                    f"disk {name} is {os.path.getsize(path)} bytes here and "
+                    f"{size} on the source")
+        return paths
 
     def post_live_migration_at_destination(self, context, instance,
                                            network_info, block_migration=False,
@@ -384,7 +401,7 @@ class LiveMigrationMixin:
     def live_migration(self, context, instance, dest, post_method,
                        recover_method, block_migration=False,
                        migrate_data=None):
-        """Copy disk and memory to ``dest``; then call post or recover."""
+        """Move memory and disks to ``dest``; then call post or recover."""
         uuid = instance.uuid
         out = _Outgoing()
         self._outgoing[uuid] = out
@@ -398,8 +415,7 @@ class LiveMigrationMixin:
         try:
             stats = self._run_outgoing(context, instance, migrate_data, out,
                                        mode)
-        except (MachineError, MigrationError, diskcopy.DiskCopyError,
-                mdata.MigrateDataError) as exc:
+        except (MachineError, MigrationError, mdata.MigrateDataError) as exc:
             error, stats = str(exc), out.final
         except Exception as exc:
             LOG.exception("Live migration failed unexpectedly",
@@ -456,7 +472,7 @@ class LiveMigrationMixin:
             recover_method(context, instance, dest, migrate_data)
 
     def _run_outgoing(self, context, instance, migrate_data, out, mode):
-        """Push the disk, run the engine to its end; return its last stats."""
+        """Run the engine (memory and disks) to its end; return its last stats."""
         uuid = instance.uuid
         private = self._lm_keys.take(uuid)
         if private is None:
@@ -468,16 +484,9 @@ class LiveMigrationMixin:
         host, port = mdata.parse_addr(migrate_data.target_connect_addr)
         migration = migrate_data.migration
         t0 = time.monotonic()
-        disks = ()
-        if _shared(migrate_data):
-            LOG.info("The disks stay on the shared instances path; only "
-                     "memory and device state move", instance=instance)
-        elif migrate_data.block_migration:
-            disks = self._push_disks(
-                context, instance, migration, host,
-                _parse_ports(mdata.require(migrate_data, "disk_ports")),
-                secrets, out)
-        gb = policy.data_gb(instance.flavor.memory_mb, disks)
+        disks, detached = self._outgoing_disks(instance, migrate_data)
+        gb = policy.data_gb(instance.flavor.memory_mb,
+                            [os.path.getsize(p) for p in disks])
         steps = policy.downtime_steps(CONF.bhyve, gb)
         kind, target = self.backend.migration_vmm(uuid)
         opts = CONF.bhyve
@@ -496,7 +505,8 @@ class LiveMigrationMixin:
                 max_downtime_ms=steps[0][1],
                 verify=opts.live_migration_verify,
                 timeout_ms=SOURCE_TIMEOUT_MS,
-                keep_paused=instance.vm_state == "paused"))
+                keep_paused=instance.vm_state == "paused",
+                disks=disks, detached_disks=detached))
             if out.force:
                 out.mig.handle.force_complete()
         LOG.info("Migrating the guest to %s:%s in %s mode", host, port, mode,
@@ -510,45 +520,30 @@ class LiveMigrationMixin:
                 out.stopping = True
             out.final = _stop(out.mig.handle, instance)
 
-    def _push_disks(self, context, instance, migration, host, ports,
-                    secrets, out):
-        """Send every disk to the destination's listener for it; return sizes."""
-        paths = self.backend.disk_paths(instance.uuid)
-        missing = set(paths) - set(ports)
-        if missing:
-            raise MigrationError(f"the destination has no listener for disk "
-                                 f"{', '.join(sorted(missing))}")
-        interval = CONF.bhyve.live_migration_monitor_interval
-        last = [0.0]
-        seen = {}       # disk name: (bytes sent, bytes of data to send)
+    def _outgoing_disks(self, instance, migrate_data):
+        """Return (disk paths to move, those the VM does not have open).
 
-        def progress_of(name):
-            def progress(done, total):
-                """Save the disks' copy progress every monitor interval."""
-                seen[name] = (done, total)
-                if time.monotonic() - last[0] >= interval:
-                    last[0] = time.monotonic()
-                    sent = sum(d for d, _t in seen.values())
-                    total = sum(t for _d, t in seen.values())
-                    _set_bytes(migration, "disk", total, sent, total - sent)
-                    _save(migration, instance)
-            return progress
-
-        t0 = time.monotonic()
-        sizes = []
-        for name, path in paths.items():
-            sizes.append(diskcopy.copy(
-                host, ports[name], diskcopy.disk_secret(secrets.disk, name),
-                path, diskcopy.SEND, CONF.bhyve.disk_transfer_timeout,
-                progress=progress_of(name), cancelled=lambda: out.abort))
-        seconds = time.monotonic() - t0
-        LOG.info("Disks %s (%d bytes) copied to %s in %.1f s",
-                 ", ".join(paths), sum(sizes), host, seconds,
-                 instance=instance)
-        events.record(context, instance, self._nodename(),
-                      f"bhyve_disk_copy bytes={sum(sizes)} "
-                      f"seconds={seconds:.1f}")
-        return tuple(sizes)
+        None on a shared instances path; else every disk, in the order the
+        destination's engine writes them (its ``disks`` tag).
+        """
+        uuid = instance.uuid
+        if _shared(migrate_data):
+            LOG.info("The disks stay on the shared instances path; only "
+                     "memory and device state move", instance=instance)
+            return [], []
+        if not migrate_data.block_migration:
+            return [], []
+        paths = self.backend.disk_paths(uuid)
+        theirs = mdata.require(migrate_data, "disks").split(",")
+        if theirs != list(paths):
+            raise MigrationError(
+                f"the destination prepared disks {', '.join(theirs)}; this "
+                f"guest has {', '.join(paths)}")
+        detached = self.backend.detached_disks(uuid)
+        LOG.info("Moving disks %s with the memory (%s not attached to the "
+                 "VM: sent whole)", ", ".join(paths),
+                 ", ".join(detached) or "none", instance=instance)
+        return list(paths.values()), [paths[n] for n in detached]
 
     def _monitor(self, instance, migration, out, steps, timeout, t0, live):
         """Drive downtime steps and the timeout; report progress."""
@@ -618,7 +613,7 @@ class LiveMigrationMixin:
                 return              # the engine has ended; nothing to cancel
             out.abort = True
             if out.mig is None:
-                return              # the disk copy sees the flag
+                return              # seen before the engine starts
             try:
                 out.mig.handle.cancel()
             except MigrationError as exc:
@@ -720,22 +715,14 @@ def _shared(migrate_data):
                 migrate_data.is_shared_instance_path)
 
 
-def _parse_ports(text):
-    """Return {disk name: port} from the destination's ``disk_ports`` tag."""
+def _source_sizes(disk_info):
+    """Return {file name: bytes} of the source's disks (its ``disk_info``)."""
     try:
-        return {name: int(port) for name, port in
-                (item.split(":") for item in text.split(","))}
-    except ValueError:
-        raise mdata.MigrateDataError(
-            f"migrate_data disk_ports {text!r} is not name:port,…") from None
-
-
-def _disk_size(disk_info):
-    try:
-        return max(int(d["virt_disk_size"])
-                   for d in jsonutils.loads(disk_info or "[]"))
-    except (ValueError, KeyError, TypeError):
-        return 0
+        return {os.path.basename(d["path"]): int(d["virt_disk_size"])
+                for d in jsonutils.loads(disk_info or "[]")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MigrationError(f"the source's disk_info is not a list of "
+                             f"disks with path and size: {exc}") from None
 
 
 def _set_bytes(migration, kind, total, processed, remaining):
@@ -758,9 +745,12 @@ def _save(migration, instance):
 
 
 def _report(instance, migration, stats):
-    """Write memory totals into the Migration and the instance progress."""
+    """Write memory and disk totals into the Migration, and the instance
+    progress."""
     total, processed, remaining = policy.memory_progress(stats)
     _set_bytes(migration, "memory", total, processed, remaining)
+    if stats.disk_total:
+        _set_bytes(migration, "disk", *policy.disk_progress(stats))
     _save(migration, instance)
     try:
         instance.progress = policy.percent_done(total, remaining)

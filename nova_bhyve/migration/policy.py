@@ -10,6 +10,7 @@ from nova_bhyve.native.engine import ErrorKind, Result
 GiB = 1 << 30
 MiB = 1 << 20
 MIN_DATA_GB = 2           # as libvirt: small guests count as 2 GiB
+DISK_BLOCK = 4096         # the engine's disk block (PROTOCOL.md, "Disk records")
 
 
 def data_gb(memory_mb, disk_bytes=()):
@@ -59,6 +60,24 @@ def memory_progress(stats):
     return total, stats.bytes_transferred, remaining
 
 
+def disk_progress(stats):
+    """Return (total, processed, remaining) bytes of the disks moved.
+
+    Processed counts every block sent, a block the guest rewrote once per
+    copy; remaining is what round 0 has not read yet, then the blocks
+    pending at the last sync.
+    """
+    total = stats.disk_total
+    processed = stats.disk_blocks * DISK_BLOCK
+    if stats.finished and stats.committed:
+        remaining = 0
+    elif stats.round == 0:
+        remaining = max(0, total - processed)
+    else:
+        remaining = min(total, stats.dirty_blocks * DISK_BLOCK)
+    return total, processed, remaining
+
+
 def percent_done(total, remaining):
     """Return the instance progress (0..100) for memory left to copy."""
     if total <= 0:
@@ -71,7 +90,9 @@ def summary(stats, throttle_peak=0):
 
     The downtime is the engine's measure: from pausing the guest on the
     source until the destination reports it running (never shown below 0);
-    ``predicted`` the pause the engine expected when it chose to switch.
+    ``predicted`` the pause the engine expected when it chose to switch;
+    ``disk_bytes`` and ``disk_blocks`` what the disks cost on the wire
+    (0 when none moved: a shared instances path).
     """
     return (f"mode={stats.mode.name.lower()} "
             f"downtime={max(0.0, stats.downtime_ms):.1f}ms "
@@ -79,7 +100,8 @@ def summary(stats, throttle_peak=0):
             f"bytes={stats.bytes_transferred} "
             f"rounds={len(stats.rounds)} "
             f"throttle={throttle_peak}% "
-            f"predicted={max(0.0, stats.expected_downtime_ms):.1f}ms")
+            f"predicted={max(0.0, stats.expected_downtime_ms):.1f}ms "
+            f"disk_bytes={stats.disk_bytes} disk_blocks={stats.disk_blocks}")
 
 
 def outcome(stats, aborted):

@@ -13,7 +13,6 @@ from nova_bhyve import polling
 from nova_bhyve.machine.base import HostFacts
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration import live
-from nova_bhyve.migration.diskcopy import copy as REAL_COPY
 from nova_bhyve.native.engine import (
     ErrorKind,
     MigrationError,
@@ -34,7 +33,8 @@ def _stats(**kw):
                 max_downtime_ms=100, downtime_ms=0.0, total_ms=0.0,
                 committed=False, guest_runs_here=True, rounds=(), error="",
                 error_kind=ErrorKind.NONE, mode=Mode.LIVE, throttle=0,
-                delta_cache_bytes=0, compressing=0)
+                delta_cache_bytes=0, compressing=0, disk_total=0,
+                disk_bytes=0, disk_blocks=0, dirty_blocks=0)
     base.update(kw)
     st = types.SimpleNamespace(**base)
     st.finished = st.result != Result.RUNNING
@@ -81,20 +81,22 @@ class FakeSend:
 
 
 @pytest.fixture
-def env(driver, monkeypatch):
+def env(driver, monkeypatch, tmp_path):
     drv = driver
     drv.backend.can_migrate = True
     drv.backend.has_dirty_log = True
     drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
-    drv.backend.disk_path.return_value = "/run/x/disk"
-    drv.backend.disk_paths.return_value = {"disk": "/run/x/disk"}
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"d" * 65536)
+    drv.backend.disk_path.return_value = str(disk)
+    drv.backend.disk_paths.return_value = {"disk": str(disk)}
+    drv.backend.detached_disks.return_value = []
     drv.backend.host_facts.return_value = HostFacts(
         vcpus=2, memory_mb=4096, memory_mb_used=100, disk_gb=10,
         disk_gb_used=1, hypervisor_type="bhyve", hypervisor_version=1,
         arch="x86_64", cpu_model="x")
     drv._host = "src"
     monkeypatch.setattr(live, "POLL", 0.001)
-    monkeypatch.setattr(live.diskcopy, "copy", mock.Mock(return_value=65536))
     ev = mock.Mock()
     monkeypatch.setattr(live, "events", ev)
     send = FakeSend([_stats()])
@@ -106,7 +108,7 @@ def env(driver, monkeypatch):
     data.block_migration = True
     data.target_connect_addr = "127.0.0.1:40000"
     mdata.put(data, "mode", "live")
-    mdata.put(data, "disk_ports", "disk:40001")
+    mdata.put(data, "disks", "disk")
     dst_pub, dst_secrets = mdata.answer(drv._lm_keys.new(UUID), UUID)
     mdata.put(data, "dst_key", dst_pub)
     objects.register_all()
@@ -158,10 +160,13 @@ def test_completed_calls_post_once_and_reports(env):
     assert kwargs["vmm_target"] == "/run/x/control.sock"
     assert kwargs["max_downtime_ms"] == 50          # first downtime step
     secret = kwargs["secret"]
+    assert kwargs["disks"] == [env.drv.backend.disk_path.return_value]
+    assert kwargs["detached_disks"] == []
     names = [c.args[3] for c in env.events.record.call_args_list]
-    assert names[0] == "bhyve_disk_copy bytes=65536 seconds=0.0"
-    assert names[1].startswith("bhyve_switchover mode=live downtime=7.0ms "
+    assert len(names) == 1
+    assert names[0].startswith("bhyve_switchover mode=live downtime=7.0ms "
                                "total=1500ms bytes=41943040 rounds=3")
+    assert names[0].endswith(" disk_bytes=0 disk_blocks=0")
     env.events.finish.assert_called_once_with(
         mock.sentinel.ctx, env.inst, "bhyve_live_migration_live")
     # the last report: everything copied
@@ -403,11 +408,20 @@ def test_failed_pre_live_migration_removes_what_it_made(env):
     data.block_migration = True
     mdata.put(data, "src_key", mdata.KeyStore().new(UUID))
     with pytest.raises(exception.MigrationError, match="cannot listen"):
-        env.drv.pre_live_migration(None, env.inst, None, [], None, data)
+        env.drv.pre_live_migration(None, env.inst, None, [],
+                                   _disk_info(env), data)
     env.drv.backend.start_incoming.assert_called_once_with(UUID)
     env.drv.backend.destroy.assert_called_once_with(UUID)
     env.drv.backend.delete_files.assert_called_once_with(UUID, True)
     assert UUID not in env.drv._incoming
+
+
+def _disk_info(env, **sizes):
+    """The source's get_instance_disk_info for the fixture's disks."""
+    return json.dumps([
+        {"path": f"/src/{UUID}/{path.rsplit('/', 1)[1]}",
+         "virt_disk_size": sizes.get(name, live.os.path.getsize(path))}
+        for name, path in env.drv.backend.disk_paths.return_value.items()])
 
 
 def _shared_data(env):
@@ -422,17 +436,17 @@ def _shared_data(env):
 
 def test_shared_path_pre_live_migration_adopts_the_disks(env, monkeypatch):
     """The destination records the guest for the disks already there: no
-    create (which could make disk files), no disk listener."""
+    create (which could make disk files), no disk for the engine."""
     monkeypatch.setattr(live, "inbound_addr", lambda: "127.0.0.1")
-    listener = mock.Mock(side_effect=AssertionError("a disk listener"))
-    monkeypatch.setattr(live.diskcopy, "DiskListener", listener)
     env.drv.backend.list_machines.return_value = []
     env.engine.receive.return_value.port = 40000
     data = _shared_data(env)
     env.drv.pre_live_migration(None, env.inst, None, [], None, data)
     env.drv.backend.adopt.assert_called_once()
     env.drv.backend.create.assert_not_called()
-    assert mdata.get(data, "disk_ports") is None
+    env.drv.backend.grow_disk.assert_not_called()
+    assert env.engine.receive.call_args.kwargs["disks"] == []
+    assert mdata.get(data, "disks") is None
     assert data.target_connect_addr == "127.0.0.1:40000"
     env.drv._incoming.pop(UUID).close()
 
@@ -455,7 +469,8 @@ def test_shared_path_live_migration_sends_memory_only(env):
                            env.recover, False, env.data)
     env.post.assert_called_once()
     env.recover.assert_not_called()
-    live.diskcopy.copy.assert_not_called()
+    assert env.engine.send.call_args.kwargs["disks"] == []
+    env.drv.backend.detached_disks.assert_not_called()
     names = [c.args[3] for c in env.events.record.call_args_list]
     assert [n.split()[0] for n in names] == ["bhyve_switchover"]
     assert not env.data.migration.obj_attr_is_set("disk_total")
@@ -485,48 +500,75 @@ def test_shared_path_rollback_at_destination_keeps_the_disks(env,
     env.drv.backend.delete_files.assert_called_once_with(UUID, False)
 
 
-def test_block_migration_copies_every_disk_to_its_own_listener(
+def test_block_migration_gives_every_disk_to_the_engine_on_both_sides(
         env, tmp_path, monkeypatch):
-    """pre_live_migration here, live_migration here: real disk copies."""
-    monkeypatch.setattr(live.diskcopy, "copy", REAL_COPY)
+    """pre_live_migration sizes the destination's files as the source's
+    and hands them to the engine's receive; live_migration hands the
+    source's to its send, naming the ones the VM does not have open."""
     monkeypatch.setattr(live, "inbound_addr", lambda: "127.0.0.1")
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
     names = ("disk", "swap", "eph0")
+    sizes = {"disk": 65536, "swap": 1 << 20, "eph0": 2 << 20}
+    dst = tmp_path / "dst"
+    dst.mkdir()
     for name in names:
-        (src / name).write_bytes(name.encode() * 1000)
-        (dst / name).write_bytes(b"")
+        (dst / f"disk.{name}").write_bytes(b"")
+
+    def grow(uuid, size, name):
+        live.os.truncate(dst / f"disk.{name}", size)
+    env.drv.backend.grow_disk.side_effect = grow
     env.drv.backend.list_machines.return_value = []
-    env.drv.backend.disk_paths.return_value = {n: str(dst / n) for n in names}
+    env.drv.backend.disk_paths.return_value = {
+        n: str(dst / f"disk.{n}") for n in names}
     env.engine.receive.return_value.port = 40000
     data = mdata.new_data()
     data.block_migration = True
     mdata.put(data, "src_key", env.drv._lm_keys.new(UUID))
     data.migration = env.data.migration
-    env.drv.pre_live_migration(None, env.inst, None, [], None, data)
-    ports = mdata.get(data, "disk_ports").split(",")
-    assert [p.split(":")[0] for p in ports] == list(names)
-    assert len({p.split(":")[1] for p in ports}) == 3
+    info = json.dumps([{"path": f"/src/{UUID}/disk.{n}",
+                        "virt_disk_size": sizes[n]} for n in names])
+    env.drv.pre_live_migration(None, env.inst, None, [], info, data)
+    assert env.engine.receive.call_args.kwargs["disks"] == [
+        str(dst / f"disk.{n}") for n in names]
+    assert [live.os.path.getsize(dst / f"disk.{n}") for n in names] == [
+        sizes[n] for n in names]
+    assert mdata.get(data, "disks") == "disk,swap,eph0"
+    assert mdata.get(data, "disk_ports") is None
 
-    env.drv.backend.disk_paths.return_value = {n: str(src / n) for n in names}
+    src = {n: f"/src/{UUID}/disk.{n}" for n in names}
+    monkeypatch.setattr(live.os.path, "getsize", lambda path: 1 << 20)
+    env.drv.backend.disk_paths.return_value = src
+    env.drv.backend.detached_disks.return_value = ["swap", "eph0"]
     env.send.script = [_done()]
     env.drv.live_migration(None, env.inst, "dst", env.post, env.recover,
                            True, data)
     env.post.assert_called_once()
-    for name in names:
-        assert (dst / name).read_bytes() == name.encode() * 1000
+    kwargs = env.engine.send.call_args.kwargs
+    assert kwargs["disks"] == [src[n] for n in names]
+    assert kwargs["detached_disks"] == [src["swap"], src["eph0"]]
     env.drv._incoming.pop(UUID).close()
 
 
-def test_a_disk_without_a_listener_fails_before_any_copy(env):
-    env.drv.backend.disk_paths.return_value = {"disk": "/run/x/disk",
-                                               "swap": "/run/x/disk.swap"}
+def test_a_destination_disk_of_another_size_fails_pre_live_migration(env):
+    env.drv.backend.list_machines.return_value = []
+    data = mdata.new_data()
+    data.block_migration = True
+    mdata.put(data, "src_key", mdata.KeyStore().new(UUID))
+    with pytest.raises(exception.MigrationError,
+                       match="65536 bytes here and 4096 on the source"):
+        env.drv.pre_live_migration(None, env.inst, None, [],
+                                   _disk_info(env, disk=4096), data)
+    env.engine.receive.assert_not_called()
+    env.drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_disks_the_destination_did_not_prepare_fail_before_the_engine(env):
+    env.drv.backend.disk_paths.return_value = dict(
+        env.drv.backend.disk_paths.return_value, swap="/run/x/disk.swap")
     _migrate(env)
-    live.diskcopy.copy.assert_not_called()
     env.engine.send.assert_not_called()
     env.recover.assert_called_once()
-    assert "no listener for disk swap" in env.events.finish.call_args.args[3]
+    assert "the destination prepared disks disk; this guest has disk, swap" \
+        in env.events.finish.call_args.args[3]
 
 
 def test_disk_info_and_space_check_count_every_disk(env, tmp_path):

@@ -53,14 +53,12 @@ def test_bad_addresses_are_refused(bad):
         mdata.parse_addr(bad)
 
 
-def test_both_sides_derive_the_same_secrets():
+def test_both_sides_derive_the_same_secret():
     keys = mdata.KeyStore()
     src_pub = keys.new(UUID)
     dst_pub, dst_secrets = mdata.answer(src_pub, UUID)
     src_secrets = mdata.derive(keys.take(UUID), dst_pub, UUID)
     assert src_secrets.memory == dst_secrets.memory
-    assert src_secrets.disk == dst_secrets.disk
-    assert src_secrets.memory != src_secrets.disk
     assert len(src_secrets.memory) == 32
     assert keys.take(UUID) is None              # used once
     # nothing secret in what gets logged

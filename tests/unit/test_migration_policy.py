@@ -58,6 +58,20 @@ class _Stats:
     bytes_remaining: int = 0
     finished: bool = False
     committed: bool = False
+    disk_total: int = 0
+    disk_blocks: int = 0
+    dirty_blocks: int = 0
+
+
+def test_disk_progress_from_the_engines_blocks():
+    # round 0 reads the data blocks; then what the last sync left pending
+    s = _Stats(round=0, disk_total=64 << 20, disk_blocks=1024)
+    assert policy.disk_progress(s) == (64 << 20, 4 << 20, 60 << 20)
+    s = _Stats(round=2, disk_total=64 << 20, disk_blocks=4000, dirty_blocks=3)
+    assert policy.disk_progress(s) == (64 << 20, 4000 * 4096, 3 * 4096)
+    s = _Stats(round=3, disk_total=64 << 20, disk_blocks=4003, dirty_blocks=3,
+               finished=True, committed=True)
+    assert policy.disk_progress(s)[2] == 0
 
 
 def test_progress_reporting():

@@ -237,3 +237,34 @@ def test_adopted_is_recorded_until_the_guest_is_ours(backend, tmp_path,
     backend.finish_incoming(UUID)
     assert not backend.adopted(UUID)
     assert backend._record(UUID)["intent"] == "running"
+
+
+# -- the root disk as the VM's ATA disk --------------------------------------
+@pytest.mark.parametrize("size,attached", [
+    (1 << 30, True), (64 << 10, True), (4096, True),
+    (0, False), (2048, False), (65536 + 100, False)])
+def test_the_root_disk_is_attached_when_its_size_suits_the_drive(
+        backend, tmp_path, size, attached):
+    _create(backend, DiskSpec(name="swap", size_mb=1))
+    root = tmp_path / UUID / "disk"
+    os.truncate(root, size)
+    spec = backend._record(UUID)["spec"]
+    for argv in (backend._boot_argv(spec),
+                 backend._boot_argv(spec, incoming=True)):
+        assert ("--disk" in argv) is attached
+        if attached:
+            assert argv[argv.index("--disk") + 1] == str(root)
+        assert str(tmp_path / UUID / "disk.swap") not in argv
+
+
+@pytest.mark.parametrize("disk_size,detached", [
+    ("1073741824", ["swap", "eph0"]), ("0", ["disk", "swap", "eph0"])])
+def test_detached_disks_are_those_the_running_vm_has_not_open(
+        backend, monkeypatch, disk_size, detached):
+    _create(backend, DiskSpec(name="swap", size_mb=1),
+            DiskSpec(name="eph0", size_mb=1))
+    client = mock.MagicMock()
+    client.__enter__.return_value.status.return_value = {
+        "state": "running", "disk_size": disk_size}
+    monkeypatch.setattr(backend, "_client", lambda uuid: client)
+    assert backend.detached_disks(UUID) == detached
