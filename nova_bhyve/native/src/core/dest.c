@@ -221,7 +221,8 @@ static int take_frame(struct receiver *r, const struct nb_frame *f,
     int slot = r->ch->index - 1;
 
     *kind = NB_ERR_CORRUPT;
-    if ((f->type == NB_MSG_PAGES || f->type == NB_MSG_DISK) &&
+    if ((f->type == NB_MSG_PAGES || f->type == NB_MSG_DISK ||
+         f->type == NB_MSG_STREAM) &&
         *round > atomic_load(&d->final_round)) {
         snprintf(err, NB_ERRLEN, "channel %d: %s frame after the final "
                  "round %u (never applied)", slot + 1, nb_msg_name(f->type),
@@ -234,6 +235,8 @@ static int take_frame(struct receiver *r, const struct nb_frame *f,
         *kind = r->kind ? r->kind : NB_ERR_CORRUPT;
         return -1;
     }
+    if (f->type == NB_MSG_STREAM)
+        return nb_stream_apply(r->m, slot + 1, f, *round, kind, err);
     if (f->type == NB_MSG_DISK)
         return nb_disk_apply(r->m, d->nrcv, slot + 1, &r->dzctx, f, *round, kind,
                              err);
@@ -399,6 +402,7 @@ static int negotiate(struct dest *d, char *err)
         nb_preamble_read_disks(src, &disks, err) < 0)
         goto refused;
     disks.ndisks = (uint32_t)m->ndisks;     /* ours: a differing count is refused */
+    disks.nstreams = (uint32_t)m->nstreams;
     if (m->p.vmm_kind == NB_VMM_CKPT) {
         struct nb_guest_spec spec;
         if (nb_preamble_read_spec(src, &spec, err) < 0)
@@ -698,7 +702,8 @@ static int phase_verify(struct dest *d, char *err)
 
     if (wait_rounds(d, last, err) < 0)
         return fail(d, nb_fail_kind(m));
-    if ((rc = nb_disk_verify(m, d->dm.disk_digest, err)) < 0)
+    if ((rc = nb_disk_verify(m, d->dm.disk_digest, err)) < 0 ||
+        (rc = nb_stream_verify(m, err)) < 0)
         return refuse(d, -rc, err);
     mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     pthread_mutex_lock(&m->lock);
@@ -782,6 +787,7 @@ static void dest_finish(struct dest *d, int rc, const char *err)
         }
     if (rc != 0)
         nb_disk_discard(m);     /* a file this session created goes */
+    nb_stream_close(m);         /* a stream's receivers see its end */
 }
 
 typedef int (*dest_phase_fn)(struct dest *, char *);

@@ -88,6 +88,7 @@ static int phase_setup(struct source *src, char *err)
 
     if (rc < 0 || (rc = nb_disk_open_source(m, &src->disks, err)) < 0)
         return fail(src, -rc);
+    src->disks.nstreams = (uint32_t)m->nstreams;
     src->words = (m->npages + 63) / 64;
     src->bitmap = calloc(src->words, 8);
     src->lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
@@ -179,6 +180,7 @@ static int pause_guest(struct source *src, char *err)
         return fail(src, NB_ERR_VMM);
     atomic_store(&m->guest_paused, 1);
     src->t_pause = nb_now_ms();
+    nb_stream_paused(m);        /* the stream disks' last parts may start */
     return 0;
 }
 
@@ -271,7 +273,11 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
     double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
 
     src->prev_dirty = dirty;
-    if (dirty == 0 || atomic_load(&m->force_req))
+    if (atomic_load(&m->force_req))
+        return 1;
+    if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */
+        return 0;
+    if (dirty == 0)
         return 1;
     if (expected > (double)atomic_load(&m->max_downtime_ms))
         return 0;
@@ -302,7 +308,8 @@ static void converge(struct source *src, uint64_t dirty)
     char e[NB_ERRLEN];
 
     src->conv_prev = dirty;
-    if (!m->p.auto_converge || !m->vmm.ops->throttle || !prev)
+    if (!m->p.auto_converge || !m->vmm.ops->throttle || !prev ||
+        !nb_stream_precopied(m))
         return;
     if (dirty * 10 < prev * 9) {
         src->stalls = 0;
@@ -693,6 +700,7 @@ void *nb_source_main(void *arg)
     source_finish(&src, rc, err);
 
     nb_src_stop_senders(&src);
+    nb_stream_close(m);
     free(src.bitmap);
     free(src.scratch);
     pthread_mutex_lock(&m->lock);
