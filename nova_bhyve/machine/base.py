@@ -173,6 +173,9 @@ class Backend(abc.ABC):
     migration_blocker = "this machine layer does not implement guest migration"
     #: the vmm tracks the pages a running guest writes (live pre-copy)
     has_dirty_log = False
+    #: the guest's disks move as stream disks of the engine (zfs send and
+    #: receive: ``migration_streams``), whatever the instances path
+    stream_disks = False
 
     def _no_migration(self, what):
         return MachineError(
@@ -189,6 +192,14 @@ class Backend(abc.ABC):
     def finish_incoming(self, uuid, paused=False):
         """Record that the migrated-in guest now runs (or is paused) here."""
         raise self._no_migration("receive a migrating guest")
+
+    def prepare_incoming_disks(self, instance, spec):
+        """Record ``spec`` for a guest whose disks arrive as streams; return it."""
+        raise self._no_migration("receive disks as streams")
+
+    def migration_streams(self, uuid, tag, receiving):
+        """Return the ZvolStreams (machine/zvolmove.py) of the guest's disks."""
+        raise self._no_migration("move disks as streams")
 
     def is_incoming(self, uuid):
         """Return True while the guest's VM waits for a migration to fill it."""
