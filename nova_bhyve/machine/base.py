@@ -197,6 +197,10 @@ class Backend(abc.ABC):
         """Record ``spec`` for a guest whose disks arrive as streams; return it."""
         raise self._no_migration("receive disks as streams")
 
+    def destroy_moved_disks(self, uuid):
+        """Destroy the guest's disks that moved away as streams (source)."""
+        raise self._no_migration("move disks as streams")
+
     def migration_streams(self, uuid, tag, receiving):
         """Return the ZvolStreams (machine/zvolmove.py) of the guest's disks."""
         raise self._no_migration("move disks as streams")

@@ -497,6 +497,12 @@ class BhyveBackend(SupervisedMachines, Backend):
         self._write_record(spec)
         return spec
 
+    def destroy_moved_disks(self, uuid):
+        """Destroy the zvols of a guest that migrated away (the instances
+        path is shared, so Nova's cleanup keeps the disks)."""
+        for name in self._instance_zvols(uuid):
+            privsep.zfs("destroy", name)
+
     def migration_streams(self, uuid, tag, receiving):
         """Return the ZvolStreams moving the guest's zvols in one migration."""
         return zvolmove.ZvolStreams(self._run_dir(uuid), uuid, tag,

@@ -85,6 +85,7 @@ def env(driver, monkeypatch):
     drv = driver
     drv.backend.can_migrate = True
     drv.backend.has_dirty_log = True
+    drv.backend.stream_disks = False    # file disks (zvols: *_zvols.py)
     drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
     drv.backend.disk_path.return_value = "/run/x/disk"
     drv.backend.disk_paths.return_value = {"disk": "/run/x/disk"}
