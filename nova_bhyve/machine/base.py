@@ -167,10 +167,15 @@ class Backend(abc.ABC):
         """Context manager yielding a readable raw image of the root disk."""
 
     # -- migration (nova_bhyve.migration) ----------------------------------
-    #: the backend implements the migration methods below
+    #: the backend implements the migration methods below (cold and live)
     can_migrate = False
     #: why it cannot, for the operator (when can_migrate is False)
     migration_blocker = "this machine layer does not implement guest migration"
+
+    @property
+    def can_live_migrate(self):
+        """The backend can live-migrate (by default: if it can migrate)."""
+        return self.can_migrate
     #: the vmm tracks the pages a running guest writes (live pre-copy)
     has_dirty_log = False
     #: the guest's disks move as stream disks of the engine (zfs send and

@@ -433,10 +433,17 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.zfs("destroy", snap)
 
     # -- migration --------------------------------------------------------
-    #: memory and device state through the engine's bhyve port, the zvols
-    #: as its stream disks (zfs send and receive)
-    can_migrate = True
+    #: live: memory and device state through the engine's bhyve port, the
+    #: zvols as its stream disks (zfs send and receive)
+    can_live_migrate = True
     stream_disks = True
+    #: cold migration and resize copy disk files (migration/cold.py)
+    can_migrate = False
+    migration_blocker = (
+        "cold migration and resize copy the disks as regular files, and a "
+        "bhyve guest's disks are zvols (their device nodes have no file "
+        "size); live migration moves them with zfs send and receive: "
+        "live-migrate the server instead")
     #: stock vmm(4) has no dirty-page log; the engine's port probes for the
     #: migration branch's one when it opens a VM, but the driver chooses
     #: live or warm before that: ``[bhyve] live_migration_dirty_log``

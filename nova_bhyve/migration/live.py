@@ -126,7 +126,7 @@ class LiveMigrationMixin:
         return mdata.IMAGE_TYPE_PREFIX + type(self.backend).__name__
 
     def _check_can_migrate(self):
-        if not self.backend.can_migrate:
+        if not self.backend.can_live_migrate:
             raise exception.MigrationPreCheckError(reason=(
                 f"{self._nodename()} runs the {type(self.backend).__name__} "
                 f"machine layer, which cannot migrate guests yet: "

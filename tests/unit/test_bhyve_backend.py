@@ -178,8 +178,10 @@ def _incoming(be, monkeypatch):
 
 def test_migration_targets_of_source_and_destination(backend, monkeypatch):
     files = _incoming(backend, monkeypatch)
-    assert backend.can_migrate and backend.stream_disks
+    assert backend.can_live_migrate and backend.stream_disks
     assert not backend.has_dirty_log
+    # cold migration and resize copy disk files: refused, saying why
+    assert not backend.can_migrate and "zvols" in backend.migration_blocker
     assert backend.migration_vmm(UUID) == (
         "bhyve", f"{UUID},restore={files.base},ncpus=2,memsize=2147483648")
     assert backend.is_incoming(UUID)
