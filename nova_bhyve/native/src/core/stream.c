@@ -33,6 +33,9 @@
 #define ROUND_BUDGET_MS 250
 /* Poll slices: a cancel or a failure elsewhere is noticed this often. */
 #define SLICE_MS 100
+/* How long a destination whose receiver stopped reading waits for its
+ * status, the reason to report. */
+#define REASON_MS 2000
 #define MAX_STATUS 200
 
 static void close_fd(int *fd)
@@ -152,7 +155,8 @@ static int wait_readable(struct nb_mig *m, int fd, int ms, int *kind, char *err)
  * (trailing white space aside), else -1 with `err` naming `who` and what
  * it reported.
  */
-static int check_status(struct nb_mig *m, int i, const char *who, char *err)
+static int check_status(struct nb_mig *m, int i, const char *who, int wait_ms,
+                        char *err)
 {
     struct nb_stream *s = &m->stream[i];
     char text[MAX_STATUS + 1];
@@ -160,12 +164,12 @@ static int check_status(struct nb_mig *m, int i, const char *who, char *err)
     int kind;
 
     for (;;) {
-        int r = wait_readable(m, s->status_fd, (int)m->p.timeout_ms, &kind, err);
+        int r = wait_readable(m, s->status_fd, wait_ms, &kind, err);
         ssize_t got;
         if (r <= 0) {
             if (r == 0)
                 snprintf(err, NB_ERRLEN, "stream %d: no status from %s within "
-                         "%u ms", i, who, m->p.timeout_ms);
+                         "%d ms", i, who, wait_ms);
             return -1;
         }
         got = read(s->status_fd, text + n, MAX_STATUS - n);
@@ -193,7 +197,8 @@ static int end_part(struct nb_mig *m, struct nb_chan *ch, uint8_t *frame,
     struct nb_stream *s = &m->stream[i];
     size_t n;
 
-    if (s->part == NB_STREAM_PARTS - 1 && check_status(m, i, "its producer", err) < 0)
+    if (s->part == NB_STREAM_PARTS - 1 &&
+        check_status(m, i, "its producer", (int)m->p.timeout_ms, err) < 0)
         return nb_wire_fail(ch, NB_ERR_VMM);
     n = nb_stream_end_put(frame, round, (uint16_t)i, (uint8_t)s->part, s->bytes,
                           s->crc);
@@ -371,8 +376,12 @@ int nb_stream_apply(struct nb_mig *m, int chan, const struct nb_frame *f,
     if (msg.end)
         return take_end(m, &msg, err);
     if (write_all(s->fd[s->part], msg.data, msg.len) < 0) {
-        snprintf(err, NB_ERRLEN, "stream %u: its part %u's receiver does not take "
-                 "it: %s", msg.stream, msg.part, strerror(errno));
+        int e = errno;
+        /* a receiver that stopped reading has said why, or will at once */
+        if (check_status(m, msg.stream, "its receiver", REASON_MS, err) == 0 ||
+            e != EPIPE)
+            snprintf(err, NB_ERRLEN, "stream %u: its part %u's receiver does "
+                     "not take it: %s", msg.stream, msg.part, strerror(e));
         *kind = NB_ERR_VMM;
         return -1;
     }
@@ -395,7 +404,7 @@ int nb_stream_verify(struct nb_mig *m, char *err)
                      "the end of part %d", i, m->stream[i].part);
             return -NB_ERR_CORRUPT;
         }
-        if (check_status(m, i, "its receiver", err) < 0)
+        if (check_status(m, i, "its receiver", (int)m->p.timeout_ms, err) < 0)
             return -NB_ERR_VMM;
     }
     return 0;
