@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from nova_bhyve.native.engine import Result, Stream
+from nova_bhyve.native.engine import Mode, Result, Stream
 
 from .conftest import needs_kvm, wait_for
 from .migration_helpers import (
@@ -43,6 +43,20 @@ with open(sys.argv[3], "rb") as f:
     shutil.copyfileobj(f, sys.stdout.buffer)
 """
 
+# part 0's producer for warm mode: writes the file, then, before its end
+# of file can reach the engine, records the VM's state
+FIRST_PRODUCER = r"""
+import shutil, sys
+from nova_bhyve.testhost.client import ControlClient
+with open(sys.argv[3], "rb") as f:
+    shutil.copyfileobj(f, sys.stdout.buffer)
+sys.stdout.flush()
+with ControlClient(sys.argv[1]) as c:
+    state = c.status()["state"]
+with open(sys.argv[2], "w") as f:
+    f.write(state)
+"""
+
 
 def _report_status(procs, fd):
     """Write "ok" to ``fd`` once every process exited 0, else their codes."""
@@ -69,12 +83,15 @@ def _random_file(path, size):
 class SourceStream:
     """`cat first` now; the final producer starts on the notify byte."""
 
-    def __init__(self, vm, first, final, state_file):
+    def __init__(self, vm, first, final, state_file, first_state_file=None):
         r0, w0 = os.pipe()
         r1, w1 = os.pipe()
         nr, nw = os.pipe()
+        first_argv = ["cat", first] if first_state_file is None else [
+            sys.executable, "-c", FIRST_PRODUCER, str(vm.socket_path),
+            first_state_file, first]
         self.procs = [
-            subprocess.Popen(["cat", first], stdout=w0),
+            subprocess.Popen(first_argv, stdout=w0),
             subprocess.Popen([sys.executable, "-c", FINAL_PRODUCER,
                               str(vm.socket_path), state_file, final],
                              stdin=nr, stdout=w1)]
@@ -115,16 +132,19 @@ def _read(path):
         return f.read()
 
 
-def _setup(vms, first_size=8 * MiB, final_size=300 * 1024, final_exit=0):
+def _setup(vms, first_size=8 * MiB, final_size=300 * 1024, final_exit=0,
+           watch_first=False):
     base = vms.base
     files = {"first": _random_file(f"{base}/first", first_size),
              "final": _random_file(f"{base}/final", final_size),
              "out0": f"{base}/out0", "out1": f"{base}/out1",
-             "state": f"{base}/state-at-notify"}
+             "state": f"{base}/state-at-notify",
+             "first-state": f"{base}/state-at-first-end"}
     src = vms.start("src", cmdline=CMDLINE)
     dst = vms.start("dst", incoming=True)
     stress_ready(src)
-    sstream = SourceStream(src, files["first"], files["final"], files["state"])
+    sstream = SourceStream(src, files["first"], files["final"], files["state"],
+                           files["first-state"] if watch_first else None)
     dstream = DestStream(files["out0"], files["out1"], final_exit)
     return src, dst, files, sstream, dstream
 
@@ -154,6 +174,25 @@ def test_live_migration_carries_both_parts_of_a_stream_byte_for_byte(vms):
     total = os.path.getsize(files["first"]) + os.path.getsize(files["final"])
     assert s.stream_bytes == d.stream_bytes == total
     assert [p.wait() for p in sstream.procs + dstream.procs] == [0, 0, 0, 0]
+    assert src.stop() == 1
+    assert_guest_continued(src, dst)
+
+
+def test_warm_mode_sends_the_first_part_before_it_pauses_the_guest(vms):
+    # warm: memory moves with the guest paused; a stream's first part (a
+    # full zfs send) must not: it flows in rounds without pages first
+    src, dst, files, sstream, dstream = _setup(vms, watch_first=True)
+    send, recv, _ = _start(src, dst, sstream, dstream, mode=Mode.WARM)
+    s, d = wait_both(send, recv, timeout=120)
+
+    assert s.result == Result.COMPLETED, s.error
+    assert d.result == Result.COMPLETED, d.error
+    assert _read(files["out0"]) == _read(files["first"])
+    assert _read(files["out1"]) == _read(files["final"])
+    assert _read(files["first-state"]) == b"running"
+    assert _read(files["state"]) == b"paused"
+    assert len(s.rounds) >= 2           # page-less rounds, then the pages
+    assert s.rounds[0].pages == 0 and s.rounds[-1].pages > 0
     assert src.stop() == 1
     assert_guest_continued(src, dst)
 

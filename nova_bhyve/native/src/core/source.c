@@ -191,6 +191,13 @@ static int phase_precopy(struct source *src, char *err)
     struct nb_mig *m = src->m;
     int live = m->p.mode == NB_MODE_LIVE;
 
+    /* warm and cold: stream disks' first parts flow while the guest still
+     * runs, in rounds without pages; the pause carries the rest */
+    while (!live && !nb_stream_precopied(m) && !atomic_load(&m->force_req))
+        if (nb_src_round(src, src->cur_round++, 0, 0) < 0) {
+            snprintf(err, NB_ERRLEN, "%s", m->st.error);
+            return fail(src, nb_fail_kind(m));
+        }
     if (!live && pause_guest(src, err) < 0)
         return -1;
     /* live: track from here: every bit set later is a page (a block)
@@ -200,7 +207,7 @@ static int phase_precopy(struct source *src, char *err)
         return fail(src, NB_ERR_VMM);
     nb_src_mark_data_pages(src);
     nb_disk_mark_data(m);
-    if (nb_src_round(src, 0, 0, src->lazy && live) < 0) {
+    if (nb_src_round(src, src->cur_round, 0, src->lazy && live) < 0) {
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
         return fail(src, nb_fail_kind(m));
     }
