@@ -167,12 +167,20 @@ class Backend(abc.ABC):
         """Context manager yielding a readable raw image of the root disk."""
 
     # -- migration (nova_bhyve.migration) ----------------------------------
-    #: the backend implements the migration methods below
+    #: the backend implements the migration methods below (cold and live)
     can_migrate = False
     #: why it cannot, for the operator (when can_migrate is False)
     migration_blocker = "this machine layer does not implement guest migration"
+
+    @property
+    def can_live_migrate(self):
+        """The backend can live-migrate (by default: if it can migrate)."""
+        return self.can_migrate
     #: the vmm tracks the pages a running guest writes (live pre-copy)
     has_dirty_log = False
+    #: the guest's disks move as stream disks of the engine (zfs send and
+    #: receive: ``migration_streams``), whatever the instances path
+    stream_disks = False
 
     def _no_migration(self, what):
         return MachineError(
@@ -189,6 +197,18 @@ class Backend(abc.ABC):
     def finish_incoming(self, uuid, paused=False):
         """Record that the migrated-in guest now runs (or is paused) here."""
         raise self._no_migration("receive a migrating guest")
+
+    def prepare_incoming_disks(self, instance, spec):
+        """Record ``spec`` for a guest whose disks arrive as streams; return it."""
+        raise self._no_migration("receive disks as streams")
+
+    def destroy_moved_disks(self, uuid):
+        """Destroy the guest's disks that moved away as streams (source)."""
+        raise self._no_migration("move disks as streams")
+
+    def migration_streams(self, uuid, tag, receiving):
+        """Return the ZvolStreams (machine/zvolmove.py) of the guest's disks."""
+        raise self._no_migration("move disks as streams")
 
     def is_incoming(self, uuid):
         """Return True while the guest's VM waits for a migration to fill it."""

@@ -11,9 +11,12 @@ Per instance:
   slots (swap first); nothing formats them, the guest does;
 - ``<instances_path>/<uuid>/``: ``nvram.fd`` (a copy of the UEFI variable
   store template) and, while suspended, the checkpoint set written by
-  ``bhyvectl --suspend`` (needs a bhyve built with BHYVE_SNAPSHOT);
+  ``bhyvectl --suspend`` (needs a bhyve built with BHYVE_SNAPSHOT); this
+  directory may be shared between hosts (NFS), as with the libvirt driver;
 - ``<[bhyve] runtime_path>/<uuid>/``: this host's ``machine.json``,
-  ``console.log`` (COM1) and the supervisor's files;
+  ``console.log`` (COM1), the supervisor's files and, while a migration
+  runs, its checkpoint scratch files (source), the incoming checkpoint
+  (destination) and the FIFOs of the zvols' zfs streams;
 - one tap device per VIF, added to the VIF's bridge (an if_bridge made on
   demand, and destroyed with its last tap, when nova-bhyve made it);
 - a VNC framebuffer on ``[vnc] server_listen`` when ``[vnc] enabled``.
@@ -29,9 +32,9 @@ BHYVE_SNAPSHOT on both hosts):
 
 - source: the engine opens ``/dev/vmm/<uuid>`` and reaches bhyve's
   checkpoint socket ``/var/run/bhyve/<uuid>``; bhyve writes the device
-  checkpoint (and a full RAM copy) under the instance directory;
+  checkpoint (and a full RAM copy) under the runtime directory;
 - destination: no bhyve runs while memory arrives.  The engine's port, in
-  restore-only mode, writes guest RAM into ``<instance dir>/checkpoint``
+  restore-only mode, writes guest RAM into ``<runtime dir>/incoming``
   (needs free space for all of guest RAM) and, at the commit, the
   ``.kern`` and ``.meta`` files, ``.meta`` last.  ``finish_incoming`` then
   starts ``bhyve -r`` under the usual supervision, as resume does, and
@@ -40,7 +43,10 @@ BHYVE_SNAPSHOT on both hosts):
   Nova live migrations run in warm mode (guest paused while its memory is
   copied); set ``[bhyve] live_migration_dirty_log = yes`` on hosts whose
   kernel carries the migration patches (guest memory wired, no SMAP);
-- disks: the zvols' device nodes; ``grow_disk`` raises ``volsize``.
+- disks: the zvols move as stream disks of the engine (zvolmove.py): a
+  snapshot and its full ``zfs send`` while memory is copied, a final
+  snapshot and incremental send once the guest is paused, ``zfs receive``
+  on the destination, which creates them; ``grow_disk`` raises ``volsize``.
 """
 
 import contextlib
@@ -58,7 +64,7 @@ from oslo_log import log as logging
 
 from nova_bhyve import polling, privsep
 from nova_bhyve.machine import argv as bhyve_argv
-from nova_bhyve.machine import images, power
+from nova_bhyve.machine import checkpoint, images, power, zvolmove
 from nova_bhyve.machine.base import (
     ROOT_DISK,
     SWAP_DISK,
@@ -253,7 +259,7 @@ class BhyveBackend(SupervisedMachines, Backend):
         rec = self._record(uuid)
         intent = rec["intent"]
         if rec.get("incoming") and not self._running(uuid) and \
-                not self._checkpoint(uuid).complete():
+                not self._incoming_checkpoint(uuid).complete():
             return MachineState.PAUSED      # memory still arriving
         if self._running(uuid):
             pid = self._child_pid(uuid)
@@ -427,14 +433,17 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.zfs("destroy", snap)
 
     # -- migration --------------------------------------------------------
-    #: memory and device state can move (below); the root disk cannot yet
+    #: live: memory and device state through the engine's bhyve port, the
+    #: zvols as its stream disks (zfs send and receive)
+    can_live_migrate = True
+    stream_disks = True
+    #: cold migration and resize copy disk files (migration/cold.py)
     can_migrate = False
     migration_blocker = (
-        "copying a zvol root disk between hosts is not implemented yet (the "
-        "disk copy reads and sizes regular files, and a live or warm move "
-        "would also have to carry what the guest writes to its disk while "
-        "its memory is copied, e.g. with an incremental zfs send after the "
-        "pause); the memory and device-state path is in place")
+        "cold migration and resize copy the disks as regular files, and a "
+        "bhyve guest's disks are zvols (their device nodes have no file "
+        "size); live migration moves them with zfs send and receive: "
+        "live-migrate the server instead")
     #: stock vmm(4) has no dirty-page log; the engine's port probes for the
     #: migration branch's one when it opens a VM, but the driver chooses
     #: live or warm before that: ``[bhyve] live_migration_dirty_log``
@@ -455,14 +464,57 @@ class BhyveBackend(SupervisedMachines, Backend):
         spec = rec["spec"]
         if rec.get("incoming"):
             return "bhyve", (
-                f"{uuid},restore={self._checkpoint(uuid).base},"
+                f"{uuid},restore={self._incoming_checkpoint(uuid).base},"
                 f"ncpus={spec['vcpus']},memsize={spec['memory_mb'] << 20}")
         pid = self._child_pid(uuid) if self._running(uuid) else None
         if not pid:
             raise MachineError(f"guest {uuid} does not run on this host: "
                                "only a running guest can be migrated")
         return "bhyve", (f"{uuid},rundir={self.checkpoint_rundir},"
-                         f"scratch={self._dir(uuid)},pid={pid}")
+                         f"scratch={self._run_dir(uuid)},pid={pid}")
+
+    def _incoming_checkpoint(self, uuid):
+        """Where a migrating guest's memory and state arrive: this host's
+        runtime directory (never the instances path, which may be shared)."""
+        return checkpoint.CheckpointFiles(self._run(uuid, "incoming"))
+
+    def _zvols(self, spec):
+        return {d.name: self._disk_name(spec.uuid, d.name) for d in spec.disks}
+
+    def prepare_incoming_disks(self, instance, spec):
+        """Record a guest whose zvols arrive by zfs receive (none may exist
+        here yet); its NVRAM is kept if the instances path is shared."""
+        self._make_dirs(spec.uuid)
+        here = [z for z in self._zvols(spec).values()
+                if os.path.exists(f"/dev/zvol/{z}")]
+        if here:
+            raise MachineError(
+                f"zvol {', '.join(here)} exists on this host already; the "
+                "migration creates the guest's zvols by zfs receive: destroy "
+                "the stale ones (zfs destroy -r) and retry")
+        nvram = self._path(spec.uuid, "nvram.fd")
+        if not os.path.exists(nvram):
+            shutil.copyfile(self.conf.bhyve.uefi_vars_template, nvram)
+        disks = tuple(dataclasses.replace(d, path=f"/dev/zvol/{z}",
+                                          boot=d.name == ROOT_DISK)
+                      for d, z in zip(spec.disks, self._zvols(spec).values()))
+        spec = dataclasses.replace(
+            spec, disks=disks,
+            vnc_port=self._free_vnc_port() if spec.vnc_listen else 0)
+        self._write_record(spec)
+        return spec
+
+    def destroy_moved_disks(self, uuid):
+        """Destroy the zvols of a guest that migrated away (the instances
+        path is shared, so Nova's cleanup keeps the disks)."""
+        for name in self._instance_zvols(uuid):
+            privsep.zfs("destroy", name)
+
+    def migration_streams(self, uuid, tag, receiving):
+        """Return the ZvolStreams moving the guest's zvols in one migration."""
+        return zvolmove.ZvolStreams(self._run_dir(uuid), uuid, tag,
+                                    self._zvols(self._spec(uuid)),
+                                    "receive" if receiving else "send")
 
     def start_incoming(self, uuid):
         """Prepare to receive the guest: no bhyve runs until finish_incoming."""
@@ -472,14 +524,14 @@ class BhyveBackend(SupervisedMachines, Backend):
                 raise MachineError(f"guest {uuid} already runs on this host; "
                                    "it cannot also be migrated in")
             need = spec.memory_mb << 20
-            st = os.statvfs(self._dir(uuid))
+            st = os.statvfs(self._run_dir(uuid))
             if st.f_bavail * st.f_frsize < need:
                 raise MachineError(
-                    f"{self._dir(uuid)} has {st.f_bavail * st.f_frsize >> 20}"
-                    f" MiB free; receiving guest {uuid} needs room for its "
-                    f"{spec.memory_mb} MiB of RAM there: free space under "
-                    "[DEFAULT] instances_path")
-            self._checkpoint(uuid).remove()
+                    f"{self._run_dir(uuid)} has "
+                    f"{st.f_bavail * st.f_frsize >> 20} MiB free; receiving "
+                    f"guest {uuid} needs room for its {spec.memory_mb} MiB of "
+                    "RAM there: free space under [bhyve] runtime_path")
+            self._incoming_checkpoint(uuid).remove()
             privsep.destroy_vmm(uuid)       # the port must not find a VM
             rec = self._record(uuid)
             rec.update(intent=power.INTENT_SUSPENDED, incoming=True)
@@ -492,7 +544,7 @@ class BhyveBackend(SupervisedMachines, Backend):
         except KeyError:
             return False
         return bool(rec.get("incoming")) and not self._running(uuid) and \
-            not self._checkpoint(uuid).complete()
+            not self._incoming_checkpoint(uuid).complete()
 
     def finish_incoming(self, uuid, paused=False):
         """Start ``bhyve -r`` on the received checkpoint, then remove it.
@@ -504,7 +556,7 @@ class BhyveBackend(SupervisedMachines, Backend):
             rec = self._record(uuid)
             if not rec.get("incoming") and self._running(uuid):
                 return
-            files = self._checkpoint(uuid)
+            files = self._incoming_checkpoint(uuid)
             if not files.complete():
                 raise MachineError(
                     f"guest {uuid} was not handed over to this host: the "
@@ -514,11 +566,11 @@ class BhyveBackend(SupervisedMachines, Backend):
                 self._launch(self._spec(uuid), restore_from=files.base)
                 self._wait_restored(uuid)
             except MachineError as exc:
-                self._end_failed_restore(uuid)
+                kept = self._end_failed_restore(uuid)
                 raise MachineError(
                     f"bhyve -r {files.base} did not restore guest {uuid}: "
-                    f"{exc}. Nothing runs; the checkpoint set {files.base}"
-                    "{,.kern,.meta} holds the guest and stays: check that "
+                    f"{exc}. Nothing runs; the checkpoint set, now {kept}"
+                    "{,.kern,.meta}, holds the guest and stays: check that "
                     "bhyve is built with BHYVE_SNAPSHOT and that both hosts "
                     "run the same bhyve and [bhyve] wire_guest_memory, then "
                     "resume the server to restore it") from exc
@@ -554,13 +606,23 @@ class BhyveBackend(SupervisedMachines, Backend):
             return time.time()
 
     def _end_failed_restore(self, uuid):
-        """Leave nothing running and the checkpoint set in place."""
+        """Leave nothing running and the received set where resume looks:
+        the guest is this host's now, suspended.  Returns the set's base."""
         self._set_intent(uuid, power.INTENT_SUSPENDED)
         if self._running(uuid):
             privsep.signal_guest(uuid, "KILL")
             if not self._wait_ended(uuid, 30):
                 LOG.error("bhyve of %s survived SIGKILL", uuid)
         privsep.destroy_vmm(uuid)
+        got, kept = self._incoming_checkpoint(uuid), self._checkpoint(uuid)
+        kept.remove()
+        for src, dst in ((got.ram, kept.ram), (got.kern, kept.kern),
+                         (got.meta, kept.meta)):        # .meta last: complete
+            shutil.move(src, dst)
+        rec = self._record(uuid)
+        rec.pop("incoming", None)
+        write_json(self._run(uuid, "machine.json"), rec)
+        return kept.base
 
     def disk_path(self, uuid):
         """Return the root zvol's device node."""

@@ -40,7 +40,7 @@ from oslo_serialization import jsonutils
 from nova import exception, objects
 from nova_bhyve import guest, polling
 from nova_bhyve.machine.base import MachineError, MachineState
-from nova_bhyve.migration import checks, events, orphans, policy
+from nova_bhyve.migration import checks, events, orphans, policy, zvols
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.native.engine import (
     Migration,
@@ -80,6 +80,7 @@ class _Incoming:
     """The destination's engine listener for one migration."""
 
     recv: object
+    zvols: object = None        # ZvolStreams of a stream-disk backend
 
     def handed_over(self):
         """True once the guest was committed here or runs here."""
@@ -126,7 +127,7 @@ class LiveMigrationMixin:
         return mdata.IMAGE_TYPE_PREFIX + type(self.backend).__name__
 
     def _check_can_migrate(self):
-        if not self.backend.can_migrate:
+        if not self.backend.can_live_migrate:
             raise exception.MigrationPreCheckError(reason=(
                 f"{self._nodename()} runs the {type(self.backend).__name__} "
                 f"machine layer, which cannot migrate guests yet: "
@@ -214,15 +215,19 @@ class LiveMigrationMixin:
         data.is_shared_instance_path = shared
         data.is_shared_block_storage = False
         asked = data.block_migration if "block_migration" in data else None
-        data.block_migration = checks.check_storage_layout(
-            shared, asked, self._nodename(), self.backend.instances_path)
+        if self.backend.stream_disks:
+            data.block_migration = zvols.check_layout(
+                self.backend, data, shared, asked, self._nodename())
+        else:
+            data.block_migration = checks.check_storage_layout(
+                shared, asked, self._nodename(), self.backend.instances_path)
         if shared:
             # nova runs the source's cleanup and the destination's rollback
             # for a shared instances path only with this field present (as
             # for libvirt's mdev guests): they remove this host's or the
             # destination's runtime files and keep the disks
             data.target_mdevs = {}
-        else:
+        elif not self.backend.stream_disks:
             paths = self.backend.disk_paths(instance.uuid).values()
             checks.check_disk(data.disk_available_mb,
                               [checks.disk_info(path) for path in paths],
@@ -267,10 +272,12 @@ class LiveMigrationMixin:
         addr = inbound_addr()
         spec = guest.build_spec(instance, network_info, CONF,
                                 block_device_info)
-        incoming = None
+        incoming = streams = zs = None
         try:
             disks = {}
-            if shared:      # the disks are here already: use them
+            if self.backend.stream_disks:   # zfs receive makes them
+                self.backend.prepare_incoming_disks(instance, spec)
+            elif shared:      # the disks are here already: use them
                 self.backend.adopt(instance, spec)
             else:
                 self.backend.create(context, instance, spec,
@@ -279,6 +286,9 @@ class LiveMigrationMixin:
             self.backend.plug_vifs(spec)
             self.backend.start_incoming(uuid)
             kind, target = self.backend.migration_vmm(uuid)
+            if self.backend.stream_disks:
+                zs, streams = zvols.open_streams(self.backend, uuid,
+                                                 migrate_data, receiving=True)
             # the engine writes the disks beneath their directory, never
             # through a link, and removes the ones it made if it fails
             recv = Migration.receive(
@@ -286,13 +296,16 @@ class LiveMigrationMixin:
                 host=addr, port=0, verify=CONF.bhyve.live_migration_verify,
                 timeout_ms=CONF.bhyve.live_migration_listen_timeout * 1000,
                 keep_paused=instance.vm_state == "paused",
-                disks=list(disks.values()))
-            incoming = _Incoming(recv)
+                disks=list(disks.values()), streams=streams or ())
+            incoming = _Incoming(recv, zvols=zs)
+            if zs is not None:
+                zs.release()        # the engine holds its own descriptors
             if disks:
                 mdata.put(migrate_data, "disks", ",".join(disks))
         except (MachineError, MigrationError) as exc:
             if incoming is not None:
                 incoming.close(cancel=True)
+            zvols.finish(zs, False, LOG, instance)
             self.backend.destroy(uuid)
             self.backend.unplug_vifs(spec)
             self.backend.delete_files(uuid, not shared)
@@ -340,6 +353,7 @@ class LiveMigrationMixin:
                          POLL)
             stats = incoming.recv.stats()
             incoming.close(cancel=False)
+            zvols.finish(incoming.zvols, stats.committed, LOG, instance)
             if stats.result != Result.COMPLETED:
                 LOG.error("This host's half of the migration ended %s: %s",
                           stats.result.name.lower(), stats.error,
@@ -390,6 +404,7 @@ class LiveMigrationMixin:
                 "before removing either copy"))
         if incoming is not None:
             incoming.close(cancel=True)
+            zvols.finish(incoming.zvols, False, LOG, instance)
         keep = not destroy_disks or _shared(migrate_data)
         self.destroy(context, instance, network_info, block_device_info,
                      destroy_disks=not keep)
@@ -484,7 +499,13 @@ class LiveMigrationMixin:
         host, port = mdata.parse_addr(migrate_data.target_connect_addr)
         migration = migrate_data.migration
         t0 = time.monotonic()
-        disks, detached = self._outgoing_disks(instance, migrate_data)
+        zs, streams = None, ()
+        if self.backend.stream_disks:
+            LOG.info("The zvols move with the memory (zfs send)",
+                     instance=instance)
+            disks, detached = [], []
+        else:
+            disks, detached = self._outgoing_disks(instance, migrate_data)
         gb = policy.data_gb(instance.flavor.memory_mb,
                             [os.path.getsize(p) for p in disks])
         steps = policy.downtime_steps(CONF.bhyve, gb)
@@ -493,7 +514,10 @@ class LiveMigrationMixin:
         with out.lock:
             if out.abort:
                 raise MigrationError("cancelled before the memory copy began")
-            out.mig = _Run(Migration.send(
+            if self.backend.stream_disks:
+                zs, streams = zvols.open_streams(self.backend, uuid,
+                                                 migrate_data, receiving=False)
+            out.mig = _Run(zvols.started(zs, LOG, instance, Migration.send,
                 vmm_target=target, vmm_kind=_VMM[kind], host=host, port=port,
                 secret=secrets.memory, mode=_MODES[mode],
                 channels=opts.live_migration_parallel_connections,
@@ -506,7 +530,9 @@ class LiveMigrationMixin:
                 verify=opts.live_migration_verify,
                 timeout_ms=SOURCE_TIMEOUT_MS,
                 keep_paused=instance.vm_state == "paused",
-                disks=disks, detached_disks=detached))
+                disks=disks, detached_disks=detached, streams=streams))
+            if zs is not None:
+                zs.release()        # the engine holds its own descriptors
             if out.force:
                 out.mig.handle.force_complete()
         LOG.info("Migrating the guest to %s:%s in %s mode", host, port, mode,
@@ -519,6 +545,8 @@ class LiveMigrationMixin:
             with out.lock:          # no abort or force is inside the engine now
                 out.stopping = True
             out.final = _stop(out.mig.handle, instance)
+            zvols.finish(zs, bool(out.final and out.final.committed), LOG,
+                         instance)
 
     def _outgoing_disks(self, instance, migrate_data):
         """Return (disk paths to move, those the VM does not have open).
@@ -646,6 +674,8 @@ class LiveMigrationMixin:
         self._last_states.pop(instance.uuid, None)
         if _shared(migrate_data):
             self.backend.delete_files(instance.uuid, destroy_disks=False)
+            if self.backend.stream_disks:   # the zvols were this host's own
+                self.backend.destroy_moved_disks(instance.uuid)
 
     def post_live_migration_at_source(self, context, instance, network_info):
         """Unplug the guest's VIFs on this host."""

@@ -225,6 +225,7 @@ class MigrationStats:
     disk_blocks: int = 0        # blocks sent (source) or written (destination)
     dirty_blocks: int = 0       # disk blocks pending at the last sync
     disk_digest: int = 0
+    stream_bytes: int = 0       # stream disks' bytes sent or written
 
     @property
     def finished(self):
@@ -265,10 +266,41 @@ def _delta_cache(value):
                          f"not {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """A stream disk's descriptors (PROTOCOL.md, "Streams").
+
+    ``first`` and ``final``: the two parts, readable on the source (part 0
+    while the guest runs, part 1 produced once it is paused), writable on
+    the destination (closed by the engine at each part's end).
+    ``notify`` (source only): the engine writes one byte there once the
+    guest is paused, the signal for part 1's producer, then closes it.
+    ``status``: read to its end once the parts are done; "ok" from the
+    producers (source) or consumers (destination), anything else fails
+    the migration before the commit.  The engine keeps duplicates: the
+    caller closes its own descriptors once the migration has started.
+    """
+
+    first: int
+    final: int
+    status: int
+    notify: int = -1
+
+
+def _stream_arrays(p, streams, keep):
+    streams = list(streams)
+    fds = ffi.new("int[]", [fd for s in streams for fd in (s.first, s.final)] or 1)
+    notify = ffi.new("int[]", [s.notify for s in streams] or 1)
+    status = ffi.new("int[]", [s.status for s in streams] or 1)
+    keep += [fds, notify, status]
+    p.nstreams = len(streams)
+    p.stream_fds, p.stream_notify_fds, p.stream_status_fds = fds, notify, status
+
+
 def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
             compress, zstd_level, delta_cache, max_bandwidth, max_downtime_ms,
             verify, timeout_ms, keep_paused=False, encrypt=True,
-            auto_converge=False, disks=(), detached_disks=(), keep):
+            auto_converge=False, disks=(), detached_disks=(), streams=(), keep):
     if isinstance(secret, str):
         secret = secret.encode()
     if verify not in _VERIFY:
@@ -305,6 +337,7 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     p.ndisks = len(paths)
     p.disk_paths = array
     p.disks_detached = _detached_mask(disks, detached_disks)
+    _stream_arrays(p, streams, keep)
     return p
 
 
@@ -341,7 +374,7 @@ class Migration:
              zstd_level=1, delta_cache="auto", max_bandwidth=0,
              max_downtime_ms=300, verify="incremental", timeout_ms=30000,
              keep_paused=False, encrypt=True, auto_converge=True, disks=(),
-             detached_disks=()):
+             detached_disks=(), streams=()):
         """Start migrating the VM at ``vmm_target`` to ``host:port``.
 
         ``disks``: the VM's disk files, in the vmm's order, moved with its
@@ -350,6 +383,10 @@ class Migration:
         ``detached_disks``: those of ``disks`` the VM does not have attached
         (nothing may write them meanwhile): they have no dirty-block log
         and go whole in round 0; the others are the vmm's disks, in order.
+        ``streams``: stream disks (``Stream``, with ``notify``) whose bytes
+        travel in the session; the source switches over only once every
+        first part has ended, and sends the final parts while the guest is
+        paused.
 
         ``compress``: "auto" (zstd while the link is the bottleneck),
         "on" or "off".  ``delta_cache``: bytes, or "auto" (the guest's
@@ -368,26 +405,29 @@ class Migration:
             max_bandwidth=max_bandwidth, max_downtime_ms=max_downtime_ms,
             verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
             encrypt=encrypt, auto_converge=auto_converge, disks=disks,
-            detached_disks=detached_disks))
+            detached_disks=detached_disks, streams=streams))
 
     @classmethod
     def receive(cls, *, vmm_target, secret, host="127.0.0.1", port=0,
                 vmm_kind=VmmKind.TESTHOST, verify="incremental",
-                timeout_ms=30000, keep_paused=False, encrypt=True, disks=()):
+                timeout_ms=30000, keep_paused=False, encrypt=True, disks=(),
+                streams=()):
         """Listen for a migration into ``vmm_target``; see ``port``.
 
         ``keep_paused``: take the guest over paused at the commit.
         ``disks``: the files to write the source's disks into, created or
         truncated to the announced sizes.  A file the migration created is
         removed if it fails; one that existed is left truncated and partly
-        written (the caller's, as the incoming VM is).
+        written (the caller's, as the incoming VM is).  ``streams``: where
+        each stream disk's parts go (``Stream`` without ``notify``); READY,
+        and so the commit, waits for every status to say "ok".
         """
         return cls._start(lib.nb_mig_receive, False, dict(
             mode=Mode.LIVE, vmm_kind=vmm_kind, vmm_target=vmm_target,
             secret=secret, host=host, port=port, channels=1, compress=False,
             zstd_level=1, delta_cache=0, max_bandwidth=0, max_downtime_ms=300,
             verify=verify, timeout_ms=timeout_ms, keep_paused=keep_paused,
-            encrypt=encrypt, disks=disks))
+            encrypt=encrypt, disks=disks, streams=streams))
 
     def _handle(self):
         if self._h is None:
@@ -425,7 +465,8 @@ class Migration:
             error=ffi.string(s.error).decode(errors="replace"),
             error_kind=ErrorKind(s.error_kind), disk_total=s.disk_total,
             disk_bytes=s.disk_bytes, disk_blocks=s.disk_blocks,
-            dirty_blocks=s.dirty_blocks, disk_digest=s.disk_digest)
+            dirty_blocks=s.dirty_blocks, disk_digest=s.disk_digest,
+            stream_bytes=s.stream_bytes)
 
     def set_param(self, name, value):
         """Change max_downtime_ms, max_bandwidth or throttle while running."""

@@ -164,19 +164,24 @@ def _incoming(be, monkeypatch):
     """A created guest after start_incoming (nothing runs)."""
     _create(be, monkeypatch)
     monkeypatch.setattr(be, "_running", lambda uuid: False)
-    old = be._checkpoint(UUID)
+    old = be._incoming_checkpoint(UUID)
     open(old.meta, "w").close()             # a stale set is removed
     be.start_incoming(UUID)
     assert not old.complete() and not os.path.exists(old.meta)
     be.helper.destroy_vmm.assert_called_with(UUID)
-    return be._checkpoint(UUID)
+    # memory arrives in this host's runtime directory, never under the
+    # instances path (which may be shared with the source)
+    assert old.base == os.path.join(be._run_dir(UUID), "incoming")
+    assert not old.base.startswith(be.instances_path)
+    return old
 
 
 def test_migration_targets_of_source_and_destination(backend, monkeypatch):
     files = _incoming(backend, monkeypatch)
-    # switched off until the root zvol can move; the hooks work regardless
-    assert not backend.can_migrate and not backend.has_dirty_log
-    assert "zvol" in backend.migration_blocker
+    assert backend.can_live_migrate and backend.stream_disks
+    assert not backend.has_dirty_log
+    # cold migration and resize copy disk files: refused, saying why
+    assert not backend.can_migrate and "zvols" in backend.migration_blocker
     assert backend.migration_vmm(UUID) == (
         "bhyve", f"{UUID},restore={files.base},ncpus=2,memsize=2147483648")
     assert backend.is_incoming(UUID)
@@ -193,7 +198,7 @@ def test_migration_targets_of_source_and_destination(backend, monkeypatch):
     monkeypatch.setattr(backend, "_child_pid", lambda uuid: 4242)
     assert backend.migration_vmm(UUID) == (
         "bhyve", f"{UUID},rundir=/var/run/bhyve,"
-                 f"scratch={backend._dir(UUID)},pid=4242")
+                 f"scratch={backend._run_dir(UUID)},pid=4242")
 
 
 def test_start_incoming_refuses_a_running_guest_or_a_full_disk(
@@ -228,7 +233,7 @@ def _fake_bhyve(be, monkeypatch, tmp_path, sock_appears=True, exits=False):
                         else None)
 
     def start_guest(uuid, argv):
-        files = be._checkpoint(uuid)
+        files = be._incoming_checkpoint(uuid)
         seen["complete_at_start"] = files.complete()
         seen["argv"] = argv
         alive["v"] = not exits
@@ -290,7 +295,9 @@ def test_failed_restore_leaves_nothing_running_and_keeps_the_set(
     assert why in text and "Nothing runs" in text
     assert "BHYVE_SNAPSHOT" in text and "resume the server" in text
     assert not alive["v"]
-    assert files.complete()
+    # the set moved from the runtime directory to where resume reads it
+    assert backend._checkpoint(UUID).complete() and not files.complete()
+    assert backend._checkpoint(UUID).base in text
     backend.helper.destroy_vmm.assert_called_with(UUID)
     assert backend.state(UUID) is MachineState.SUSPENDED
 
@@ -404,3 +411,53 @@ def test_grow_an_ephemeral_zvol(backend, monkeypatch):
     backend.grow_disk(UUID, 3 << 30, "eph0")
     backend.helper.zfs.assert_called_once_with(
         "resize", f"zroot/nova/{UUID}-eph0", size_gb=3)
+
+
+# -- zvols as stream disks ---------------------------------------------------
+def _incoming_spec(uuid=UUID):
+    return MachineSpec(uuid=uuid, vcpus=2, memory_mb=2048, vnc_listen="",
+                       disks=(DiskSpec(name="disk"), DiskSpec(name="swap",
+                                                              size_mb=512)))
+
+
+def test_an_incoming_guest_is_recorded_without_making_its_zvols(backend):
+    spec = backend.prepare_incoming_disks(None, _incoming_spec())
+    # zfs receive makes them: nothing is cloned or created beforehand
+    backend.helper.zfs.assert_not_called()
+    assert [(d.name, d.path, d.boot) for d in spec.disks] == [
+        ("disk", f"/dev/zvol/zroot/nova/{UUID}-disk0", True),
+        ("swap", f"/dev/zvol/zroot/nova/{UUID}-swap", False)]
+    assert backend.recorded_spec(UUID) == spec
+    with open(backend._path(UUID, "nvram.fd"), "rb") as f:
+        assert f.read() == b"NVRAM"
+
+
+def test_an_incoming_guest_keeps_the_nvram_of_a_shared_instances_path(backend):
+    os.makedirs(backend._dir(UUID))
+    with open(backend._path(UUID, "nvram.fd"), "wb") as f:
+        f.write(b"the source's UEFI variables")
+    backend.prepare_incoming_disks(None, _incoming_spec())
+    with open(backend._path(UUID, "nvram.fd"), "rb") as f:
+        assert f.read() == b"the source's UEFI variables"
+
+
+def test_an_incoming_guest_refuses_zvols_that_exist(backend, monkeypatch):
+    real = os.path.exists
+    monkeypatch.setattr(bhyve.os.path, "exists", lambda p: p.endswith(
+        "-swap") or real(p))
+    with pytest.raises(MachineError, match=f"zvol zroot/nova/{UUID}-swap "
+                                           "exists on this host already"):
+        backend.prepare_incoming_disks(None, _incoming_spec())
+
+
+def test_migration_streams_name_every_zvol_in_the_runtime_directory(
+        backend, monkeypatch):
+    spec = backend.prepare_incoming_disks(None, _incoming_spec())
+    out = backend.migration_streams(UUID, "mig-0123456789ab", receiving=False)
+    into = backend.migration_streams(UUID, "mig-0123456789ab", receiving=True)
+    assert (out.role, into.role) == ("send", "receive")
+    assert out.zvols == into.zvols == {
+        "disk": f"zroot/nova/{UUID}-disk0", "swap": f"zroot/nova/{UUID}-swap"}
+    assert out.dir == os.path.join(backend._run_dir(UUID), "zfs-mig-0123456789ab")
+    assert not out.dir.startswith(backend.instances_path)
+    assert spec.disks[0].path.endswith(out.zvols["disk"])

@@ -8,6 +8,10 @@ Where the driver builds them:
   it, its reboot variant (``-r`` dropped) and a ``bhyvectl --destroy``;
 - ``nova_bhyve/privsep.py``: ``zfs`` (zfs create/clone/set/snapshot/
   destroy), ``destroy_vmm`` and ``checkpoint_guest`` (bhyvectl);
+- ``nova_bhyve/privsep_zfs.py``: a migrating zvol's ``zfs snapshot``,
+  ``zfs send`` (full, then incremental) and ``zfs receive`` (both parts);
+  ``nova_bhyve/machine/zvolmove.py`` removes the snapshots (and, on a
+  failed destination, the received zvol) through ``privsep.zfs``;
 - ``nova_bhyve/machine/bhyve.py``: ``host_facts``, ``_volsize`` (zfs get)
   and ``_instance_zvols`` (zfs list).
 
@@ -33,10 +37,10 @@ from unittest import mock
 
 import pytest
 
-from nova_bhyve import privsep
+from nova_bhyve import privsep, privsep_zfs
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import argv as bhyve_argv
-from nova_bhyve.machine import bhyve
+from nova_bhyve.machine import bhyve, zvolmove
 from nova_bhyve.machine.base import DiskSpec, MachineSpec, NicSpec
 
 UUID = "0c9d3f2e-6a1b-4c8d-9e7f-112233445566"
@@ -108,9 +112,9 @@ BHYVECTL_SYNOPSIS = """
 # zfs(8) subcommand pages of OpenZFS 2.4.0-rc4, the OpenZFS of FreeBSD
 # 15.0-RELEASE (its release announcement), man/man8/zfs-*.8 at tag
 # zfs-2.4.0-rc4 of openzfs/zfs rendered with groff -mandoc; at zfs-2.4.4
-# these synopses are the same but for a new -u of zfs clone.  The driver
-# runs no zfs send, receive or rename (moving a zvol between hosts is not
-# implemented), so their pages are not quoted.
+# these synopses are the same but for a new -u of zfs clone (zfs-send.8
+# and zfs-receive.8 are unchanged between the two tags).  The driver runs
+# no zfs rename, so its page is not quoted.
 ZFS_CREATE_SYNOPSIS = """
      zfs create [-Pnpuv] [-o property=value]… filesystem
      zfs create [-ps] [-b blocksize] [-o property=value]… -V size volume
@@ -125,6 +129,34 @@ ZFS_DESTROY_SYNOPSIS = """
      zfs destroy [-Rfnprv] filesystem|volume
      zfs destroy [-Rdnprv] filesystem|volume@snap[%snap[,snap[%snap]]]…
      zfs destroy filesystem|volume#bookmark
+"""
+ZFS_SEND_SYNOPSIS = """
+     zfs send [-DLPVbcehnpsvw] [-R [-X dataset[,dataset]…]]
+         [[-I|-i] snapshot] snapshot
+     zfs send [-DLPVcensvw] [-i snapshot|bookmark] filesystem|volume|snapshot
+     zfs send --redact redaction_bookmark [-DLPVcenpv] [-i snapshot|bookmark]
+         snapshot
+     zfs send [-PVenv] -t receive_resume_token
+     zfs send [-PVnv] -S filesystem
+     zfs redact snapshot redaction_bookmark redaction_snapshot…
+"""
+ZFS_SEND_DETAILS = """
+     -i snapshot
+         Generate an incremental stream from the first snapshot (the
+         incremental source) to the second snapshot (the incremental
+         target).  The incremental source can be specified as the last
+         component of the snapshot name (the @ character and following)
+         and it is assumed to be from the same file system as the
+         incremental target.
+"""
+# zfs-receive.8 (zfs-recv.8 is a link to it)
+ZFS_RECEIVE_SYNOPSIS = """
+     zfs receive [-FhMnsuv] [-o origin=snapshot] [-o property=value]
+         [-x property] filesystem|volume|snapshot
+     zfs receive [-FhMnsuv] [-d|-e] [-o origin=snapshot] [-o property=value]
+         [-x property] filesystem
+     zfs receive -A filesystem|volume
+     zfs receive -c [-vn] filesystem|snapshot
 """
 # zfs-set.8 (zfs-get.8 is a link to it)
 ZFS_SET_GET_SYNOPSIS = """
@@ -393,15 +425,32 @@ ZFS_LIST = (Form(
              "t": _list_of(ZTYPE)},
     exclusive=("rd",),
     operands=((rf"{ZNAME}(?:@{_COMPONENT})?", 0, INF),)),)
+_SNAP_OR_SHORT = rf"(?:{ZNAME})?@{_COMPONENT}"     # -i: @snap too (ZFS_SEND_DETAILS)
+ZFS_SEND = (
+    Form(("send",), flags="DLPVbcehnpsvwR",
+         options={"X": _list_of(ZNAME), "I": _SNAP_OR_SHORT,
+                  "i": _SNAP_OR_SHORT},
+         exclusive=("Ii",), operands=((ZSNAP, 1, 1),)),
+    Form(("send",), flags="DLPVcensvw",
+         options={"i": rf"{_SNAP_OR_SHORT}|(?:{ZNAME})?#{_COMPONENT}"},
+         operands=((rf"{ZNAME}(?:@{_COMPONENT})?", 1, 1),)))
+ZFS_RECEIVE = (
+    Form(("receive",), flags="FhMnsuv",
+         options={"o": rf"origin={ZSNAP}|{ZASSIGN}", "x": ZPROP_NAME},
+         operands=((rf"{ZNAME}(?:@{_COMPONENT})?", 1, 1),)),
+    Form(("receive",), flags="FhMnsuvde",
+         options={"o": rf"origin={ZSNAP}|{ZASSIGN}", "x": ZPROP_NAME},
+         exclusive=("de",), operands=((ZNAME, 1, 1),)))
 ZFS = ZFS_CREATE + ZFS_CLONE + ZFS_SNAPSHOT + ZFS_DESTROY + ZFS_SET + \
-    ZFS_GET + ZFS_LIST
+    ZFS_GET + ZFS_LIST + ZFS_SEND + ZFS_RECEIVE
 
 GRAMMARS = [
     (BHYVE, BHYVE_SYNOPSIS), (BHYVECTL, BHYVECTL_SYNOPSIS),
     (ZFS_CREATE, ZFS_CREATE_SYNOPSIS), (ZFS_CLONE, ZFS_CLONE_SYNOPSIS),
     (ZFS_SNAPSHOT, ZFS_SNAPSHOT_SYNOPSIS),
     (ZFS_DESTROY, ZFS_DESTROY_SYNOPSIS), (ZFS_SET, ZFS_SET_GET_SYNOPSIS),
-    (ZFS_GET, ZFS_SET_GET_SYNOPSIS), (ZFS_LIST, ZFS_LIST_SYNOPSIS)]
+    (ZFS_GET, ZFS_SET_GET_SYNOPSIS), (ZFS_LIST, ZFS_LIST_SYNOPSIS),
+    (ZFS_SEND, ZFS_SEND_SYNOPSIS), (ZFS_RECEIVE, ZFS_RECEIVE_SYNOPSIS)]
 
 
 def _synopsis_lines(text, words):
@@ -561,6 +610,43 @@ def test_privileged_zfs_operations(helper_conf, action, name, kwargs,
     assert_conforms(ZFS, argv, "/sbin/zfs")
 
 
+# a migration's zvol: what privsep_zfs runs on each host, and what
+# zvolmove removes afterwards (through privsep.zfs)
+TAG = "mig-0123456789ab"
+ZVOL = f"{DATASET}/{UUID}-disk0"
+
+
+def test_a_migrating_zvols_commands(helper_conf):
+    runs = [
+        (privsep_zfs.snapshot_argv(ZVOL, TAG, 1), ZFS_SNAPSHOT),
+        (privsep_zfs.send_argv(ZVOL, TAG, 0), ZFS_SEND),
+        (privsep_zfs.snapshot_argv(ZVOL, TAG, 2), ZFS_SNAPSHOT),
+        (privsep_zfs.send_argv(ZVOL, TAG, 1), ZFS_SEND),
+        (privsep_zfs.receive_argv(ZVOL, 0), ZFS_RECEIVE),
+        (privsep_zfs.receive_argv(ZVOL, 1), ZFS_RECEIVE)]
+    for argv, grammar in runs:
+        assert_conforms(grammar, argv, "/sbin/zfs")
+        assert_conforms(ZFS, argv, "/sbin/zfs")
+    # the full stream of the first snapshot, then only what the guest
+    # wrote up to the second (-i with the source's last component, as
+    # zfs-send(8) allows); the full receive makes a device-only zvol
+    assert runs[1][0][1:] == ["send", f"{ZVOL}@{TAG}-1"]
+    assert runs[3][0][1:] == ["send", "-i", f"@{TAG}-1", f"{ZVOL}@{TAG}-2"]
+    assert runs[4][0][1:] == ["receive", "-o", "volmode=dev", ZVOL]
+    for committed, role in ((True, "send"), (False, "send"),
+                            (True, "receive"), (False, "receive")):
+        helper_conf.reset_mock()
+        zvolmove.ZvolStreams("/nonexistent", UUID, TAG, {"disk": ZVOL},
+                             role).finish(committed)
+        destroyed = [list(c.args) for c in helper_conf.call_args_list]
+        for argv in destroyed:
+            assert_conforms(ZFS_DESTROY, argv, "/sbin/zfs")
+        # the snapshots go; a failed destination's zvol goes whole
+        assert [argv[-1] for argv in destroyed] == (
+            [ZVOL] if (role, committed) == ("receive", False)
+            else [f"{ZVOL}@{TAG}-1", f"{ZVOL}@{TAG}-2"])
+
+
 @pytest.fixture
 def backend(tmp_path, monkeypatch):
     CONF.set_override("zfs_dataset", DATASET, group="bhyve")
@@ -617,6 +703,16 @@ def test_backend_zfs_queries(backend):
     (["zfs", "get", "-Hp", "zroot/nova"], "operands"),
     # list: -t takes types
     (["zfs", "list", "-H", "-t", "zvol", "zroot/nova"], "-t 'zvol'"),
+    # send: one snapshot (a volume only in the second form, without -R);
+    # -I and -i exclude each other
+    (["zfs", "send", "-R", "zroot/nova/x"], "unknown option -R"),
+    (["zfs", "send", "-I", "@a", "-i", "@b", "zroot/nova/x@c"],
+     "exclude each other"),
+    (["zfs", "send", "zroot/nova/x@a", "zroot/nova/x@b"], "operands"),
+    # receive: options before the one target; -o takes property=value
+    (["zfs", "receive", "zroot/nova/x", "-o", "volmode=dev"], "operands"),
+    (["zfs", "receive", "-o", "volmode", "zroot/nova/x"], "-o 'volmode'"),
+    (["zfs", "receive", "-d", "-e", "zroot/nova"], "exclude each other"),
 ])
 def test_zfs_checker_refuses_what_the_manual_does_not_allow(argv, why):
     found = problems(ZFS, argv)

@@ -83,8 +83,9 @@ class FakeSend:
 @pytest.fixture
 def env(driver, monkeypatch, tmp_path):
     drv = driver
-    drv.backend.can_migrate = True
+    drv.backend.can_migrate = drv.backend.can_live_migrate = True
     drv.backend.has_dirty_log = True
+    drv.backend.stream_disks = False    # file disks (zvols: *_zvols.py)
     drv.backend.migration_vmm.return_value = ("testhost", "/run/x/control.sock")
     disk = tmp_path / "disk"
     disk.write_bytes(b"d" * 65536)
@@ -667,7 +668,7 @@ def test_warm_without_a_dirty_log_on_the_destination(env, tmp_path):
 
 
 def test_backends_without_migration_are_refused_up_front(env, tmp_path):
-    env.drv.backend.can_migrate = False
+    env.drv.backend.can_live_migrate = False
     with pytest.raises(exception.MigrationPreCheckError,
                        match="cannot migrate guests yet"):
         _dest_check(env, tmp_path)

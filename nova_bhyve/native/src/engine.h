@@ -95,6 +95,23 @@ struct nb_mig_params {
                                  * it while it moves: it has no dirty-block
                                  * log and is sent whole in round 0.  The
                                  * attached disks are the vmm's, in order. */
+    int nstreams;               /* stream disks moved with the memory, 0..8
+                                 * (PROTOCOL.md, "Streams"), each in two
+                                 * parts: 0 while the guest runs, 1 once it
+                                 * is paused.  The engine duplicates every
+                                 * descriptor below; the caller closes its own. */
+    const int *stream_fds;      /* 2 per stream (part 0, part 1): the source
+                                 * reads each to its end; the destination
+                                 * writes each part's bytes there and closes it */
+    const int *stream_notify_fds; /* source, 1 per stream: one byte is written
+                                 * there once the guest is paused (part 1's
+                                 * producer may start), then it is closed;
+                                 * closed without a byte if it never pauses */
+    const int *stream_status_fds; /* 1 per stream, read to its end once the
+                                 * stream's parts are done: "ok" from its
+                                 * producers (source) or consumers
+                                 * (destination), else their error, which
+                                 * fails the migration before the commit */
 };
 
 struct nb_round_stat {
@@ -146,6 +163,8 @@ struct nb_mig_stats {
     uint64_t disk_blocks;       /* disk blocks sent (source) or written (dest.) */
     uint64_t dirty_blocks;      /* disk blocks dirty at the last sync */
     uint64_t disk_digest;       /* digest of the disks (after verify) */
+    uint64_t stream_bytes;      /* stream disks' bytes sent (source) or
+                                 * written (destination) */
     uint32_t nrounds;           /* entries used in rounds[] */
     struct nb_round_stat rounds[NB_MAX_ROUND_STATS];
     char error[256];

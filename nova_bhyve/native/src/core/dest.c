@@ -135,6 +135,7 @@ static int negotiate(struct dest *d, char *err)
         nb_preamble_read_disks(src, &disks, err) < 0)
         goto refused;
     disks.ndisks = (uint32_t)m->ndisks;     /* ours: a differing count is refused */
+    disks.nstreams = (uint32_t)m->nstreams;
     if (m->p.vmm_kind == NB_VMM_CKPT) {
         struct nb_guest_spec spec;
         if (nb_preamble_read_spec(src, &spec, err) < 0)
@@ -434,7 +435,8 @@ static int phase_verify(struct dest *d, char *err)
 
     if (wait_rounds(d, last, err) < 0)
         return fail(d, nb_fail_kind(m));
-    if ((rc = nb_disk_verify(m, d->dm.disk_digest, err)) < 0)
+    if ((rc = nb_disk_verify(m, d->dm.disk_digest, err)) < 0 ||
+        (rc = nb_stream_verify(m, err)) < 0)
         return refuse(d, -rc, err);
     mine = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     pthread_mutex_lock(&m->lock);
@@ -518,6 +520,7 @@ static void dest_finish(struct dest *d, int rc, const char *err)
         }
     if (rc != 0)
         nb_disk_discard(m);     /* a file this session created goes */
+    nb_stream_close(m);         /* a stream's receivers see its end */
 }
 
 typedef int (*dest_phase_fn)(struct dest *, char *);

@@ -396,7 +396,9 @@ static int start(const struct nb_mig_params *p, int is_source, nb_mig **out,
         snprintf(err, errlen, "%s", e);
         return -NB_ERR_RESOURCE;
     }
-    if (open_vmm(m, e) < 0)
+    if (nb_stream_adopt(m, p, e) < 0)
+        kind = NB_ERR_INVALID;
+    else if (open_vmm(m, e) < 0)
         kind = p->vmm_kind > NB_VMM_CKPT || p->vmm_kind < 0 ? NB_ERR_INVALID
                                                             : NB_ERR_VMM;
     else if (!is_source && bind_listener(m, e) < 0)
@@ -445,6 +447,7 @@ void nb_mig_stats(nb_mig *m, struct nb_mig_stats *out)
     out->pages_raw = atomic_load(&m->pages_raw);
     out->disk_bytes = atomic_load(&m->disk_bytes);
     out->disk_blocks = atomic_load(&m->disk_blocks);
+    out->stream_bytes = atomic_load(&m->stream_bytes);
     out->compressing = atomic_load(&m->compressing);
     out->pages_sent = out->pages_zero + out->pages_delta + out->pages_compressed +
                       out->pages_raw;
@@ -590,6 +593,7 @@ void nb_mig_free(nb_mig *m)
         m->vmm.ops->close(&m->vmm);
     free(m->page_hash);
     nb_disk_close(m);
+    nb_stream_close(m);
     if (m->secret)
         memset(m->secret, 0, m->p.secret_len);
     memset(&m->keys, 0, sizeof(m->keys));

@@ -34,6 +34,17 @@ struct nb_disk {
     uint64_t *term;             /* incremental digest term per block */
 };
 
+/* ---- stream.c: one stream disk (PROTOCOL.md, "Streams") ---------------- */
+struct nb_stream {
+    int fd[NB_STREAM_PARTS];    /* each part's descriptor (-1: closed) */
+    int notify_fd;              /* source: written once the guest pauses */
+    int status_fd;              /* the producers' or consumers' verdict */
+    int part;                   /* the part in flight (2: both ended) */
+    _Atomic int precopied;      /* part 0 has ended */
+    uint64_t bytes;             /* of the part in flight */
+    uint32_t crc;               /* CRC-32C of the part in flight */
+};
+
 /* ---- engine.c: the session -------------------------------------------- */
 struct nb_mig {
     struct nb_mig_params p;     /* strings below are private copies */
@@ -54,6 +65,9 @@ struct nb_mig {
     uint64_t disk_hz;           /* H(0) under the session's keys (a zero
                                  * block's hash), set once they exist */
     struct nb_disk disk[NB_MAX_DISKS];
+    int nstreams;               /* stream disks (stream.c) */
+    struct nb_stream stream[NB_MAX_STREAMS];
+    _Atomic uint64_t stream_bytes;
     /* the disks' digest, kept per page channel as the memory's */
     struct { uint64_t sum; char pad[56]; } disk_part[NB_MAX_CHANNELS];
 
@@ -124,6 +138,17 @@ uint64_t nb_disk_digest(struct nb_mig *m, int full);
 int nb_disk_verify(struct nb_mig *m, uint64_t theirs, char *err);
 int nb_disk_apply(struct nb_mig *m, int nchan, int chan, void **zctx,
                   const struct nb_frame *f, uint32_t round, int *kind, char *err);
+
+/* stream.c: stream disks (PROTOCOL.md, "Streams") */
+int nb_stream_adopt(struct nb_mig *m, const struct nb_mig_params *p, char *err);
+void nb_stream_close(struct nb_mig *m);
+int nb_stream_precopied(struct nb_mig *m);
+void nb_stream_paused(struct nb_mig *m);
+int nb_stream_send(struct nb_mig *m, struct nb_chan *ch, uint8_t *frame,
+                   uint32_t round, int final, char *err);
+int nb_stream_apply(struct nb_mig *m, int chan, const struct nb_frame *f,
+                    uint32_t round, int *kind, char *err);
+int nb_stream_verify(struct nb_mig *m, char *err);
 
 /* phase.c: the state machine of each side (tables: transitions.c) */
 int nb_enter_phase(struct nb_mig *m, int next, char *err);

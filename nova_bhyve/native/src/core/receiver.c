@@ -172,7 +172,8 @@ static int take_frame(struct receiver *r, const struct nb_frame *f,
     int slot = r->ch->index - 1;
 
     *kind = NB_ERR_CORRUPT;
-    if ((f->type == NB_MSG_PAGES || f->type == NB_MSG_DISK) &&
+    if ((f->type == NB_MSG_PAGES || f->type == NB_MSG_DISK ||
+         f->type == NB_MSG_STREAM) &&
         *round > atomic_load(&d->final_round)) {
         snprintf(err, NB_ERRLEN, "channel %d: %s frame after the final "
                  "round %u (never applied)", slot + 1, nb_msg_name(f->type),
@@ -185,6 +186,8 @@ static int take_frame(struct receiver *r, const struct nb_frame *f,
         *kind = r->kind ? r->kind : NB_ERR_CORRUPT;
         return -1;
     }
+    if (f->type == NB_MSG_STREAM)
+        return nb_stream_apply(r->m, slot + 1, f, *round, kind, err);
     if (f->type == NB_MSG_DISK)
         return nb_disk_apply(r->m, d->nrcv, slot + 1, &r->dzctx, f, *round, kind,
                              err);

@@ -167,7 +167,10 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
     if (src->w1 < src->words)
         return 0;               /* more of this round to come */
     if (nb_sender_flush(s, round, err) < 0 ||
-        (s->m->ndisks && nb_sender_disks(s, src, round, err) < 0))
+        (s->m->ndisks && nb_sender_disks(s, src, round, err) < 0) ||
+        (s->slot == 0 && s->m->nstreams &&
+         nb_stream_send(s->m, s->ch, s->frame, round,
+                        atomic_load(&s->m->guest_paused), err) < 0))
         return -1;
     end = (struct nb_round_end){ round, s->round_pages + s->round_blocks };
     return nb_round_end_send(s->ch, &end, err);

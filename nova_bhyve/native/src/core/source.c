@@ -88,6 +88,7 @@ static int phase_setup(struct source *src, char *err)
 
     if (rc < 0 || (rc = nb_disk_open_source(m, &src->disks, err)) < 0)
         return fail(src, -rc);
+    src->disks.nstreams = (uint32_t)m->nstreams;
     src->words = (m->npages + 63) / 64;
     src->bitmap = calloc(src->words, 8);
     src->lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
@@ -179,6 +180,7 @@ static int pause_guest(struct source *src, char *err)
         return fail(src, NB_ERR_VMM);
     atomic_store(&m->guest_paused, 1);
     src->t_pause = nb_now_ms();
+    nb_stream_paused(m);        /* the stream disks' last parts may start */
     return 0;
 }
 
@@ -189,6 +191,13 @@ static int phase_precopy(struct source *src, char *err)
     struct nb_mig *m = src->m;
     int live = m->p.mode == NB_MODE_LIVE;
 
+    /* warm and cold: stream disks' first parts flow while the guest still
+     * runs, in rounds without pages; the pause carries the rest */
+    while (!live && !nb_stream_precopied(m) && !atomic_load(&m->force_req))
+        if (nb_src_round(src, src->cur_round++, 0, 0) < 0) {
+            snprintf(err, NB_ERRLEN, "%s", m->st.error);
+            return fail(src, nb_fail_kind(m));
+        }
     if (!live && pause_guest(src, err) < 0)
         return -1;
     /* live: track from here: every bit set later is a page (a block)
@@ -198,7 +207,7 @@ static int phase_precopy(struct source *src, char *err)
         return fail(src, NB_ERR_VMM);
     nb_src_mark_data_pages(src);
     nb_disk_mark_data(m);
-    if (nb_src_round(src, 0, 0, src->lazy && live) < 0) {
+    if (nb_src_round(src, src->cur_round, 0, src->lazy && live) < 0) {
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
         return fail(src, nb_fail_kind(m));
     }
@@ -271,7 +280,11 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
     double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
 
     src->prev_dirty = dirty;
-    if (dirty == 0 || atomic_load(&m->force_req))
+    if (atomic_load(&m->force_req))
+        return 1;
+    if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */
+        return 0;
+    if (dirty == 0)
         return 1;
     if (expected > (double)atomic_load(&m->max_downtime_ms))
         return 0;
@@ -302,7 +315,8 @@ static void converge(struct source *src, uint64_t dirty)
     char e[NB_ERRLEN];
 
     src->conv_prev = dirty;
-    if (!m->p.auto_converge || !m->vmm.ops->throttle || !prev)
+    if (!m->p.auto_converge || !m->vmm.ops->throttle || !prev ||
+        !nb_stream_precopied(m))
         return;
     if (dirty * 10 < prev * 9) {
         src->stalls = 0;
@@ -693,6 +707,7 @@ void *nb_source_main(void *arg)
     source_finish(&src, rc, err);
 
     nb_src_stop_senders(&src);
+    nb_stream_close(m);
     free(src.bitmap);
     free(src.scratch);
     pthread_mutex_lock(&m->lock);

@@ -45,6 +45,8 @@ int nb_preamble_write(const struct nb_guest_spec *s, const struct nb_mig_params 
     ADD("disks=%u\n", d ? d->ndisks : 0);
     for (uint32_t i = 0; d && i < d->ndisks && i < NB_MAX_DISKS; i++)
         ADD("disk.%u=%llu:%u\n", i, (unsigned long long)d->size[i], NB_DISK_BLOCK);
+    if (d && d->nstreams)       /* absent means 0: a v4 peer without streams */
+        ADD("streams=%u\n", d->nstreams);
 #undef ADD
     return (int)n;
 }
@@ -76,7 +78,8 @@ int nb_preamble_get(const char *text, const char *key, char *out, size_t cap)
  * using must exist on the destination.
  */
 /* -1 with a message if `key` differs between the two preambles (a
- * missing `disks` reads as 0, as nb_preamble_read_disks takes it). */
+ * missing `disks` or `streams` reads as 0, as nb_preamble_read_disks
+ * takes it). */
 static int differs(const char *src, const char *dst, const char *key, char *err,
                    size_t errlen)
 {
@@ -84,7 +87,7 @@ static int differs(const char *src, const char *dst, const char *key, char *err,
     int ha = nb_preamble_get(src, key, a, sizeof(a)) == 0;
     int hb = nb_preamble_get(dst, key, b, sizeof(b)) == 0;
 
-    if (!strcmp(key, "disks")) {
+    if (!strcmp(key, "disks") || !strcmp(key, "streams")) {
         if (!ha)
             snprintf(a, sizeof(a), "0");
         if (!hb)
@@ -102,7 +105,8 @@ int nb_preamble_check(const char *src, const char *dst, char *err, size_t errlen
 {
     static const char *equal[] = { "protocol", "cipher", "arch", "page_size", "cpu_vendor",
                                    "ncpus", "memory", "segments", "segment.0",
-                                   "segment.1", "state_format", "disks" };
+                                   "segment.1", "state_format", "disks",
+                                   "streams" };
     char b[128], disk[32];
 
     for (size_t i = 0; i < sizeof(equal) / sizeof(equal[0]); i++)
@@ -262,7 +266,8 @@ static int read_disk_line(const char *text, uint32_t i, uint64_t *size, char *er
     return 0;
 }
 
-/* The disks a source's preamble announces (none without `disks`). */
+/* The disks a source's preamble announces (none without `disks`), and
+ * its stream disks (none without `streams`). */
 int nb_preamble_read_disks(const char *text, struct nb_disk_spec *d, char *err)
 {
     uint64_t n = 0;
@@ -279,5 +284,13 @@ int nb_preamble_read_disks(const char *text, struct nb_disk_spec *d, char *err)
     for (uint32_t i = 0; i < d->ndisks; i++)
         if (read_disk_line(text, i, &d->size[i], err) < 0)
             return -1;
+    n = 0;
+    if (nb_preamble_get(text, "streams", buf, sizeof(buf)) == 0 &&
+        (parse_u(text, "streams", &n) < 0 || n > NB_MAX_STREAMS)) {
+        snprintf(err, NB_ERRLEN, "the source announces an invalid stream count "
+                 "(0..%d)", NB_MAX_STREAMS);
+        return -1;
+    }
+    d->nstreams = (uint32_t)n;
     return 0;
 }

@@ -28,7 +28,7 @@ const char *nb_msg_name(unsigned type)
     static const char *names[] = {
         "?", "HELLO", "CHALLENGE", "AUTH", "JOIN", "PREAMBLE", "ACCEPT",
         "PAGES", "ROUND_END", "STATE", "DIGEST", "READY", "COMMIT",
-        "RUNNING", "ABORT", "REFUSE", "APPLIED", "DISK",
+        "RUNNING", "ABORT", "REFUSE", "APPLIED", "DISK", "STREAM",
     };
     return type < sizeof(names) / sizeof(names[0]) ? names[type] : "?";
 }

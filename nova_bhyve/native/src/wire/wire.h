@@ -51,6 +51,7 @@ enum nb_msg {
     NB_MSG_REFUSE = 15,
     NB_MSG_APPLIED = 16,
     NB_MSG_DISK = 17,
+    NB_MSG_STREAM = 18,
 };
 
 enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3 };
@@ -75,6 +76,11 @@ enum nb_enc { NB_ENC_ZERO = 0, NB_ENC_RAW = 1, NB_ENC_DELTA = 2, NB_ENC_ZSTD = 3
                                  * u16 length, u16 0 */
 #define NB_MAX_DISKS 8          /* disks per session */
 #define NB_MAX_DISK_SIZE (1ULL << 44)   /* 16 TiB */
+#define NB_STREAM_HDR 8         /* STREAM: u32 round, u16 stream, u8 part, u8 flags */
+#define NB_STREAM_END_LEN 16    /* the end of a part: u64 bytes, u32 CRC-32C, u32 0 */
+#define NB_STREAM_END 1         /* STREAM flags: this frame ends its part */
+#define NB_MAX_STREAMS 8        /* stream disks per session */
+#define NB_STREAM_PARTS 2       /* part 0: guest running; part 1: guest paused */
 #define NB_APPLIED_LEN 8        /* u32 round, u32 0 */
 #define NB_PREAMBLE_CAP 4096    /* the preamble this side writes */
 #define NB_MAX_PREAMBLE 8192    /* the peer's preamble, at most */
@@ -160,6 +166,7 @@ int nb_join_check(struct nb_chan *c, const struct nb_session_keys *keys,
 /* The disks a source announces (preamble `disks`, `disk.N`). */
 struct nb_disk_spec {
     uint32_t ndisks;
+    uint32_t nstreams;              /* stream disks (preamble `streams`) */
     uint64_t size[NB_MAX_DISKS];    /* bytes, a multiple of 512 */
 };
 
@@ -237,6 +244,24 @@ void nb_disk_rec_put(uint8_t *rec, uint64_t block, uint16_t disk, uint8_t enc,
 int nb_disk_parse(const struct nb_frame *f, uint32_t *round, uint32_t *nrec);
 int nb_disk_rec_parse(const uint8_t *rec, size_t avail, struct nb_disk_rec *r,
                       char *err);
+
+/* streams.c: STREAM frames (PROTOCOL.md, "Streams") */
+struct nb_stream_msg {
+    uint32_t round;
+    uint16_t stream;
+    uint8_t part;           /* 0 or 1 */
+    uint8_t end;            /* 1: the part ends here (total and crc set) */
+    uint32_t len;           /* data bytes (0 in an end frame) */
+    const uint8_t *data;    /* inside the frame */
+    uint64_t total;         /* end frame: the part's bytes */
+    uint32_t crc;           /* end frame: CRC-32C of the part's bytes */
+};
+
+void nb_stream_data_put(uint8_t *frame, uint32_t round, uint16_t stream,
+                        uint8_t part);
+size_t nb_stream_end_put(uint8_t *frame, uint32_t round, uint16_t stream,
+                         uint8_t part, uint64_t total, uint32_t crc);
+int nb_stream_parse(const struct nb_frame *f, struct nb_stream_msg *s, char *err);
 
 /* crc32c.c */
 uint32_t nb_crc32c(uint32_t crc, const void *buf, size_t len);

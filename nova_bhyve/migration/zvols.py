@@ -1,0 +1,60 @@
+"""Live migration of disks that move as the engine's stream disks.
+
+The bhyve backend's disks are zvols: local to each host's pool whether
+or not ``[DEFAULT] instances_path`` is shared, so a live migration always
+moves them (``machine/zvolmove.py``: zfs send and receive inside the
+engine's session).  A shared instances path then only means that the
+instance directory (the UEFI variables) is already on the destination.
+What ``live.py`` calls for such a backend is here.
+"""
+
+from nova import exception
+from nova_bhyve.machine import zvolmove
+from nova_bhyve.migration import data as mdata
+
+TAG_KEY = "zfs_tag"
+
+
+def check_layout(backend, data, shared, asked, host):
+    """Return True (the zvols always move); refuse a request not to move
+    them; name the migration's snapshots in ``data``."""
+    if asked is False:
+        raise exception.InvalidSharedStorage(path=host, reason=(
+            f"the guest's disks are zvols under [bhyve] zfs_dataset "
+            f"({backend.dataset}) on this host's pool, which the destination "
+            "cannot reach, so a live migration always copies them (zfs send "
+            "and receive)" + (", even with the shared instances_path" if shared
+                              else "") +
+            ": live-migrate with --block-migration or block_migration=auto"))
+    mdata.put(data, TAG_KEY, zvolmove.new_tag())
+    return True
+
+
+def open_streams(backend, uuid, migrate_data, receiving):
+    """Start the zfs side of the guest's zvols; return (ZvolStreams, Streams)."""
+    zs = backend.migration_streams(uuid, mdata.require(migrate_data, TAG_KEY),
+                                   receiving)
+    return zs, zs.open()
+
+
+def started(zs, log, instance, start, **kwargs):
+    """``start(**kwargs)`` (the engine); if it refuses, the zfs side ends
+    as a failed migration's does."""
+    try:
+        return start(**kwargs)
+    except Exception:
+        finish(zs, False, log, instance)
+        raise
+
+
+def finish(zs, committed, log, instance):
+    """Remove the migration's snapshots (a failed destination: its zvols);
+    a failure here is logged: the guest is where the engine left it."""
+    if zs is None:
+        return
+    try:
+        zs.finish(committed)
+    except Exception as exc:        # noqa: BLE001 - logged, nothing to undo
+        log.warning("Could not remove the migration's zfs snapshots (%s): "
+                    "%s; remove them with zfs destroy", zs.tag, exc,
+                    instance=instance)
