@@ -130,13 +130,14 @@ static void publish_total(struct nb_mig *m)
 
 /*
  * Source: open every disk read-only and describe them for the preamble.
- * The vmm must report their writes (a dirty-block log) whatever the
- * mode, and agree on each disk's size.  Returns 0 or the negated kind.
+ * The vmm must report their writes (a dirty-block log) unless the mode is
+ * cold, and agree on each disk's size.  Returns 0 or the negated kind.
  */
 int nb_disk_open_source(struct nb_mig *m, struct nb_disk_spec *spec, char *err)
 {
     memset(spec, 0, sizeof(*spec));
-    if (m->ndisks && !m->vmm.ops->disk_dirty_log) {
+    /* cold: the VM does not run, so its files do not change meanwhile */
+    if (m->ndisks && !m->vmm.ops->disk_dirty_log && m->p.mode != NB_MODE_COLD) {
         snprintf(err, NB_ERRLEN, "moving disks with the migration is not "
                  "supported on %s yet (its vmm port has no dirty-block log)",
                  m->vmm.ops->kind);
