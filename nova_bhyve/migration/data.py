@@ -146,6 +146,12 @@ def derive(private, peer_public_b64, instance_uuid):
     return Secrets(hkdf(b"memory"), hkdf(b"disk"))
 
 
+def new_key():
+    """Return a fresh (X25519 private key, its public half in base64)."""
+    private = x25519.X25519PrivateKey.generate()
+    return private, _public_b64(private)
+
+
 class KeyStore:
     """The source's private keys between its check and live_migration."""
 
