@@ -30,6 +30,10 @@ value, salted with the instance UUID: one for the memory engine, one for
 the disk copy.  Nova logs migrate_data at DEBUG ("pre_live_migration data
 is ...", "live_migration data is ..."); those lines show the public keys,
 the address and the port, from which the secret cannot be computed.
+
+A cold migration or resize makes the same exchange (``new_key`` on the
+source, ``answer`` on the destination) in the request and answer of the
+compute-to-compute call that sets up its disk transfer (``cold.py``).
 """
 
 import base64
