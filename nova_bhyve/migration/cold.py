@@ -319,14 +319,17 @@ class ColdMigrationMixin:
 
     def _take_received(self, uuid):
         """Check that the disks of ``uuid`` arrived; raise MigrationError."""
-        receiving = self._drop_received(uuid)
+        with self._received_lock:
+            receiving = self._received_disks.pop(uuid, None)
         if receiving is None:
             raise MigrationError("no disks were received here for this "
                                  "instance (was this compute restarted?)")
-        if receiving.stats is None or \
-                receiving.stats.result != Result.COMPLETED:
+        # the source has its verdict: this side's ends at the same time
+        stats = receiving.result(timeout=30)
+        receiving.close()
+        if stats is None or stats.result != Result.COMPLETED:
             raise MigrationError("the disk transfer did not complete: "
-                                 f"{receiving.error()}")
+                                 f"{stats.error if stats else 'still running'}")
 
     def _grow_disks(self, instance, spec):
         """Grow the root disk, and a single ephemeral disk, as Nova's libvirt
@@ -442,9 +445,12 @@ class _Receiving:
         if self.made_folder:
             shutil.rmtree(self.made_folder, ignore_errors=True)
 
-    def error(self):
-        """The failure's text ("still running" if it has not ended)."""
-        return self.stats.error if self.stats else "still running"
+    def result(self, timeout):
+        """The final stats, waiting up to ``timeout`` s; None if not over."""
+        deadline = time.monotonic() + timeout
+        while self.stats is None and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL / 4)
+        return self.stats
 
     def close(self):
         """Cancel a transfer still running and free the session."""

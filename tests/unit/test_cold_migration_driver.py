@@ -6,6 +6,7 @@ stand-in for Nova's compute RPC."""
 import hashlib
 import json
 import os
+import threading
 import types
 from unittest import mock
 
@@ -212,6 +213,26 @@ def test_finish_without_received_disks_is_a_clear_error(pair):
         dst.finish_migration(None, None, _instance(), info, [], None, False,
                              {})
     dst.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_finish_waits_for_the_destinations_own_verdict(pair):
+    """The source's session may end a moment before this side's: finish
+    waits for it rather than cancelling a transfer that is completing."""
+    _src, dst = pair
+    mig = mock.Mock()
+    ends = iter([False, False, False, True])
+    mig.wait.side_effect = lambda timeout: next(ends, True)
+    mig.stats.return_value = types.SimpleNamespace(
+        result=engine.Result.COMPLETED, error="")
+    receiving = cold._Receiving(mig, None)
+    dst._received_disks[UUID] = receiving
+    threading.Thread(target=receiving.watch).start()
+    info = json.dumps({"version": 2, "shared": False, "disks": ["disk"]})
+    dst.finish_migration(None, None, _instance(), info, [], None, False, {})
+    dst.backend.create.assert_called_once()
+    mig.cancel.assert_not_called()
+    mig.close.assert_called_once()
+    assert dst._received_disks == {}
 
 
 def test_a_source_of_the_older_kind_is_a_clear_error(pair):
