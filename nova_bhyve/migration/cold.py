@@ -18,9 +18,10 @@ in a session without memory (vmm port ``none``, cold mode: PROTOCOL.md,
   secret crosses Nova's message bus.  The source then sends every disk
   (a swap disk whose size the new flavor changes is not sent: the
   destination makes it blank) and waits for the engine's verdict.  If the
-  transfer fails, the guest is started again here and Nova rolls the
-  migration back (``InstanceFaultRollback``): the instance stays ACTIVE
-  on this host with its disks untouched, and the destination's engine
+  transfer fails, the guest is started again here (unless it was
+  stopped before) and Nova rolls the migration back
+  (``InstanceFaultRollback``): the instance stays on this host, in the
+  state it had, with its disks untouched, and the destination's engine
   removes the files it created (the listener's directory with them).
   The source keeps its files for a revert; disk_info names what moved;
 - destination ``finish_migration``: the disks are already in the
@@ -64,6 +65,7 @@ import time
 import nova.conf
 import oslo_messaging
 from nova.compute import rpcapi as compute_rpcapi
+from nova.compute import vm_states
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
@@ -146,7 +148,8 @@ class ColdMigrationMixin:
                 exception.NovaException) as exc:
             LOG.warning("Sending the disks to %s failed (%s); the guest "
                         "stays here", dest, exc, instance=instance)
-            self.power_on(context, instance, network_info)
+            if instance.vm_state != vm_states.STOPPED:   # as it was
+                self.power_on(context, instance, network_info)
             raise exception.InstanceFaultRollback(exception.MigrationError(
                 reason=f"cannot send the disks to {dest}: {exc}")) from exc
         return json.dumps({"version": DISK_INFO_VERSION, "shared": shared,

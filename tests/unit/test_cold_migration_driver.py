@@ -171,6 +171,15 @@ def test_a_failed_transfer_keeps_the_guest_and_leaves_nothing_there(
     assert _wait_gone(tmp_path / "dst" / UUID)
 
 
+def test_a_stopped_guest_stays_stopped_when_its_move_fails(pair):
+    src, dst = pair
+    dst.check_instance_shared_storage_remote = lambda ctxt, data: False
+    with pytest.raises(exception.InstanceFaultRollback):
+        src.migrate_disk_and_power_off("ctx", _instance(vm_state="stopped"),
+                                       "d", _flavor(), [])
+    src.backend.start.assert_not_called()
+
+
 def test_an_older_destination_is_a_rollback_with_what_to_do(pair):
     src, dst = pair
     dst.check_instance_shared_storage_remote = lambda ctxt, data: False
