@@ -33,11 +33,14 @@ import fixtures  # noqa: E402
 from nova_migration_scenarios import MigrationTestBase  # noqa: E402
 from nova_scenario_base import IMAGE_DATA  # noqa: E402
 
+import nova_bhyve.driver  # noqa: E402
 from nova import context as nova_context  # noqa: E402
 from nova import objects  # noqa: E402
 from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.native.engine import Migration  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
+
+nova_scenarios.install_shim(nova_bhyve.driver)
 
 
 class ColdMigrationTest(MigrationTestBase):
