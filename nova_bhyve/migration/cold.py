@@ -219,8 +219,7 @@ class ColdMigrationMixin:
         """
         uuid = request.get("uuid", "")
         files = request.get("files") or []
-        if not uuidutils.is_uuid_like(uuid) or not all(
-                isinstance(f, str) and DISK_FILE.fullmatch(f) for f in files):
+        if not _valid_request(uuid, files):
             raise exception.MigrationError(
                 reason="a disk transfer request with a bad instance or file "
                        "name was refused")
@@ -416,6 +415,15 @@ def _refuse_shrinks(instance, flavor, block_device_info):
             reason=f"the {what[0]} cannot shrink from {what[1]} GiB to "
                    f"{what[2]} GiB: choose a flavor with at least as much "
                    "disk"))
+
+
+def _valid_request(uuid, files):
+    """True for an instance UUID and distinct disk file names, root among
+    them (nothing that could name a file outside the instance directory)."""
+    return (isinstance(uuid, str) and uuidutils.is_uuid_like(uuid) and
+            isinstance(files, list) and
+            all(isinstance(f, str) and DISK_FILE.fullmatch(f) for f in files)
+            and "disk" in files and len(set(files)) == len(files))
 
 
 def _wait(mig):

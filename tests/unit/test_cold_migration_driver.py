@@ -193,6 +193,10 @@ def test_an_older_destination_is_a_rollback_with_what_to_do(pair):
     {"uuid": UUID, "src_key": "x", "files": ["../disk"]},
     {"uuid": UUID, "src_key": "x", "files": ["disk/../../etc"]},
     {"uuid": "../x", "src_key": "x", "files": ["disk"]},
+    {"uuid": UUID, "src_key": "x", "files": ["disk.swap"]},
+    {"uuid": UUID, "src_key": "x", "files": ["disk", "disk"]},
+    {"uuid": UUID, "src_key": "x", "files": ["disk", {"a": 1}]},
+    {"uuid": UUID, "src_key": "x", "files": "disk"},
 ])
 def test_a_request_naming_files_outside_the_instance_is_refused(
         pair, request_, tmp_path):
