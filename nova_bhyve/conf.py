@@ -247,9 +247,11 @@ migration_opts = [
              "log."),
     cfg.IntOpt(
         "disk_transfer_timeout", default=600, min=10,
-        help="Seconds a cold migration's source offers the instance's disk "
-             "to the destination, and the longest silence tolerated during "
-             "any disk copy."),
+        help="Seconds a cold migration's or resize's destination waits "
+             "for the source to connect and send the instance's disks, and "
+             "the longest silence either side tolerates while they move "
+             "(the engine's timeout). A live block migration copies disks "
+             "under this limit too."),
 ]
 
 

@@ -1,33 +1,49 @@
 """Cold migration, resize and evacuation for BhyveDriver.
 
-Cold migration and resize (``nova migrate``, ``nova resize``):
+Cold migration and resize (``nova migrate``, ``nova resize``) move the
+stopped guest's disks (root, swap, ephemerals) with the migration engine,
+in a session without memory (vmm port ``none``, cold mode: PROTOCOL.md,
+"Disks only"), authenticated and encrypted as a live migration is:
 
-- source ``migrate_disk_and_power_off``: stops the guest and offers each
-  of its disks (root, swap, ephemerals) on a one-shot listener
-  (``diskcopy``); returns ``disk_info``, a JSON text with each listener's
-  address and a fresh random token.  Nova
-  passes disk_info to the destination over RPC and does not log it;
-  the listener serves one authenticated copy, then closes, or gives up
-  after ``[bhyve] disk_transfer_timeout``.  The source keeps its files for
-  a revert;
-- destination ``finish_migration``: creates the instance files with the
-  new flavor, pulls the disks, grows the root disk and a single ephemeral
-  disk to the new flavor (as Nova's libvirt driver; a swap disk of a new
-  size is made blank, not copied; a shrink is refused at the source),
-  plugs VIFs and boots the guest (fresh: a cold migration does not carry
-  memory);
+- source ``migrate_disk_and_power_off``: stops the guest, then asks the
+  destination to listen for its disks.  Nova gives a driver no call on
+  the destination before this one, so the source makes the one
+  compute-to-compute call that carries driver data,
+  ``check_instance_shared_storage`` (Nova itself makes it between the two
+  computes of a resize revert): the request holds a shared-storage probe
+  file name, an ephemeral X25519 public key and the disks' file names;
+  the destination answers with its listener's address and its own public
+  key (``_receive_disks``).  Both sides derive the engine's secret from
+  the key exchange as ``migration.data`` does for a live migration; no
+  secret crosses Nova's message bus.  The source then sends every disk
+  (a swap disk whose size the new flavor changes is not sent: the
+  destination makes it blank) and waits for the engine's verdict.  If the
+  transfer fails, the guest is started again here (unless it was
+  stopped before) and Nova rolls the migration back
+  (``InstanceFaultRollback``): the instance stays on this host, in the
+  state it had, with its disks untouched, and the destination's engine
+  removes the files it created (the listener's directory with them).
+  The source keeps its files for a revert; disk_info names what moved;
+- destination ``finish_migration``: the disks are already in the
+  instance directory; it records the guest with the new flavor, grows the
+  root disk and a single ephemeral disk to the new flavor (as Nova's
+  libvirt driver; a shrink is refused at the source), plugs VIFs and
+  boots the guest (fresh: a cold migration does not carry memory);
 - source ``confirm_migration`` removes the old guest; ``finish_revert_
   migration`` boots it again from its untouched disk (the destination's
   copy is removed by ``destroy`` before that).
 
-Shared ``instances_path`` (NFS): the source also puts a probe file there
-and names it in disk_info; a destination that sees it uses the disks in
-place (``Backend.adopt``) instead of pulling them, and records
+Shared ``instances_path`` (NFS): a destination that sees the source's
+probe file answers that it shares the disks and listens for nothing; it
+uses the disks in place (``Backend.adopt``) and records
 ``nova_bhyve_shared_instance_path`` = ``1`` in the instance's system
 metadata, so that ``confirm_migration`` on the source removes only its own
 runtime files and keeps the disks.  A revert boots the disks as the
 destination left them (grown by a resize, with what the guest wrote):
 unlike the libvirt driver nova-bhyve keeps no ``_resize`` copy.
+
+A resize on the same host moves no disk byte: the guest is recorded
+again with the new flavor over the same files.
 
 Evacuation (``supports_evacuate``): Nova rebuilds the instance on another
 host with ``spawn``.  ``instance_on_disk`` is True when the root disk is
@@ -39,25 +55,46 @@ below: the stale guest is killed and its runtime files removed, a disk on
 shared storage is kept.
 """
 
-import base64
 import json
 import os
+import re
+import shutil
+import threading
 import time
 
 import nova.conf
+import oslo_messaging
+from nova.compute import rpcapi as compute_rpcapi
+from nova.compute import vm_states
 from oslo_log import log as logging
+from oslo_utils import uuidutils
 
 from nova import exception, objects
 from nova_bhyve import guest
 from nova_bhyve.machine.base import SWAP_DISK, MachineError
-from nova_bhyve.migration import checks, diskcopy, events
+from nova_bhyve.migration import checks, events
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration.live import inbound_addr
+from nova_bhyve.native.engine import (
+    Migration,
+    MigrationError,
+    Mode,
+    Result,
+    VmmKind,
+)
 
 CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
 #: system metadata key: the last cold migration found instances_path shared
 SHARED_KEY = "nova_bhyve_shared_instance_path"
+#: the key of a disk-transfer request in check_instance_shared_storage data
+REQUEST_KEY = "nova_bhyve_cold_disks"
+#: disk_info's version: the disks are on the destination when it arrives
+DISK_INFO_VERSION = 2
+#: a disk file's name in the instance directory (the source's names)
+DISK_FILE = re.compile(r"disk(\.[A-Za-z0-9_-]{1,32})?")
+#: seconds between looks at a running transfer
+POLL_INTERVAL = 0.2
 
 
 class ColdMigrationMixin:
@@ -65,28 +102,22 @@ class ColdMigrationMixin:
 
     def __init__(self, virtapi, *args, **kwargs):
         super().__init__(virtapi, *args, **kwargs)
-        self._disk_offers = {}
-        self._cold_probes = {}
-
-    def _close_offer(self, uuid):
-        for offer in self._disk_offers.pop(uuid, ()):
-            offer.close()
-        checks.remove_probe(self.backend.instances_path,
-                            self._cold_probes.pop(uuid, None))
+        self._received_disks = {}       # instance uuid: _Receiving
+        self._received_lock = threading.Lock()
+        self._compute_rpc = None
 
     @staticmethod
-    def _same_host(context, instance):
+    def _move(context, instance):
+        """The Migration record of the move under way, or None."""
         ctxt = instance.migration_context
         if ctxt is None:
-            return False
-        migration = objects.Migration.get_by_id(context, ctxt.migration_id)
-        return migration.source_compute == migration.dest_compute
+            return None
+        return objects.Migration.get_by_id(context, ctxt.migration_id)
 
     def migrate_disk_and_power_off(self, context, instance, dest, flavor,
                                    network_info, block_device_info=None,
                                    timeout=0, retry_interval=0):
-        """Stop the guest and offer every disk to ``dest``; return disk_info."""
-        uuid = instance.uuid
+        """Stop the guest and send its disks to ``dest``; return disk_info."""
         if self._unmovable_devices(instance, block_device_info):
             raise exception.InstanceFaultRollback(exception.MigrationError(
                 reason="instances with volumes cannot be migrated by "
@@ -96,60 +127,172 @@ class ColdMigrationMixin:
             raise exception.InstanceFaultRollback(exception.MigrationError(
                 reason=f"{type(self.backend).__name__} cannot migrate guests "
                        f"yet: {self.backend.migration_blocker}"))
-        paths = self.backend.disk_paths(uuid)
-        same_host = self._same_host(context, instance)
+        paths = dict(self.backend.disk_paths(instance.uuid))
+        move = self._move(context, instance)
+        same_host = move is not None and \
+            move.source_compute == move.dest_compute
         self.power_off(instance, timeout, retry_interval)
         if same_host:
-            return json.dumps({"version": 1, "same_host": True})
-        self._close_offer(uuid)
-        addr = inbound_addr()
-        offers, disks = [], []
+            return json.dumps({"version": DISK_INFO_VERSION,
+                               "same_host": True})
+        if flavor.swap != instance.flavor.swap:
+            paths.pop(SWAP_DISK, None)  # made blank at its new size there
         try:
-            for name, path in paths.items():
-                token = os.urandom(32)
-                offers.append(diskcopy.DiskListener(
-                    path, token, diskcopy.SEND, addr,
-                    CONF.bhyve.disk_transfer_timeout))
-                disks.append({
-                    "name": name,
-                    "addr": mdata.format_addr(addr, offers[-1].port),
-                    "token": base64.b64encode(token).decode("ascii"),
-                    "size": os.path.getsize(path)})
-        except diskcopy.DiskCopyError as exc:
-            for offer in offers:
-                offer.close()
-            self.power_on(context, instance, network_info)
-            raise exception.InstanceFaultRollback(
-                exception.MigrationError(reason=str(exc))) from exc
-        self._disk_offers[uuid] = offers
-        # a destination sharing instances_path sees this file and uses the
-        # disks in place
+            if move is None:
+                raise mdata.MigrateDataError("the instance has no migration "
+                                             "record to send its disks with")
+            shared = self._send_disks(context, instance, move.dest_compute,
+                                      paths)
+        except (MigrationError, mdata.MigrateDataError,
+                oslo_messaging.MessagingException,
+                exception.NovaException) as exc:
+            LOG.warning("Sending the disks to %s failed (%s); the guest "
+                        "stays here", dest, exc, instance=instance)
+            if instance.vm_state != vm_states.STOPPED:   # as it was
+                self.power_on(context, instance, network_info)
+            raise exception.InstanceFaultRollback(exception.MigrationError(
+                reason=f"cannot send the disks to {dest}: {exc}")) from exc
+        return json.dumps({"version": DISK_INFO_VERSION, "shared": shared,
+                           "disks": [] if shared else list(paths)})
+
+    def _rpc(self):
+        if self._compute_rpc is None:
+            self._compute_rpc = compute_rpcapi.ComputeAPI()
+        return self._compute_rpc
+
+    def _send_disks(self, context, instance, dest_compute, paths):
+        """Send ``paths`` to the destination compute with the engine.
+
+        Return True if it shares instances_path (nothing sent); raise
+        MigrationError, MigrateDataError or an RPC error on failure.
+        """
+        uuid = instance.uuid
+        private, public = mdata.new_key()
         probe = checks.create_probe(self.backend.instances_path)
-        self._cold_probes[uuid] = probe
-        LOG.info("Guest stopped; offering its disks (%s) to %s on %s",
-                 ", ".join(paths), dest, addr, instance=instance)
-        return json.dumps({"version": 1, "disks": disks, "probe": probe})
+        request = {"filename": probe, REQUEST_KEY: {
+            "uuid": uuid, "src_key": public,
+            "files": [os.path.basename(p) for p in paths.values()]}}
+        try:
+            answer = self._rpc().check_instance_shared_storage(
+                context, request, instance=instance, host=dest_compute)
+        finally:
+            checks.remove_probe(self.backend.instances_path, probe)
+        if not isinstance(answer, dict):
+            raise mdata.MigrateDataError(
+                f"{dest_compute} cannot receive disks: both hosts must run "
+                "nova-bhyve with engine disk transfer (upgrade the older one)")
+        if answer.get("shared"):
+            LOG.info("The destination shares the instances path: the disks "
+                     "stay where they are", instance=instance)
+            return True
+        secret = mdata.derive(private, answer.get("dst_key", ""), uuid)
+        host, port = mdata.parse_addr(answer.get("addr"))
+        t0 = time.monotonic()
+        opts = CONF.bhyve
+        mig = Migration.send(
+            vmm_target=uuid, vmm_kind=VmmKind.NONE, mode=Mode.COLD,
+            host=host, port=port, secret=secret.memory,
+            disks=list(paths.values()),
+            channels=opts.live_migration_parallel_connections,
+            compress=opts.live_migration_compression,
+            timeout_ms=opts.disk_transfer_timeout * 1000)
+        LOG.info("Sending the disks (%s) to %s", ", ".join(paths),
+                 mdata.format_addr(host, port), instance=instance)
+        with mig:
+            stats = _wait(mig)
+        if stats.result != Result.COMPLETED:
+            raise stats.exception
+        seconds = time.monotonic() - t0
+        LOG.info("Disks (%d bytes, %d on the wire) sent in %.1f s",
+                 stats.disk_total, stats.bytes_transferred, seconds,
+                 instance=instance)
+        events.record(context, instance, self._nodename(),
+                      f"bhyve_disk_copy bytes={stats.disk_total} "
+                      f"wire={stats.bytes_transferred} seconds={seconds:.1f}")
+        return False
+
+    def _receive_disks(self, request, probe):
+        """Destination: listen for the disks of a cold migration.
+
+        Return {"shared": True} if the source's probe file is visible here,
+        else the listener's address and this side's public key.
+        """
+        uuid = request.get("uuid", "")
+        files = request.get("files") or []
+        if not _valid_request(uuid, files):
+            raise exception.MigrationError(
+                reason="a disk transfer request with a bad instance or file "
+                       "name was refused")
+        if checks.probe_exists(self.backend.instances_path, probe):
+            return {"shared": True}
+        if not self.backend.can_migrate:
+            raise exception.MigrationError(
+                reason=f"{type(self.backend).__name__} cannot receive guests "
+                       f"yet: {self.backend.migration_blocker}")
+        folder = os.path.join(self.backend.instances_path, uuid)
+        if os.path.lexists(os.path.join(folder, "disk")):
+            raise exception.MigrationError(
+                reason=f"{self._nodename()} already has a disk for instance "
+                       f"{uuid} (a stale copy?): remove {folder} and retry")
+        try:
+            public, secrets = mdata.answer(request.get("src_key", ""), uuid)
+        except mdata.MigrateDataError as exc:
+            raise exception.MigrationError(reason=str(exc)) from exc
+        self._drop_received(uuid)
+        made = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        addr = inbound_addr()
+        try:
+            mig = Migration.receive(
+                vmm_target=uuid, vmm_kind=VmmKind.NONE, secret=secrets.memory,
+                host=addr, port=0,
+                timeout_ms=CONF.bhyve.disk_transfer_timeout * 1000,
+                disks=[os.path.join(folder, f) for f in files])
+        except MigrationError as exc:
+            if made:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise exception.MigrationError(
+                reason=f"cannot listen for the disks: {exc}") from exc
+        receiving = _Receiving(mig, folder if made else None)
+        with self._received_lock:
+            self._received_disks[uuid] = receiving
+        threading.Thread(target=receiving.watch, daemon=True,
+                         name=f"bhyve-disks-{uuid}").start()
+        LOG.info("Listening for the disks of instance %s (%s) on %s", uuid,
+                 ", ".join(files), mdata.format_addr(addr, mig.port))
+        return {"shared": False, "dst_key": public,
+                "addr": mdata.format_addr(addr, mig.port)}
+
+    def _drop_received(self, uuid):
+        """Forget (closing it) the disk transfer received for ``uuid``."""
+        with self._received_lock:
+            receiving = self._received_disks.pop(uuid, None)
+        if receiving is not None:
+            receiving.close()
+        return receiving
 
     def finish_migration(self, context, migration, instance, disk_info,
                          network_info, image_meta, resize_instance,
                          allocations, block_device_info=None, power_on=True,
                          share_info=None):
-        """Create the guest here with the new flavor, pull its disks, boot it."""
+        """Record the guest here with the new flavor over its received
+        disks, grow them for a resize and boot it."""
         uuid = instance.uuid
         try:
             info = json.loads(disk_info or "{}")
         except ValueError:
             info = {}
-        same_host = bool(info.get("same_host"))
-        if not same_host and not info.get("disks"):
+        if info.get("version") != DISK_INFO_VERSION:
             raise exception.MigrationError(reason=(
-                "the source returned no disk offer: both hosts must run "
-                "nova-bhyve with cold migration of every disk"))
+                "the source sent no disks: both hosts must run nova-bhyve "
+                "with engine disk transfer (upgrade the older one)"))
+        same_host = bool(info.get("same_host"))
+        shared = bool(info.get("shared"))
         spec = guest.build_spec(instance, network_info, CONF,
                                 block_device_info)
-        shared = not same_host and checks.probe_exists(
-            self.backend.instances_path, info.get("probe"))
         try:
+            if not same_host and not shared:
+                self._take_received(uuid)
             if shared:
                 self.backend.adopt(instance, spec)
                 LOG.info("The disks are on the shared instances path; using "
@@ -159,15 +302,12 @@ class ColdMigrationMixin:
                                     objects.ImageMeta.from_dict({}))
             if not same_host:
                 instance.system_metadata[SHARED_KEY] = "1" if shared else "0"
-            if not same_host and not shared:
-                self._pull_disks(context, instance, info["disks"])
             if resize_instance:
                 self._grow_disks(instance, spec)
             self.backend.plug_vifs(spec)
             if power_on:
                 self.backend.start(uuid)
-        except (MachineError, diskcopy.DiskCopyError,
-                mdata.MigrateDataError) as exc:
+        except (MachineError, MigrationError) as exc:
             if not same_host:
                 self.backend.destroy(uuid)
                 self.backend.unplug_vifs(spec)
@@ -178,6 +318,20 @@ class ColdMigrationMixin:
         LOG.info("Guest moved here (%s vCPU, %s MiB)%s", spec.vcpus,
                  spec.memory_mb, " and started" if power_on else "",
                  instance=instance)
+
+    def _take_received(self, uuid):
+        """Check that the disks of ``uuid`` arrived; raise MigrationError."""
+        with self._received_lock:
+            receiving = self._received_disks.pop(uuid, None)
+        if receiving is None:
+            raise MigrationError("no disks were received here for this "
+                                 "instance (was this compute restarted?)")
+        # the source has its verdict: this side's ends at the same time
+        stats = receiving.result(timeout=30)
+        receiving.close()
+        if stats is None or stats.result != Result.COMPLETED:
+            raise MigrationError("the disk transfer did not complete: "
+                                 f"{stats.error if stats else 'still running'}")
 
     def _grow_disks(self, instance, spec):
         """Grow the root disk, and a single ephemeral disk, as Nova's libvirt
@@ -190,42 +344,12 @@ class ColdMigrationMixin:
                                    instance.flavor.ephemeral_gb << 30,
                                    ephemerals[0].name)
 
-    def _pull_disks(self, context, instance, offers):
-        """Copy each offered disk the new spec has; a resized swap is not."""
-        paths = self.backend.disk_paths(instance.uuid)
-        total, t0 = 0, time.monotonic()
-        for offer in offers:
-            name = offer.get("name")
-            path = paths.get(name)
-            size = int(offer.get("size", 0))
-            if path is None or (name == SWAP_DISK and
-                                os.path.getsize(path) != size):
-                LOG.info("Not copying disk %s: the new flavor has it at "
-                         "another size or not at all", name,
-                         instance=instance)
-                continue
-            host, port = mdata.parse_addr(offer.get("addr", ""))
-            try:
-                token = base64.b64decode(offer["token"], validate=True)
-            except (KeyError, ValueError):
-                raise mdata.MigrateDataError(f"the offer of disk {name} has "
-                                             "no valid token") from None
-            total += diskcopy.copy(host, port, token, path, diskcopy.RECEIVE,
-                                   CONF.bhyve.disk_transfer_timeout,
-                                   max_size=size)
-        seconds = time.monotonic() - t0
-        LOG.info("Disks (%d bytes) copied in %.1f s", total, seconds,
-                 instance=instance)
-        events.record(context, instance, self._nodename(),
-                      f"bhyve_disk_copy bytes={total} seconds={seconds:.1f}")
-
     def confirm_migration(self, context, migration, instance, network_info):
         """Remove the old guest from this (the source) host.
 
         Disks on a shared instances path are the destination's now: only
         this host's runtime files go.
         """
-        self._close_offer(instance.uuid)
         if migration.source_compute == migration.dest_compute:
             return
         shared = (instance.system_metadata or {}).get(SHARED_KEY) == "1"
@@ -238,7 +362,6 @@ class ColdMigrationMixin:
                                 migration, block_device_info=None,
                                 power_on=True, share_info=None):
         """Boot the guest here again from its untouched disks."""
-        self._close_offer(instance.uuid)
         spec = guest.build_spec(instance, network_info, CONF,
                                 block_device_info)
         try:
@@ -260,7 +383,13 @@ class ColdMigrationMixin:
         return {"filename": checks.create_probe(self.backend.instances_path)}
 
     def check_instance_shared_storage_remote(self, context, data):
-        """Return True if the other host's probe file is visible here."""
+        """Return True if the other host's probe file is visible here.
+
+        A cold migration's source asks this way for a disk listener too
+        (``REQUEST_KEY`` in ``data``): the answer is then a dict.
+        """
+        if isinstance(data.get(REQUEST_KEY), dict):
+            return self._receive_disks(data[REQUEST_KEY], data.get("filename"))
         return checks.probe_exists(self.backend.instances_path,
                                    data.get("filename"))
 
@@ -286,3 +415,59 @@ def _refuse_shrinks(instance, flavor, block_device_info):
             reason=f"the {what[0]} cannot shrink from {what[1]} GiB to "
                    f"{what[2]} GiB: choose a flavor with at least as much "
                    "disk"))
+
+
+def _valid_request(uuid, files):
+    """True for an instance UUID and distinct disk file names, root among
+    them (nothing that could name a file outside the instance directory)."""
+    return (isinstance(uuid, str) and uuidutils.is_uuid_like(uuid) and
+            isinstance(files, list) and
+            all(isinstance(f, str) and DISK_FILE.fullmatch(f) for f in files)
+            and "disk" in files and len(set(files)) == len(files))
+
+
+def _wait(mig):
+    """Wait for an engine session to end (a short sleep between looks, so
+    that eventlet's hub runs meanwhile); return its final stats."""
+    while not mig.wait(0):
+        time.sleep(POLL_INTERVAL)
+    return mig.stats()
+
+
+class _Receiving:
+    """A destination's disk listener and what became of it."""
+
+    def __init__(self, mig, made_folder):
+        self.mig = mig
+        self.made_folder = made_folder
+        self.stats = None
+        self._lock = threading.Lock()
+
+    def watch(self):
+        """Wait for the end; on a failure remove the folder made for it."""
+        stats = _wait(self.mig)
+        with self._lock:
+            self.stats = stats
+            self.mig.close()
+        if stats.result == Result.COMPLETED:
+            return
+        LOG.warning("Receiving the disks failed (%s); nothing of them is "
+                    "kept here", stats.error)
+        if self.made_folder:
+            shutil.rmtree(self.made_folder, ignore_errors=True)
+
+    def result(self, timeout):
+        """The final stats, waiting up to ``timeout`` s; None if not over."""
+        deadline = time.monotonic() + timeout
+        while self.stats is None and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL / 4)
+        return self.stats
+
+    def close(self):
+        """Cancel a transfer still running and free the session."""
+        with self._lock:
+            if self.stats is None:
+                try:
+                    self.mig.cancel()
+                except MigrationError:
+                    pass

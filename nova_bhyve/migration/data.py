@@ -31,6 +31,10 @@ and encrypts the one session that moves memory and disks.  Nova logs
 migrate_data at DEBUG ("pre_live_migration data is ...", "live_migration
 data is ..."); those lines show the public keys, the address and the
 port, from which the secret cannot be computed.
+
+A cold migration or resize makes the same exchange (``new_key`` on the
+source, ``answer`` on the destination) in the request and answer of the
+compute-to-compute call that sets up its disk transfer (``cold.py``).
 """
 
 import base64
@@ -140,6 +144,12 @@ def derive(private, peer_public_b64, instance_uuid):
     return Secrets(HKDF(algorithm=hashes.SHA256(), length=32,
                         salt=instance_uuid.encode(),
                         info=b"nova-bhyve live migration memory").derive(shared))
+
+
+def new_key():
+    """Return a fresh (X25519 private key, its public half in base64)."""
+    private = x25519.X25519PrivateKey.generate()
+    return private, _public_b64(private)
 
 
 class KeyStore:

@@ -145,6 +145,7 @@ class VmmKind(enum.IntEnum):
     TESTHOST = lib.NB_VMM_TESTHOST
     BHYVE = lib.NB_VMM_BHYVE
     CHECKPOINT = lib.NB_VMM_CKPT
+    NONE = lib.NB_VMM_NONE      # a stopped guest: its disks only (cold mode)
 
 
 class Phase(enum.IntEnum):

@@ -176,7 +176,7 @@ class BlockMigrationTest(DiskWriterTestBase):
         # the source VM and its files are gone
         self.assertFalse(os.path.exists(src_path))
         self.assertNotIn(uuid, self.drivers["host1"].backend.list_machines())
-        self._assert_no_secret_logged(derived=2, disk=0)
+        self._assert_no_secret_logged(derived=2)
 
     def test_a_cut_mid_disk_keeps_the_guest_and_its_disk_on_the_source(self):
         server, src_path, filler = self._boot_writer(filler=64 * MiB)
@@ -240,7 +240,7 @@ class SharedDiskWriterTest(DiskWriterTestBase):
         combined = parse_console(open(self._saved("host1", uuid)).read() +
                                  self._log("host2", server))
         self.assertEqual([], combined.sequence_breaks())
-        self._assert_no_secret_logged(derived=2, disk=0)
+        self._assert_no_secret_logged(derived=2)
 
 
 if __name__ == "__main__":

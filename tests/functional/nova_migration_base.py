@@ -8,6 +8,7 @@ does not collect it.
 """
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,6 @@ import fixtures
 from nova_scenario_base import BhyveScenarioTest
 
 import nova_bhyve.migration.data
-import nova_bhyve.migration.diskcopy
 from nova_bhyve.machine.base import MachineState
 from nova_bhyve.native.engine import MigrationError
 from nova_bhyve.testhost.console import parse_console
@@ -81,16 +81,6 @@ class MigrationTestBase(BhyveScenarioTest):
             return secrets
         self.useFixture(fixtures.MockPatch(
             "nova_bhyve.migration.data.derive", side_effect=derive))
-        # ...and every disk-copy secret (cold migration: a random token)
-        self.disk_secrets = []
-        real_listener = nova_bhyve.migration.diskcopy.DiskListener
-
-        def listener(path, secret, *args, **kwargs):
-            self.disk_secrets.append(secret)
-            return real_listener(path, secret, *args, **kwargs)
-        self.useFixture(fixtures.MockPatch(
-            "nova_bhyve.migration.diskcopy.DiskListener",
-            side_effect=listener))
 
     def _start_bhyve_compute(self, host):
         """Start ``host``; keep the console of each guest that leaves it."""
@@ -108,6 +98,35 @@ class MigrationTestBase(BhyveScenarioTest):
         drv.backend.delete_files = delete_files
         return compute
 
+    def _sums(self, host, server):
+        """SHA-256 of each disk file of ``server`` on ``host``."""
+        sums = {}
+        for name, path in self.drivers[host].backend.disk_paths(
+                server["id"]).items():
+            with open(path, "rb") as f:
+                sums[name] = hashlib.sha256(f.read()).hexdigest()
+        return sums
+
+    def _cold_migrate(self, server, host="host2"):
+        """Cold-migrate ``server`` to ``host``; return it and the SHA-256
+        of its disks before."""
+        before = self._sums(server["OS-EXT-SRV-ATTR:host"], server)
+        server = self._migrate_server(server, host=host)
+        self.assertEqual(host, server["OS-EXT-SRV-ATTR:host"])
+        return server, before
+
+    def _evacuate_to_host2(self, server):
+        """Stop host1's compute, force it down and evacuate ``server`` to
+        host2; return the server, the stale guest's pid and the service."""
+        old_pid = self.drivers["host1"].backend._child_pid(server["id"])
+        self.computes["host1"].stop()
+        service = self.api.get_services(host="host1",
+                                        binary="nova-compute")[0]
+        self.api.put_service(service["id"], {"forced_down": True})
+        server = self._evacuate_server(server, expected_host="host2",
+                                       expected_state="SHUTOFF")
+        return server, old_pid, service
+
     def _saved(self, host, uuid):
         return os.path.join(self.base, "saved", f"{host}-{uuid}.log")
 
@@ -117,18 +136,16 @@ class MigrationTestBase(BhyveScenarioTest):
         return server["id"] not in backend.list_machines() and not \
             os.path.exists(os.path.join(backend.instances_path, server["id"]))
 
-    def _assert_no_secret_logged(self, derived=2, disk=0):
+    def _assert_no_secret_logged(self, derived=2):
         """No secret of this test's migrations is in any log record.
 
-        ``derived``: the live migrations' (one per side; the engine's
-        session moves memory and disks); ``disk``: cold migrations' disk
-        copy tokens.
+        ``derived``: one per side of each migration (a live migration's
+        engine session moves memory and disks, a cold migration's the
+        stopped guest's disks).
         """
         text = "\n".join(r.getMessage() for r in self.records)
         self.assertEqual(derived, len(self.secrets))
-        self.assertEqual(disk, len(self.disk_secrets))
-        values = [pair.memory for pair in self.secrets]
-        for value in values + self.disk_secrets:
+        for value in [pair.memory for pair in self.secrets]:
             for form in (value.hex(), base64.b64encode(value).decode(),
                          repr(value)[2:-1]):
                 self.assertNotIn(form, text)

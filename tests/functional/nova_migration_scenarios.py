@@ -1,4 +1,6 @@
-"""Live and cold migration and evacuation through Nova, with real guests.
+"""Live migration, and the moves of extra disks and of disks on a shared
+instances path, through Nova, with real guests (cold migration, resize
+and evacuation of a plain guest: ``nova_cold_scenarios``).
 
 Nova's API, conductor, scheduler, Placement and two compute services
 (``host1``, ``host2``) running ``bhyve.BhyveDriver`` on the KVM test host,
@@ -30,6 +32,7 @@ from nova.tests.functional import integrated_helpers  # noqa: E402,F401
 
 import signal  # noqa: E402
 import types  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import fixtures  # noqa: E402
 import psutil  # noqa: E402
@@ -37,10 +40,10 @@ from nova_migration_base import MigrationTestBase  # noqa: E402
 from nova_scenario_base import IMAGE_DATA  # noqa: E402
 
 import nova_bhyve.driver  # noqa: E402
-import nova_bhyve.migration.diskcopy  # noqa: E402
 from nova import context as nova_context  # noqa: E402
 from nova import objects  # noqa: E402
 from nova_bhyve.machine.base import MachineState  # noqa: E402
+from nova_bhyve.native.engine import Migration  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
 
 nova_scenarios.install_shim(nova_bhyve.driver)
@@ -236,105 +239,6 @@ class HotGuestTest(MigrationTestBase):
                       [r.getMessage() for r in self.records])
 
 
-class ColdMigrationTest(MigrationTestBase):
-    """Cold migration, resize, revert and evacuation."""
-
-    def _assert_fresh_boot_on(self, host, server, disk_size=None):
-        self._wait_passes(host, server, 1)
-        report = parse_console(self._log(host, server))
-        self.assertEqual("stress", report.banner.get("mode"))
-        path = self.drivers[host].backend.disk_path(server["id"])
-        self.assertEqual(disk_size or len(IMAGE_DATA), os.path.getsize(path))
-        with open(path, "rb") as f:
-            self.assertEqual(IMAGE_DATA, f.read(len(IMAGE_DATA)))
-
-    def test_cold_migrate_and_confirm(self):
-        server = self._boot()
-        server = self._migrate_server(server, host="host2")
-        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
-        self._assert_fresh_boot_on("host2", server)
-        # the source keeps its stopped guest until the confirmation
-        self.assertEqual(MachineState.SHUTDOWN,
-                         self.drivers["host1"].backend.state(server["id"]))
-        self._event(server, "migrate", "bhyve_disk_copy")
-        server = self._confirm_resize(server)
-        self._wait(lambda: self._gone("host1", server),
-                   "the source to drop the old guest", timeout=30)
-        self._assert_no_secret_logged(derived=0, disk=1)
-
-    def test_cold_migrate_and_revert(self):
-        server = self._boot()
-        server = self._migrate_server(server, host="host2")
-        self._assert_fresh_boot_on("host2", server)
-        self.api.post_server_action(server["id"], {"revertResize": None})
-        server = self._wait_for_server_parameter(
-            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1"},
-            max_retries=60)
-        self._wait_migration(server, "reverted")
-        self._wait(lambda: self._gone("host2", server),
-                   "host2 to drop its copy", timeout=30)
-        self._wait(lambda: self.drivers["host1"].backend.state(server["id"])
-                   == MachineState.RUNNING, "the guest back on host1")
-        # the same disk, booted again: a second banner in the same log
-        self.assertEqual(2, self._log("host1", server).count("NBGUEST "))
-        self._assert_guest_alive("host1", server)
-
-    def test_resize_and_revert(self):
-        server = self._boot()
-        bigger = self._create_flavor(memory_mb=256, vcpu=2, disk=1,
-                                     ephemeral=0)
-        self.flags(allow_resize_to_same_host=False)
-        self.api.post_server_action(server["id"],
-                                    {"resize": {"flavorRef": bigger}})
-        server = self._wait_for_state_change(server, "VERIFY_RESIZE",
-                                             max_retries=60)
-        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
-        self._assert_fresh_boot_on("host2", server, disk_size=1 << 30)
-        diag = self.drivers["host2"].backend.diagnostics(server["id"])
-        self.assertEqual((2, 256), (diag["vcpus"], diag["memory_mb"]))
-        self.api.post_server_action(server["id"], {"revertResize": None})
-        server = self._wait_for_server_parameter(
-            server, {"status": "ACTIVE", "OS-EXT-SRV-ATTR:host": "host1"},
-            max_retries=60)
-        self._wait(lambda: self._gone("host2", server),
-                   "host2 to drop the resized guest", timeout=30)
-        self._wait(lambda: self.drivers["host1"].backend.state(server["id"])
-                   == MachineState.RUNNING, "the guest back on host1")
-        diag = self.drivers["host1"].backend.diagnostics(server["id"])
-        self.assertEqual((1, 128), (diag["vcpus"], diag["memory_mb"]))
-        self._assert_guest_alive("host1", server)
-
-    def test_evacuate_and_the_old_host_coming_back(self):
-        server = self._boot()
-        compute1 = self.computes["host1"]
-        old_pid = self.drivers["host1"].backend._child_pid(server["id"])
-        compute1.stop()
-        service = self.api.get_services(host="host1",
-                                        binary="nova-compute")[0]
-        self.api.put_service(service["id"], {"forced_down": True})
-        server = self._evacuate_server(server, expected_host="host2",
-                                       expected_state="SHUTOFF")
-        self.assertEqual(MachineState.SHUTDOWN,
-                         self.drivers["host2"].backend.state(server["id"]))
-        server = self._start_server(server)
-        self._assert_fresh_boot_on("host2", server)
-        # the stale guest still runs on host1 until its compute returns
-        self.assertTrue(self.drivers["host1"].backend._running(server["id"]))
-        self._start_bhyve_compute("host1")
-        self.api.put_service(service["id"], {"forced_down": False})
-        self._wait(lambda: self._gone("host1", server),
-                   "host1 to destroy the evacuated guest", timeout=30)
-        with self.assertRaises(ProcessLookupError):
-            os.kill(old_pid, 0)
-        self.assertEqual("completed", self._migration(server)["status"])
-        self.assertEqual(MachineState.RUNNING,
-                         self.drivers["host2"].backend.state(server["id"]))
-        # the instance can move on from its new host
-        ctxt = nova_context.get_admin_context()
-        inst = objects.Instance.get_by_uuid(ctxt, server["id"])
-        self.assertEqual("host2", inst.host)
-
-
 class ExtraDisksTest(MigrationTestBase):
     """A flavor with swap and an ephemeral disk moves with all its disks.
 
@@ -378,17 +282,16 @@ class ExtraDisksTest(MigrationTestBase):
             self.assertEqual(IMAGE_DATA, f.read(len(IMAGE_DATA)))
 
     def test_cold_migrate_and_confirm_with_swap_and_ephemeral(self):
-        server = self._boot_with_markers()
-        server = self._migrate_server(server, host="host2")
-        self.assertEqual("host2", server["OS-EXT-SRV-ATTR:host"])
+        server, before = self._cold_migrate(self._boot_with_markers())
         self._wait_passes("host2", server, 1)
         self._assert_disks_on("host2", server)
+        self.assertEqual(before, self._sums("host2", server))
         server = self._confirm_resize(server)
         self._wait(lambda: self._gone("host1", server),
                    "the source to drop the old guest and its disks",
                    timeout=30)
         self._assert_guest_alive("host2", server)
-        self._assert_no_secret_logged(derived=0, disk=3)
+        self._assert_no_secret_logged(derived=2)
 
     def test_live_block_migrate_with_swap_and_ephemeral(self):
         server = self._boot_with_markers()
@@ -402,7 +305,7 @@ class ExtraDisksTest(MigrationTestBase):
         self.assertGreaterEqual(figs["disk_blocks"],
                                 len(IMAGE_DATA) // 4096 + 2)
         self.assertLess(figs["disk_bytes"], 4 << 20)
-        self._assert_no_secret_logged(derived=2, disk=0)
+        self._assert_no_secret_logged(derived=2)
 
 
 class SharedStorageTest(MigrationTestBase):
@@ -414,14 +317,10 @@ class SharedStorageTest(MigrationTestBase):
 
     def setUp(self):
         super().setUp()
-        self.copies = []
-        real_copy = nova_bhyve.migration.diskcopy.copy
-
-        def copy(*args, **kwargs):
-            self.copies.append(args[:2])
-            return real_copy(*args, **kwargs)
+        # any disk transfer of a cold migration
+        self.cold_engine = mock.Mock(wraps=Migration)
         self.useFixture(fixtures.MockPatch(
-            "nova_bhyve.migration.diskcopy.copy", side_effect=copy))
+            "nova_bhyve.migration.cold.Migration", new=self.cold_engine))
 
     def _disk(self, server):
         """Return the disk path (the same from both hosts) and its identity."""
@@ -465,12 +364,11 @@ class SharedStorageTest(MigrationTestBase):
         self.assertEqual(0, combined.errors, combined.fails)
         figs = self._figures(server, "shared instances path")
         self.assertEqual("live", figs["mode"])
-        # zero disk bytes: none in the engine's session, no copy, no disk
-        # progress, no event
+        # zero disk bytes: none in the engine's session, no disk progress,
+        # no event
         self.assertEqual(0, figs["disk_bytes"])
         self.assertEqual(0, figs["disk_blocks"])
-        self.assertEqual([], self.copies)
-        self._assert_no_secret_logged(derived=2, disk=0)
+        self._assert_no_secret_logged(derived=2)
         mig = objects.Migration.get_by_id(nova_context.get_admin_context(),
                                           self._migration(server)["id"])
         self.assertFalse(mig.obj_attr_is_set("disk_total") and
@@ -499,7 +397,6 @@ class SharedStorageTest(MigrationTestBase):
         server = self._wait_done(server, "host1")
         self._assert_guest_alive("host1", server)
         self._assert_left("host2", server)
-        self.assertEqual([], self.copies)
         self.assertEqual(before, self._disk(server)[1])
         self.assertEqual([self.drivers["host1"].backend._child_pid(uuid)],
                          self._processes(uuid))
@@ -554,21 +451,14 @@ class SharedStorageTest(MigrationTestBase):
         self.assertEqual((inode, size), self._disk(server)[1][:2])
         with open(path, "rb") as f:
             self.assertEqual(IMAGE_DATA, f.read())
-        self.assertEqual([], self.copies)
+        self.assertEqual([], self.cold_engine.mock_calls)
         self._assert_guest_alive("host1", server)
 
     def test_evacuate_keeps_the_disk_and_the_old_host_coming_back(self):
         server = self._boot()
         uuid = server["id"]
         path, (inode, size, _mtime) = self._disk(server)
-        compute1 = self.computes["host1"]
-        old_pid = self.drivers["host1"].backend._child_pid(uuid)
-        compute1.stop()
-        service = self.api.get_services(host="host1",
-                                        binary="nova-compute")[0]
-        self.api.put_service(service["id"], {"forced_down": True})
-        server = self._evacuate_server(server, expected_host="host2",
-                                       expected_state="SHUTOFF")
+        server, old_pid, service = self._evacuate_to_host2(server)
         # the disk on shared storage was used, not made again from the image
         self.assertTrue(self.drivers["host2"].instance_on_disk(
             types.SimpleNamespace(uuid=uuid)))
@@ -617,7 +507,7 @@ class SharedStorageTest(MigrationTestBase):
         self._wait_passes("host2", server, 1)
         self.assertEqual(path, self.drivers["host2"].backend.disk_path(uuid))
         self.assertEqual((inode, size), self._disk(server)[1][:2])
-        self.assertEqual([], self.copies)
+        self.assertEqual([], self.cold_engine.mock_calls)
         self.assertEqual([], [e for e in self._events(server, "migrate")
                               if e["event"].startswith("bhyve_disk_copy")])
         server = self._confirm_resize(server)
@@ -635,6 +525,6 @@ class SharedStorageTest(MigrationTestBase):
 
 if __name__ == "__main__":
     sys.exit(nova_scenarios.main(
-        __name__, [LiveMigrationTest, HotGuestTest, ColdMigrationTest,
+        __name__, [LiveMigrationTest, HotGuestTest,
                    ExtraDisksTest, SharedStorageTest],
         sys.argv[1:]))

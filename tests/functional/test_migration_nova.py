@@ -1,4 +1,5 @@
-"""Live and cold migration and evacuation through Nova's control plane.
+"""Live migration, and cold migration of extra disks, through Nova's
+control plane (cold migration and resize: test_cold_migration_nova).
 
 Runs ``nova_migration_scenarios.py`` in a fresh interpreter per Nova
 concurrency mode (Nova picks its mode once per process): every scenario
@@ -32,10 +33,6 @@ HOT = {
     "test_completion_timeout_forces_completion",
 }
 COLD = {
-    "test_cold_migrate_and_confirm",
-    "test_cold_migrate_and_revert",
-    "test_resize_and_revert",
-    "test_evacuate_and_the_old_host_coming_back",
     "test_cold_migrate_and_confirm_with_swap_and_ephemeral",
     "test_live_block_migrate_with_swap_and_ephemeral",
 }
@@ -51,8 +48,6 @@ EVENTLET = [
     "LiveMigrationTest.test_live_migrate_to_a_named_host",
     "LiveMigrationTest.test_abort_keeps_the_guest_on_the_source",
     "HotGuestTest.test_auto_converge_finishes_it",
-    "ColdMigrationTest.test_cold_migrate_and_confirm",
-    "ColdMigrationTest.test_evacuate_and_the_old_host_coming_back",
     "SharedStorageTest.test_live_migrate_moves_no_disk_bytes",
 ]
 

@@ -69,7 +69,7 @@ def test_the_source_hands_its_zvols_to_the_engine_and_drops_the_snapshots(zenv):
     zenv.drv.backend.migration_streams.assert_called_once_with(
         UUID, "mig-0123456789ab", False)
     assert zenv.engine.send.call_args.kwargs["streams"] == [mock.sentinel.stream]
-    live.diskcopy.copy.assert_not_called()
+    assert not zenv.engine.send.call_args.kwargs["disks"]     # no file disk
     assert zenv.zs.mock_calls == [mock.call.open(), mock.call.release(),
                                   mock.call.finish(True)]
 

@@ -12,7 +12,8 @@
 #include <stdint.h>
 
 enum nb_mode { NB_MODE_LIVE = 0, NB_MODE_WARM = 1, NB_MODE_COLD = 2 };
-enum nb_vmm_kind { NB_VMM_TESTHOST = 0, NB_VMM_BHYVE = 1, NB_VMM_CKPT = 2 };
+enum nb_vmm_kind { NB_VMM_TESTHOST = 0, NB_VMM_BHYVE = 1, NB_VMM_CKPT = 2,
+                   NB_VMM_NONE = 3 /* disks only: a stopped guest, cold mode */ };
 enum nb_verify { NB_VERIFY_INCREMENTAL = 0, NB_VERIFY_FULL = 1 };
 enum nb_compress { NB_COMPRESS_OFF = 0, NB_COMPRESS_ON = 1, NB_COMPRESS_AUTO = 2 };
 
@@ -57,7 +58,8 @@ enum nb_result {
 struct nb_mig_params {
     int mode;                   /* enum nb_mode */
     int vmm_kind;               /* enum nb_vmm_kind */
-    const char *vmm_target;     /* socket path, VM name or checkpoint base */
+    const char *vmm_target;     /* socket path, VM name or checkpoint base
+                                 * (none: the guest's name, for messages) */
     const uint8_t *secret;      /* per-migration secret, >= 16 bytes */
     size_t secret_len;
     const char *host;           /* source: where to connect; dest: bind address */

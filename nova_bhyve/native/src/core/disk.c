@@ -140,13 +140,15 @@ static int attached_disks(const struct nb_mig *m)
 /*
  * Source: open every disk read-only and describe them for the preamble.
  * The vmm must report the attached disks' writes (a dirty-block log)
- * whatever the mode, and agree on each one's size.  Returns 0 or the
- * negated kind.
+ * unless the mode is cold, and agree on each one's size.  Returns 0 or
+ * the negated kind.
  */
 int nb_disk_open_source(struct nb_mig *m, struct nb_disk_spec *spec, char *err)
 {
     memset(spec, 0, sizeof(*spec));
-    if (attached_disks(m) && !m->vmm.ops->disk_dirty_log) {
+    /* cold: the VM does not run, so its files do not change meanwhile */
+    if (attached_disks(m) && !m->vmm.ops->disk_dirty_log &&
+        m->p.mode != NB_MODE_COLD) {
         snprintf(err, NB_ERRLEN, "moving disks with the migration is not "
                  "supported on %s yet (its vmm port has no dirty-block log)",
                  m->vmm.ops->kind);

@@ -225,6 +225,8 @@ static int open_vmm(struct nb_mig *m, char *err)
     case NB_VMM_CKPT:
         /* a destination checkpoint is created once the source's spec is known */
         return m->is_source ? nb_vmm_open_ckpt(&m->vmm, m->target, 0, NULL, err) : 0;
+    case NB_VMM_NONE:
+        return nb_vmm_open_none(&m->vmm, m->target, err);
     }
     snprintf(err, NB_ERRLEN, "unknown vmm kind %d", m->p.vmm_kind);
     return -1;
@@ -249,6 +251,8 @@ static int validate_params(const struct nb_mig_params *p, int is_source, char *e
         snprintf(err, NB_ERRLEN, "the migration secret must be 16..1024 bytes");
     else if (!p->vmm_target || !*p->vmm_target)
         snprintf(err, NB_ERRLEN, "no VM (vmm_target) given");
+    else if (is_source && p->vmm_kind == NB_VMM_NONE && p->mode != NB_MODE_COLD)
+        snprintf(err, NB_ERRLEN, "a stopped guest (vmm none) moves in cold mode only");
     else if (is_source && (!p->host || !*p->host))
         snprintf(err, NB_ERRLEN, "no destination host given");
     else if (p->port < 0 || p->port > 65535 || (is_source && p->port == 0))
@@ -399,7 +403,7 @@ static int start(const struct nb_mig_params *p, int is_source, nb_mig **out,
     if (nb_stream_adopt(m, p, e) < 0)
         kind = NB_ERR_INVALID;
     else if (open_vmm(m, e) < 0)
-        kind = p->vmm_kind > NB_VMM_CKPT || p->vmm_kind < 0 ? NB_ERR_INVALID
+        kind = p->vmm_kind > NB_VMM_NONE || p->vmm_kind < 0 ? NB_ERR_INVALID
                                                             : NB_ERR_VMM;
     else if (!is_source && bind_listener(m, e) < 0)
         kind = NB_ERR_RESOURCE;

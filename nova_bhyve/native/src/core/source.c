@@ -90,7 +90,7 @@ static int phase_setup(struct source *src, char *err)
         return fail(src, -rc);
     src->disks.nstreams = (uint32_t)m->nstreams;
     src->words = (m->npages + 63) / 64;
-    src->bitmap = calloc(src->words, 8);
+    src->bitmap = calloc(src->words ? src->words : 1, 8);   /* none: 0 pages */
     src->lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
     /* 16 chunks, none under 64 MiB: fine enough to keep re-sends down,
      * coarse enough that the extra dirty-log calls cost little */

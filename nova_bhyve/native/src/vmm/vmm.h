@@ -8,6 +8,7 @@
  *   vmm_ckpt.c      a checkpoint file set (RAM file + .kern + .meta), the
  *                   shape `bhyvectl --suspend` and `bhyve -r` use; the
  *                   .meta schema is CHECKPOINT.md (ckpt_meta.c)
+ *   vmm_none.c      a stopped guest: no memory, no state, only its disks
  *
  * Every function returns 0 on success or -1 with a message in `err`.
  */
@@ -112,6 +113,7 @@ int nb_vmm_open_testhost(struct nb_vmm *, const char *sock_path, char *err);
 int nb_vmm_open_bhyve(struct nb_vmm *, const char *vm_name, char *err);
 int nb_vmm_open_ckpt(struct nb_vmm *, const char *base, int create,
                      const struct nb_guest_spec *spec_for_create, char *err);
+int nb_vmm_open_none(struct nb_vmm *, const char *name, char *err);
 
 /* Host-side CPUID facts for the guest spec (x86). */
 void nb_spec_fill_cpu(struct nb_guest_spec *spec);
