@@ -107,11 +107,16 @@ def keep_consoles(res, dest, src, dst):
     res["consoles_kept"] = str(dest)
 
 
+def _is_heartbeat(w):
+    # HB seq passes errors, and with the disk writer its passes too
+    return len(w) in (4, 5) and w[0] == "HB" and all(x.isdigit() for x in w[1:])
+
+
 def last_seq(entries):
     """Sequence number of the last heartbeat among tlog entries (0 if none)."""
     for _, line in reversed(entries):
         w = line.split()
-        if len(w) == 4 and w[0] == "HB" and w[1].isdigit():
+        if _is_heartbeat(w):
             return int(w[1])
     return 0
 
@@ -121,7 +126,7 @@ def heartbeats(entries, min_seq=0):
     out = []
     for ns, line in entries:
         w = line.split()
-        if len(w) == 4 and w[0] == "HB" and all(x.isdigit() for x in w[1:]):
+        if _is_heartbeat(w):
             if int(w[1]) >= min_seq:
                 out.append((ns, int(w[1]), int(w[3])))
     return out
