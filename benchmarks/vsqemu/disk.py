@@ -89,6 +89,11 @@ def copy_sparse(src, dst):
             pos = end
 
 
+def allocated(path):
+    """Bytes of a file's allocated extents (its holes not counted)."""
+    return os.stat(path).st_blocks * 512
+
+
 def _mix(x):
     x = (x + 0x9E3779B97F4A7C15) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64

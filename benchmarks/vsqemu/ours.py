@@ -187,7 +187,8 @@ class OursChain:
             "pages_raw": s["pages_raw"],
         }
         if self.disk:
-            res.update(disk_payload_bytes=s["disk_bytes"],
+            res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),
+                       disk_payload_bytes=s["disk_bytes"],
                        disk_blocks=s["disk_blocks"], round_blocks=s["round_blocks"])
         if not ok:
             res["note"] = s["error"] or r["error"]

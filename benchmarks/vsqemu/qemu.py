@@ -401,7 +401,8 @@ class QemuChain:
                 else res["total_s"] + mirror.ready_s
             res["round_ms"] = [round(mirror.ready_s * 1e3, 2)] + res["round_ms"]
             res["round_bytes"] = [mirror_wire] + res["round_bytes"]
-            res.update(mirror_ready_s=mirror.ready_s, mirror_wire_bytes=mirror_wire,
+            res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),
+                       mirror_ready_s=mirror.ready_s, mirror_wire_bytes=mirror_wire,
                        ram_total_s=wall)
             if status == "completed":
                 res["disk_finish_s"] = finish_s

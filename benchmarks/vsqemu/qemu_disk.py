@@ -32,8 +32,13 @@ def drive_args(path):
     """QEMU arguments for the guest's disk: the primary IDE master of the
     i440FX machine ("pc", whose PIIX IDE decodes the legacy ports the guest
     drives; q35's AHCI does not)."""
-    return ["-blockdev", f"driver=file,filename={path},node-name={NODE}-file",
-            "-blockdev", f"driver=raw,file={NODE}-file,node-name={NODE}",
+    # holes stay holes: without discard=unmap and detect-zeroes=unmap the
+    # zeros the mirror writes over NBD fill the destination's file, and
+    # the next migration from there copies them as data
+    return ["-blockdev", f"driver=file,filename={path},node-name={NODE}-file,"
+            "discard=unmap",
+            "-blockdev", f"driver=raw,file={NODE}-file,node-name={NODE},"
+            "discard=unmap,detect-zeroes=unmap",
             "-device", f"ide-hd,drive={NODE},id=hd0,bus=ide.0,unit=0"]
 
 
