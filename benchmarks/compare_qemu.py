@@ -10,9 +10,11 @@ source), the two engines interleaved: over loopback (inside one network
 namespace) and over a veth pair shaped to 1 Gbit/s between two namespaces
 that this script creates and removes.  QEMU runs in its default
 configuration and in two tuned ones (unlimited bandwidth + xbzrle, and
-+ multifd).  Results: benchmarks/results/results.json, results.md (medians
-and ratios this project / QEMU), round_*.png, downtime_vs_size.png (plots
-need matplotlib).  Method: benchmarks/README.md.
++ multifd).  A disk-writing guest moves its disk too: QEMU with
+drive-mirror to an NBD export on the destination, then migrate.
+Results: benchmarks/results/results.json, results.md (medians and ratios
+this project / QEMU), round_*.png, downtime_vs_size.png (plots need
+matplotlib).  Method: benchmarks/README.md.
 """
 
 import argparse

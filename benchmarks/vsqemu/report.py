@@ -211,7 +211,8 @@ def plots(summary, workloads, sizes, outdir):
         ax.set_ylabel("largest heartbeat gap (ms)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(outdir / "downtime_vs_size.png", dpi=110)
     plt.close(fig)
