@@ -147,7 +147,11 @@ def switchover(src_entries, src_tail, dst_entries, min_seq):
     breaks = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
     errors = max((e for _, _, e in beats), default=0)
     after_dst = len(heartbeats(dst_entries, min_seq))
+    # the widest gap began with the source's last heartbeat: it is the
+    # switch-over's; else the guest stalled during pre-copy or after
+    src_last = last_seq(src_entries)
     return {"guest_downtime_ms": gap * 1e3, "gap_after_seq": before,
+            "gap_at_switchover": before in (src_last, src_last + 1),
             "hb_continuous": bool(seqs) and not breaks,
             "hb_breaks": breaks[:5], "guest_errors": errors,
             "dst_heartbeats": after_dst}
