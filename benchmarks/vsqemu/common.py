@@ -95,8 +95,9 @@ def read_tlog(path):
 
 
 def keep_consoles(res, dest, src, dst):
-    """Copy both consoles of a switch-over whose heartbeats broke to ``dest``."""
-    if res.get("hb_continuous") or dest is None:
+    """Copy both consoles of a switch-over whose heartbeats broke, or whose
+    guest reported self-check errors, to ``dest``."""
+    if (res.get("hb_continuous") and not res.get("guest_errors")) or dest is None:
         return
     dest = pathlib.Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
