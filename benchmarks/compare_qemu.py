@@ -10,9 +10,11 @@ source), the two engines interleaved: over loopback (inside one network
 namespace) and over a veth pair shaped to 1 Gbit/s between two namespaces
 that this script creates and removes.  QEMU runs in its default
 configuration and in two tuned ones (unlimited bandwidth + xbzrle, and
-+ multifd).  Results: benchmarks/results/results.json, results.md (medians
-and ratios this project / QEMU), round_*.png, downtime_vs_size.png (plots
-need matplotlib).  Method: benchmarks/README.md.
++ multifd).  A disk-writing guest moves its disk too: QEMU with
+drive-mirror to an NBD export on the destination, then migrate.
+Results: benchmarks/results/results.json, results.md (medians and ratios
+this project / QEMU), round_*.png, downtime_vs_size.png (plots need
+matplotlib).  Method: benchmarks/README.md.
 """
 
 import argparse
@@ -30,6 +32,7 @@ import time
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 
+from vsqemu import disk as vdisk  # noqa: E402
 from vsqemu import qemu, report  # noqa: E402
 from vsqemu.common import BenchError, wait_for  # noqa: E402
 from vsqemu.netns import RATE, TBF, Net  # noqa: E402
@@ -69,10 +72,20 @@ def _idle(gib):
 RANDOM = ("random 1M in 1G", {"mem": "1G", "cmdline":
                               "mode=stress pattern=random ws=1M",
                               "kind": "random", "series": "", "gib": 1})
+# A guest writing its disk while its memory changes: the touch writer over
+# 64 MiB of 1 GiB, the disk writer over the first 128 KiB (32 blocks; it
+# writes only a few blocks a second here, so a pass takes a few seconds) of
+# a 512 MiB disk that holds 192 MiB of random data, 128 MiB of text and a
+# 192 MiB hole (vsqemu/disk.py).  QEMU moves the disk with drive-mirror to
+# an NBD export (vsqemu/qemu_disk.py), this engine in its migration session.
+DISK = ("disk 512M, touch 64M of 1G",
+        {"mem": "1G", "cmdline": "mode=stress pattern=touch ws=64M disk=1 "
+         "disksize=128K", "kind": "disk", "series": "", "gib": 1,
+         "disk": {"size": "512M", "random": "192M", "text": "128M"}})
 FULL = dict([_idle(1), _idle(4), _idle(8), _idle(16), _touch(5, 1),
              _touch(25, 1), _touch(50, 1), _touch(5, 4), _touch(5, 8),
-             _touch(5, 16), _tight(25, 1), _tight(25, 1, cpus=2), RANDOM])
-QUICK = dict([_idle(1), _touch(25, 1), _touch(5, 8), _tight(25, 1)])
+             _touch(5, 16), _tight(25, 1), _tight(25, 1, cpus=2), RANDOM, DISK])
+QUICK = dict([_idle(1), _touch(25, 1), _touch(5, 8), _tight(25, 1), DISK])
 
 
 def _log(msg):
@@ -127,6 +140,9 @@ def fill(chain, spec, timeout=300):
             raise BenchError(f"guest self-check failed: {r.fails[:1]}")
         if spec["kind"] == "idle":
             return len(r.heartbeats) >= 300
+        if spec["kind"] == "disk":     # its disk written once as well
+            return r.heartbeats and r.heartbeats[-1].passes >= 1 and \
+                (r.heartbeats[-1].disk_passes or 0) >= 1
         return r.heartbeats and r.heartbeats[-1].passes >= 1
     wait_for(ready, timeout, "the working set to be written once", 0.2)
     return time.monotonic() - t0
@@ -135,8 +151,16 @@ def fill(chain, spec, timeout=300):
 def run_workload(name, spec, args, net, runs, t0, counter):
     """Both engines, every link, configuration and repeat for one workload."""
     base = tempfile.mkdtemp(prefix="nbcmp-")
-    chains = {"ours": OursChain(f"{base}/t", net, spec["mem"], spec["cmdline"]),
-              "qemu": QemuChain(f"{base}/q", net, spec["mem"], spec["cmdline"])}
+    image = None
+    if spec.get("disk"):
+        image, d = f"{base}/image.img", spec["disk"]
+        vdisk.make_image(image, vdisk.parse_size(d["size"]),
+                         vdisk.region_bytes(spec["cmdline"]),
+                         vdisk.parse_size(d["random"]), vdisk.parse_size(d["text"]))
+    chains = {"ours": OursChain(f"{base}/t", net, spec["mem"], spec["cmdline"],
+                                disk=image),
+              "qemu": QemuChain(f"{base}/q", net, spec["mem"], spec["cmdline"],
+                                disk=image)}
     for eng, ch in chains.items():
         ch.keep = RESULTS / "broken" / f"{report.slug(name)}-{eng}"
     fills, active, skip = {}, None, set()
@@ -197,6 +221,9 @@ def _describe(res, timeout):
             f"{res.get('guest_downtime_ms', float('nan')):.1f} ms, "
             f"{res['wire_bytes'] / 1e6:.0f} MB, {res['rounds']} rounds, "
             f"CPU {res['cpu_src_s']:.2f}/{res['cpu_dst_s']:.2f} s")
+    if "disk_ok" in res:
+        text += (f", disk {'ok' if res['disk_ok'] else 'CHECK FAILED'} "
+                 f"({res['disk_note']})")
     return text if res["status"] == "ok" else f"ERROR ({res.get('note')}): {text}"
 
 
@@ -232,6 +259,9 @@ def write_outputs(meta, runs, workloads, links, plots=True):
         "(below 1: this project needs less).",
         "(k/n) after an engine: only k of n runs finished with the guest's "
         "heartbeats intact; the medians are over those k.",
+        "(disk check ✗ in k/n) after an engine: in k of its n finished runs "
+        "the moved disk failed its check (benchmarks/README.md, \"Disk "
+        "workload\"); their figures are in the medians.",
         f"1 Gbit/s link: {meta['link_shaping']}.",
     ]
     if "other_cpu_pct" in meta:

@@ -95,8 +95,9 @@ def read_tlog(path):
 
 
 def keep_consoles(res, dest, src, dst):
-    """Copy both consoles of a switch-over whose heartbeats broke to ``dest``."""
-    if res.get("hb_continuous") or dest is None:
+    """Copy both consoles of a switch-over whose heartbeats broke, or whose
+    guest reported self-check errors, to ``dest``."""
+    if (res.get("hb_continuous") and not res.get("guest_errors")) or dest is None:
         return
     dest = pathlib.Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -107,11 +108,16 @@ def keep_consoles(res, dest, src, dst):
     res["consoles_kept"] = str(dest)
 
 
+def _is_heartbeat(w):
+    # HB seq passes errors, and with the disk writer its passes too
+    return len(w) in (4, 5) and w[0] == "HB" and all(x.isdigit() for x in w[1:])
+
+
 def last_seq(entries):
     """Sequence number of the last heartbeat among tlog entries (0 if none)."""
     for _, line in reversed(entries):
         w = line.split()
-        if len(w) == 4 and w[0] == "HB" and w[1].isdigit():
+        if _is_heartbeat(w):
             return int(w[1])
     return 0
 
@@ -121,7 +127,7 @@ def heartbeats(entries, min_seq=0):
     out = []
     for ns, line in entries:
         w = line.split()
-        if len(w) == 4 and w[0] == "HB" and all(x.isdigit() for x in w[1:]):
+        if _is_heartbeat(w):
             if int(w[1]) >= min_seq:
                 out.append((ns, int(w[1]), int(w[3])))
     return out
@@ -142,7 +148,11 @@ def switchover(src_entries, src_tail, dst_entries, min_seq):
     breaks = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
     errors = max((e for _, _, e in beats), default=0)
     after_dst = len(heartbeats(dst_entries, min_seq))
+    # the widest gap began with the source's last heartbeat: it is the
+    # switch-over's; else the guest stalled during pre-copy or after
+    src_last = last_seq(src_entries)
     return {"guest_downtime_ms": gap * 1e3, "gap_after_seq": before,
+            "gap_at_switchover": before in (src_last, src_last + 1),
             "hb_continuous": bool(seqs) and not breaks,
             "hb_breaks": breaks[:5], "guest_errors": errors,
             "dst_heartbeats": after_dst}

@@ -43,6 +43,9 @@ def _final(stats, cpu_s, wall_s):
         "round_ms": [r.duration_ms for r in stats.rounds],
         "round_bytes": [r.bytes for r in stats.rounds],
         "round_dirty": [r.dirty for r in stats.rounds],
+        "round_blocks": [r.blocks for r in stats.rounds],
+        "disk_total": stats.disk_total, "disk_bytes": stats.disk_bytes,
+        "disk_blocks": stats.disk_blocks,
         "cpu_s": cpu_s, "wall_s": wall_s,
     }
 
@@ -53,7 +56,8 @@ def receive(cfg):
     mig = Migration.receive(vmm_target=cfg["vm"], secret=bytes.fromhex(cfg["secret"]),
                             host=cfg["host"], port=0,
                             timeout_ms=int(cfg["timeout_s"] * 1000),
-                            encrypt=cfg.get("encrypt", True))
+                            encrypt=cfg.get("encrypt", True),
+                            disks=cfg.get("disks", ()))
     _out({"port": mig.port})
     t0 = time.monotonic()
     mig.wait(cfg["timeout_s"] + 60)
@@ -72,7 +76,8 @@ def send(cfg):
                          channels=cfg["channels"],
                          max_downtime_ms=cfg["max_downtime_ms"], max_bandwidth=0,
                          verify=cfg["verify"], timeout_ms=30000,
-                         encrypt=cfg.get("encrypt", True), **extra)
+                         encrypt=cfg.get("encrypt", True),
+                         disks=cfg.get("disks", ()), **extra)
     dnf = not mig.wait(cfg["timeout_s"])
     if dnf:
         try:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from nova_bhyve.testhost.process import TestHostVM
+from vsqemu import disk as vdisk
 from vsqemu.common import (
     BenchError,
     console_tail,
@@ -80,19 +81,33 @@ class OursChain:
 
     engine = "ours"
 
-    def __init__(self, base, net, mem, cmdline):
+    def __init__(self, base, net, mem, cmdline, disk=None):
         self.base, self.net, self.mem, self.cmdline = base, net, mem, cmdline
         self.count = 0
         self.vm = None
         self.keep = None        # where to copy consoles whose heartbeats broke
+        # disk workloads: the image the first guest boots with (a copy the
+        # chain owns); every destination gets an empty file beside it
+        self.disk = disk
 
     def _new(self, incoming):
         self.count += 1
         name = f"t{self.count}"
-        return TestHostVM.start(name, f"{self.base}/{name}", self.mem,
-                                cpus=guest_cpus(self.cmdline),
-                                cmdline=self.cmdline, incoming=incoming,
-                                tlog=True)
+        disk = None
+        if self.disk:
+            os.makedirs(self.base, exist_ok=True)
+            disk = f"{self.base}/{name}.img"
+            if incoming:
+                with open(disk, "wb") as f:
+                    f.truncate(os.path.getsize(self.disk))
+            else:
+                vdisk.copy_sparse(self.disk, disk)
+        vm = TestHostVM.start(name, f"{self.base}/{name}", self.mem,
+                              cpus=guest_cpus(self.cmdline),
+                              cmdline=self.cmdline, incoming=incoming,
+                              tlog=True, disk=disk)
+        vm.disk_path = disk
+        return vm
 
     def boot(self):
         """Boot the guest."""
@@ -124,10 +139,12 @@ class OursChain:
         halves = []
         try:
             secret = os.urandom(32).hex()
+            disks = ([src.disk_path], [dst.disk_path]) if self.disk else ([], [])
             recv = _Half(dst_ns, "receive")
             halves.append(recv)
             recv.send({"vm": str(dst.socket_path), "secret": secret, "host": addr,
-                       "timeout_s": timeout, "encrypt": encrypt})
+                       "timeout_s": timeout, "encrypt": encrypt,
+                       "disks": disks[1]})
             port = recv.read(30)["port"]
             send = _Half(src_ns, "send")
             halves.append(send)
@@ -138,7 +155,7 @@ class OursChain:
             send.send(dict(ENGINE, **engine, vm=str(src.socket_path), host=addr,
                            port=port,
                            secret=secret, max_downtime_ms=downtime_ms,
-                           timeout_s=timeout, encrypt=encrypt))
+                           timeout_s=timeout, encrypt=encrypt, disks=disks[0]))
             s = send.read(timeout + 60)
             r = recv.read(90)
             wire1 = iface_bytes(recv.pid, ifname)
@@ -147,6 +164,8 @@ class OursChain:
             for h in halves:
                 h.proc.kill()
             dst.kill()
+            if dst.disk_path:
+                os.unlink(dst.disk_path)
             raise
         finally:
             for h in halves:
@@ -167,9 +186,15 @@ class OursChain:
             "pages_compressed": s["pages_compressed"],
             "pages_raw": s["pages_raw"],
         }
+        if self.disk:
+            res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),
+                       disk_payload_bytes=s["disk_bytes"],
+                       disk_blocks=s["disk_blocks"], round_blocks=s["round_blocks"])
         if not ok:
             res["note"] = s["error"] or r["error"]
             dst.kill()
+            if dst.disk_path:
+                os.unlink(dst.disk_path)
             return res
         src.stop()
         self.vm = dst
@@ -178,6 +203,12 @@ class OursChain:
         res.update(switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
                               read_tlog(dst.tlog_path), start_seq))
         keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
+        if self.disk:
+            res.update(vdisk.verify_moved(
+                src.console_text(), dst.console_text, dst.client.pause,
+                dst.client.resume, src.disk_path, dst.disk_path,
+                vdisk.region_bytes(self.cmdline)))
+            os.unlink(src.disk_path)
         return res
 
     def close(self):

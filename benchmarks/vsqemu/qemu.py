@@ -11,6 +11,8 @@ import time
 
 from nova_bhyve import polling
 from nova_bhyve.testhost import artifacts
+from vsqemu import disk as vdisk
+from vsqemu import qemu_disk
 from vsqemu.common import (
     BenchError,
     console_tail,
@@ -143,8 +145,12 @@ class QemuVM:
         return self.rundir / "console.tlog"
 
     @classmethod
-    def start(cls, name, rundir, mem, cmdline, ns, incoming=False):
-        """Start QEMU in namespace ``ns``; the guest runs once the console is read."""
+    def start(cls, name, rundir, mem, cmdline, ns, incoming=False, disk=None):
+        """Start QEMU in namespace ``ns``; the guest runs once the console is read.
+
+        With a ``disk`` (a raw file): the i440FX machine with the disk on
+        its IDE, and an incoming QEMU keeps the guest paused after the
+        migration (``-S``, qemu_disk's flow)."""
         rundir = pathlib.Path(rundir)
         rundir.mkdir(parents=True)
         con, qmp = rundir / "con", rundir / "qmp.sock"
@@ -161,14 +167,17 @@ class QemuVM:
                 raise BenchError(f"console reader of {name} did not start")
             argv = (["ip", "netns", "exec", ns] if ns else []) + [
                 QEMU, "-name", f"{name},debug-threads=on",
-                "-machine", "q35,accel=kvm", "-cpu", "host,-arch-capabilities",
+                "-machine", ("pc" if disk else "q35") + ",accel=kvm",
+                "-cpu", "host,-arch-capabilities",
                 "-m", str(mem), "-smp", str(guest_cpus(cmdline)),
                 "-nodefaults", "-display", "none",
                 "-bios", QBOOT, "-kernel", str(artifacts.guest_kernel()),
                 "-append", cmdline,
                 "-qmp", f"unix:{qmp},server=on,wait=off",
                 "-chardev", f"pipe,id=con,path={con}", "-serial", "chardev:con",
-            ] + (["-incoming", "defer"] if incoming else ["-S"])
+            ] + (qemu_disk.drive_args(disk) if disk else []) + (
+                ["-incoming", "defer"] if incoming else []) + (
+                ["-S"] if disk or not incoming else [])
             with open(rundir / "qemu.log", "wb") as log:
                 vm.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT,
@@ -229,17 +238,29 @@ class QemuChain:
 
     engine = "qemu"
 
-    def __init__(self, base, net, mem, cmdline):
+    def __init__(self, base, net, mem, cmdline, disk=None):
         self.base, self.net, self.mem, self.cmdline = base, net, mem, cmdline
         self.count = 0
         self.vm = None
         self.keep = None        # where to copy consoles whose heartbeats broke
+        self.disk = disk        # the image the first guest boots with
 
     def _new(self, ns, incoming):
         self.count += 1
         name = f"q{self.count}"
-        return QemuVM.start(name, f"{self.base}/{name}", self.mem, self.cmdline,
-                            ns, incoming=incoming)
+        disk = None
+        if self.disk:
+            pathlib.Path(self.base).mkdir(parents=True, exist_ok=True)
+            disk = f"{self.base}/{name}.img"
+            if incoming:
+                with open(disk, "wb") as f:
+                    f.truncate(pathlib.Path(self.disk).stat().st_size)
+            else:
+                vdisk.copy_sparse(self.disk, disk)
+        vm = QemuVM.start(name, f"{self.base}/{name}", self.mem, self.cmdline,
+                          ns, incoming=incoming, disk=disk)
+        vm.disk_path = disk
+        return vm
 
     def boot(self):
         """Boot the guest in the first namespace."""
@@ -272,16 +293,28 @@ class QemuChain:
         try:
             res = self._migrate(src, dst, addr, ifname, caps, params, timeout)
         except BaseException:
-            dst.kill()
+            self._drop(dst)
             raise
         if res["status"] == "ok":
             src.kill()
             self.vm = dst
             res.update(self._judge(src, dst, res.pop("start_seq")))
+            if self.disk:
+                res.update(vdisk.verify_moved(
+                    _text(src.console_path), lambda: _text(dst.console_path),
+                    dst.pause, dst.resume, src.disk_path, dst.disk_path,
+                    vdisk.region_bytes(self.cmdline)))
+                pathlib.Path(src.disk_path).unlink()
         else:
-            dst.kill()
+            self._drop(dst)
             res.pop("start_seq")
         return res
+
+    @staticmethod
+    def _drop(vm):
+        vm.kill()
+        if vm.disk_path:
+            pathlib.Path(vm.disk_path).unlink(missing_ok=True)
 
     def _migrate(self, src, dst, addr, ifname, caps, params, timeout):
         # a QEMU that was a destination keeps what it was told then: set all
@@ -299,6 +332,13 @@ class QemuChain:
         wire0 = iface_bytes(dst.pid, ifname)
         src.qmp.events.clear()
         t0, real0 = time.monotonic(), time.time()
+        mirror = qemu_disk.Mirror(src, dst, addr) if self.disk else None
+        if mirror and not mirror.start(timeout):
+            return {"status": "dnf", "start_seq": start_seq,
+                    "wire_bytes": iface_bytes(dst.pid, ifname) - wire0,
+                    "note": "drive-mirror not READY in time"}
+        mirror_wire = iface_bytes(dst.pid, ifname) - wire0
+        t_mig, real0 = time.monotonic(), time.time()
         src.qmp.cmd("migrate", {"uri": f"tcp:{addr}:{port}"})
         samples, info, cancelled = [], {}, False
         while True:
@@ -310,17 +350,23 @@ class QemuChain:
                             ram.get("transferred", 0)))
             if status in ("completed", "failed", "cancelled"):
                 break
-            if not cancelled and time.monotonic() - t0 > timeout:
+            if not cancelled and time.monotonic() - t_mig > timeout:
                 src.qmp.cmd("migrate_cancel")
                 cancelled = True
-            if cancelled and time.monotonic() - t0 > timeout + 20:
+            if cancelled and time.monotonic() - t_mig > timeout + 20:
                 raise BenchError("QEMU did not cancel its migration")
             time.sleep(0.01)
-        wall = time.monotonic() - t0
+        wall = time.monotonic() - t_mig
         # "completed" shows a moment before total-time and downtime are set
         if status == "completed" and not info.get("total-time"):
             info = polling.poll(lambda: _with_total_time(src), 1.0, 0.01) or \
                 src.qmp.cmd("query-migrate")
+        if mirror and status == "completed":
+            t_end = time.monotonic()
+            mirror.finish()
+            finish_s = time.monotonic() - t_end
+        elif mirror:
+            mirror.abort()
         if status == "completed":
             if not dst.alive():
                 raise BenchError(f"QEMU destination died: {dst.log_tail(300)}")
@@ -348,6 +394,18 @@ class QemuChain:
                  - real0 for e in src.qmp.events if e["event"] == "MIGRATION_PASS"]
         res.update(_rounds(samples, syncs, res["total_s"], info.get("downtime") or 0,
                            ram.get("transferred", 0)))
+        if mirror:
+            # from the mirror's start to the guest running on the destination;
+            # the mirror up to READY counts as a round of its own (round 0)
+            res["total_s"] = time.monotonic() - t0 if status == "completed" \
+                else res["total_s"] + mirror.ready_s
+            res["round_ms"] = [round(mirror.ready_s * 1e3, 2)] + res["round_ms"]
+            res["round_bytes"] = [mirror_wire] + res["round_bytes"]
+            res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),
+                       mirror_ready_s=mirror.ready_s, mirror_wire_bytes=mirror_wire,
+                       ram_total_s=wall)
+            if status == "completed":
+                res["disk_finish_s"] = finish_s
         res["rounds"] = len(res["round_ms"])
         return res
 
@@ -368,6 +426,13 @@ class QemuChain:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+
+
+def _text(path):
+    try:
+        return pathlib.Path(path).read_text("ascii", "replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _with_total_time(vm):

@@ -87,14 +87,23 @@ static uint64_t block_word(uint64_t b, uint64_t v, unsigned w)
     return mix64(mix64((v << 32) ^ b) + w);
 }
 
-/* Poll until BSY clears; returns the status, or -1 after WAIT_SECONDS. */
+/*
+ * Poll until BSY clears; returns the status, or -1 after WAIT_SECONDS.
+ * Time the host held the VM paused (the TSC runs on) is not the drive's:
+ * a gap of over a fiftieth of the wait between two polls extends it.
+ */
 static int wait_not_busy(void)
 {
-    uint64_t until = rdtsc() + d.wait_ticks;
+    uint64_t last = rdtsc(), until = last + d.wait_ticks;
     uint8_t st;
 
     while ((st = inb(ATA_STATUS)) & ST_BSY) {
-        if (rdtsc() > until)
+        uint64_t now = rdtsc();
+
+        if (now - last > d.wait_ticks / 50)
+            until += now - last;
+        last = now;
+        if (now > until)
             return -1;
         cpu_relax();
     }

@@ -258,6 +258,8 @@ static void heartbeat(uint64_t now)
 /*
  * Between heartbeats: a step of disk work if the disk writer runs, paced
  * so that it takes at most half of the CPU's time from the memory writer.
+ * A step's time counts up to one heartbeat period: a step the host paused
+ * the VM in (the TSC runs on) must not idle the writer as long again.
  */
 static inline void hb_poll(void)
 {
@@ -268,7 +270,7 @@ static inline void hb_poll(void)
 
         disk_step();
         now = rdtsc();
-        disk_next = now + (now - start);
+        disk_next = now + (now - start < hb_ticks ? now - start : hb_ticks);
     }
     if (now >= hb_next)
         heartbeat(now);

@@ -308,6 +308,8 @@ static int report_applied(struct dest *d, char *err)
     pthread_mutex_unlock(&d->lock);
     if (all == UINT32_MAX || all <= d->acked)
         return 0;
+    if (nb_disk_flush(m, err) < 0)      /* the rounds' blocks on disk too */
+        return fail(d, NB_ERR_VMM);
     d->acked = all;
     if (nb_applied_send(&m->ctl, all - 1, err) < 0)
         return fail(d, m->ctl.err_kind);

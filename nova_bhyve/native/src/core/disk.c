@@ -3,7 +3,7 @@
  * disk files and the vmm's dirty-block log, and its senders put the blocks
  * in DISK frames on the page channels after each round's pages; the
  * destination writes them into its own files with pwrite and fsyncs them
- * before READY.  Both sides keep the disks' digest as they go.
+ * before each APPLIED and before READY.  Both sides keep the disks' digest as they go.
  *
  * Files are opened beneath a descriptor of their directory, the last
  * component never through a link (as vmm_ckpt.c opens a checkpoint).  A
@@ -620,6 +620,23 @@ uint64_t nb_disk_digest(struct nb_mig *m, int full)
 }
 
 /*
+ * Destination: put every disk on stable storage (fsync).  0, or -1 with
+ * err.  Before each APPLIED, so that the bulk of round 0 is written back
+ * while the guest still runs on the source, and the fsync of the
+ * switch-over only waits for the blocks of the rounds after it.
+ */
+int nb_disk_flush(struct nb_mig *m, char *err)
+{
+    for (int i = 0; i < m->ndisks; i++)
+        if (fsync(m->disk[i].fd) < 0) {
+            snprintf(err, NB_ERRLEN, "flushing disk %s: %s", m->disk[i].path,
+                     strerror(errno));
+            return -1;
+        }
+    return 0;
+}
+
+/*
  * Destination, every channel's final round applied: put every disk on
  * stable storage and compare the disks' digest with the source's
  * `theirs`.  0, or the negated kind with err (VMM: a file failed;
@@ -629,12 +646,8 @@ int nb_disk_verify(struct nb_mig *m, uint64_t theirs, char *err)
 {
     uint64_t mine;
 
-    for (int i = 0; i < m->ndisks; i++)
-        if (fsync(m->disk[i].fd) < 0) {
-            snprintf(err, NB_ERRLEN, "flushing disk %s: %s", m->disk[i].path,
-                     strerror(errno));
-            return -NB_ERR_VMM;
-        }
+    if (nb_disk_flush(m, err) < 0)
+        return -NB_ERR_VMM;
     mine = nb_disk_digest(m, m->p.verify == NB_VERIFY_FULL);
     pthread_mutex_lock(&m->lock);
     m->st.disk_digest = mine;

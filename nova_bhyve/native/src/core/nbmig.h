@@ -135,6 +135,7 @@ int nb_disk_sync(struct nb_mig *m, uint64_t *pending, char *err);
 void nb_disk_mark_data(struct nb_mig *m);
 uint64_t nb_disk_total_blocks(const struct nb_mig *m);
 uint64_t nb_disk_digest(struct nb_mig *m, int full);
+int nb_disk_flush(struct nb_mig *m, char *err);
 int nb_disk_verify(struct nb_mig *m, uint64_t theirs, char *err);
 int nb_disk_apply(struct nb_mig *m, int nchan, int chan, void **zctx,
                   const struct nb_frame *f, uint32_t round, int *kind, char *err);
