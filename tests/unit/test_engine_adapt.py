@@ -9,10 +9,10 @@ OFF, ON, AUTO = 0, 1, 2
 PAGES = 64 * 200
 
 
-def _run(mode, link, zstd=1000 * MB, ratio=0.05):
+def _run(mode, link, zstd=1000 * MB, ratio=0.05, burst=0):
     ffi, lib = selftest_module()
     active = ffi.new("int *")
-    tried = lib.nb_selftest_adapt(mode, link, zstd, ratio, PAGES, active)
+    tried = lib.nb_selftest_adapt(mode, link, zstd, ratio, PAGES, burst, active)
     return tried, bool(active[0])
 
 
@@ -23,6 +23,22 @@ def test_auto_compresses_when_the_link_is_the_bottleneck(link):
     tried, active = _run(AUTO, link)
     assert active
     assert tried > PAGES * 0.9
+
+
+@pytest.mark.parametrize("burst", [2, 5, 8])
+def test_a_socket_buffer_that_drains_in_bursts_is_still_the_link(burst):
+    """1 Gbit/s through a large socket buffer: most frames leave at memory
+    speed, every burst-th waits for the buffer; the link is their mean."""
+    tried, active = _run(AUTO, 125 * MB, burst=burst)
+    assert active
+    assert tried > PAGES * 0.9
+
+
+@pytest.mark.parametrize("burst", [0, 8])
+def test_a_fast_link_stays_raw_in_bursts_too(burst):
+    tried, active = _run(AUTO, 5000 * MB, burst=burst)
+    assert not active
+    assert PAGES // 32 - 1 <= tried <= PAGES // 32
 
 
 @pytest.mark.parametrize("link,zstd,ratio", [

@@ -4,6 +4,12 @@
 
 #define EWMA 0.25               /* weight of the newest sample */
 #define MIN_FRAME (64u << 10)   /* smaller frames say little about the link */
+/* The link is sampled over a window of raw frames, not frame by frame:
+ * a send that fits in the socket buffer returns at memory speed and the
+ * next one waits for the buffer to drain, so single frames swing between
+ * GB/s and the link; their bytes over their time is the link. */
+#define WINDOW_BYTES (2u << 20)
+#define WINDOW_MS 20.0
 #define ON_BELOW 0.8            /* hysteresis: turn on below 0.8 x the gain, */
 #define OFF_ABOVE 1.0           /* off above 1.0 x */
 
@@ -48,8 +54,14 @@ void nb_adapt_sent(struct nb_adapt *a, size_t bytes, double ms)
      * socket drains during the compression and sends look faster than
      * the link is */
     if (!a->active && bytes >= MIN_FRAME && ms > 0) {
-        a->link_Bps = ewma(a->link_Bps, (double)bytes * 1e3 / ms, a->have_link);
+        a->win_bytes += bytes;
+        a->win_ms += ms;
+    }
+    if (a->win_bytes >= WINDOW_BYTES || a->win_ms >= WINDOW_MS) {
+        a->link_Bps = ewma(a->link_Bps, a->win_bytes * 1e3 / a->win_ms, a->have_link);
         a->have_link = 1;
+        a->win_bytes = 0;
+        a->win_ms = 0;
     }
     if (!a->have_zstd || !a->have_link)
         return;

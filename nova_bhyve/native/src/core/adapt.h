@@ -6,7 +6,8 @@
  * per second than zstd keeps off it: link < zstd_rate * (1 - ratio), the
  * point where compressing a byte costs less time than sending the bytes
  * it saves.  The link rate is measured on the raw frames sent (bandwidth
- * cap and a full socket included), zstd's rate and ratio on the pages it
+ * cap and a full socket included; their bytes over their time, in windows
+ * of 2 MiB or 20 ms), zstd's rate and ratio on the pages it
  * compressed; while off, one data page in NB_ADAPT_PROBE is compressed
  * anyway (and sent so if it shrinks) to keep those two estimates current.
  */
@@ -23,6 +24,7 @@ struct nb_adapt {
     int active;                 /* compressing now */
     uint32_t since_probe;       /* data pages since the last trial (auto, off) */
     double link_Bps;            /* wire bytes per second of this channel */
+    double win_bytes, win_ms;   /* raw frames sent since the last link sample */
     double zstd_Bps;            /* page bytes per second zstd takes in */
     double ratio;               /* compressed / raw bytes, 0..1 */
     int have_link, have_zstd;

@@ -35,9 +35,11 @@ long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
 /* Drive compress mode `mode` (0 off, 1 on, 2 auto) over `pages` data
  * pages on a link of `link_Bps`, with zstd taking in `zstd_Bps` and
  * keeping `ratio` of a page; a 256 KiB frame is sent every 64 pages.
+ * `burst` > 1: the socket buffer takes burst - 1 frames at 50 times the
+ * link's speed, the next waits for the rest (the same mean rate).
  * Returns the pages it compressed; *active is the final choice. */
 int nb_selftest_adapt(int mode, double link_Bps, double zstd_Bps, double ratio,
-                      int pages, int *active);
+                      int pages, int burst, int *active);
 /* AES-256-GCM through wire/gcm.c: en- or decrypt `len` bytes of `in`
  * into `out`, fed in `npieces` pieces of the given lengths (the rest in
  * one more), and the tag; -1 if this CPU has no such path. */
