@@ -75,6 +75,7 @@ def pair(make_driver, tmp_path, monkeypatch):
     src, dst = make_driver(), make_driver()
     for drv, host in ((src, "src"), (dst, "dst")):
         drv.backend.can_migrate = True
+        drv.backend.stream_disks = False  # file disks (zvols: *_zvols.py)
         drv.backend.instances_path = str(tmp_path / host)
         os.makedirs(drv.backend.instances_path)
         drv._host = host
@@ -197,11 +198,22 @@ def test_an_older_destination_is_a_rollback_with_what_to_do(pair):
     {"uuid": UUID, "src_key": "x", "files": ["disk", "disk"]},
     {"uuid": UUID, "src_key": "x", "files": ["disk", {"a": 1}]},
     {"uuid": UUID, "src_key": "x", "files": "disk"},
+    # stream disks: their names, a snapshot tag, the root among them
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk"]},
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk"],
+     "tag": "mig-0123456789ab; rm -rf /"},
+    {"uuid": UUID, "src_key": "x", "files": ["nvram.fd"], "streams": ["eph0"],
+     "tag": "mig-0123456789ab"},
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk", "../x"],
+     "tag": "mig-0123456789ab"},
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk", "disk"],
+     "tag": "mig-0123456789ab"},
+    {"uuid": UUID, "src_key": "x", "files": ["nvram.fd"]},
 ])
 def test_a_request_naming_files_outside_the_instance_is_refused(
         pair, request_, tmp_path):
     _src, dst = pair
-    with pytest.raises(exception.MigrationError, match="bad instance or file"):
+    with pytest.raises(exception.MigrationError, match="bad instance, file"):
         dst.check_instance_shared_storage_remote(
             None, {"filename": "p", cold.REQUEST_KEY: request_})
     assert os.listdir(tmp_path / "dst") == []
