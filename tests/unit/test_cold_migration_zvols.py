@@ -30,7 +30,8 @@ MiB = 1 << 20
 # a zfs(8) stand-in: each dataset or snapshot is the file $ZFAKE/<name, / as _>;
 # `snapshot` copies the volume, `send` writes the snapshot (`-i`: a header
 # and what changed since the first snapshot, nothing if the guest wrote
-# nothing), `receive` writes the volume (part 1: beside it, `.increment`);
+# nothing), `receive` writes the volume (part 1: beside it, `.increment`),
+# `create -V`, `set volsize=` and `get volsize` size it;
 # $ZFAKE/fail-<verb> makes that verb fail
 COLD_ZFS = r"""#!/bin/sh
 echo "$*" >> "$ZFAKE/log"
@@ -47,6 +48,9 @@ send) if [ "$2" = -i ]; then
 receive) if [ "$2" = -o ]; then cat > "$(f "$last")"
          else cat > "$(f "$last").increment"; fi ;;
 destroy) rm -f "$(f "$last")" "$(f "$last").increment" ;;
+create) truncate -s "$5" "$(f "$last")" ;;
+set) truncate -s "${2#volsize=}" "$(f "$last")" ;;
+get) stat -c %s "$(f "$last")" ;;
 *) exit 2 ;;
 esac
 """
@@ -114,6 +118,10 @@ def hosts(make_driver, tmp_path, monkeypatch):
                                                 dest_compute="dst")))
     monkeypatch.setattr(cold, "inbound_addr", lambda: "127.0.0.1")
     monkeypatch.setattr(cold, "events", mock.Mock())
+    real_exists = os.path.exists        # a zvol's device node: the fake's file
+    monkeypatch.setattr(bhyve.os.path, "exists", lambda p: real_exists(
+        fake / p[len("/dev/zvol/"):].replace("/", "_"))
+        if p.startswith("/dev/zvol/") else real_exists(p))
     yield src, dst, fake
     for uuid in list(dst._received_disks):
         dst._drop_received(uuid)
@@ -130,10 +138,10 @@ def _log(fake):
     return (fake / "log").read_text().splitlines()
 
 
-def _migrate(src):
+def _migrate(src, flavor=None):
     return src.migrate_disk_and_power_off(
         "ctx", _instance(flavor=_flavor(ephemeral_gb=1)), "192.0.2.9",
-        _flavor(root_gb=2, ephemeral_gb=1), [], None, 30, 5)
+        flavor or _flavor(root_gb=2, ephemeral_gb=1), [], None, 30, 5)
 
 
 def test_the_zvols_and_the_uefi_variables_move_and_no_snapshot_stays(
@@ -188,16 +196,37 @@ def test_a_failing_zfs_receive_keeps_the_source_and_leaves_nothing_there(
     assert not [n for n in os.listdir(fake) if "@" in n]
 
 
-def test_a_destination_with_the_zvols_already_refuses_and_keeps_them(
-        hosts, monkeypatch):
+def test_the_resized_guest_is_recorded_over_its_received_zvols_grown(hosts):
     src, dst, fake = hosts
-    monkeypatch.setattr(bhyve.os.path, "exists", lambda p, real=os.path.exists:
-                        p == f"/dev/zvol/{_zvol('dst')}" or real(p))
+    root = _file(fake, _zvol("src"))
+    new = _instance(flavor=_flavor(root_gb=2, ephemeral_gb=1, swap=64))
+    info = _migrate(src, new.flavor)
+    dst.finish_migration("ctx", None, new, info, [], None, True, {},
+                         power_on=False)
+    # the received root zvol is kept and grown, its data first; the swap
+    # disk the new flavor adds is made blank at its size
+    with open(fake / _zvol("dst").replace("/", "_"), "rb") as f:
+        assert f.read(len(root)) == root
+        assert os.fstat(f.fileno()).st_size == 2 << 30
+    log = _log(fake)
+    assert f"set volsize=2G {_zvol('dst')}" in log
+    assert f"set volsize=1G {_zvol('dst', 'eph0')}" in log
+    assert not [line for line in log if line.startswith("create") and
+                "swap" not in line]
+    assert [(d.name, d.path) for d in dst.backend.recorded_spec(UUID).disks][
+        :2] == [("disk", f"/dev/zvol/{_zvol('dst')}"),
+                ("swap", f"/dev/zvol/{_zvol('dst', 'swap')}")]
+
+
+def test_a_destination_with_the_zvols_already_refuses_and_keeps_them(hosts):
+    src, dst, fake = hosts
+    (fake / _zvol("dst").replace("/", "_")).write_bytes(b"stale")
     with pytest.raises(exception.InstanceFaultRollback) as err:
         _migrate(src)
     assert f"zvol {_zvol('dst')} exists on this host already" in str(
         err.value.inner_exception)
     assert not (fake / "log").exists()      # no zfs command ran anywhere
+    assert _file(fake, _zvol("dst")) == b"stale"
 
 
 def test_over_a_shared_instances_path_a_zvol_guest_is_refused(hosts):
