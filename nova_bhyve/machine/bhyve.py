@@ -47,6 +47,10 @@ BHYVE_SNAPSHOT on both hosts):
   snapshot and its full ``zfs send`` while memory is copied, a final
   snapshot and incremental send once the guest is paused, ``zfs receive``
   on the destination, which creates them; ``grow_disk`` raises ``volsize``.
+  Cold migration and resize (migration/cold.py) move the stopped guest's
+  zvols the same way (``cold_streams``: the final increment is empty) and
+  ``nvram.fd`` as a file (``instance_files``); ``create`` keeps a root
+  zvol and ``nvram.fd`` already there (received, or a revert's).
 """
 
 import contextlib

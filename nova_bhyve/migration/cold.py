@@ -45,6 +45,18 @@ unlike the libvirt driver nova-bhyve keeps no ``_resize`` copy.
 A resize on the same host moves no disk byte: the guest is recorded
 again with the new flavor over the same files.
 
+Disks that move as stream disks (bhyve's zvols, ``backend.stream_disks``)
+go in the same session as the engine's streams: the request names them
+(``streams``) with a snapshot tag, and the backend's ``instance_files``
+(bhyve: ``nvram.fd``) as its files.  Source: a snapshot's full ``zfs
+send``, then, at the engine's notify byte, the increment of a second
+snapshot (empty: the guest is stopped); destination: ``zfs receive`` of
+both (``machine/zvolmove.py``).  The snapshots go on both hosts after;
+if the session fails, the destination's received zvols go and the
+source's stay.  Over a shared instances path the destination refuses
+such a request: the zvols would move while revert and confirm treat the
+disks as shared.
+
 Evacuation (``supports_evacuate``): Nova rebuilds the instance on another
 host with ``spawn``.  ``instance_on_disk`` is True when the root disk is
 already here (a shared ``instances_path``): ``spawn`` then keeps it, as
