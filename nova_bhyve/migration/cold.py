@@ -287,7 +287,8 @@ class ColdMigrationMixin:
                 reason=f"cannot listen for the disks: {exc}") from exc
         if zs is not None:
             zs.release()        # the engine holds its own descriptors
-        receiving = _Receiving(mig, folder if made else None, zs)
+        receiving = _Receiving(mig, folder if made else None, zs,
+                               [os.path.join(folder, f) for f in files])
         with self._received_lock:
             self._received_disks[uuid] = receiving
         threading.Thread(target=receiving.watch, daemon=True,
@@ -326,7 +327,7 @@ class ColdMigrationMixin:
                                 block_device_info)
         try:
             if not same_host and not shared:
-                self._take_received(uuid)
+                _check_sizes(self._take_received(uuid), instance.flavor)
             if shared:
                 self.backend.adopt(instance, spec)
                 LOG.info("The disks are on the shared instances path; using "
@@ -354,7 +355,8 @@ class ColdMigrationMixin:
                  instance=instance)
 
     def _take_received(self, uuid):
-        """Check that the disks of ``uuid`` arrived; raise MigrationError."""
+        """Check that the disks of ``uuid`` arrived (MigrationError if
+        not); return the files received."""
         with self._received_lock:
             receiving = self._received_disks.pop(uuid, None)
         if receiving is None:
@@ -366,6 +368,7 @@ class ColdMigrationMixin:
         if stats is None or stats.result != Result.COMPLETED:
             raise MigrationError("the disk transfer did not complete: "
                                  f"{stats.error if stats else 'still running'}")
+        return receiving.files
 
     def _grow_disks(self, instance, spec):
         """Grow the root disk, and a single ephemeral disk, as Nova's libvirt
@@ -497,6 +500,19 @@ def _open_streams(backend, uuid, request, receiving=False):
                            f"zvols: {exc}") from exc
 
 
+def _check_sizes(files, flavor):
+    """Raise MigrationError unless the received disk files (``disk``,
+    ``disk.<name>``; nvram.fd aside) fit ``flavor`` (the new one)."""
+    sizes = {}
+    for path in files:
+        name = os.path.basename(path)
+        if name != "nvram.fd":
+            sizes[name.partition(".")[2] or name] = os.path.getsize(path)
+    error = checks.disk_size_error(flavor, sizes)
+    if error:
+        raise MigrationError(error)
+
+
 def _wait(mig):
     """Wait for an engine session to end (a short sleep between looks, so
     that eventlet's hub runs meanwhile); return its final stats."""
@@ -508,9 +524,10 @@ def _wait(mig):
 class _Receiving:
     """A destination's disk listener and what became of it."""
 
-    def __init__(self, mig, made_folder, zs=None):
+    def __init__(self, mig, made_folder, zs=None, files=()):
         self.mig = mig
         self.made_folder = made_folder
+        self.files = files      # the paths the engine wrote
         self.zs = zs            # the received zvols (ZvolStreams), if any
         self.stats = None
         self._lock = threading.Lock()

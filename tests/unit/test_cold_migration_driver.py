@@ -260,6 +260,25 @@ def test_finish_waits_for_the_destinations_own_verdict(pair):
     assert dst._received_disks == {}
 
 
+def test_received_disks_bigger_than_the_new_flavor_are_refused(
+        pair, tmp_path):
+    """The engine made the files at the source's sizes: finish checks
+    them against the flavor before it records anything over them."""
+    src, dst = pair
+    inst = _instance(flavor=_flavor(ephemeral_gb=1, swap=8))
+    info = src.migrate_disk_and_power_off(
+        "ctx", inst, "192.0.2.9", _flavor(ephemeral_gb=1, swap=8), [])
+    # the source's files are 8 MiB each; this flavor allows a 4 MiB swap
+    small = _instance(flavor=_flavor(ephemeral_gb=1, swap=4))
+    with pytest.raises(exception.MigrationError) as err:
+        dst.finish_migration("ctx", None, small, info, [], None, False, {})
+    assert ("the source's disks do not fit the flavor: disk swap is 8388608 "
+            "bytes, more than the flavor's swap 4 MiB (4194304 bytes)"
+            in str(err.value))
+    dst.backend.create.assert_not_called()
+    dst.backend.delete_files.assert_called_once_with(UUID, True)
+
+
 def test_a_source_of_the_older_kind_is_a_clear_error(pair):
     _src, dst = pair
     for info in ("{}", json.dumps({"version": 1, "disks": [{"name": "disk"}]})):
