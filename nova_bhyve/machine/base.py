@@ -215,6 +215,10 @@ class Backend(abc.ABC):
         (a cold migration); a destination refuses disks it has already."""
         raise self._no_migration("move disks as streams")
 
+    def stream_disk_sizes(self, uuid, names):
+        """Return {name: bytes} of the guest's stream disks ``names``."""
+        raise self._no_migration("move disks as streams")
+
     def instance_files(self, uuid):
         """Return {file name: path} of the files in the instance directory,
         besides the disks, that a cold migration of stream disks moves."""

@@ -523,6 +523,10 @@ class BhyveBackend(SupervisedMachines, Backend):
         return zvolmove.ZvolStreams(self._run_dir(uuid), uuid, tag, zvols,
                                     "receive" if receiving else "send")
 
+    def stream_disk_sizes(self, uuid, names):
+        """Return {name: volsize in bytes} of the guest's zvols ``names``."""
+        return {n: self._volsize(self._disk_name(uuid, n)) for n in names}
+
     def instance_files(self, uuid):
         """Return {file name: path} of the UEFI variable store, which a cold
         migration moves beside the zvols."""

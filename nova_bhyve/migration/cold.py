@@ -67,6 +67,7 @@ below: the stale guest is killed and its runtime files removed, a disk on
 shared storage is kept.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -327,7 +328,8 @@ class ColdMigrationMixin:
                                 block_device_info)
         try:
             if not same_host and not shared:
-                _check_sizes(self._take_received(uuid), instance.flavor)
+                _check_sizes(self.backend, self._take_received(uuid),
+                             instance.flavor)
             if shared:
                 self.backend.adopt(instance, spec)
                 LOG.info("The disks are on the shared instances path; using "
@@ -356,7 +358,7 @@ class ColdMigrationMixin:
 
     def _take_received(self, uuid):
         """Check that the disks of ``uuid`` arrived (MigrationError if
-        not); return the files received."""
+        not); return their _Receiving."""
         with self._received_lock:
             receiving = self._received_disks.pop(uuid, None)
         if receiving is None:
@@ -368,7 +370,7 @@ class ColdMigrationMixin:
         if stats is None or stats.result != Result.COMPLETED:
             raise MigrationError("the disk transfer did not complete: "
                                  f"{stats.error if stats else 'still running'}")
-        return receiving.files
+        return receiving
 
     def _grow_disks(self, instance, spec):
         """Grow the root disk, and a single ephemeral disk, as Nova's libvirt
@@ -500,14 +502,18 @@ def _open_streams(backend, uuid, request, receiving=False):
                            f"zvols: {exc}") from exc
 
 
-def _check_sizes(files, flavor):
+def _check_sizes(backend, received, flavor):
     """Raise MigrationError unless the received disk files (``disk``,
-    ``disk.<name>``; nvram.fd aside) fit ``flavor`` (the new one)."""
+    ``disk.<name>``; nvram.fd aside) and zvols fit ``flavor`` (the new
+    one)."""
     sizes = {}
-    for path in files:
+    for path in received.files:
         name = os.path.basename(path)
         if name != "nvram.fd":
             sizes[name.partition(".")[2] or name] = os.path.getsize(path)
+    if received.zs is not None:
+        sizes.update(backend.stream_disk_sizes(received.zs.uuid,
+                                               list(received.zs.zvols)))
     error = checks.disk_size_error(flavor, sizes)
     if error:
         raise MigrationError(error)
@@ -542,6 +548,9 @@ class _Receiving:
                         "kept here", stats.error)
             if self.made_folder:
                 shutil.rmtree(self.made_folder, ignore_errors=True)
+            if self.zs is not None:     # the runtime directory, if empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.zs.dir))
         with self._lock:            # the result is final once cleaned up
             self.stats = stats
             self.mig.close()

@@ -31,7 +31,7 @@ MiB = 1 << 20
 # `snapshot` copies the volume, `send` writes the snapshot (`-i`: a header
 # and what changed since the first snapshot, nothing if the guest wrote
 # nothing), `receive` writes the volume (part 1: beside it, `.increment`),
-# `create -V`, `set volsize=` and `get volsize` size it;
+# `create -V`, `set volsize=` and `get volsize` size it, `list` names them;
 # $ZFAKE/fail-<verb> makes that verb fail
 COLD_ZFS = r"""#!/bin/sh
 echo "$*" >> "$ZFAKE/log"
@@ -51,6 +51,7 @@ destroy) rm -f "$(f "$last")" "$(f "$last").increment" ;;
 create) truncate -s "$5" "$(f "$last")" ;;
 set) truncate -s "${2#volsize=}" "$(f "$last")" ;;
 get) stat -c %s "$(f "$last")" ;;
+list) ls "$ZFAKE" | grep "^$(echo "$last" | tr / _)_" | grep -v '[@.]' | tr _ / ;;
 *) exit 2 ;;
 esac
 """
@@ -193,6 +194,7 @@ def test_a_failing_zfs_receive_keeps_the_source_and_leaves_nothing_there(
     receiving = dst._received_disks[UUID]
     assert receiving.result(timeout=30) is not None
     assert not (tmp_path / "dst" / UUID).exists()
+    assert not (tmp_path / "run-dst" / UUID).exists()
     assert not [n for n in os.listdir(fake) if "@" in n]
 
 
@@ -216,6 +218,21 @@ def test_the_resized_guest_is_recorded_over_its_received_zvols_grown(hosts):
     assert [(d.name, d.path) for d in dst.backend.recorded_spec(UUID).disks][
         :2] == [("disk", f"/dev/zvol/{_zvol('dst')}"),
                 ("swap", f"/dev/zvol/{_zvol('dst', 'swap')}")]
+
+
+def test_received_zvols_bigger_than_the_new_flavor_are_refused(hosts):
+    src, dst, fake = hosts
+    info = _migrate(src)
+    # the source's eph0 is 2 MiB; an instance whose flavor has no
+    # ephemeral disk cannot have it
+    with pytest.raises(exception.MigrationError) as err:
+        dst.finish_migration("ctx", None, _instance(), info, [], None, False,
+                             {}, power_on=False)
+    assert ("the source's disks do not fit the flavor: disk eph0 is 2097152 "
+            "bytes, more than the flavor's ephemeral_gb 0 GiB" in str(err.value))
+    for z in ("disk0", "eph0"):             # the received zvols are gone
+        assert _file(fake, _zvol("dst", z)) is None
+        assert _file(fake, _zvol("src", z)) is not None
 
 
 def test_a_destination_with_the_zvols_already_refuses_and_keeps_them(hosts):
