@@ -498,6 +498,7 @@ def _open_streams(backend, uuid, request, receiving=False):
     try:
         return zs, zs.open()
     except (OSError, ValueError, processutils.ProcessExecutionError) as exc:
+        zvols.finish(zs, False, LOG, None)      # a snapshot taken goes
         raise MachineError(f"cannot start the zfs {zs.role} of the "
                            f"zvols: {exc}") from exc
 

@@ -253,3 +253,21 @@ def test_over_a_shared_instances_path_a_zvol_guest_is_refused(hosts):
         _migrate(src)
     assert "over a shared instances path" in str(err.value.inner_exception)
     assert not (fake / "log").exists()      # no snapshot was taken
+
+
+def test_a_failing_snapshot_on_the_source_starts_the_guest_again(hosts):
+    src, dst, fake = hosts
+    (fake / "fail-snapshot").touch()
+    before = _file(fake, _zvol("src"))
+    with pytest.raises(exception.InstanceFaultRollback) as err:
+        _migrate(src)
+    assert "cannot start the zfs send of the zvols" in str(
+        err.value.inner_exception)
+    src.power_on.assert_called_once()
+    tag = src._compute_rpc.requests[0][cold.REQUEST_KEY]["tag"]
+    assert f"destroy -r {_zvol('src')}@{tag}-1" in _log(fake)
+    assert _file(fake, _zvol("src")) == before
+    # the destination's listener ends (here: cancelled) and keeps nothing
+    receiving = dst._drop_received(UUID)
+    assert receiving.result(timeout=30) is not None
+    assert _file(fake, _zvol("dst")) is None
