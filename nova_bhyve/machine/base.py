@@ -210,6 +210,20 @@ class Backend(abc.ABC):
         """Return the ZvolStreams (machine/zvolmove.py) of the guest's disks."""
         raise self._no_migration("move disks as streams")
 
+    def cold_streams(self, uuid, tag, names, receiving):
+        """Return the ZvolStreams of the stopped guest's disks ``names``
+        (a cold migration); a destination refuses disks it has already."""
+        raise self._no_migration("move disks as streams")
+
+    def stream_disk_sizes(self, uuid, names):
+        """Return {name: bytes} of the guest's stream disks ``names``."""
+        raise self._no_migration("move disks as streams")
+
+    def instance_files(self, uuid):
+        """Return {file name: path} of the files in the instance directory,
+        besides the disks, that a cold migration of stream disks moves."""
+        return {}
+
     def is_incoming(self, uuid):
         """Return True while the guest's VM waits for a migration to fill it."""
         return False

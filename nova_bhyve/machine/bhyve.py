@@ -47,6 +47,10 @@ BHYVE_SNAPSHOT on both hosts):
   snapshot and its full ``zfs send`` while memory is copied, a final
   snapshot and incremental send once the guest is paused, ``zfs receive``
   on the destination, which creates them; ``grow_disk`` raises ``volsize``.
+  Cold migration and resize (migration/cold.py) move the stopped guest's
+  zvols the same way (``cold_streams``: the final increment is empty) and
+  ``nvram.fd`` as a file (``instance_files``); ``create`` keeps a root
+  zvol and ``nvram.fd`` already there (received, or a revert's).
 """
 
 import contextlib
@@ -190,10 +194,13 @@ class BhyveBackend(SupervisedMachines, Backend):
             privsep.zfs("clone", disk,
                         origin=self._cached_image(context, image_meta.id))
             privsep.zfs("resize", disk, size_gb=root_gb)
-        else:
+        elif not os.path.exists(f"/dev/zvol/{disk}"):
+            # (a zvol already here was received by a cold migration, or is
+            # the guest's own on a revert or a same-host resize: kept)
             privsep.zfs("create-volume", disk, size_gb=root_gb)
-        shutil.copyfile(self.conf.bhyve.uefi_vars_template,
-                        self._path(spec.uuid, "nvram.fd"))
+        nvram = self._path(spec.uuid, "nvram.fd")
+        if not os.path.exists(nvram):       # the guest's UEFI variables stay
+            shutil.copyfile(self.conf.bhyve.uefi_vars_template, nvram)
         extras = tuple(self._make_extra_disk(spec.uuid, d) for d in spec.disks
                        if d.name != ROOT_DISK)
         if again:           # a revert or same-host resize may drop the swap
@@ -437,13 +444,9 @@ class BhyveBackend(SupervisedMachines, Backend):
     #: zvols as its stream disks (zfs send and receive)
     can_live_migrate = True
     stream_disks = True
-    #: cold migration and resize copy disk files (migration/cold.py)
-    can_migrate = False
-    migration_blocker = (
-        "cold migration and resize copy the disks as regular files, and a "
-        "bhyve guest's disks are zvols (their device nodes have no file "
-        "size); live migration moves them with zfs send and receive: "
-        "live-migrate the server instead")
+    #: cold migration and resize move the zvols as stream disks too, and
+    #: the UEFI variables (nvram.fd) as a file (migration/cold.py)
+    can_migrate = True
     #: stock vmm(4) has no dirty-page log; the engine's port probes for the
     #: migration branch's one when it opens a VM, but the driver chooses
     #: live or warm before that: ``[bhyve] live_migration_dirty_log``
@@ -485,13 +488,7 @@ class BhyveBackend(SupervisedMachines, Backend):
         """Record a guest whose zvols arrive by zfs receive (none may exist
         here yet); its NVRAM is kept if the instances path is shared."""
         self._make_dirs(spec.uuid)
-        here = [z for z in self._zvols(spec).values()
-                if os.path.exists(f"/dev/zvol/{z}")]
-        if here:
-            raise MachineError(
-                f"zvol {', '.join(here)} exists on this host already; the "
-                "migration creates the guest's zvols by zfs receive: destroy "
-                "the stale ones (zfs destroy -r) and retry")
+        _refuse_existing(self._zvols(spec).values())
         nvram = self._path(spec.uuid, "nvram.fd")
         if not os.path.exists(nvram):
             shutil.copyfile(self.conf.bhyve.uefi_vars_template, nvram)
@@ -515,6 +512,26 @@ class BhyveBackend(SupervisedMachines, Backend):
         return zvolmove.ZvolStreams(self._run_dir(uuid), uuid, tag,
                                     self._zvols(self._spec(uuid)),
                                     "receive" if receiving else "send")
+
+    def cold_streams(self, uuid, tag, names, receiving):
+        """Return the ZvolStreams moving the stopped guest's disks ``names``
+        in a cold migration; a destination must not have one of them yet."""
+        zvols = {n: self._disk_name(uuid, n) for n in names}
+        if receiving:
+            _refuse_existing(zvols.values())
+        self._make_dirs(uuid)
+        return zvolmove.ZvolStreams(self._run_dir(uuid), uuid, tag, zvols,
+                                    "receive" if receiving else "send")
+
+    def stream_disk_sizes(self, uuid, names):
+        """Return {name: volsize in bytes} of the guest's zvols ``names``."""
+        return {n: self._volsize(self._disk_name(uuid, n)) for n in names}
+
+    def instance_files(self, uuid):
+        """Return {file name: path} of the UEFI variable store, which a cold
+        migration moves beside the zvols."""
+        nvram = self._path(uuid, "nvram.fd")
+        return {"nvram.fd": nvram} if os.path.exists(nvram) else {}
 
     def start_incoming(self, uuid):
         """Prepare to receive the guest: no bhyve runs until finish_incoming."""
@@ -654,3 +671,12 @@ class BhyveBackend(SupervisedMachines, Backend):
         for nic in spec.nics:
             privsep.destroy_tap(nic.tap, nic.bridge)
 
+
+def _refuse_existing(zvols):
+    """Raise MachineError if one of ``zvols`` exists (zfs receive makes them)."""
+    here = [z for z in zvols if os.path.exists(f"/dev/zvol/{z}")]
+    if here:
+        raise MachineError(
+            f"zvol {', '.join(here)} exists on this host already; the "
+            "migration creates the guest's zvols by zfs receive: destroy "
+            "the stale ones (zfs destroy -r) and retry")

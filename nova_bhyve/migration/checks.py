@@ -7,6 +7,7 @@ server stays where it is.
 
 import contextlib
 import os
+import re
 import tempfile
 
 from oslo_serialization import jsonutils
@@ -145,3 +146,50 @@ def choose_mode(src_dirty_log, dst_dirty_log, without_dirty_log):
           "move while it runs; set [bhyve] live_migration_without_dirty_log "
           "= warm to allow a paused (warm) migration, or enable the dirty "
           "log ([bhyve] live_migration_dirty_log)")
+
+
+#: an ephemeral disk's name (the driver's disks: disk, swap, eph0, eph1...)
+EPHEMERAL_DISK = re.compile(r"eph[0-9]{1,2}")
+
+
+def _disk_limit(flavor, name):
+    """(the most bytes disk ``name`` may have, the flavor's field saying
+    so); (None, ...) if unbounded; KeyError for a name not the flavor's."""
+    if name == "disk":
+        return (flavor.root_gb << 30 or None), f"root_gb {flavor.root_gb} GiB"
+    if name == "swap":
+        return flavor.swap << 20, f"swap {flavor.swap} MiB"
+    if EPHEMERAL_DISK.fullmatch(name):
+        return (flavor.ephemeral_gb << 30,
+                f"ephemeral_gb {flavor.ephemeral_gb} GiB")
+    raise KeyError(name)
+
+
+def disk_size_error(flavor, sizes):
+    """What is wrong with the source's disk sizes ``sizes`` ({disk name:
+    bytes}) for ``flavor``: None if each fits it.
+
+    The root disk may be at most root_gb GiB (a flavor with root_gb 0
+    takes the image's size, which this host does not know: not bounded
+    here), the swap disk flavor.swap MiB, the ephemeral disks together
+    ephemeral_gb GiB; any other name is refused.
+    """
+    errors = []
+    for name, size in sizes.items():
+        try:
+            limit, allowed = _disk_limit(flavor, name)
+        except KeyError:
+            errors.append(f"disk {name!r} is none of the flavor's disks")
+            continue
+        if limit is not None and size > limit:
+            errors.append(f"disk {name} is {size} bytes, more than the "
+                          f"flavor's {allowed} ({limit} bytes)")
+    ephemeral = sum(size for name, size in sizes.items()
+                    if EPHEMERAL_DISK.fullmatch(name))
+    if not errors and ephemeral > flavor.ephemeral_gb << 30:
+        errors.append(f"the ephemeral disks are {ephemeral} bytes together, "
+                      "more than the flavor's ephemeral_gb "
+                      f"{flavor.ephemeral_gb} GiB")
+    if errors:
+        return f"the source's disks do not fit the flavor: {'; '.join(errors)}"
+    return None

@@ -45,6 +45,18 @@ unlike the libvirt driver nova-bhyve keeps no ``_resize`` copy.
 A resize on the same host moves no disk byte: the guest is recorded
 again with the new flavor over the same files.
 
+Disks that move as stream disks (bhyve's zvols, ``backend.stream_disks``)
+go in the same session as the engine's streams: the request names them
+(``streams``) with a snapshot tag, and the backend's ``instance_files``
+(bhyve: ``nvram.fd``) as its files.  Source: a snapshot's full ``zfs
+send``, then, at the engine's notify byte, the increment of a second
+snapshot (empty: the guest is stopped); destination: ``zfs receive`` of
+both (``machine/zvolmove.py``).  The snapshots go on both hosts after;
+if the session fails, the destination's received zvols go and the
+source's stay.  Over a shared instances path the destination refuses
+such a request: the zvols would move while revert and confirm treat the
+disks as shared.
+
 Evacuation (``supports_evacuate``): Nova rebuilds the instance on another
 host with ``spawn``.  ``instance_on_disk`` is True when the root disk is
 already here (a shared ``instances_path``): ``spawn`` then keeps it, as
@@ -55,6 +67,7 @@ below: the stale guest is killed and its runtime files removed, a disk on
 shared storage is kept.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -66,13 +79,15 @@ import nova.conf
 import oslo_messaging
 from nova.compute import rpcapi as compute_rpcapi
 from nova.compute import vm_states
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
 from nova import exception, objects
-from nova_bhyve import guest
+from nova_bhyve import guest, privsep_zfs
+from nova_bhyve.machine import zvolmove
 from nova_bhyve.machine.base import SWAP_DISK, MachineError
-from nova_bhyve.migration import checks, events
+from nova_bhyve.migration import checks, events, zvols
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.migration.live import inbound_addr
 from nova_bhyve.native.engine import (
@@ -91,8 +106,11 @@ SHARED_KEY = "nova_bhyve_shared_instance_path"
 REQUEST_KEY = "nova_bhyve_cold_disks"
 #: disk_info's version: the disks are on the destination when it arrives
 DISK_INFO_VERSION = 2
-#: a disk file's name in the instance directory (the source's names)
-DISK_FILE = re.compile(r"disk(\.[A-Za-z0-9_-]{1,32})?")
+#: a disk file's name in the instance directory (the source's names), or
+#: the UEFI variable store moving beside stream disks
+DISK_FILE = re.compile(r"disk(\.[A-Za-z0-9_-]{1,32})?|nvram\.fd")
+#: a stream disk's name (bhyve: the zvol ``<uuid>-disk0``, ``-swap``, ``-eph0``)
+STREAM_DISK = re.compile(r"disk|swap|eph[0-9]{1,2}")
 #: seconds between looks at a running transfer
 POLL_INTERVAL = 0.2
 
@@ -143,7 +161,7 @@ class ColdMigrationMixin:
                                              "record to send its disks with")
             shared = self._send_disks(context, instance, move.dest_compute,
                                       paths)
-        except (MigrationError, mdata.MigrateDataError,
+        except (MigrationError, MachineError, mdata.MigrateDataError,
                 oslo_messaging.MessagingException,
                 exception.NovaException) as exc:
             LOG.warning("Sending the disks to %s failed (%s); the guest "
@@ -168,10 +186,10 @@ class ColdMigrationMixin:
         """
         uuid = instance.uuid
         private, public = mdata.new_key()
+        files, request = _what_moves(self.backend, uuid, paths)
+        request.update(uuid=uuid, src_key=public)
         probe = checks.create_probe(self.backend.instances_path)
-        request = {"filename": probe, REQUEST_KEY: {
-            "uuid": uuid, "src_key": public,
-            "files": [os.path.basename(p) for p in paths.values()]}}
+        request = {"filename": probe, REQUEST_KEY: request}
         try:
             answer = self._rpc().check_instance_shared_storage(
                 context, request, instance=instance, host=dest_compute)
@@ -189,17 +207,22 @@ class ColdMigrationMixin:
         host, port = mdata.parse_addr(answer.get("addr"))
         t0 = time.monotonic()
         opts = CONF.bhyve
-        mig = Migration.send(
+        zs, streams = _open_streams(self.backend, uuid, request[REQUEST_KEY])
+        mig = zvols.started(
+            zs, LOG, instance, Migration.send,
             vmm_target=uuid, vmm_kind=VmmKind.NONE, mode=Mode.COLD,
             host=host, port=port, secret=secret.memory,
-            disks=list(paths.values()),
+            disks=list(files.values()), streams=streams,
             channels=opts.live_migration_parallel_connections,
             compress=opts.live_migration_compression,
             timeout_ms=opts.disk_transfer_timeout * 1000)
+        if zs is not None:
+            zs.release()        # the engine holds its own descriptors
         LOG.info("Sending the disks (%s) to %s", ", ".join(paths),
                  mdata.format_addr(host, port), instance=instance)
         with mig:
             stats = _wait(mig)
+        zvols.finish(zs, stats.result == Result.COMPLETED, LOG, instance)
         if stats.result != Result.COMPLETED:
             raise stats.exception
         seconds = time.monotonic() - t0
@@ -219,11 +242,17 @@ class ColdMigrationMixin:
         """
         uuid = request.get("uuid", "")
         files = request.get("files") or []
-        if not _valid_request(uuid, files):
+        names = request.get("streams") or []
+        if not _valid_request(uuid, files, names, request.get("tag")):
             raise exception.MigrationError(
-                reason="a disk transfer request with a bad instance or file "
-                       "name was refused")
+                reason="a disk transfer request with a bad instance, file, "
+                       "disk or snapshot name was refused")
         if checks.probe_exists(self.backend.instances_path, probe):
+            if names:
+                raise exception.MigrationError(reason=(
+                    "the hosts share the instances path: nova-bhyve does not "
+                    "cold-migrate or resize a guest whose disks are zvols "
+                    "over a shared instances path yet; live-migrate it"))
             return {"shared": True}
         if not self.backend.can_migrate:
             raise exception.MigrationError(
@@ -242,24 +271,31 @@ class ColdMigrationMixin:
         made = not os.path.isdir(folder)
         os.makedirs(folder, exist_ok=True)
         addr = inbound_addr()
+        zs = None
         try:
-            mig = Migration.receive(
+            zs, streams = _open_streams(self.backend, uuid, request,
+                                        receiving=True)
+            mig = zvols.started(
+                zs, LOG, None, Migration.receive,
                 vmm_target=uuid, vmm_kind=VmmKind.NONE, secret=secrets.memory,
                 host=addr, port=0,
                 timeout_ms=CONF.bhyve.disk_transfer_timeout * 1000,
-                disks=[os.path.join(folder, f) for f in files])
-        except MigrationError as exc:
+                disks=[os.path.join(folder, f) for f in files], streams=streams)
+        except (MigrationError, MachineError) as exc:
             if made:
                 shutil.rmtree(folder, ignore_errors=True)
             raise exception.MigrationError(
                 reason=f"cannot listen for the disks: {exc}") from exc
-        receiving = _Receiving(mig, folder if made else None)
+        if zs is not None:
+            zs.release()        # the engine holds its own descriptors
+        receiving = _Receiving(mig, folder if made else None, zs,
+                               [os.path.join(folder, f) for f in files])
         with self._received_lock:
             self._received_disks[uuid] = receiving
         threading.Thread(target=receiving.watch, daemon=True,
                          name=f"bhyve-disks-{uuid}").start()
         LOG.info("Listening for the disks of instance %s (%s) on %s", uuid,
-                 ", ".join(files), mdata.format_addr(addr, mig.port))
+                 ", ".join(names + files), mdata.format_addr(addr, mig.port))
         return {"shared": False, "dst_key": public,
                 "addr": mdata.format_addr(addr, mig.port)}
 
@@ -292,7 +328,8 @@ class ColdMigrationMixin:
                                 block_device_info)
         try:
             if not same_host and not shared:
-                self._take_received(uuid)
+                _check_sizes(self.backend, self._take_received(uuid),
+                             instance.flavor)
             if shared:
                 self.backend.adopt(instance, spec)
                 LOG.info("The disks are on the shared instances path; using "
@@ -320,7 +357,8 @@ class ColdMigrationMixin:
                  instance=instance)
 
     def _take_received(self, uuid):
-        """Check that the disks of ``uuid`` arrived; raise MigrationError."""
+        """Check that the disks of ``uuid`` arrived (MigrationError if
+        not); return their _Receiving."""
         with self._received_lock:
             receiving = self._received_disks.pop(uuid, None)
         if receiving is None:
@@ -332,6 +370,7 @@ class ColdMigrationMixin:
         if stats is None or stats.result != Result.COMPLETED:
             raise MigrationError("the disk transfer did not complete: "
                                  f"{stats.error if stats else 'still running'}")
+        return receiving
 
     def _grow_disks(self, instance, spec):
         """Grow the root disk, and a single ephemeral disk, as Nova's libvirt
@@ -417,13 +456,68 @@ def _refuse_shrinks(instance, flavor, block_device_info):
                    "disk"))
 
 
-def _valid_request(uuid, files):
-    """True for an instance UUID and distinct disk file names, root among
-    them (nothing that could name a file outside the instance directory)."""
-    return (isinstance(uuid, str) and uuidutils.is_uuid_like(uuid) and
-            isinstance(files, list) and
-            all(isinstance(f, str) and DISK_FILE.fullmatch(f) for f in files)
-            and "disk" in files and len(set(files)) == len(files))
+def _names(items, pattern):
+    """True for a list of distinct strings that ``pattern`` matches whole."""
+    return (isinstance(items, list) and len(set(map(str, items))) == len(items)
+            and all(isinstance(i, str) and pattern.fullmatch(i) for i in items))
+
+
+def _valid_request(uuid, files, names, tag):
+    """True for an instance UUID, distinct disk file names and stream disk
+    names, the root disk among one of them, and (with streams) a snapshot
+    tag: nothing that could name a file outside the instance directory or
+    a dataset but the instance's zvols."""
+    if not (isinstance(uuid, str) and uuidutils.is_uuid_like(uuid) and
+            _names(files, DISK_FILE) and _names(names, STREAM_DISK)):
+        return False
+    if names:
+        return ("disk" in names and isinstance(tag, str) and
+                privsep_zfs.TAG_RE.match(tag) is not None)
+    return "disk" in files
+
+
+def _what_moves(backend, uuid, paths):
+    """Return ({file name: path} the engine moves as files, the request's
+    names): the disk files, or a stream-disk backend's disks (``paths``'
+    names) as streams with its other instance files."""
+    if not backend.stream_disks:
+        files = {os.path.basename(p): p for p in paths.values()}
+        return files, {"files": list(files)}
+    files = backend.instance_files(uuid)
+    return files, {"files": list(files), "streams": list(paths),
+                   "tag": zvolmove.new_tag()}
+
+
+def _open_streams(backend, uuid, request, receiving=False):
+    """The ZvolStreams of the request's stream disks (or None) and the
+    engine's Streams, the zfs side started; MachineError if it cannot."""
+    names = request.get("streams") or []
+    if not names:
+        return None, ()
+    zs = backend.cold_streams(uuid, request["tag"], names, receiving)
+    try:
+        return zs, zs.open()
+    except (OSError, ValueError, processutils.ProcessExecutionError) as exc:
+        zvols.finish(zs, False, LOG, None)      # a snapshot taken goes
+        raise MachineError(f"cannot start the zfs {zs.role} of the "
+                           f"zvols: {exc}") from exc
+
+
+def _check_sizes(backend, received, flavor):
+    """Raise MigrationError unless the received disk files (``disk``,
+    ``disk.<name>``; nvram.fd aside) and zvols fit ``flavor`` (the new
+    one)."""
+    sizes = {}
+    for path in received.files:
+        name = os.path.basename(path)
+        if name != "nvram.fd":
+            sizes[name.partition(".")[2] or name] = os.path.getsize(path)
+    if received.zs is not None:
+        sizes.update(backend.stream_disk_sizes(received.zs.uuid,
+                                               list(received.zs.zvols)))
+    error = checks.disk_size_error(flavor, sizes)
+    if error:
+        raise MigrationError(error)
 
 
 def _wait(mig):
@@ -437,24 +531,30 @@ def _wait(mig):
 class _Receiving:
     """A destination's disk listener and what became of it."""
 
-    def __init__(self, mig, made_folder):
+    def __init__(self, mig, made_folder, zs=None, files=()):
         self.mig = mig
         self.made_folder = made_folder
+        self.files = files      # the paths the engine wrote
+        self.zs = zs            # the received zvols (ZvolStreams), if any
         self.stats = None
         self._lock = threading.Lock()
 
     def watch(self):
         """Wait for the end; on a failure remove the folder made for it."""
         stats = _wait(self.mig)
-        with self._lock:
+        # the zvols' snapshots go; if it failed, the received zvols too
+        zvols.finish(self.zs, stats.result == Result.COMPLETED, LOG, None)
+        if stats.result != Result.COMPLETED:
+            LOG.warning("Receiving the disks failed (%s); nothing of them is "
+                        "kept here", stats.error)
+            if self.made_folder:
+                shutil.rmtree(self.made_folder, ignore_errors=True)
+            if self.zs is not None:     # the runtime directory, if empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.zs.dir))
+        with self._lock:            # the result is final once cleaned up
             self.stats = stats
             self.mig.close()
-        if stats.result == Result.COMPLETED:
-            return
-        LOG.warning("Receiving the disks failed (%s); nothing of them is "
-                    "kept here", stats.error)
-        if self.made_folder:
-            shutil.rmtree(self.made_folder, ignore_errors=True)
 
     def result(self, timeout):
         """The final stats, waiting up to ``timeout`` s; None if not over."""

@@ -282,7 +282,8 @@ class LiveMigrationMixin:
             else:
                 self.backend.create(context, instance, spec,
                                     objects.ImageMeta.from_dict({}))
-                disks = self._size_incoming_disks(uuid, disk_info)
+                disks = self._size_incoming_disks(uuid, disk_info,
+                                                  instance.flavor)
             self.backend.plug_vifs(spec)
             self.backend.start_incoming(uuid)
             kind, target = self.backend.migration_vmm(uuid)
@@ -321,25 +322,31 @@ class LiveMigrationMixin:
                  instance=instance)
         return migrate_data
 
-    def _size_incoming_disks(self, uuid, disk_info):
-        """Size this host's disk files as the source's; return {name: path}.
+    def _size_incoming_disks(self, uuid, disk_info, flavor):
+        """Size this host's disk files as the source's, within what
+        ``flavor`` allows; return {name: path}.
 
         The incoming VM opens its disk at that size; the engine then
         rewrites every file with the source's content.
         """
         sizes = _source_sizes(disk_info)
         paths = self.backend.disk_paths(uuid)
+        wanted = {}
         for name, path in paths.items():
-            size = sizes.get(os.path.basename(path))
-            if size is None:
+            wanted[name] = sizes.get(os.path.basename(path))
+            if wanted[name] is None:
                 raise MigrationError(
                     f"the source reports no disk {os.path.basename(path)} "
                     f"(its disks: {', '.join(sorted(sizes)) or 'none'})")
-            self.backend.grow_disk(uuid, size, name)
-            if os.path.getsize(path) != size:
+        error = checks.disk_size_error(flavor, wanted)
+        if error:
+            raise MigrationError(error)
+        for name, path in paths.items():
+            self.backend.grow_disk(uuid, wanted[name], name)
+            if os.path.getsize(path) != wanted[name]:
                 raise MigrationError(
                     f"disk {name} is {os.path.getsize(path)} bytes here and "
-                    f"{size} on the source")
+                    f"{wanted[name]} on the source")
         return paths
 
     def post_live_migration_at_destination(self, context, instance,

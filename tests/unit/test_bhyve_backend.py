@@ -180,8 +180,8 @@ def test_migration_targets_of_source_and_destination(backend, monkeypatch):
     files = _incoming(backend, monkeypatch)
     assert backend.can_live_migrate and backend.stream_disks
     assert not backend.has_dirty_log
-    # cold migration and resize copy disk files: refused, saying why
-    assert not backend.can_migrate and "zvols" in backend.migration_blocker
+    # cold migration and resize move the zvols as stream disks too
+    assert backend.can_migrate
     assert backend.migration_vmm(UUID) == (
         "bhyve", f"{UUID},restore={files.base},ncpus=2,memsize=2147483648")
     assert backend.is_incoming(UUID)
@@ -393,13 +393,20 @@ def test_recreate_remakes_a_resized_swap_and_keeps_ephemeral_data(
     real_exists = os.path.exists
     monkeypatch.setattr(bhyve.os.path, "exists", lambda p: p.startswith(
         "/dev/zvol/") or real_exists(p))
+    os.makedirs(backend._dir(UUID))
+    with open(backend._path(UUID, "nvram.fd"), "wb") as f:
+        f.write(b"the guest's boot order")
     instance = types.SimpleNamespace(flavor=types.SimpleNamespace(root_gb=1))
     spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512, disks=(
         DiskSpec(name="swap", size_mb=512), DiskSpec(name="eph0", size_mb=1024)))
     backend.create(None, instance, spec, objects.ImageMeta.from_dict({}))
     calls = [c.args + tuple(c.kwargs.values())
              for c in backend.helper.zfs.call_args_list]
-    assert calls[1:] == [
+    # the root zvol (a revert, a same-host resize, a cold migration's
+    # received one) and the UEFI variables are kept as they are
+    with open(backend._path(UUID, "nvram.fd"), "rb") as f:
+        assert f.read() == b"the guest's boot order"
+    assert calls == [
         ("destroy", f"zroot/nova/{UUID}-swap"),
         ("create-volume", f"zroot/nova/{UUID}-swap", 512),
         ("destroy", f"zroot/nova/{UUID}-eph1")]     # no longer in the flavor

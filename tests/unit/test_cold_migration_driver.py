@@ -75,6 +75,7 @@ def pair(make_driver, tmp_path, monkeypatch):
     src, dst = make_driver(), make_driver()
     for drv, host in ((src, "src"), (dst, "dst")):
         drv.backend.can_migrate = True
+        drv.backend.stream_disks = False  # file disks (zvols: *_zvols.py)
         drv.backend.instances_path = str(tmp_path / host)
         os.makedirs(drv.backend.instances_path)
         drv._host = host
@@ -197,11 +198,22 @@ def test_an_older_destination_is_a_rollback_with_what_to_do(pair):
     {"uuid": UUID, "src_key": "x", "files": ["disk", "disk"]},
     {"uuid": UUID, "src_key": "x", "files": ["disk", {"a": 1}]},
     {"uuid": UUID, "src_key": "x", "files": "disk"},
+    # stream disks: their names, a snapshot tag, the root among them
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk"]},
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk"],
+     "tag": "mig-0123456789ab; rm -rf /"},
+    {"uuid": UUID, "src_key": "x", "files": ["nvram.fd"], "streams": ["eph0"],
+     "tag": "mig-0123456789ab"},
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk", "../x"],
+     "tag": "mig-0123456789ab"},
+    {"uuid": UUID, "src_key": "x", "files": [], "streams": ["disk", "disk"],
+     "tag": "mig-0123456789ab"},
+    {"uuid": UUID, "src_key": "x", "files": ["nvram.fd"]},
 ])
 def test_a_request_naming_files_outside_the_instance_is_refused(
         pair, request_, tmp_path):
     _src, dst = pair
-    with pytest.raises(exception.MigrationError, match="bad instance or file"):
+    with pytest.raises(exception.MigrationError, match="bad instance, file"):
         dst.check_instance_shared_storage_remote(
             None, {"filename": "p", cold.REQUEST_KEY: request_})
     assert os.listdir(tmp_path / "dst") == []
@@ -246,6 +258,25 @@ def test_finish_waits_for_the_destinations_own_verdict(pair):
     mig.cancel.assert_not_called()
     mig.close.assert_called_once()
     assert dst._received_disks == {}
+
+
+def test_received_disks_bigger_than_the_new_flavor_are_refused(
+        pair, tmp_path):
+    """The engine made the files at the source's sizes: finish checks
+    them against the flavor before it records anything over them."""
+    src, dst = pair
+    inst = _instance(flavor=_flavor(ephemeral_gb=1, swap=8))
+    info = src.migrate_disk_and_power_off(
+        "ctx", inst, "192.0.2.9", _flavor(ephemeral_gb=1, swap=8), [])
+    # the source's files are 8 MiB each; this flavor allows a 4 MiB swap
+    small = _instance(flavor=_flavor(ephemeral_gb=1, swap=4))
+    with pytest.raises(exception.MigrationError) as err:
+        dst.finish_migration("ctx", None, small, info, [], None, False, {})
+    assert ("the source's disks do not fit the flavor: disk swap is 8388608 "
+            "bytes, more than the flavor's swap 4 MiB (4194304 bytes)"
+            in str(err.value))
+    dst.backend.create.assert_not_called()
+    dst.backend.delete_files.assert_called_once_with(UUID, True)
 
 
 def test_a_source_of_the_older_kind_is_a_clear_error(pair):

@@ -11,8 +11,8 @@ import nova_bhyve.driver as bhyve_driver
 from nova import exception, objects
 from nova_bhyve import polling
 from nova_bhyve.machine.base import HostFacts
+from nova_bhyve.migration import checks, live
 from nova_bhyve.migration import data as mdata
-from nova_bhyve.migration import live
 from nova_bhyve.native.engine import (
     ErrorKind,
     MigrationError,
@@ -521,6 +521,7 @@ def test_block_migration_gives_every_disk_to_the_engine_on_both_sides(
     env.drv.backend.disk_paths.return_value = {
         n: str(dst / f"disk.{n}") for n in names}
     env.engine.receive.return_value.port = 40000
+    env.inst.flavor.swap, env.inst.flavor.ephemeral_gb = 1, 1
     data = mdata.new_data()
     data.block_migration = True
     mdata.put(data, "src_key", env.drv._lm_keys.new(UUID))
@@ -560,6 +561,47 @@ def test_a_destination_disk_of_another_size_fails_pre_live_migration(env):
                                    _disk_info(env, disk=4096), data)
     env.engine.receive.assert_not_called()
     env.drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"disk": (1 << 30) + 512}, "disk disk is 1073742336 bytes, more than "
+     "the flavor's root_gb 1 GiB (1073741824 bytes)"),
+    ({"swap": 2 << 20}, "disk swap is 2097152 bytes, more than the "
+     "flavor's swap 1 MiB (1048576 bytes)"),
+    ({"eph0": 3 << 30}, "disk eph0 is 3221225472 bytes, more than the "
+     "flavor's ephemeral_gb 2 GiB"),
+    ({"eph0": 1 << 30, "eph1": (1 << 30) + 512}, "the ephemeral disks are "
+     "2147484160 bytes together, more than the flavor's ephemeral_gb 2 GiB"),
+    ({"vdz": 512}, "disk 'vdz' is none of the flavor's disks"),
+])
+def test_a_source_announcing_disks_bigger_than_the_flavor_is_refused(
+        env, tmp_path, sizes, message):
+    """The destination grows nothing to what the flavor does not allow."""
+    env.drv.backend.list_machines.return_value = []
+    env.inst.flavor.swap, env.inst.flavor.ephemeral_gb = 1, 2
+    names = {"disk": 4096, "swap": 1 << 20, "eph0": 4096}
+    names.update(sizes)
+    env.drv.backend.disk_paths.return_value = {
+        n: str(tmp_path / f"disk.{n}") for n in names}
+    data = mdata.new_data()
+    data.block_migration = True
+    mdata.put(data, "src_key", mdata.KeyStore().new(UUID))
+    info = json.dumps([{"path": f"/src/{UUID}/disk.{n}", "virt_disk_size": v}
+                       for n, v in names.items()])
+    with pytest.raises(exception.MigrationError) as err:
+        env.drv.pre_live_migration(None, env.inst, None, [], info, data)
+    assert "the source's disks do not fit the flavor: " + message in str(
+        err.value)
+    env.drv.backend.grow_disk.assert_not_called()
+    env.engine.receive.assert_not_called()
+    env.drv.backend.delete_files.assert_called_once_with(UUID, True)
+
+
+def test_a_root_gb_0_flavor_leaves_the_root_disk_to_the_image():
+    """root_gb 0: the root disk has the image's size, unknown here."""
+    flavor = types.SimpleNamespace(root_gb=0, swap=0, ephemeral_gb=0)
+    assert checks.disk_size_error(flavor, {"disk": 5 << 30}) is None
+    assert "swap 0 MiB" in checks.disk_size_error(flavor, {"swap": 512})
 
 
 def test_disks_the_destination_did_not_prepare_fail_before_the_engine(env):
