@@ -69,7 +69,33 @@ bhyve_opts = [
         "zfs_dataset",
         help="ZFS dataset under which instance disks are created as zvols "
              "and cached Glance images kept as snapshots, for example "
-             "``zroot/nova``. Required by the bhyve backend."),
+             "``zroot/nova``. Required by the bhyve backend with "
+             "``disk_layout = zvol``."),
+    cfg.StrOpt(
+        "disk_layout", default="zvol", choices=[
+            ("zvol", "root, swap and ephemeral disks are ZFS zvols under "
+                     "``zfs_dataset``, local to this host"),
+            ("file", "root, swap and ephemeral disks are raw files in "
+                     "``<instances_path>/<uuid>/``"),
+        ],
+        help="Where the bhyve backend keeps instance disks. ``zvol``: each "
+             "disk is a zvol under ``zfs_dataset`` (root disks cloned from "
+             "cached image snapshots); zvols are local to this host's pool "
+             "even when ``[DEFAULT] instances_path`` is shared, so a live "
+             "migration, cold migration or resize always copies them (zfs "
+             "send and receive inside the migration session). ``file``: "
+             "each disk is a sparse raw file in the instance directory "
+             "(``disk``, made from the Glance image cached in "
+             "``<instances_path>/_base`` and grown to the flavor's root_gb; "
+             "``disk.swap``, ``disk.eph0``...), the layout for an "
+             "``instances_path`` shared between hosts (NFS), as the libvirt "
+             "driver uses one: a live migration then moves only memory and "
+             "device state. bhyve keeps no log of the blocks a running guest "
+             "writes, so with ``file`` a live migration between hosts that "
+             "do not share ``instances_path`` is refused (cold migration and "
+             "resize copy the files). All hosts a guest may move between "
+             "must use the same layout; changing it does not convert the "
+             "disks of existing instances."),
     cfg.StrOpt(
         "uefi_firmware",
         default="/usr/local/share/uefi-firmware/BHYVE_UEFI_CODE.fd",

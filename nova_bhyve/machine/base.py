@@ -181,6 +181,14 @@ class Backend(abc.ABC):
     #: the guest's disks move as stream disks of the engine (zfs send and
     #: receive: ``migration_streams``), whatever the instances path
     stream_disks = False
+    #: why a live migration cannot copy the guest's disk files (a local
+    #: instances path), for the operator; None: the engine copies them
+    #: through the vmm's dirty-block log
+    live_disk_copy_blocker = None
+
+    def migration_type(self):
+        """Name the backend and disk layout; migrating hosts must agree."""
+        return type(self).__name__
 
     def _no_migration(self, what):
         return MachineError(

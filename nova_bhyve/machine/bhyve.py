@@ -1,14 +1,18 @@
-"""The bhyve backend (FreeBSD): bhyve(8) under daemon(8), disks on ZFS.
+"""The bhyve backend (FreeBSD): bhyve(8) under daemon(8), disks on ZFS or files.
 
 Per instance:
 
-- root disk: zvol ``<zfs_dataset>/<uuid>-disk0``, cloned from the cached
-  image ``<zfs_dataset>/images/<sha1 of image id>@base`` (Glance raw
-  images are written as they are; qcow2 ones are converted with qemu-img
-  after nova's safety checks) and grown to the flavor's root_gb;
-- swap and ephemeral disks: blank sparse zvols ``<uuid>-swap``,
-  ``<uuid>-eph0``…, attached after the root disk as further virtio-blk
-  slots (swap first); nothing formats them, the guest does;
+- ``[bhyve] disk_layout = zvol`` (default): root disk zvol
+  ``<zfs_dataset>/<uuid>-disk0``, cloned from the cached image
+  ``<zfs_dataset>/images/<sha1 of image id>@base`` (Glance raw images are
+  written as they are; qcow2 ones are converted with qemu-img after nova's
+  safety checks) and grown to the flavor's root_gb; swap and ephemeral
+  disks: blank sparse zvols ``<uuid>-swap``, ``<uuid>-eph0``…;
+- ``disk_layout = file``: raw files in the instance directory, as the
+  test host's (machine/diskfiles.py): ``disk`` from the image cached in
+  ``<instances_path>/_base``, ``disk.swap``, ``disk.eph0``…;
+- either way the disks are virtio-blk slots, root first, then swap; nothing
+  formats swap or ephemeral disks, the guest does;
 - ``<instances_path>/<uuid>/``: ``nvram.fd`` (a copy of the UEFI variable
   store template) and, while suspended, the checkpoint set written by
   ``bhyvectl --suspend`` (needs a bhyve built with BHYVE_SNAPSHOT); this
@@ -16,7 +20,8 @@ Per instance:
 - ``<[bhyve] runtime_path>/<uuid>/``: this host's ``machine.json``,
   ``console.log`` (COM1), the supervisor's files and, while a migration
   runs, its checkpoint scratch files (source), the incoming checkpoint
-  (destination) and the FIFOs of the zvols' zfs streams;
+  (destination), the FIFOs of the zvols' zfs streams and a snapshot's copy
+  of a root disk file;
 - one tap device per VIF, added to the VIF's bridge (an if_bridge made on
   demand, and destroyed with its last tap, when nova-bhyve made it);
 - a VNC framebuffer on ``[vnc] server_listen`` when ``[vnc] enabled``.
@@ -43,14 +48,19 @@ BHYVE_SNAPSHOT on both hosts):
   Nova live migrations run in warm mode (guest paused while its memory is
   copied); set ``[bhyve] live_migration_dirty_log = yes`` on hosts whose
   kernel carries the migration patches (guest memory wired, no SMAP);
-- disks: the zvols move as stream disks of the engine (zvolmove.py): a
-  snapshot and its full ``zfs send`` while memory is copied, a final
-  snapshot and incremental send once the guest is paused, ``zfs receive``
-  on the destination, which creates them; ``grow_disk`` raises ``volsize``.
-  Cold migration and resize (migration/cold.py) move the stopped guest's
-  zvols the same way (``cold_streams``: the final increment is empty) and
+- zvols move as stream disks of the engine (zvolmove.py): a snapshot and
+  its full ``zfs send`` while memory is copied, a final snapshot and
+  incremental send once the guest is paused, ``zfs receive`` on the
+  destination, which creates them; ``grow_disk`` raises ``volsize``.  Cold
+  migration and resize (migration/cold.py) move the stopped guest's zvols
+  the same way (``cold_streams``: the final increment is empty) and
   ``nvram.fd`` as a file (``instance_files``); ``create`` keeps a root
-  zvol and ``nvram.fd`` already there (received, or a revert's).
+  zvol and ``nvram.fd`` already there (received, or a revert's);
+- disk files stay where they are on a shared instances path (the
+  destination adopts them; only memory and device state move); bhyve has
+  no dirty-block log, so a live migration without a shared instances path
+  is refused (``live_disk_copy_blocker``); cold migration and resize copy
+  the files and ``nvram.fd`` as the engine's disk files.
 """
 
 import contextlib
@@ -68,7 +78,14 @@ from oslo_log import log as logging
 
 from nova_bhyve import polling, privsep
 from nova_bhyve.machine import argv as bhyve_argv
-from nova_bhyve.machine import checkpoint, images, power, zvolmove
+from nova_bhyve.machine import (
+    checkpoint,
+    diskfiles,
+    hostinfo,
+    images,
+    power,
+    zvolmove,
+)
 from nova_bhyve.machine.base import (
     ROOT_DISK,
     SWAP_DISK,
@@ -107,6 +124,8 @@ class BhyveBackend(SupervisedMachines, Backend):
             supports_image_type_raw=True,
             supports_image_type_qcow2=images.qemu_img_available())
         self.dataset = conf.bhyve.zfs_dataset
+        self.files = conf.bhyve.disk_layout == "file"
+        self.cache = images.FileImageCache(os.path.join(instances_path, "_base"))
         self.paths = bhyve_argv.BhyvePaths(
             bhyve=conf.bhyve.bhyve_path, firmware=conf.bhyve.uefi_firmware,
             instances_path=os.path.normpath(instances_path),
@@ -118,11 +137,13 @@ class BhyveBackend(SupervisedMachines, Backend):
         if not sys.platform.startswith("freebsd"):
             raise MachineError("the bhyve backend runs on FreeBSD only; set "
                                "[bhyve] backend = testhost on Linux")
-        if not self.dataset:
+        if not self.dataset and not self.files:
             raise MachineError("set [bhyve] zfs_dataset (for example "
-                               "zroot/nova): instance disks are zvols")
-        for opt in ("bhyve_path", "bhyvectl_path", "daemon_path", "zfs_path",
-                    "uefi_firmware", "uefi_vars_template"):
+                               "zroot/nova): instance disks are zvols; or "
+                               "[bhyve] disk_layout = file")
+        for opt in ("bhyve_path", "bhyvectl_path", "daemon_path",
+                    "uefi_firmware", "uefi_vars_template") + \
+                ((), ("zfs_path",))[not self.files]:
             path = getattr(self.conf.bhyve, opt)
             if not os.path.isfile(path):
                 raise MachineError(f"[bhyve] {opt} = {path} does not exist")
@@ -138,19 +159,24 @@ class BhyveBackend(SupervisedMachines, Backend):
                 privsep.destroy_vmm(name)
 
     def host_facts(self):
-        """Return CPUs and memory from sysctl(8), disk from the ZFS dataset."""
+        """Return CPUs and memory from sysctl(8), disk from the ZFS dataset
+        (the instances path's file system with disk_layout = file)."""
         pagesize = int(sysctl("hw.pagesize"))
         total = int(sysctl("hw.physmem")) >> 20
         free_pages = (int(sysctl("vm.stats.vm.v_free_count")) +
                       int(sysctl("vm.stats.vm.v_inactive_count")))
-        out, _err = processutils.execute(
-            self.conf.bhyve.zfs_path, "get", "-Hp", "-o", "value",
-            "available,used", self.dataset)
-        avail, used = (int(v) for v in out.split())
+        if self.files:
+            disk_gb, disk_used = hostinfo.disk_gb(self.instances_path)
+        else:
+            out, _err = processutils.execute(
+                self.conf.bhyve.zfs_path, "get", "-Hp", "-o", "value",
+                "available,used", self.dataset)
+            avail, used = (int(v) for v in out.split())
+            disk_gb, disk_used = (avail + used) >> 30, used >> 30
         return HostFacts(
             vcpus=int(sysctl("hw.ncpu")), memory_mb=total,
             memory_mb_used=total - (free_pages * pagesize >> 20),
-            disk_gb=(avail + used) >> 30, disk_gb_used=used >> 30,
+            disk_gb=disk_gb, disk_gb_used=disk_used,
             hypervisor_type="bhyve",
             hypervisor_version=int(sysctl("kern.osreldate")),
             arch=_ARCH.get(sysctl("hw.machine_arch"), "x86_64"),
@@ -185,9 +211,47 @@ class BhyveBackend(SupervisedMachines, Backend):
         return snap
 
     def create(self, context, instance, spec, image_meta):
-        """Clone the root zvol, make swap and ephemeral zvols, write the record."""
+        """Clone the root zvol (or copy the root file), make swap and
+        ephemeral zvols (files), write the record."""
         again = os.path.exists(self._run(spec.uuid, "machine.json"))
         self._make_dirs(spec.uuid)
+        self._make_nvram(spec.uuid)
+        if self.files:
+            spec = self._create_files(context, instance, spec, image_meta)
+        else:
+            spec = self._create_zvols(context, instance, spec, image_meta,
+                                      again)
+        spec = dataclasses.replace(
+            spec, vnc_port=self._free_vnc_port() if spec.vnc_listen else 0)
+        self._write_record(spec)
+        return spec
+
+    def _make_nvram(self, uuid):
+        """Copy the UEFI variable store template, unless the guest has its own."""
+        nvram = self._path(uuid, "nvram.fd")
+        if not os.path.exists(nvram):
+            shutil.copyfile(self.conf.bhyve.uefi_vars_template, nvram)
+
+    def _create_files(self, context, instance, spec, image_meta):
+        """The disks as raw files (disk_layout = file): the root disk a
+        copy of the cached image grown to root_gb (or blank), the others
+        blank sparse files; files already there are kept."""
+        folder = self._dir(spec.uuid)
+        disk = self._path(spec.uuid, diskfiles.file_name(ROOT_DISK))
+        base = None
+        if not os.path.exists(disk) and image_meta is not None and \
+                image_meta.obj_attr_is_set("id") and image_meta.id:
+            base = self.cache.get(context, image_meta.id)
+        size = instance.flavor.root_gb << 30
+        diskfiles.make_root(disk, size if base else max(size, 1 << 30), base)
+        extras = tuple(diskfiles.make_extra(folder, d) for d in spec.disks
+                       if d.name != ROOT_DISK)
+        diskfiles.remove_stale(folder, extras)
+        return dataclasses.replace(
+            spec, disks=(DiskSpec(disk, boot=True),) + extras)
+
+    def _create_zvols(self, context, instance, spec, image_meta, again):
+        """The disks as zvols (disk_layout = zvol)."""
         disk = self._disk_name(spec.uuid)
         root_gb = max(1, instance.flavor.root_gb)
         if image_meta.obj_attr_is_set("id") and image_meta.id:
@@ -198,19 +262,12 @@ class BhyveBackend(SupervisedMachines, Backend):
             # (a zvol already here was received by a cold migration, or is
             # the guest's own on a revert or a same-host resize: kept)
             privsep.zfs("create-volume", disk, size_gb=root_gb)
-        nvram = self._path(spec.uuid, "nvram.fd")
-        if not os.path.exists(nvram):       # the guest's UEFI variables stay
-            shutil.copyfile(self.conf.bhyve.uefi_vars_template, nvram)
         extras = tuple(self._make_extra_disk(spec.uuid, d) for d in spec.disks
                        if d.name != ROOT_DISK)
         if again:           # a revert or same-host resize may drop the swap
             self._remove_stale_disks(spec.uuid, extras)
-        vnc_port = self._free_vnc_port() if spec.vnc_listen else 0
-        spec = dataclasses.replace(
-            spec, disks=(DiskSpec(f"/dev/zvol/{disk}", boot=True),) + extras,
-            vnc_port=vnc_port)
-        self._write_record(spec)
-        return spec
+        return dataclasses.replace(
+            spec, disks=(DiskSpec(f"/dev/zvol/{disk}", boot=True),) + extras)
 
     def _volsize(self, name):
         out, _err = processutils.execute(
@@ -404,9 +461,10 @@ class BhyveBackend(SupervisedMachines, Backend):
     def delete_files(self, uuid, destroy_disks=True):
         """Remove this host's runtime directory of the guest and, if asked,
         the instance's zvols and instance directory (NVRAM, checkpoint)."""
-        if destroy_disks:
+        if destroy_disks and not self.files:
             for name in self._instance_zvols(uuid) or [self._disk_name(uuid)]:
                 privsep.zfs("destroy", name)
+        if destroy_disks:
             shutil.rmtree(self._dir(uuid), ignore_errors=True)
         shutil.rmtree(self._run_dir(uuid), ignore_errors=True)
         self._locks.pop(uuid, None)
@@ -427,7 +485,14 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     @contextlib.contextmanager
     def snapshot_disk(self, uuid):
-        """Snapshot the root zvol and yield a raw copy of it."""
+        """Yield a raw copy of the root disk: of a zvol snapshot, or of the
+        root file (a running guest paused meanwhile) in the runtime
+        directory."""
+        if self.files:
+            with diskfiles.paused_copy(self, uuid, self._run(
+                    uuid, "snapshot.raw")) as copy:
+                yield copy
+            return
         snap = f"{self._disk_name(uuid)}@nova-snapshot-{int(time.time())}"
         copy = self._path(uuid, "snapshot.raw")
         privsep.zfs("snapshot", snap)
@@ -441,9 +506,27 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     # -- migration --------------------------------------------------------
     #: live: memory and device state through the engine's bhyve port, the
-    #: zvols as its stream disks (zfs send and receive)
+    #: zvols as its stream disks (zfs send and receive); disk files stay
+    #: on the shared instances path
     can_live_migrate = True
-    stream_disks = True
+
+    @property
+    def stream_disks(self):
+        """The disks are zvols, which move as the engine's stream disks."""
+        return not self.files
+
+    @property
+    def live_disk_copy_blocker(self):
+        """Why a live migration cannot copy disk files: bhyve keeps no
+        log of the blocks a running guest writes."""
+        if not self.files:
+            return None
+        return diskfiles.NO_LIVE_COPY.format(path=self.instances_path)
+
+    def migration_type(self):
+        """The backend and its disk layout (both hosts must agree)."""
+        return "BhyveBackend-files" if self.files else "BhyveBackend"
+
     #: cold migration and resize move the zvols as stream disks too, and
     #: the UEFI variables (nvram.fd) as a file (migration/cold.py)
     can_migrate = True
@@ -481,6 +564,19 @@ class BhyveBackend(SupervisedMachines, Backend):
         runtime directory (never the instances path, which may be shared)."""
         return checkpoint.CheckpointFiles(self._run(uuid, "incoming"))
 
+    def adopt(self, instance, spec):
+        """Record the guest for the disk files already in its instance
+        directory (disk_layout = file, a shared instances path)."""
+        if not self.files:
+            raise MachineError("the disks are zvols on each host's own pool "
+                               "(disk_layout = zvol): nothing to adopt")
+        return super().adopt(instance, spec)
+
+    def has_disks(self, uuid):
+        """Return True if the root disk file is here and its directory
+        writable (disk_layout = file; zvols are never shared)."""
+        return self.files and diskfiles.usable(self._dir(uuid))
+
     def _zvols(self, spec):
         return {d.name: self._disk_name(spec.uuid, d.name) for d in spec.disks}
 
@@ -516,6 +612,10 @@ class BhyveBackend(SupervisedMachines, Backend):
     def cold_streams(self, uuid, tag, names, receiving):
         """Return the ZvolStreams moving the stopped guest's disks ``names``
         in a cold migration; a destination must not have one of them yet."""
+        if self.files:
+            raise MachineError("this host keeps disks as files ([bhyve] "
+                               "disk_layout = file) and cannot receive zvols: "
+                               "both hosts need the same disk_layout")
         zvols = {n: self._disk_name(uuid, n) for n in names}
         if receiving:
             _refuse_existing(zvols.values())
@@ -594,6 +694,7 @@ class BhyveBackend(SupervisedMachines, Backend):
             files.remove()
             rec = self._record(uuid)
             rec.pop("incoming", None)
+            rec.pop("adopted", None)    # the guest, and its disks, are ours
             write_json(self._run(uuid, "machine.json"), rec)
             LOG.info("Guest %s restored from its migrated checkpoint", uuid)
         if paused:
@@ -642,15 +743,22 @@ class BhyveBackend(SupervisedMachines, Backend):
         return kept.base
 
     def disk_path(self, uuid):
-        """Return the root zvol's device node."""
+        """Return the root zvol's device node (or the root disk file)."""
+        if self.files:
+            return self._path(uuid, diskfiles.file_name(ROOT_DISK))
         return f"/dev/zvol/{self._disk_name(uuid)}"
 
     def disk_paths(self, uuid):
-        """Return {name: zvol device node} of the root, swap and ephemeral disks."""
+        """Return {name: zvol device node or file} of the root, swap and
+        ephemeral disks."""
         return {d.name: d.path for d in self._spec(uuid).disks}
 
     def grow_disk(self, uuid, size, name=ROOT_DISK):
-        """Raise a zvol's volsize to ``size`` bytes (whole GiB, up)."""
+        """Raise a zvol's volsize to ``size`` bytes (whole GiB, up), or
+        extend a disk file to ``size`` bytes."""
+        if self.files:
+            diskfiles.grow(self.disk_paths(uuid)[name], size)
+            return
         zvol = self._disk_name(uuid, name)
         if self._volsize(zvol) < size:
             privsep.zfs("resize", zvol, size_gb=-(-size // (1 << 30)))

@@ -26,7 +26,7 @@ import psutil
 from oslo_log import log as logging
 
 from nova_bhyve import polling
-from nova_bhyve.machine import checkpoint, power
+from nova_bhyve.machine import checkpoint, diskfiles, power
 from nova_bhyve.machine.base import MachineError, MachineSpec
 from nova_bhyve.machine.statefile import read_json, write_json, write_text
 
@@ -140,6 +140,24 @@ class SupervisedMachines:
         rec = self._record(uuid)
         rec["intent"] = intent
         write_json(self._run(uuid, "machine.json"), rec)
+
+    def adopt(self, instance, spec):
+        """Record the guest for the disk files already in its instance
+        directory (shared storage): ``create`` keeps them, and the record
+        notes that they are not this host's to delete on its own account."""
+        diskfiles.require_root(self._dir(spec.uuid))
+        spec = self.create(None, instance, spec, None)
+        rec = self._record(spec.uuid)
+        rec["adopted"] = True
+        write_json(self._run(spec.uuid, "machine.json"), rec)
+        return spec
+
+    def adopted(self, uuid):
+        """Return True if ``adopt`` recorded the guest (disks not ours)."""
+        try:
+            return bool(self._record(uuid).get("adopted"))
+        except KeyError:
+            return False
 
     def _checkpoint(self, uuid):
         return checkpoint.CheckpointFiles(self._path(uuid, "checkpoint"))

@@ -46,10 +46,9 @@ from oslo_log import log as logging
 
 from nova_bhyve import polling, privsep
 from nova_bhyve.concurrency import offload
-from nova_bhyve.machine import checkpoint, hostinfo, images, power
+from nova_bhyve.machine import checkpoint, diskfiles, hostinfo, images, power
 from nova_bhyve.machine.base import (
     ROOT_DISK,
-    SWAP_DISK,
     Backend,
     DiskSpec,
     HostFacts,
@@ -237,45 +236,18 @@ class TestHostBackend(SupervisedMachines, Backend):
         validate_cmdline(spec.cmdline)
         self._make_dirs(spec.uuid)
         disk = self._path(spec.uuid, "disk")
-        if os.path.exists(disk):
-            LOG.debug("Keeping the existing disk %s", disk)
-        elif image_meta.obj_attr_is_set("id") and image_meta.id:
+        base = None
+        if not os.path.exists(disk) and image_meta is not None and \
+                image_meta.obj_attr_is_set("id") and image_meta.id:
             base = self.cache.get(context, image_meta.id)
-            offload(images.sparse_copy, base, disk, instance.flavor.root_gb << 30)
-        else:
-            with open(disk, "wb") as f:
-                f.truncate(instance.flavor.root_gb << 30)
-        extras = tuple(self._make_extra_disk(spec.uuid, d) for d in spec.disks
-                       if d.name != ROOT_DISK)
-        self._remove_stale_disks(spec.uuid, extras)
+        diskfiles.make_root(disk, instance.flavor.root_gb << 30, base)
+        extras = tuple(diskfiles.make_extra(self._dir(spec.uuid), d)
+                       for d in spec.disks if d.name != ROOT_DISK)
+        diskfiles.remove_stale(self._dir(spec.uuid), extras)
         spec = dataclasses.replace(
             spec, disks=(DiskSpec(disk, boot=True),) + extras)
         self._write_record(spec)
         return spec
-
-    def _make_extra_disk(self, uuid, disk):
-        """Make a blank sparse file for a swap or ephemeral disk.
-
-        An existing file is kept (a revert, a same-host resize), except a
-        swap file of another size, which is made again blank.
-        """
-        path = self._path(uuid, "disk." + disk.name)
-        size = disk.size_mb << 20
-        exists = os.path.exists(path)
-        if exists and disk.name == SWAP_DISK and os.path.getsize(path) != size:
-            os.unlink(path)
-            exists = False
-        if not exists:
-            with open(path, "wb") as f:
-                f.truncate(size)
-        return dataclasses.replace(disk, path=path)
-
-    def _remove_stale_disks(self, uuid, extras):
-        """Remove extra disk files the new spec no longer has (swap dropped)."""
-        keep = {os.path.basename(d.path) for d in extras}
-        for name in os.listdir(self._dir(uuid)):
-            if name.startswith("disk.") and name not in keep:
-                os.unlink(self._path(uuid, name))
 
     def start(self, uuid):
         """Boot the guest, or restore it if it is suspended."""
@@ -451,31 +423,10 @@ class TestHostBackend(SupervisedMachines, Backend):
         except TestHostError:
             return False
 
-    def adopt(self, instance, spec):
-        """Record the guest for the disks already in its instance directory."""
-        disk = self._path(spec.uuid, "disk")
-        if not os.path.isfile(disk):
-            raise MachineError(
-                f"{disk} is missing: this host does not share [DEFAULT] "
-                "instances_path with the host the guest comes from")
-        spec = self.create(None, instance, spec, None)
-        rec = self._record(spec.uuid)
-        rec["adopted"] = True
-        write_json(self._run(spec.uuid, "machine.json"), rec)
-        return spec
-
-    def adopted(self, uuid):
-        """Return True if ``adopt`` recorded the guest (disks not ours)."""
-        try:
-            return bool(self._record(uuid).get("adopted"))
-        except KeyError:
-            return False
-
     def has_disks(self, uuid):
         """Return True if the root disk file exists and its directory is
         writable here."""
-        return (os.path.isfile(self._path(uuid, "disk")) and
-                os.access(self._dir(uuid), os.W_OK))
+        return diskfiles.usable(self._dir(uuid))
 
     def disk_path(self, uuid):
         """Return the path of the raw root disk file."""
@@ -499,9 +450,7 @@ class TestHostBackend(SupervisedMachines, Backend):
 
     def grow_disk(self, uuid, size, name=ROOT_DISK):
         """Extend a sparse disk file to ``size`` bytes if it is smaller."""
-        path = self.disk_paths(uuid)[name]
-        if os.path.getsize(path) < size:
-            os.truncate(path, size)
+        diskfiles.grow(self.disk_paths(uuid)[name], size)
 
     # -- networking -------------------------------------------------------
     def plug_vifs(self, spec):

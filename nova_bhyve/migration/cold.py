@@ -45,6 +45,11 @@ unlike the libvirt driver nova-bhyve keeps no ``_resize`` copy.
 A resize on the same host moves no disk byte: the guest is recorded
 again with the new flavor over the same files.
 
+bhyve with ``[bhyve] disk_layout = file`` moves its disk files as the test
+host does, with ``nvram.fd`` (``instance_files``) beside them, and over a
+shared instances path uses them in place; a destination refuses a request
+whose disks (files or zvol streams) are not its own layout.
+
 Disks that move as stream disks (bhyve's zvols, ``backend.stream_disks``)
 go in the same session as the engine's streams: the request names them
 (``streams``) with a snapshot tag, and the backend's ``instance_files``
@@ -247,6 +252,12 @@ class ColdMigrationMixin:
             raise exception.MigrationError(
                 reason="a disk transfer request with a bad instance, file, "
                        "disk or snapshot name was refused")
+        if bool(names) != bool(self.backend.stream_disks):
+            raise exception.MigrationError(reason=(
+                f"the source sends its disks as {'zvols' if names else 'files'}"
+                f" and {self._nodename()} keeps them as "
+                f"{'zvols' if self.backend.stream_disks else 'files'}: both "
+                "hosts need the same [bhyve] disk_layout"))
         if checks.probe_exists(self.backend.instances_path, probe):
             if names:
                 raise exception.MigrationError(reason=(
@@ -479,11 +490,12 @@ def _valid_request(uuid, files, names, tag):
 def _what_moves(backend, uuid, paths):
     """Return ({file name: path} the engine moves as files, the request's
     names): the disk files, or a stream-disk backend's disks (``paths``'
-    names) as streams with its other instance files."""
-    if not backend.stream_disks:
-        files = {os.path.basename(p): p for p in paths.values()}
-        return files, {"files": list(files)}
+    names) as streams, with the backend's other instance files (bhyve:
+    nvram.fd)."""
     files = backend.instance_files(uuid)
+    if not backend.stream_disks:
+        files = {os.path.basename(p): p for p in paths.values()} | files
+        return files, {"files": list(files)}
     return files, {"files": list(files), "streams": list(paths),
                    "tag": zvolmove.new_tag()}
 

@@ -124,7 +124,7 @@ class LiveMigrationMixin:
         return setting == "yes"
 
     def _image_type(self):
-        return mdata.IMAGE_TYPE_PREFIX + type(self.backend).__name__
+        return mdata.IMAGE_TYPE_PREFIX + self.backend.migration_type()
 
     def _check_can_migrate(self):
         if not self.backend.can_live_migrate:
@@ -205,7 +205,7 @@ class LiveMigrationMixin:
             raise exception.MigrationPreCheckError(reason=(
                 f"the destination reports {theirs!r}, this host "
                 f"{self._image_type()!r}: both must run nova-bhyve with the "
-                "same backend"))
+                "same backend and [bhyve] disk_layout"))
         if self._unmovable_devices(instance, block_device_info):
             raise exception.MigrationPreCheckError(
                 reason="instances with volumes cannot be migrated by "
@@ -215,12 +215,8 @@ class LiveMigrationMixin:
         data.is_shared_instance_path = shared
         data.is_shared_block_storage = False
         asked = data.block_migration if "block_migration" in data else None
-        if self.backend.stream_disks:
-            data.block_migration = zvols.check_layout(
-                self.backend, data, shared, asked, self._nodename())
-        else:
-            data.block_migration = checks.check_storage_layout(
-                shared, asked, self._nodename(), self.backend.instances_path)
+        data.block_migration = zvols.check_layout(
+            self.backend, data, shared, asked, self._nodename())
         if shared:
             # nova runs the source's cleanup and the destination's rollback
             # for a shared instances path only with this field present (as

@@ -5,19 +5,33 @@ or not ``[DEFAULT] instances_path`` is shared, so a live migration always
 moves them (``machine/zvolmove.py``: zfs send and receive inside the
 engine's session).  A shared instances path then only means that the
 instance directory (the UEFI variables) is already on the destination.
-What ``live.py`` calls for such a backend is here.
+What ``live.py`` calls for such a backend is here, and the choice of
+what a live migration does with the disks (``check_layout``).
 """
 
 from nova import exception
 from nova_bhyve.machine import zvolmove
+from nova_bhyve.migration import checks
 from nova_bhyve.migration import data as mdata
 
 TAG_KEY = "zfs_tag"
 
 
 def check_layout(backend, data, shared, asked, host):
-    """Return True (the zvols always move); refuse a request not to move
-    them; name the migration's snapshots in ``data``."""
+    """Return whether the live migration copies the disks; refuse what the
+    backend's disk layout cannot do.
+
+    Stream disks (zvols) always move: a request not to move them is
+    refused, and ``data`` names the migration's snapshots.  Disk files stay
+    on a shared instances path; on a local one the engine copies them,
+    unless the backend cannot (``live_disk_copy_blocker``: refused).
+    """
+    if not backend.stream_disks:
+        if not shared and backend.live_disk_copy_blocker:
+            raise exception.InvalidSharedStorage(
+                path=host, reason=backend.live_disk_copy_blocker)
+        return checks.check_storage_layout(shared, asked, host,
+                                           backend.instances_path)
     if asked is False:
         raise exception.InvalidSharedStorage(path=host, reason=(
             f"the guest's disks are zvols under [bhyve] zfs_dataset "

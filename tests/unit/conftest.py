@@ -48,7 +48,8 @@ def host_facts(**changes):
 
 def new_driver():
     """A BhyveDriver whose backend is a recording autospec of Backend:
-    ``create`` returns the spec it is given, ``host_facts`` host_facts()."""
+    ``create`` returns the spec it is given, ``host_facts`` host_facts(),
+    and it copies disk files in a live migration (no blocker)."""
     import nova_bhyve.driver as bhyve_driver
     from nova_bhyve.machine.base import Backend
 
@@ -57,6 +58,9 @@ def new_driver():
     drv.backend.create.side_effect = lambda ctx, inst, spec, meta: spec
     drv.backend.host_facts.return_value = host_facts()
     drv.backend.has_disks.return_value = False
+    drv.backend.migration_type.return_value = "Backend"
+    drv.backend.live_disk_copy_blocker = None
+    drv.backend.instance_files.return_value = {}
     return drv
 
 
