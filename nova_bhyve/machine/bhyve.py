@@ -234,8 +234,9 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     def _create_files(self, context, instance, spec, image_meta):
         """The disks as raw files (disk_layout = file): the root disk a
-        copy of the cached image grown to root_gb (or blank), the others
-        blank sparse files; files already there are kept."""
+        copy of the cached image grown to root_gb (root_gb 0: to whole
+        512-byte sectors), or blank (at least 1 GiB), the others blank
+        sparse files; files already there are kept."""
         folder = self._dir(spec.uuid)
         disk = self._path(spec.uuid, diskfiles.file_name(ROOT_DISK))
         base = None
@@ -243,7 +244,9 @@ class BhyveBackend(SupervisedMachines, Backend):
                 image_meta.obj_attr_is_set("id") and image_meta.id:
             base = self.cache.get(context, image_meta.id)
         size = instance.flavor.root_gb << 30
-        diskfiles.make_root(disk, size if base else max(size, 1 << 30), base)
+        if base and not size:       # root_gb 0: the image's size, in sectors
+            size = -(-os.path.getsize(base) // 512) * 512
+        diskfiles.make_root(disk, size or 1 << 30, base)
         extras = tuple(diskfiles.make_extra(folder, d) for d in spec.disks
                        if d.name != ROOT_DISK)
         diskfiles.remove_stale(folder, extras)
