@@ -82,8 +82,9 @@ bhyve_opts = [
              "disk is a zvol under ``zfs_dataset`` (root disks cloned from "
              "cached image snapshots); zvols are local to this host's pool "
              "even when ``[DEFAULT] instances_path`` is shared, so a live "
-             "migration, cold migration or resize always copies them (zfs "
-             "send and receive inside the migration session). ``file``: "
+             "migration always copies them (zfs send and receive inside the "
+             "migration session), as do a cold migration and a resize, "
+             "which are refused over a shared instances path. ``file``: "
              "each disk is a sparse raw file in the instance directory "
              "(``disk``, made from the Glance image cached in "
              "``<instances_path>/_base`` and grown to the flavor's root_gb; "
@@ -92,8 +93,9 @@ bhyve_opts = [
              "driver uses one: a live migration then moves only memory and "
              "device state. bhyve keeps no log of the blocks a running guest "
              "writes, so with ``file`` a live migration between hosts that "
-             "do not share ``instances_path`` is refused (cold migration and "
-             "resize copy the files). All hosts a guest may move between "
+             "do not share ``instances_path`` is refused; a cold migration "
+             "or resize copies the files (with ``nvram.fd``) between such "
+             "hosts and uses them in place on a shared path. All hosts a guest may move between "
              "must use the same layout; changing it does not convert the "
              "disks of existing instances."),
     cfg.StrOpt(
