@@ -88,6 +88,31 @@ def test_extra_disks_take_the_slots_after_the_root_disk():
         bhyve_argv.validate(bad, PATHS)
 
 
+def test_disk_files_of_the_file_layout_are_virtio_blk_files():
+    """disk_layout = file: ``-s slot,virtio-blk,path`` with a regular file
+    as the backing path (bhyve(8)), only in the instance's own directory."""
+    folder = f"{PATHS.instances_path}/{UUID}"
+    disks = (DiskSpec(f"{folder}/disk", boot=True),
+             DiskSpec(f"{folder}/disk.swap", name="swap", size_mb=64),
+             DiskSpec(f"{folder}/disk.eph0", name="eph0", size_mb=128))
+    spec = MachineSpec(uuid=UUID, vcpus=1, memory_mb=512, disks=disks)
+    argv = bhyve_argv.build(spec, PATHS, NVRAM)
+    blk = [d for d in _options(argv, "-s") if ",virtio-blk," in d]
+    assert blk == [f"{2 + i},virtio-blk,{d.path}" for i, d in enumerate(disks)]
+    for dev in blk:
+        m = SLOT_RE.match(dev)
+        assert m and m.group(4) == "virtio-blk"
+    assert bhyve_argv.validate(argv, PATHS) == UUID
+    other = "1c9d3f2e-6a1b-4c8d-9e7f-112233445566"
+    for path in (f"{PATHS.instances_path}/{other}/disk",      # another guest's
+                 f"{PATHS.instances_path}/_base/0123abcd",    # the image cache
+                 f"{folder}/../{other}/disk"):
+        bad = bhyve_argv.build(dataclasses.replace(spec, disks=(
+            DiskSpec(path, boot=True),)), PATHS, NVRAM)
+        with pytest.raises(bhyve_argv.ArgvError, match=f"a file in {folder}"):
+            bhyve_argv.validate(bad, PATHS)
+
+
 def test_optional_parts():
     argv = bhyve_argv.build(_spec(nics=0, vnc=""), PATHS, NVRAM,
                             wire_memory=True, vnc_wait=True,

@@ -505,8 +505,19 @@ def _spec(disks=1, nics=1, vnc="127.0.0.1"):
         vnc_listen=vnc, vnc_port=5901)
 
 
+def _file_spec():
+    """A guest of ``[bhyve] disk_layout = file``: disk files in its directory."""
+    folder = f"{INSTANCES}/{UUID}"
+    return MachineSpec(uuid=UUID, vcpus=2, memory_mb=2048, disks=(
+        DiskSpec(f"{folder}/disk", boot=True),
+        DiskSpec(f"{folder}/disk.swap", name="swap", size_mb=512),
+        DiskSpec(f"{folder}/disk.eph0", name="eph0", size_mb=1024)))
+
+
 @pytest.mark.parametrize("spec,kwargs", [
     (_spec(), {}),
+    (_file_spec(), {}),
+    (_file_spec(), {"restore_from": f"{INSTANCES}/{UUID}/checkpoint"}),
     (_spec(disks=18, nics=9), {"wire_memory": True, "vnc_wait": True}),
     (_spec(nics=0, vnc=None), {}),
     (_spec(vnc="::1"), {}),
