@@ -95,8 +95,9 @@ bhyve_opts = [
              "writes, so with ``file`` a live migration between hosts that "
              "do not share ``instances_path`` is refused; a cold migration "
              "or resize copies the files (with ``nvram.fd``) between such "
-             "hosts and uses them in place on a shared path. All hosts a guest may move between "
-             "must use the same layout; changing it does not convert the "
+             "hosts and uses them in place on a shared path. All hosts a "
+             "guest may move between must use the same layout; changing it "
+             "does not convert the "
              "disks of existing instances."),
     cfg.StrOpt(
         "uefi_firmware",
