@@ -82,7 +82,8 @@ def _paths():
     return bhyve_argv.BhyvePaths(
         bhyve=CONF.bhyve.bhyve_path, firmware=CONF.bhyve.uefi_firmware,
         instances_path=os.path.normpath(CONF.instances_path),
-        zvol_root=f"{ZVOL_DIR}/{CONF.bhyve.zfs_dataset or '-'}")
+        zvol_root=f"{ZVOL_DIR}/{CONF.bhyve.zfs_dataset or '-'}",
+        runtime_path=_runtime_root())
 
 
 def check_uuid(name):

@@ -52,6 +52,15 @@ class BhyvePaths:
     firmware: str
     instances_path: str
     zvol_root: str          # /dev/zvol/<dataset>
+    runtime_path: str = ""  # [bhyve] runtime_path: incoming checkpoints
+
+
+def incoming_checkpoint(paths, name):
+    """Return the checkpoint a migrated guest ``name`` is restored from,
+    ``<runtime_path>/<name>/incoming`` ("" without a runtime path)."""
+    if not paths.runtime_path:
+        return ""
+    return os.path.join(os.path.normpath(paths.runtime_path), name, "incoming")
 
 
 def is_instance_uuid(name):
@@ -191,8 +200,10 @@ def validate(argv, paths):
             if value != name:
                 raise ArgvError("-U must be the VM name")
         elif opt == "-r":
-            if not confined(value, vm_dir):
-                raise ArgvError(f"-r {value}: checkpoint must be in {vm_dir}")
+            if not (confined(value, vm_dir) or
+                    value == incoming_checkpoint(paths, name) != ""):
+                raise ArgvError(f"-r {value}: checkpoint must be in {vm_dir} "
+                                "or be the guest's incoming checkpoint")
         else:
             raise ArgvError(f"option {opt} is not allowed")
         i += 2
@@ -221,12 +232,16 @@ def check_guest_files(argv, paths):
     bhyve opens these paths itself, as root and following links, so just
     before it starts each must be, with no symbolic link in any component
     below its directory: a zvol device under ``zvol_root``, or a regular
-    file with a single link under ``instances_path``.  Nothing stops the
-    owner of the instance directory from changing it after this check.
+    file with a single link under ``instances_path`` (a migrated guest's
+    incoming checkpoint: under ``runtime_path``).  Nothing stops the owner
+    of those directories from changing them after this check.
     """
     for path, kind in guest_files(argv):
         zvol = kind == "disk" and confined(path, paths.zvol_root)
         root = paths.zvol_root if zvol else paths.instances_path
+        if kind == "restore" and paths.runtime_path and \
+                confined(path, os.path.normpath(paths.runtime_path)):
+            root = os.path.normpath(paths.runtime_path)
         try:
             st = beneath.lstat_beneath(root, beneath.relative_below(path, root))
         except FileNotFoundError as exc:

@@ -129,7 +129,8 @@ class BhyveBackend(SupervisedMachines, Backend):
         self.paths = bhyve_argv.BhyvePaths(
             bhyve=conf.bhyve.bhyve_path, firmware=conf.bhyve.uefi_firmware,
             instances_path=os.path.normpath(instances_path),
-            zvol_root=f"/dev/zvol/{self.dataset}")
+            zvol_root=f"/dev/zvol/{self.dataset}",
+            runtime_path=os.path.normpath(self.runtime_path))
 
     # -- host -------------------------------------------------------------
     def init_host(self, host):

@@ -229,3 +229,50 @@ def test_file_disks_are_checked_below_the_instance_dir(tmp_path, how):
                            match="symbolic link|hard links|does not exist"):
             bhyve_argv.check_guest_files(argv, paths)
     assert secret.read_text() == "secret"
+
+
+def test_a_migrated_guest_restores_from_its_incoming_checkpoint():
+    """finish_incoming runs ``bhyve -r <runtime_path>/<uuid>/incoming``:
+    that one path below the runtime path, and no other, is accepted."""
+    paths = dataclasses.replace(PATHS, runtime_path="/var/db/nova/run")
+    incoming = f"/var/db/nova/run/{UUID}/incoming"
+    assert bhyve_argv.incoming_checkpoint(paths, UUID) == incoming
+    argv = bhyve_argv.build(_spec(), paths, NVRAM, restore_from=incoming)
+    assert bhyve_argv.validate(argv, paths) == UUID
+    other = "1c9d3f2e-6a1b-4c8d-9e7f-112233445566"
+    for path, where in ((incoming, PATHS),      # no runtime path known
+                        (f"/var/db/nova/run/{other}/incoming", paths),
+                        (f"/var/db/nova/run/{UUID}/console.log", paths),
+                        (f"/var/db/nova/run/{UUID}/../{other}/incoming",
+                         paths)):
+        bad = bhyve_argv.build(_spec(), where, NVRAM, restore_from=path)
+        with pytest.raises(bhyve_argv.ArgvError, match="incoming checkpoint"):
+            bhyve_argv.validate(bad, where)
+
+
+@pytest.mark.parametrize("how", ["ok", "symlink"])
+def test_the_incoming_checkpoint_is_checked_below_the_runtime_path(
+        tmp_path, how):
+    paths = dataclasses.replace(PATHS, instances_path=str(tmp_path / "inst"),
+                                runtime_path=str(tmp_path / "run"))
+    (tmp_path / "inst" / UUID).mkdir(parents=True)
+    nvram = tmp_path / "inst" / UUID / "nvram.fd"
+    nvram.write_text("vars")
+    run = tmp_path / "run" / UUID
+    run.mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("secret")
+    for ext in ("", ".kern", ".meta"):
+        if how == "symlink" and ext == ".meta":
+            (run / f"incoming{ext}").symlink_to(secret)
+        else:
+            (run / f"incoming{ext}").write_text("set")
+    spec = dataclasses.replace(_spec(disks=0, nics=0), disks=())
+    argv = bhyve_argv.build(spec, paths, str(nvram),
+                            restore_from=str(run / "incoming"))
+    bhyve_argv.validate(argv, paths)
+    if how == "ok":
+        bhyve_argv.check_guest_files(argv, paths)
+    else:
+        with pytest.raises(bhyve_argv.ArgvError, match="symbolic link"):
+            bhyve_argv.check_guest_files(argv, paths)

@@ -540,6 +540,17 @@ def helper_conf(monkeypatch):
     CONF.clear_override("zfs_dataset", group="bhyve")
 
 
+def test_the_helper_starts_a_restore_of_the_incoming_checkpoint(helper_conf):
+    """After a live migration: ``bhyve -r <runtime_path>/<uuid>/incoming``."""
+    incoming = f"{CONF.bhyve.runtime_path}/{UUID}/incoming"
+    argv = bhyve_argv.build(_file_spec(), PATHS, NVRAM, restore_from=incoming)
+    cmd = privsep.supervised_argv(UUID, argv)
+    assert cmd[-len(argv):] == argv
+    assert_conforms(BHYVE, argv, CONF.bhyve.bhyve_path)
+    checked = json.loads(cmd[cmd.index("--check-bhyve-files") + 1])
+    assert checked["runtime_path"] == CONF.bhyve.runtime_path
+
+
 def test_supervised_bhyve_its_reboot_and_its_vmm_cleanup(helper_conf):
     argv = bhyve_argv.build(_spec(), PATHS, NVRAM,
                             restore_from=f"{INSTANCES}/{UUID}/checkpoint")
