@@ -142,9 +142,11 @@ class BhyveBackend(SupervisedMachines, Backend):
             raise MachineError("set [bhyve] zfs_dataset (for example "
                                "zroot/nova): instance disks are zvols; or "
                                "[bhyve] disk_layout = file")
-        for opt in ("bhyve_path", "bhyvectl_path", "daemon_path",
-                    "uefi_firmware", "uefi_vars_template") + \
-                ((), ("zfs_path",))[not self.files]:
+        needed = ["bhyve_path", "bhyvectl_path", "daemon_path",
+                  "uefi_firmware", "uefi_vars_template"]
+        if not self.files:
+            needed.append("zfs_path")
+        for opt in needed:
             path = getattr(self.conf.bhyve, opt)
             if not os.path.isfile(path):
                 raise MachineError(f"[bhyve] {opt} = {path} does not exist")
@@ -464,11 +466,13 @@ class BhyveBackend(SupervisedMachines, Backend):
 
     def delete_files(self, uuid, destroy_disks=True):
         """Remove this host's runtime directory of the guest and, if asked,
-        the instance's zvols and instance directory (NVRAM, checkpoint)."""
-        if destroy_disks and not self.files:
-            for name in self._instance_zvols(uuid) or [self._disk_name(uuid)]:
-                privsep.zfs("destroy", name)
+        the instance's zvols (disk_layout = zvol) and instance directory
+        (disk files, NVRAM, checkpoint)."""
         if destroy_disks:
+            if not self.files:
+                for name in self._instance_zvols(uuid) or [
+                        self._disk_name(uuid)]:
+                    privsep.zfs("destroy", name)
             shutil.rmtree(self._dir(uuid), ignore_errors=True)
         shutil.rmtree(self._run_dir(uuid), ignore_errors=True)
         self._locks.pop(uuid, None)
