@@ -310,6 +310,11 @@ def step_evacuate(ctx):
         _cloud("service", "start", service)
     wait_for(lambda: guests.hosts_running(uuid) == {other(src)}, 180,
              f"{src} to destroy its stale guest on restart")
+    # Nova refuses to force a host up while its evacuation record is still
+    # "done": the restarted compute marks it completed after the destroy
+    wait_for(lambda: all(m["Status"] == "completed" for m in migrations(uuid)
+                         if m["Type"] == "evacuation"), 120,
+             f"{src} to complete the evacuation record on restart")
     cli.os("compute", "service", "set", "--up", src, "nova-compute", fmt=False)
     wait_for(lambda: any(s["State"] == "up" for s in cli.os(
         "compute", "service", "list", "--host", src, "--service",

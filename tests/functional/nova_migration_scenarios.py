@@ -106,7 +106,9 @@ class LiveMigrationTest(MigrationTestBase):
         self._assert_guest_alive("host1", server)
 
     def test_abort_keeps_the_guest_on_the_source(self):
-        server = self._boot()
+        # the hot guest: even with a sliver of a busy host's CPU it dirties
+        # every page of its working set again within each round
+        server = self._boot(image="hot")
         # raw pages at 2 MiB/s: a copy that still runs when the test acts
         self.flags(live_migration_bandwidth=2,
                    live_migration_compression="off", group="bhyve")
@@ -122,7 +124,7 @@ class LiveMigrationTest(MigrationTestBase):
         self.assertIn("cancelled", ev["details"])
 
     def test_destination_vm_killed_mid_migration(self):
-        server = self._boot()
+        server = self._boot(image="hot")
         # raw pages at 2 MiB/s: a copy that still runs when the test acts
         self.flags(live_migration_bandwidth=2,
                    live_migration_compression="off", group="bhyve")
