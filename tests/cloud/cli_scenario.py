@@ -312,10 +312,15 @@ def step_evacuate(ctx):
              f"{src} to destroy its stale guest on restart")
     # Nova refuses to force a host up while its evacuation record is still
     # "done": the restarted compute marks it completed after the destroy
-    wait_for(lambda: all(m["Status"] == "completed" for m in migrations(uuid)
-                         if m["Type"] == "evacuation"), 120,
-             f"{src} to complete the evacuation record on restart")
-    cli.os("compute", "service", "set", "--up", src, "nova-compute", fmt=False)
+    try:
+        wait_for(lambda: all(m["Status"] == "completed"
+                             for m in migrations(uuid)
+                             if m["Type"] == "evacuation"), 120,
+                 f"{src} to complete the evacuation record on restart")
+    finally:
+        # whatever happened, the later steps and tempest need both hosts
+        cli.os("compute", "service", "set", "--up", src, "nova-compute",
+               fmt=False)
     wait_for(lambda: any(s["State"] == "up" for s in cli.os(
         "compute", "service", "list", "--host", src, "--service",
         "nova-compute")), 120, f"{src} to report up")
