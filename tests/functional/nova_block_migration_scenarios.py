@@ -102,6 +102,17 @@ class DiskWriterTestBase(MigrationTestBase):
         self.assertEqual([], report.fails)
         return report
 
+    def _assert_continued_clean(self, src, dst, server):
+        """The guest's console on ``src`` and then ``dst`` is one unbroken
+        heartbeat sequence, and on ``dst`` it completes two more full,
+        clean passes; returns the combined console report."""
+        with open(self._saved(src, server["id"])) as f:
+            on_source = f.read()
+        self._assert_full_passes_clean(dst, server, parse_console(on_source))
+        combined = parse_console(on_source + self._log(dst, server))
+        self.assertEqual([], combined.sequence_breaks())
+        return combined
+
     def _proxy_incoming(self, **kw):
         """Put a FaultyProxy between the hosts: host2's pre_live_migration
         returns the proxy's address instead of its engine's."""
@@ -166,12 +177,7 @@ class BlockMigrationTest(DiskWriterTestBase):
         self.assertEqual(sums["stopped"], sums["src"])
         self.assertEqual(sums["src"], sums["dst"])
         # on the destination every block reads back as written
-        with open(self._saved("host1", uuid)) as f:
-            on_source = parse_console(f.read())
-        self._assert_full_passes_clean("host2", server, on_source)
-        combined = parse_console(open(self._saved("host1", uuid)).read() +
-                                 self._log("host2", server))
-        self.assertEqual([], combined.sequence_breaks())
+        combined = self._assert_continued_clean("host1", "host2", server)
         self.assertEqual(0, combined.errors, combined.fails)
         # the source VM and its files are gone
         self.assertFalse(os.path.exists(src_path))
@@ -234,12 +240,7 @@ class SharedDiskWriterTest(DiskWriterTestBase):
         self.assertEqual(path, self.drivers["host2"].backend.disk_path(uuid))
         self.assertEqual(MachineState.RUNNING,
                          self.drivers["host2"].backend.state(uuid))
-        with open(self._saved("host1", uuid)) as f:
-            on_source = parse_console(f.read())
-        self._assert_full_passes_clean("host2", server, on_source)
-        combined = parse_console(open(self._saved("host1", uuid)).read() +
-                                 self._log("host2", server))
-        self.assertEqual([], combined.sequence_breaks())
+        self._assert_continued_clean("host1", "host2", server)
         self._assert_no_secret_logged(derived=2)
 
 
