@@ -70,6 +70,12 @@ def test_disk_writer_writes_the_disk_and_the_dirty_block_log_shows_it(vms):
                            "block": 4096}
     start = _disk_passes(vm)
     _wait_disk_passes(vm, start + 1)            # a whole pass since `first`
+    # the memory writer runs too (on a loaded host its share of the vCPU
+    # can be as small as a page per disk step, so its first pass may come
+    # after the disk writer's)
+    wait_for(lambda: (r := parse_console(vm.console_text())).heartbeats
+             and r.heartbeats[-1].passes >= 1, timeout=60,
+             what=f"a memory pass on {vm.name}")
     written = vm.client.disk_dirty_log().dirty_blocks()
     assert written == list(range(REGION_BLOCKS))
 
