@@ -83,6 +83,11 @@ def receive_argv(zvol, part):
     return [CONF.bhyve.zfs_path, "receive", zvol]
 
 
+def volsize_argv(zvol):
+    """``zfs get`` of ``zvol``'s volsize, in bytes, the value alone."""
+    return [CONF.bhyve.zfs_path, "get", "-Hp", "-o", "value", "volsize", zvol]
+
+
 def check_tag(tag):
     """Return ``tag`` if it names a migration's snapshots (mig-<12 hex>)."""
     if not isinstance(tag, str) or not TAG_RE.match(tag):
@@ -122,6 +127,7 @@ class _Job:
     tag: str
     fds: dict
     first: subprocess.Popen = None
+    max_bytes: int = None
 
 
 def _blocking(fd):
@@ -137,11 +143,14 @@ def _close(fds, *names):
 
 
 @bhyve_pctxt.entrypoint
-def zvol_stream_open(uuid, tag, disk, role, zvol):
+def zvol_stream_open(uuid, tag, disk, role, zvol, max_bytes=None):
     """Open the helper's FIFO ends of disk ``disk``; a source also takes
-    the first snapshot and starts its full send into ``first``."""
+    the first snapshot and starts its full send into ``first``.  A
+    receiver given ``max_bytes`` fails a received zvol larger than that."""
     if role not in HELPER_READS:
         raise PrivilegeError(f"role {role!r} is neither send nor receive")
+    if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
+        raise PrivilegeError(f"max_bytes {max_bytes!r} is not a positive integer")
     check_dataset(zvol)
     key = (check_uuid(uuid), check_tag(tag), check_disk_name(disk))
     fds = {}
@@ -149,7 +158,7 @@ def zvol_stream_open(uuid, tag, disk, role, zvol):
         for which in FIFOS[role]:
             fds[which] = _open_fifo(uuid, tag, disk, which,
                                     which in HELPER_READS[role])
-        job = _Job(role, zvol, tag, fds)
+        job = _Job(role, zvol, tag, fds, max_bytes=max_bytes)
         if role == "send":
             processutils.execute(*snapshot_argv(zvol, tag, 1))
             job.first = subprocess.Popen(send_argv(zvol, tag, 0),
@@ -228,7 +237,20 @@ def _run_receive(job):
         proc = subprocess.Popen(argv, stdin=job.fds[which],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _close(job.fds, which)
-        failed = _ended(argv, proc)
+        failed = _ended(argv, proc) or _oversized(job)
         if failed:
             return failed
     return "ok"
+
+
+def _oversized(job):
+    """"" unless the received zvol is larger than the job allows (each
+    part of a stream may set its volsize): then what is wrong."""
+    if job.max_bytes is None:
+        return ""
+    out, _err = processutils.execute(*volsize_argv(job.zvol))
+    size = int(out.strip())
+    if size <= job.max_bytes:
+        return ""
+    return (f"the received zvol {job.zvol} is {size} bytes, more than the "
+            f"{job.max_bytes} its flavor allows")

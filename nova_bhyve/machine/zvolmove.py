@@ -42,10 +42,13 @@ class ZvolStreams:
     ``ordered`` (the same on both hosts: the root disk, then the others
     by name).
     ``role``: "send" or "receive".
+    ``limits``: {disk name: the most bytes its received zvol may have}
+    (a receiver's bound; a disk not named is not bounded).
     """
 
-    def __init__(self, run_dir, uuid, tag, zvols, role):
+    def __init__(self, run_dir, uuid, tag, zvols, role, limits=None):
         self.uuid, self.tag, self.role = uuid, privsep_zfs.check_tag(tag), role
+        self.limits = limits or {}
         self.zvols = ordered(zvols)
         self.dir = os.path.join(run_dir, f"zfs-{tag}")
         self._fds = []
@@ -71,7 +74,8 @@ class ZvolStreams:
         ours = {}
         for which in OURS_READ[self.role]:      # readers first: nobody blocks
             ours[which] = self._open(disk, which, os.O_RDONLY)
-        privsep_zfs.zvol_stream_open(self.uuid, self.tag, disk, self.role, zvol)
+        privsep_zfs.zvol_stream_open(self.uuid, self.tag, disk, self.role, zvol,
+                                     max_bytes=self.limits.get(disk))
         for which in privsep_zfs.FIFOS[self.role]:
             if which not in ours:       # the helper reads these: it opened them
                 ours[which] = self._open(disk, which, os.O_WRONLY)

@@ -165,6 +165,13 @@ def _disk_limit(flavor, name):
     raise KeyError(name)
 
 
+def disk_limits(flavor, names):
+    """{name: the most bytes disk ``name`` may have under ``flavor``, or
+    None if unbounded} for the driver's disk names ``names``; an
+    ephemeral disk alone may take all of ephemeral_gb."""
+    return {name: _disk_limit(flavor, name)[0] for name in names}
+
+
 def disk_size_error(flavor, sizes):
     """What is wrong with the source's disk sizes ``sizes`` ({disk name:
     bytes}) for ``flavor``: None if each fits it.

@@ -285,7 +285,7 @@ class LiveMigrationMixin:
             kind, target = self.backend.migration_vmm(uuid)
             if self.backend.stream_disks:
                 zs, streams = zvols.open_streams(self.backend, uuid,
-                                                 migrate_data, receiving=True)
+                                                 migrate_data, instance.flavor)
             # the engine writes the disks beneath their directory, never
             # through a link, and removes the ones it made if it fails
             recv = Migration.receive(
@@ -519,7 +519,7 @@ class LiveMigrationMixin:
                 raise MigrationError("cancelled before the memory copy began")
             if self.backend.stream_disks:
                 zs, streams = zvols.open_streams(self.backend, uuid,
-                                                 migrate_data, receiving=False)
+                                                 migrate_data)
             out.mig = _Run(zvols.started(zs, LOG, instance, Migration.send,
                 vmm_target=target, vmm_kind=_VMM[kind], host=host, port=port,
                 secret=secrets.memory, mode=_MODES[mode],

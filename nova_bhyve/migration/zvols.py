@@ -44,10 +44,17 @@ def check_layout(backend, data, shared, asked, host):
     return True
 
 
-def open_streams(backend, uuid, migrate_data, receiving):
-    """Start the zfs side of the guest's zvols; return (ZvolStreams, Streams)."""
+def open_streams(backend, uuid, migrate_data, flavor=None):
+    """Start the zfs side of the guest's zvols; return (ZvolStreams, Streams).
+
+    A destination passes the guest's ``flavor``: a received zvol larger
+    than the flavor allows for its disk fails the migration before the
+    commit (and is destroyed with the others).
+    """
     zs = backend.migration_streams(uuid, mdata.require(migrate_data, TAG_KEY),
-                                   receiving)
+                                   flavor is not None)
+    if flavor is not None:
+        zs.limits = checks.disk_limits(flavor, zs.zvols)
     return zs, zs.open()
 
 

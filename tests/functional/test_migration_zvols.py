@@ -84,7 +84,7 @@ def _read(path):
         return f.read()
 
 
-def _migrate(vms, fake, monkeypatch):
+def _migrate(vms, fake, monkeypatch, limits=None):
     full, increment = _snapshot(fake, 1, 3 << 20), _snapshot(fake, 2, 500_000)
     src = vms.start("src", cmdline="mode=stress pattern=touch ws=16M")
     dst = vms.start("dst", incoming=True)
@@ -92,7 +92,7 @@ def _migrate(vms, fake, monkeypatch):
     monkeypatch.setenv("ZFAKE_VM", str(src.socket_path))
     run = os.path.join(vms.base, "run")
     into = zvolmove.ZvolStreams(os.path.join(run, DST_UUID), DST_UUID, TAG,
-                                {"disk": _zvol(DST_UUID)}, "receive")
+                                {"disk": _zvol(DST_UUID)}, "receive", limits)
     out = zvolmove.ZvolStreams(os.path.join(run, SRC_UUID), SRC_UUID, TAG,
                                {"disk": _zvol(SRC_UUID)}, "send")
     secret = new_secret()
@@ -146,3 +146,23 @@ def test_a_failed_zfs_receive_leaves_the_guest_and_its_zvol_on_the_source(
     assert f"destroy -r {_zvol(DST_UUID)}" in destroyed
     assert not any(line == f"destroy -r {_zvol(SRC_UUID)}" for line in destroyed)
     assert f"destroy -r {_zvol(SRC_UUID)}@{TAG}-1" in destroyed
+
+
+def test_a_received_zvol_larger_than_the_flavor_fails_before_the_commit(
+        vms, zfs_hosts, monkeypatch):
+    fake = zfs_hosts
+    # the stream makes a 2 GiB zvol where the flavor allows 1 GiB
+    with open(os.path.join(fake, "volsize"), "w") as f:
+        f.write(f"{2 << 30}\n")
+    src, dst, out, into, s, d, _, _ = _migrate(vms, fake, monkeypatch,
+                                               limits={"disk": 1 << 30})
+    assert s.result == Result.FAILED and d.result == Result.FAILED
+    assert (f"the received zvol {_zvol(DST_UUID)} is {2 << 30} bytes, more "
+            f"than the {1 << 30} its flavor allows") in d.error, d.error
+    assert not s.committed and not d.committed and s.guest_runs_here
+    assert_guest_kept_running(src, dst)
+    out.finish(committed=False)
+    into.finish(committed=False)
+    log = _read(os.path.join(fake, "log")).decode().splitlines()
+    assert f"destroy -r {_zvol(DST_UUID)}" in log
+    assert f"destroy -r {_zvol(SRC_UUID)}" not in log

@@ -645,7 +645,8 @@ def test_a_migrating_zvols_commands(helper_conf):
         (privsep_zfs.snapshot_argv(ZVOL, TAG, 2), ZFS_SNAPSHOT),
         (privsep_zfs.send_argv(ZVOL, TAG, 1), ZFS_SEND),
         (privsep_zfs.receive_argv(ZVOL, 0), ZFS_RECEIVE),
-        (privsep_zfs.receive_argv(ZVOL, 1), ZFS_RECEIVE)]
+        (privsep_zfs.receive_argv(ZVOL, 1), ZFS_RECEIVE),
+        (privsep_zfs.volsize_argv(ZVOL), ZFS_GET)]
     for argv, grammar in runs:
         assert_conforms(grammar, argv, "/sbin/zfs")
         assert_conforms(ZFS, argv, "/sbin/zfs")

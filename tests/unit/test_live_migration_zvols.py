@@ -28,7 +28,9 @@ def zenv(env):  # noqa: F811 - the fixture imported above
     env.drv.backend.stream_disks = True
     env.drv.backend.dataset = "zroot/nova"
     env.drv.backend.disk_paths.side_effect = AssertionError("a file disk check")
-    zs = mock.Mock(tag="mig-0123456789ab")
+    zs = mock.Mock(tag="mig-0123456789ab", limits=None,
+                   zvols={"disk": f"zroot/nova/{UUID}-disk",
+                          "swap": f"zroot/nova/{UUID}-swap"})
     zs.open.return_value = [mock.sentinel.stream]
     env.drv.backend.migration_streams.return_value = zs
     env.zs = zs
@@ -68,6 +70,7 @@ def test_the_source_hands_its_zvols_to_the_engine_and_drops_the_snapshots(zenv):
     zenv.post.assert_called_once()
     zenv.drv.backend.migration_streams.assert_called_once_with(
         UUID, "mig-0123456789ab", False)
+    assert zenv.zs.limits is None               # a sender's are not bounded
     assert zenv.engine.send.call_args.kwargs["streams"] == [mock.sentinel.stream]
     assert not zenv.engine.send.call_args.kwargs["disks"]     # no file disk
     assert zenv.zs.mock_calls == [mock.call.open(), mock.call.release(),
@@ -97,6 +100,13 @@ def test_the_destination_receives_into_zvols_it_does_not_make(zenv, monkeypatch)
     data.block_migration = True
     mdata.put(data, zvols.TAG_KEY, "mig-0123456789ab")
     zenv.drv.pre_live_migration(None, zenv.inst, None, [], None, data)
+    zenv.drv.backend.migration_streams.assert_called_once_with(
+        UUID, "mig-0123456789ab", True)
+    # a received zvol larger than the flavor allows fails the migration
+    # (privsep_zfs checks each part's volsize against these)
+    flavor = zenv.inst.flavor
+    assert zenv.zs.limits == {"disk": flavor.root_gb << 30,
+                              "swap": flavor.swap << 20}
     zenv.drv.backend.prepare_incoming_disks.assert_called_once()
     zenv.drv.backend.create.assert_not_called()
     zenv.drv.backend.adopt.assert_not_called()

@@ -26,6 +26,8 @@ case $verb in
 snapshot) : ;;
 send) eval "snap=\${$#}"; cat "$ZFAKE/$(echo "$snap" | tr / _)" ;;
 receive) n=$(ls "$ZFAKE" | grep -c '^recv-'); cat > "$ZFAKE/recv-$n" ;;
+get) if [ -e "$ZFAKE/volsize" ]; then cat "$ZFAKE/volsize"
+     else cat "$ZFAKE"/recv-* | wc -c; fi ;;
 destroy) : ;;
 *) exit 2 ;;
 esac
@@ -75,7 +77,7 @@ def _read_all(fd):
     return out.decode()
 
 
-def _migrate_one_disk(host, notify=True):
+def _migrate_one_disk(host, notify=True, limits=None):
     """Source and destination halves, with the test as the engine."""
     fake, rundir = host
     zvol = f"{SRC}/{UUID}-disk0"
@@ -84,7 +86,8 @@ def _migrate_one_disk(host, notify=True):
     _snapshot_data(fake, zvol, 1, increment)
     out = zvolmove.ZvolStreams(str(rundir), UUID, TAG, {"disk": zvol}, "send")
     into = zvolmove.ZvolStreams(str(rundir), UUID, TAG,
-                                {"disk": f"{SRC}/{UUID}-disk0"}, "receive")
+                                {"disk": f"{SRC}/{UUID}-disk0"}, "receive",
+                                limits)
     # two helpers on one machine: the destination's FIFOs must not be
     # the source's, so it gets a runtime directory of its own
     into.dir = str(rundir / "dst")
@@ -169,6 +172,41 @@ def test_a_failed_receive_is_the_destinations_verdict(host):
     # of its broken pipe, and its own verdict says so
     assert src_status.startswith(f"send {SRC}/{UUID}-disk0@{TAG}-")
     assert " exited " in src_status
+
+
+@pytest.mark.parametrize("volsize, verdict", [
+    (1 << 20, "ok"),
+    ((1 << 20) + 512, "the received zvol zroot/nova/%s-disk0 is 1049088 "
+                      "bytes, more than the 1048576 its flavor allows"),
+])
+def test_a_received_zvol_larger_than_its_limit_fails_the_receive(
+        host, volsize, verdict):
+    fake, _ = host
+    (fake / "volsize").write_text(f"{volsize}\n")
+    _out, into, _src, dst_status, _, _ = _migrate_one_disk(
+        host, limits={"disk": 1 << 20})
+    assert dst_status == (verdict % UUID if "%s" in verdict else verdict)
+    zvol = f"{SRC}/{UUID}-disk0"
+    gets = [line for line in _log(fake) if line.startswith("get")]
+    # the full part may already set the volsize, so each part is checked
+    # (a failed check ends the receive before the increment)
+    assert gets == [f"get -Hp -o value volsize {zvol}"] * (2 if volsize <= 1 << 20
+                                                           else 1)
+    into.finish(committed=False)
+    assert _log(fake)[-1] == f"destroy -r {zvol}"
+
+
+def test_a_zvol_without_a_limit_is_not_measured(host):
+    fake, _ = host
+    _out, _into, _src, dst_status, _, _ = _migrate_one_disk(host)
+    assert dst_status == "ok"
+    assert not any(line.startswith("get") for line in _log(fake))
+
+
+def test_the_helper_refuses_a_limit_that_is_not_a_size(host):
+    with pytest.raises(privsep_zfs.PrivilegeError, match="max_bytes"):
+        privsep_zfs.zvol_stream_open(UUID, TAG, "disk", "receive",
+                                     f"{SRC}/{UUID}-disk0", max_bytes="1G")
 
 
 def test_the_helper_refuses_what_is_not_its_fifo(host):
