@@ -121,6 +121,30 @@ def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
     assert vm.client.dirty_log().count() > 0
 
 
+def test_dirty_log_clears_a_working_set_across_its_chunks(vms):
+    # the test host re-protects pages 64 MiB at a time (vm.c,
+    # CLEAR_CHUNK_WORDS): a working set from 60 to 68 MiB spans two chunks,
+    # and both must be reported, then cleared (wsoff counts from 16 MiB)
+    vm = vms.start("dirtyc", mem="512M", cmdline="mode=stress ws=8M wsoff=44M")
+    report = wait_heartbeats(vm, 20)
+    fd, layout = vm.client.memfd()
+    os.close(fd)
+    ws = _ws_pages(report)
+    assert min(ws) < 64 << 20 <= max(ws)
+    vm.client.dirty_log()
+    start = parse_console(vm.console_text()).heartbeats[-1].passes
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
+             >= start + 2, timeout=30, what="two full passes")
+    vm.client.pause()
+    assert ws <= set(vm.client.dirty_log().dirty_pages(layout))
+    assert vm.client.dirty_log(peek=True).count() == 0   # every chunk cleared
+    vm.client.resume()
+    start = parse_console(vm.console_text()).heartbeats[-1].passes
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
+             >= start + 2, timeout=30, what="two more passes")
+    assert ws <= set(vm.client.dirty_log().dirty_pages(layout))  # re-protected
+
+
 def test_dirty_log_peeks_and_clears_a_range_only(vms):
     vm = vms.start("dirtyr", mem="512M", cmdline="mode=stress ws=4M wsoff=8M")
     report = wait_heartbeats(vm, 20)

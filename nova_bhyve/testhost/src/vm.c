@@ -297,6 +297,9 @@ size_t nb_vm_dirty_log_bytes(const struct nb_vm *vm)
            nb_bitmap_bytes(vm->highmem / NB_PAGE_SIZE);
 }
 
+/* Pages re-protected per KVM_CLEAR_DIRTY_LOG call: 64 MiB of guest memory. */
+#define CLEAR_CHUNK_WORDS   256
+
 /*
  * Read a slot's dirty bitmap, keep the 64-page words [keep0, keep1) of it
  * (zero the others), and unless `peek` clear exactly the bits kept.
@@ -319,10 +322,27 @@ static int slot_get_and_clear(struct nb_vm *vm, int slot, uint64_t pages,
             w[i] = 0;
     if (peek)
         return 0;
-    clr.first_page = 0;
-    clr.num_pages = (uint32_t)pages;
-    clr.dirty_bitmap = bitmap;
-    return ioctl(vm->vm_fd, KVM_CLEAR_DIRTY_LOG, &clr);
+    /*
+     * KVM re-protects the pages cleared under its MMU lock, which a vCPU
+     * faulting on a page waits for: clear a chunk at a time, and only the
+     * chunks with a bit set, so a large guest's first get-and-clear (every
+     * bit set) stalls it for one chunk's time, not its whole memory's.
+     */
+    for (uint64_t w0 = 0; w0 < nw; w0 += CLEAR_CHUNK_WORDS) {
+        uint64_t w1 = w0 + CLEAR_CHUNK_WORDS < nw ? w0 + CLEAR_CHUNK_WORDS : nw;
+        uint64_t any = 0;
+
+        for (uint64_t i = w0; i < w1; i++)
+            any |= w[i];
+        if (!any)
+            continue;
+        clr.first_page = w0 * 64;
+        clr.num_pages = (uint32_t)((w1 * 64 < pages ? w1 * 64 : pages) - w0 * 64);
+        clr.dirty_bitmap = &w[w0];
+        if (ioctl(vm->vm_fd, KVM_CLEAR_DIRTY_LOG, &clr) < 0)
+            return -1;
+    }
+    return 0;
 }
 
 /*
