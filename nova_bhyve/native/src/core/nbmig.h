@@ -32,6 +32,8 @@ struct nb_disk {
     uint64_t *pending;          /* source: blocks the next round sends */
     uint64_t *log;              /* source: the vmm's log, read into here */
     uint64_t *term;             /* incremental digest term per block */
+    _Atomic uint64_t unsynced;  /* destination: bytes written since their
+                                 * write-back was last started */
 };
 
 /* ---- stream.c: one stream disk (PROTOCOL.md, "Streams") ---------------- */
