@@ -2,8 +2,9 @@
  * Disks moved with the guest (PROTOCOL.md, "Disks"): the source reads its
  * disk files and the vmm's dirty-block log, and its senders put the blocks
  * in DISK frames on the page channels after each round's pages; the
- * destination writes them into its own files with pwrite and fsyncs them
- * before each APPLIED and before READY.  Both sides keep the disks' digest as they go.
+ * destination writes them into its own files with pwrite, starts their
+ * write-back as it goes, and fsyncs them before each APPLIED and before
+ * READY.  Both sides keep the disks' digest as they go.
  *
  * Files are opened beneath a descriptor of their directory, the last
  * component never through a link (as vmm_ckpt.c opens a checkpoint).  A
