@@ -92,19 +92,29 @@ def _ws_pages(report):
     return pages
 
 
-def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
-    vm = vms.start("dirty", mem="512M", cmdline="mode=stress ws=4M wsoff=8M")
+def _start_writer(vms, name, cmdline):
+    """A 512 MiB stress guest: (vm, its memory layout, its working set's pages)."""
+    vm = vms.start(name, mem="512M", cmdline=cmdline)
     report = wait_heartbeats(vm, 20)
     fd, layout = vm.client.memfd()
     os.close(fd)
-    ws = _ws_pages(report)
+    return vm, layout, _ws_pages(report)
+
+
+def _wait_two_passes(vm):
+    """Wait until the guest's writer has made two more passes from now."""
+    start = parse_console(vm.console_text()).heartbeats[-1].passes
+    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
+             >= start + 2, timeout=30, what="two more passes")
+
+
+def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
+    vm, layout, ws = _start_writer(vms, "dirty", "mode=stress ws=4M wsoff=8M")
     assert len(ws) == 1024
     image = _image_pages(artifacts.guest_kernel())
 
     vm.client.dirty_log()                       # clear what boot dirtied
-    start_passes = parse_console(vm.console_text()).heartbeats[-1].passes
-    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
-             >= start_passes + 2, timeout=30, what="two full passes")
+    _wait_two_passes(vm)
     dirty = set(vm.client.dirty_log().dirty_pages(layout))
     assert ws <= dirty, f"{len(ws - dirty)} working-set pages missing"
     stray = dirty - ws - image
@@ -125,36 +135,22 @@ def test_dirty_log_clears_a_working_set_across_its_chunks(vms):
     # the test host re-protects pages 64 MiB at a time (vm.c,
     # CLEAR_CHUNK_WORDS): a working set from 60 to 68 MiB spans two chunks,
     # and both must be reported, then cleared (wsoff counts from 16 MiB)
-    vm = vms.start("dirtyc", mem="512M", cmdline="mode=stress ws=8M wsoff=44M")
-    report = wait_heartbeats(vm, 20)
-    fd, layout = vm.client.memfd()
-    os.close(fd)
-    ws = _ws_pages(report)
+    vm, layout, ws = _start_writer(vms, "dirtyc", "mode=stress ws=8M wsoff=44M")
     assert min(ws) < 64 << 20 <= max(ws)
     vm.client.dirty_log()
-    start = parse_console(vm.console_text()).heartbeats[-1].passes
-    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
-             >= start + 2, timeout=30, what="two full passes")
+    _wait_two_passes(vm)
     vm.client.pause()
     assert ws <= set(vm.client.dirty_log().dirty_pages(layout))
     assert vm.client.dirty_log(peek=True).count() == 0   # every chunk cleared
     vm.client.resume()
-    start = parse_console(vm.console_text()).heartbeats[-1].passes
-    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
-             >= start + 2, timeout=30, what="two more passes")
+    _wait_two_passes(vm)
     assert ws <= set(vm.client.dirty_log().dirty_pages(layout))  # re-protected
 
 
 def test_dirty_log_peeks_and_clears_a_range_only(vms):
-    vm = vms.start("dirtyr", mem="512M", cmdline="mode=stress ws=4M wsoff=8M")
-    report = wait_heartbeats(vm, 20)
-    fd, layout = vm.client.memfd()
-    os.close(fd)
-    ws = _ws_pages(report)
+    vm, layout, ws = _start_writer(vms, "dirtyr", "mode=stress ws=4M wsoff=8M")
     vm.client.dirty_log()
-    start = parse_console(vm.console_text()).heartbeats[-1].passes
-    wait_for(lambda: parse_console(vm.console_text()).heartbeats[-1].passes
-             >= start + 2, timeout=30, what="two full passes")
+    _wait_two_passes(vm)
     vm.client.pause()                           # nothing changes from here
     everything = set(vm.client.dirty_log(peek=True).dirty_pages(layout))
     assert ws <= everything
