@@ -216,15 +216,18 @@ migration_opts = [
              "channels)."),
     cfg.StrOpt(
         "live_migration_compression", default="auto", choices=[
-            ("auto", "compress (zstd) while the link is the bottleneck: the "
-                     "engine measures, per connection, how fast the link "
-                     "carries pages and how fast and how well zstd shrinks "
-                     "them, and compresses when that saves time"),
-            ("on", "always compress; trades CPU for bandwidth"),
-            ("off", "never compress"),
+            ("auto", "send a sparse page's first copy as its few non-zero "
+                     "bytes, and compress (zstd) other pages while the link "
+                     "is the bottleneck: the engine measures, per "
+                     "connection, how fast the link carries pages and how "
+                     "fast and how well zstd shrinks them, and compresses "
+                     "when that saves time"),
+            ("on", "as auto, but always compress; trades CPU for bandwidth"),
+            ("off", "never compress: every page that holds data goes whole, "
+                    "or as a delta against the delta cache"),
         ],
-        help="Compression of memory pages that are not sent as zero pages "
-             "or deltas."),
+        help="Encoding of memory pages that are not sent as zero pages or "
+             "as deltas against the delta cache."),
     cfg.IntOpt(
         "live_migration_delta_cache", default=-1, min=-1,
         help="MiB of memory per migration remembering what was last sent of "

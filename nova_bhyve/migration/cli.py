@@ -138,8 +138,10 @@ def main(argv=None, out=sys.stdout):
     snd.add_argument("--mode", choices=["live", "warm", "cold"], default="live")
     snd.add_argument("--channels", type=int, default=2)
     snd.add_argument("--compress", choices=["auto", "on", "off"], default="auto",
-                     help="zstd for pages not sent as zeros or deltas; auto: "
-                          "while the link is the bottleneck")
+                     help="sparse pages' first copies as their non-zero "
+                          "bytes, zstd for other pages not sent as zeros or "
+                          "deltas (auto: while the link is the bottleneck); "
+                          "off: neither")
     snd.add_argument("--delta-cache-mib", type=int, default=-1,
                      help="delta cache in MiB; -1 (default): sized from the "
                           "guest and this host's free memory; 0: no deltas")

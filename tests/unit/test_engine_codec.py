@@ -246,6 +246,27 @@ def test_delta_cache_keeps_hitting_a_sweep_larger_than_itself():
     assert lib.nb_selftest_xcache_sweep(1024, 1024, 3) == 1024
 
 
+def test_delta_cache_returns_sparse_and_dense_pages_as_stored():
+    ffi, lib = selftest_module()
+    rng = random.Random(7)
+    pages = []
+    for k in range(64):
+        page = bytearray(4096)
+        if k % 4 == 0:                      # dense: random bytes throughout
+            page[:] = rng.randbytes(4096)
+        elif k % 4 == 1:                    # one byte, as a touch guest writes
+            page[rng.randrange(4096)] = rng.randrange(1, 256)
+        elif k % 4 == 2:                    # a few scattered words
+            for _ in range(rng.randrange(1, 6)):
+                at = rng.randrange(4088)
+                page[at:at + 8] = rng.randbytes(8)
+        else:                               # just over what is kept small
+            page[100:100 + 80] = rng.randbytes(80)
+        pages.append(bytes(page))
+    buf = ffi.from_buffer(b"".join(pages))
+    assert lib.nb_selftest_xcache_roundtrip(64, buf, 64) == 64
+
+
 def test_delta_cache_forgets_dropped_pages():
     lib = selftest_module()[1]
     # a page sent as zeros must not be delta-encoded against older content:

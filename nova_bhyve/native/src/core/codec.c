@@ -82,10 +82,12 @@ size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out,
             break;
         skip = i - start;
         start = i;
-        /* changed bytes; absorb short equal stretches (< 4 bytes) */
+        /* changed bytes; absorb short equal stretches (< 4 bytes); give
+         * up as soon as the run alone would not fit */
         while (i < NB_PAGE) {
             if (old[i] != cur[i]) {
-                i++;
+                if (n + 6 + (++i - start) > cap)
+                    return 0;
                 continue;
             }
             size_t j = i;
@@ -306,10 +308,20 @@ uint64_t nb_disk_term(uint32_t disk, uint64_t block, uint64_t h, uint64_t hz,
 
 /* ---- delta cache (source side) --------------------------------------- */
 
+/*
+ * A page whose delta against zeros fits in XCACHE_SMALL bytes is kept as
+ * that delta, not as 4 KiB: a working set of sparse pages (a byte or a
+ * few words written per page) then costs the cache a few megabytes, not
+ * a copy of itself that must first be faulted in and zeroed.
+ */
+#define XCACHE_SMALL 64
+
 struct nb_xcache {
     size_t nslots;
     uint64_t *tags;     /* pfn + 1; 0 = empty */
     uint32_t *ages;     /* round the entry was stored in */
+    uint8_t *lens;      /* 0: the page is in pages; else its delta's length in small */
+    uint8_t *small;     /* XCACHE_SMALL bytes per slot */
     uint8_t *pages;
 };
 
@@ -340,8 +352,10 @@ struct nb_xcache *nb_xcache_new(uint64_t bytes)
     c->nslots = n;
     c->tags = calloc(n, sizeof(uint64_t));
     c->ages = calloc(n, sizeof(uint32_t));
+    c->lens = calloc(n, 1);
+    c->small = calloc(n, XCACHE_SMALL);
     c->pages = cache_pages(n * NB_PAGE);
-    if (!c->tags || !c->ages || !c->pages) {
+    if (!c->tags || !c->ages || !c->lens || !c->small || !c->pages) {
         nb_xcache_free(c);
         return NULL;
     }
@@ -354,6 +368,8 @@ void nb_xcache_free(struct nb_xcache *c)
         return;
     free(c->tags);
     free(c->ages);
+    free(c->lens);
+    free(c->small);
     free(c->pages);
     free(c);
 }
@@ -363,15 +379,26 @@ static size_t slot_of(const struct nb_xcache *c, uint64_t key)
     return (size_t)(key % c->nslots);
 }
 
-/* The page content last sent under `key`, or NULL. */
-uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key)
+/*
+ * The page content last sent under `key`, or NULL: the cache's own copy,
+ * or `buf` (a page) rebuilt from a sparse page's delta.
+ */
+const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key, uint8_t *buf)
 {
     size_t s = slot_of(c, key);
-    return c->tags[s] == key + 1 ? c->pages + s * NB_PAGE : NULL;
+    if (c->tags[s] != key + 1)
+        return NULL;
+    if (!c->lens[s])
+        return c->pages + s * NB_PAGE;
+    memset(buf, 0, NB_PAGE);
+    return nb_delta_decode(c->small + s * XCACHE_SMALL, c->lens[s], buf) < 0
+           ? NULL : buf;
 }
 
 /*
- * Remember `page` as the content last sent under `key` in round `round`.
+ * Remember `page` as the content last sent under `key` in round `round`;
+ * `zdelta` (`zlen` bytes) is its delta against zeros if the caller has
+ * it, else NULL.
  * An entry for another key stored in this round or the one before stays:
  * evicting it would make a sweep over more pages than the cache holds
  * miss on every page, round after round, while keeping it lets the pages
@@ -379,14 +406,25 @@ uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key)
  * Returns 1 if the page was stored (a later get returns it), else 0.
  */
 int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
-                  uint32_t round)
+                  uint32_t round, const uint8_t *zdelta, size_t zlen)
 {
+    static const uint8_t zero[NB_PAGE];
     size_t s = slot_of(c, key);
+    uint8_t *small = c->small + s * XCACHE_SMALL;
+
     if (c->tags[s] && c->tags[s] != key + 1 && c->ages[s] + 1 >= round)
         return 0;
     c->tags[s] = key + 1;
     c->ages[s] = round;
-    memcpy(c->pages + s * NB_PAGE, page, NB_PAGE);
+    if (!zdelta)
+        zlen = nb_delta_encode(zero, page, small, XCACHE_SMALL);
+    else if (zlen && zlen <= XCACHE_SMALL)
+        memcpy(small, zdelta, zlen);
+    else
+        zlen = 0;
+    c->lens[s] = zlen <= XCACHE_SMALL ? (uint8_t)zlen : 0;
+    if (!c->lens[s])
+        memcpy(c->pages + s * NB_PAGE, page, NB_PAGE);
     return 1;
 }
 

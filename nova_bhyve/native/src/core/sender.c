@@ -54,26 +54,34 @@ int nb_sender_flush(struct sender *s, uint32_t round, char *err)
     return 0;
 }
 
+/* What the destination holds of a page round 0 has not sent yet. */
+static const uint8_t zero_page[NB_PAGE];
+
 /*
  * Encode, in place, the snapshot of a page that holds data: as a DELTA
- * against the cache, else zstd-compressed if enabled and it shrinks,
- * else RAW.  Returns the encoding; *n is its length.
+ * against what the destination holds (in round 0 zeros, unless compress
+ * is off; later, what the cache kept), else zstd-compressed if enabled
+ * and it shrinks, else RAW.  Returns the encoding; *n is its length.  A
+ * sparse page thus costs a scan of the page and a few bytes on the wire,
+ * however fast or slow the link.
  */
 static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
                             uint32_t round, size_t *n)
 {
-    uint8_t tmp[NB_PAGE];
-    uint8_t *old = s->cache && round > 0 ? nb_xcache_get(s->cache, key) : NULL;
+    uint8_t tmp[NB_PAGE], buf[NB_PAGE];
+    int vs_zero = round == 0 && s->adapt.mode != NB_COMPRESS_OFF;
+    const uint8_t *old = vs_zero ? zero_page
+                         : round > 0 && s->cache ? nb_xcache_get(s->cache, key, buf)
+                                                 : NULL;
+    size_t d = old ? nb_delta_encode(old, snap, tmp, NB_PAGE / 2) : 0;
 
     *n = NB_PAGE;
-    if (s->cache) {
-        size_t d = old ? nb_delta_encode(old, snap, tmp, NB_PAGE / 2) : 0;
-        nb_xcache_put(s->cache, key, snap, round);
-        if (d) {
-            memcpy(snap, tmp, d);
-            *n = d;
-            return NB_ENC_DELTA;
-        }
+    if (s->cache)   /* a delta against zeros is what the cache keeps of a sparse page */
+        nb_xcache_put(s->cache, key, snap, round, vs_zero ? tmp : NULL, d);
+    if (d) {
+        memcpy(snap, tmp, d);
+        *n = d;
+        return NB_ENC_DELTA;
     }
     if (s->zctx && nb_adapt_try(&s->adapt)) {
         double t0 = nb_now_ms();

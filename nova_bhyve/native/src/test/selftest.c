@@ -71,7 +71,7 @@ uint64_t nb_selftest_disk_term(uint32_t disk, uint64_t block, uint64_t h,
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
 {
     struct nb_xcache *c = nb_xcache_new(slots * NB_PAGE);
-    static uint8_t page[NB_PAGE];
+    static uint8_t page[NB_PAGE], buf[NB_PAGE];
     long hits = 0;
     if (!c)
         return -1;
@@ -79,17 +79,34 @@ long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
         hits = 0;
         for (uint64_t k = 0; k < ws; k++) {
             page[0] = (uint8_t)r;
-            hits += nb_xcache_get(c, k) != NULL;
-            nb_xcache_put(c, k, page, r);
+            hits += nb_xcache_get(c, k, buf) != NULL;
+            nb_xcache_put(c, k, page, r, NULL, 0);
         }
     }
     for (uint64_t k = 0; k < ws; k++)
         nb_xcache_drop(c, k);
     for (uint64_t k = 0; k < ws; k++)
-        if (nb_xcache_get(c, k))
+        if (nb_xcache_get(c, k, buf))
             hits = -1;
     nb_xcache_free(c);
     return hits;
+}
+
+long nb_selftest_xcache_roundtrip(uint64_t slots, const uint8_t *pages, uint64_t n)
+{
+    struct nb_xcache *c = nb_xcache_new(slots * NB_PAGE);
+    static uint8_t buf[NB_PAGE];
+    long same = 0;
+    if (!c)
+        return -1;
+    for (uint64_t k = 0; k < n; k++)
+        nb_xcache_put(c, k, pages + k * NB_PAGE, 1, NULL, 0);
+    for (uint64_t k = 0; k < n; k++) {
+        const uint8_t *got = nb_xcache_get(c, k, buf);
+        same += got && memcmp(got, pages + k * NB_PAGE, NB_PAGE) == 0;
+    }
+    nb_xcache_free(c);
+    return same;
 }
 
 int nb_selftest_phase_legal(int is_source, int from, int to)

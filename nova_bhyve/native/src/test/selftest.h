@@ -32,6 +32,10 @@ uint64_t nb_selftest_disk_term(uint32_t disk, uint64_t block, uint64_t h,
  * (as rounds of a guest rewriting its working set in order); returns the
  * hits of the last round, or -1 if a dropped page was still returned. */
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
+/* Store `n` pages (4096 bytes each, back to back) in a delta cache of
+ * `slots` pages under keys 0..n-1, then read each back: returns how many
+ * came back exactly as stored (-1: out of memory). */
+long nb_selftest_xcache_roundtrip(uint64_t slots, const uint8_t *pages, uint64_t n);
 /* Drive compress mode `mode` (0 off, 1 on, 2 auto) over `pages` data
  * pages on a link of `link_Bps`, with zstd taking in `zstd_Bps` and
  * keeping `ratio` of a page; a 256 KiB frame is sent every 64 pages.
