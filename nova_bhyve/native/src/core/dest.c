@@ -168,6 +168,12 @@ static int negotiate(struct dest *d, char *err)
         goto refused;
     d->hz = m->disk_hz = nb_zero_page_hash(&m->keys.hash);
     d->nrcv = o.channels;
+    if (m->vmm.ops->write_pages && m->npages &&
+        !(d->written = calloc((m->npages + 63) / 64, 8))) {
+        snprintf(err, NB_ERRLEN, "out of memory");
+        kind = NB_ERR_RESOURCE;
+        goto refused;
+    }
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;
     pthread_mutex_unlock(&m->lock);
@@ -519,7 +525,9 @@ static void dest_finish(struct dest *d, int rc, const char *err)
             pthread_join(d->rcv[i].thread, NULL);
             ZSTD_freeDCtx(d->rcv[i].zctx);
             ZSTD_freeDCtx(d->rcv[i].dzctx);
+            free(d->rcv[i].fresh);
         }
+    free(d->written);
     if (rc != 0)
         nb_disk_discard(m);     /* a file this session created goes */
     nb_stream_close(m);         /* a stream's receivers see its end */

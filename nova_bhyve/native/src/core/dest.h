@@ -27,6 +27,9 @@ struct receiver {
     const uint8_t *run[NB_WRITE_BATCH];
     int nrun;
     uint64_t run_off;
+    /* the run's pages decoded from DELTA records against zeros (a page
+     * nothing has written yet): run[i] may point at fresh[i] */
+    uint8_t *fresh;
     int kind;                   /* nb_error_kind of a failure applying pages */
 };
 
@@ -35,6 +38,9 @@ struct dest {
     struct receiver rcv[NB_MAX_CHANNELS];
     int nrcv;
     uint64_t hz;
+    /* a bit per page, set once a record wrote it (a 64-page word is one
+     * channel's: only its receiver touches it); NULL without write_pages */
+    uint64_t *written;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     uint32_t done_round[NB_MAX_CHANNELS]; /* last ROUND_END + 1 per channel */
