@@ -17,9 +17,12 @@
  * of 64 blocks and a sector, disk 1 of two blocks.
  *
  * Input: u8 mode, u8 channels, u8 round, then the frame payload.
- *   mode bit 0: the vmm has write_pages (RAW pages are batched)
+ *   mode bit 0: the vmm has write_pages (RAW pages are batched; so are
+ *               DELTAs for pages no record wrote yet, a bit per page
+ *               kept across inputs)
  *        bit 1: incremental verification (page and block hashes kept)
  *        bit 2: a DISK frame, not PAGES
+ *        bit 3: with bit 0, every page counts as never written again
  *   channels: bits 0-1 session channels - 1, bits 2-3 this channel - 1
  */
 #include "../src/core/receiver.c"
@@ -36,6 +39,7 @@
 
 static struct nb_mig M;
 static uint64_t HASHES[2 * SEG_PAGES];
+static uint64_t WRITTEN[2 * SEG_PAGES / 64];
 static ZSTD_DCtx *ZCTX;
 static void *DZCTX;                 /* the receiver's for disk blocks */
 
@@ -106,6 +110,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!M.vmm.mem)
         guest_init();
     r.zctx = ZCTX;                  /* one per receiver, kept across frames */
+    if (mode & 1) {
+        d.written = WRITTEN;
+        if (mode & 8)
+            memset(WRITTEN, 0, sizeof(WRITTEN));
+    }
     M.vmm.ops = mode & 1 ? &WITH_WRITE : &WITHOUT_WRITE;
     M.p.verify = mode & 2 ? NB_VERIFY_INCREMENTAL : NB_VERIFY_FULL;
     f.len = (uint32_t)in.n;
@@ -123,6 +132,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_debug("apply_pages", apply_pages(&r, &f, round, err), err);
     if (r.nrun)
         abort();    /* a run left pointing into a frame about to be reused */
+    free(r.fresh);
     free(f.payload);
     return 0;
 }
