@@ -104,6 +104,20 @@ static int read_ahead(struct dest *d, char *err)
     return 0;
 }
 
+/* Where the vmm writes pages in runs, a bit per page for what records
+ * wrote (receiver.c): the rest is zeros.  0, or NB_ERR_RESOURCE. */
+static int track_written(struct dest *d, char *err)
+{
+    struct nb_mig *m = d->m;
+    if (!m->vmm.ops->write_pages || !m->npages)
+        return 0;
+    d->written = calloc((m->npages + 63) / 64, 8);
+    if (d->written)
+        return 0;
+    snprintf(err, NB_ERRLEN, "out of memory");
+    return NB_ERR_RESOURCE;
+}
+
 /*
  * Answer REFUSE with the reason in `err`; returns -1.  The reason is
  * recorded first, so that it, not the page channels breaking as the
@@ -164,16 +178,11 @@ static int negotiate(struct dest *d, char *err)
     if (nb_preamble_check(src, mine, err, NB_ERRLEN) < 0)
         goto refused;
     if ((kind = -nb_setup_memory(m, err)) > 0 ||
-        (kind = -nb_disk_open_dest(m, &disks, err)) > 0)
+        (kind = -nb_disk_open_dest(m, &disks, err)) > 0 ||
+        (kind = track_written(d, err)) > 0)
         goto refused;
     d->hz = m->disk_hz = nb_zero_page_hash(&m->keys.hash);
     d->nrcv = o.channels;
-    if (m->vmm.ops->write_pages && m->npages &&
-        !(d->written = calloc((m->npages + 63) / 64, 8))) {
-        snprintf(err, NB_ERRLEN, "out of memory");
-        kind = NB_ERR_RESOURCE;
-        goto refused;
-    }
     pthread_mutex_lock(&m->lock);
     m->st.mode = m->p.mode;
     pthread_mutex_unlock(&m->lock);
