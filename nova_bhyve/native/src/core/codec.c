@@ -21,6 +21,8 @@ static inline uint64_t load64(const uint8_t *p)
     return v;
 }
 
+const uint8_t nb_zero_page[NB_PAGE];
+
 int nb_page_is_zero(const uint8_t *page)
 {
     for (size_t i = 0; i < NB_PAGE; i += 64) {
@@ -268,8 +270,7 @@ uint64_t nb_page_hash(const uint8_t *page, const struct nb_hash_key *k)
 /* The keyed hash of an all-zero page (never-written memory). */
 uint64_t nb_zero_page_hash(const struct nb_hash_key *k)
 {
-    static const uint8_t zero[NB_PAGE];
-    return nb_page_hash(zero, k);
+    return nb_page_hash(nb_zero_page, k);
 }
 
 /*
@@ -398,7 +399,7 @@ const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key, uint8_t *buf)
 /*
  * Remember `page` as the content last sent under `key` in round `round`;
  * `zdelta` (`zlen` bytes) is its delta against zeros if the caller has
- * it, else NULL.
+ * it (`zlen` 0: larger than the cache keeps small), else NULL.
  * An entry for another key stored in this round or the one before stays:
  * evicting it would make a sweep over more pages than the cache holds
  * miss on every page, round after round, while keeping it lets the pages
@@ -408,7 +409,6 @@ const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key, uint8_t *buf)
 int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
                   uint32_t round, const uint8_t *zdelta, size_t zlen)
 {
-    static const uint8_t zero[NB_PAGE];
     size_t s = slot_of(c, key);
     uint8_t *small = c->small + s * XCACHE_SMALL;
 
@@ -417,12 +417,12 @@ int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
     c->tags[s] = key + 1;
     c->ages[s] = round;
     if (!zdelta)
-        zlen = nb_delta_encode(zero, page, small, XCACHE_SMALL);
+        zlen = nb_delta_encode(nb_zero_page, page, small, XCACHE_SMALL);
     else if (zlen && zlen <= XCACHE_SMALL)
         memcpy(small, zdelta, zlen);
     else
         zlen = 0;
-    c->lens[s] = zlen <= XCACHE_SMALL ? (uint8_t)zlen : 0;
+    c->lens[s] = (uint8_t)zlen;     /* at most XCACHE_SMALL here */
     if (!c->lens[s])
         memcpy(c->pages + s * NB_PAGE, page, NB_PAGE);
     return 1;

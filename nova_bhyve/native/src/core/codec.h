@@ -12,6 +12,8 @@
 #include "wire/wire.h"
 
 struct nb_xcache;
+/* A page of zeros: what never-written memory holds. */
+extern const uint8_t nb_zero_page[NB_PAGE];
 int nb_page_is_zero(const uint8_t *page);
 size_t nb_delta_encode(const uint8_t *old, const uint8_t *cur, uint8_t *out, size_t cap);
 int nb_delta_decode(const uint8_t *in, size_t len, uint8_t *page);

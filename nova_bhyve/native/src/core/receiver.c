@@ -113,8 +113,7 @@ static int decode_record(struct receiver *r, const struct nb_page_rec *pr,
         if (pr->enc == NB_ENC_DELTA)
             return queue_fresh_delta(r, off, pr, hashed, err);
         if (pr->enc == NB_ENC_ZERO) {
-            static const uint8_t zeros[NB_PAGE];
-            *hashed = zeros;
+            *hashed = nb_zero_page;
             return pr->len != 0;
         }
     }

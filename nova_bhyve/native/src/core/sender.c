@@ -54,9 +54,6 @@ int nb_sender_flush(struct sender *s, uint32_t round, char *err)
     return 0;
 }
 
-/* What the destination holds of a page round 0 has not sent yet. */
-static const uint8_t zero_page[NB_PAGE];
-
 /*
  * Encode, in place, the snapshot of a page that holds data: as a DELTA
  * against what the destination holds (in round 0 zeros, unless compress
@@ -70,7 +67,7 @@ static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
 {
     uint8_t tmp[NB_PAGE], buf[NB_PAGE];
     int vs_zero = round == 0 && s->adapt.mode != NB_COMPRESS_OFF;
-    const uint8_t *old = vs_zero ? zero_page
+    const uint8_t *old = vs_zero ? nb_zero_page
                          : round > 0 && s->cache ? nb_xcache_get(s->cache, key, buf)
                                                  : NULL;
     size_t d = old ? nb_delta_encode(old, snap, tmp, NB_PAGE / 2) : 0;
