@@ -151,7 +151,8 @@ struct nb_mig_stats {
     double catchup_ms;          /* source: waited, guest running, for the
                                  * destination to apply what was sent */
     double total_ms;
-    double rtt_ms;
+    double rtt_ms;              /* source: the control channel's least round
+                                 * trip (the pause has two) */
     uint32_t max_downtime_ms;
     uint32_t throttle;          /* percent applied through the vmm port */
     uint64_t delta_cache_bytes; /* the delta cache's size (auto: as chosen) */

@@ -114,12 +114,29 @@ static int phase_setup(struct source *src, char *err)
     return 0;
 }
 
+/*
+ * The control channel's round trip: the least time one of its exchanges
+ * took from our frame out to the answer in, `t0` its start.  The first
+ * exchange also pays for the destination's first cryptography; the least
+ * is what the pause's two exchanges (VERIFY, COMMIT) will cost.
+ */
+static void note_rtt(struct nb_mig *m, double t0)
+{
+    double rtt = nb_now_ms() - t0;
+
+    pthread_mutex_lock(&m->lock);
+    if (m->st.rtt_ms <= 0 || rtt < m->st.rtt_ms)
+        m->st.rtt_ms = rtt;
+    pthread_mutex_unlock(&m->lock);
+}
+
 /* Send our preamble; check the destination's answer too (defence in depth). */
 static int exchange_preambles(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     char pre[NB_PREAMBLE_CAP], dst[NB_MAX_PREAMBLE], peer_err[NB_ERRLEN];
     struct nb_frame f;
+    double t0;
     int n;
 
     n = nb_preamble_write(&m->vmm.spec, &m->p, &src->disks, pre, sizeof(pre));
@@ -127,9 +144,11 @@ static int exchange_preambles(struct source *src, char *err)
         snprintf(err, NB_ERRLEN, "preamble too long");
         return fail(src, NB_ERR_INTERNAL);
     }
+    t0 = nb_now_ms();
     if (nb_send_frame(&m->ctl, NB_MSG_PREAMBLE, pre, (uint32_t)n, err) < 0 ||
         nb_expect(&m->ctl, &f, NB_MSG_ACCEPT, NB_MAX_PREAMBLE, err) < 0)
         return fail(src, m->ctl.err_kind);
+    note_rtt(m, t0);
     if ((size_t)f.len >= sizeof(pre)) {
         snprintf(err, NB_ERRLEN, "destination preamble too long");
         return fail(src, NB_ERR_CORRUPT);
@@ -151,9 +170,7 @@ static int phase_handshake(struct source *src, char *err)
 
     if (nb_handshake_source(&m->ctl, m->p.secret, m->p.secret_len, &m->keys, err) < 0)
         return fail(src, m->ctl.err_kind);
-    pthread_mutex_lock(&m->lock);
-    m->st.rtt_ms = (nb_now_ms() - t) / 1.5;   /* 1.5 round trips */
-    pthread_mutex_unlock(&m->lock);
+    note_rtt(m, t);     /* one round trip (HELLO, CHALLENGE) and the proofs */
     if (exchange_preambles(src, err) < 0)
         return -1;
     for (int i = 0; i < src->nsnd; i++) {
@@ -537,12 +554,15 @@ static int phase_verify(struct source *src, char *err)
     struct nb_digest_msg dm = { src->cur_round, 0, m->npages, 0,
                                 nb_disk_total_blocks(m) };
     struct nb_frame f;
+    double t0;
 
     dm.digest = nb_memory_digest(m, m->p.verify == NB_VERIFY_FULL);
     dm.disk_digest = nb_disk_digest(m, m->p.verify == NB_VERIFY_FULL);
+    t0 = nb_now_ms();
     if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
         expect_control(src, &f, NB_MSG_READY, err) < 0)
         return fail(src, m->ctl.err_kind);
+    note_rtt(m, t0);
     pthread_mutex_lock(&m->lock);
     m->st.digest = dm.digest;
     m->st.disk_digest = dm.disk_digest;
@@ -573,6 +593,7 @@ static int phase_commit(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     struct nb_frame f = { 0 };
+    double t0 = nb_now_ms();
 
     if (nb_send_empty(&m->ctl, NB_MSG_COMMIT, err) < 0 ||
         expect_control(src, &f, NB_MSG_RUNNING, err) < 0) {
@@ -587,6 +608,7 @@ static int phase_commit(struct source *src, char *err)
      * (by one network latency) on what the guest sees */
     m->st.downtime_ms = nb_now_ms() - src->t_pause;
     pthread_mutex_unlock(&m->lock);
+    note_rtt(m, t0);
     return 0;
 }
 
