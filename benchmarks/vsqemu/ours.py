@@ -11,6 +11,7 @@ import sys
 from nova_bhyve.testhost.process import TestHostVM
 from vsqemu import disk as vdisk
 from vsqemu.common import (
+    JUDGED_BEATS,
     BenchError,
     console_tail,
     cpu_outside_guest,
@@ -160,23 +161,31 @@ class OursChain:
             r = recv.read(90)
             wire1 = iface_bytes(recv.pid, ifname)
             cpu1 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
+            recv.close()
         except BaseException:
             for h in halves:
                 h.proc.kill()
+                h.close()
             dst.kill()
             if dst.disk_path:
                 os.unlink(dst.disk_path)
             raise
+        try:
+            return self._settle(src, dst, s, r, wire1 - wire0, cpu0, cpu1, start_seq)
         finally:
-            for h in halves:
-                h.close()
+            send.close()
+
+    def _settle(self, src, dst, s, r, wire, cpu0, cpu1, start_seq):
+        """The measurements of one migration; judge the guest's heartbeats,
+        then stop the source (its teardown is the source host's work, which
+        on one machine would take the destination guest's CPU)."""
         ok = s["result"] == "completed"
         res = {
             "status": "ok" if ok else "dnf" if s.get("dnf") else "error",
             "total_s": s["total_ms"] / 1e3,
             "reported_downtime_ms": s["downtime_ms"],
             "predicted_downtime_ms": s.get("expected_downtime_ms"),
-            "wire_bytes": wire1 - wire0,
+            "wire_bytes": wire,
             "payload_bytes": s["bytes"],
             "rounds": len(s["round_ms"]),
             "cpu_src_s": s["cpu_s"] + cpu_outside_guest(cpu0[0], cpu1[0]),
@@ -196,12 +205,12 @@ class OursChain:
             if dst.disk_path:
                 os.unlink(dst.disk_path)
             return res
-        src.stop()
         self.vm = dst
-        wait_for(lambda: len(read_tlog(dst.tlog_path)) > 20, 20,
+        wait_for(lambda: len(read_tlog(dst.tlog_path)) > JUDGED_BEATS, 20,
                  "heartbeats from the destination")
         res.update(switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
                               read_tlog(dst.tlog_path), start_seq))
+        src.stop()
         keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
         if self.disk:
             res.update(vdisk.verify_moved(

@@ -14,6 +14,7 @@ from nova_bhyve.testhost import artifacts
 from vsqemu import disk as vdisk
 from vsqemu import qemu_disk
 from vsqemu.common import (
+    JUDGED_BEATS,
     BenchError,
     console_tail,
     cpu_outside_guest,
@@ -296,9 +297,9 @@ class QemuChain:
             self._drop(dst)
             raise
         if res["status"] == "ok":
-            src.kill()
             self.vm = dst
             res.update(self._judge(src, dst, res.pop("start_seq")))
+            src.kill()
             if self.disk:
                 res.update(vdisk.verify_moved(
                     _text(src.console_path), lambda: _text(dst.console_path),
@@ -410,9 +411,8 @@ class QemuChain:
         return res
 
     def _judge(self, src, dst, start_seq):
-        wait_for(lambda: len(read_tlog(dst.tlog_path)) > 20, 20,
+        wait_for(lambda: len(read_tlog(dst.tlog_path)) > JUDGED_BEATS, 20,
                  "heartbeats from the QEMU destination")
-        time.sleep(0.05)
         res = switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
                          read_tlog(dst.tlog_path), start_seq)
         keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
