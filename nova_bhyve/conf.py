@@ -251,7 +251,10 @@ migration_opts = [
              "memory faster than the link can copy it, so that the "
              "migration can finish: when the dirty set has not shrunk by a "
              "tenth in two rounds and the rest does not fit the downtime, "
-             "20%, then 10 points more at most every 0.5 s, up to 99%. As "
+             "20%, then 10 points more at most every 0.5 s, up to 99%; and "
+             "when the rest fits but the pause would still be over 20 ms "
+             "and rounds no longer shorten it, a step a round up to 50%, "
+             "while each step shortens it by a tenth. As "
              "``[libvirt] live_migration_permit_auto_converge``, off by "
              "default; the migration's ``bhyve_switchover`` event gives the "
              "highest throttle applied."),

@@ -194,6 +194,7 @@ class OursChain:
             "pages_delta": s["pages_delta"],
             "pages_compressed": s["pages_compressed"],
             "pages_raw": s["pages_raw"],
+            "throttle": s["throttle"],
         }
         if self.disk:
             res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),

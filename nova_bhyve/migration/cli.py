@@ -146,7 +146,8 @@ def main(argv=None, out=sys.stdout):
                      help="delta cache in MiB; -1 (default): sized from the "
                           "guest and this host's free memory; 0: no deltas")
     snd.add_argument("--no-auto-converge", action="store_true",
-                     help="never throttle the guest's vCPUs to converge")
+                     help="never throttle the guest's vCPUs (to converge, "
+                          "or to shorten a long pause)")
     snd.add_argument("--max-downtime-ms", type=int, default=300)
     snd.add_argument("--bandwidth-mib", type=int, default=0,
                      help="cap in MiB/s (0 = unlimited)")

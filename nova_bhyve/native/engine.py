@@ -183,6 +183,7 @@ class RoundStats:
     dirty: int
     blocks: int = 0         # disk blocks sent in the round
     dirty_blocks: int = 0   # disk blocks pending at the sync that began it
+    throttle: int = 0       # percent the guest was slowed by meanwhile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +394,8 @@ class Migration:
         "on" or "off".  ``delta_cache``: bytes, or "auto" (the guest's
         memory, at most a quarter of this host's free memory; "auto:N"
         caps it at N bytes).  ``auto_converge``: throttle the guest's
-        vCPUs when rounds stop shrinking (stats().throttle says how much).
+        vCPUs when rounds stop shrinking, or to shorten a long pause
+        (stats().throttle says how much, each round's ``throttle`` when).
 
         ``keep_paused``: the guest is paused and stays so (never resumed here).
         ``encrypt=False`` sends pages in the clear (both sides must say so;
@@ -445,7 +447,7 @@ class Migration:
         s = ffi.new("struct nb_mig_stats *")
         lib.nb_mig_stats(self._handle(), s)
         rounds = tuple(RoundStats(r.start_ms, r.duration_ms, r.pages, r.bytes,
-                                  r.dirty, r.blocks, r.dirty_blocks)
+                                  r.dirty, r.blocks, r.dirty_blocks, r.throttle)
                        for r in list(s.rounds)[:min(s.nrounds, len(s.rounds))])
         return MigrationStats(
             phase=Phase(s.phase), result=Result(s.result),

@@ -70,6 +70,24 @@ def test_auto_converge_throttles_when_rounds_stop_shrinking(vms):
     _moved(src, dst, s, d)
 
 
+def test_a_long_pause_that_fits_is_cut_only_while_slowing_the_guest_pays(vms):
+    """The rest fits the limit (16 MiB of raw pages at 128 MiB/s, some
+    130 ms), but the guest rewrites all of it many times during every
+    round, so no round shrinks it.  Rather than pause the guest that long,
+    the engine slows it one step (20 %) and tries another round; the loop
+    still rewrites every page within it, the pause expected is no shorter,
+    so the engine slows the guest no further and switches over."""
+    src, dst = _pair(vms, "mode=stress pattern=tight ws=16M")
+    s, d = migrate(src, dst, max_bandwidth=128 * MiB, compress="off",
+                   delta_cache=0, timeout_ms=60000)
+    assert s.throttle == 20
+    steps = [r.throttle for r in s.rounds]
+    assert steps[0] == 0 and steps[-2:] == [20, 20], steps
+    assert sorted(set(steps)) == [0, 20], steps
+    assert 20 < s.expected_downtime_ms < 300
+    _moved(src, dst, s, d)
+
+
 def test_without_auto_converge_the_same_guest_does_not_converge(vms):
     """The control for the test above: without the throttle the rounds
     never shrink; cancelling leaves the guest running on the source, at

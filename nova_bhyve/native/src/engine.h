@@ -124,6 +124,7 @@ struct nb_round_stat {
     uint64_t dirty;             /* pages dirty at the sync that began it */
     uint64_t blocks;            /* disk blocks sent in this round */
     uint64_t dirty_blocks;      /* disk blocks dirty at that sync */
+    uint32_t throttle;          /* percent the guest was slowed by meanwhile */
 };
 
 #define NB_MAX_ROUND_STATS 64

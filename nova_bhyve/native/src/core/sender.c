@@ -339,6 +339,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
         r->dirty = dirty;
         r->blocks = blocks;
         r->dirty_blocks = src->dirty_blocks;
+        r->throttle = m->st.throttle;
     }
     pthread_mutex_unlock(&m->lock);
     return failed ? -1 : 0;

@@ -34,6 +34,12 @@
  * least time between two steps. */
 #define CONVERGE_STALLS 2
 #define CONVERGE_EVERY_MS 500.0
+/* A pause that fits the limit but would still be this long is worth
+ * slowing the guest for (auto-converge on), a step a round, up to
+ * TRIM_MAX_THROTTLE percent: on the test host the guest then sleeps at
+ * most as long as it runs (10 ms), a gap far shorter than such a pause. */
+#define TRIM_PAUSE_MS 20.0
+#define TRIM_MAX_THROTTLE 50
 /* How long a failing source listens for the destination's reason. */
 #define PEER_REASON_MS 500
 
@@ -280,6 +286,48 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
 }
 
 /*
+ * Raise the guest's throttle one step (20 %, then 10 points more) up to
+ * `cap` percent; 1 if it was raised.
+ */
+static int throttle_step(struct source *src, uint32_t cap)
+{
+    struct nb_mig *m = src->m;
+    uint32_t cur, next;
+    char e[NB_ERRLEN];
+
+    if (!m->p.auto_converge || !m->vmm.ops->throttle)
+        return 0;
+    pthread_mutex_lock(&m->lock);
+    cur = m->st.throttle;
+    pthread_mutex_unlock(&m->lock);
+    next = cur ? cur + 10 : 20;
+    if (next > cap)
+        next = cap;
+    if (next <= cur || nb_mig_set_param(m, "throttle", next, e, sizeof(e)) < 0)
+        return 0;
+    src->t_converge = nb_now_ms();
+    return 1;
+}
+
+/*
+ * The rest fits the limit, rounds no longer shrink it, yet the pause would
+ * be long (the guest dirties pages as fast as they go out): slow the guest
+ * a step and run another round, rather than pause it that long; 1 if so.
+ * Only while each step pays: once the pause expected after a step is not
+ * a tenth shorter than before it, slowing the guest more would not help.
+ */
+static int trim_pause(struct source *src, double expected)
+{
+    if (expected <= TRIM_PAUSE_MS ||
+        (src->trim_from > 0 && expected * 10 > src->trim_from * 9))
+        return 0;
+    if (!throttle_step(src, TRIM_MAX_THROTTLE))
+        return 0;
+    src->trim_from = expected;
+    return 1;
+}
+
+/*
  * Decide: 1 = switch over now.  Not before the rest fits the limit; then
  * keep iterating while another round pays: after round 0 always once
  * (its raw pages say little about what resending costs), then while the
@@ -314,7 +362,7 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
         return 0;
     if (during_next * 4 <= (double)dirty * 3 || (prev && dirty * 4 <= prev * 3))
         return 0;
-    return 1;
+    return !trim_pause(src, expected);
 }
 
 /*
@@ -325,30 +373,20 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
  */
 static void converge(struct source *src, uint64_t dirty)
 {
-    struct nb_mig *m = src->m;
     uint64_t prev = src->conv_prev;
-    uint32_t cur, next;
-    double now = nb_now_ms();
-    char e[NB_ERRLEN];
 
     src->conv_prev = dirty;
-    if (!m->p.auto_converge || !m->vmm.ops->throttle || !prev ||
-        !nb_stream_precopied(m))
+    if (!prev || !nb_stream_precopied(src->m))
         return;
     if (dirty * 10 < prev * 9) {
         src->stalls = 0;
         return;
     }
-    if (++src->stalls < CONVERGE_STALLS || now - src->t_converge < CONVERGE_EVERY_MS)
+    if (++src->stalls < CONVERGE_STALLS ||
+        nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
-    pthread_mutex_lock(&m->lock);
-    cur = m->st.throttle;
-    pthread_mutex_unlock(&m->lock);
-    next = cur ? (cur + 10 > 99 ? 99 : cur + 10) : 20;
-    if (next == cur || nb_mig_set_param(m, "throttle", next, e, sizeof(e)) < 0)
-        return;
-    src->stalls = 0;
-    src->t_converge = now;
+    if (throttle_step(src, 99))
+        src->stalls = 0;
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a

@@ -58,6 +58,8 @@ struct source {
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     int stalls;                 /* auto-converge: rounds without progress */
     double t_converge;          /* auto-converge: last throttle step */
+    double trim_from;           /* the pause expected when the last step
+                                 * to shorten it was taken (0: none yet) */
     /* the words [w0, w1) of the bitmap the senders work on now; the
      * round ends (ROUND_END) with the part that reaches the last word */
     size_t w0, w1;
