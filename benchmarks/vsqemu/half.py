@@ -44,7 +44,8 @@ def _final(stats, cpu_s, wall_s):
         "round_bytes": [r.bytes for r in stats.rounds],
         "round_dirty": [r.dirty for r in stats.rounds],
         "round_blocks": [r.blocks for r in stats.rounds],
-        "round_throttle": [r.throttle for r in stats.rounds],
+        # (an engine built before rounds carried it: 0)
+        "round_throttle": [getattr(r, "throttle", 0) for r in stats.rounds],
         "disk_total": stats.disk_total, "disk_bytes": stats.disk_bytes,
         "disk_blocks": stats.disk_blocks,
         "cpu_s": cpu_s, "wall_s": wall_s,
