@@ -334,7 +334,8 @@ static int trim_pause(struct source *src, double expected)
  * pages the guest dirties during a round (at the rate seen since the last
  * sync) or the last round's drop promise a dirty set a quarter smaller,
  * until the pause is already tiny or EXTRA_ROUNDS rounds have run since
- * it first fitted.
+ * it first fitted; and while slowing the guest still shortens a long
+ * pause that rounds alone no longer do (trim_pause).
  */
 static int should_switch(struct source *src, uint64_t pages, double since_ms)
 {
