@@ -163,3 +163,14 @@ def switchover(src_entries, src_tail, dst_entries, min_seq):
             "hb_continuous": bool(seqs) and not breaks,
             "hb_breaks": breaks[:5], "guest_errors": errors,
             "dst_heartbeats": after_dst}
+
+
+def judge(src, dst, start_seq, keep):
+    """Wait for JUDGED_BEATS of the destination's heartbeats, judge the
+    switch-over (switchover()), keep both consoles in ``keep`` if it broke."""
+    wait_for(lambda: len(read_tlog(dst.tlog_path)) > JUDGED_BEATS, 20,
+             "heartbeats from the destination")
+    res = switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
+                     read_tlog(dst.tlog_path), start_seq)
+    keep_consoles(res, keep, src, dst)
+    return res

@@ -11,18 +11,14 @@ import sys
 from nova_bhyve.testhost.process import TestHostVM
 from vsqemu import disk as vdisk
 from vsqemu.common import (
-    JUDGED_BEATS,
     BenchError,
-    console_tail,
     cpu_outside_guest,
     guest_cpus,
     iface_bytes,
-    keep_consoles,
+    judge,
     last_seq,
     read_tlog,
-    switchover,
     vmm_cpu,
-    wait_for,
 )
 
 _HALF = pathlib.Path(__file__).resolve().parent / "half.py"
@@ -207,12 +203,8 @@ class OursChain:
                 os.unlink(dst.disk_path)
             return res
         self.vm = dst
-        wait_for(lambda: len(read_tlog(dst.tlog_path)) > JUDGED_BEATS, 20,
-                 "heartbeats from the destination")
-        res.update(switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
-                              read_tlog(dst.tlog_path), start_seq))
+        res.update(judge(src, dst, start_seq, self.keep and f"{self.keep}/{dst.name}"))
         src.stop()
-        keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
         if self.disk:
             res.update(vdisk.verify_moved(
                 src.console_text(), dst.console_text, dst.client.pause,

@@ -14,16 +14,13 @@ from nova_bhyve.testhost import artifacts
 from vsqemu import disk as vdisk
 from vsqemu import qemu_disk
 from vsqemu.common import (
-    JUDGED_BEATS,
     BenchError,
-    console_tail,
     cpu_outside_guest,
     guest_cpus,
     iface_bytes,
-    keep_consoles,
+    judge,
     last_seq,
     read_tlog,
-    switchover,
     vmm_cpu,
     wait_for,
 )
@@ -298,7 +295,8 @@ class QemuChain:
             raise
         if res["status"] == "ok":
             self.vm = dst
-            res.update(self._judge(src, dst, res.pop("start_seq")))
+            res.update(judge(src, dst, res.pop("start_seq"),
+                             self.keep and f"{self.keep}/{dst.name}"))
             src.kill()
             if self.disk:
                 res.update(vdisk.verify_moved(
@@ -408,14 +406,6 @@ class QemuChain:
             if status == "completed":
                 res["disk_finish_s"] = finish_s
         res["rounds"] = len(res["round_ms"])
-        return res
-
-    def _judge(self, src, dst, start_seq):
-        wait_for(lambda: len(read_tlog(dst.tlog_path)) > JUDGED_BEATS, 20,
-                 "heartbeats from the QEMU destination")
-        res = switchover(read_tlog(src.tlog_path), console_tail(src.console_path),
-                         read_tlog(dst.tlog_path), start_seq)
-        keep_consoles(res, self.keep and f"{self.keep}/{dst.name}", src, dst)
         return res
 
     def close(self):
