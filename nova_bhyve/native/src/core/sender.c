@@ -147,6 +147,36 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
     return 0;
 }
 
+/*
+ * Map a word's pages that are set in `bits` into our view of guest
+ * memory, each run of neighbours in one call rather than a page fault
+ * per page.  The round after nb_src_mark_data_pages reads pages nothing
+ * has mapped yet; each sender maps its own words as it comes to them, so
+ * sending starts at once and the senders share the work.  Only pages
+ * that hold data are set, so no hole of the memory file is filled.
+ */
+static void map_word(struct nb_mig *m, uint64_t w, uint64_t bits)
+{
+    uint64_t pfn, first = 0, len = 0, off;
+
+    while (bits) {
+        int b = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        if (nb_page_addr(m, w * 64 + (uint64_t)b, &pfn, &off) < 0)
+            break;
+        if (len && off == first + len) {
+            len += NB_PAGE;
+            continue;
+        }
+        if (len)
+            madvise(m->vmm.mem + first, len, MADV_POPULATE_READ);
+        first = off;
+        len = NB_PAGE;
+    }
+    if (len)
+        madvise(m->vmm.mem + first, len, MADV_POPULATE_READ);
+}
+
 /* Send this channel's share of the round: words slot, slot+n, slot+2n... */
 static int run_round(struct sender *s, struct source *src, uint32_t round, char *err)
 {
@@ -158,6 +188,8 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
         s->round_pages = s->round_blocks = 0;
     for (; w < src->w1; w += n) {
         uint64_t bits = src->bitmap[w];
+        if (src->mapping && bits)
+            map_word(s->m, w, bits);
         while (bits) {
             int b = __builtin_ctzll(bits);
             bits &= bits - 1;
@@ -322,6 +354,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
     pthread_mutex_lock(&src->lock);
     failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);
+    src->mapping = 0;
 
     for (int i = 0; i < src->nsnd; i++) {
         pages += src->snd[i].round_pages;
@@ -374,8 +407,7 @@ void nb_src_mark_data_pages(struct source *src)
             dend = total;
         for (uint64_t i = doff / NB_PAGE; i < (dend + NB_PAGE - 1) / NB_PAGE; i++)
             src->bitmap[i / 64] |= 1ULL << (i % 64);
-        /* map the extent in one go rather than a page fault per page */
-        madvise(m->vmm.mem + doff, dend - doff, MADV_POPULATE_READ);
+        src->mapping = 1;
         off = dend > doff ? dend : doff + NB_PAGE;
     }
 }
