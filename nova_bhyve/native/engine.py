@@ -13,6 +13,12 @@ from nova_bhyve.native._engine import ffi, lib
 
 LOG = logging.getLogger(__name__)
 
+# OpenSSL seeds its random generator on first use: do it as the engine
+# loads, not inside the first migration's handshake
+if lib.nb_engine_init() != 0:
+    LOG.warning("OpenSSL has no randomness; migrations will fail their "
+                "handshake until it has")
+
 
 class ErrorKind(enum.IntEnum):
     """Why a request or a migration failed (``enum nb_error_kind``)."""

@@ -185,6 +185,12 @@ int nb_mig_cancel(nb_mig *m, char *err, size_t errlen);
 int nb_mig_wait(nb_mig *m, int timeout_ms);
 void nb_mig_free(nb_mig *m);
 
+/* Prepare this process for migrations: seed OpenSSL's random generator
+ * now (about 2 ms) rather than in the first handshake, on either side.
+ * 0, or -1 if there is no randomness (each handshake then fails, saying
+ * so). */
+int nb_engine_init(void);
+
 /* Compare two compatibility preambles (the destination's check). */
 int nb_spec_check(const char *src_preamble, const char *dst_preamble,
                   char *err, size_t errlen);

@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <openssl/rand.h>
 
 #include "core/nbmig.h"
 
@@ -607,6 +608,12 @@ void nb_mig_free(nb_mig *m)
     pthread_mutex_destroy(&m->lock);
     pthread_cond_destroy(&m->cond);
     free(m);
+}
+
+int nb_engine_init(void)
+{
+    unsigned char b;
+    return RAND_bytes(&b, 1) == 1 ? 0 : -1;
 }
 
 int nb_spec_check(const char *src_preamble, const char *dst_preamble,
