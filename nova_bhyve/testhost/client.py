@@ -8,6 +8,7 @@ and for some requests a binary payload whose size the reply states.
 import dataclasses
 import select
 import socket
+import struct
 import threading
 
 from nova_bhyve.testhost.errors import TestHostError
@@ -32,6 +33,26 @@ class MemoryLayout:
         yield (0, 0, self.lowmem)
         if self.highmem:
             yield (self.highbase, self.highoffset, self.highmem)
+
+
+def _bitmap_from_runs(body, words):
+    """The dirty bitmap (``words`` 64-bit words) from a ``dirty-log`` body.
+
+    The body holds the runs of words with a bit set: u32 first word, u32
+    count, then the words, little-endian (CONTROL_PROTOCOL.md).
+    """
+    out = bytearray(words * 8)
+    pos = 0
+    while pos < len(body):
+        if len(body) - pos < 8:
+            raise TestHostError("EPROTO", "dirty-log run header cut short")
+        first, count = struct.unpack_from("<II", body, pos)
+        pos += 8
+        if not count or first + count > words or len(body) - pos < count * 8:
+            raise TestHostError("EPROTO", "dirty-log run outside the bitmap")
+        out[first * 8:(first + count) * 8] = body[pos:pos + count * 8]
+        pos += count * 8
+    return bytes(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +257,8 @@ class ControlClient:
             line += f" {int(first)} {int(count)}"
         with self._lock:
             fields = self._call(line)
-            data = self._readexact(int(fields["bytes"]))
+            body = self._readexact(int(fields["bytes"]))
+        data = _bitmap_from_runs(body, int(fields["words"]))
         lowbytes = int(fields["lowbytes"])
         return DirtyLog(low=data[:lowbytes], high=data[lowbytes:],
                         lowpages=int(fields["lowpages"]),

@@ -186,16 +186,58 @@ def test_client_parses_ok_fields_and_raises_on_err():
         host.close()
 
 
+def _run(first, *words):
+    """A dirty-log run: u32 first word, u32 count, the words."""
+    return struct.pack(f"<II{len(words)}Q", first, len(words), *words)
+
+
 def test_client_reads_binary_payloads_of_the_stated_size():
     bitmap = bytes([1, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0])
     host = FakeHost([b"OK bytes=5 crc32=0\nSTATE",
-                     b"OK bytes=16 lowpages=64 highpages=64 lowbytes=8\n" + bitmap])
+                     b"OK bytes=24 words=2 lowpages=64 highpages=64 lowbytes=8\n" +
+                     _run(0, 1, 0x80)])
     try:
         client = ControlClient(host.path)
         assert client.save_state() == b"STATE"
         log = client.dirty_log()
         assert log.low == bitmap[:8] and log.high == bitmap[8:]
         assert log.count() == 2
+        client.close()
+    finally:
+        host.close()
+
+
+def test_client_puts_the_dirty_logs_runs_back_into_a_bitmap():
+    runs = _run(1, 0b101) + _run(3, 1 << 63, 1)
+    host = FakeHost([f"OK bytes={len(runs)} words=5 lowpages=256 highpages=64 "
+                     "lowbytes=32\n".encode() + runs,
+                     b"OK bytes=0 words=5 lowpages=256 highpages=64 lowbytes=32\n"])
+    try:
+        client = ControlClient(host.path)
+        log = client.dirty_log()
+        assert log.low == struct.pack("<4Q", 0, 0b101, 0, 1 << 63)
+        assert log.high == struct.pack("<Q", 1)
+        assert log.count() == 4
+        assert client.dirty_log(peek=True).count() == 0     # no run: all clean
+        client.close()
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("body", [
+    _run(4, 1, 1),                  # reaches past the last word
+    _run(0)[:8],                    # a run of no words
+    _run(0, 1)[:12],                # its words cut short
+    _run(0, 1) + b"\0\0\0",          # a header cut short
+])
+def test_client_refuses_a_dirty_log_run_outside_the_bitmap(body):
+    host = FakeHost([f"OK bytes={len(body)} words=5 lowpages=256 highpages=64 "
+                     "lowbytes=32\n".encode() + body])
+    try:
+        client = ControlClient(host.path)
+        with pytest.raises(TestHostError) as err:
+            client.dirty_log()
+        assert err.value.code == "EPROTO"
         client.close()
     finally:
         host.close()

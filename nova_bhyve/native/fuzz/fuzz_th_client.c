@@ -1,7 +1,7 @@
 /*
  * Target "th_client": the engine's side of the test host's control socket
  * (vmm/vmm_testhost.c, included for its static functions): reply lines,
- * the dirty-log replies and their bitmaps (whole, peek, ranged), the
+ * the dirty-log replies and their runs of words (whole, peek, ranged), the
  * disk's dirty-block log (disk 0, or a disk that does not exist), the
  * state blob of save-state, and the simple requests, with the input as
  * everything the test host answers.
@@ -72,9 +72,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 static void fuzz_seeds(const char *dir)
 {
     static const char *replies[] = {
-        "OK bytes=160 lowpages=1024 highpages=256 lowbytes=128\n",
-        "OK bytes=160 lowpages=1024 highpages=256 lowbytes=128\n",
-        "OK bytes=160 lowpages=1024 highpages=256 lowbytes=128\n",
+        "OK bytes=168 words=20 lowpages=1024 highpages=256 lowbytes=128\n",
+        "OK bytes=168 words=20 lowpages=1024 highpages=256 lowbytes=128\n",
+        "OK bytes=168 words=20 lowpages=1024 highpages=256 lowbytes=128\n",
         "OK bytes=8 crc32=0badf00d\n",
         "OK state=paused\n",
         "OK state=paused\nOK state=running\nOK throttle=50\n",
@@ -91,6 +91,10 @@ static void fuzz_seeds(const char *dir)
         fz_put8(&b, 2);
         fz_put8(&b, 3);
         fz_put(&b, replies[op], strlen(replies[op]));
+        if (op <= 2) {              /* one run: words 0..19 */
+            static const uint8_t run[8] = { 0, 0, 0, 0, 20, 0, 0, 0 };
+            fz_put(&b, run, sizeof(run));
+        }
         if (op <= 3 || op == 8) {   /* the payload the reply announces */
             uint8_t bits[160];
             memset(bits, 0xa5, sizeof(bits));

@@ -195,13 +195,41 @@ static int cmd_memfd(struct nb_vm *vm, int fd)
     return sendmsg(fd, &msg, MSG_NOSIGNAL) == n ? 0 : -1;
 }
 
+/*
+ * The dirty log's reply body (CONTROL_PROTOCOL.md, "Dirty tracking"): each
+ * run of words with a bit set as u32 first word, u32 count and the words,
+ * little-endian.  Never more than the bitmap's length plus 8 bytes: each
+ * run but the last is followed by a clean word it does not send.
+ */
+static size_t encode_runs(const uint64_t *w, size_t nw, uint8_t *out)
+{
+    size_t pos = 0, i = 0;
+
+    while (i < nw) {
+        size_t first;
+        uint32_t hdr[2];
+        if (!w[i]) {
+            i++;
+            continue;
+        }
+        for (first = i; i < nw && w[i]; i++) {
+        }
+        hdr[0] = (uint32_t)first;
+        hdr[1] = (uint32_t)(i - first);
+        memcpy(out + pos, hdr, sizeof(hdr));
+        memcpy(out + pos + sizeof(hdr), &w[first], (i - first) * 8);
+        pos += sizeof(hdr) + (i - first) * 8;
+    }
+    return pos;
+}
+
 /* dirty-log [peek | FIRST COUNT]: see CONTROL_PROTOCOL.md */
 static int cmd_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
 {
-    size_t len = nb_vm_dirty_log_bytes(vm);
+    size_t len = nb_vm_dirty_log_bytes(vm), body;
     uint64_t first = 0, count = UINT64_MAX;
     int peek = argc == 2 && !strcmp(argv[1], "peek");
-    uint8_t *bm;
+    uint8_t *bm, *runs;
     int rc;
     if (argc == 3) {
         if (parse_u64(argv[1], len / 8 - 1, &first) < 0 ||
@@ -212,19 +240,27 @@ static int cmd_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
         return reply(fd, "ERR EINVAL usage: dirty-log [peek | FIRST COUNT]");
     }
     bm = malloc(len);
-    if (!bm)
-        return reply(fd, "ERR ENOMEM cannot allocate %zu bytes", len);
+    runs = malloc(len + 8);
+    if (!bm || !runs) {
+        free(bm);
+        free(runs);
+        return reply(fd, "ERR ENOMEM cannot allocate %zu bytes", 2 * len + 8);
+    }
     if (nb_vm_dirty_log_range(vm, bm, len, first, count, peek) < 0) {
         rc = reply(fd, "ERR EIO reading the dirty log: %s", strerror(errno));
         free(bm);
+        free(runs);
         return rc;
     }
-    rc = reply(fd, "OK bytes=%zu lowpages=%" PRIu64 " highpages=%" PRIu64
-               " lowbytes=%" PRIu64, len, vm->lowmem / NB_PAGE_SIZE,
+    /* len is a whole number of words (nb_bitmap_bytes) */
+    body = encode_runs((const uint64_t *)(void *)bm, len / 8, runs);
+    rc = reply(fd, "OK bytes=%zu words=%zu lowpages=%" PRIu64 " highpages=%" PRIu64
+               " lowbytes=%" PRIu64, body, len / 8, vm->lowmem / NB_PAGE_SIZE,
                vm->highmem / NB_PAGE_SIZE, nb_bitmap_bytes(vm->lowmem / NB_PAGE_SIZE));
     if (rc == 0)
-        rc = send_all(fd, bm, len);
+        rc = send_all(fd, runs, body);
     free(bm);
+    free(runs);
     return rc;
 }
 

@@ -160,14 +160,41 @@ static int th_has_dirty_log(struct nb_vmm *v)
     return 1;
 }
 
+/*
+ * Decode a dirty-log reply body into the `words` words of `bitmap`, which
+ * is zeroed: runs of words with a bit set, each u32 first word, u32 count,
+ * then the words (CONTROL_PROTOCOL.md, "Dirty tracking"); the words
+ * between runs are clean.  -1 if a run is cut short or falls outside.
+ */
+static int decode_runs(const uint8_t *body, size_t len, uint64_t *bitmap,
+                       size_t words)
+{
+    size_t pos = 0;
+
+    while (pos < len) {
+        uint32_t hdr[2];
+        if (len - pos < sizeof(hdr))
+            return -1;
+        memcpy(hdr, body + pos, sizeof(hdr));
+        pos += sizeof(hdr);
+        if (!hdr[1] || hdr[0] >= words || hdr[1] > words - hdr[0] ||
+            (len - pos) / 8 < hdr[1])
+            return -1;
+        memcpy(bitmap + hdr[0], body + pos, (size_t)hdr[1] * 8);
+        pos += (size_t)hdr[1] * 8;
+    }
+    return 0;
+}
+
 /* Send a dirty-log request; the whole bitmap comes back in `bitmap`. */
 static int th_dirty_request(struct nb_vmm *v, const char *req, uint64_t *bitmap,
                             size_t words, char *err)
 {
     struct th *t = v->priv;
     char reply[REPLY_MAX];
-    uint64_t bytes, lowbytes, lowpages, highpages;
+    uint64_t bytes, nwords, lowbytes, lowpages, highpages;
     uint8_t *buf;
+    int bad;
 
     pthread_mutex_lock(&t->lock);
     if (request(t, req, reply, err) < 0) {
@@ -175,13 +202,15 @@ static int th_dirty_request(struct nb_vmm *v, const char *req, uint64_t *bitmap,
         return -1;
     }
     bytes = field(reply, "bytes");
+    nwords = field(reply, "words");
     lowbytes = field(reply, "lowbytes");
     lowpages = field(reply, "lowpages");
     highpages = field(reply, "highpages");
-    if (lowpages % 64 || bytes > words * 8 + 64 || lowbytes > bytes ||
-        lowbytes > lowpages / 8 ||      /* the low bitmap covers low pages only */
-        lowpages > words * 64 || highpages > words * 64 ||  /* no wrap below */
-        (lowpages + highpages + 63) / 64 > words) {
+    /* the low bitmap is whole words, so the high one follows it directly:
+     * the words are the engine's page order */
+    if (lowpages % 64 || lowbytes != lowpages / 8 || highpages > words * 64 ||
+        lowpages > words * 64 || nwords != lowpages / 64 + (highpages + 63) / 64 ||
+        nwords > words || bytes > nwords * 8 + 8) {
         snprintf(err, NB_ERRLEN, "test host dirty log has an unexpected shape");
         pthread_mutex_unlock(&t->lock);
         return -1;
@@ -195,14 +224,12 @@ static int th_dirty_request(struct nb_vmm *v, const char *req, uint64_t *bitmap,
         return -1;
     }
     pthread_mutex_unlock(&t->lock);
-    /* lowmem pages are a multiple of 64, so the bitmaps simply concatenate */
     memset(bitmap, 0, words * 8);
-    memcpy(bitmap, buf, lowbytes);
-    memcpy((uint8_t *)bitmap + lowpages / 8, buf + lowbytes,
-           (highpages + 63) / 64 * 8 <= bytes - lowbytes ? (highpages + 63) / 64 * 8
-                                                         : bytes - lowbytes);
+    bad = decode_runs(buf, bytes, bitmap, nwords);
     free(buf);
-    return 0;
+    if (bad)
+        snprintf(err, NB_ERRLEN, "test host dirty log has a malformed run");
+    return bad ? -1 : 0;
 }
 
 static int th_dirty_log(struct nb_vmm *v, uint64_t *bitmap, size_t words, char *err)
