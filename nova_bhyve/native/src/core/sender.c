@@ -188,7 +188,9 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
         s->round_pages = s->round_blocks = 0;
     for (; w < src->w1; w += n) {
         uint64_t bits = src->bitmap[w];
-        if (src->mapping && bits)
+        if (!bits)
+            continue;   /* a clean word: nothing sent, no cancel to heed */
+        if (src->mapping)
             map_word(s->m, w, bits);
         while (bits) {
             int b = __builtin_ctzll(bits);
@@ -382,7 +384,8 @@ uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words)
 {
     uint64_t n = 0;
     for (size_t i = 0; i < words; i++)
-        n += (uint64_t)__builtin_popcountll(b[i]);
+        if (b[i])       /* mostly clean in the pause: skip the count */
+            n += (uint64_t)__builtin_popcountll(b[i]);
     return n;
 }
 

@@ -514,26 +514,25 @@ static int phase_iterate(struct source *src, char *err)
     }
 }
 
-/* Stop the guest; the final round sends what the last count found dirty
- * (kept: nothing was cleared since a lazy peek) plus what the sync after
- * the pause reports. */
+/* Stop the guest; the final round sends what the sync after the pause
+ * reports, plus (not lazy) what the last count found dirty and cleared.
+ * A lazy count only peeked: its pages are still in the log. */
 static int stop_and_collect(struct source *src, char *err)
 {
-    uint64_t *keep = malloc(src->words * 8);
-    if (!keep) {
+    /* lazy rounds cleared every bit they sent: nothing to keep */
+    uint64_t *keep = src->lazy ? NULL : malloc(src->words * 8);
+    if (!src->lazy && !keep) {
         snprintf(err, NB_ERRLEN, "out of memory");
         return fail(src, NB_ERR_RESOURCE);
     }
-    if (src->lazy)
-        memset(keep, 0, src->words * 8);
-    else
+    if (keep)
         memcpy(keep, src->bitmap, src->words * 8);
     if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0 ||
         nb_disk_sync(src->m, &src->dirty_blocks, err) < 0) {
         free(keep);
         return fail(src, NB_ERR_VMM);
     }
-    for (size_t w = 0; w < src->words; w++)
+    for (size_t w = 0; keep && w < src->words; w++)
         src->bitmap[w] |= keep[w];
     free(keep);
     return 0;
