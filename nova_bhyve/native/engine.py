@@ -234,6 +234,8 @@ class MigrationStats:
     dirty_blocks: int = 0       # disk blocks pending at the last sync
     disk_digest: int = 0
     stream_bytes: int = 0       # stream disks' bytes sent or written
+    converge_steps: int = 0     # throttle steps: rounds stopped shrinking
+    trim_steps: int = 0         # throttle steps: a pause that fitted, cut
 
     @property
     def finished(self):
@@ -401,7 +403,8 @@ class Migration:
         memory, at most a quarter of this host's free memory; "auto:N"
         caps it at N bytes).  ``auto_converge``: throttle the guest's
         vCPUs when rounds stop shrinking, or to shorten a long pause
-        (stats().throttle says how much, each round's ``throttle`` when).
+        (stats().throttle says how much, each round's ``throttle`` when,
+        ``converge_steps`` and ``trim_steps`` why).
 
         ``keep_paused``: the guest is paused and stays so (never resumed here).
         ``encrypt=False`` sends pages in the clear (both sides must say so;
@@ -475,7 +478,8 @@ class Migration:
             error_kind=ErrorKind(s.error_kind), disk_total=s.disk_total,
             disk_bytes=s.disk_bytes, disk_blocks=s.disk_blocks,
             dirty_blocks=s.dirty_blocks, disk_digest=s.disk_digest,
-            stream_bytes=s.stream_bytes)
+            stream_bytes=s.stream_bytes, converge_steps=s.converge_steps,
+            trim_steps=s.trim_steps)
 
     def set_param(self, name, value):
         """Change max_downtime_ms, max_bandwidth or throttle while running."""

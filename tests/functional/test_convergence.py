@@ -53,7 +53,10 @@ def test_tight_loop_guest_converges_with_the_defaults_on_a_slow_link(vms):
     assert s.rounds[0].bytes < 8 * MiB          # not a 64 MiB raw sweep
     assert s.delta_cache_bytes >= 64 * MiB      # sized to the guest
     assert s.bytes_transferred < 64 * MiB       # less than one raw sweep
-    assert s.throttle == 0                      # no need to slow the guest
+    # no need to slow the guest to converge; a pause that already fitted
+    # may still be cut by a step or so (trim_pause) where it came out long
+    assert s.converge_steps == 0
+    assert s.throttle == (10 + 10 * s.trim_steps if s.trim_steps else 0)
     _moved(src, dst, s, d)
 
 
@@ -64,7 +67,7 @@ def test_auto_converge_throttles_when_rounds_stop_shrinking(vms):
     src, dst = _pair(vms, "mode=stress pattern=tight ws=16M")
     s, d = migrate(src, dst, max_bandwidth=24 * MiB, compress="off",
                    delta_cache=0, max_downtime_ms=300, timeout_ms=60000)
-    assert s.throttle >= 20
+    assert s.throttle >= 20 and s.converge_steps >= 1
     assert s.pages_compressed == s.pages_delta == 0
     assert s.downtime_ms > 0
     _moved(src, dst, s, d)
@@ -81,6 +84,7 @@ def test_a_long_pause_that_fits_is_cut_only_while_slowing_the_guest_pays(vms):
     s, d = migrate(src, dst, max_bandwidth=128 * MiB, compress="off",
                    delta_cache=0, timeout_ms=60000)
     assert s.throttle == 20
+    assert s.trim_steps == 1 and s.converge_steps == 0
     steps = [r.throttle for r in s.rounds]
     assert steps[0] == 0 and steps[-2:] == [20, 20], steps
     assert sorted(set(steps)) == [0, 20], steps

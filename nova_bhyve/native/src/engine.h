@@ -156,6 +156,10 @@ struct nb_mig_stats {
                                  * trip (the pause has two) */
     uint32_t max_downtime_ms;
     uint32_t throttle;          /* percent applied through the vmm port */
+    uint32_t converge_steps;    /* throttle steps taken because rounds
+                                 * stopped shrinking (auto-converge) */
+    uint32_t trim_steps;        /* throttle steps taken to shorten a pause
+                                 * that already fitted the limit */
     uint64_t delta_cache_bytes; /* the delta cache's size (auto: as chosen) */
     uint32_t compressing;       /* page channels compressing now */
     int committed;              /* ownership passed to the destination */

@@ -324,6 +324,9 @@ static int trim_pause(struct source *src, double expected)
     if (!throttle_step(src, TRIM_MAX_THROTTLE))
         return 0;
     src->trim_from = expected;
+    pthread_mutex_lock(&src->m->lock);
+    src->m->st.trim_steps++;
+    pthread_mutex_unlock(&src->m->lock);
     return 1;
 }
 
@@ -386,8 +389,12 @@ static void converge(struct source *src, uint64_t dirty)
     if (++src->stalls < CONVERGE_STALLS ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
-    if (throttle_step(src, 99))
-        src->stalls = 0;
+    if (!throttle_step(src, 99))
+        return;
+    src->stalls = 0;
+    pthread_mutex_lock(&src->m->lock);
+    src->m->st.converge_steps++;
+    pthread_mutex_unlock(&src->m->lock);
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
