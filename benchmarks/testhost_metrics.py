@@ -1,16 +1,23 @@
-"""Measure the KVM test host: heartbeat rate, dirty-log sync time, state size.
+"""Measure the KVM test host: heartbeat rate, vCPU load, dirty-log sync, state size.
 
     .venv/bin/python -P benchmarks/testhost_metrics.py
 
 Heartbeat rate: heartbeats per second of host time seen in console.tlog
-over 3 s, for idle and stress guests.  Dirty-log sync: wall time of one
-get-and-clear `dirty-log` request, per GiB of guest RAM, for 1 and 4 GiB
-guests with a stress working set.  State blob: size of `save-state`.
+over 3 s, for idle and stress guests.  vCPU load: the share of 4 s the
+guest's vCPU thread spent on a CPU, for an idle guest and a tight loop
+over 256 MiB (with the pages that loop writes per second, no migration
+running), and, where perf(1) is installed, how many guest instructions
+KVM emulated per second meanwhile (`kvm:kvm_emulate_insn`).  Dirty-log
+sync: wall time of one get-and-clear `dirty-log` request, per GiB of
+guest RAM, for 1 and 4 GiB guests with a stress working set.  State
+blob: size of `save-state`.
 """
 
 import math
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +40,56 @@ def heartbeat_rate(base, cmdline, seconds=3.0):
     window = [t for t in stamps if t >= stamps[-1] - seconds * 1e9]
     gaps = [(b - a) / 1e6 for a, b in zip(window, window[1:])]
     return len(window) / seconds, statistics.median(gaps)
+
+
+def _vcpu_tid(pid):
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            if f.read().startswith("vcpu"):
+                return int(tid)
+    raise RuntimeError("the test host has no vCPU thread")
+
+
+def _on_cpu_ns(pid, tid):
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def _emulated(tid, seconds):
+    """Instructions KVM emulated for thread `tid` in `seconds`, or None."""
+    if not shutil.which("perf"):
+        return None
+    out = subprocess.run(["perf", "stat", "-x,", "-e", "kvm:kvm_emulate_insn",
+                          "-t", str(tid), "--", "sleep", str(seconds)],
+                         capture_output=True, text=True, check=False)
+    for line in out.stderr.splitlines():
+        field = line.split(",")[0]
+        if "kvm_emulate_insn" in line and field.isdigit():
+            return int(field)
+    return None
+
+
+def vcpu_load(base, cmdline, seconds=4.0):
+    """Share of `seconds` on a CPU, pages written per second, emulated insns/s."""
+    vm = TestHostVM.start("vl", f"{base}/vl", "1G", cmdline=cmdline, tlog=True)
+    try:
+        polling.poll(lambda: len(parse_console(vm.console_text()).heartbeats) > 500,
+                     math.inf, 0.05)
+        tid = _vcpu_tid(vm.pid)
+        passes0, t0 = _passes(vm), _on_cpu_ns(vm.pid, tid)
+        time.sleep(seconds)
+        passes1, t1 = _passes(vm), _on_cpu_ns(vm.pid, tid)
+        emulated = _emulated(tid, 1)
+    finally:
+        vm.kill()
+        shutil.rmtree(f"{base}/vl", ignore_errors=True)
+    return (t1 - t0) / (seconds * 1e9), (passes1 - passes0) / seconds, emulated
+
+
+def _passes(vm):
+    """The passes over its working set the guest reported last."""
+    beats = parse_console(vm.console_text()).heartbeats
+    return beats[-1].passes if beats else 0
 
 
 def dirty_sync(base, mem, gib):
@@ -64,6 +121,15 @@ def main():
         for cmd in ("mode=idle", "mode=stress pattern=touch ws=16M"):
             rate, gap = heartbeat_rate(base, cmd)
             print(f"heartbeats ({cmd}): {rate:.0f}/s, median gap {gap:.2f} ms")
+        for cmd, pages in (("mode=idle", 0),
+                           ("mode=stress pattern=tight ws=256M", 65536)):
+            share, passes, emulated = vcpu_load(base, cmd)
+            line = f"vCPU load ({cmd}): on a CPU {share:.0%} of the time"
+            if pages:
+                line += f", {passes * pages:.0f} pages written per second"
+            if emulated is not None:
+                line += f", {emulated} instructions emulated in 1 s"
+            print(line)
         for mem, gib in (("1G", 1), ("4G", 4)):
             med, per_gib, blob = dirty_sync(base, mem, gib)
             print(f"dirty-log sync, {mem} guest: {med:.2f} ms "
