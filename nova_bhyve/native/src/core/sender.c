@@ -147,36 +147,6 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
     return 0;
 }
 
-/*
- * Map a word's pages that are set in `bits` into our view of guest
- * memory, each run of neighbours in one call rather than a page fault
- * per page.  The round after nb_src_mark_data_pages reads pages nothing
- * has mapped yet; each sender maps its own words as it comes to them, so
- * sending starts at once and the senders share the work.  Only pages
- * that hold data are set, so no hole of the memory file is filled.
- */
-static void map_word(struct nb_mig *m, uint64_t w, uint64_t bits)
-{
-    uint64_t pfn, first = 0, len = 0, off;
-
-    while (bits) {
-        int b = __builtin_ctzll(bits);
-        bits &= bits - 1;
-        if (nb_page_addr(m, w * 64 + (uint64_t)b, &pfn, &off) < 0)
-            break;
-        if (len && off == first + len) {
-            len += NB_PAGE;
-            continue;
-        }
-        if (len)
-            madvise(m->vmm.mem + first, len, MADV_POPULATE_READ);
-        first = off;
-        len = NB_PAGE;
-    }
-    if (len)
-        madvise(m->vmm.mem + first, len, MADV_POPULATE_READ);
-}
-
 /* Send this channel's share of the round: words slot, slot+n, slot+2n... */
 static int run_round(struct sender *s, struct source *src, uint32_t round, char *err)
 {
@@ -190,8 +160,6 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
         uint64_t bits = src->bitmap[w];
         if (!bits)
             continue;   /* a clean word: nothing sent, no cancel to heed */
-        if (src->mapping)
-            map_word(s->m, w, bits);
         while (bits) {
             int b = __builtin_ctzll(bits);
             bits &= bits - 1;
@@ -356,7 +324,6 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
     pthread_mutex_lock(&src->lock);
     failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);
-    src->mapping = 0;
 
     for (int i = 0; i < src->nsnd; i++) {
         pages += src->snd[i].round_pages;
@@ -410,7 +377,10 @@ void nb_src_mark_data_pages(struct source *src)
             dend = total;
         for (uint64_t i = doff / NB_PAGE; i < (dend + NB_PAGE - 1) / NB_PAGE; i++)
             src->bitmap[i / 64] |= 1ULL << (i % 64);
-        src->mapping = 1;
+        /* map the extent in one go rather than a page fault per page
+         * (tried instead: the senders mapping each 64-page word as they
+         * reach it; `touch 5% of 8G` took 0.41-0.51 s, not 0.34-0.37) */
+        madvise(m->vmm.mem + doff, dend - doff, MADV_POPULATE_READ);
         off = dend > doff ? dend : doff + NB_PAGE;
     }
 }

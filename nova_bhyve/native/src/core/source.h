@@ -68,8 +68,6 @@ struct source {
     int lazy;
     size_t chunk;
     uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
-    int mapping;                /* the round to come reads data pages not yet
-                                 * mapped: its senders map them (sender.c) */
 };
 
 /* Lazy clearing works on chunks of at least this many 64-page words (64 MiB). */
