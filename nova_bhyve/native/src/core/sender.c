@@ -379,7 +379,7 @@ void nb_src_mark_data_pages(struct source *src)
             src->bitmap[i / 64] |= 1ULL << (i % 64);
         /* map the extent in one go rather than a page fault per page
          * (tried instead: the senders mapping each 64-page word as they
-         * reach it; `touch 5% of 8G` took 0.41-0.51 s, not 0.34-0.37) */
+         * reach it; no faster end to end, benchmarks/README.md) */
         madvise(m->vmm.mem + doff, dend - doff, MADV_POPULATE_READ);
         off = dend > doff ? dend : doff + NB_PAGE;
     }
