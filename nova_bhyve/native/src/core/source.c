@@ -287,9 +287,10 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
 
 /*
  * Raise the guest's throttle one step (20 %, then 10 points more) up to
- * `cap` percent; 1 if it was raised.
+ * `cap` percent and count it in `*steps` (a field of m->st, under its
+ * lock); 1 if it was raised.
  */
-static int throttle_step(struct source *src, uint32_t cap)
+static int throttle_step(struct source *src, uint32_t cap, uint32_t *steps)
 {
     struct nb_mig *m = src->m;
     uint32_t cur, next;
@@ -306,6 +307,9 @@ static int throttle_step(struct source *src, uint32_t cap)
     if (next <= cur || nb_mig_set_param(m, "throttle", next, e, sizeof(e)) < 0)
         return 0;
     src->t_converge = nb_now_ms();
+    pthread_mutex_lock(&m->lock);
+    (*steps)++;
+    pthread_mutex_unlock(&m->lock);
     return 1;
 }
 
@@ -321,12 +325,9 @@ static int trim_pause(struct source *src, double expected)
     if (expected <= TRIM_PAUSE_MS ||
         (src->trim_from > 0 && expected * 10 > src->trim_from * 9))
         return 0;
-    if (!throttle_step(src, TRIM_MAX_THROTTLE))
+    if (!throttle_step(src, TRIM_MAX_THROTTLE, &src->m->st.trim_steps))
         return 0;
     src->trim_from = expected;
-    pthread_mutex_lock(&src->m->lock);
-    src->m->st.trim_steps++;
-    pthread_mutex_unlock(&src->m->lock);
     return 1;
 }
 
@@ -389,12 +390,8 @@ static void converge(struct source *src, uint64_t dirty)
     if (++src->stalls < CONVERGE_STALLS ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
-    if (!throttle_step(src, 99))
-        return;
-    src->stalls = 0;
-    pthread_mutex_lock(&src->m->lock);
-    src->m->st.converge_steps++;
-    pthread_mutex_unlock(&src->m->lock);
+    if (throttle_step(src, 99, &src->m->st.converge_steps))
+        src->stalls = 0;
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
@@ -526,14 +523,15 @@ static int phase_iterate(struct source *src, char *err)
  * A lazy count only peeked: its pages are still in the log. */
 static int stop_and_collect(struct source *src, char *err)
 {
-    /* lazy rounds cleared every bit they sent: nothing to keep */
-    uint64_t *keep = src->lazy ? NULL : malloc(src->words * 8);
-    if (!src->lazy && !keep) {
-        snprintf(err, NB_ERRLEN, "out of memory");
-        return fail(src, NB_ERR_RESOURCE);
-    }
-    if (keep)
+    uint64_t *keep = NULL;
+
+    if (!src->lazy) {
+        if (!(keep = malloc(src->words * 8))) {
+            snprintf(err, NB_ERRLEN, "out of memory");
+            return fail(src, NB_ERR_RESOURCE);
+        }
         memcpy(keep, src->bitmap, src->words * 8);
+    }
     if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0 ||
         nb_disk_sync(src->m, &src->dirty_blocks, err) < 0) {
         free(keep);
