@@ -14,7 +14,7 @@ blob: size of `save-state`.
 """
 
 import math
-import os
+import pathlib
 import shutil
 import statistics
 import subprocess
@@ -25,6 +25,9 @@ import time
 from nova_bhyve import polling
 from nova_bhyve.testhost.console import parse_console, parse_tlog
 from nova_bhyve.testhost.process import TestHostVM
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+from vsqemu.common import vmm_cpu  # noqa: E402
 
 
 def heartbeat_rate(base, cmdline, seconds=3.0):
@@ -42,25 +45,12 @@ def heartbeat_rate(base, cmdline, seconds=3.0):
     return len(window) / seconds, statistics.median(gaps)
 
 
-def _vcpu_tid(pid):
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            if f.read().startswith("vcpu"):
-                return int(tid)
-    raise RuntimeError("the test host has no vCPU thread")
-
-
-def _on_cpu_ns(pid, tid):
-    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-        return int(f.read().split()[0])
-
-
-def _emulated(tid, seconds):
-    """Instructions KVM emulated for thread `tid` in `seconds`, or None."""
+def _emulated(pid, seconds):
+    """Instructions KVM emulated for process `pid`'s vCPUs in `seconds`, or None."""
     if not shutil.which("perf"):
         return None
     out = subprocess.run(["perf", "stat", "-x,", "-e", "kvm:kvm_emulate_insn",
-                          "-t", str(tid), "--", "sleep", str(seconds)],
+                          "-p", str(pid), "--", "sleep", str(seconds)],
                          capture_output=True, text=True, check=False)
     for line in out.stderr.splitlines():
         field = line.split(",")[0]
@@ -75,15 +65,14 @@ def vcpu_load(base, cmdline, seconds=4.0):
     try:
         polling.poll(lambda: len(parse_console(vm.console_text()).heartbeats) > 500,
                      math.inf, 0.05)
-        tid = _vcpu_tid(vm.pid)
-        passes0, t0 = _passes(vm), _on_cpu_ns(vm.pid, tid)
+        passes0, (_, t0) = _passes(vm), vmm_cpu(vm.pid)
         time.sleep(seconds)
-        passes1, t1 = _passes(vm), _on_cpu_ns(vm.pid, tid)
-        emulated = _emulated(tid, 1)
+        passes1, (_, t1) = _passes(vm), vmm_cpu(vm.pid)
+        emulated = _emulated(vm.pid, 1)
     finally:
         vm.kill()
         shutil.rmtree(f"{base}/vl", ignore_errors=True)
-    return (t1 - t0) / (seconds * 1e9), (passes1 - passes0) / seconds, emulated
+    return (t1 - t0) / seconds, (passes1 - passes0) / seconds, emulated
 
 
 def _passes(vm):
