@@ -157,7 +157,6 @@ class OursChain:
             r = recv.read(90)
             wire1 = iface_bytes(recv.pid, ifname)
             cpu1 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
-            recv.close()
         except BaseException:
             for h in halves:
                 h.proc.kill()
@@ -169,7 +168,8 @@ class OursChain:
         try:
             return self._settle(src, dst, s, r, wire1 - wire0, cpu0, cpu1, start_seq)
         finally:
-            send.close()
+            for h in halves:
+                h.close()
 
     def _settle(self, src, dst, s, r, wire, cpu0, cpu1, start_seq):
         """The measurements of one migration; judge the guest's heartbeats,
