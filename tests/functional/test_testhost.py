@@ -131,6 +131,27 @@ def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
     assert vm.client.dirty_log().count() > 0
 
 
+def test_the_first_dirty_log_reports_only_what_was_written_since_boot(vms):
+    # the test host clears each slot's "initially set" log before the guest
+    # runs (vm.c, clear_initial_log): the first get of a migration must not
+    # report, and make KVM visit, every never-written page of both slots
+    vm = vms.start("first", mem="5G", cmdline="mode=idle")
+    wait_heartbeats(vm, 50)
+    with GuestMemory.from_client(vm.client) as mem:
+        layout = mem.layout
+        data = set()
+        for off, length in mem.data_extents():
+            for seg_gpa, seg_off, seg_len in layout.segments():
+                lo, hi = max(off, seg_off), min(off + length, seg_off + seg_len)
+                data.update(range(seg_gpa + lo - seg_off, seg_gpa + hi - seg_off, 4096))
+    assert len(list(layout.segments())) == 2
+    assert len(data) < layout.size // 4096 // 100
+    first = vm.client.dirty_log(peek=True)
+    reported = set(first.dirty_pages(layout))
+    assert reported, "the guest's stack and heartbeat pages are written"
+    assert reported <= data, f"{len(reported - data)} never-written pages reported"
+
+
 def test_dirty_log_clears_a_working_set_across_its_chunks(vms):
     # the test host re-protects pages 64 MiB at a time (vm.c,
     # CLEAR_CHUNK_WORDS): a working set from 60 to 68 MiB spans two chunks,

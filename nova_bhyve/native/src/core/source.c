@@ -225,7 +225,7 @@ static int phase_precopy(struct source *src, char *err)
         return -1;
     /* live: track from here: every bit set later is a page (a block)
      * written since, so round 0 may add what its lazy clears report (and
-     * no more: a VM's log starts with every page set, holes included) */
+     * no more: a VM's log may start with every page set, holes included) */
     if (live && (nb_src_sync_dirty(src, err) < 0 || nb_disk_sync(m, NULL, err) < 0))
         return fail(src, NB_ERR_VMM);
     nb_src_mark_data_pages(src);
