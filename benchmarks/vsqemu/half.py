@@ -8,7 +8,11 @@ prints ``{"port": N}``; ``send`` prints ``{"ready": true}`` once imported,
 then reads its settings and starts at once.  Both print one final line
 with the engine's statistics and the CPU time this process used from the
 start of the migration to its end (all threads: the engine's are native),
-then stays until stdin closes.
+then stay until stdin closes.  The receiving half frees its session
+before it reports; the sending half frees its own (its delta cache) only
+when the next line arrives, then prints ``{"close_cpu_s": S}``: that is
+the source host's teardown, which the harness asks for once the
+destination's heartbeats are judged.
 The secret arrives on stdin, never on the command line.
 """
 
@@ -88,10 +92,18 @@ def send(cfg):
             pass
         mig.wait(30)
     stats = mig.stats()
-    mig.close()
     out = _final(stats, _cpu() - cpu0, time.monotonic() - t0)
     out["dnf"] = dnf and stats.result != Result.COMPLETED
-    return out
+    return out, mig
+
+
+def close_when_asked(mig):
+    """Free the sending session when the next line arrives; report its CPU."""
+    if sys.stdin.readline():
+        cpu0 = _cpu()
+        mig.close()
+        _out({"close_cpu_s": _cpu() - cpu0})
+    mig.close()
 
 
 def main(argv):
@@ -100,7 +112,12 @@ def main(argv):
     if role == "send":
         _out({"ready": True})
     cfg = json.loads(sys.stdin.readline())
-    _out((send if role == "send" else receive)(cfg))
+    if role == "send":
+        out, mig = send(cfg)
+        _out(out)
+        close_when_asked(mig)
+    else:
+        _out(receive(cfg))
     sys.stdin.readline()    # stay (and keep the namespace's counters readable)
     return 0
 

@@ -166,15 +166,17 @@ class OursChain:
                 os.unlink(dst.disk_path)
             raise
         try:
-            return self._settle(src, dst, s, r, wire1 - wire0, cpu0, cpu1, start_seq)
+            return self._settle(src, dst, s, r, wire1 - wire0, cpu0, cpu1,
+                                start_seq, send)
         finally:
             for h in halves:
                 h.close()
 
-    def _settle(self, src, dst, s, r, wire, cpu0, cpu1, start_seq):
+    def _settle(self, src, dst, s, r, wire, cpu0, cpu1, start_seq, send):
         """The measurements of one migration; judge the guest's heartbeats,
-        then stop the source (its teardown is the source host's work, which
-        on one machine would take the destination guest's CPU)."""
+        then free the sending session and stop the source (their teardown
+        is the source host's work, which on one machine would take the
+        destination guest's CPU); the freeing's CPU counts as the source's."""
         ok = s["result"] == "completed"
         res = {
             "status": "ok" if ok else "dnf" if s.get("dnf") else "error",
@@ -204,6 +206,8 @@ class OursChain:
             return res
         self.vm = dst
         res.update(judge(src, dst, start_seq, self.keep and f"{self.keep}/{dst.name}"))
+        send.send({"close": True})
+        res["cpu_src_s"] += send.read(30)["close_cpu_s"]
         src.stop()
         if self.disk:
             res.update(vdisk.verify_moved(
