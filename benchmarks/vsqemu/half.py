@@ -98,12 +98,13 @@ def send(cfg):
 
 
 def close_when_asked(mig):
-    """Free the sending session when the next line arrives; report its CPU."""
-    if sys.stdin.readline():
-        cpu0 = _cpu()
-        mig.close()
-        _out({"close_cpu_s": _cpu() - cpu0})
+    """Free the sending session when the next line arrives (or stdin
+    closes); report its CPU if asked."""
+    asked = sys.stdin.readline()
+    cpu0 = _cpu()
     mig.close()
+    if asked:
+        _out({"close_cpu_s": _cpu() - cpu0})
 
 
 def main(argv):

@@ -66,27 +66,23 @@ static int set_slot(struct nb_vm *vm, int slot, uint64_t gpa, uint64_t size,
 }
 
 /*
- * Clear a new slot's log, whose bits "initially set" are all 1, before
- * any vCPU runs.  No page is mapped yet, so nothing is write-protected,
- * but KVM still visits every page (about 1 ms a GiB here): done now, the
- * first get-and-clear of a migration visits only the pages written since
- * boot, and the guest does not stall while KVM goes through the rest.
+ * Clear the new slots' logs, whose bits "initially set" are all 1, with
+ * one get-and-clear before any vCPU runs.  No page is mapped yet, so
+ * nothing is write-protected, but KVM still visits every page (about 1 ms
+ * a GiB here): done now, the first get-and-clear of a migration visits
+ * only the pages written since boot, and the guest does not stall while
+ * KVM goes through the rest.
  */
-static void clear_initial_log(struct nb_vm *vm, int slot, uint64_t size)
+static void clear_initial_log(struct nb_vm *vm)
 {
-    uint64_t pages = size / NB_PAGE_SIZE, bytes = nb_bitmap_bytes(pages);
-    uint8_t *ones = malloc(bytes);
-    struct kvm_clear_dirty_log clr = {
-        .slot = (uint32_t)slot, .first_page = 0, .num_pages = (uint32_t)pages,
-    };
+    size_t bytes = nb_vm_dirty_log_bytes(vm);
+    uint8_t *discard = malloc(bytes);
 
-    if (!ones)
-        nb_die("allocating a %llu-byte dirty bitmap", (unsigned long long)bytes);
-    memset(ones, 0xff, bytes);
-    clr.dirty_bitmap = ones;
-    if (ioctl(vm->vm_fd, KVM_CLEAR_DIRTY_LOG, &clr) < 0)
-        nb_die("clearing slot %d's initial dirty log: %s", slot, strerror(errno));
-    free(ones);
+    if (!discard)
+        nb_die("allocating a %zu-byte dirty bitmap", bytes);
+    if (nb_vm_dirty_log(vm, discard, bytes) < 0)
+        nb_die("clearing the initial dirty log: %s", strerror(errno));
+    free(discard);
 }
 
 static void setup_memory(struct nb_vm *vm)
@@ -126,9 +122,7 @@ static void setup_memory(struct nb_vm *vm)
     if (vm->highmem &&
         set_slot(vm, 1, NB_HIGHMEM_BASE, vm->highmem, vm->lowmem) < 0)
         nb_die("KVM_SET_USER_MEMORY_REGION highmem: %s", strerror(errno));
-    clear_initial_log(vm, 0, vm->lowmem);
-    if (vm->highmem)
-        clear_initial_log(vm, 1, vm->highmem);
+    clear_initial_log(vm);
 }
 
 static struct kvm_cpuid2 *supported_cpuid(int kvm_fd)
