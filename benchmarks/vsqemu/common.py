@@ -7,6 +7,8 @@ import shutil
 from nova_bhyve import polling
 from nova_bhyve.testhost.console import largest_heartbeat_gap, parse_tlog
 
+from . import netns
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -65,16 +67,20 @@ def cpu_outside_guest(before, after):
     return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
 
 
-def iface_bytes(pid, ifname):
-    """Bytes of all packets both ways through ``ifname`` in ``pid``'s namespace."""
+def iface_bytes(ns, ifname):
+    """Bytes of all packets both ways through ``ifname`` in namespace ``ns``."""
+    # read from inside the namespace, not through a process in it, which
+    # may have exited (a QEMU destination does when its migration is cancelled)
+    with netns.entered(ns):
+        text = pathlib.Path("/proc/thread-self/net/dev").read_text()
     # lo counts each packet once (sent); a veth end needs received + sent
-    for line in pathlib.Path(f"/proc/{pid}/net/dev").read_text().splitlines():
+    for line in text.splitlines():
         name, sep, rest = line.partition(":")
         if sep and name.strip() == ifname:
             f = rest.split()
             rx, tx = int(f[0]), int(f[8])
             return tx if ifname == "lo" else rx + tx
-    raise BenchError(f"no interface {ifname} in the namespace of pid {pid}")
+    raise BenchError(f"no interface {ifname} in namespace {ns}")
 
 
 def console_tail(path):

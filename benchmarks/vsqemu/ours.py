@@ -148,14 +148,14 @@ class OursChain:
             send.read(30)                                   # ready
             start_seq = last_seq(read_tlog(src.tlog_path)) + 1
             cpu0 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
-            wire0 = iface_bytes(recv.pid, ifname)
+            wire0 = iface_bytes(dst_ns, ifname)
             send.send(dict(ENGINE, **engine, vm=str(src.socket_path), host=addr,
                            port=port,
                            secret=secret, max_downtime_ms=downtime_ms,
                            timeout_s=timeout, encrypt=encrypt, disks=disks[0]))
             s = send.read(timeout + 60)
             r = recv.read(90)
-            wire1 = iface_bytes(recv.pid, ifname)
+            wire1 = iface_bytes(dst_ns, ifname)
             cpu1 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
         except BaseException:
             for h in halves:
@@ -193,6 +193,8 @@ class OursChain:
             "pages_compressed": s["pages_compressed"],
             "pages_raw": s["pages_raw"],
             "throttle": s["throttle"],
+            "catchup_ms": s.get("catchup_ms", 0.0),
+            "round_start_ms": s.get("round_start_ms", []),
         }
         if self.disk:
             res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),

@@ -328,15 +328,15 @@ class QemuChain:
         beats = read_tlog(src.tlog_path)
         start_seq = last_seq(beats) + 1
         cpu0 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
-        wire0 = iface_bytes(dst.pid, ifname)
+        wire0 = iface_bytes(dst.ns, ifname)
         src.qmp.events.clear()
         t0, real0 = time.monotonic(), time.time()
         mirror = qemu_disk.Mirror(src, dst, addr) if self.disk else None
         if mirror and not mirror.start(timeout):
             return {"status": "dnf", "start_seq": start_seq,
-                    "wire_bytes": iface_bytes(dst.pid, ifname) - wire0,
+                    "wire_bytes": iface_bytes(dst.ns, ifname) - wire0,
                     "note": "drive-mirror not READY in time"}
-        mirror_wire = iface_bytes(dst.pid, ifname) - wire0
+        mirror_wire = iface_bytes(dst.ns, ifname) - wire0
         t_mig, real0 = time.monotonic(), time.time()
         src.qmp.cmd("migrate", {"uri": f"tcp:{addr}:{port}"})
         samples, info, cancelled = [], {}, False
@@ -372,7 +372,7 @@ class QemuChain:
             wait_for(lambda: dst.qmp.cmd("query-status")["status"] == "running",
                      20, "the QEMU destination to run the guest")
         cpu1 = vmm_cpu(src.pid), vmm_cpu(dst.pid)
-        wire1 = iface_bytes(dst.pid, ifname) if dst.alive() else wire0
+        wire1 = iface_bytes(dst.ns, ifname)
         ram = info.get("ram", {})
         res = {
             "status": {"completed": "ok", "cancelled": "dnf"}.get(status, "error"),
