@@ -44,7 +44,7 @@ def _final(stats, cpu_s, wall_s):
         "pages_delta": stats.pages_delta, "pages_zero": stats.pages_zero,
         "pages_compressed": stats.pages_compressed,
         "pages_raw": stats.pages_raw,
-        "catchup_ms": getattr(stats, "catchup_ms", 0.0),
+        "catchup_ms": stats.catchup_ms,
         "round_start_ms": [r.start_ms for r in stats.rounds],
         "round_ms": [r.duration_ms for r in stats.rounds],
         "round_bytes": [r.bytes for r in stats.rounds],

@@ -193,8 +193,8 @@ class OursChain:
             "pages_compressed": s["pages_compressed"],
             "pages_raw": s["pages_raw"],
             "throttle": s["throttle"],
-            "catchup_ms": s.get("catchup_ms", 0.0),
-            "round_start_ms": s.get("round_start_ms", []),
+            "catchup_ms": s["catchup_ms"],
+            "round_start_ms": s["round_start_ms"],
         }
         if self.disk:
             res.update(disk_allocated_bytes=vdisk.allocated(src.disk_path),
