@@ -411,6 +411,29 @@ def test_throttle_slows_the_guest(vms):
     assert throttled < free / 2, (free, throttled)
 
 
+def test_a_half_throttle_leaves_the_guest_half_its_time(vms):
+    """At 50 % (and 75 %) the vCPU sleeps as long as (three times as long
+    as) it ran since its last sleep, so the guest keeps a share of its
+    speed; the kicks that arrive while it sleeps do not keep it asleep
+    (they once did: any throttle of 50 % or more stopped the guest)."""
+    vm = vms.start("half", cmdline="mode=stress ws=2M")
+    wait_heartbeats(vm, 50)
+
+    def passes_in(seconds):
+        a = parse_console(vm.console_text()).heartbeats[-1].passes
+        time.sleep(seconds)
+        return parse_console(vm.console_text()).heartbeats[-1].passes - a
+
+    free = passes_in(2.0)
+    vm.client.throttle(50)
+    half = passes_in(2.0)
+    vm.client.throttle(75)
+    quarter = passes_in(2.0)
+    vm.client.throttle(0)
+    assert free / 5 < half < free * 4 / 5, (free, half)
+    assert free / 20 < quarter < half, (free, half, quarter)
+
+
 def test_shutdown_ends_the_process_with_poweroff_status(vms):
     vm = vms.start("bye", cmdline="mode=idle")
     wait_heartbeats(vm, 3)

@@ -47,6 +47,7 @@ struct nb_vcpu {
     struct nb_vm *vm;
     int parked;             /* protected by vm->lock */
     int throttle_pending;   /* protected by vm->lock */
+    uint64_t ran_from_ns;   /* when the vCPU last came back from a throttle sleep */
 };
 
 /*

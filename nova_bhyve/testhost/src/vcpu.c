@@ -26,6 +26,10 @@
 
 #define SIG_KICK SIGUSR1
 #define COM1_BASE 0x3f8
+/* A throttled vCPU runs at most this long between two sleeps. */
+#define THROTTLE_TICK_NS 10000000ULL
+
+static void eat_kicks(void);
 
 static void kick_handler(int sig)
 {
@@ -103,6 +107,37 @@ static void vm_end(struct nb_vm *vm, int status)
     nb_vm_notify(vm);   /* the control loop notices vm->quit */
 }
 
+/*
+ * Sleep off a throttle of `pct` percent: as long, against the time the
+ * vCPU ran since its last such sleep (at most a tick, 10 ms), as makes it
+ * run (100 - pct) percent of the time whatever the kicks' timing.  Kicks
+ * that came during the sleep are stale: eaten, so that the vCPU then runs.
+ * Called with the lock.
+ */
+static void throttle_sleep(struct nb_vcpu *v, int pct)
+{
+    struct nb_vm *vm = v->vm;
+    uint64_t ran = now_ns() - v->ran_from_ns, sleep_ns;
+    struct timespec until;
+
+    if (ran > THROTTLE_TICK_NS)
+        ran = THROTTLE_TICK_NS;
+    sleep_ns = ran * (uint64_t)pct / (uint64_t)(100 - pct);
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)(sleep_ns / 1000000000ULL);
+    until.tv_nsec += (long)(sleep_ns % 1000000000ULL);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    while (!vm->pause_req && !vm->quit &&
+           pthread_cond_timedwait(&vm->cond, &vm->lock, &until) == 0) {
+    }
+    eat_kicks();
+    v->throttle_pending = 0;
+    v->ran_from_ns = now_ns();
+}
+
 /* Park while paused; sleep off a throttle tick.  Called with the lock. */
 static void park_if_requested(struct nb_vcpu *v)
 {
@@ -111,21 +146,8 @@ static void park_if_requested(struct nb_vcpu *v)
     if (v->throttle_pending && !vm->pause_req && !vm->quit) {
         int pct = vm->throttle_pct;
         v->throttle_pending = 0;
-        if (pct > 0) {
-            /* run 10 ms, then sleep pct/(100-pct) of that */
-            uint64_t sleep_ns = 10000000ULL * (uint64_t)pct / (uint64_t)(100 - pct);
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_sec += (time_t)(sleep_ns / 1000000000ULL);
-            until.tv_nsec += (long)(sleep_ns % 1000000000ULL);
-            if (until.tv_nsec >= 1000000000L) {
-                until.tv_sec++;
-                until.tv_nsec -= 1000000000L;
-            }
-            while (!vm->pause_req && !vm->quit &&
-                   pthread_cond_timedwait(&vm->cond, &vm->lock, &until) == 0) {
-            }
-        }
+        if (pct > 0)
+            throttle_sleep(v, pct);
     }
     if (vm->pause_req && !vm->quit) {
         v->parked = 1;
