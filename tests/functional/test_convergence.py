@@ -120,9 +120,11 @@ def test_switch_over_waits_while_another_round_pays(vms):
     """The rest fits a generous limit right after round 0, yet the engine
     keeps iterating while a round shrinks the dirty set, so the pause
     ends far below the limit; the prediction it switched on is published
-    next to the measured pause."""
+    next to the measured pause.  The link is capped at 2 MB/s so that the
+    pages dirtied during round 0 promise a pause well above the tiny one
+    (5 ms) at which the engine switches at once."""
     src, dst = _pair(vms, "mode=stress pattern=tight ws=64M")
-    s, d = migrate(src, dst, max_downtime_ms=1000)
+    s, d = migrate(src, dst, max_downtime_ms=1000, max_bandwidth=2 * MiB)
     iterated = s.rounds[1:-1]
     assert iterated, s.rounds                    # not only round 0 + final
     assert s.rounds[-1].dirty < s.rounds[1].dirty
@@ -173,3 +175,4 @@ def test_a_writer_on_each_of_two_vcpus_moves_intact(vms):
     assert "cpus started" not in src.console_text()
     s, d = migrate(src, dst, max_bandwidth=24 * MiB, timeout_ms=60000)
     _moved(src, dst, s, d)
+
