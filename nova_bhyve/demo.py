@@ -73,7 +73,7 @@ def main(argv=None):
     parser.add_argument("--ws", default="256M",
                         help="stress working set (default 256M)")
     parser.add_argument("--pattern", default="touch",
-                        choices=["touch", "random", "tight"])
+                        choices=["touch", "random", "tight", "fill"])
     parser.add_argument("--max-downtime-ms", type=int, default=50)
     args = parser.parse_args(argv)
 

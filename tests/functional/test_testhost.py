@@ -25,6 +25,7 @@ GiB = 1 << 30
     ("mode=stress pattern=touch ws=16M", "stress"),
     ("mode=stress pattern=random ws=2M", "stress"),
     ("mode=stress pattern=tight ws=64M", "stress"),
+    ("mode=stress pattern=fill ws=4M", "stress"),
 ])
 def test_payload_boots_and_heartbeats(vms, cmdline, mode):
     vm = vms.start("hb", cmdline=cmdline, tlog=True)
@@ -54,7 +55,7 @@ def test_stress_passes_complete_and_self_check_holds(vms):
     assert report.ranges == [(16 * MiB, 24 * MiB)]
 
 
-@pytest.mark.parametrize("pattern", ["touch", "tight"])
+@pytest.mark.parametrize("pattern", ["touch", "tight", "fill"])
 def test_self_check_detects_a_lost_write(vms, pattern):
     vm = vms.start("corrupt", cmdline=f"mode=stress pattern={pattern} ws=4M "
                                       "selftest_corrupt=1")

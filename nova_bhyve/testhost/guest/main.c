@@ -19,10 +19,11 @@
 #define SIZE_LIMIT          (1ULL << 40)    /* sanity bound for ws/wsoff */
 
 enum mode { MODE_IDLE, MODE_STRESS };
-enum pattern { PATTERN_TOUCH, PATTERN_RANDOM, PATTERN_TIGHT };
+enum pattern { PATTERN_TOUCH, PATTERN_RANDOM, PATTERN_TIGHT, PATTERN_FILL };
 
 static const char *const mode_names[] = { "idle", "stress" };
-static const char *const pattern_names[] = { "touch", "random", "tight" };
+static const char *const pattern_names[] = { "touch", "random", "tight",
+                                              "fill" };
 
 static struct {
     enum mode mode;
@@ -31,7 +32,7 @@ static struct {
     uint64_t wsoff;             /* offset into the arena, bytes */
     uint64_t hb_us;             /* heartbeat interval, microseconds */
     uint64_t canary_slice;      /* idle: canary bytes checked per heartbeat */
-    uint64_t cpus;              /* stress touch/tight: CPUs that write */
+    uint64_t cpus;              /* stress touch/tight/fill: CPUs that write */
     bool selftest_corrupt;      /* flip one byte after pass 2 */
     bool disk;                  /* run the disk writer too */
     uint64_t disksize;          /* disk writer region, bytes (0: all) */
@@ -134,7 +135,7 @@ static bool apply_option(const char *key, size_t klen, const char *val)
             return false;
         cfg.mode = (enum mode)choice;
     } else if (KEY_IS("pattern")) {
-        if (!parse_choice(val, pattern_names, 3, &choice))
+        if (!parse_choice(val, pattern_names, 4, &choice))
             return false;
         cfg.pattern = (enum pattern)choice;
     } else if (KEY_IS("ws")) {
@@ -416,6 +417,74 @@ static NORETURN void run_tight(int cpu)
     }
 }
 
+/* ---- stress/fill: whole pages of fresh data, as fast as a loop can ------------- */
+
+/* The source the pages are copied from: pseudo-random words. */
+#define FILL_SRC_WORDS      (64 * KiB / 8)
+#define PAGE_WORDS          (PAGE_SIZE / 8)
+
+static uint64_t fill_src[FILL_SRC_WORDS];
+
+static void fill_src_init(void)
+{
+    uint64_t x = stream_seed(0, 0);
+
+    for (unsigned j = 0; j < FILL_SRC_WORDS; j++)
+        fill_src[j] = xorshift64star(&x);
+}
+
+/* First source word of page i in pass p: a fresh window each pass. */
+static inline const uint64_t *fill_window(uint64_t i, uint64_t p)
+{
+    return fill_src + splitmix64((p << 32) ^ i) % (FILL_SRC_WORDS - PAGE_WORDS + 1);
+}
+
+/* One instruction copies the page (KVM's emulator, too, takes it whole). */
+static inline void copy_page(uint64_t a, const uint64_t *from)
+{
+    void *to = (void *)(uintptr_t)a;
+    uint64_t n = PAGE_WORDS;
+
+    __asm__ volatile("rep movsq" : "+D"(to), "+S"(from), "+c"(n) : : "memory");
+}
+
+/*
+ * Page i after pass p is the source window fill_window(i, p).  Before the
+ * copy, word i % 512 of the page is checked against pass p - 1's window.
+ * A page's copy is long enough to look at the clock after each.
+ */
+static NORETURN void run_fill(int cpu)
+{
+    for (uint64_t p = 1;; p++) {
+        uint64_t i = w_first[cpu];
+
+        for (int r = 0; r < w_nranges[cpu]; r++) {
+            uint64_t end = w_ranges[cpu][r].end;
+
+            for (uint64_t a = w_ranges[cpu][r].start; a < end; a += PAGE_SIZE, i++) {
+                unsigned k = (unsigned)(i % PAGE_WORDS);
+
+                if (p > 1) {
+                    uint64_t want = fill_window(i, p - 1)[k];
+                    uint64_t got = ((volatile uint64_t *)(uintptr_t)a)[k];
+
+                    if (got != want)
+                        report_fail_on(cpu, "fill", a + 8 * k, want, got);
+                }
+                copy_page(a, fill_window(i, p));
+                if (cpu == 0)
+                    hb_poll();
+            }
+        }
+        w_passes[cpu] = p;
+        if (cpu == 0 && selftest_due()) {
+            uint64_t mid = ws_bytes / PAGE_SIZE / 2;
+
+            selftest_corrupt(ws_page_addr(mid) + 8 * (mid % PAGE_WORDS));
+        }
+    }
+}
+
 /* ---- stress/random: whole pages of pseudo-random data ------------------------ */
 
 /*
@@ -612,11 +681,13 @@ static NORETURN void run_writer(int cpu)
 {
     if (cfg.pattern == PATTERN_TIGHT)
         run_tight(cpu);
+    if (cfg.pattern == PATTERN_FILL)
+        run_fill(cpu);
     run_touch(cpu);
 }
 
 /*
- * Stress touch/tight on cfg.cpus CPUs: each writes its share.  A CPU that
+ * Stress touch/tight/fill on cfg.cpus CPUs: each writes its share.  A CPU that
  * does not start leaves its share unwritten, and the heartbeat's passes
  * (every writer's) at 0: the failure shows.
  */
@@ -683,6 +754,8 @@ void kmain(uint32_t magic, uint32_t mbi)
     hb_ticks = cfg.hb_us * tsc_khz / 1000;
     if (!hb_ticks)
         hb_ticks = 1;
+    if (cfg.pattern == PATTERN_FILL)
+        fill_src_init();
     start_writers();
     kprintf("READY\n");
     hb_next = rdtsc() + hb_ticks;
