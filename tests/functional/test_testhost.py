@@ -395,19 +395,21 @@ def test_a_trickled_upload_is_dropped_not_waited_for(vms):
     assert vm.client.status()["state"] == "incoming"
 
 
+def _passes_in(vm, seconds):
+    """The passes the stress guest completes in the next `seconds`."""
+    a = parse_console(vm.console_text()).heartbeats[-1].passes
+    time.sleep(seconds)
+    return parse_console(vm.console_text()).heartbeats[-1].passes - a
+
+
 def test_throttle_slows_the_guest(vms):
     vm = vms.start("thr", cmdline="mode=stress ws=2M")
     wait_heartbeats(vm, 50)
 
-    def passes_in(seconds):
-        a = parse_console(vm.console_text()).heartbeats[-1].passes
-        time.sleep(seconds)
-        return parse_console(vm.console_text()).heartbeats[-1].passes - a
-
-    free = passes_in(1.0)
+    free = _passes_in(vm, 1.0)
     assert vm.client.throttle(90) == {"throttle": 90}
     assert vm.client.status()["throttle"] == 90
-    throttled = passes_in(1.0)
+    throttled = _passes_in(vm, 1.0)
     vm.client.throttle(0)
     assert throttled < free / 2, (free, throttled)
 
@@ -420,16 +422,11 @@ def test_a_half_throttle_leaves_the_guest_half_its_time(vms):
     vm = vms.start("half", cmdline="mode=stress ws=2M")
     wait_heartbeats(vm, 50)
 
-    def passes_in(seconds):
-        a = parse_console(vm.console_text()).heartbeats[-1].passes
-        time.sleep(seconds)
-        return parse_console(vm.console_text()).heartbeats[-1].passes - a
-
-    free = passes_in(2.0)
+    free = _passes_in(vm, 2.0)
     vm.client.throttle(50)
-    half = passes_in(2.0)
+    half = _passes_in(vm, 2.0)
     vm.client.throttle(75)
-    quarter = passes_in(2.0)
+    quarter = _passes_in(vm, 2.0)
     vm.client.throttle(0)
     assert free / 5 < half < free * 4 / 5, (free, half)
     assert free / 20 < quarter < half, (free, half, quarter)
