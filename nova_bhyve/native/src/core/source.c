@@ -275,6 +275,8 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
             per_page = r->duration_ms / sent;
     }
     expected = (double)units * per_page + src->sync_ms + 2 * m->st.rtt_ms + 1.0;
+    src->page_ms = per_page;
+    src->dirty_per_ms = since_ms > 0 ? (double)units / since_ms : 0;
     m->st.dirty_pages = dirty;
     m->st.dirty_blocks = blocks;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
@@ -286,11 +288,12 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
 }
 
 /*
- * Raise the guest's throttle one step (20 %, then 10 points more) up to
- * `cap` percent and count it in `*steps` (a field of m->st, under its
- * lock); 1 if it was raised.
+ * Raise the guest's throttle one step (20 %, then 10 points more), or to
+ * `want` percent where that is higher, up to `cap` percent, and count it
+ * in `*steps` (a field of m->st, under its lock); 1 if it was raised.
  */
-static int throttle_step(struct source *src, uint32_t cap, uint32_t *steps)
+static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
+                         uint32_t *steps)
 {
     struct nb_mig *m = src->m;
     uint32_t cur, next;
@@ -302,6 +305,8 @@ static int throttle_step(struct source *src, uint32_t cap, uint32_t *steps)
     cur = m->st.throttle;
     pthread_mutex_unlock(&m->lock);
     next = cur ? cur + 10 : 20;
+    if (want > next)
+        next = want;
     if (next > cap)
         next = cap;
     if (next <= cur || nb_mig_set_param(m, "throttle", next, e, sizeof(e)) < 0)
@@ -325,7 +330,7 @@ static int trim_pause(struct source *src, double expected)
     if (expected <= TRIM_PAUSE_MS ||
         (src->trim_from > 0 && expected * 10 > src->trim_from * 9))
         return 0;
-    if (!throttle_step(src, TRIM_MAX_THROTTLE, &src->m->st.trim_steps))
+    if (!throttle_step(src, 0, TRIM_MAX_THROTTLE, &src->m->st.trim_steps))
         return 0;
     src->trim_from = expected;
     return 1;
@@ -371,14 +376,35 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
 }
 
 /*
+ * The throttle, in percent, under which the guest would dirty pages at
+ * half the rate they go out, from the rate it dirtied them under the
+ * throttle `cur` (0: no estimate).  A guest that rewrote its whole set
+ * within the interval dirtied faster than that rate says: the next stall
+ * raises the throttle again, each time at least halving the guest's share.
+ */
+static uint32_t converge_target(const struct source *src, uint32_t cur)
+{
+    double out = src->page_ms > 0 ? 1.0 / src->page_ms : 0;
+    double run;
+
+    if (out <= 0 || src->dirty_per_ms <= 0)
+        return 0;
+    run = (100.0 - cur) / 100.0 * out / (2 * src->dirty_per_ms);
+    return run >= 1 ? 0 : (uint32_t)(100.0 - 100.0 * run + 0.999);
+}
+
+/*
  * Auto-converge, the last resort: when the dirty set has not shrunk by a
  * tenth in CONVERGE_STALLS rounds in a row (and the rest does not fit),
- * slow the guest's vCPUs down through the vmm port: 20 %, then 10 points
- * more each time, at most 99 %, at most once per CONVERGE_EVERY_MS.
+ * slow the guest's vCPUs down through the vmm port, at most 99 %, at most
+ * once per CONVERGE_EVERY_MS: by a step (20 %, then 10 points more), or
+ * at once to where the guest would dirty half what goes out, where the
+ * rates measured say that is higher.
  */
 static void converge(struct source *src, uint64_t dirty)
 {
     uint64_t prev = src->conv_prev;
+    uint32_t cur;
 
     src->conv_prev = dirty;
     if (!prev || !nb_stream_precopied(src->m))
@@ -390,7 +416,11 @@ static void converge(struct source *src, uint64_t dirty)
     if (++src->stalls < CONVERGE_STALLS ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
-    if (throttle_step(src, 99, &src->m->st.converge_steps))
+    pthread_mutex_lock(&src->m->lock);
+    cur = src->m->st.throttle;
+    pthread_mutex_unlock(&src->m->lock);
+    if (throttle_step(src, converge_target(src, cur), 99,
+                      &src->m->st.converge_steps))
         src->stalls = 0;
 }
 

@@ -58,6 +58,8 @@ struct source {
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     int stalls;                 /* auto-converge: rounds without progress */
     double t_converge;          /* auto-converge: last throttle step */
+    double page_ms;             /* what one page cost to send, last estimate */
+    double dirty_per_ms;        /* pages (and blocks) dirtied per ms, last count */
     double trim_from;           /* the pause expected when the last step
                                  * to shorten it was taken (0: none yet) */
     /* the words [w0, w1) of the bitmap the senders work on now; the
