@@ -1,13 +1,15 @@
 """Benchmark: live-migrate guest payloads between two test-host VMs.
 
     .venv/bin/python -P benchmarks/migrate_bench.py [--repeat 3] [--quick]
+        [--only NAME] [--max-bandwidth-mib N] [--delta-cache-mib auto]
 
 For each workload, boots a source VM, lets the stress working set be
 written once in full, starts an incoming destination VM, migrates over
 loopback with the native engine and prints total time, the engine's
 measured downtime, the guest-visible downtime (widest heartbeat gap on the
-host clock across the switch-over), bytes on the wire and rounds.  Medians
-over the repeats; results also go to benchmarks/results/engine.json.
+host clock across the switch-over), bytes on the wire, rounds and the
+highest throttle auto-converge applied.  Medians over the repeats; results
+also go to benchmarks/results/engine.json.
 """
 
 import argparse
@@ -32,6 +34,9 @@ from nova_bhyve.testhost.process import TestHostVM
 WORKLOADS = {
     "idle-1G": ("1G", "mode=idle"),
     "touch-256M-in-1G": ("1G", "mode=stress pattern=touch ws=256M"),
+    # whole pages of fresh data: nothing shrinks them; over a capped link
+    # (--max-bandwidth-mib 2) only auto-converge makes it finish
+    "fill-16M-in-512M": ("512M", "mode=stress pattern=fill ws=16M"),
 }
 
 
@@ -80,6 +85,9 @@ def run_once(base, mem, cmdline, engine_opts):
             "bytes": s.bytes_transferred,
             "rounds": len(s.rounds),
             "pages_delta": s.pages_delta,
+            "throttle": s.throttle,
+            "converge_steps": s.converge_steps,
+            "round_throttle": [r.throttle for r in s.rounds],
             "round_ms": [r.duration_ms for r in s.rounds],
             "round_bytes": [r.bytes for r in s.rounds],
         }
@@ -96,34 +104,45 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one repeat each")
     ap.add_argument("--channels", type=int, default=2)
     ap.add_argument("--max-downtime-ms", type=int, default=50)
-    ap.add_argument("--delta-cache-mib", type=int, default=64)
+    ap.add_argument("--delta-cache-mib", default="64",
+                    help='MiB, or "auto" (the engine\'s default)')
+    ap.add_argument("--max-bandwidth-mib", type=int, default=0,
+                    help="cap the link at this many MiB/s (0: no cap)")
+    ap.add_argument("--only", default="",
+                    help="run only workloads whose name contains this")
     ap.add_argument("--verify", default="incremental",
                     choices=["incremental", "full"])
     args = ap.parse_args(argv)
     repeat = 1 if args.quick else args.repeat
     opts = dict(mode=Mode.LIVE, channels=args.channels,
                 max_downtime_ms=args.max_downtime_ms,
-                delta_cache=args.delta_cache_mib << 20, verify=args.verify)
+                delta_cache=("auto" if args.delta_cache_mib == "auto"
+                             else int(args.delta_cache_mib) << 20),
+                max_bandwidth=args.max_bandwidth_mib << 20, verify=args.verify)
     base = tempfile.mkdtemp(prefix="nbb-")
     results = {"engine_options": {k: str(v) for k, v in opts.items()}, "runs": {}}
     print(f"{'workload':<18} {'total ms':>9} {'downtime ms':>12} "
-          f"{'guest gap ms':>13} {'MB on wire':>11} {'rounds':>7}")
+          f"{'guest gap ms':>13} {'MB on wire':>11} {'rounds':>7} "
+          f"{'throttle %':>10}")
     try:
         for name, (mem, cmdline) in WORKLOADS.items():
+            if args.only not in name:
+                continue
             runs = []
             for i in range(repeat):
                 runs.append(run_once(f"{base}/{name}-{i}", mem, cmdline, opts))
                 print(f"  {name} run {i + 1}: total {runs[-1]['total_ms']:.0f} ms, "
-                      f"guest gap {runs[-1]['guest_downtime_ms']:.1f} ms",
+                      f"guest gap {runs[-1]['guest_downtime_ms']:.1f} ms, "
+                      f"throttle by round {runs[-1]['round_throttle']}",
                       file=sys.stderr, flush=True)
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("total_ms", "engine_downtime_ms", "guest_downtime_ms",
-                             "bytes", "rounds")}
+                             "bytes", "rounds", "throttle")}
             results["runs"][name] = {"median": med, "runs": runs}
             print(f"{name:<18} {med['total_ms']:9.0f} "
                   f"{med['engine_downtime_ms']:12.1f} "
                   f"{med['guest_downtime_ms']:13.1f} {med['bytes'] / 1e6:11.1f} "
-                  f"{med['rounds']:7.0f}", flush=True)
+                  f"{med['rounds']:7.0f} {med['throttle']:10.0f}", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     out = pathlib.Path(__file__).resolve().parent / "results"

@@ -7,7 +7,10 @@ over 3 s, for idle and stress guests.  vCPU load: the share of 4 s the
 guest's vCPU thread spent on a CPU, for an idle guest and a tight loop
 over 256 MiB (with the pages that loop writes per second, no migration
 running), and, where perf(1) is installed, how many guest instructions
-KVM emulated per second meanwhile (`kvm:kvm_emulate_insn`).  Dirty-log
+KVM emulated per second meanwhile (`kvm:kvm_emulate_insn`).  Throttle:
+the pages per second a tight loop over 4 MiB writes under throttles of
+0 to 90 % (`throttle P`, as auto-converge sets it), and a `fill` loop
+unthrottled.  Dirty-log
 sync: wall time of one get-and-clear `dirty-log` request, per GiB of
 guest RAM, for 1 and 4 GiB guests with a stress working set.  State
 blob: size of `save-state`.
@@ -81,6 +84,24 @@ def _passes(vm):
     return beats[-1].passes if beats else 0
 
 
+def throttled_rates(base, cmdline, pages, throttles, seconds=4.0):
+    """Pages written per second under each throttle (percent) in turn."""
+    vm = TestHostVM.start("th", f"{base}/th", "512M", cmdline=cmdline)
+    rates = []
+    try:
+        polling.poll(lambda: _passes(vm) >= 1, math.inf, 0.05)
+        for pct in throttles:
+            vm.client.throttle(pct)
+            time.sleep(0.5)
+            p0 = _passes(vm)
+            time.sleep(seconds)
+            rates.append((_passes(vm) - p0) * pages / seconds)
+    finally:
+        vm.kill()
+        shutil.rmtree(f"{base}/th", ignore_errors=True)
+    return rates
+
+
 def dirty_sync(base, mem, gib):
     """Median wall ms of a dirty-log get-and-clear, and per GiB."""
     vm = TestHostVM.start("dl", f"{base}/dl", mem,
@@ -119,6 +140,13 @@ def main():
             if emulated is not None:
                 line += f", {emulated} instructions emulated in 1 s"
             print(line)
+        throttles = (0, 20, 50, 76, 90)
+        rates = throttled_rates(base, "mode=stress pattern=tight ws=4M",
+                                1024, throttles)
+        print("pages written per second, tight loop over 4 MiB, by throttle: " +
+              ", ".join(f"{t} %: {r:.0f}" for t, r in zip(throttles, rates)))
+        fill = throttled_rates(base, "mode=stress pattern=fill ws=1M", 256, (0,))
+        print(f"pages written per second, fill over 1 MiB: {fill[0]:.0f}")
         for mem, gib in (("1G", 1), ("4G", 4)):
             med, per_gib, blob = dirty_sync(base, mem, gib)
             print(f"dirty-log sync, {mem} guest: {med:.2f} ms "
