@@ -102,7 +102,8 @@ def stop(args):
         if procs.stop(name):
             say(f"stopped {name}")
     stop_guests()
-    services.rabbitmqctl("stop")  # a node started before pid tracking
+    if services.rabbitmq_installed():   # not yet, on a machine never set up
+        services.rabbitmqctl("stop")    # a node started before pid tracking
 
 
 def stop_guests():

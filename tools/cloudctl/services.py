@@ -137,7 +137,13 @@ def rabbit_env():
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(RABBIT_DIR / "advanced.config")}
 
 
+def rabbitmq_installed():
+    """Whether the Debian package's RabbitMQ is on this machine."""
+    return os.path.exists(f"{RABBIT_BIN}/rabbitmqctl")
+
+
 def rabbitmqctl(*args, stdin=None):
+    """Run rabbitmqctl against the cloud's own node."""
     return subprocess.run([f"{RABBIT_BIN}/rabbitmqctl", *args], input=stdin,
                           env=dict(os.environ, **rabbit_env()), text=True,
                           capture_output=True)
