@@ -177,7 +177,6 @@ def test_a_writer_on_each_of_two_vcpus_moves_intact(vms):
     _moved(src, dst, s, d)
 
 
-
 def test_a_guest_no_encoding_shrinks_converges_by_a_computed_throttle(vms):
     """Every page of 8 MiB rewritten whole with fresh pseudo-random data
     (``pattern=fill``): no delta, no zstd makes a page smaller, and the

@@ -107,6 +107,18 @@ static void vm_end(struct nb_vm *vm, int status)
     nb_vm_notify(vm);   /* the control loop notices vm->quit */
 }
 
+/* `*t` = CLOCK_REALTIME now plus `ns` (a pthread_cond_timedwait deadline). */
+static void deadline_after(struct timespec *t, uint64_t ns)
+{
+    clock_gettime(CLOCK_REALTIME, t);
+    t->tv_sec += (time_t)(ns / 1000000000ULL);
+    t->tv_nsec += (long)(ns % 1000000000ULL);
+    if (t->tv_nsec >= 1000000000L) {
+        t->tv_sec++;
+        t->tv_nsec -= 1000000000L;
+    }
+}
+
 /*
  * Sleep off a throttle of `pct` percent: as long, against the time the
  * vCPU ran since its last such sleep (at most a tick, 10 ms), as makes it
@@ -123,13 +135,7 @@ static void throttle_sleep(struct nb_vcpu *v, int pct)
     if (ran > THROTTLE_TICK_NS)
         ran = THROTTLE_TICK_NS;
     sleep_ns = ran * (uint64_t)pct / (uint64_t)(100 - pct);
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += (time_t)(sleep_ns / 1000000000ULL);
-    until.tv_nsec += (long)(sleep_ns % 1000000000ULL);
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    deadline_after(&until, sleep_ns);
     while (!vm->pause_req && !vm->quit &&
            pthread_cond_timedwait(&vm->cond, &vm->lock, &until) == 0) {
     }
@@ -320,12 +326,7 @@ void nb_vcpus_pause(struct nb_vm *vm)
         nb_vcpus_kick(vm, 0);   /* in case a vCPU re-entered the guest */
         pthread_mutex_lock(&vm->lock);
         struct timespec t;
-        clock_gettime(CLOCK_REALTIME, &t);
-        t.tv_nsec += 1000000;
-        if (t.tv_nsec >= 1000000000L) {
-            t.tv_sec++;
-            t.tv_nsec -= 1000000000L;
-        }
+        deadline_after(&t, 1000000);
         pthread_cond_timedwait(&vm->cond, &vm->lock, &t);
     }
     vm->state = NB_STATE_PAUSED;

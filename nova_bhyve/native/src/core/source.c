@@ -287,6 +287,17 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     return expected;
 }
 
+/* The throttle the guest runs under now, in percent. */
+static uint32_t current_throttle(struct nb_mig *m)
+{
+    uint32_t cur;
+
+    pthread_mutex_lock(&m->lock);
+    cur = m->st.throttle;
+    pthread_mutex_unlock(&m->lock);
+    return cur;
+}
+
 /*
  * Raise the guest's throttle one step (20 %, then 10 points more), or to
  * `want` percent where that is higher, up to `cap` percent, and count it
@@ -301,9 +312,7 @@ static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
 
     if (!m->p.auto_converge || !m->vmm.ops->throttle)
         return 0;
-    pthread_mutex_lock(&m->lock);
-    cur = m->st.throttle;
-    pthread_mutex_unlock(&m->lock);
+    cur = current_throttle(m);
     next = cur ? cur + 10 : 20;
     if (want > next)
         next = want;
@@ -404,7 +413,7 @@ static uint32_t converge_target(const struct source *src, uint32_t cur)
 static void converge(struct source *src, uint64_t dirty)
 {
     uint64_t prev = src->conv_prev;
-    uint32_t cur;
+    uint32_t want;
 
     src->conv_prev = dirty;
     if (!prev || !nb_stream_precopied(src->m))
@@ -416,11 +425,8 @@ static void converge(struct source *src, uint64_t dirty)
     if (++src->stalls < CONVERGE_STALLS ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
-    pthread_mutex_lock(&src->m->lock);
-    cur = src->m->st.throttle;
-    pthread_mutex_unlock(&src->m->lock);
-    if (throttle_step(src, converge_target(src, cur), 99,
-                      &src->m->st.converge_steps))
+    want = converge_target(src, current_throttle(src->m));
+    if (throttle_step(src, want, 99, &src->m->st.converge_steps))
         src->stalls = 0;
 }
 
@@ -721,7 +727,7 @@ static int source_recover(struct source *src)
 
     /* the guest runs at full speed again (the stats keep a throttle that
      * could not be lifted) */
-    if (m->st.throttle)
+    if (current_throttle(m))
         nb_mig_set_param(m, "throttle", 0, e, sizeof(e));
     if (paused && !m->p.keep_paused && m->vmm.ops->resume(&m->vmm, e) == 0)
         atomic_store(&m->guest_paused, paused = 0);
