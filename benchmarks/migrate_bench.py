@@ -2,6 +2,7 @@
 
     .venv/bin/python -P benchmarks/migrate_bench.py [--repeat 3] [--quick]
         [--only NAME] [--max-bandwidth-mib N] [--delta-cache-mib auto]
+        [--workload NAME=MEM,CPUS,CMDLINE ...] [--warmup-s S]
 
 For each workload, boots a source VM, lets the stress working set be
 written once in full, starts an incoming destination VM, migrates over
@@ -32,12 +33,24 @@ from nova_bhyve.testhost.console import (
 from nova_bhyve.testhost.process import TestHostVM
 
 WORKLOADS = {
-    "idle-1G": ("1G", "mode=idle"),
-    "touch-256M-in-1G": ("1G", "mode=stress pattern=touch ws=256M"),
+    "idle-1G": ("1G", 1, "mode=idle"),
+    "touch-256M-in-1G": ("1G", 1, "mode=stress pattern=touch ws=256M"),
     # whole pages of fresh data: nothing shrinks them; over a capped link
     # (--max-bandwidth-mib 2) only auto-converge makes it finish
-    "fill-16M-in-512M": ("512M", "mode=stress pattern=fill ws=16M"),
+    "fill-16M-in-512M": ("512M", 1, "mode=stress pattern=fill ws=16M"),
 }
+
+
+def parse_workload(text):
+    """``NAME=MEM,CPUS,CMDLINE`` (the guest payload's command line) to
+    ``(name, (mem, cpus, cmdline))``."""
+    name, sep, rest = text.partition("=")
+    parts = rest.split(",", 2)
+    if not sep or not name or len(parts) != 3 or not parts[1].isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=MEM,CPUS,CMDLINE, e.g. "
+            "tight-1000M=1G,2,mode=stress pattern=tight ws=1000M cpus=2")
+    return name, (parts[0], int(parts[1]), parts[2])
 
 
 def _wait(pred, timeout, what):
@@ -45,19 +58,31 @@ def _wait(pred, timeout, what):
         raise RuntimeError(f"timed out waiting for {what}")
 
 
-def run_once(base, mem, cmdline, engine_opts):
+def _warm_up(src, cmdline, warmup_s):
+    """Wait until a stress guest has written its working set once (or,
+    with ``warmup_s``, for that many seconds), an idle one has run."""
+    if warmup_s:
+        time.sleep(warmup_s)
+        return
+
+    def ready():
+        r = parse_console(src.console_text())
+        if "stress" in cmdline:
+            return r.heartbeats and r.heartbeats[-1].passes >= 1
+        return len(r.heartbeats) > 500
+    _wait(ready, 120, "the working set to be written once (or give --warmup-s)")
+
+
+def run_once(base, mem, cpus, cmdline, engine_opts, warmup_s=0):
     """One migration; returns a dict of measurements."""
     shutil.rmtree(base, ignore_errors=True)
-    src = TestHostVM.start("src", f"{base}/src", mem, cmdline=cmdline, tlog=True)
+    src = TestHostVM.start("src", f"{base}/src", mem, cpus=cpus,
+                           cmdline=cmdline, tlog=True)
     dst = None
     try:
-        def ready():
-            r = parse_console(src.console_text())
-            if "stress" in cmdline:
-                return r.heartbeats and r.heartbeats[-1].passes >= 1
-            return len(r.heartbeats) > 500
-        _wait(ready, 120, "the working set to be written once")
-        dst = TestHostVM.start("dst", f"{base}/dst", mem, incoming=True, tlog=True)
+        _warm_up(src, cmdline, warmup_s)
+        dst = TestHostVM.start("dst", f"{base}/dst", mem, cpus=cpus,
+                               incoming=True, tlog=True)
         start_seq = parse_console(src.console_text()).last_seq
         secret = os.urandom(32)
         recv = Migration.receive(vmm_target=str(dst.socket_path), secret=secret)
@@ -112,7 +137,15 @@ def main(argv=None):
                     help="run only workloads whose name contains this")
     ap.add_argument("--verify", default="incremental",
                     choices=["incremental", "full"])
+    ap.add_argument("--workload", action="append", type=parse_workload,
+                    default=[], metavar="NAME=MEM,CPUS,CMDLINE",
+                    help="run this guest instead of the built-in workloads "
+                         "(repeatable)")
+    ap.add_argument("--warmup-s", type=float, default=0,
+                    help="let the guest run this long before migrating, "
+                         "instead of waiting for one pass over its set")
     args = ap.parse_args(argv)
+    workloads = dict(args.workload) or WORKLOADS
     repeat = 1 if args.quick else args.repeat
     opts = dict(mode=Mode.LIVE, channels=args.channels,
                 max_downtime_ms=args.max_downtime_ms,
@@ -125,12 +158,13 @@ def main(argv=None):
           f"{'guest gap ms':>13} {'MB on wire':>11} {'rounds':>7} "
           f"{'throttle %':>10}")
     try:
-        for name, (mem, cmdline) in WORKLOADS.items():
+        for name, (mem, cpus, cmdline) in workloads.items():
             if args.only not in name:
                 continue
             runs = []
             for i in range(repeat):
-                runs.append(run_once(f"{base}/{name}-{i}", mem, cmdline, opts))
+                runs.append(run_once(f"{base}/{name}-{i}", mem, cpus, cmdline,
+                                     opts, args.warmup_s))
                 print(f"  {name} run {i + 1}: total {runs[-1]['total_ms']:.0f} ms, "
                       f"guest gap {runs[-1]['guest_downtime_ms']:.1f} ms, "
                       f"throttle by round {runs[-1]['round_throttle']}",
