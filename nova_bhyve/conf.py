@@ -249,8 +249,9 @@ migration_opts = [
         "live_migration_permit_auto_converge", default=False,
         help="Let the engine slow the guest's vCPUs down when it dirties "
              "memory faster than the link can copy it, so that the "
-             "migration can finish: when the dirty set has not shrunk by a "
-             "tenth in two rounds and the rest does not fit the downtime, "
+             "migration can finish: when the rest does not fit the downtime "
+             "and a round shrank the dirty set by less than a tenth, or so "
+             "slowly that eight more such rounds would not make it fit, "
              "at most every 0.5 s, up to 99%: 20%, then 10 points more, or "
              "at once to where the guest would dirty pages at half the rate "
              "the link sends them, where the measured rates say that is "

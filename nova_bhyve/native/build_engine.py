@@ -50,7 +50,7 @@ def selftest_builder(module_name="_nb_engine_selftest"):
     builder.set_source(
         module_name, '#include "test/selftest.h"\n',
         sources=[str(SRC / "core" / "codec.c"), str(SRC / "core" / "adapt.c"),
-                 str(SRC / "core" / "transitions.c"),
+                 str(SRC / "core" / "converge.c"), str(SRC / "core" / "transitions.c"),
                  str(SRC / "wire" / "crc32c.c"), str(SRC / "wire" / "gcm.c"),
                  *layer_sources("test")],
         include_dirs=[str(SRC)], libraries=["crypto"],

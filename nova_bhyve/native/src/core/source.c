@@ -22,6 +22,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "core/converge.h"
 #include "core/source.h"
 
 /* Below this expected downtime, stop iterating even if rounds still shrink. */
@@ -30,9 +31,7 @@
 #define EXTRA_ROUNDS 8
 /* Rounds of at least this many pages time the pause estimate's per-page cost. */
 #define MIN_TIMED_PAGES 1024
-/* Auto-converge: rounds without progress before a throttle step, and the
- * least time between two steps. */
-#define CONVERGE_STALLS 2
+/* Auto-converge: the least time between two throttle steps. */
 #define CONVERGE_EVERY_MS 500.0
 /* A pause that fits the limit but would still be this long is worth
  * slowing the guest for (auto-converge on), a step a round, up to
@@ -364,6 +363,7 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
     double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
 
     src->prev_dirty = dirty;
+    src->expected = expected;
     if (atomic_load(&m->force_req))
         return 1;
     if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */
@@ -385,30 +385,12 @@ static int should_switch(struct source *src, uint64_t pages, double since_ms)
 }
 
 /*
- * The throttle, in percent, under which the guest would dirty pages at
- * half the rate they go out, from the rate it dirtied them under the
- * throttle `cur` (0: no estimate).  A guest that rewrote its whole set
- * within the interval dirtied faster than that rate says: the next stall
- * raises the throttle again, each time at least halving the guest's share.
- */
-static uint32_t converge_target(const struct source *src, uint32_t cur)
-{
-    double out = src->page_ms > 0 ? 1.0 / src->page_ms : 0;
-    double run;
-
-    if (out <= 0 || src->dirty_per_ms <= 0)
-        return 0;
-    run = (100.0 - cur) / 100.0 * out / (2 * src->dirty_per_ms);
-    return run >= 1 ? 0 : (uint32_t)(100.0 - 100.0 * run + 0.999);
-}
-
-/*
- * Auto-converge, the last resort: when the dirty set has not shrunk by a
- * tenth in CONVERGE_STALLS rounds in a row (and the rest does not fit),
- * slow the guest's vCPUs down through the vmm port, at most 99 %, at most
- * once per CONVERGE_EVERY_MS: by a step (20 %, then 10 points more), or
- * at once to where the guest would dirty half what goes out, where the
- * rates measured say that is higher.
+ * Auto-converge, the last resort: when a round (after round 0) stalled
+ * (converge.h), slow the guest's vCPUs down through the vmm port, at most
+ * 99 %, at most once per CONVERGE_EVERY_MS: by a step (20 %, then 10
+ * points more), or at once to where the guest would dirty half what goes
+ * out, where the rates measured say that is higher.  A rest that fits
+ * needs no throttle to finish: should_switch ends those rounds.
  */
 static void converge(struct source *src, uint64_t dirty)
 {
@@ -416,18 +398,13 @@ static void converge(struct source *src, uint64_t dirty)
     uint32_t want;
 
     src->conv_prev = dirty;
-    if (!prev || !nb_stream_precopied(src->m))
-        return;
-    if (dirty * 10 < prev * 9) {
-        src->stalls = 0;
-        return;
-    }
-    if (++src->stalls < CONVERGE_STALLS ||
+    if (!prev || !nb_stream_precopied(src->m) ||
+        !nb_round_stalled(src->expected, (double)atomic_load(&src->m->max_downtime_ms),
+                          dirty, prev) ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
-    want = converge_target(src, current_throttle(src->m));
-    if (throttle_step(src, want, 99, &src->m->st.converge_steps))
-        src->stalls = 0;
+    want = nb_converge_target(current_throttle(src->m), src->page_ms, src->dirty_per_ms);
+    throttle_step(src, want, 99, &src->m->st.converge_steps);
 }
 
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a

@@ -55,8 +55,8 @@ struct source {
     double t_sync;              /* when the dirty log was last synced */
     double sync_ms;             /* how long the last count of dirty pages took */
     int fit_rounds;             /* rounds since the rest first fitted */
+    double expected;            /* the last pause estimate, ms */
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
-    int stalls;                 /* auto-converge: rounds without progress */
     double t_converge;          /* auto-converge: last throttle step */
     double page_ms;             /* what one page cost to send, last estimate */
     double dirty_per_ms;        /* pages (and blocks) dirtied per ms, last count */

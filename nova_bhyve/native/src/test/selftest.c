@@ -8,6 +8,7 @@
 
 #include "core/adapt.h"
 #include "core/codec.h"
+#include "core/converge.h"
 #include "core/transitions.h"
 #include "test/selftest.h"
 #include "wire/gcm.h"
@@ -112,6 +113,18 @@ long nb_selftest_xcache_roundtrip(uint64_t slots, const uint8_t *pages, uint64_t
 int nb_selftest_phase_legal(int is_source, int from, int to)
 {
     return nb_phase_legal(is_source, from, to);
+}
+
+int nb_selftest_round_stalled(double expected_ms, double limit_ms,
+                              uint64_t dirty, uint64_t prev)
+{
+    return nb_round_stalled(expected_ms, limit_ms, dirty, prev);
+}
+
+uint32_t nb_selftest_converge_target(uint32_t cur, double page_ms,
+                                     double dirty_per_ms)
+{
+    return nb_converge_target(cur, page_ms, dirty_per_ms);
 }
 
 /* How long frame `n` (from 1) of `burst` takes to leave, at `link_Bps` on average. */

@@ -54,4 +54,10 @@ int nb_selftest_gcm(const uint8_t *key, const uint8_t *iv, const uint8_t *aad,
 /* 1 if the phase table lets a side (source: 1) go from `from` to `to`. */
 int nb_selftest_phase_legal(int is_source, int from, int to);
 
+/* converge.h: whether a round stalled, and the throttle computed. */
+int nb_selftest_round_stalled(double expected_ms, double limit_ms,
+                              uint64_t dirty, uint64_t prev);
+uint32_t nb_selftest_converge_target(uint32_t cur, double page_ms,
+                                     double dirty_per_ms);
+
 #endif

@@ -1,0 +1,33 @@
+/* Auto-converge's decisions: see converge.h. */
+#include "core/converge.h"
+
+int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
+                     uint64_t prev)
+{
+    double pace, left = expected_ms;
+
+    if (expected_ms <= limit_ms)
+        return 0;
+    if (!prev || dirty * 10 >= prev * 9)
+        return 1;
+    pace = (double)dirty / (double)prev;
+    for (int i = 0; i < NB_CONVERGE_ROUNDS && left > limit_ms; i++)
+        left *= pace;
+    return left > limit_ms;
+}
+
+/*
+ * A guest that rewrote its whole working set within the interval dirtied
+ * faster than its count says: the next stall raises the throttle again,
+ * each time at least halving the guest's share.
+ */
+uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms)
+{
+    double out = page_ms > 0 ? 1.0 / page_ms : 0;
+    double run;
+
+    if (out <= 0 || dirty_per_ms <= 0)
+        return 0;
+    run = (100.0 - cur) / 100.0 * out / (2 * dirty_per_ms);
+    return run >= 1 ? 0 : (uint32_t)(100.0 - 100.0 * run + 0.999);
+}
