@@ -8,7 +8,7 @@ import time
 import pytest
 
 from nova_bhyve.testhost import artifacts
-from nova_bhyve.testhost.console import parse_console, parse_tlog
+from nova_bhyve.testhost.console import largest_heartbeat_gap, parse_console, parse_tlog
 from nova_bhyve.testhost.errors import TestHostError
 from nova_bhyve.testhost.memory import GuestMemory, copy_memory
 
@@ -430,6 +430,28 @@ def test_a_half_throttle_leaves_the_guest_half_its_time(vms):
     vm.client.throttle(0)
     assert free / 5 < half < free * 4 / 5, (free, half)
     assert free / 20 < quarter < half, (free, half, quarter)
+
+
+def test_a_heavy_throttle_slows_the_guest_in_short_sleeps(vms):
+    """At 90 % the vCPU is kicked every millisecond and a sleep counts at
+    most a millisecond run, so each sleep lasts at most 9 ms (kicked every
+    10 ms it slept up to 90 ms at a time, and a late kick brought a 45 ms
+    sleep): the guest, which prints a heartbeat every millisecond, never
+    goes silent for long, though it runs a tenth of the time."""
+    vm = vms.start("heavy", cmdline="mode=stress ws=2M", tlog=True)
+    wait_heartbeats(vm, 50)
+    free = _passes_in(vm, 1.0)
+    vm.client.throttle(90)
+    time.sleep(0.2)
+    first = parse_console(vm.console_text()).last_seq
+    slow = _passes_in(vm, 3.0)
+    last = parse_console(vm.console_text()).last_seq
+    vm.client.throttle(0)
+    throttled = [(ns, line) for ns, line in parse_tlog(vm.tlog_path.read_text())
+                 if not line.startswith("HB ") or int(line.split()[1]) <= last]
+    gap, _ = largest_heartbeat_gap(throttled, min_seq=first)
+    assert slow < free / 4, (free, slow)
+    assert gap < 0.030, gap
 
 
 def test_shutdown_ends_the_process_with_poweroff_status(vms):

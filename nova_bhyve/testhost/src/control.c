@@ -494,7 +494,7 @@ int nb_control_serve(struct nb_vm *vm, const char *sock_path)
         pthread_mutex_unlock(&vm->lock);
         if (status >= 0)
             break;
-        timeout = thr > 0 && vm->state == NB_STATE_RUNNING ? 10 : -1;
+        timeout = thr > 0 && vm->state == NB_STATE_RUNNING ? nb_throttle_tick_ms(thr) : -1;
         if (poll(pfd, (nfds_t)nclients + 2, timeout) < 0) {
             if (errno == EINTR)
                 continue;

@@ -135,6 +135,7 @@ void nb_vcpus_release(struct nb_vm *vm);
 void nb_vcpus_wake(struct nb_vm *vm);
 void nb_vcpus_stop(struct nb_vm *vm);
 void nb_vcpus_kick(struct nb_vm *vm, int throttle);
+int nb_throttle_tick_ms(int pct);
 
 /* loader.c */
 int nb_load_multiboot(struct nb_vm *vm, const char *path, const char *cmdline,
