@@ -26,8 +26,6 @@
 
 #define SIG_KICK SIGUSR1
 #define COM1_BASE 0x3f8
-/* A vCPU throttled up to 50 % is kicked this often, in ms. */
-#define THROTTLE_TICK_MS 10
 
 static void eat_kicks(void);
 
@@ -117,21 +115,6 @@ static void deadline_after(struct timespec *t, uint64_t ns)
         t->tv_sec++;
         t->tv_nsec -= 1000000000L;
     }
-}
-
-/*
- * How often the vCPUs of a guest throttled by `pct` percent are kicked, in
- * ms: every 10 ms up to 50 %; above, often enough that the sleep a kick
- * brings (the time run since the last, times pct / (100 - pct)) stays
- * about 10 ms, but at most every 1 ms (the sleeps grow again above 91 %,
- * to 99 ms at 99 %).  Kicked only every 10 ms, a vCPU at 93 % slept up to
- * 133 ms at a time, a gap the guest sees.
- */
-int nb_throttle_tick_ms(int pct)
-{
-    int tick = pct > 50 ? THROTTLE_TICK_MS * (100 - pct) / pct : THROTTLE_TICK_MS;
-
-    return tick < 1 ? 1 : tick;
 }
 
 /*
