@@ -414,22 +414,37 @@ def test_throttle_slows_the_guest(vms):
     assert throttled < free / 2, (free, throttled)
 
 
+def _passes_by_throttle(vm, percents, rounds=4, seconds=0.5):
+    """The stress guest's passes under each throttle, in short windows
+    taken in turn, so that a change in the machine's load falls on all."""
+    totals = dict.fromkeys(percents, 0)
+    for _ in range(rounds):
+        for pct in percents:
+            vm.client.throttle(pct)
+            totals[pct] += _passes_in(vm, seconds)
+    vm.client.throttle(0)
+    return totals
+
+
 def test_a_half_throttle_leaves_the_guest_half_its_time(vms):
     """At 50 % (and 75 %) the vCPU sleeps as long as (three times as long
     as) it ran since its last sleep, so the guest keeps a share of its
     speed; the kicks that arrive while it sleeps do not keep it asleep
-    (they once did: any throttle of 50 % or more stopped the guest)."""
-    vm = vms.start("half", cmdline="mode=stress ws=2M")
+    (they once did: any throttle of 50 % or more stopped the guest).
+
+    The guest keeps less than its share of time in speed: its
+    instructions run emulated here, and each sleep costs it a re-entry
+    (at 50 % it kept 29 to 35 % of its speed, at 75 % 14 to 18 %), so
+    the bounds are a tenth and a fortieth.  The windows are taken in turn:
+    measured one after the other on a busy machine, the share at 50 %
+    ranged from 14 to 57 %."""
+    vm = vms.start("half", cmdline="mode=stress ws=512K")
     wait_heartbeats(vm, 50)
 
-    free = _passes_in(vm, 2.0)
-    vm.client.throttle(50)
-    half = _passes_in(vm, 2.0)
-    vm.client.throttle(75)
-    quarter = _passes_in(vm, 2.0)
-    vm.client.throttle(0)
-    assert free / 5 < half < free * 4 / 5, (free, half)
-    assert free / 20 < quarter < half, (free, half, quarter)
+    passes = _passes_by_throttle(vm, (0, 50, 75))
+    free, half, quarter = passes[0], passes[50], passes[75]
+    assert free / 10 < half < free * 4 / 5, passes
+    assert free / 40 < quarter < half, passes
 
 
 def test_a_heavy_throttle_slows_the_guest_in_short_sleeps(vms):
@@ -439,20 +454,21 @@ def test_a_heavy_throttle_slows_the_guest_in_short_sleeps(vms):
     every millisecond, never goes silent for long, though it runs a tenth
     of the time.  Its widest gap was 18 to 34 ms here, 20 ms alone and the
     rest with the machine busy; 60 ms leaves room for a busy host and
-    still tells the 90 ms sleeps apart."""
-    vm = vms.start("heavy", cmdline="mode=stress ws=2M", tlog=True)
+    still tells the 90 ms sleeps apart.  Its speed is compared in windows
+    taken in turn with the unthrottled guest's."""
+    vm = vms.start("heavy", cmdline="mode=stress ws=512K", tlog=True)
     wait_heartbeats(vm, 50)
-    free = _passes_in(vm, 1.0)
+    passes = _passes_by_throttle(vm, (0, 90))
     vm.client.throttle(90)
     time.sleep(0.2)
     first = parse_console(vm.console_text()).last_seq
-    slow = _passes_in(vm, 3.0)
+    time.sleep(3.0)
     last = parse_console(vm.console_text()).last_seq
     vm.client.throttle(0)
     throttled = [(ns, line) for ns, line in parse_tlog(vm.tlog_path.read_text())
                  if not line.startswith("HB ") or int(line.split()[1]) <= last]
     gap, _ = largest_heartbeat_gap(throttled, min_seq=first)
-    assert slow < free / 4, (free, slow)
+    assert passes[90] < passes[0] / 4, passes
     assert gap < 0.060, gap
 
 
