@@ -94,17 +94,18 @@ def parse_tlog(text):
     return entries
 
 
-def largest_heartbeat_gap(entries, min_seq=0):
+def largest_heartbeat_gap(entries, min_seq=0, max_seq=None):
     """Return (gap_seconds, seq_before) for the widest gap between heartbeats.
 
     ``entries`` are (monotonic_ns, line) pairs, possibly merged from the
     logs of a migration's source and destination; heartbeats numbered below
-    ``min_seq`` are ignored.
+    ``min_seq`` (or above ``max_seq``, when given) are ignored.
     """
     beats = []
     for ns, line in entries:
         words = line.split()
-        if _is_heartbeat(words) and int(words[1]) >= min_seq:
+        if _is_heartbeat(words) and min_seq <= int(words[1]) and \
+                (max_seq is None or int(words[1]) <= max_seq):
             beats.append((ns, int(words[1])))
     beats.sort()
     best = (0.0, 0)

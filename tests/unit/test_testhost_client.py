@@ -76,6 +76,13 @@ def test_largest_gap_spans_two_logs():
     assert gap == pytest.approx(0.007)
 
 
+def test_largest_gap_keeps_to_the_sequence_range():
+    log = parse_tlog("1000000 HB 1 0 0\n9000000 HB 2 0 0\n"
+                     "10000000 HB 3 0 0\n30000000 HB 4 0 0\n")
+    gap, seq = largest_heartbeat_gap(log, min_seq=2, max_seq=3)
+    assert (seq, gap) == (2, pytest.approx(0.001))
+
+
 def test_dirty_log_bitmaps_map_to_guest_physical_pages():
     layout = MemoryLayout(size=5 * GiB, lowmem=3 * GiB, highmem=2 * GiB,
                           highbase=4 * GiB, highoffset=3 * GiB, page_size=4096)
