@@ -1,14 +1,21 @@
 """The test host's ATA disk with the guest's disk writer: real writes, the
 dirty-block log, and the disk state across a state round trip."""
 
+import ctypes
 import os
 import shutil
+import statistics
 import struct
+import threading
 import time
 
 import pytest
 
-from nova_bhyve.testhost.console import parse_console
+from nova_bhyve.testhost.console import (
+    largest_heartbeat_gap,
+    parse_console,
+    parse_tlog,
+)
 from nova_bhyve.testhost.diskimage import (
     BLOCK,
     is_write_front,
@@ -26,6 +33,9 @@ REGION_BLOCKS = 8
 # memory and disk at once: the touch writer over 4 MiB, the disk writer
 # over the first 8 blocks of a 1 MiB disk
 CMDLINE = f"mode=stress pattern=touch ws=4M disk=1 disksize={REGION_BLOCKS * 4}K"
+# the disk writer alone: the vCPU is nearly always inside a transfer
+DISK_ONLY = f"mode=stress ws=0 disk=1 disksize={REGION_BLOCKS * 4}K"
+SLOW_FLUSH_MS = 50
 
 
 def _disk(vms, name="disk.img", size=MiB):
@@ -145,8 +155,7 @@ def test_transfers_in_flight_survive_a_chain_of_round_trips(vms):
     # pauses catch one (registers, half a sector) and the destination
     # must finish it exactly where the source stopped
     path = _disk(vms)
-    cmdline = f"mode=stress ws=0 disk=1 disksize={REGION_BLOCKS * 4}K"
-    vm = vms.start("hop0", cmdline=cmdline, disk=path)
+    vm = vms.start("hop0", cmdline=DISK_ONLY, disk=path)
     _wait_disk_passes(vm, 1)
     texts, in_flight = [], 0
     for hop in range(1, 16):
@@ -221,3 +230,117 @@ def test_a_bad_disk_path_ends_the_process_with_a_clear_error(vms, setup,
     assert err.value.code == "ECHILD"
     assert "exited with status 4" in err.value.message
     assert message in err.value.message
+
+
+class _StorageHog:
+    """Keeps the host's storage writing back: rewrites a 384 MiB file
+    beside the disk and starts its write-back every 8 MiB, as a
+    destination receiving a disk does, so `fdatasync` of any other file
+    waits for the device (hundreds of ms here).  Times such a flush of a
+    small file every 0.1 s, to tell whether the host's storage is slow."""
+
+    def __init__(self, base):
+        self.base, self.stop, self.flush_ms = base, threading.Event(), []
+        self.threads = [threading.Thread(target=self._write, daemon=True),
+                        threading.Thread(target=self._probe, daemon=True)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(1.0)                 # write-back under way
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def _write(self):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong,
+                                         ctypes.c_longlong, ctypes.c_uint]
+        chunk, n = os.urandom(MiB), 0
+        fd = os.open(f"{self.base}/hog", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not self.stop.is_set():
+                os.pwrite(fd, chunk, n % 384 * MiB)
+                n += 1
+                if n % 8 == 0:          # SYNC_FILE_RANGE_WRITE
+                    libc.sync_file_range(fd, (n - 8) % 384 * MiB, 8 * MiB, 2)
+        finally:
+            os.close(fd)
+
+    def _probe(self):
+        fd = os.open(f"{self.base}/probe", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not self.stop.wait(0.1):
+                os.pwrite(fd, b"x" * 512, 0)
+                start = time.monotonic()
+                os.fdatasync(fd)
+                self.flush_ms.append((time.monotonic() - start) * 1e3)
+        finally:
+            os.close(fd)
+
+    def skip_unless_slow(self):
+        """Skip the test if this host flushed quickly even so."""
+        median = statistics.median(self.flush_ms) if self.flush_ms else 0.0
+        if median < SLOW_FLUSH_MS:
+            pytest.skip(f"this host's storage flushed in {median:.1f} ms "
+                        f"(median) under write-back: no slow flush to show")
+
+
+def test_a_flush_the_host_holds_up_does_not_stop_the_heartbeat(vms):
+    """FLUSH CACHE runs on the drive's flusher thread and the guest polls
+    the busy drive between heartbeats, so a flush the host's storage
+    holds up (hundreds of ms under _StorageHog) leaves the heartbeat
+    going.  When the vCPU ran `fdatasync` itself, its heartbeat stopped
+    for as long as each flush took."""
+    path = _disk(vms)
+    vm = vms.start("flush", cmdline=DISK_ONLY, disk=path, tlog=True)
+    _wait_disk_passes(vm, 1)
+    with _StorageHog(vms.base) as hog:
+        first = parse_console(vm.console_text()).heartbeats[-1]
+        time.sleep(4.0)
+        last = parse_console(vm.console_text()).heartbeats[-1]
+    hog.skip_unless_slow()
+    gap, _ = largest_heartbeat_gap(parse_tlog(vm.tlog_path.read_text()),
+                                   min_seq=first.seq, max_seq=last.seq)
+    assert last.disk_passes >= first.disk_passes + 2, (first, last)
+    assert gap < 0.050, (gap, statistics.median(hog.flush_ms))
+    vm.client.pause()
+    report = parse_console(vm.console_text())
+    assert report.errors == 0 and report.fails == []
+    assert report.sequence_breaks() == []
+    _check_disk_file(path, report.heartbeats[-1].disk_passes)
+
+
+def test_a_flush_in_flight_travels_in_the_state(vms):
+    """A pause that catches a flush still running saves the drive busy
+    with it (status BSY, command FLUSH CACHE); the destination's drive
+    runs the flush again on its own file and completes it, and the
+    guest's writer goes on clean."""
+    path = _disk(vms)
+    vm = vms.start("hop0", cmdline=DISK_ONLY, disk=path)
+    _wait_disk_passes(vm, 1)
+    texts, busy = [], 0
+    with _StorageHog(vms.base) as hog:
+        for hop in range(1, 25):
+            dst = vms.start(f"hop{hop}", incoming=True, disk=path)
+            time.sleep(0.05 * (hop % 5))
+            ata = _ata_section(_migrate(vm, dst))
+            busy += bool(ata[7] & 0x80)
+            if ata[7] & 0x80:
+                assert ata[10] == 0xE7 and ata[11] == 0, ata[:12]
+            texts.append(vm.console_text())
+            vm = dst
+            if busy >= 2:
+                break
+    hog.skip_unless_slow()
+    assert busy >= 1, f"no pause caught a flush in {hop} hops"
+    _wait_disk_passes(vm, parse_console("".join(texts)).heartbeats[-1]
+                      .disk_passes + 2)
+    vm.client.pause()
+    combined = parse_console("".join(texts) + vm.console_text())
+    assert combined.sequence_breaks() == []
+    assert combined.errors == 0 and combined.fails == []
+    _check_disk_file(path, combined.heartbeats[-1].disk_passes)

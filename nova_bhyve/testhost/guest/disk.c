@@ -4,7 +4,10 @@
  * read back, and re-read later against the version the guest remembers.
  *
  * ATA PIO, polled: the guest waits for BSY to clear, then checks DRQ or
- * ERR, as both QEMU's IDE and the test host's ata.c need.  A sector moves
+ * ERR, as both QEMU's IDE and the test host's ata.c need.  While the drive
+ * is busy after a command or a sector, disk_step() polls it once and
+ * returns, so a slow drive (a flush the host's storage holds up) never
+ * stops the heartbeat.  A sector moves
  * with one `rep insw` / `rep outsw` from a 512-byte aligned buffer: one VM
  * exit per sector where a word at a time costs 256 (README.md, "Disk
  * writer", on why this stays consistent across a pause).
@@ -43,6 +46,8 @@
 #define WAIT_SECONDS    5
 
 enum phase { PH_WRITE, PH_READBACK, PH_OLD };
+/* A command whose end the next step checks, once the drive is not busy. */
+enum finish { FIN_NONE, FIN_WRITE, FIN_FLUSH };
 
 static struct {
     uint64_t sectors;           /* disk size from IDENTIFY */
@@ -54,7 +59,12 @@ static struct {
     uint64_t old;               /* re-read cursor */
     enum phase phase;
     unsigned sector;            /* sector of the block in this phase */
+    bool issued;                /* this phase's command is issued */
     bool bad;                   /* this block already reported a mismatch */
+    enum finish finish;         /* a command to see completed */
+    uint64_t finish_lba;
+    bool busy;                  /* the drive may be busy: poll first */
+    uint64_t busy_last, busy_until;     /* TSC: last poll, end of the wait */
 } d;
 
 /* Expected version of every block of the region (0: never written). */
@@ -108,6 +118,39 @@ static int wait_not_busy(void)
         cpu_relax();
     }
     return st;
+}
+
+/* After a command or a sector: the drive may be busy until it is done. */
+static void arm_busy(void)
+{
+    d.busy = true;
+    d.busy_last = rdtsc();
+    d.busy_until = d.busy_last + d.wait_ticks;
+}
+
+/*
+ * Poll a drive that may be busy, once: true while BSY is set (the step
+ * returns; the heartbeat and the memory writer go on).  The wait counts
+ * as wait_not_busy()'s does; at its end this gives up and the blocking
+ * wait that follows reports the failure.
+ */
+static bool drive_busy(void)
+{
+    uint64_t now;
+
+    if (!d.busy)
+        return false;
+    if (!(inb(ATA_STATUS) & ST_BSY)) {
+        d.busy = false;
+        return false;
+    }
+    now = rdtsc();
+    if (now - d.busy_last > d.wait_ticks / 50)
+        d.busy_until += now - d.busy_last;
+    d.busy_last = now;
+    if (now > d.busy_until)
+        d.busy = false;
+    return d.busy;
 }
 
 static void io_fail(uint64_t lba, int want, int got)
@@ -244,21 +287,26 @@ static void check_sector(const char *what, uint64_t b, uint64_t v, unsigned s)
 }
 
 /*
- * Move the next sector of a block transfer (issuing the command before
- * the first, waiting for DRQ before each); true once the whole block is
- * done (or failed, with a FAIL printed).
+ * Move the block transfer on by a step: issue the command, or move the
+ * next sector (after waiting for DRQ); true once the whole block is done
+ * (or failed, with a FAIL printed).  The end of a write is checked at the
+ * next step (d.finish).
  */
 static bool block_sector(uint8_t cmd, const char *what, uint64_t b, uint64_t v)
 {
     uint64_t lba = b * SECTORS_PER_BLOCK + d.sector;
 
-    if (d.sector == 0) {
+    if (!d.issued) {
         d.bad = false;
         if (!issue(cmd, lba, SECTORS_PER_BLOCK))
             return true;
+        d.issued = true;
+        arm_busy();
+        return false;
     }
     if (!wait_drq(lba)) {
         d.sector = 0;
+        d.issued = false;
         return true;
     }
     if (cmd == CMD_WRITE) {
@@ -269,31 +317,56 @@ static bool block_sector(uint8_t cmd, const char *what, uint64_t b, uint64_t v)
         pio_read_sector();
         check_sector(what, b, v, d.sector);
     }
+    arm_busy();
     if (++d.sector < SECTORS_PER_BLOCK)
         return false;
     d.sector = 0;
-    if (cmd == CMD_WRITE)
-        wait_done(lba);
+    d.issued = false;
+    if (cmd == CMD_WRITE) {
+        d.finish = FIN_WRITE;
+        d.finish_lba = lba;
+    }
     return true;
 }
 
-/* The next block written: at the end of the region, flush and count a pass. */
+/* The next block written: at the end of the region, flush; the pass
+ * counts once the flush is done (finish_command). */
 static void next_block(void)
 {
     d.phase = PH_WRITE;
     if (++d.block < d.nblocks)
         return;
-    if (issue(CMD_FLUSH, 0, 0))
-        wait_done(0);
     d.block = 0;
+    if (issue(CMD_FLUSH, 0, 0)) {
+        d.finish = FIN_FLUSH;
+        d.finish_lba = 0;
+        arm_busy();
+        return;
+    }
     d.done = d.pass++;
 }
 
-/* Advance the writer by one sector (README.md, "Disk writer"). */
+/* The drive is no longer busy: check the end of a write or a flush. */
+static void finish_command(void)
+{
+    enum finish f = d.finish;
+
+    d.finish = FIN_NONE;
+    wait_done(d.finish_lba);
+    if (f == FIN_FLUSH)
+        d.done = d.pass++;
+}
+
+/* Advance the writer by a step: a poll of a busy drive, the end of a
+ * command, a command or a sector (README.md, "Disk writer"). */
 void disk_step(void)
 {
-    if (!d.nblocks)
+    if (!d.nblocks || drive_busy())
         return;
+    if (d.finish != FIN_NONE) {
+        finish_command();
+        return;
+    }
     switch (d.phase) {
     case PH_WRITE:
         if (block_sector(CMD_WRITE, "disk", d.block, d.pass))

@@ -7,9 +7,14 @@
  * Commands: READ SECTORS (0x20, 0x21), WRITE SECTORS (0x30, 0x31),
  * IDENTIFY DEVICE (0xEC), FLUSH CACHE (0xE7); SET FEATURES (0xEF) and
  * INITIALIZE DEVICE PARAMETERS (0x91) are accepted and do nothing.  Only
- * LBA28 addressing.  Every command completes while the vCPU's port access
- * is handled, so BSY is never seen set: a guest that polls BSY, then DRQ
- * or ERR, as QEMU's IDE needs, works here unchanged.
+ * LBA28 addressing.  Every command but FLUSH CACHE completes while the
+ * vCPU's port access is handled.  FLUSH CACHE sets BSY and hands the
+ * `fdatasync` to the drive's flusher thread, which clears BSY when it
+ * returns: the vCPU never waits on the host's storage (bhyve's block
+ * backends and QEMU's IDE do their I/O off the vCPU too), and a guest
+ * that polls BSY, then DRQ or ERR, works on both.  A flush still in flight
+ * when the state is saved travels in it (status BSY, command 0xE7) and
+ * the destination's drive runs it again on its own file.
  *
  * Every sector written marks its block (NB_DISK_BLOCK bytes) in the
  * dirty-block log, read with get-and-clear like the memory dirty log.
@@ -100,10 +105,54 @@ void nb_ata_init(struct nb_ata *a)
     reset_registers(a);
 }
 
+/*
+ * The flusher: runs each flush asked for (FLUSH CACHE, or one restored in
+ * flight) and, if the drive still waits for it (BSY, no reset or newer
+ * flush since), completes the command.  Flushes asked for while one runs
+ * are served by the next `fdatasync`, which covers them all.
+ */
+static void *flusher_main(void *arg)
+{
+    struct nb_ata *a = arg;
+
+    pthread_mutex_lock(&a->lock);
+    for (;;) {
+        uint64_t asked;
+        int rc;
+
+        while (a->flush_done == a->flush_asked)
+            pthread_cond_wait(&a->flush_cv, &a->lock);
+        asked = a->flush_asked;
+        pthread_mutex_unlock(&a->lock);
+        rc = fdatasync(a->fd);
+        pthread_mutex_lock(&a->lock);
+        a->flush_done = asked;
+        if (asked != a->flush_asked || !(a->status & ST_BSY))
+            continue;
+        if (rc < 0) {
+            nb_log("disk: flush failed: %s", strerror(errno));
+            a->error = ERR_ABRT;
+            a->status = ST_DRDY | ST_DSC | ST_ERR;
+        } else {
+            a->status = ST_DRDY | ST_DSC;
+        }
+    }
+    return NULL;
+}
+
+/* FLUSH CACHE: busy until the flusher has run it (under a->lock). */
+static void start_flush(struct nb_ata *a)
+{
+    a->status = ST_BSY | ST_DRDY | ST_DSC;
+    a->flush_asked++;
+    pthread_cond_signal(&a->flush_cv);
+}
+
 /* Attach the raw disk file at path (O_NOFOLLOW); dies with a clear message. */
 void nb_ata_open(struct nb_ata *a, const char *path)
 {
     struct stat st;
+    pthread_t flusher;
     int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
 
     if (fd < 0 && errno == ELOOP)
@@ -129,6 +178,10 @@ void nb_ata_open(struct nb_ata *a, const char *path)
     for (uint64_t b = 0; b < a->nblocks; b++)
         a->dirty[b / 64] |= 1ULL << (b % 64);
     a->present = 1;
+    pthread_cond_init(&a->flush_cv, NULL);
+    if ((errno = pthread_create(&flusher, NULL, flusher_main, a)) != 0)
+        nb_die("cannot start the disk's flusher thread: %s", strerror(errno));
+    pthread_detach(flusher);
 }
 
 int nb_ata_claims(uint16_t port)
@@ -251,11 +304,7 @@ static void execute(struct nb_ata *a, uint8_t cmd)
         identify(a);
         break;
     case 0xe7:
-        if (fdatasync(a->fd) < 0) {
-            fail_command(a, ERR_ABRT);
-            break;
-        }
-        a->status = ST_DRDY | ST_DSC;
+        start_flush(a);
         break;
     case 0xef: case 0x91:
         a->status = ST_DRDY | ST_DSC;
@@ -430,6 +479,9 @@ int nb_ata_check(const struct nb_ata *a, const uint8_t *in, char *err,
               "one side)";
     else if (in[11] > XFER_OUT || pos >= NB_SECTOR)
         why = "bad transfer state";
+    else if ((in[7] & ST_BSY) &&
+             (!in[0] || in[10] != 0xe7 || in[11] != XFER_NONE))
+        why = "busy with no flush in flight";
     else if (in[11] != XFER_NONE &&
              (remaining == 0 || remaining > 256 || lba >= sectors ||
               remaining > sectors - lba))
@@ -462,5 +514,7 @@ void nb_ata_restore(struct nb_ata *a, const uint8_t *in)
     a->remaining = get32le(in + 32);
     a->pos = get32le(in + 36);
     memcpy(a->buf, in + 40, NB_SECTOR);
+    if (a->status & ST_BSY)         /* a flush in flight on the source */
+        start_flush(a);
     pthread_mutex_unlock(&a->lock);
 }

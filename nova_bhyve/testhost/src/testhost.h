@@ -74,6 +74,10 @@ struct nb_ata {
     uint32_t remaining;     /* sectors left, the one in buf included */
     uint32_t pos;           /* byte position in buf */
     uint8_t buf[NB_SECTOR];
+    /* FLUSH CACHE runs on the drive's own thread (ata.c, "flusher") */
+    pthread_cond_t flush_cv;
+    uint64_t flush_asked;   /* flushes asked for, counted from 1 */
+    uint64_t flush_done;    /* the last of them the flusher finished */
 };
 
 struct nb_vm {
