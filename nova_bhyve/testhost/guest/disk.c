@@ -46,6 +46,8 @@
 #define WAIT_SECONDS    5
 
 enum phase { PH_WRITE, PH_READBACK, PH_OLD };
+/* A wait for the drive, in TSC ticks: the last poll, and when it fails. */
+struct wait { uint64_t last, until; };
 /* A command whose end the next step checks, once the drive is not busy. */
 enum finish { FIN_NONE, FIN_WRITE, FIN_FLUSH };
 
@@ -64,7 +66,7 @@ static struct {
     enum finish finish;         /* a command to see completed */
     uint64_t finish_lba;
     bool busy;                  /* the drive may be busy: poll first */
-    uint64_t busy_last, busy_until;     /* TSC: last poll, end of the wait */
+    struct wait busy_wait;
 } d;
 
 /* Expected version of every block of the region (0: never written). */
@@ -97,23 +99,37 @@ static uint64_t block_word(uint64_t b, uint64_t v, unsigned w)
     return mix64(mix64((v << 32) ^ b) + w);
 }
 
+/* Start a wait of WAIT_SECONDS. */
+static void wait_start(struct wait *w)
+{
+    w->last = rdtsc();
+    w->until = w->last + d.wait_ticks;
+}
+
 /*
- * Poll until BSY clears; returns the status, or -1 after WAIT_SECONDS.
+ * A poll found the drive still busy: true once the wait has run out.
  * Time the host held the VM paused (the TSC runs on) is not the drive's:
  * a gap of over a fiftieth of the wait between two polls extends it.
  */
+static bool wait_over(struct wait *w)
+{
+    uint64_t now = rdtsc();
+
+    if (now - w->last > d.wait_ticks / 50)
+        w->until += now - w->last;
+    w->last = now;
+    return now > w->until;
+}
+
+/* Poll until BSY clears; returns the status, or -1 after WAIT_SECONDS. */
 static int wait_not_busy(void)
 {
-    uint64_t last = rdtsc(), until = last + d.wait_ticks;
+    struct wait w;
     uint8_t st;
 
+    wait_start(&w);
     while ((st = inb(ATA_STATUS)) & ST_BSY) {
-        uint64_t now = rdtsc();
-
-        if (now - last > d.wait_ticks / 50)
-            until += now - last;
-        last = now;
-        if (now > until)
+        if (wait_over(&w))
             return -1;
         cpu_relax();
     }
@@ -124,32 +140,20 @@ static int wait_not_busy(void)
 static void arm_busy(void)
 {
     d.busy = true;
-    d.busy_last = rdtsc();
-    d.busy_until = d.busy_last + d.wait_ticks;
+    wait_start(&d.busy_wait);
 }
 
 /*
  * Poll a drive that may be busy, once: true while BSY is set (the step
- * returns; the heartbeat and the memory writer go on).  The wait counts
- * as wait_not_busy()'s does; at its end this gives up and the blocking
- * wait that follows reports the failure.
+ * returns; the heartbeat and the memory writer go on).  At the end of the
+ * wait this gives up and the blocking wait that follows reports the
+ * failure.
  */
 static bool drive_busy(void)
 {
-    uint64_t now;
-
     if (!d.busy)
         return false;
-    if (!(inb(ATA_STATUS) & ST_BSY)) {
-        d.busy = false;
-        return false;
-    }
-    now = rdtsc();
-    if (now - d.busy_last > d.wait_ticks / 50)
-        d.busy_until += now - d.busy_last;
-    d.busy_last = now;
-    if (now > d.busy_until)
-        d.busy = false;
+    d.busy = (inb(ATA_STATUS) & ST_BSY) && !wait_over(&d.busy_wait);
     return d.busy;
 }
 
