@@ -293,14 +293,16 @@ def test_a_flush_the_host_holds_up_does_not_stop_the_heartbeat(vms):
     """FLUSH CACHE runs on the drive's flusher thread and the guest polls
     the busy drive between heartbeats, so a flush the host's storage
     holds up (hundreds of ms under _StorageHog) leaves the heartbeat
-    going.  When the vCPU ran `fdatasync` itself, its heartbeat stopped
-    for as long as each flush took."""
+    going, over two disk passes.  When the vCPU ran `fdatasync` itself,
+    its heartbeat stopped for as long as each flush took."""
     path = _disk(vms)
     vm = vms.start("flush", cmdline=DISK_ONLY, disk=path, tlog=True)
     _wait_disk_passes(vm, 1)
     with _StorageHog(vms.base) as hog:
         first = parse_console(vm.console_text()).heartbeats[-1]
-        time.sleep(4.0)
+        # two passes, so two flushes, under the hog (each can take a
+        # second or more when the machine is busy)
+        _wait_disk_passes(vm, first.disk_passes + 2, timeout=30)
         last = parse_console(vm.console_text()).heartbeats[-1]
     hog.skip_unless_slow()
     gap, _ = largest_heartbeat_gap(parse_tlog(vm.tlog_path.read_text()),
