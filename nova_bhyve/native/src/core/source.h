@@ -83,6 +83,10 @@ void nb_src_mark_data_pages(struct source *src);
 int nb_src_sync_dirty(struct source *src, char *err);
 uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words);
 int nb_sender_flush(struct sender *s, uint32_t round, char *err);
+/* switchover.c: the switch-over policy */
+int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
+void nb_src_converge(struct source *src, uint64_t dirty);
+uint32_t nb_src_throttle(struct nb_mig *m);
 int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *err);
 
 #endif

@@ -1,0 +1,196 @@
+/*
+ * Source side, the switch-over policy (source.c's ITERATE phase asks it
+ * after each count of the dirty pages): the pause the rest would cause,
+ * whether to switch over now or run another round, and slowing the guest
+ * through the vmm port where rounds alone do not converge (auto-converge)
+ * or leave a long pause.  PROTOCOL.md, "Rounds and switch-over",
+ * describes the policy.
+ */
+#include "core/converge.h"
+#include "core/source.h"
+
+/* Below this expected downtime, stop iterating even if rounds still shrink. */
+#define SMALL_DOWNTIME_MS 5.0
+/* Rounds run at most after the rest first fitted the downtime limit. */
+#define EXTRA_ROUNDS 8
+/* Rounds of at least this many pages time the pause estimate's per-page cost. */
+#define MIN_TIMED_PAGES 1024
+/* Auto-converge: the least time between two throttle steps. */
+#define CONVERGE_EVERY_MS 500.0
+/* A pause that fits the limit but would still be this long is worth
+ * slowing the guest for (auto-converge on), a step a round, up to
+ * TRIM_MAX_THROTTLE percent: on the test host the guest then sleeps at
+ * most as long as it runs (10 ms), a gap far shorter than such a pause. */
+#define TRIM_PAUSE_MS 20.0
+#define TRIM_MAX_THROTTLE 50
+
+/*
+ * The pause `dirty` pages would cause, in ms: each page costs what the
+ * last round's pages cost, its wire bytes at the measured bandwidth or,
+ * where that was larger, the round's wall time per page (encoding and
+ * sealing included), plus the last dirty-log sync (the final one, with
+ * the guest paused, costs about as much) and two round trips.  Publishes
+ * the estimate.
+ */
+static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
+                             double since_ms)
+{
+    struct nb_mig *m = src->m;
+    uint64_t units = dirty + blocks;    /* a block costs what a page does */
+    double bw, bpp = NB_PAGE + NB_REC_HDR, send_ms = 0, per_page, expected;
+    uint64_t bytes = 0, cap = atomic_load(&m->max_bandwidth);
+    uint32_t nr;
+
+    pthread_mutex_lock(&m->lock);
+    nr = m->st.nrounds < NB_MAX_ROUND_STATS ? m->st.nrounds : NB_MAX_ROUND_STATS;
+    for (uint32_t i = 0; i < nr; i++) {
+        bytes += m->st.rounds[i].bytes;
+        send_ms += m->st.rounds[i].duration_ms;
+    }
+    bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
+    if (cap && bw > (double)cap)
+        bw = (double)cap;
+    if (nr && m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks)
+        bpp = (double)m->st.rounds[nr - 1].bytes /
+              (double)(m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks);
+    per_page = bpp * 1e3 / bw;
+    if (nr && m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks >=
+                  MIN_TIMED_PAGES) {
+        const struct nb_round_stat *r = &m->st.rounds[nr - 1];
+        double sent = (double)(r->pages + r->blocks);
+        if (r->duration_ms / sent > per_page)
+            per_page = r->duration_ms / sent;
+    }
+    expected = (double)units * per_page + src->sync_ms + 2 * m->st.rtt_ms + 1.0;
+    src->page_ms = per_page;
+    src->dirty_per_ms = since_ms > 0 ? (double)units / since_ms : 0;
+    m->st.dirty_pages = dirty;
+    m->st.dirty_blocks = blocks;
+    m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
+    m->st.bandwidth = bw;
+    m->st.bytes_remaining = (uint64_t)((double)units * bpp);
+    m->st.expected_downtime_ms = expected;
+    pthread_mutex_unlock(&m->lock);
+    return expected;
+}
+
+/* The throttle the guest runs under now, in percent. */
+uint32_t nb_src_throttle(struct nb_mig *m)
+{
+    uint32_t cur;
+
+    pthread_mutex_lock(&m->lock);
+    cur = m->st.throttle;
+    pthread_mutex_unlock(&m->lock);
+    return cur;
+}
+
+/*
+ * Raise the guest's throttle one step (20 %, then 10 points more), or to
+ * `want` percent where that is higher, up to `cap` percent, and count it
+ * in `*steps` (a field of m->st, under its lock); 1 if it was raised.
+ */
+static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
+                         uint32_t *steps)
+{
+    struct nb_mig *m = src->m;
+    uint32_t cur, next;
+    char e[NB_ERRLEN];
+
+    if (!m->p.auto_converge || !m->vmm.ops->throttle)
+        return 0;
+    cur = nb_src_throttle(m);
+    next = cur ? cur + 10 : 20;
+    if (want > next)
+        next = want;
+    if (next > cap)
+        next = cap;
+    if (next <= cur || nb_mig_set_param(m, "throttle", next, e, sizeof(e)) < 0)
+        return 0;
+    src->t_converge = nb_now_ms();
+    pthread_mutex_lock(&m->lock);
+    (*steps)++;
+    pthread_mutex_unlock(&m->lock);
+    return 1;
+}
+
+/*
+ * The rest fits the limit, rounds no longer shrink it, yet the pause would
+ * be long (the guest dirties pages as fast as they go out): slow the guest
+ * a step and run another round, rather than pause it that long; 1 if so.
+ * Only while each step pays: once the pause expected after a step is not
+ * a tenth shorter than before it, slowing the guest more would not help.
+ */
+static int trim_pause(struct source *src, double expected)
+{
+    if (expected <= TRIM_PAUSE_MS ||
+        (src->trim_from > 0 && expected * 10 > src->trim_from * 9))
+        return 0;
+    if (!throttle_step(src, 0, TRIM_MAX_THROTTLE, &src->m->st.trim_steps))
+        return 0;
+    src->trim_from = expected;
+    return 1;
+}
+
+/*
+ * Decide: 1 = switch over now.  Not before the rest fits the limit; then
+ * keep iterating while another round pays: after round 0 always once
+ * (its raw pages say little about what resending costs), then while the
+ * pages the guest dirties during a round (at the rate seen since the last
+ * sync) or the last round's drop promise a dirty set a quarter smaller,
+ * until the pause is already tiny or EXTRA_ROUNDS rounds have run since
+ * it first fitted; and while slowing the guest still shortens a long
+ * pause that rounds alone no longer do (trim_pause).
+ */
+int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
+{
+    struct nb_mig *m = src->m;
+    double expected = estimate_pause(src, pages, src->dirty_blocks, since_ms);
+    uint64_t dirty = pages + src->dirty_blocks;     /* pages and blocks alike */
+    uint64_t prev = src->prev_dirty;
+    double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
+
+    src->prev_dirty = dirty;
+    src->expected = expected;
+    if (atomic_load(&m->force_req))
+        return 1;
+    if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */
+        return 0;
+    if (dirty == 0)
+        return 1;
+    if (expected > (double)atomic_load(&m->max_downtime_ms))
+        return 0;
+    if (expected <= SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms ||
+        ++src->fit_rounds > EXTRA_ROUNDS)
+        return 1;
+    /* round 0 sent every page raw; one more round shows what resending
+     * dirtied pages (as deltas, compressed) really costs */
+    if (src->cur_round == 0)
+        return 0;
+    if (during_next * 4 <= (double)dirty * 3 || (prev && dirty * 4 <= prev * 3))
+        return 0;
+    return !trim_pause(src, expected);
+}
+
+/*
+ * Auto-converge, the last resort: when a round (after round 0) stalled
+ * (converge.h), slow the guest's vCPUs down through the vmm port, at most
+ * 99 %, at most once per CONVERGE_EVERY_MS: by a step (20 %, then 10
+ * points more), or at once to where the guest would dirty half what goes
+ * out, where the rates measured say that is higher.  A rest that fits
+ * needs no throttle to finish: nb_src_should_switch ends those rounds.
+ */
+void nb_src_converge(struct source *src, uint64_t dirty)
+{
+    uint64_t prev = src->conv_prev;
+    uint32_t want;
+
+    src->conv_prev = dirty;
+    if (!prev || !nb_stream_precopied(src->m) ||
+        !nb_round_stalled(src->expected, (double)atomic_load(&src->m->max_downtime_ms),
+                          dirty, prev) ||
+        nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
+        return;
+    want = nb_converge_target(nb_src_throttle(src->m), src->page_ms, src->dirty_per_ms);
+    throttle_step(src, want, 99, &src->m->st.converge_steps);
+}
