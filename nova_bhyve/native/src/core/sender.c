@@ -95,6 +95,75 @@ static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
     return NB_ENC_RAW;
 }
 
+/* The cache key of page `index`: its index among its channel's pages, so
+ * a cache as large as the channel's share never collides. */
+static uint64_t cache_key(const struct source *src, uint64_t index)
+{
+    return (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64;
+}
+
+/*
+ * The wire bytes resending page `index` would take now on its channel
+ * `s`, record header included, encoded as send_page would: a ZERO
+ * record, a delta against the cache's copy, zstd where the channel
+ * compresses now and it shrinks, else raw; 0 for a page outside guest
+ * RAM.  Sends nothing and leaves the cache as it is.
+ */
+static size_t resend_bytes(struct sender *s, uint64_t index)
+{
+    struct nb_mig *m = s->m;
+    uint8_t snap[NB_PAGE], tmp[NB_PAGE], buf[NB_PAGE];
+    const uint8_t *old;
+    uint64_t pfn, off;
+    size_t n;
+
+    if (nb_page_addr(m, index, &pfn, &off) < 0)
+        return 0;
+    memcpy(snap, m->vmm.mem + off, NB_PAGE);
+    if (nb_page_is_zero(snap))
+        return NB_REC_HDR;
+    old = s->cache ? nb_xcache_get(s->cache, cache_key(s->src, index), buf) : NULL;
+    if (old && (n = nb_delta_encode(old, snap, tmp, NB_PAGE / 2)) > 0)
+        return NB_REC_HDR + n;
+    if (s->zctx && s->adapt.active) {
+        n = ZSTD_compressCCtx(s->zctx, tmp, NB_PAGE - 256, snap, NB_PAGE,
+                              m->p.zstd_level);
+        if (!ZSTD_isError(n) && n > 0)
+            return NB_REC_HDR + n;
+    }
+    return NB_REC_HDR + NB_PAGE;
+}
+
+/*
+ * What resending the `dirty` pages set in `bits` would cost now: up to
+ * NB_RESEND_SAMPLE of them, spread evenly over the bitmap, encoded as
+ * their channels would (resend_bytes).  Between rounds only: the senders
+ * idle, their caches and zstd contexts are free.
+ */
+void nb_src_sample_resend(struct source *src, const uint64_t *bits, uint64_t dirty,
+                          struct nb_resend_cost *out)
+{
+    uint64_t step = dirty / NB_RESEND_SAMPLE + 1, seen = 0;
+    double bytes = 0, ms = 0;
+
+    memset(out, 0, sizeof(*out));
+    for (size_t w = 0; w < src->words && out->pages < NB_RESEND_SAMPLE; w++)
+        for (uint64_t b = bits[w]; b && out->pages < NB_RESEND_SAMPLE; b &= b - 1) {
+            if (seen++ % step)
+                continue;
+            double t0 = nb_now_ms();
+            size_t n = resend_bytes(&src->snd[w % (size_t)src->nsnd],
+                                    (uint64_t)w * 64 + (uint64_t)__builtin_ctzll(b));
+            ms += nb_now_ms() - t0;
+            bytes += (double)n;
+            out->pages += n > 0;
+        }
+    if (out->pages) {
+        out->wire_bytes = bytes / out->pages;
+        out->encode_ms = ms / out->pages;
+    }
+}
+
 /*
  * Encode one page into the current frame.  The page is first copied into
  * the frame: that copy is the snapshot everything else works on, since
@@ -116,9 +185,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
         return -1;
     rec = s->frame + s->flen;
     snap = rec + NB_REC_HDR;
-    /* cache key: the page's index among this channel's pages, so a cache
-     * as large as the channel's share never collides */
-    key = (index / 64 / (uint64_t)src->nsnd) * 64 + index % 64;
+    key = cache_key(src, index);
     memcpy(snap, m->vmm.mem + off, NB_PAGE);
     if (nb_page_is_zero(snap)) {
         if (s->cache)   /* the destination's copy is zeros, not the cached one */

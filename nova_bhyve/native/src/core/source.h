@@ -72,6 +72,16 @@ struct source {
     uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
 };
 
+/* What resending dirty pages would cost now, sampled (nb_src_sample_resend). */
+struct nb_resend_cost {
+    uint32_t pages;             /* pages sampled (0: none) */
+    double wire_bytes;          /* wire bytes per page, record header included */
+    double encode_ms;           /* encoding time per page, on one thread */
+};
+
+/* Pages nb_src_sample_resend encodes at most. */
+#define NB_RESEND_SAMPLE 512
+
 /* Lazy clearing works on chunks of at least this many 64-page words (64 MiB). */
 #define LAZY_MIN_WORDS ((64u << 20) / NB_PAGE / 64)
 
@@ -83,6 +93,8 @@ void nb_src_mark_data_pages(struct source *src);
 int nb_src_sync_dirty(struct source *src, char *err);
 uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words);
 int nb_sender_flush(struct sender *s, uint32_t round, char *err);
+void nb_src_sample_resend(struct source *src, const uint64_t *bits, uint64_t dirty,
+                          struct nb_resend_cost *out);
 /* switchover.c: the switch-over policy */
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
 void nb_src_converge(struct source *src, uint64_t dirty);

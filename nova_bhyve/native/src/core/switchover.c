@@ -25,50 +25,68 @@
 #define TRIM_MAX_THROTTLE 50
 
 /*
- * The pause `dirty` pages would cause, in ms: each page costs what the
- * last round's pages cost, its wire bytes at the measured bandwidth or,
- * where that was larger, the round's wall time per page (encoding and
- * sealing included), plus the last dirty-log sync (the final one, with
- * the guest paused, costs about as much) and two round trips.  Publishes
- * the estimate.
+ * What a page (or block) cost in the last round: its wire bytes (`*bpp`)
+ * at the bandwidth measured over all rounds (`*bw`) or, where that was
+ * larger, the round's wall time per page (encoding and sealing
+ * included), in ms.  Called under m->lock.
  */
-static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
-                             double since_ms)
+static double round_cost(struct nb_mig *m, double *bpp, double *bw)
 {
-    struct nb_mig *m = src->m;
-    uint64_t units = dirty + blocks;    /* a block costs what a page does */
-    double bw, bpp = NB_PAGE + NB_REC_HDR, send_ms = 0, per_page, expected;
-    uint64_t bytes = 0, cap = atomic_load(&m->max_bandwidth);
-    uint32_t nr;
+    uint64_t bytes = 0, cap = atomic_load(&m->max_bandwidth), sent = 0;
+    uint32_t nr = m->st.nrounds < NB_MAX_ROUND_STATS ? m->st.nrounds : NB_MAX_ROUND_STATS;
+    double send_ms = 0, per_page;
 
-    pthread_mutex_lock(&m->lock);
-    nr = m->st.nrounds < NB_MAX_ROUND_STATS ? m->st.nrounds : NB_MAX_ROUND_STATS;
     for (uint32_t i = 0; i < nr; i++) {
         bytes += m->st.rounds[i].bytes;
         send_ms += m->st.rounds[i].duration_ms;
     }
-    bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
-    if (cap && bw > (double)cap)
-        bw = (double)cap;
-    if (nr && m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks)
-        bpp = (double)m->st.rounds[nr - 1].bytes /
-              (double)(m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks);
-    per_page = bpp * 1e3 / bw;
-    if (nr && m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks >=
-                  MIN_TIMED_PAGES) {
-        const struct nb_round_stat *r = &m->st.rounds[nr - 1];
-        double sent = (double)(r->pages + r->blocks);
-        if (r->duration_ms / sent > per_page)
-            per_page = r->duration_ms / sent;
+    *bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
+    if (cap && *bw > (double)cap)
+        *bw = (double)cap;
+    *bpp = NB_PAGE + NB_REC_HDR;
+    if (nr)
+        sent = m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks;
+    if (sent)
+        *bpp = (double)m->st.rounds[nr - 1].bytes / (double)sent;
+    per_page = *bpp * 1e3 / *bw;
+    if (sent >= MIN_TIMED_PAGES && m->st.rounds[nr - 1].duration_ms / (double)sent > per_page)
+        per_page = m->st.rounds[nr - 1].duration_ms / (double)sent;
+    return per_page;
+}
+
+/*
+ * The pause `dirty` pages and `blocks` disk blocks would cause, in ms:
+ * each costs what the last round's cost (round_cost), or, for pages
+ * before any was sent twice, what `rc` sampled resending them costs
+ * (round 0 sent them raw or against zeros: its cost says nothing of a
+ * delta against the cache); plus the last dirty-log sync (the final one,
+ * with the guest paused, costs about as much) and two round trips.
+ * Publishes the estimate.
+ */
+static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
+                             double since_ms, const struct nb_resend_cost *rc)
+{
+    struct nb_mig *m = src->m;
+    uint64_t units = dirty + blocks;
+    double bw, bpp, per_page, page_bpp, page_ms, expected;
+
+    pthread_mutex_lock(&m->lock);
+    page_ms = per_page = round_cost(m, &bpp, &bw);
+    page_bpp = bpp;
+    if (rc->pages) {
+        page_bpp = rc->wire_bytes;
+        page_ms = rc->wire_bytes * 1e3 / bw > rc->encode_ms ? rc->wire_bytes * 1e3 / bw
+                                                             : rc->encode_ms;
     }
-    expected = (double)units * per_page + src->sync_ms + 2 * m->st.rtt_ms + 1.0;
-    src->page_ms = per_page;
+    expected = (double)dirty * page_ms + (double)blocks * per_page + src->sync_ms +
+               2 * m->st.rtt_ms + 1.0;
+    src->page_ms = page_ms;
     src->dirty_per_ms = since_ms > 0 ? (double)units / since_ms : 0;
     m->st.dirty_pages = dirty;
     m->st.dirty_blocks = blocks;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
     m->st.bandwidth = bw;
-    m->st.bytes_remaining = (uint64_t)((double)units * bpp);
+    m->st.bytes_remaining = (uint64_t)((double)dirty * page_bpp + (double)blocks * bpp);
     m->st.expected_downtime_ms = expected;
     pthread_mutex_unlock(&m->lock);
     return expected;
@@ -134,8 +152,8 @@ static int trim_pause(struct source *src, double expected)
 
 /*
  * Decide: 1 = switch over now.  Not before the rest fits the limit; then
- * keep iterating while another round pays: after round 0 always once
- * (its raw pages say little about what resending costs), then while the
+ * keep iterating while another round pays: after round 0 once unless
+ * the pause is already tiny (round 0 timed no resend), then while the
  * pages the guest dirties during a round (at the rate seen since the last
  * sync) or the last round's drop promise a dirty set a quarter smaller,
  * until the pause is already tiny or EXTRA_ROUNDS rounds have run since
@@ -145,7 +163,10 @@ static int trim_pause(struct source *src, double expected)
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
 {
     struct nb_mig *m = src->m;
-    double expected = estimate_pause(src, pages, src->dirty_blocks, since_ms);
+    struct nb_resend_cost rc = { 0 };
+    if (src->cur_round == 0 && pages)       /* no page sent twice yet */
+        nb_src_sample_resend(src, src->lazy ? src->scratch : src->bitmap, pages, &rc);
+    double expected = estimate_pause(src, pages, src->dirty_blocks, since_ms, &rc);
     uint64_t dirty = pages + src->dirty_blocks;     /* pages and blocks alike */
     uint64_t prev = src->prev_dirty;
     double during_next = since_ms > 0 ? (double)dirty / since_ms * expected : 0;
@@ -163,8 +184,8 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
     if (expected <= SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms ||
         ++src->fit_rounds > EXTRA_ROUNDS)
         return 1;
-    /* round 0 sent every page raw; one more round shows what resending
-     * dirtied pages (as deltas, compressed) really costs */
+    /* the estimate after round 0 is a sample's; one more round times
+     * what resending the dirtied pages really costs */
     if (src->cur_round == 0)
         return 0;
     if (during_next * 4 <= (double)dirty * 3 || (prev && dirty * 4 <= prev * 3))
