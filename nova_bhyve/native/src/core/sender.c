@@ -54,6 +54,18 @@ int nb_sender_flush(struct sender *s, uint32_t round, char *err)
     return 0;
 }
 
+/* A delta longer than this goes as zstd or raw instead. */
+#define DELTA_CAP (NB_PAGE / 2)
+
+/* `page` compressed by zstd into `out` (NB_PAGE bytes) at the session's
+ * level: its length, or 0 where it would not save 256 bytes or failed. */
+static size_t zstd_page(struct sender *s, const uint8_t *page, uint8_t *out)
+{
+    size_t z = ZSTD_compressCCtx(s->zctx, out, NB_PAGE - 256, page, NB_PAGE,
+                                 s->m->p.zstd_level);
+    return ZSTD_isError(z) ? 0 : z;
+}
+
 /*
  * Encode, in place, the snapshot of a page that holds data: as a DELTA
  * against what the destination holds (in round 0 zeros, unless compress
@@ -70,7 +82,7 @@ static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
     const uint8_t *old = vs_zero ? nb_zero_page
                          : round > 0 && s->cache ? nb_xcache_get(s->cache, key, buf)
                                                  : NULL;
-    size_t d = old ? nb_delta_encode(old, snap, tmp, NB_PAGE / 2) : 0;
+    size_t d = old ? nb_delta_encode(old, snap, tmp, DELTA_CAP) : 0;
 
     *n = NB_PAGE;
     if (s->cache)   /* a delta against zeros is what the cache keeps of a sparse page */
@@ -82,11 +94,10 @@ static int encode_data_page(struct sender *s, uint64_t key, uint8_t *snap,
     }
     if (s->zctx && nb_adapt_try(&s->adapt)) {
         double t0 = nb_now_ms();
-        size_t z = ZSTD_compressCCtx(s->zctx, tmp, NB_PAGE - 256, snap, NB_PAGE,
-                                     s->m->p.zstd_level);
-        nb_adapt_compressed(&s->adapt, NB_PAGE, ZSTD_isError(z) ? NB_PAGE : z,
+        size_t z = zstd_page(s, snap, tmp);
+        nb_adapt_compressed(&s->adapt, NB_PAGE, z ? z : NB_PAGE,
                             (nb_now_ms() - t0) * 1e6);
-        if (!ZSTD_isError(z) && z > 0) {
+        if (z) {
             memcpy(snap, tmp, z);
             *n = z;
             return NB_ENC_ZSTD;
@@ -123,14 +134,10 @@ static size_t resend_bytes(struct sender *s, uint64_t index)
     if (nb_page_is_zero(snap))
         return NB_REC_HDR;
     old = s->cache ? nb_xcache_get(s->cache, cache_key(s->src, index), buf) : NULL;
-    if (old && (n = nb_delta_encode(old, snap, tmp, NB_PAGE / 2)) > 0)
+    if (old && (n = nb_delta_encode(old, snap, tmp, DELTA_CAP)) > 0)
         return NB_REC_HDR + n;
-    if (s->zctx && s->adapt.active) {
-        n = ZSTD_compressCCtx(s->zctx, tmp, NB_PAGE - 256, snap, NB_PAGE,
-                              m->p.zstd_level);
-        if (!ZSTD_isError(n) && n > 0)
-            return NB_REC_HDR + n;
-    }
+    if (s->zctx && s->adapt.active && (n = zstd_page(s, snap, tmp)) > 0)
+        return NB_REC_HDR + n;
     return NB_REC_HDR + NB_PAGE;
 }
 
