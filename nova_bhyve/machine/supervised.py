@@ -34,6 +34,26 @@ LOG = logging.getLogger(__name__)
 
 RUN_FILES = ("exit.json", "supervisor.json", "child.pid")
 HOST_FILE = "host"
+SUPERVISOR_MODULE = "nova_bhyve.machine.supervise"
+
+
+def supervises(cmdline, uuid):
+    """Return True if ``cmdline`` is the supervisor of guest ``uuid``.
+
+    A recorded pid is the supervisor's while that process runs
+    ``nova_bhyve.machine.supervise --rundir .../<uuid>``; any other process
+    has reused the pid.  The command line, not the start time, tells:
+    process start times are read against the wall clock, and a clock step
+    (seen: 10 s while the host was busy) made a running guest look ended.
+    """
+    if SUPERVISOR_MODULE not in cmdline:
+        return False
+    own = cmdline[cmdline.index(SUPERVISOR_MODULE) + 1:]
+    own = own[:own.index("--")] if "--" in own else own
+    if "--rundir" not in own[:-1]:
+        return False
+    rundir = own[own.index("--rundir") + 1]
+    return os.path.basename(os.path.normpath(rundir)) == uuid
 
 
 class SupervisedMachines:
@@ -182,9 +202,9 @@ class SupervisedMachines:
             return False
         try:
             proc = psutil.Process(sup["pid"])
-            if abs(proc.create_time() - sup["started"]) > 5:
-                return False        # the pid was reused
-            return proc.status() != psutil.STATUS_ZOMBIE
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return supervises(proc.cmdline(), uuid)
         except psutil.Error:
             return False
 

@@ -56,7 +56,7 @@ from nova_bhyve.machine.base import (
     MachineState,
 )
 from nova_bhyve.machine.statefile import write_json
-from nova_bhyve.machine.supervised import SupervisedMachines
+from nova_bhyve.machine.supervised import SUPERVISOR_MODULE, SupervisedMachines
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.client import ControlClient
 from nova_bhyve.testhost.errors import TestHostError
@@ -162,7 +162,7 @@ class TestHostBackend(SupervisedMachines, Backend):
         self._clear_run_files(uuid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._run(uuid, "control.sock"))
-        cmd = [sys.executable, "-m", "nova_bhyve.machine.supervise",
+        cmd = [sys.executable, "-m", SUPERVISOR_MODULE,
                "--rundir", self._run_dir(uuid), "--reboot-argv",
                json.dumps(reboot_argv), "--", *argv]
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL,
