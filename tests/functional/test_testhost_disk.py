@@ -308,7 +308,12 @@ def test_a_flush_the_host_holds_up_does_not_stop_the_heartbeat(vms):
     gap, _ = largest_heartbeat_gap(parse_tlog(vm.tlog_path.read_text()),
                                    min_seq=first.seq, max_seq=last.seq)
     assert last.disk_passes >= first.disk_passes + 2, (first, last)
-    assert gap < 0.050, (gap, statistics.median(hog.flush_ms))
+    # A vCPU that waited for its flushes stopped beating for about as long
+    # as one took; a busy host's scheduler alone can hold a vCPU out for
+    # tens of ms (54 ms seen with flushes of 400 ms), so the gap is held
+    # to half the storage's median flush, and never under 50 ms.
+    median = statistics.median(hog.flush_ms)
+    assert gap < max(0.050, median / 2e3), (gap, median)
     vm.client.pause()
     report = parse_console(vm.console_text())
     assert report.errors == 0 and report.fails == []
