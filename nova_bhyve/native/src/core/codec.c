@@ -380,6 +380,13 @@ static size_t slot_of(const struct nb_xcache *c, uint64_t key)
     return (size_t)(key % c->nslots);
 }
 
+/* Whether the cache holds an entry for `key` (nb_xcache_get would find it,
+ * barring a sparse entry that no longer decodes). */
+int nb_xcache_has(const struct nb_xcache *c, uint64_t key)
+{
+    return c->tags[slot_of(c, key)] == key + 1;
+}
+
 /*
  * The page content last sent under `key`, or NULL: the cache's own copy,
  * or `buf` (a page) rebuilt from a sparse page's delta.

@@ -29,6 +29,7 @@ uint64_t nb_disk_term(uint32_t disk, uint64_t block, uint64_t h, uint64_t hz,
 struct nb_xcache *nb_xcache_new(uint64_t bytes);
 void nb_xcache_free(struct nb_xcache *c);
 const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn, uint8_t *buf);
+int nb_xcache_has(const struct nb_xcache *c, uint64_t pfn);
 int nb_xcache_put(struct nb_xcache *c, uint64_t pfn, const uint8_t *page,
                   uint32_t round, const uint8_t *zdelta, size_t zlen);
 void nb_xcache_drop(struct nb_xcache *c, uint64_t pfn);

@@ -141,33 +141,86 @@ static size_t resend_bytes(struct sender *s, uint64_t index)
     return NB_REC_HDR + NB_PAGE;
 }
 
+/* The sender (page channel) that sends page `index`. */
+static struct sender *channel_of(struct source *src, uint64_t index)
+{
+    return &src->snd[index / 64 % (uint64_t)src->nsnd];
+}
+
+/* Whether page `index` would be resent against its channel's cache. */
+static int resend_hits(struct source *src, uint64_t index)
+{
+    struct sender *s = channel_of(src, index);
+    return s->cache && nb_xcache_has(s->cache, cache_key(src, index));
+}
+
+/* Dirty pages of one kind (cache hit or miss) and what a sample of
+ * them, every `step`-th, cost. */
+struct stratum {
+    uint64_t count, step, seen;
+    uint32_t pages;
+    double bytes, ms;
+};
+
+static void sample_page(struct source *src, uint64_t index, struct stratum *st)
+{
+    if (st->seen++ % st->step || st->pages >= NB_RESEND_SAMPLE / 2)
+        return;
+    double t0 = nb_now_ms();
+    size_t n = resend_bytes(channel_of(src, index), index);
+    st->ms += nb_now_ms() - t0;
+    st->bytes += (double)n;
+    st->pages += n > 0;
+}
+
+/* Visit the pages set in `bits`: count them by cache hit or miss, or
+ * (`sample`) sample each kind. */
+static void visit_dirty(struct source *src, const uint64_t *bits,
+                        struct stratum st[2], int sample)
+{
+    for (size_t w = 0; w < src->words; w++)
+        for (uint64_t b = bits[w]; b; b &= b - 1) {
+            uint64_t index = (uint64_t)w * 64 + (uint64_t)__builtin_ctzll(b);
+            struct stratum *k = &st[resend_hits(src, index)];
+            if (sample)
+                sample_page(src, index, k);
+            else
+                k->count++;
+        }
+}
+
 /*
- * What resending the `dirty` pages set in `bits` would cost now: up to
- * NB_RESEND_SAMPLE of them, spread evenly over the bitmap, encoded as
- * their channels would (resend_bytes).  Between rounds only: the senders
- * idle, their caches and zstd contexts are free.
+ * What resending the pages set in `bits` would cost now.  Every page is
+ * looked up in its channel's cache; up to NB_RESEND_SAMPLE / 2 of the
+ * hits (deltas, mostly tiny) and as many of the misses (zstd or raw),
+ * each spread evenly, are encoded as their channels would
+ * (resend_bytes), and each kind is weighed by its count: a few misses
+ * among many hits can carry most of the bytes, and a sample of all
+ * pages alike missed them.  Between rounds only: the senders idle,
+ * their caches and zstd contexts are free.
  */
-void nb_src_sample_resend(struct source *src, const uint64_t *bits, uint64_t dirty,
+void nb_src_sample_resend(struct source *src, const uint64_t *bits,
                           struct nb_resend_cost *out)
 {
-    uint64_t step = dirty / NB_RESEND_SAMPLE + 1, seen = 0;
-    double bytes = 0, ms = 0;
+    struct stratum st[2] = { { 0 }, { 0 } };
+    double pages = 0, bytes = 0, ms = 0;
 
     memset(out, 0, sizeof(*out));
-    for (size_t w = 0; w < src->words && out->pages < NB_RESEND_SAMPLE; w++)
-        for (uint64_t b = bits[w]; b && out->pages < NB_RESEND_SAMPLE; b &= b - 1) {
-            if (seen++ % step)
-                continue;
-            double t0 = nb_now_ms();
-            size_t n = resend_bytes(&src->snd[w % (size_t)src->nsnd],
-                                    (uint64_t)w * 64 + (uint64_t)__builtin_ctzll(b));
-            ms += nb_now_ms() - t0;
-            bytes += (double)n;
-            out->pages += n > 0;
-        }
-    if (out->pages) {
-        out->wire_bytes = bytes / out->pages;
-        out->encode_ms = ms / out->pages;
+    visit_dirty(src, bits, st, 0);
+    for (int k = 0; k < 2; k++)
+        st[k].step = st[k].count / (NB_RESEND_SAMPLE / 2) + 1;
+    visit_dirty(src, bits, st, 1);
+    for (int k = 0; k < 2; k++) {
+        if (!st[k].pages)
+            continue;
+        out->pages += st[k].pages;
+        pages += (double)st[k].count;
+        bytes += (double)st[k].count * st[k].bytes / st[k].pages;
+        ms += (double)st[k].count * st[k].ms / st[k].pages;
+    }
+    if (pages > 0) {
+        out->wire_bytes = bytes / pages;
+        out->encode_ms = ms / pages;
     }
 }
 

@@ -79,7 +79,8 @@ struct nb_resend_cost {
     double encode_ms;           /* encoding time per page, on one thread */
 };
 
-/* Pages nb_src_sample_resend encodes at most. */
+/* Pages nb_src_sample_resend encodes at most: half of them cache hits,
+ * half misses. */
 #define NB_RESEND_SAMPLE 512
 
 /* Lazy clearing works on chunks of at least this many 64-page words (64 MiB). */
@@ -93,7 +94,7 @@ void nb_src_mark_data_pages(struct source *src);
 int nb_src_sync_dirty(struct source *src, char *err);
 uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words);
 int nb_sender_flush(struct sender *s, uint32_t round, char *err);
-void nb_src_sample_resend(struct source *src, const uint64_t *bits, uint64_t dirty,
+void nb_src_sample_resend(struct source *src, const uint64_t *bits,
                           struct nb_resend_cost *out);
 /* switchover.c: the switch-over policy */
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);

@@ -165,7 +165,7 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
     struct nb_mig *m = src->m;
     struct nb_resend_cost rc = { 0 };
     if (src->cur_round == 0 && pages)       /* no page sent twice yet */
-        nb_src_sample_resend(src, src->lazy ? src->scratch : src->bitmap, pages, &rc);
+        nb_src_sample_resend(src, src->lazy ? src->scratch : src->bitmap, &rc);
     double expected = estimate_pause(src, pages, src->dirty_blocks, since_ms, &rc);
     uint64_t dirty = pages + src->dirty_blocks;     /* pages and blocks alike */
     uint64_t prev = src->prev_dirty;
