@@ -47,6 +47,7 @@ from oslo_privsep import priv_context
 import nova_bhyve.conf  # noqa: F401
 from nova_bhyve import beneath
 from nova_bhyve.machine import argv as bhyve_argv
+from nova_bhyve.machine import supervise
 
 CONF = nova.conf.CONF
 
@@ -209,7 +210,7 @@ def supervised_argv(uuid, argv):
     # daemon(8) opens no file: its -o and -P would follow links as root;
     # the supervisor opens its logs below the runtime directory itself
     return [CONF.bhyve.daemon_path, "-f", "--",
-            sys.executable, "-m", "nova_bhyve.machine.supervise",
+            sys.executable, "-m", supervise.MODULE,
             "--foreground", "--output-to-log", "--rundir", rundir,
             "--check-bhyve-files", json.dumps(dataclasses.asdict(_paths())),
             "--stdout", os.path.join(rundir, "console.log"),

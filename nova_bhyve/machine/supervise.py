@@ -43,6 +43,9 @@ from nova_bhyve import beneath
 from nova_bhyve.machine import argv as bhyve_argv
 from nova_bhyve.machine.statefile import write_json_at
 
+# what `python -m` runs: launchers start it by this name, and the driver
+# tells a live supervisor by it (supervised.supervises)
+MODULE = "nova_bhyve.machine.supervise"
 # a guest that reboots more often than this is in a loop: give up
 MAX_REBOOTS = 10
 REBOOT_WINDOW = 60.0

@@ -26,7 +26,7 @@ import psutil
 from oslo_log import log as logging
 
 from nova_bhyve import polling
-from nova_bhyve.machine import checkpoint, diskfiles, power
+from nova_bhyve.machine import checkpoint, diskfiles, power, supervise
 from nova_bhyve.machine.base import MachineError, MachineSpec
 from nova_bhyve.machine.statefile import read_json, write_json, write_text
 
@@ -34,7 +34,6 @@ LOG = logging.getLogger(__name__)
 
 RUN_FILES = ("exit.json", "supervisor.json", "child.pid")
 HOST_FILE = "host"
-SUPERVISOR_MODULE = "nova_bhyve.machine.supervise"
 
 
 def supervises(cmdline, uuid):
@@ -46,9 +45,9 @@ def supervises(cmdline, uuid):
     process start times are read against the wall clock, and a clock step
     (seen: 10 s while the host was busy) made a running guest look ended.
     """
-    if SUPERVISOR_MODULE not in cmdline:
+    if supervise.MODULE not in cmdline:
         return False
-    own = cmdline[cmdline.index(SUPERVISOR_MODULE) + 1:]
+    own = cmdline[cmdline.index(supervise.MODULE) + 1:]
     own = own[:own.index("--")] if "--" in own else own
     if "--rundir" not in own[:-1]:
         return False

@@ -46,7 +46,14 @@ from oslo_log import log as logging
 
 from nova_bhyve import polling, privsep
 from nova_bhyve.concurrency import offload
-from nova_bhyve.machine import checkpoint, diskfiles, hostinfo, images, power
+from nova_bhyve.machine import (
+    checkpoint,
+    diskfiles,
+    hostinfo,
+    images,
+    power,
+    supervise,
+)
 from nova_bhyve.machine.base import (
     ROOT_DISK,
     Backend,
@@ -56,7 +63,7 @@ from nova_bhyve.machine.base import (
     MachineState,
 )
 from nova_bhyve.machine.statefile import write_json
-from nova_bhyve.machine.supervised import SUPERVISOR_MODULE, SupervisedMachines
+from nova_bhyve.machine.supervised import SupervisedMachines
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.client import ControlClient
 from nova_bhyve.testhost.errors import TestHostError
@@ -162,7 +169,7 @@ class TestHostBackend(SupervisedMachines, Backend):
         self._clear_run_files(uuid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._run(uuid, "control.sock"))
-        cmd = [sys.executable, "-m", SUPERVISOR_MODULE,
+        cmd = [sys.executable, "-m", supervise.MODULE,
                "--rundir", self._run_dir(uuid), "--reboot-argv",
                json.dumps(reboot_argv), "--", *argv]
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL,

@@ -32,6 +32,7 @@ options of its quoted synopsis line.
 import dataclasses
 import json
 import re
+import sys
 import types
 from unittest import mock
 
@@ -40,7 +41,7 @@ import pytest
 from nova_bhyve import privsep, privsep_zfs
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import argv as bhyve_argv
-from nova_bhyve.machine import bhyve, zvolmove
+from nova_bhyve.machine import bhyve, supervised, zvolmove
 from nova_bhyve.machine.base import DiskSpec, MachineSpec, NicSpec
 
 UUID = "0c9d3f2e-6a1b-4c8d-9e7f-112233445566"
@@ -562,6 +563,10 @@ def test_supervised_bhyve_its_reboot_and_its_vmm_cleanup(helper_conf):
     assert_conforms(BHYVE, reboot, CONF.bhyve.bhyve_path)
     assert "-r" not in reboot
     assert_conforms(BHYVECTL, destroy, CONF.bhyve.bhyvectl_path)
+    # the driver tells this supervisor, once it runs, by its command line
+    supervisor = cmd[cmd.index(sys.executable):]
+    assert supervised.supervises(supervisor, UUID)
+    assert not supervised.supervises(supervisor, "f" + UUID[1:])
 
 
 @pytest.mark.parametrize("change,why", [

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nova_bhyve import polling
-from nova_bhyve.machine import supervised
+from nova_bhyve.machine import supervise, supervised
 from nova_bhyve.machine.statefile import read_json, write_json
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -17,7 +17,7 @@ OTHER = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
 
 
 def _supervisor_cmd(rundir):
-    return [sys.executable, "-m", supervised.SUPERVISOR_MODULE, "--foreground",
+    return [sys.executable, "-m", supervise.MODULE, "--foreground",
             "--rundir", str(rundir), "--", "sleep", "60"]
 
 
@@ -29,9 +29,9 @@ def _supervisor_cmd(rundir):
     (["nb-testhost", "--name", UUID, "--rundir", f"/run/nb/{UUID}"], UUID,
      False),
     # a --rundir after "--" belongs to the supervised command
-    ([sys.executable, "-m", supervised.SUPERVISOR_MODULE, "--",
+    ([sys.executable, "-m", supervise.MODULE, "--",
       "nb-testhost", "--rundir", f"/run/nb/{UUID}"], UUID, False),
-    ([sys.executable, "-m", supervised.SUPERVISOR_MODULE, "--rundir"], UUID,
+    ([sys.executable, "-m", supervise.MODULE, "--rundir"], UUID,
      False),
     ([], UUID, False),
 ])
