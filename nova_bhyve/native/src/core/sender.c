@@ -20,6 +20,11 @@
 #endif
 
 #define FRAME_CAP (NB_MAX_PAGES_FRAME)
+/* Records a PAGES frame holds at most.  The destination applies a frame
+ * only once it is whole (its tag covers all of it): 256 KiB of deltas of
+ * a few bytes each are ten thousand pages, whose applying would wait for
+ * the frame's last byte and then hold up the end of the pause by ~10 ms. */
+#define FRAME_RECORDS 512
 _Static_assert(NB_PAGES_HDR == NB_DISK_HDR, "PAGES and DISK frames share a buffer");
 
 /* Send the frame being filled (PAGES or DISK), if it holds a record. */
@@ -241,7 +246,8 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
 
     if (nb_page_addr(m, index, &pfn, &off) < 0)
         return 0;
-    if (s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP && nb_sender_flush(s, round, err) < 0)
+    if ((s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP || s->nrec >= FRAME_RECORDS) &&
+        nb_sender_flush(s, round, err) < 0)
         return -1;
     rec = s->frame + s->flen;
     snap = rec + NB_REC_HDR;
