@@ -20,11 +20,14 @@
 #endif
 
 #define FRAME_CAP (NB_MAX_PAGES_FRAME)
-/* Records a PAGES frame holds at most.  The destination applies a frame
- * only once it is whole (its tag covers all of it): 256 KiB of deltas of
- * a few bytes each are ten thousand pages, whose applying would wait for
- * the frame's last byte and then hold up the end of the pause by ~10 ms. */
-#define FRAME_RECORDS 512
+/* Records a PAGES frame holds at most while the guest is paused.  The
+ * destination applies a frame only once it is whole (its tag covers all
+ * of it): 256 KiB of deltas of a few bytes each are ten thousand pages,
+ * whose applying would wait for the frame's last byte and then hold up
+ * the end of the pause by ~10 ms.  While the guest runs, frames stay as
+ * large as they fit: fewer wake-ups of the destination's threads on the
+ * cores the guest runs on. */
+#define PAUSED_FRAME_RECORDS 512
 _Static_assert(NB_PAGES_HDR == NB_DISK_HDR, "PAGES and DISK frames share a buffer");
 
 /* Send the frame being filled (PAGES or DISK), if it holds a record. */
@@ -246,7 +249,7 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
 
     if (nb_page_addr(m, index, &pfn, &off) < 0)
         return 0;
-    if ((s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP || s->nrec >= FRAME_RECORDS) &&
+    if ((s->flen + NB_REC_HDR + NB_PAGE > FRAME_CAP || s->nrec >= s->max_rec) &&
         nb_sender_flush(s, round, err) < 0)
         return -1;
     rec = s->frame + s->flen;
@@ -289,6 +292,8 @@ static int run_round(struct sender *s, struct source *src, uint32_t round, char 
     size_t w = src->w0 + ((size_t)s->slot + n - src->w0 % n) % n;
     if (src->w0 == 0)
         s->round_pages = s->round_blocks = 0;
+    s->max_rec = atomic_load(&s->m->guest_paused) ? PAUSED_FRAME_RECORDS
+                                                  : UINT32_MAX;
     for (; w < src->w1; w += n) {
         uint64_t bits = src->bitmap[w];
         if (!bits)
