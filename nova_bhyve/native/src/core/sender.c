@@ -25,8 +25,8 @@
  * of it): 256 KiB of deltas of a few bytes each are ten thousand pages,
  * whose applying would wait for the frame's last byte and then hold up
  * the end of the pause by ~10 ms.  While the guest runs, frames stay as
- * large as they fit: fewer wake-ups of the destination's threads on the
- * cores the guest runs on. */
+ * large as they fit, as before: the cap was measured to help the pause
+ * only (benchmarks/README.md, "the pause's last frames"). */
 #define PAUSED_FRAME_RECORDS 512
 _Static_assert(NB_PAGES_HDR == NB_DISK_HDR, "PAGES and DISK frames share a buffer");
 

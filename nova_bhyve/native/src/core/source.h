@@ -24,7 +24,7 @@ struct sender {
     size_t flen;
     uint8_t ftype;              /* the frame being filled: PAGES or DISK */
     uint32_t nrec;
-    uint32_t max_rec;            /* records a PAGES frame holds at most */
+    uint32_t max_rec;           /* records a PAGES frame holds at most */
     uint64_t round_pages;
     uint64_t round_blocks;      /* disk blocks sent in this round */
     pthread_t thread;
