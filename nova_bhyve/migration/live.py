@@ -452,6 +452,9 @@ class LiveMigrationMixin:
             text = policy.summary(stats, out.mig.peak if out.mig else 0)
             LOG.info("Live migration to %s completed: %s", dest, text,
                      instance=instance)
+            LOG.debug("Live migration rounds:\n  %s",
+                      "\n  ".join(policy.round_lines(stats)),
+                      instance=instance)
             events.finish(context, instance, event)
             events.record(context, instance, self._nodename(),
                           f"bhyve_switchover {text}")

@@ -104,6 +104,23 @@ def summary(stats, throttle_peak=0):
             f"disk_bytes={stats.disk_bytes} disk_blocks={stats.disk_blocks}")
 
 
+def round_lines(stats):
+    """Return one line per round, then the pages by encoding, for the log.
+
+    The last round is the one the guest was paused for; its duration is
+    the source's part of the pause.
+    """
+    lines = [f"round {i}: {r.duration_ms:.0f}ms pages={r.pages} "
+             f"bytes={r.bytes} dirty={r.dirty} throttle={r.throttle}%"
+             for i, r in enumerate(stats.rounds)]
+    lines.append(f"pages: zero={stats.pages_zero} delta={stats.pages_delta} "
+                 f"compressed={stats.pages_compressed} raw={stats.pages_raw} "
+                 f"delta_cache={stats.delta_cache_bytes // MiB}MiB "
+                 f"rtt={stats.rtt_ms:.2f}ms "
+                 f"bandwidth={stats.bandwidth / MiB:.1f}MiB/s")
+    return lines
+
+
 def outcome(stats, aborted):
     """What the engine's end means for Nova, from its final stats.
 

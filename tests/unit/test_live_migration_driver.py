@@ -19,11 +19,17 @@ from nova_bhyve.native.engine import (
     Mode,
     Phase,
     Result,
+    RoundStats,
 )
 
 UUID = "3b0f6c9e-8d2a-4f1b-9c3e-5a6b7c8d9e0f"
 CONF = bhyve_driver.CONF
 MiB = 1 << 20
+
+
+def _rounds(n):
+    return tuple(RoundStats(i * 100.0, 90.0, 1000, 4 * MiB, 10)
+                 for i in range(n))
 
 
 def _stats(**kw):
@@ -34,7 +40,9 @@ def _stats(**kw):
                 committed=False, guest_runs_here=True, rounds=(), error="",
                 error_kind=ErrorKind.NONE, mode=Mode.LIVE, throttle=0,
                 delta_cache_bytes=0, compressing=0, disk_total=0,
-                disk_bytes=0, disk_blocks=0, dirty_blocks=0)
+                disk_bytes=0, disk_blocks=0, dirty_blocks=0, pages_zero=0,
+                pages_delta=0, pages_compressed=0, pages_raw=0, rtt_ms=0.1,
+                bandwidth=100.0 * MiB)
     base.update(kw)
     st = types.SimpleNamespace(**base)
     st.finished = st.result != Result.RUNNING
@@ -67,7 +75,7 @@ class FakeSend:
         self.calls.append(("force_complete",))
         self.end(result=Result.COMPLETED, phase=Phase.DONE, committed=True,
                  guest_runs_here=False, downtime_ms=12.5, total_ms=900,
-                 rounds=(1, 2))
+                 rounds=_rounds(2))
 
     def cancel(self):
         self.calls.append(("cancel",))
@@ -144,7 +152,7 @@ def _migrate(env):
 def _done(**kw):
     base = dict(result=Result.COMPLETED, phase=Phase.DONE, committed=True,
                 guest_runs_here=False, downtime_ms=7.0, total_ms=1500,
-                bytes_transferred=40 * MiB, rounds=(1, 2, 3))
+                bytes_transferred=40 * MiB, rounds=_rounds(3))
     base.update(kw)
     return _stats(**base)
 
