@@ -94,16 +94,40 @@ static int first_write(struct receiver *r, uint64_t index)
     return first;
 }
 
+/* Pages the kernel maps around a read fault (fault_around_bytes, 64 KiB
+ * by default), aligned. */
+#define FAULT_AROUND_PAGES 16
+
+/*
+ * Read one byte of `page` (guest memory) before writing into it, when
+ * the frame's next record is for a page of the same 64 KiB: a page that
+ * only write_pages has written is not mapped here yet, and a read fault
+ * maps its written neighbours with it (the kernel's fault-around), where
+ * a write fault maps one page.  Measured on the Linux test host: pages
+ * written in a run then cost 0.35 us each to map instead of 1.7 us (in a
+ * final round of sixty thousand deltas that was most of the
+ * destination's time in the pause); but a lone page 6.5 us against 2.2,
+ * hence the neighbour test.
+ */
+static inline void map_by_reading(const uint8_t *page, uint32_t pfn,
+                                  const uint8_t *next, size_t next_avail)
+{
+    if (next_avail >= 4 &&
+        nb_get32(next) / FAULT_AROUND_PAGES == pfn / FAULT_AROUND_PAGES)
+        (void)*(const volatile uint8_t *)page;
+}
+
 /*
  * Decode a record for page `index` into `page` (guest memory).  A RAW
  * page, or a DELTA for a page nothing has written yet, may instead be
  * queued for write_pages: *hashed then points at its bytes.  A ZERO for
- * such a page writes nothing (it is zeros already).  Returns 1 if the
- * record is undecodable.
+ * such a page writes nothing (it is zeros already).  `avail`: the bytes
+ * from the record to the frame's end.  Returns 1 if the record is
+ * undecodable.
  */
 static int decode_record(struct receiver *r, const struct nb_page_rec *pr,
                          uint64_t off, uint64_t index, uint8_t *page,
-                         const uint8_t **hashed, char *err)
+                         size_t avail, const uint8_t **hashed, char *err)
 {
     uint8_t tmp[NB_PAGE];
     size_t n;
@@ -117,8 +141,12 @@ static int decode_record(struct receiver *r, const struct nb_page_rec *pr,
             return pr->len != 0;
         }
     }
-    if (pr->enc != NB_ENC_RAW && flush_run(r, err) < 0)
-        return -1;
+    if (pr->enc != NB_ENC_RAW) {
+        if (flush_run(r, err) < 0)
+            return -1;
+        map_by_reading(page, pr->pfn, pr->data + pr->len,
+                       avail - NB_REC_HDR - pr->len);
+    }
     switch (pr->enc) {
     case NB_ENC_ZERO:
         if (pr->len != 0)
@@ -172,7 +200,8 @@ static int apply_record(struct receiver *r, const uint8_t *rec, size_t avail,
                  (unsigned long long)((index / 64) % (uint64_t)r->dst->nrcv + 1));
         return -1;
     }
-    rc = decode_record(r, &pr, off, index, m->vmm.mem + off, &hashed, err);
+    rc = decode_record(r, &pr, off, index, m->vmm.mem + off, avail, &hashed,
+                       err);
     if (rc < 0)
         return -1;
     if (rc > 0) {
