@@ -109,11 +109,12 @@ static int first_write(struct receiver *r, uint64_t index)
  * destination's time in the pause); but a lone page 6.5 us against 2.2,
  * hence the neighbour test.
  */
-static inline void map_by_reading(const uint8_t *page, uint32_t pfn,
-                                  const uint8_t *next, size_t next_avail)
+static inline void map_by_reading(const uint8_t *page,
+                                  const struct nb_page_rec *pr, size_t avail)
 {
-    if (next_avail >= 4 &&
-        nb_get32(next) / FAULT_AROUND_PAGES == pfn / FAULT_AROUND_PAGES)
+    uint32_t next;
+    if (nb_page_rec_next_pfn(pr, avail, &next) &&
+        next / FAULT_AROUND_PAGES == pr->pfn / FAULT_AROUND_PAGES)
         (void)*(const volatile uint8_t *)page;
 }
 
@@ -144,8 +145,7 @@ static int decode_record(struct receiver *r, const struct nb_page_rec *pr,
     if (pr->enc != NB_ENC_RAW) {
         if (flush_run(r, err) < 0)
             return -1;
-        map_by_reading(page, pr->pfn, pr->data + pr->len,
-                       avail - NB_REC_HDR - pr->len);
+        map_by_reading(page, pr, avail);
     }
     switch (pr->enc) {
     case NB_ENC_ZERO:

@@ -74,6 +74,18 @@ int nb_page_rec_parse(const uint8_t *rec, size_t avail, struct nb_page_rec *r,
     return 0;
 }
 
+/* The pfn of the record after `r` in its frame (`avail`: the bytes from
+ * `r`'s header to the frame's end), unchecked: a hint, never applied;
+ * 0 when no record follows. */
+int nb_page_rec_next_pfn(const struct nb_page_rec *r, size_t avail,
+                         uint32_t *pfn)
+{
+    if (avail - NB_REC_HDR - r->len < NB_REC_HDR)
+        return 0;
+    *pfn = nb_get32(r->data + r->len);
+    return 1;
+}
+
 /* Send ROUND_END on a page channel. */
 int nb_round_end_send(struct nb_chan *c, const struct nb_round_end *e, char *err)
 {

@@ -229,6 +229,8 @@ void nb_page_rec_put(uint8_t *rec, uint32_t pfn, uint8_t enc, uint16_t len);
 int nb_pages_parse(const struct nb_frame *f, uint32_t *round, uint32_t *nrec);
 int nb_page_rec_parse(const uint8_t *rec, size_t avail, struct nb_page_rec *r,
                       char *err);
+int nb_page_rec_next_pfn(const struct nb_page_rec *r, size_t avail,
+                         uint32_t *pfn);
 int nb_round_end_send(struct nb_chan *c, const struct nb_round_end *e, char *err);
 int nb_round_end_parse(const struct nb_frame *f, struct nb_round_end *e);
 int nb_digest_send(struct nb_chan *c, const struct nb_digest_msg *d, char *err);
