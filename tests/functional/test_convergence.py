@@ -248,6 +248,7 @@ def test_a_guest_no_encoding_shrinks_converges_by_a_computed_throttle(vms):
     assert s.pages_raw > 2 * (8 * MiB // 4096)  # resent raw, round after round
     assert s.converge_steps >= 1
     steps = [r.throttle for r in s.rounds]
-    assert steps[:2] == [0, 0] and steps[2] > 20, steps
+    assert steps[:2] == [0, 0] and steps[2] > 20, [
+        (r.throttle, r.dirty, r.pages, round(r.duration_ms)) for r in s.rounds]
     assert s.downtime_ms <= 300
     _moved(src, dst, s, d)
