@@ -9,6 +9,7 @@ from oslo_serialization import jsonutils
 from nova import exception
 from nova_bhyve.machine.base import HostFacts
 from nova_bhyve.migration import checks, policy
+from nova_bhyve.native.engine import RoundStats
 
 GiB = 1 << 30
 
@@ -86,7 +87,6 @@ def test_progress_reporting():
 
 
 def test_round_lines_give_each_round_then_the_encodings():
-    from nova_bhyve.native.engine import RoundStats
     rounds = (RoundStats(0, 900.5, 65537, 70_000_000, 4000),
               RoundStats(901, 12.2, 4000, 90_000, 0, throttle=20))
     s = types.SimpleNamespace(
