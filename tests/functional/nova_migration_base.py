@@ -33,11 +33,11 @@ GUEST_IMAGES = {
     # this nested KVM); delta encoding makes that cheap to send
     "stress": ("1d3f9a6b-2e4c-4d7f-8a1b-3c5d7e9f1a2b",
                "mode=stress pattern=touch ws=4M"),
-    # rewrites the same 1024 pages as fast as a loop can: even on a host
+    # rewrites the same 4096 pages as fast as a loop can: even on a host
     # so busy that the guest gets a sliver of a CPU, every page is dirty
     # again long before a round at a few MiB/s ends
     "hot": ("2e4a0b7c-3f5d-4e8a-9b2c-4d6e8f0a2b3c",
-            "mode=stress pattern=tight ws=4M"),
+            "mode=stress pattern=tight ws=16M"),
     # the touch writer's memory, and versioned blocks written over the
     # first 256 KiB of its root disk (the VM's ATA disk), read back and
     # re-read against the version it remembers (needs a 1 GiB root disk)
