@@ -149,7 +149,7 @@ def targets(summary, workloads, links, downtime_limit_ms):
                 d = ours["guest_downtime_ms"]
                 idle = f"{d:.1f} {'✓' if d <= 5.0 else '✗'}"
             cells.append(idle)
-            cells.append(f"{ours.get('gap_at_switch', 0)}/{ours['ok']}"
+            cells.append(f"{ours['gap_at_switch']}/{ours['ok']}"
                          if ours["ok"] else "—")
             lines.append(f"| {wl} | {link} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
