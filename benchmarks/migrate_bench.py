@@ -127,7 +127,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one repeat each")
-    ap.add_argument("--channels", type=int, default=2)
+    ap.add_argument("--channels", default="auto",
+                    type=lambda v: v if v == "auto" else int(v),
+                    help='1..16, or "auto" (the engine\'s default)')
     ap.add_argument("--max-downtime-ms", type=int, default=50)
     ap.add_argument("--delta-cache-mib", default="64",
                     help='MiB, or "auto" (the engine\'s default)')

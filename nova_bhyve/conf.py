@@ -211,9 +211,14 @@ migration_opts = [
         help="Bandwidth cap of a live migration's memory copy in MiB/s; "
              "0 means unlimited."),
     cfg.IntOpt(
-        "live_migration_parallel_connections", default=2, min=1, max=16,
+        "live_migration_parallel_connections", default=0, min=0, max=16,
         help="TCP connections that carry guest memory (the engine's "
-             "channels)."),
+             "channels), each a thread on both hosts.  0 (the default) "
+             "chooses per migration: one per CPU of the source host that "
+             "the guest's vCPUs leave free while it runs, at least 1 and "
+             "at most 2, so that on a host with few CPUs the copy does not "
+             "take the guest's CPU time.  Cold migration and resize, whose "
+             "guest is stopped, count every CPU."),
     cfg.StrOpt(
         "live_migration_compression", default="auto", choices=[
             ("auto", "send a sparse page's first copy as its few non-zero "

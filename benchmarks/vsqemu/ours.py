@@ -24,10 +24,10 @@ from vsqemu.common import (
 _HALF = pathlib.Path(__file__).resolve().parent / "half.py"
 
 # The engine's settings: its defaults, those of `nova-bhyve-migrate send`
-# (2 channels, incremental verification, compression and delta cache as
-# the engine chooses, no bandwidth cap); only the downtime limit is the
-# comparison's common one.
-ENGINE = {"channels": 2, "verify": "incremental"}
+# (page channels, compression and delta cache as the engine chooses them,
+# incremental verification, no bandwidth cap); only the downtime limit is
+# the comparison's common one.
+ENGINE = {"channels": "auto", "verify": "incremental"}
 
 
 class _Half:

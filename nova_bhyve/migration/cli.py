@@ -33,6 +33,15 @@ _VMM = {"testhost": VmmKind.TESTHOST, "bhyve": VmmKind.BHYVE,
         "checkpoint": VmmKind.CHECKPOINT}
 
 
+def _channels(text):
+    """``--channels``: "auto" or a count of 1..16."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError(f"expected 1..16 or auto, not {text!r}")
+    return int(text)
+
+
 def _split_hostport(text):
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -101,7 +110,9 @@ def _report(stats, out):
         out.write(f"total {stats.total_ms:.1f} ms, "
                   f"downtime {stats.downtime_ms:.1f} ms, "
                   f"{stats.bytes_transferred} bytes on the wire, "
-                  f"{len(stats.rounds)} rounds, digest {stats.digest:016x}\n")
+                  f"{len(stats.rounds)} rounds over {stats.channels} page "
+                  f"channel{'s' if stats.channels != 1 else ''}, "
+                  f"digest {stats.digest:016x}\n")
         if stats.disk_total:
             out.write(f"disks {stats.disk_total} bytes: {stats.disk_blocks} "
                       f"blocks in {stats.disk_bytes} bytes on the wire, "
@@ -136,7 +147,10 @@ def main(argv=None, out=sys.stdout):
     snd, rcv = sub.choices["send"], sub.choices["receive"]
     snd.add_argument("--to", required=True, metavar="HOST:PORT")
     snd.add_argument("--mode", choices=["live", "warm", "cold"], default="live")
-    snd.add_argument("--channels", type=int, default=2)
+    snd.add_argument("--channels", type=_channels, default="auto",
+                     help="page connections, 1..16; auto (default): one "
+                          "per CPU of this host the guest's vCPUs leave "
+                          "free, 1 to 2")
     snd.add_argument("--compress", choices=["auto", "on", "off"], default="auto",
                      help="sparse pages' first copies as their non-zero "
                           "bytes, zstd for other pages not sent as zeros or "

@@ -116,7 +116,7 @@ def round_lines(stats):
     lines.append(f"pages: zero={stats.pages_zero} delta={stats.pages_delta} "
                  f"compressed={stats.pages_compressed} raw={stats.pages_raw} "
                  f"delta_cache={stats.delta_cache_bytes // MiB}MiB "
-                 f"rtt={stats.rtt_ms:.2f}ms "
+                 f"rtt={stats.rtt_ms:.2f}ms channels={stats.channels} "
                  f"bandwidth={stats.bandwidth / MiB:.1f}MiB/s")
     return lines
 

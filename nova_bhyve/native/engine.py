@@ -236,6 +236,7 @@ class MigrationStats:
     stream_bytes: int = 0       # stream disks' bytes sent or written
     converge_steps: int = 0     # throttle steps: rounds stopped shrinking
     trim_steps: int = 0         # throttle steps: a pause that fitted, cut
+    channels: int = 0           # page channels of the session (as chosen)
 
     @property
     def finished(self):
@@ -254,6 +255,15 @@ _VERIFY = {"incremental": lib.NB_VERIFY_INCREMENTAL, "full": lib.NB_VERIFY_FULL}
 _COMPRESS = {"off": lib.NB_COMPRESS_OFF, False: lib.NB_COMPRESS_OFF,
              "on": lib.NB_COMPRESS_ON, True: lib.NB_COMPRESS_ON,
              "auto": lib.NB_COMPRESS_AUTO}
+
+
+def _channels(value):
+    """0 for "auto" (or 0), else a count of 1..16."""
+    if value in ("auto", 0):
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16:
+        return value
+    raise InvalidRequest(f"channels must be 1..16 or 'auto', not {value!r}")
 
 
 def _compress(value):
@@ -327,7 +337,7 @@ def _params(*, mode, vmm_kind, vmm_target, secret, host, port, channels,
     p.secret_len = len(secret)
     p.host = hst
     p.port = int(port)
-    p.channels = int(channels)
+    p.channels = _channels(channels)
     p.compress = _compress(compress)
     p.zstd_level = int(zstd_level)
     p.delta_cache, p.delta_cache_auto = _delta_cache(delta_cache)
@@ -380,7 +390,7 @@ class Migration:
 
     @classmethod
     def send(cls, *, vmm_target, host, port, secret, mode=Mode.LIVE,
-             vmm_kind=VmmKind.TESTHOST, channels=2, compress="auto",
+             vmm_kind=VmmKind.TESTHOST, channels="auto", compress="auto",
              zstd_level=1, delta_cache="auto", max_bandwidth=0,
              max_downtime_ms=300, verify="incremental", timeout_ms=30000,
              keep_paused=False, encrypt=True, auto_converge=True, disks=(),
@@ -398,6 +408,9 @@ class Migration:
         first part has ended, and sends the final parts while the guest is
         paused.
 
+        ``channels``: page connections, 1..16, or "auto" (one per CPU of
+        this host that the running guest's vCPUs leave free, 1 to 2;
+        stats().channels says how many).
         ``compress``: "auto" (zstd while the link is the bottleneck),
         "on" or "off".  ``delta_cache``: bytes, or "auto" (the guest's
         memory, at most a quarter of this host's free memory; "auto:N"
@@ -479,7 +492,7 @@ class Migration:
             disk_bytes=s.disk_bytes, disk_blocks=s.disk_blocks,
             dirty_blocks=s.dirty_blocks, disk_digest=s.disk_digest,
             stream_bytes=s.stream_bytes, converge_steps=s.converge_steps,
-            trim_steps=s.trim_steps)
+            trim_steps=s.trim_steps, channels=s.channels)
 
     def set_param(self, name, value):
         """Change max_downtime_ms, max_bandwidth or throttle while running."""

@@ -88,6 +88,26 @@ def test_live_migration_with_compression_and_one_channel(vms):
     _finish(src, dst, s, d)
 
 
+def test_auto_channels_leave_the_running_guests_cpus_free(vms):
+    """channels="auto" (the default): one page channel per CPU of this host
+    that the running guest's vCPUs leave free, 1 to 2, reported by both
+    sides; warm mode stops the guest first, so every CPU counts; a count
+    asked for is kept."""
+    cpus = len(os.sched_getaffinity(0))
+    cases = ((Mode.LIVE, 1, "auto", min(2, max(1, cpus - 1))),
+             (Mode.LIVE, 2, "auto", min(2, max(1, cpus - 2))),
+             (Mode.WARM, 2, "auto", min(2, cpus)),
+             (Mode.LIVE, 1, 2, 2))
+    for i, (mode, guest_cpus, asked, want) in enumerate(cases):
+        src = vms.start(f"src{i}", mem="256M", cpus=guest_cpus,
+                        cmdline="mode=stress pattern=touch ws=4M")
+        dst = vms.start(f"dst{i}", mem="256M", cpus=guest_cpus, incoming=True)
+        stress_ready(src)
+        s, d = migrate(src, dst, mode=mode, channels=asked)
+        assert (s.channels, d.channels) == (want, want), (mode, guest_cpus, asked)
+        _finish(src, dst, s, d)
+
+
 def test_delta_encoding_sends_small_changes_small(vms):
     # a guest dirtying one byte per page: once the cache holds a page, its
     # resends cost bytes, not 4 KiB
@@ -603,7 +623,11 @@ def test_bad_parameters_are_refused_up_front(vms):
                        port=1, secret=b"short")
     with pytest.raises(MigrationError, match="channels"):
         Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
-                       port=1, secret=new_secret(), channels=0)
+                       port=1, secret=new_secret(), channels=17)
+    for bad in ("two", True, -1):
+        with pytest.raises(MigrationError, match="channels"):
+            Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
+                           port=1, secret=new_secret(), channels=bad)
     with pytest.raises(MigrationError, match="cannot reach"):
         Migration.send(vmm_target="/nonexistent/control.sock", host="127.0.0.1",
                        port=1, secret=new_secret())

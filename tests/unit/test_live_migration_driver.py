@@ -42,7 +42,7 @@ def _stats(**kw):
                 delta_cache_bytes=0, compressing=0, disk_total=0,
                 disk_bytes=0, disk_blocks=0, dirty_blocks=0, pages_zero=0,
                 pages_delta=0, pages_compressed=0, pages_raw=0, rtt_ms=0.1,
-                bandwidth=100.0 * MiB)
+                bandwidth=100.0 * MiB, channels=1)
     base.update(kw)
     st = types.SimpleNamespace(**base)
     st.finished = st.result != Result.RUNNING

@@ -64,7 +64,9 @@ struct nb_mig_params {
     size_t secret_len;
     const char *host;           /* source: where to connect; dest: bind address */
     int port;                   /* dest: 0 picks a free port */
-    int channels;               /* TCP connections for page data, 1..16 */
+    int channels;               /* TCP connections for page data, 1..16;
+                                 * 0 (auto): one per host CPU the guest's
+                                 * running vCPUs leave free, 1..2 */
     int compress;               /* enum nb_compress: zstd for pages not sent
                                  * as zeros or deltas: never, always, or
                                  * while the link is the bottleneck */
@@ -162,6 +164,8 @@ struct nb_mig_stats {
                                  * that already fitted the limit */
     uint64_t delta_cache_bytes; /* the delta cache's size (auto: as chosen) */
     uint32_t compressing;       /* page channels compressing now */
+    uint32_t channels;          /* page channels of this session (auto: as
+                                 * chosen) */
     int committed;              /* ownership passed to the destination */
     int guest_runs_here;        /* 1 if the guest is running on this side */
     uint64_t digest;            /* memory digest (after verify) */

@@ -406,8 +406,12 @@ static int phase_handshake(struct dest *d, char *err)
  * until STATE arrives. */
 static int phase_precopy(struct dest *d, char *err)
 {
+    struct nb_mig *m = d->m;
     int rc;
 
+    pthread_mutex_lock(&m->lock);
+    m->st.channels = (uint32_t)d->nrcv;
+    pthread_mutex_unlock(&m->lock);
     if (join_channels(d, err) < 0)
         return -1;
     d->acking = 1;

@@ -258,8 +258,9 @@ static int validate_params(const struct nb_mig_params *p, int is_source, char *e
         snprintf(err, NB_ERRLEN, "no destination host given");
     else if (p->port < 0 || p->port > 65535 || (is_source && p->port == 0))
         snprintf(err, NB_ERRLEN, "port %d out of range", p->port);
-    else if (is_source && (p->channels < 1 || p->channels > NB_MAX_CHANNELS))
-        snprintf(err, NB_ERRLEN, "channels must be 1..%d", NB_MAX_CHANNELS);
+    else if (is_source && (p->channels < 0 || p->channels > NB_MAX_CHANNELS))
+        snprintf(err, NB_ERRLEN, "channels must be 1..%d, or 0 (auto)",
+                 NB_MAX_CHANNELS);
     else if (p->compress < NB_COMPRESS_OFF || p->compress > NB_COMPRESS_AUTO)
         snprintf(err, NB_ERRLEN, "compress must be 0 (off), 1 (zstd) or 2 (auto)");
     else if (p->verify < 0 || p->verify > 1)

@@ -21,11 +21,19 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#if defined(__FreeBSD__)
+#include <sys/param.h>
+#include <sys/cpuset.h>
+#elif defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "core/source.h"
 
 /* How long a failing source listens for the destination's reason. */
 #define PEER_REASON_MS 500
+/* Most page channels `channels` 0 (auto) chooses. */
+#define AUTO_CHANNELS_MAX 2
 
 /* Note why the current phase failed; returns -1. */
 static int fail(struct source *src, int kind)
@@ -70,7 +78,44 @@ static int connect_to(struct nb_mig *m, int *kind, char *err)
     return fd;
 }
 
-/* SETUP: map guest memory, size the dirty bitmaps, connect the control channel. */
+/* CPUs this process may run on. */
+static int host_cpus(void)
+{
+#if defined(__FreeBSD__)
+    cpuset_t set;
+
+    if (cpuset_getaffinity(CPU_LEVEL_WHICH, CPU_WHICH_PID, -1, sizeof(set),
+                           &set) == 0)
+        return CPU_COUNT(&set);
+#elif defined(__linux__)
+    cpu_set_t set;
+
+    if (sched_getaffinity(0, sizeof(set), &set) == 0)
+        return CPU_COUNT(&set);
+#endif
+    return (int)sysconf(_SC_NPROCESSORS_ONLN);
+}
+
+/*
+ * The page channels: as asked, or (0, auto) one per CPU of this host that
+ * the guest's vCPUs leave free while they run (live mode; warm and cold
+ * pause them first), 1 to AUTO_CHANNELS_MAX.  Each channel is a thread
+ * here and one on the destination: where CPUs are scarce, a second one
+ * takes the guest's time and not the link's.
+ */
+static int choose_channels(struct nb_mig *m)
+{
+    int spare = host_cpus();
+
+    if (m->p.channels > 0)
+        return m->p.channels;
+    if (m->p.mode == NB_MODE_LIVE)
+        spare -= (int)m->vmm.spec.ncpus;
+    return spare < 1 ? 1 : spare > AUTO_CHANNELS_MAX ? AUTO_CHANNELS_MAX : spare;
+}
+
+/* SETUP: map guest memory, choose the page channels, size the dirty
+ * bitmaps, connect the control channel. */
 static int phase_setup(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
@@ -78,6 +123,10 @@ static int phase_setup(struct source *src, char *err)
 
     if (rc < 0 || (rc = nb_disk_open_source(m, &src->disks, err)) < 0)
         return fail(src, -rc);
+    src->nsnd = m->p.channels = choose_channels(m);
+    pthread_mutex_lock(&m->lock);
+    m->st.channels = (uint32_t)m->p.channels;
+    pthread_mutex_unlock(&m->lock);
     src->disks.nstreams = (uint32_t)m->nstreams;
     src->words = (m->npages + 63) / 64;
     src->bitmap = calloc(src->words ? src->words : 1, 8);   /* none: 0 pages */
@@ -581,7 +630,6 @@ void *nb_source_main(void *arg)
     src.m = m;
     pthread_mutex_init(&src.lock, NULL);
     pthread_cond_init(&src.cond, NULL);
-    src.nsnd = m->p.channels;
 
     rc = phase_setup(&src, err);
     if (rc == 0)
