@@ -258,12 +258,13 @@ _COMPRESS = {"off": lib.NB_COMPRESS_OFF, False: lib.NB_COMPRESS_OFF,
 
 
 def _channels(value):
-    """0 for "auto" (or 0), else a count of 1..16."""
-    if value in ("auto", 0):
+    """0 for "auto", else the count given (the engine checks it: 1..16, or
+    0, auto, as the Nova option says it)."""
+    if value == "auto":
         return 0
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16:
-        return value
-    raise InvalidRequest(f"channels must be 1..16 or 'auto', not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"channels must be 1..16 or 'auto', not {value!r}")
+    return value
 
 
 def _compress(value):

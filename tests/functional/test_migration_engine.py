@@ -624,7 +624,7 @@ def test_bad_parameters_are_refused_up_front(vms):
     with pytest.raises(MigrationError, match="channels"):
         Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
                        port=1, secret=new_secret(), channels=17)
-    for bad in ("two", True, -1):
+    for bad in ("two", True, False, -1):
         with pytest.raises(MigrationError, match="channels"):
             Migration.send(vmm_target=str(src.socket_path), host="127.0.0.1",
                            port=1, secret=new_secret(), channels=bad)
