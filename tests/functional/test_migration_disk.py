@@ -182,6 +182,56 @@ def test_warm_migration_with_full_verification_reads_the_disks_back(vms):
     assert_guest_continued(src, dst)
 
 
+def _patchwork(size):
+    """A disk image's bytes beyond the writer's region: holes, random data
+    longer than a direct-write run (1 MiB), zero blocks written out
+    inside the data, compressible text, and a short last block."""
+    data = bytearray(size)
+    data[1 * MiB:3 * MiB + 512 * 1024] = os.urandom(5 * MiB // 2)
+    data[3 * MiB + 512 * 1024:3 * MiB + 520 * 1024] = bytes(8 * 1024)
+    text = b"".join(b"line %06d of a text file\n" % i for i in range(60000))
+    data[3 * MiB + 520 * 1024:5 * MiB] = text[:5 * MiB - (3 * MiB + 520 * 1024)]
+    data[size - 512:] = os.urandom(512)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("channels,compress", [(1, "off"), (2, "on")])
+def test_every_kind_of_block_lands_where_it_belongs(vms, channels, compress):
+    # runs of whole blocks go out with direct I/O, the rest through the
+    # page cache: both kinds, over one and two channels, raw and zstd,
+    # and a destination file full of stale bytes to overwrite
+    size = 6 * MiB + 512
+    data = _patchwork(size)
+    region = REGION_BLOCKS * 4096
+    src_disk = _disk_file(vms, "src.img", size)
+    with open(src_disk, "r+b") as f:
+        f.seek(region)
+        f.write(data[region:])
+    dst_disk = _disk_file(vms, "dst.img", size, data=os.urandom(size))
+    src = vms.start("src", cmdline=CMDLINE, disk=src_disk)
+    dst = vms.start("dst", incoming=True, disk=dst_disk)
+    stress_ready(src)
+    _wait_disk_passes(src, 1)
+    secret = new_secret()
+    recv = start_receive(dst, secret, disks=[dst_disk])
+    send = start_send(src, recv.port, secret, disks=[src_disk],
+                      channels=channels, compress=compress)
+    s, d = wait_both(send, recv)
+    assert s.result == Result.COMPLETED, s.error
+    assert d.result == Result.COMPLETED, d.error
+    assert s.disk_digest == d.disk_digest != 0
+    assert s.channels == d.channels == channels
+    assert src.stop() == 1
+    with open(dst_disk, "rb") as f:
+        assert os.fstat(f.fileno()).st_size == size
+        f.seek(region)
+        assert f.read() == data[region:]
+    assert_guest_continued(src, dst)
+    _wait_disk_passes(dst, _disk_passes(src) + 1)
+    report = parse_console(src.console_text() + dst.console_text())
+    assert report.errors == 0 and report.fails == [], report.fails
+
+
 def _big_disk_source(vms):
     """A source guest whose disk holds 64 MiB of data beyond the writer's
     region: round 0 takes seconds at 16 MiB/s, so a failure can be made

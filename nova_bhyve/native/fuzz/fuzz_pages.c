@@ -7,10 +7,11 @@
  * then the incremental digest term.
  *
  * With mode bit 2 the payload is a DISK frame's instead, applied as the
- * receiver applies it (core/disk.c, nb_disk_apply): nb_disk_parse,
+ * receiver applies it (core/disk_apply.c, nb_disk_apply): nb_disk_parse,
  * nb_disk_rec_parse, the disk, block and channel checks, ZERO (a punched
  * hole), RAW (the block's exact length, the last one short) and ZSTD
- * decoding, pwrite into the disk file and the block's digest term.
+ * decoding, pwrite into the disk file, or runs of whole blocks gathered
+ * and written at once (mode bit 4), and the block's digest term.
  *
  * Guest: 64 pages at pfn 0 and 64 at pfn 0x100 (4 GiB would need a
  * larger pfn; the layout code is the same).  Disks (memory files): disk 0
@@ -23,6 +24,8 @@
  *        bit 1: incremental verification (page and block hashes kept)
  *        bit 2: a DISK frame, not PAGES
  *        bit 3: with bit 0, every page counts as never written again
+ *        bit 4: with bit 2, the disks take runs of whole blocks (their
+ *               direct descriptor is the memory file itself)
  *   channels: bits 0-1 session channels - 1, bits 2-3 this channel - 1
  */
 #include "../src/core/receiver.c"
@@ -41,7 +44,7 @@ static struct nb_mig M;
 static uint64_t HASHES[2 * SEG_PAGES];
 static uint64_t WRITTEN[2 * SEG_PAGES / 64];
 static ZSTD_DCtx *ZCTX;
-static void *DZCTX;                 /* the receiver's for disk blocks */
+static struct nb_disk_rx DRX;       /* the receiver's for disk blocks */
 
 /* write_pages into the mapping, checking that the run stays inside it. */
 static int fake_write_pages(struct nb_vmm *v, uint64_t off,
@@ -63,7 +66,7 @@ static const struct nb_vmm_ops WITHOUT_WRITE = { .kind = "fuzz" };
 static void disk_init(struct nb_disk *d, const char *name, uint64_t size)
 {
     d->path = (char *)name;
-    d->dirfd = -1;
+    d->dirfd = d->dfd = -1;
     d->size = size;
     d->blocks = (size + NB_DISK_BLOCK - 1) / NB_DISK_BLOCK;
     d->words = (size_t)((d->blocks + 63) / 64);
@@ -124,8 +127,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (mode & 4) {
         int kind = 0;
         f.type = NB_MSG_DISK;
-        fz_debug("nb_disk_apply", nb_disk_apply(&M, d.nrcv, ch.index, &DZCTX, &f,
+        for (int i = 0; i < M.ndisks; i++)
+            M.disk[i].dfd = mode & 16 ? M.disk[i].fd : -1;
+        fz_debug("nb_disk_apply", nb_disk_apply(&M, d.nrcv, ch.index, &DRX, &f,
                                                 round, &kind, err), err);
+        /* the channel's ROUND_END writes the run */
+        fz_debug("nb_disk_rx_flush", nb_disk_rx_flush(&M, &DRX, err), err);
+        if (DRX.count)
+            abort();    /* a run left unwritten past its round */
         free(f.payload);
         return 0;
     }
@@ -219,5 +228,23 @@ static void disk_seed(const char *dir)
     fz_put(&b, rec, sizeof(rec));
     fz_put(&b, enc, n);
     fz_seed(dir, "disk-one-of-each", b.p, b.len);
+    b.len = 0;
+    fz_put8(&b, 16 | 4 | 2);        /* DISK in runs, incremental */
+    fz_put8(&b, 0);
+    fz_put8(&b, 3);
+    nb_disk_finish(hdr, 3, 5);
+    fz_put(&b, hdr, sizeof(hdr));
+    for (uint64_t blk = 5; blk < 8; blk++) {     /* one run of three */
+        nb_disk_rec_put(rec, blk, 0, NB_ENC_RAW, NB_DISK_BLOCK);
+        fz_put(&b, rec, sizeof(rec));
+        fz_put(&b, block, NB_DISK_BLOCK);
+    }
+    nb_disk_rec_put(rec, 8, 0, NB_ENC_ZSTD, (uint16_t)n);   /* extends it */
+    fz_put(&b, rec, sizeof(rec));
+    fz_put(&b, enc, n);
+    nb_disk_rec_put(rec, 0, 1, NB_ENC_RAW, NB_DISK_BLOCK);  /* another disk */
+    fz_put(&b, rec, sizeof(rec));
+    fz_put(&b, block, NB_DISK_BLOCK);
+    fz_seed(dir, "disk-runs", b.p, b.len);
     free(b.p);
 }

@@ -537,7 +537,7 @@ static void dest_finish(struct dest *d, int rc, const char *err)
         if (d->rcv[i].thread) {
             pthread_join(d->rcv[i].thread, NULL);
             ZSTD_freeDCtx(d->rcv[i].zctx);
-            ZSTD_freeDCtx(d->rcv[i].dzctx);
+            nb_disk_rx_free(&d->rcv[i].disk);
             free(d->rcv[i].fresh);
         }
     free(d->written);

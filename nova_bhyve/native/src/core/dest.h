@@ -20,7 +20,7 @@ struct receiver {
     struct dest *dst;
     struct nb_chan *ch;
     ZSTD_DCtx *zctx;
-    void *dzctx;                /* the disk blocks' (ZSTD_DCtx) */
+    struct nb_disk_rx disk;     /* the DISK frames' decoding and writing */
     pthread_t thread;
     /* a run of RAW pages at consecutive offsets, written in one call
      * (vmm write_pages); they point into the frame being applied */

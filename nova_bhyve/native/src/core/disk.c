@@ -2,9 +2,9 @@
  * Disks moved with the guest (PROTOCOL.md, "Disks"): the source reads its
  * disk files and the vmm's dirty-block log, and its senders put the blocks
  * in DISK frames on the page channels after each round's pages; the
- * destination writes them into its own files with pwrite, starts their
- * write-back as it goes, and fsyncs them before each APPLIED and before
- * READY.  Both sides keep the disks' digest as they go.
+ * destination writes them into its own files (core/disk_apply.c) and
+ * fsyncs them before each APPLIED and before READY.  Both sides keep the
+ * disks' digest as they go.
  *
  * Files are opened beneath a descriptor of their directory, the last
  * component never through a link (as vmm_ckpt.c opens a checkpoint).  A
@@ -31,7 +31,7 @@
 #include "core/source.h"
 
 /* Block b's bytes on disk d (the last block of a disk may be short). */
-static uint32_t block_len(const struct nb_disk *d, uint64_t b)
+uint32_t nb_disk_block_len(const struct nb_disk *d, uint64_t b)
 {
     uint64_t left = d->size - b * NB_DISK_BLOCK;
     return left < NB_DISK_BLOCK ? (uint32_t)left : NB_DISK_BLOCK;
@@ -195,6 +195,30 @@ static int create_or_truncate(struct nb_disk *d, char *err)
 }
 
 /*
+ * Destination: the file once more, for writing runs of whole blocks past
+ * the page cache (each is written once, and fsynced at the next APPLIED
+ * anyway); opened beneath the same directory descriptor, not through a
+ * link, and kept only if it is the very file the session locked.  None
+ * (-1) where the system or the file system has no direct I/O.
+ */
+static void open_direct(struct nb_disk *d)
+{
+    d->dfd = -1;
+#ifdef O_DIRECT
+    struct stat a, b;
+    int fd = openat(d->dirfd, d->name,
+                    O_WRONLY | O_DIRECT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return;
+    if (fstat(fd, &a) == 0 && fstat(d->fd, &b) == 0 && a.st_dev == b.st_dev &&
+        a.st_ino == b.st_ino)
+        d->dfd = fd;
+    else
+        close(fd);
+#endif
+}
+
+/*
  * Destination: create or truncate each target file to the size the
  * source announced (holes: the blocks that never come read as zeros).
  * Returns 0 or the negated kind.
@@ -213,6 +237,7 @@ int nb_disk_open_dest(struct nb_mig *m, const struct nb_disk_spec *spec, char *e
         }
         if (size_tables(d, 0, err) < 0)
             return -NB_ERR_RESOURCE;
+        open_direct(d);
     }
     publish_total(m);
     return 0;
@@ -235,6 +260,8 @@ void nb_disk_close(struct nb_mig *m)
         struct nb_disk *d = &m->disk[i];
         if (d->fd >= 0)
             close(d->fd);
+        if (d->dfd >= 0)
+            close(d->dfd);
         if (d->dirfd >= 0)
             close(d->dirfd);
         free(d->path);
@@ -242,7 +269,7 @@ void nb_disk_close(struct nb_mig *m)
         free(d->log);
         free(d->term);
         memset(d, 0, sizeof(*d));
-        d->fd = d->dirfd = -1;
+        d->fd = d->dirfd = d->dfd = -1;
     }
 }
 
@@ -338,15 +365,15 @@ static uint64_t block_hash(struct nb_mig *m, const uint8_t *data, uint32_t len)
 }
 
 /* Record block b of disk i's new digest term in channel `slot`'s part. */
-static void set_block_term(struct nb_mig *m, int slot, int i, uint64_t b,
-                           uint64_t term)
+void nb_disk_set_term(struct nb_mig *m, int slot, int i, uint64_t b, uint64_t term)
 {
     m->disk_part[slot].sum += term - m->disk[i].term[b];
     m->disk[i].term[b] = term;
 }
 
-static uint64_t term_of(struct nb_mig *m, int i, uint64_t b, const uint8_t *data,
-                        uint32_t len)
+/* Block b of disk i's digest term, for its `len` bytes at `data`. */
+uint64_t nb_disk_block_term(struct nb_mig *m, int i, uint64_t b,
+                            const uint8_t *data, uint32_t len)
 {
     return nb_disk_term((uint32_t)i, b, block_hash(m, data, len), m->disk_hz,
                         &m->keys.hash);
@@ -362,7 +389,7 @@ static int send_block(struct sender *s, int i, uint64_t b, uint32_t round, char 
 {
     struct nb_mig *m = s->m;
     struct nb_disk *d = &m->disk[i];
-    uint32_t len = block_len(d, b), n = len;
+    uint32_t len = nb_disk_block_len(d, b), n = len;
     uint8_t *rec, *data, tmp[NB_DISK_BLOCK];
     int enc = NB_ENC_RAW, zero;
 
@@ -376,7 +403,7 @@ static int send_block(struct sender *s, int i, uint64_t b, uint32_t round, char 
     memset(data + len, 0, NB_DISK_BLOCK - len);
     zero = nb_page_is_zero(data);
     if (m->p.verify == NB_VERIFY_INCREMENTAL)
-        set_block_term(m, s->slot, i, b, zero ? 0 : term_of(m, i, b, data, len));
+        nb_disk_set_term(m, s->slot, i, b, zero ? 0 : nb_disk_block_term(m, i, b, data, len));
     if (zero && round == 0)
         return 0;
     if (zero) {
@@ -433,173 +460,6 @@ int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *
     return rc;
 }
 
-/* Write `len` zero bytes at `off`: a hole where the system punches one. */
-static int write_zeros(struct nb_disk *d, uint64_t off, uint32_t len, char *err)
-{
-    static const uint8_t zero[NB_DISK_BLOCK];
-#ifdef FALLOC_FL_PUNCH_HOLE
-    if (fallocate(d->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-                  (off_t)len) == 0)
-        return 0;
-#endif
-    if (pwrite(d->fd, zero, len, (off_t)off) == (ssize_t)len)
-        return 0;
-    snprintf(err, NB_ERRLEN, "writing disk %s at %llu: %s", d->path,
-             (unsigned long long)off, strerror(errno));
-    return -1;
-}
-
-/* Write a decoded block; -1 with err (a file error). */
-static int write_block(struct nb_disk *d, uint64_t b, const uint8_t *data,
-                       uint32_t len, char *err)
-{
-    uint32_t done = 0;
-    while (done < len) {
-        ssize_t w = pwrite(d->fd, data + done, len - done,
-                           (off_t)(b * NB_DISK_BLOCK + done));
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0) {
-            snprintf(err, NB_ERRLEN, "writing disk %s at %llu: %s", d->path,
-                     (unsigned long long)(b * NB_DISK_BLOCK + done),
-                     w < 0 ? strerror(errno) : "no progress");
-            return -1;
-        }
-        done += (uint32_t)w;
-    }
-    return 0;
-}
-
-/* Bytes a destination writes to a disk before it starts their write-back. */
-#define NB_WRITEBACK_KICK (8u << 20)
-
-/*
- * Destination: every NB_WRITEBACK_KICK bytes written to `d`, start their
- * write-back without waiting for it, so the fsync before the next APPLIED
- * finds little left to write while the guest still runs on the source
- * (Linux's sync_file_range; elsewhere that fsync writes it all, and
- * reports any error: this one's are left to it).
- */
-static void start_writeback(struct nb_disk *d, uint32_t len)
-{
-#ifdef __linux__
-    if (atomic_fetch_add(&d->unsynced, len) + len >= NB_WRITEBACK_KICK) {
-        atomic_store(&d->unsynced, 0);
-        (void)sync_file_range(d->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-    }
-#else
-    (void)d;
-    (void)len;
-#endif
-}
-
-/*
- * Decode a checked record into `out` (a block's bytes, zero-padded to a
- * full block): 1 if undecodable (RAW of the wrong length, ZSTD that does
- * not give exactly the block).
- */
-static int decode_block(void **zctx, const struct nb_disk_rec *r, uint32_t len,
-                        uint8_t *out)
-{
-    size_t n;
-    memset(out, 0, NB_DISK_BLOCK);
-    switch (r->enc) {
-    case NB_ENC_ZERO:
-        return 0;
-    case NB_ENC_RAW:
-        if (r->len != len)
-            return 1;
-        memcpy(out, r->data, len);
-        return 0;
-    case NB_ENC_ZSTD:
-        if (!*zctx && !(*zctx = ZSTD_createDCtx()))
-            return 1;
-        n = ZSTD_decompressDCtx(*zctx, out, NB_DISK_BLOCK, r->data, r->len);
-        return ZSTD_isError(n) || n != len;
-    }
-    return 1;
-}
-
-/* Check, decode and write one record; *used = its size on the wire. */
-static int apply_block(struct nb_mig *m, int nchan, int chan, void **zctx,
-                       const uint8_t *rec, size_t avail, size_t *used, int *kind,
-                       char *err)
-{
-    struct nb_disk_rec r;
-    uint8_t block[NB_DISK_BLOCK];
-    struct nb_disk *d;
-    uint32_t len;
-
-    if (nb_disk_rec_parse(rec, avail, &r, err) < 0)
-        return -1;
-    if (r.disk >= m->ndisks || r.block >= m->disk[r.disk].blocks) {
-        snprintf(err, NB_ERRLEN, "disk record for block %llu of disk %u: no such "
-                 "block", (unsigned long long)r.block, r.disk);
-        return -1;
-    }
-    if ((r.block / 64) % (uint64_t)nchan + 1 != (uint64_t)chan) {
-        snprintf(err, NB_ERRLEN, "disk record for block %llu of disk %u on "
-                 "channel %d; it belongs to channel %llu",
-                 (unsigned long long)r.block, r.disk, chan,
-                 (unsigned long long)((r.block / 64) % (uint64_t)nchan + 1));
-        return -1;
-    }
-    d = &m->disk[r.disk];
-    len = block_len(d, r.block);
-    if (decode_block(zctx, &r, len, block)) {
-        snprintf(err, NB_ERRLEN, "undecodable disk record (encoding %u, %u bytes) "
-                 "for block %llu of disk %u", r.enc, r.len,
-                 (unsigned long long)r.block, r.disk);
-        return -1;
-    }
-    *kind = NB_ERR_VMM;
-    if ((r.enc == NB_ENC_ZERO ? write_zeros(d, r.block * NB_DISK_BLOCK, len, err)
-                              : write_block(d, r.block, block, len, err)) < 0)
-        return -1;
-    start_writeback(d, len);
-    *kind = NB_ERR_CORRUPT;
-    if (m->p.verify == NB_VERIFY_INCREMENTAL)
-        set_block_term(m, chan - 1, r.disk, r.block, r.enc == NB_ENC_ZERO ? 0
-                       : term_of(m, r.disk, r.block, block, len));
-    *used = NB_DREC_HDR + r.len;
-    return 0;
-}
-
-/*
- * Destination: apply a DISK frame of round `round` that arrived on page
- * channel `chan` of `nchan`.  Every index and length is checked before
- * use.  -1 with err and *kind (CORRUPT, or VMM for a file that fails).
- */
-int nb_disk_apply(struct nb_mig *m, int nchan, int chan, void **zctx,
-                  const struct nb_frame *f, uint32_t round, int *kind, char *err)
-{
-    size_t pos = NB_DISK_HDR;
-    uint32_t got = 0, n = 0;
-
-    *kind = NB_ERR_CORRUPT;
-    if (nb_disk_parse(f, &got, &n) < 0 || got != round) {
-        snprintf(err, NB_ERRLEN, "channel %d: disk blocks for round %u while in "
-                 "round %u", chan, got, round);
-        return -1;
-    }
-    for (uint32_t i = 0; i < n; i++) {
-        size_t used;
-        if (apply_block(m, nchan, chan, zctx, f->payload + pos, f->len - pos,
-                        &used, kind, err) < 0)
-            return -1;
-        pos += used;
-    }
-    if (pos != f->len) {
-        snprintf(err, NB_ERRLEN, "channel %d: %zu stray bytes after %u disk "
-                 "records", chan, (size_t)f->len - pos, n);
-        return -1;
-    }
-    atomic_fetch_add(&m->disk_blocks, n);
-    atomic_fetch_add(&m->disk_bytes, NB_FRAME_HDR + f->len + (f->flags & 1 ? NB_TAG : 0));
-    return 0;
-}
-
-
 /* The digest of disk i read back from its file (holes add nothing). */
 static uint64_t read_digest(struct nb_mig *m, int i)
 {
@@ -612,12 +472,12 @@ static uint64_t read_digest(struct nb_mig *m, int i)
            doff < d->size) {
         uint64_t end = dend < d->size ? dend : d->size;
         for (uint64_t b = doff / NB_DISK_BLOCK; b * NB_DISK_BLOCK < end; b++) {
-            uint32_t len = block_len(d, b);
+            uint32_t len = nb_disk_block_len(d, b);
             if (read_at(d, buf, len, b * NB_DISK_BLOCK, err) < 0)
                 return ~sum;    /* cannot match the peer's */
             memset(buf + len, 0, NB_DISK_BLOCK - len);
             if (!nb_page_is_zero(buf))
-                sum += term_of(m, i, b, buf, len);
+                sum += nb_disk_block_term(m, i, b, buf, len);
         }
         off = (end + NB_DISK_BLOCK - 1) / NB_DISK_BLOCK * NB_DISK_BLOCK;
         if (off <= doff)

@@ -325,7 +325,7 @@ static int bind_listener(struct nb_mig *m, char *err)
 static int take_disks(struct nb_mig *m, const struct nb_mig_params *p)
 {
     for (int i = 0; i < NB_MAX_DISKS; i++)
-        m->disk[i].fd = m->disk[i].dirfd = -1;
+        m->disk[i].fd = m->disk[i].dirfd = m->disk[i].dfd = -1;
     m->ndisks = p->ndisks;
     m->p.disk_paths = NULL;     /* the private copies are m->disk[i].path */
     for (int i = 0, vmm = 0; i < p->ndisks; i++) {

@@ -22,6 +22,8 @@
 struct nb_disk {
     char *path;                 /* private copy of the caller's, for messages */
     int dirfd, fd;              /* its directory, the file (-1: not open) */
+    int dfd;                    /* destination: the file again, O_DIRECT, for
+                                 * runs of whole blocks (-1: none) */
     char name[256];             /* the last component, beneath dirfd */
     int created;                /* destination: this session created the file */
     int vmm_index;              /* source: the vmm's number of the disk, whose
@@ -139,8 +141,30 @@ uint64_t nb_disk_total_blocks(const struct nb_mig *m);
 uint64_t nb_disk_digest(struct nb_mig *m, int full);
 int nb_disk_flush(struct nb_mig *m, char *err);
 int nb_disk_verify(struct nb_mig *m, uint64_t theirs, char *err);
-int nb_disk_apply(struct nb_mig *m, int nchan, int chan, void **zctx,
+uint32_t nb_disk_block_len(const struct nb_disk *d, uint64_t b);
+uint64_t nb_disk_block_term(struct nb_mig *m, int i, uint64_t b,
+                            const uint8_t *data, uint32_t len);
+void nb_disk_set_term(struct nb_mig *m, int slot, int i, uint64_t b, uint64_t term);
+
+/* disk_apply.c: a destination's DISK frames written to the files */
+
+/* Blocks a receiver gathers before one direct write (1 MiB). */
+#define NB_DISK_RUN_BLOCKS 256
+
+/* A receiver's state for DISK frames: its decompressor, and the run of
+ * whole blocks at consecutive offsets of one disk not yet written. */
+struct nb_disk_rx {
+    void *zctx;                 /* ZSTD_DCtx, made on first use */
+    uint8_t *run;               /* NB_DISK_RUN_BLOCKS blocks, page-aligned */
+    int disk;                   /* the run's disk */
+    uint64_t first;             /* its first block */
+    uint32_t count;             /* blocks in it (0: no run) */
+};
+
+int nb_disk_apply(struct nb_mig *m, int nchan, int chan, struct nb_disk_rx *rx,
                   const struct nb_frame *f, uint32_t round, int *kind, char *err);
+int nb_disk_rx_flush(struct nb_mig *m, struct nb_disk_rx *rx, char *err);
+void nb_disk_rx_free(struct nb_disk_rx *rx);
 
 /* stream.c: stream disks (PROTOCOL.md, "Streams") */
 int nb_stream_adopt(struct nb_mig *m, const struct nb_mig_params *p, char *err);

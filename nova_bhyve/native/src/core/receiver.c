@@ -277,11 +277,15 @@ static int take_frame(struct receiver *r, const struct nb_frame *f,
     if (f->type == NB_MSG_STREAM)
         return nb_stream_apply(r->m, slot + 1, f, *round, kind, err);
     if (f->type == NB_MSG_DISK)
-        return nb_disk_apply(r->m, d->nrcv, slot + 1, &r->dzctx, f, *round, kind,
+        return nb_disk_apply(r->m, d->nrcv, slot + 1, &r->disk, f, *round, kind,
                              err);
     if (nb_round_end_parse(f, &end) < 0 || end.round != *round) {
         snprintf(err, NB_ERRLEN, "channel %d: unexpected %s frame in round %u",
                  slot + 1, nb_msg_name(f->type), *round);
+        return -1;
+    }
+    if (nb_disk_rx_flush(r->m, &r->disk, err) < 0) {
+        *kind = NB_ERR_VMM;
         return -1;
     }
     pthread_mutex_lock(&d->lock);
