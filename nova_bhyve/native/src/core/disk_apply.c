@@ -88,9 +88,14 @@ static int write_cached(struct nb_disk *d, const uint8_t *data, size_t len,
     return 0;
 }
 
-/* Write the receiver's run: directly, or through the page cache where
- * the file system refuses direct I/O for it (EINVAL).  -1 with err. */
-static int flush_run(struct nb_mig *m, struct nb_disk_rx *rx, char *err)
+/*
+ * Write the receiver's run, if any: directly, or through the page cache
+ * where the file system refuses direct I/O for it (EINVAL).  Called when
+ * a block does not extend the run, and at the channel's ROUND_END, so
+ * that a round is in its files once every channel has ended it.  -1 with
+ * err.
+ */
+int nb_disk_rx_flush(struct nb_mig *m, struct nb_disk_rx *rx, char *err)
 {
     struct nb_disk *d = &m->disk[rx->disk];
     size_t len = (size_t)rx->count * NB_DISK_BLOCK;
@@ -118,7 +123,7 @@ static uint8_t *run_next(struct nb_mig *m, struct nb_disk_rx *rx, int i,
     err[0] = 0;
     if (rx->count && (rx->disk != i || rx->first + rx->count != b ||
                       rx->count == NB_DISK_RUN_BLOCKS) &&
-        flush_run(m, rx, err) < 0)
+        nb_disk_rx_flush(m, rx, err) < 0)
         return NULL;
     if (!rx->run && posix_memalign((void **)&rx->run, NB_DISK_BLOCK,
                                    NB_DISK_RUN_BLOCKS * NB_DISK_BLOCK) != 0) {
@@ -257,13 +262,6 @@ int nb_disk_apply(struct nb_mig *m, int nchan, int chan, struct nb_disk_rx *rx,
     atomic_fetch_add(&m->disk_blocks, n);
     atomic_fetch_add(&m->disk_bytes, NB_FRAME_HDR + f->len + (f->flags & 1 ? NB_TAG : 0));
     return 0;
-}
-
-/* Write the receiver's run, if any: at its channel's ROUND_END, so that a
- * round is in its files once every channel has ended it.  -1 with err. */
-int nb_disk_rx_flush(struct nb_mig *m, struct nb_disk_rx *rx, char *err)
-{
-    return flush_run(m, rx, err);
 }
 
 /* Free a receiver's DISK state (at the session's end). */
