@@ -210,8 +210,9 @@ static void open_direct(struct nb_disk *d)
                     O_WRONLY | O_DIRECT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return;
+    /* O_NONBLOCK only kept the open from waiting on a FIFO put there */
     if (fstat(fd, &a) == 0 && fstat(d->fd, &b) == 0 && a.st_dev == b.st_dev &&
-        a.st_ino == b.st_ino)
+        a.st_ino == b.st_ino && fcntl(fd, F_SETFL, O_DIRECT) == 0)
         d->dfd = fd;
     else
         close(fd);
