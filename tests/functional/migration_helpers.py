@@ -5,6 +5,7 @@ import hmac
 import math
 import os
 import pathlib
+import queue
 import socket
 import struct
 import subprocess
@@ -137,12 +138,16 @@ class FaultyProxy:
     slow to accept does.
     ``frames``: forward whole frames (PROTOCOL.md), so that ``on_frame``
     can hold, alter or drop one.  ``host``: where to listen.
+    ``control_latency``: deliver what the control connection (the first)
+    carries this many seconds late, each way, in order, as a long link
+    would: its round trips take twice that.
     """
 
     def __init__(self, target_port, corrupt_at=None, record=False,
                  join_delay=0.0, frames=False, host="127.0.0.1",
-                 target_host="127.0.0.1"):
+                 target_host="127.0.0.1", control_latency=0.0):
         self.target = (target_host, target_port)
+        self.control_latency = control_latency
         self.frames = frames
         self.hooks = []             # [connection, direction, type, action]
         self.stall_all = False
@@ -211,6 +216,11 @@ class FaultyProxy:
     def _pump(self, a, b, corrupt, buf, index, direction):
         seen = 0
         pending = bytearray()
+        late = None
+        if index == 0 and self.control_latency:
+            late = queue.Queue()
+            threading.Thread(target=self._deliver_late, args=(late, a, b),
+                             daemon=True).start()
         try:
             while True:
                 # hold the bytes, keep the connection open
@@ -229,9 +239,29 @@ class FaultyProxy:
                 if self.frames:
                     pending += data
                     data = self._whole_frames(pending, index, direction)
-                b.sendall(data)
+                if late is not None:
+                    late.put((time.monotonic() + self.control_latency, data))
+                else:
+                    b.sendall(data)
         except OSError:
             pass
+        if late is not None:
+            late.put(None)
+            return
+        self._shut(a, b)
+
+    def _deliver_late(self, late, a, b):
+        """Send each chunk of ``late`` to ``b`` once its time has come."""
+        try:
+            while (item := late.get()) is not None:
+                time.sleep(max(0.0, item[0] - time.monotonic()))
+                b.sendall(item[1])
+        except OSError:
+            pass
+        self._shut(a, b)
+
+    @staticmethod
+    def _shut(a, b):
         for s in (a, b):
             try:
                 s.shutdown(socket.SHUT_RDWR)

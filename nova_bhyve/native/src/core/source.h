@@ -57,12 +57,15 @@ struct source {
     double sync_ms;             /* how long the last count of dirty pages took */
     int fit_rounds;             /* rounds since the rest first fitted */
     double expected;            /* the last pause estimate, ms */
+    double fixed_ms;            /* of it, what no round or throttle shortens:
+                                 * the final sync and two round trips */
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     double t_converge;          /* auto-converge: last throttle step */
     double page_ms;             /* what one page cost to send, last estimate */
     double dirty_per_ms;        /* pages (and blocks) dirtied per ms, last count */
-    double trim_from;           /* the pause expected when the last step
-                                 * to shorten it was taken (0: none yet) */
+    double trim_from;           /* the pause's shortenable part when the
+                                 * last step to shorten it was taken (0:
+                                 * none yet) */
     /* the words [w0, w1) of the bitmap the senders work on now; the
      * round ends (ROUND_END) with the part that reaches the last word */
     size_t w0, w1;

@@ -17,10 +17,12 @@
 #define MIN_TIMED_PAGES 1024
 /* Auto-converge: the least time between two throttle steps. */
 #define CONVERGE_EVERY_MS 500.0
-/* A pause that fits the limit but would still be this long is worth
- * slowing the guest for (auto-converge on), a step a round, up to
- * TRIM_MAX_THROTTLE percent: on the test host the guest then sleeps at
- * most as long as it runs (10 ms), a gap far shorter than such a pause. */
+/* A pause that fits the limit but whose pages and blocks would still take
+ * this long is worth slowing the guest for (auto-converge on), a step a
+ * round, up to TRIM_MAX_THROTTLE percent: on the test host the guest then
+ * sleeps at most as long as it runs (10 ms), a gap far shorter than such a
+ * pause.  The final sync and the round trips count for nothing here: no
+ * throttle shortens them. */
 #define TRIM_PAUSE_MS 20.0
 #define TRIM_MAX_THROTTLE 50
 
@@ -78,8 +80,8 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
         page_ms = rc->wire_bytes * 1e3 / bw > rc->encode_ms ? rc->wire_bytes * 1e3 / bw
                                                              : rc->encode_ms;
     }
-    expected = (double)dirty * page_ms + (double)blocks * per_page + src->sync_ms +
-               2 * m->st.rtt_ms + 1.0;
+    src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0;
+    expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms;
     src->page_ms = page_ms;
     src->dirty_per_ms = since_ms > 0 ? (double)units / since_ms : 0;
     m->st.dirty_pages = dirty;
@@ -133,20 +135,23 @@ static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
 }
 
 /*
- * The rest fits the limit, rounds no longer shrink it, yet the pause would
- * be long (the guest dirties pages as fast as they go out): slow the guest
- * a step and run another round, rather than pause it that long; 1 if so.
- * Only while each step pays: once the pause expected after a step is not
- * a tenth shorter than before it, slowing the guest more would not help.
+ * The rest fits the limit, rounds no longer shrink it, yet its pages and
+ * blocks would make the pause long (the guest dirties pages as fast as
+ * they go out): slow the guest a step and run another round, rather than
+ * pause it that long; 1 if so.  Only that part of the pause counts (a
+ * long round trip is no reason to slow the guest), and only while each
+ * step pays: once that part after a step is not a tenth shorter than
+ * before it, slowing the guest more would not help.
  */
 static int trim_pause(struct source *src, double expected)
 {
-    if (expected <= TRIM_PAUSE_MS ||
-        (src->trim_from > 0 && expected * 10 > src->trim_from * 9))
+    double part = expected - src->fixed_ms;
+
+    if (part <= TRIM_PAUSE_MS || (src->trim_from > 0 && part * 10 > src->trim_from * 9))
         return 0;
     if (!throttle_step(src, 0, TRIM_MAX_THROTTLE, &src->m->st.trim_steps))
         return 0;
-    src->trim_from = expected;
+    src->trim_from = part;
     return 1;
 }
 
