@@ -8,10 +8,12 @@ workload both are booted once, their working set is written once, then
 each is migrated again and again (every destination becomes the next
 source), the two engines interleaved: over loopback (inside one network
 namespace) and over a veth pair shaped to 1 Gbit/s between two namespaces
-that this script creates and removes.  QEMU runs in its default
-configuration and in two tuned ones (unlimited bandwidth + xbzrle, and
-+ multifd).  A disk-writing guest moves its disk too: QEMU with
-drive-mirror to an NBD export on the destination, then migrate.
+that this script creates and removes; with ``--links ...,wan``, also over
+a 1 Gbit/s link with a round trip of ``--wan-rtt-ms`` (20) between them.
+QEMU runs in its default configuration and in two tuned ones (unlimited
+bandwidth + xbzrle, and + multifd).  A disk-writing guest moves its disk
+too: QEMU with drive-mirror to an NBD export on the destination, then
+migrate.
 Results: benchmarks/results/results.json, results.md (medians and ratios
 this project / QEMU), round_*.png, downtime_vs_size.png (plots need
 matplotlib).  Method: benchmarks/README.md.
@@ -35,7 +37,7 @@ sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 from vsqemu import disk as vdisk  # noqa: E402
 from vsqemu import qemu, report  # noqa: E402
 from vsqemu.common import BenchError, wait_for  # noqa: E402
-from vsqemu.netns import RATE, TBF, Net  # noqa: E402
+from vsqemu.netns import RATE, TBF, WAN_TBF, Net  # noqa: E402
 from vsqemu.ours import ENGINE, OursChain  # noqa: E402
 from vsqemu.qemu import CONFIGS, QemuChain  # noqa: E402
 
@@ -44,7 +46,8 @@ from nova_bhyve.testhost.console import parse_console  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ORDER = ("ours",) + tuple(CONFIGS)
-LINKS = ("loopback", "1gbit")
+LINKS = ("loopback", "1gbit")        # the matrix's; "wan" on request
+ALL_LINKS = LINKS + ("wan",)
 
 
 def _touch(pct, gib):
@@ -237,6 +240,9 @@ def _meta(args, workloads, started):
         "timeout_s": args.timeout, "downtime_limit_ms": args.downtime_ms,
         "settle_s": args.settle, "links": list(args.links),
         "link_shaping": f"veth, tc {' '.join(TBF)} on both ends",
+        "wan": (f"round trip {args.wan_rtt_ms} ms through TUN devices and a "
+                f"forwarder (vsqemu/delayline.py), tc {' '.join(WAN_TBF)} on "
+                "both devices") if "wan" in args.links else None,
         "engine_settings": ENGINE,
         "qemu_configs": {c: {"capabilities": caps, "parameters": params}
                          for c, (caps, params) in CONFIGS.items()},
@@ -264,6 +270,8 @@ def write_outputs(meta, runs, workloads, links, plots=True):
         "workload\"); their figures are in the medians.",
         f"1 Gbit/s link: {meta['link_shaping']}.",
     ]
+    if meta.get("wan"):
+        notes.append(f"wan link: 1 Gbit/s, {meta['wan']}.")
     if "other_cpu_pct" in meta:
         notes.append(
             f"Run on {meta['cpus']} CPUs in {meta['wall_s'] / 60:.1f} min; work "
@@ -303,7 +311,9 @@ def main(argv=None):
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds the guest runs before each migration")
     ap.add_argument("--links", default=",".join(LINKS),
-                    help="comma-separated subset of loopback,1gbit")
+                    help="comma-separated subset of loopback,1gbit,wan")
+    ap.add_argument("--wan-rtt-ms", type=float, default=20.0,
+                    help="the wan link's round trip (20)")
     ap.add_argument("--only", help="run only workloads whose name contains this")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--from-json", metavar="FILE",
@@ -319,8 +329,8 @@ def main(argv=None):
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.timeout = args.timeout or (30.0 if args.quick else 60.0)
     args.links = [x for x in args.links.split(",") if x]
-    if not set(args.links) <= set(LINKS):
-        ap.error(f"--links: choose from {', '.join(LINKS)}")
+    if not set(args.links) <= set(ALL_LINKS):
+        ap.error(f"--links: choose from {', '.join(ALL_LINKS)}")
     workloads = QUICK if args.quick else FULL
     if args.only:
         workloads = {k: v for k, v in workloads.items() if args.only in k}
@@ -344,7 +354,7 @@ def main(argv=None):
          f"link {RATE}; load average {os.getloadavg()[0]:.1f}")
     interrupted = False
     try:
-        with Net() as net:
+        with Net(args.wan_rtt_ms if "wan" in args.links else None) as net:
             for name, spec in workloads.items():
                 _log(f"{name} ({spec['mem']}, {spec['cmdline']})")
                 try:

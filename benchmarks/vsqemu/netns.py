@@ -6,6 +6,11 @@ are the migration's alone); 1 Gbit/s runs cross the veth pair, whose two
 ends carry addresses from a private /30 that exists only inside these
 namespaces: nothing can reach any other address from there, as the
 namespaces have no other interface and no route.
+
+With ``wan_rtt_ms``, a third link joins them: "wan", 1 Gbit/s with that
+round trip, through a TUN device in each namespace and a forwarder that
+delays every packet (``delayline.py``), addresses from a second private
+/30.
 """
 
 import contextlib
@@ -14,12 +19,17 @@ import os
 import re
 import subprocess
 
+from . import delayline
+
 PREFIX = "nbbench-"
 SUBNET = ("10.213.57.1", "10.213.57.2")   # a /30 private to the namespaces
 RATE = "1gbit"
 # Token bucket on both ends: 128 KiB burst (~1 ms at line rate) and at most
 # 5 ms of queue, roughly a switch port's buffer.
 TBF = ["tbf", "rate", RATE, "burst", "128kb", "latency", "5ms"]
+WAN_SUBNET = ("10.213.58.1", "10.213.58.2")
+# The same on the long link's TUN devices, whose packets are up to 64 KiB.
+WAN_TBF = ["tbf", "rate", RATE, "burst", "256kb", "latency", "5ms"]
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -67,13 +77,18 @@ def remove_stale():
 
 
 class Net:
-    """Namespaces ``ns_a`` and ``ns_b``; use as a context manager."""
+    """Namespaces ``ns_a`` and ``ns_b`` (and, with ``wan_rtt_ms``, the long
+    link between them); use as a context manager."""
 
-    def __init__(self):
+    def __init__(self, wan_rtt_ms=None):
         tag = f"{PREFIX}{os.getpid()}"
         self.ns_a, self.ns_b = tag + "a", tag + "b"
         self.addr = {self.ns_a: SUBNET[0], self.ns_b: SUBNET[1]}
         self.veth = {self.ns_a: f"nbb{os.getpid()}a", self.ns_b: f"nbb{os.getpid()}b"}
+        self.wan_rtt_ms = wan_rtt_ms
+        self.wan_addr = {self.ns_a: WAN_SUBNET[0], self.ns_b: WAN_SUBNET[1]}
+        self.tun = {self.ns_a: f"nbw{os.getpid()}a", self.ns_b: f"nbw{os.getpid()}b"}
+        self.tun_fds, self.forwarder = [], None
         self.created = []
 
     def __enter__(self):
@@ -93,6 +108,8 @@ class Net:
                 subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev",
                                 self.veth[ns], "root", *TBF],
                                check=True, capture_output=True)
+            if self.wan_rtt_ms is not None:
+                self._add_wan()
         except BaseException:
             self.remove()
             raise
@@ -101,8 +118,30 @@ class Net:
     def __exit__(self, *exc):
         self.remove()
 
+    def _add_wan(self):
+        """The long link: a TUN device in each namespace, the forwarder
+        between them."""
+        for ns in (self.ns_a, self.ns_b):
+            with entered(ns):
+                self.tun_fds.append(delayline.open_tun(self.tun[ns]))
+            peer = self.wan_addr[self.other(ns)]
+            _ip("-n", ns, "addr", "add", self.wan_addr[ns], "peer", peer,
+                "dev", self.tun[ns])
+            _ip("-n", ns, "link", "set", self.tun[ns], "mtu", str(delayline.MTU),
+                "txqueuelen", "10000", "up")
+            subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", self.tun[ns],
+                            "root", *WAN_TBF], check=True, capture_output=True)
+        self.forwarder = delayline.start(*self.tun_fds, self.wan_rtt_ms)
+
     def remove(self):
-        """Delete the namespaces (and with them the veth pair)."""
+        """Delete the namespaces (and with them the links)."""
+        if self.forwarder is not None:
+            self.forwarder.kill()
+            self.forwarder.wait()
+            self.forwarder = None
+        for fd in self.tun_fds:
+            os.close(fd)
+        self.tun_fds = []
         for ns in self.created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.created = []
@@ -128,4 +167,6 @@ class Net:
         if link == "loopback":
             return src_ns, "127.0.0.1", "lo"
         dst = self.other(src_ns)
+        if link == "wan":
+            return dst, self.wan_addr[dst], self.tun[dst]
         return dst, self.addr[dst], self.veth[dst]

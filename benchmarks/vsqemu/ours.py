@@ -193,6 +193,9 @@ class OursChain:
             "pages_compressed": s["pages_compressed"],
             "pages_raw": s["pages_raw"],
             "throttle": s["throttle"],
+            "converge_steps": s.get("converge_steps"),
+            "trim_steps": s.get("trim_steps"),
+            "rtt_ms": s.get("rtt_ms"),
             "catchup_ms": s["catchup_ms"],
             "round_start_ms": s["round_start_ms"],
         }

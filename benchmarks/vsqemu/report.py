@@ -166,7 +166,7 @@ def plots(summary, workloads, sizes, outdir):
     index = {(r["workload"], r["link"], r["config"]): r for r in summary}
     colors, names = COLORS, NAMES
     written = []
-    links = sorted({r["link"] for r in summary}, key=["loopback", "1gbit"].index)
+    links = sorted({r["link"] for r in summary}, key=["loopback", "1gbit", "wan"].index)
     for wl, spec in workloads.items():
         if spec["kind"] == "idle":
             continue
