@@ -25,6 +25,7 @@ from nova_bhyve.native.engine import (
     Migration,
     MigrationError,
     Mode,
+    Phase,
     Result,
     VmmKind,
 )
@@ -68,13 +69,33 @@ def progress_line(stats, width=30):
     return (f"[{bar}] {stats.phase.name.lower():<10} round {stats.round:<3} "
             f"sent {stats.bytes_transferred / 2**20:8.1f} MiB  "
             f"dirty {stats.dirty_pages:>7} pages  "
-            f"expected downtime {stats.expected_downtime_ms:7.1f} ms")
+            f"expected downtime {stats.expected_downtime_ms:7.1f} ms "
+            f"of {stats.max_downtime_ms} allowed")
+
+
+def round_trips_exceed_limit(stats):
+    """Whether the switch-over's two control round trips alone exceed the
+    downtime limit, once rounds run (this command never raises it)."""
+    return (stats.phase == Phase.ITERATE and stats.round >= 1 and
+            2 * stats.rtt_ms >= stats.max_downtime_ms)
 
 
 def _watch(mig, out, interval=0.2):
     tty = out.isatty()
+    cancelled = False
     while not mig.wait(interval):
-        line = progress_line(mig.stats())
+        stats = mig.stats()
+        if not cancelled and round_trips_exceed_limit(stats):
+            cancelled = True
+            out.write(f"\nerror: a switch-over holds two control round trips "
+                      f"of {stats.rtt_ms:.1f} ms, more than --max-downtime-ms "
+                      f"{stats.max_downtime_ms}: cancelling (the guest keeps "
+                      f"running here)\n")
+            try:
+                mig.cancel()
+            except MigrationError:
+                pass        # it switched over meanwhile
+        line = progress_line(stats)
         out.write(("\r" + line) if tty else line + "\n")
         out.flush()
     if tty:

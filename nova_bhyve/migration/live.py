@@ -601,6 +601,7 @@ class LiveMigrationMixin:
                 LOG.info("Guest dirties memory faster than it can be copied; "
                          "the engine throttles its vCPUs to %d%%",
                          stats.throttle, instance=instance)
+            run.note_round_trips(stats, instance)
             if time.monotonic() - last_report >= \
                     opts.live_migration_monitor_interval:
                 last_report = time.monotonic()
@@ -713,6 +714,19 @@ class _Run:
     def __init__(self, handle):
         self.handle = handle
         self.peak = 0
+        self.rtt_noted = False
+
+    def note_round_trips(self, stats, instance):
+        """Say once if the link's round trips alone exceed the allowance."""
+        if self.rtt_noted or 2 * stats.rtt_ms < stats.max_downtime_ms:
+            return
+        self.rtt_noted = True
+        LOG.info("The switch-over holds two control round trips of %.1f ms, "
+                 "more than the %d ms of downtime allowed now: the guest "
+                 "keeps running here, unthrottled, until the allowance grows "
+                 "(live_migration_downtime_steps) or the migration is "
+                 "forced to complete", stats.rtt_ms, stats.max_downtime_ms,
+                 instance=instance)
 
     def set(self, name, value, instance):
         """Change an engine parameter; a refusal is logged, not raised."""

@@ -50,6 +50,15 @@ def test_a_halving_converges_by_itself():
     assert _stalled(80000.0, 8192, 16384)
 
 
+@pytest.mark.parametrize("left", [0.0, -20.0])
+def test_nothing_stalls_where_the_round_trips_leave_nothing_of_the_limit(left):
+    """switchover.c passes the part of the pause rounds shorten and what
+    the final sync and the round trips leave of the limit: where they
+    leave nothing, no throttle would make the pause fit."""
+    assert not _stalled(8000.0, 16384, 16384, limit=left)
+    assert _stalled(8000.0, 16384, 16384, limit=1.0)
+
+
 def test_the_throttle_leaves_the_guest_half_the_rate_pages_go_out():
     """Pages go out at 1 per ms; the guest dirtied 2 per ms at full speed:
     it may run a quarter of the time."""

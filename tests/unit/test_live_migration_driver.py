@@ -1,6 +1,7 @@
 """BhyveDriver.live_migration against a scripted engine: every ending."""
 
 import json
+import logging
 import threading
 import types
 from unittest import mock
@@ -302,6 +303,20 @@ def test_auto_converge_is_the_engines_and_only_when_permitted(env):
     assert not [c for c in env.send.calls if c[0] == "throttle"]
     names = [c.args[3] for c in env.events.record.call_args_list]
     assert any("throttle=50%" in n for n in names), names
+
+
+def test_round_trips_beyond_the_allowance_are_said_once(env, caplog):
+    """A link whose two round trips exceed the downtime allowed: the
+    operator reads why the migration waits, once, not each poll."""
+    env.send.script = [_stats(round=r, rtt_ms=40.0, max_downtime_ms=50,
+                              expected_downtime_ms=82.0)
+                       for r in range(1, 4)] + [_done()]
+    with caplog.at_level(logging.INFO):
+        _migrate(env)
+    said = [r for r in caplog.records if "control round trips" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "40.0 ms" in said[0].getMessage()
+    assert "50 ms" in said[0].getMessage()
 
 
 @pytest.mark.parametrize("setting,passed", [(-1, "auto"), (0, 0),

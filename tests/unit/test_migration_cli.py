@@ -1,10 +1,13 @@
 """nova-bhyve-migrate: how it reads the secret file and its options."""
 
 import argparse
+import io
+import types
 
 import pytest
 
 from nova_bhyve.migration import cli
+from nova_bhyve.native.engine import Phase, Result
 
 
 def test_the_secret_is_read_byte_for_byte(tmp_path):
@@ -28,3 +31,49 @@ def test_channels_are_auto_or_a_count_of_1_to_16():
     for bad in ("0", "17", "-1", "two", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="1..16 or auto"):
             cli._channels(bad)
+
+
+def _stats(**kw):
+    base = dict(phase=Phase.ITERATE, result=Result.RUNNING, round=1,
+                mem_total=1 << 28, bytes_transferred=1 << 20,
+                bytes_remaining=1 << 16, dirty_pages=16,
+                expected_downtime_ms=180.0, max_downtime_ms=300, rtt_ms=0.2)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+class _FakeSend:
+    """A send whose stats follow a script; its last entry is final."""
+
+    def __init__(self, script):
+        self.script, self.cancels = list(script), 0
+
+    def wait(self, timeout):
+        return len(self.script) == 1
+
+    def stats(self):
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def cancel(self):
+        self.cancels += 1
+
+
+def test_round_trips_beyond_the_limit_cancel_with_the_reason():
+    """The command never raises its limit: a link whose two round trips
+    exceed it would iterate for ever, so the send is cancelled, once, and
+    says why; the guest keeps running on the source."""
+    far = _stats(rtt_ms=160.4, expected_downtime_ms=322.0)
+    mig = _FakeSend([_stats(phase=Phase.HANDSHAKE, round=0, rtt_ms=160.4),
+                     far, far, _stats(result=Result.CANCELLED)])
+    out = io.StringIO()
+    cli._watch(mig, out, interval=0)
+    assert mig.cancels == 1
+    assert "two control round trips of 160.4 ms, more than " \
+           "--max-downtime-ms 300" in out.getvalue()
+
+
+def test_a_near_destination_is_not_cancelled():
+    mig = _FakeSend([_stats(), _stats(rtt_ms=140.0),
+                     _stats(result=Result.COMPLETED)])
+    cli._watch(mig, io.StringIO(), interval=0)
+    assert mig.cancels == 0

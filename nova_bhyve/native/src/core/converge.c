@@ -6,8 +6,8 @@ int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
 {
     double pace, left = expected_ms;
 
-    if (expected_ms <= limit_ms)
-        return 0;
+    if (limit_ms <= 0 || expected_ms <= limit_ms)
+        return 0;       /* nothing to shorten, or nothing would make it fit */
     if (!prev || dirty * 10 >= prev * 9)
         return 1;
     pace = (double)dirty / (double)prev;

@@ -9,6 +9,11 @@
  * fit (pace^n x expected <= limit).  One such round is enough: a round
  * that resent the dirty set while the guest dirtied nearly as much again
  * says the next one will do the same.
+ *
+ * Only the part of the pause that rounds (and a throttle) shorten is
+ * weighed, against what the final sync and the round trips leave of the
+ * limit: where they leave nothing, no throttle makes the pause fit, and
+ * no round stalls.
  */
 #ifndef NB_CONVERGE_H
 #define NB_CONVERGE_H
@@ -18,8 +23,8 @@
 #define NB_CONVERGE_ROUNDS 8
 
 /* Whether the round that left `dirty` pages (and blocks) of the `prev`
- * before it stalled, the pause it leaves being `expected_ms` against a
- * limit of `limit_ms`. */
+ * before it stalled, the shortenable part of the pause it leaves being
+ * `expected_ms` against the `limit_ms` left for it (0 or less: none). */
 int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
                      uint64_t prev);
 /* The throttle, in percent, under which the guest would dirty pages at

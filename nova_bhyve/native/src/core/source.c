@@ -34,6 +34,8 @@
 #define PEER_REASON_MS 500
 /* Most page channels `channels` 0 (auto) chooses. */
 #define AUTO_CHANNELS_MAX 2
+/* While the limit is out of reach, the longest wait between two rounds. */
+#define HOLD_MS 100
 
 /* Note why the current phase failed; returns -1. */
 static int fail(struct source *src, int kind)
@@ -364,6 +366,22 @@ static int wait_applied(struct source *src, char *err)
     return rc;
 }
 
+/*
+ * While the round trips alone leave nothing of the downtime limit
+ * (nb_src_limit_out_of_reach), rounds cannot make the rest fit: rather
+ * than resend at full speed, wait for the destination to apply the round
+ * just sent, at most HOLD_MS, before the next count.
+ */
+static int hold_round(struct source *src, char *err)
+{
+    double until = nb_now_ms() + HOLD_MS;
+
+    while (src->applied <= src->cur_round && nb_now_ms() < until)
+        if (read_control(src, (int)(until - nb_now_ms()) + 1, err) < 0)
+            return -1;
+    return 0;
+}
+
 /* ITERATE: send what the guest dirtied since the last round until the rest
  * fits, and pause only once the destination holds everything sent. */
 static int phase_iterate(struct source *src, char *err)
@@ -391,6 +409,8 @@ static int phase_iterate(struct source *src, char *err)
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
             return fail(src, nb_fail_kind(m));
         }
+        if (nb_src_limit_out_of_reach(src) && hold_round(src, err) < 0)
+            return -1;
     }
 }
 

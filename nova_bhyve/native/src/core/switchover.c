@@ -156,7 +156,19 @@ static int trim_pause(struct source *src, double expected)
 }
 
 /*
- * Decide: 1 = switch over now.  Not before the rest fits the limit; then
+ * Whether the part of the pause that no round or throttle shortens (the
+ * final sync and the two round trips) alone leaves nothing of the limit:
+ * then the rest fits only once the limit is raised (or a switch-over is
+ * forced), and rounds need not follow each other at full speed.
+ */
+int nb_src_limit_out_of_reach(struct source *src)
+{
+    return src->fixed_ms >= (double)atomic_load(&src->m->max_downtime_ms);
+}
+
+/*
+ * Decide: 1 = switch over now.  Not before the rest fits the limit, even
+ * with nothing dirty (a long round trip alone may exceed it); then
  * keep iterating while another round pays: after round 0 once unless
  * the pause is already tiny (round 0 timed no resend), then while the
  * pages the guest dirties during a round (at the rate seen since the last
@@ -182,10 +194,12 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
         return 1;
     if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */
         return 0;
+    if (dirty == 0 && m->p.keep_paused)
+        return 1;       /* a paused guest has no downtime to keep short */
+    if (expected > (double)atomic_load(&m->max_downtime_ms))
+        return 0;       /* even with nothing dirty: the round trips alone */
     if (dirty == 0)
         return 1;
-    if (expected > (double)atomic_load(&m->max_downtime_ms))
-        return 0;
     if (expected <= SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms ||
         ++src->fit_rounds > EXTRA_ROUNDS)
         return 1;
@@ -200,7 +214,9 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
 
 /*
  * Auto-converge, the last resort: when a round (after round 0) stalled
- * (converge.h), slow the guest's vCPUs down through the vmm port, at most
+ * (converge.h; only the part of the pause that rounds shorten counts,
+ * against what the final sync and the round trips leave of the limit),
+ * slow the guest's vCPUs down through the vmm port, at most
  * 99 %, at most once per CONVERGE_EVERY_MS: by a step (20 %, then 10
  * points more), or at once to where the guest would dirty half what goes
  * out, where the rates measured say that is higher.  A rest that fits
@@ -209,11 +225,12 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
 void nb_src_converge(struct source *src, uint64_t dirty)
 {
     uint64_t prev = src->conv_prev;
+    double limit = (double)atomic_load(&src->m->max_downtime_ms);
     uint32_t want;
 
     src->conv_prev = dirty;
     if (!prev || !nb_stream_precopied(src->m) ||
-        !nb_round_stalled(src->expected, (double)atomic_load(&src->m->max_downtime_ms),
+        !nb_round_stalled(src->expected - src->fixed_ms, limit - src->fixed_ms,
                           dirty, prev) ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;
