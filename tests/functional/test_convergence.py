@@ -117,16 +117,22 @@ def test_a_long_round_trip_is_no_reason_to_slow_the_guest(vms):
     _moved(src, dst, s, d)
 
 
-def _hold_then_raise(send, recv, proxy, rtt_floor):
-    """With the round trips alone over the limit: for 2.5 s the migration
-    iterates, the guest at full speed and rounds paced by the destination's
-    answers; then a larger limit lets it switch over (source stats)."""
+def _hold_then_raise(src, dst):
+    """40 ms each way on the control connection, a 60 ms limit: for 2.5 s
+    the migration iterates, the guest at full speed and rounds paced by
+    the destination's answers; then a limit of 1000 ms lets it switch over
+    within it (source and destination stats)."""
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    proxy = FaultyProxy(recv.port, control_latency=0.04)
+    send = start_send(src, proxy.port, secret, max_downtime_ms=60,
+                      timeout_ms=60000)
     try:
         wait_phase(send, [Phase.ITERATE])
         time.sleep(2.5)
         st = send.stats()
         assert st.result == Result.RUNNING and st.phase == Phase.ITERATE, st
-        assert st.rtt_ms >= rtt_floor, st.rtt_ms
+        assert st.rtt_ms >= 80, st.rtt_ms
         assert st.expected_downtime_ms >= 2 * st.rtt_ms > st.max_downtime_ms, st
         assert st.throttle == 0 and st.converge_steps == 0 and st.trim_steps == 0, st
         # not back to back: each round waits for its APPLIED, which the
@@ -137,7 +143,9 @@ def _hold_then_raise(send, recv, proxy, rtt_floor):
         send.cancel()
         wait_both(send, recv, proxy)
         raise
-    return wait_both(send, recv, proxy)
+    s, d = wait_both(send, recv, proxy)
+    assert 2 * s.rtt_ms <= s.downtime_ms < 1000, s
+    return s, d
 
 
 def test_round_trips_beyond_the_limit_hold_the_switch_over_not_the_guest(vms):
@@ -148,13 +156,7 @@ def test_round_trips_beyond_the_limit_hold_the_switch_over_not_the_guest(vms):
     a round per round trip, until the limit is raised (Nova's downtime
     steps, or an operator), then moves the guest within the new one."""
     src, dst = _pair(vms, "mode=stress pattern=tight ws=1M")
-    secret = new_secret()
-    recv = start_receive(dst, secret, timeout_ms=60000)
-    proxy = FaultyProxy(recv.port, control_latency=0.04)
-    send = start_send(src, proxy.port, secret, max_downtime_ms=60,
-                      timeout_ms=60000)
-    s, d = _hold_then_raise(send, recv, proxy, 80)
-    assert 2 * s.rtt_ms <= s.downtime_ms < 1000, s
+    s, d = _hold_then_raise(src, dst)
     assert [r.throttle for r in s.rounds] == [0] * len(s.rounds)
     _moved(src, dst, s, d)
 
@@ -163,13 +165,7 @@ def test_an_idle_guest_too_waits_for_a_limit_its_round_trips_fit(vms):
     """Nothing dirty is no reason to exceed the limit: an idle guest over
     the same long control connection waits like the busy one above."""
     src, dst = _pair(vms, "mode=idle", mem="256M")
-    secret = new_secret()
-    recv = start_receive(dst, secret, timeout_ms=60000)
-    proxy = FaultyProxy(recv.port, control_latency=0.04)
-    send = start_send(src, proxy.port, secret, max_downtime_ms=60,
-                      timeout_ms=60000)
-    s, d = _hold_then_raise(send, recv, proxy, 80)
-    assert 2 * s.rtt_ms <= s.downtime_ms < 1000, s
+    s, d = _hold_then_raise(src, dst)
     _moved(src, dst, s, d)
 
 
