@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 
+from nova_bhyve.migration import policy
 from nova_bhyve.native.engine import (
     Migration,
     MigrationError,
@@ -77,7 +78,7 @@ def round_trips_exceed_limit(stats):
     """Whether the switch-over's two control round trips alone exceed the
     downtime limit, once rounds run (this command never raises it)."""
     return (stats.phase == Phase.ITERATE and stats.round >= 1 and
-            2 * stats.rtt_ms >= stats.max_downtime_ms)
+            policy.round_trips_exceed_limit(stats))
 
 
 def _watch(mig, out, interval=0.2):

@@ -718,7 +718,7 @@ class _Run:
 
     def note_round_trips(self, stats, instance):
         """Say once if the link's round trips alone exceed the allowance."""
-        if self.rtt_noted or 2 * stats.rtt_ms < stats.max_downtime_ms:
+        if self.rtt_noted or not policy.round_trips_exceed_limit(stats):
             return
         self.rtt_noted = True
         LOG.info("The switch-over holds two control round trips of %.1f ms, "

@@ -43,6 +43,12 @@ def downtime_at(steps, elapsed):
     return allowed
 
 
+def round_trips_exceed_limit(stats):
+    """Whether a switch-over's two control round trips alone reach the
+    downtime allowed now (no round and no throttle shortens them)."""
+    return 2 * stats.rtt_ms >= stats.max_downtime_ms
+
+
 def completion_timeout(conf, gb):
     """Return the completion timeout in seconds (0: none)."""
     return int(conf.live_migration_completion_timeout * gb)

@@ -100,6 +100,15 @@ def test_round_lines_give_each_round_then_the_encodings():
         "rtt=0.25ms channels=2 bandwidth=12.5MiB/s"]
 
 
+def test_round_trips_exceed_the_limit_from_twice_the_round_trip_on():
+    def stats(rtt, limit):
+        return types.SimpleNamespace(rtt_ms=rtt, max_downtime_ms=limit)
+    assert not policy.round_trips_exceed_limit(stats(0.3, 300))
+    assert not policy.round_trips_exceed_limit(stats(149.9, 300))
+    assert policy.round_trips_exceed_limit(stats(150.0, 300))
+    assert policy.round_trips_exceed_limit(stats(40.0, 50))
+
+
 # -- checks -----------------------------------------------------------------
 def _info(**cpu):
     base = {"arch": "x86_64", "vendor": "GenuineIntel", "page_size": 4096}
