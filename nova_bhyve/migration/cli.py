@@ -140,6 +140,8 @@ def _report(stats, out):
                       f"blocks in {stats.disk_bytes} bytes on the wire, "
                       f"digest {stats.disk_digest:016x}\n")
         if stats.is_source:
+            out.write(f"downtime in parts: stop/final round/verify/commit "
+                      f"{policy.pause_parts(stats)}\n")
             out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms "
                       f"(after {stats.catchup_ms:.1f} ms waiting for the "
                       f"destination to catch up); pages zero/delta/zstd/raw "

@@ -98,7 +98,9 @@ def summary(stats, throttle_peak=0):
     source until the destination reports it running (never shown below 0);
     ``predicted`` the pause the engine expected when it chose to switch;
     ``disk_bytes`` and ``disk_blocks`` what the disks cost on the wire
-    (0 when none moved: a shared instances path).
+    (0 when none moved: a shared instances path); ``pause`` the
+    downtime's parts: stopping the guest, the final round, the
+    destination's verification, the commit.
     """
     return (f"mode={stats.mode.name.lower()} "
             f"downtime={max(0.0, stats.downtime_ms):.1f}ms "
@@ -107,7 +109,15 @@ def summary(stats, throttle_peak=0):
             f"rounds={len(stats.rounds)} "
             f"throttle={throttle_peak}% "
             f"predicted={max(0.0, stats.expected_downtime_ms):.1f}ms "
+            f"pause={pause_parts(stats)} "
             f"disk_bytes={stats.disk_bytes} disk_blocks={stats.disk_blocks}")
+
+
+def pause_parts(stats):
+    """Return the measured pause's parts as 'stop/final/verify/commit' ms."""
+    parts = (stats.pause_stop_ms, stats.pause_final_ms,
+             stats.pause_verify_ms, stats.pause_commit_ms)
+    return "/".join(f"{max(0.0, p):.1f}" for p in parts) + "ms"
 
 
 def round_lines(stats):

@@ -233,6 +233,13 @@ class MigrationStats:
     disk_blocks: int = 0        # blocks sent (source) or written (destination)
     dirty_blocks: int = 0       # disk blocks pending at the last sync
     disk_digest: int = 0
+    # source: downtime_ms in its parts (engine.h): pausing the guest and
+    # its last syncs, the final round and device state, DIGEST until READY,
+    # COMMIT until RUNNING
+    pause_stop_ms: float = 0.0
+    pause_final_ms: float = 0.0
+    pause_verify_ms: float = 0.0
+    pause_commit_ms: float = 0.0
     stream_bytes: int = 0       # stream disks' bytes sent or written
     converge_steps: int = 0     # throttle steps: rounds stopped shrinking
     trim_steps: int = 0         # throttle steps: a pause that fitted, cut
@@ -483,6 +490,9 @@ class Migration:
             dirty_pages=s.dirty_pages, dirty_rate=s.dirty_rate,
             bandwidth=s.bandwidth, expected_downtime_ms=s.expected_downtime_ms,
             downtime_ms=s.downtime_ms, catchup_ms=s.catchup_ms,
+            pause_stop_ms=s.pause_stop_ms, pause_final_ms=s.pause_final_ms,
+            pause_verify_ms=s.pause_verify_ms,
+            pause_commit_ms=s.pause_commit_ms,
             total_ms=s.total_ms, rtt_ms=s.rtt_ms,
             max_downtime_ms=s.max_downtime_ms, throttle=s.throttle,
             delta_cache_bytes=s.delta_cache_bytes, compressing=s.compressing,

@@ -37,6 +37,10 @@ def _moved(src, dst, s, d):
     assert s.result == Result.COMPLETED, s.error
     assert d.result == Result.COMPLETED, d.error
     assert s.digest == d.digest != 0
+    # the pause's parts are measured, not derived: together they are it
+    parts = (s.pause_stop_ms, s.pause_final_ms, s.pause_verify_ms,
+             s.pause_commit_ms)
+    assert min(parts) >= 0 and abs(sum(parts) - s.downtime_ms) < 1e-6, s
     assert dst.client.status()["state"] == "running"
     assert src.stop() == 1
     return assert_guest_continued(src, dst)
@@ -146,6 +150,9 @@ def _hold_then_raise(src, dst):
         raise
     s, d = wait_both(send, recv, proxy)
     assert 2 * s.rtt_ms <= s.downtime_ms < 1000, s
+    # each control round trip (40 ms each way) lands in its own part
+    assert s.pause_verify_ms >= 80 and s.pause_commit_ms >= 80, s
+    assert s.pause_stop_ms + s.pause_final_ms < 80, s
     return s, d
 
 

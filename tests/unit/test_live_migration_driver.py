@@ -43,7 +43,8 @@ def _stats(**kw):
                 delta_cache_bytes=0, compressing=0, disk_total=0,
                 disk_bytes=0, disk_blocks=0, dirty_blocks=0, pages_zero=0,
                 pages_delta=0, pages_compressed=0, pages_raw=0, rtt_ms=0.1,
-                bandwidth=100.0 * MiB, channels=1)
+                bandwidth=100.0 * MiB, channels=1, pause_stop_ms=0.0,
+                pause_final_ms=0.0, pause_verify_ms=0.0, pause_commit_ms=0.0)
     base.update(kw)
     st = types.SimpleNamespace(**base)
     st.finished = st.result != Result.RUNNING
@@ -153,7 +154,9 @@ def _migrate(env):
 def _done(**kw):
     base = dict(result=Result.COMPLETED, phase=Phase.DONE, committed=True,
                 guest_runs_here=False, downtime_ms=7.0, total_ms=1500,
-                bytes_transferred=40 * MiB, rounds=_rounds(3))
+                bytes_transferred=40 * MiB, rounds=_rounds(3),
+                pause_stop_ms=0.4, pause_final_ms=3.1, pause_verify_ms=2.25,
+                pause_commit_ms=1.25)
     base.update(kw)
     return _stats(**base)
 
@@ -176,7 +179,8 @@ def test_completed_calls_post_once_and_reports(env):
     assert len(names) == 1
     assert names[0].startswith("bhyve_switchover mode=live downtime=7.0ms "
                                "total=1500ms bytes=41943040 rounds=3")
-    assert names[0].endswith(" disk_bytes=0 disk_blocks=0")
+    assert names[0].endswith(" predicted=50.0ms pause=0.4/3.1/2.2/1.2ms "
+                             "disk_bytes=0 disk_blocks=0")
     env.events.finish.assert_called_once_with(
         mock.sentinel.ctx, env.inst, "bhyve_live_migration_live")
     # the last report: everything copied

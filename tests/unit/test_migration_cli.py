@@ -77,3 +77,17 @@ def test_a_near_destination_is_not_cancelled():
                      _stats(result=Result.COMPLETED)])
     cli._watch(mig, io.StringIO(), interval=0)
     assert mig.cancels == 0
+
+
+def test_the_report_gives_the_pause_in_its_parts():
+    st = _stats(result=Result.COMPLETED, error="", total_ms=812.0,
+                downtime_ms=7.0, rounds=(), channels=1, digest=0xab,
+                disk_total=0, is_source=True, catchup_ms=3.0, pages_zero=1,
+                pages_delta=2, pages_compressed=0, pages_raw=3,
+                delta_cache_bytes=64 << 20, throttle=0, pause_stop_ms=0.4,
+                pause_final_ms=3.1, pause_verify_ms=2.3, pause_commit_ms=1.2)
+    out = io.StringIO()
+    cli._report(st, out)
+    assert ("downtime 7.0 ms" in out.getvalue() and
+            "downtime in parts: stop/final round/verify/commit "
+            "0.4/3.1/2.3/1.2ms\n" in out.getvalue()), out.getvalue()

@@ -151,6 +151,15 @@ struct nb_mig_stats {
     double bandwidth;           /* bytes per second, last round */
     double expected_downtime_ms;
     double downtime_ms;         /* measured: source stopped -> RUNNING heard */
+    /* source: downtime_ms in its parts (warm and cold: "final" holds every
+     * round after the pause) */
+    double pause_stop_ms;       /* pausing the guest, the last log syncs */
+    double pause_final_ms;      /* the final round's pages and blocks sent,
+                                 * the device state saved and sent */
+    double pause_verify_ms;     /* DIGEST until READY: the destination
+                                 * applies the final round, fsyncs, compares */
+    double pause_commit_ms;     /* COMMIT until RUNNING: the destination
+                                 * resumes the guest */
     double catchup_ms;          /* source: waited, guest running, for the
                                  * destination to apply what was sent */
     double total_ms;

@@ -237,7 +237,7 @@ static int pause_guest(struct source *src, char *err)
     if (m->vmm.ops->pause(&m->vmm, err) < 0)
         return fail(src, NB_ERR_VMM);
     atomic_store(&m->guest_paused, 1);
-    src->t_pause = nb_now_ms();
+    src->t_pause = src->t_collected = nb_now_ms();
     nb_stream_paused(m);        /* the stream disks' last parts may start */
     return 0;
 }
@@ -451,6 +451,7 @@ static int phase_switchover(struct source *src, char *err)
         src->cur_round++;
         if (stop_and_collect(src, err) < 0)
             return -1;
+        src->t_collected = nb_now_ms();
         if (nb_src_round(src, src->cur_round,
                          nb_popcount_bitmap(src->bitmap, src->words), 0) < 0) {
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
@@ -461,6 +462,7 @@ static int phase_switchover(struct source *src, char *err)
         return fail(src, NB_ERR_VMM);
     rc = nb_send_frame(&m->ctl, NB_MSG_STATE, blob, (uint32_t)blen, err);
     free(blob);
+    src->t_state = nb_now_ms();
     return rc < 0 ? fail(src, m->ctl.err_kind) : 0;
 }
 
@@ -501,6 +503,7 @@ static int phase_verify(struct source *src, char *err)
     if (nb_digest_send(&m->ctl, &dm, err) < 0 ||
         expect_control(src, &f, NB_MSG_READY, err) < 0)
         return fail(src, m->ctl.err_kind);
+    src->t_ready = nb_now_ms();
     note_rtt(m, t0);
     pthread_mutex_lock(&m->lock);
     m->st.digest = dm.digest;
@@ -527,6 +530,22 @@ static int declined(struct source *src, char *err)
     return fail(src, m->ctl.err_kind);
 }
 
+/* The pause, from the guest's stop until the destination said RUNNING at
+ * `now`, and its parts (engine.h). */
+static void note_pause(struct source *src, double now)
+{
+    struct nb_mig *m = src->m;
+
+    pthread_mutex_lock(&m->lock);
+    /* an upper bound (by one network latency) on what the guest sees */
+    m->st.downtime_ms = now - src->t_pause;
+    m->st.pause_stop_ms = src->t_collected - src->t_pause;
+    m->st.pause_final_ms = src->t_state - src->t_collected;
+    m->st.pause_verify_ms = src->t_ready - src->t_state;
+    m->st.pause_commit_ms = now - src->t_ready;
+    pthread_mutex_unlock(&m->lock);
+}
+
 /* COMMIT: the guest is the destination's from here; its RUNNING ends the downtime. */
 static int phase_commit(struct source *src, char *err)
 {
@@ -542,11 +561,7 @@ static int phase_commit(struct source *src, char *err)
                  " (after COMMIT: the source stays stopped; check the destination)");
         return fail(src, m->ctl.err_kind);
     }
-    pthread_mutex_lock(&m->lock);
-    /* from the pause until the destination says it runs: an upper bound
-     * (by one network latency) on what the guest sees */
-    m->st.downtime_ms = nb_now_ms() - src->t_pause;
-    pthread_mutex_unlock(&m->lock);
+    note_pause(src, nb_now_ms());
     note_rtt(m, t0);
     return 0;
 }

@@ -51,6 +51,9 @@ struct source {
                                  * memory (its last APPLIED round + 1) */
     int kind;                   /* nb_error_kind of the phase that failed */
     double t_pause;             /* when the guest stopped (downtime starts) */
+    double t_collected;         /* the pause's last syncs done */
+    double t_state;             /* the final round and STATE sent */
+    double t_ready;             /* READY heard */
     uint64_t prev_dirty;        /* dirty pages and blocks at the previous sync */
     uint64_t dirty_blocks;      /* disk blocks pending at the last sync */
     double t_sync;              /* when the dirty log was last synced */
