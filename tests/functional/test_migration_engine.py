@@ -122,8 +122,11 @@ def test_delta_encoding_sends_small_changes_small(vms):
     try:
         wait_for(lambda: send.stats().round >= 2, timeout=30, what="two rounds")
         send.force_complete()
-    finally:
-        s, d = wait_both(send, recv)
+    except BaseException:
+        send.cancel()       # else the halves iterate until wait_both's timeout
+        wait_both(send, recv)
+        raise
+    s, d = wait_both(send, recv)
     assert s.pages_delta > 0 and s.throttle == 0
     _finish(src, dst, s, d)
 
