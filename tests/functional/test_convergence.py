@@ -301,6 +301,31 @@ def test_the_pause_waits_until_the_destination_holds_what_was_sent(vms):
     _moved(src, dst, s, d)
 
 
+def test_a_destination_slow_to_take_round_0_is_no_reason_to_slow_the_guest(vms):
+    """Round 0 sits in a slow relay for two seconds, as on a destination
+    slow to write its first copy.  The guest rewrites its whole set with
+    fresh data meanwhile, so the count after that wait is a rest four
+    times the limit where the rounds before it fitted.  It is no round's
+    failure to shrink: the link sends the set eight times as fast as the
+    guest rewrites it, and the rounds after it fit again, with no
+    auto-converge step (a trim step may still cut a pause that fits)."""
+    src, dst = _pair(vms, "mode=stress pattern=fill ws=4M")
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    proxy = FaultyProxy(recv.port, join_delay=2.0)
+    send = start_send(src, proxy.port, secret, max_bandwidth=32 * MiB,
+                      max_downtime_ms=60, timeout_ms=60000)
+    s, d = wait_both(send, recv, proxy)
+    assert s.catchup_ms >= 500, s.catchup_ms
+    after = [r for r in s.rounds if r.start_ms > s.rounds[1].start_ms]
+    assert any(r.pages > 4 * MiB // 4096 * 3 // 4 for r in after), [
+        (r.pages, round(r.start_ms)) for r in s.rounds]    # the whole set again
+    assert s.converge_steps == 0, [(r.throttle, r.pages) for r in s.rounds]
+    assert s.throttle == (10 + 10 * s.trim_steps if s.trim_steps else 0)
+    assert s.downtime_ms < 60, s.downtime_ms
+    _moved(src, dst, s, d)
+
+
 def test_a_writer_on_each_of_two_vcpus_moves_intact(vms):
     """Both vCPUs rewrite their half of 64 MiB in a tight loop; with the
     defaults over a slowed link both writers go on after the move, every

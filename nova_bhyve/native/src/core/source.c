@@ -382,8 +382,15 @@ static int hold_round(struct source *src, char *err)
     return 0;
 }
 
-/* ITERATE: send what the guest dirtied since the last round until the rest
- * fits, and pause only once the destination holds everything sent. */
+/*
+ * ITERATE: send what the guest dirtied since the last round until the rest
+ * fits, and pause only once the destination holds everything sent.  The
+ * count after waiting for round 0 to be applied (the destination's first
+ * writes, its slowest) holds what the guest dirtied for as long as that
+ * took: auto-converge takes it as a new start, not as a round that failed
+ * to shrink the one before.  Once only: a destination that falls behind
+ * again is counted against the rounds, and may get the guest slowed.
+ */
 static int phase_iterate(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
@@ -400,6 +407,8 @@ static int phase_iterate(struct source *src, char *err)
         if (nb_src_should_switch(src, dirty, nb_now_ms() - from)) {
             if (src->applied > src->cur_round)
                 return 0;
+            if (src->applied == 0)
+                src->conv_prev = 0;     /* the next count is no round's */
             if (wait_applied(src, err) < 0)
                 return -1;
             continue;       /* the guest ran meanwhile: count again */
