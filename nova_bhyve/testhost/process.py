@@ -54,11 +54,13 @@ class TestHostVM:
     @classmethod
     def start(cls, name, rundir, mem, cpus=1, kernel=None, cmdline="",
               incoming=False, paused=False, tlog=False, disk=None,
-              timeout=30.0):
+              dirty_log_whole=False, timeout=30.0):
         """Start a VM process and wait until its control socket answers.
 
         ``mem`` is a size string ("1G") or bytes.  Either boot ``kernel``
         (defaults to the bundled guest payload) or start ``incoming``.
+        ``dirty_log_whole`` offers the engine only the whole get-and-clear
+        dirty log, as bhyve's vmm port does (no peek, no ranges).
         """
         rundir = pathlib.Path(rundir)
         rundir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,8 @@ class TestHostVM:
             argv.append("--console-tlog")
         if disk is not None:
             argv += ["--disk", str(disk)]
+        if dirty_log_whole:
+            argv.append("--dirty-log-whole")
         log = open(rundir / "testhost.log", "ab")
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,

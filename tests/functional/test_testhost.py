@@ -132,6 +132,22 @@ def test_dirty_log_reports_exactly_the_pages_the_guest_wrote(vms):
     assert vm.client.dirty_log().count() > 0
 
 
+def test_a_vm_with_only_the_whole_dirty_log_refuses_peeks_and_ranges(vms):
+    """``--dirty-log-whole`` stands in for bhyve's log: read and cleared
+    whole, nothing else; the engine's port sees it in the status."""
+    vm = vms.start("whole", mem="256M", dirty_log_whole=True,
+                   cmdline="mode=stress ws=4M")
+    wait_heartbeats(vm, 5)
+    assert vm.client.status()["dirty_log_whole"] in (1, "1")
+    for kw in ({"peek": True}, {"first": 0, "count": 1}):
+        with pytest.raises(TestHostError) as err:
+            vm.client.dirty_log(**kw)
+        assert err.value.code == "ENOTSUP", kw
+    vm.client.dirty_log()
+    time.sleep(0.2)
+    assert vm.client.dirty_log().count() > 0     # the writer's pages
+
+
 def test_the_first_dirty_log_reports_only_what_was_written_since_boot(vms):
     # the test host clears each slot's "initially set" log before the guest
     # runs (vm.c, clear_initial_log): the first get of a migration must not

@@ -153,12 +153,13 @@ static int cmd_status(struct nb_vm *vm, int fd)
     pthread_mutex_unlock(&vm->lock);
     return reply(fd, "OK state=%s name=%s pid=%d cpus=%d mem=%" PRIu64
                  " lowmem=%" PRIu64 " highmem=%" PRIu64 " highbase=%" PRIu64 ""
-                 " page_size=%" PRIu64 " dirty_log=1 throttle=%d exits=%" PRIu64
+                 " page_size=%" PRIu64 " dirty_log=1 dirty_log_whole=%d"
+                 " throttle=%d exits=%" PRIu64
                  " console_lines=%" PRIu64 " disk_size=%" PRIu64
                  " disk_block=%" PRIu64,
                  state_name(st), vm->name, (int)getpid(), vm->ncpus,
                  vm->mem_size, vm->lowmem, vm->highmem, NB_HIGHMEM_BASE,
-                 NB_PAGE_SIZE, thr,
+                 NB_PAGE_SIZE, vm->dirty_log_whole, thr,
                  __atomic_load_n(&vm->exits, __ATOMIC_RELAXED),
                  vm->console_lines, vm->ata.sectors * NB_SECTOR,
                  NB_DISK_BLOCK);
@@ -239,6 +240,9 @@ static int cmd_dirty_log(struct nb_vm *vm, int fd, int argc, char **argv)
     } else if (argc != 1 && !peek) {
         return reply(fd, "ERR EINVAL usage: dirty-log [peek | FIRST COUNT]");
     }
+    if (argc != 1 && vm->dirty_log_whole)
+        return reply(fd, "ERR ENOTSUP this VM offers only the whole dirty log "
+                     "(--dirty-log-whole)");
     bm = malloc(len);
     runs = malloc(len + 8);
     if (!bm || !runs) {

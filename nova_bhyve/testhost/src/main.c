@@ -24,12 +24,14 @@ static void usage(FILE *f)
     fprintf(f,
         "usage: nb-testhost --name NAME --rundir DIR --mem SIZE [--cpus N]\n"
         "                   (--kernel ELF [--cmdline STR] [--paused] | --incoming)\n"
-        "                   [--console-tlog] [--disk FILE]\n"
+        "                   [--console-tlog] [--disk FILE] [--dirty-log-whole]\n"
         "\n"
         "Runs one KVM guest laid out as bhyve does (lowmem below 3 GiB at GPA 0,\n"
         "the rest at 4 GiB).  DIR receives control.sock, console.log and\n"
         "testhost.pid.  SIZE takes a K, M or G suffix.  --disk attaches FILE (a raw\n"
         "image, not a symbolic link) as the ATA master on the primary IDE ports.\n"
+        "--dirty-log-whole offers only the whole get-and-clear dirty log, as\n"
+        "bhyve's does: no peek, no ranges.\n"
         "A test and development backend for nova-bhyve, not a production\n"
         "hypervisor.\n"
         "Exit status as bhyve(8): 1 powered off, 2 halted, 3 triple fault, 4 error.\n");
@@ -101,6 +103,7 @@ int main(int argc, char **argv)
         { "incoming", no_argument, NULL, 'i' },
         { "console-tlog", no_argument, NULL, 't' },
         { "disk", required_argument, NULL, 'D' },
+        { "dirty-log-whole", no_argument, NULL, 'W' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -135,6 +138,7 @@ int main(int argc, char **argv)
         case 'i': incoming = 1; break;
         case 't': tlog = 1; break;
         case 'D': disk = optarg; break;
+        case 'W': vm->dirty_log_whole = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return NB_EXIT_ERROR;
         }

@@ -105,6 +105,7 @@ struct nb_vm {
     int exit_status;        /* set when a vCPU ends the VM */
     int event_fd;           /* eventfd: wakes the control loop */
     int throttle_pct;
+    int dirty_log_whole;        /* --dirty-log-whole: no peek, no ranges */
     uint64_t exits;
 
     /* console (COM1) */

@@ -25,6 +25,7 @@ struct th {
     char rbuf[REPLY_MAX * 2];
     size_t rlen;
     uint64_t *scratch;      /* a whole dirty bitmap, for ranged requests */
+    struct nb_vmm_ops whole_ops;    /* a VM with only the whole log's */
 };
 
 static int send_line(struct th *t, const char *line, char *err)
@@ -464,6 +465,13 @@ int nb_vmm_open_testhost(struct nb_vmm *v, const char *sock_path, char *err)
     if (request(t, "status\n", reply, err) < 0)
         goto fail;
     cpus = field(reply, "cpus");
+    if (field(reply, "dirty_log_whole")) {
+        /* as bhyve's port: get-and-clear of the whole log only */
+        t->whole_ops = testhost_ops;
+        t->whole_ops.dirty_log_range = NULL;
+        t->whole_ops.dirty_peek = NULL;
+        v->ops = &t->whole_ops;
+    }
     if (send_line(t, "memfd\n", err) < 0 || read_reply(t, reply, &t->memfd, err) < 0)
         goto fail;
     if (t->memfd < 0) {
