@@ -272,9 +272,37 @@ static int phase_precopy(struct source *src, char *err)
     return 0;
 }
 
+/*
+ * Get-and-clear the dirty log into the bitmap.  Where the bitmap holds
+ * pages an earlier count cleared from the log and no round has sent
+ * (`unsent`: a count followed by a wait, or the last count before the
+ * pause), the log's pages are added to them, not put in their place.
+ */
+static int take_dirty_log(struct source *src, char *err)
+{
+    uint64_t *keep = NULL;
+
+    if (src->unsent && !(keep = malloc(src->words * 8))) {
+        snprintf(err, NB_ERRLEN, "out of memory");
+        return fail(src, NB_ERR_RESOURCE);
+    }
+    if (keep)
+        memcpy(keep, src->bitmap, src->words * 8);
+    if (nb_src_sync_dirty(src, err) < 0) {
+        free(keep);
+        return fail(src, NB_ERR_VMM);
+    }
+    for (size_t w = 0; keep && w < src->words; w++)
+        src->bitmap[w] |= keep[w];
+    free(keep);
+    src->unsent = 1;
+    return 0;
+}
+
 /* Count the dirty pages: a peek (lazy: each chunk clears as it goes) or a
- * get-and-clear into the bitmap; and, at the same moment, take the disks'
- * dirty-block logs into the blocks pending. */
+ * get-and-clear into the bitmap (adding to pages an earlier count left
+ * unsent); and, at the same moment, take the disks' dirty-block logs into
+ * the blocks pending. */
 static int count_dirty(struct source *src, uint64_t *dirty, char *err)
 {
     struct nb_mig *m = src->m;
@@ -286,8 +314,8 @@ static int count_dirty(struct source *src, uint64_t *dirty, char *err)
         *dirty = nb_popcount_bitmap(src->scratch, src->words);
         return 0;
     }
-    if (nb_src_sync_dirty(src, err) < 0)
-        return fail(src, NB_ERR_VMM);
+    if (take_dirty_log(src, err) < 0)
+        return -1;
     *dirty = nb_popcount_bitmap(src->bitmap, src->words);
     return 0;
 }
@@ -418,6 +446,7 @@ static int phase_iterate(struct source *src, char *err)
             snprintf(err, NB_ERRLEN, "%s", m->st.error);
             return fail(src, nb_fail_kind(m));
         }
+        src->unsent = 0;
         if (nb_src_limit_out_of_reach(src) && hold_round(src, err) < 0)
             return -1;
     }
@@ -428,23 +457,12 @@ static int phase_iterate(struct source *src, char *err)
  * A lazy count only peeked: its pages are still in the log. */
 static int stop_and_collect(struct source *src, char *err)
 {
-    uint64_t *keep = NULL;
-
-    if (!src->lazy) {
-        if (!(keep = malloc(src->words * 8))) {
-            snprintf(err, NB_ERRLEN, "out of memory");
-            return fail(src, NB_ERR_RESOURCE);
-        }
-        memcpy(keep, src->bitmap, src->words * 8);
-    }
-    if (pause_guest(src, err) < 0 || nb_src_sync_dirty(src, err) < 0 ||
-        nb_disk_sync(src->m, &src->dirty_blocks, err) < 0) {
-        free(keep);
+    if (pause_guest(src, err) < 0)
         return fail(src, NB_ERR_VMM);
-    }
-    for (size_t w = 0; keep && w < src->words; w++)
-        src->bitmap[w] |= keep[w];
-    free(keep);
+    if (take_dirty_log(src, err) < 0)
+        return -1;
+    if (nb_disk_sync(src->m, &src->dirty_blocks, err) < 0)
+        return fail(src, NB_ERR_VMM);
     return 0;
 }
 

@@ -75,6 +75,9 @@ struct source {
     /* lazy clearing (vmm dirty_log_range + dirty_peek): a round clears
      * and sends the log one chunk of `chunk` words at a time */
     int lazy;
+    /* not lazy: the bitmap holds pages a count cleared from the log that
+     * no round has sent yet; the next count adds to them */
+    int unsent;
     size_t chunk;
     uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
 };
