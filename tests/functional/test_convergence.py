@@ -282,6 +282,16 @@ def test_a_few_pages_the_cache_misses_are_priced_in_round_0s_estimate(vms):
     _moved(src, dst, s, d)
 
 
+def _through_slow_relay(src, dst, hold_s, **send_kw):
+    """Migrate through a relay that holds the page channels (round 0
+    first) for ``hold_s`` seconds; both halves get the send's timeout."""
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=send_kw.get("timeout_ms", 20000))
+    proxy = FaultyProxy(recv.port, join_delay=hold_s)
+    send = start_send(src, proxy.port, secret, **send_kw)
+    return wait_both(send, recv, proxy)
+
+
 def test_the_pause_waits_until_the_destination_holds_what_was_sent(vms):
     """Round 0 of a stress guest sits in a slow relay for two seconds (a
     busy destination, full socket buffers).  The dirty-page estimate cannot
@@ -290,12 +300,8 @@ def test_the_pause_waits_until_the_destination_holds_what_was_sent(vms):
     (Part of it passes while round 0 is still being sent: 340 ms of the
     relay's first second were left for catch-up on a loaded host.)"""
     src, dst = _pair(vms, "mode=stress pattern=touch ws=16M", mem="256M")
-    secret = new_secret()
-    recv = start_receive(dst, secret)
-    proxy = FaultyProxy(recv.port, join_delay=2.0)
-    send = start_send(src, proxy.port, secret, max_downtime_ms=300,
-                      compress="off")
-    s, d = wait_both(send, recv, proxy)
+    s, d = _through_slow_relay(src, dst, 2.0, max_downtime_ms=300,
+                               compress="off")
     assert s.catchup_ms >= 500, s.catchup_ms
     assert s.downtime_ms < 300, s.downtime_ms
     _moved(src, dst, s, d)
@@ -310,12 +316,8 @@ def test_a_destination_slow_to_take_round_0_is_no_reason_to_slow_the_guest(vms):
     guest rewrites it, and the rounds after it fit again, with no
     auto-converge step (a trim step may still cut a pause that fits)."""
     src, dst = _pair(vms, "mode=stress pattern=fill ws=4M")
-    secret = new_secret()
-    recv = start_receive(dst, secret, timeout_ms=60000)
-    proxy = FaultyProxy(recv.port, join_delay=2.0)
-    send = start_send(src, proxy.port, secret, max_bandwidth=32 * MiB,
-                      max_downtime_ms=60, timeout_ms=60000)
-    s, d = wait_both(send, recv, proxy)
+    s, d = _through_slow_relay(src, dst, 2.0, max_bandwidth=32 * MiB,
+                               max_downtime_ms=60, timeout_ms=60000)
     assert s.catchup_ms >= 500, s.catchup_ms
     after = [r for r in s.rounds if r.start_ms > s.rounds[1].start_ms]
     assert any(r.pages > 4 * MiB // 4096 * 3 // 4 for r in after), [
@@ -339,13 +341,9 @@ def test_a_whole_dirty_log_loses_no_page_while_the_source_waits(vms):
                     cmdline="mode=stress pattern=fill ws=16M")
     dst = vms.start("dst", mem="256M", incoming=True)
     stress_ready(src)
-    assert src.client.status().get("dirty_log_whole") in (1, "1")
-    secret = new_secret()
-    recv = start_receive(dst, secret, timeout_ms=60000)
-    proxy = FaultyProxy(recv.port, join_delay=3.0)
-    send = start_send(src, proxy.port, secret, max_bandwidth=16 * MiB,
-                      timeout_ms=60000)
-    s, d = wait_both(send, recv, proxy)
+    assert src.client.status()["dirty_log_whole"] == 1
+    s, d = _through_slow_relay(src, dst, 3.0, max_bandwidth=16 * MiB,
+                               timeout_ms=60000)
     assert s.catchup_ms >= 500, s.catchup_ms
     _moved(src, dst, s, d)
 
