@@ -187,6 +187,8 @@ class FaultyProxy:
         except OSError:
             a.close()
             return
+        for sock in (a, b):     # no Nagle delay the halves do not have
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.lock:
             self.conns += [a, b]
         if buf is not None:
