@@ -25,15 +25,25 @@ def wait_heartbeats(vm, count, timeout=20.0):
 
 
 class VMFactory:
-    """Starts test-host VMs in a short run directory and stops them all."""
+    """Starts test-host VMs in a short run directory and stops them all.
 
-    def __init__(self):
+    ``dirty_log``: the dirty log the VMs that run a guest (not the
+    incoming ones) offer the engine, where a test does not choose:
+    ``ranged`` (the test host's own, peeked and cleared range by range)
+    or ``whole`` (read and cleared whole only, as bhyve's;
+    ``--dirty-log-whole``).
+    """
+
+    def __init__(self, dirty_log="ranged"):
         # unix socket paths are limited to 108 bytes: keep the base short
         self.base = tempfile.mkdtemp(prefix="nbt-")
         self.vms = []
+        self.dirty_log = dirty_log
 
     def start(self, name, mem="256M", **kwargs):
         """Start a VM named ``name`` (see TestHostVM.start)."""
+        if self.dirty_log == "whole" and not kwargs.get("incoming"):
+            kwargs.setdefault("dirty_log_whole", True)
         vm = TestHostVM.start(name, f"{self.base}/{name}", mem, **kwargs)
         self.vms.append(vm)
         return vm
@@ -45,9 +55,22 @@ class VMFactory:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def pytest_generate_tests(metafunc):
+    """A module that sets ``DIRTY_LOGS`` runs each of its tests that use
+    ``vms`` once per dirty log named there (VMFactory): the engine's path
+    for bhyve's whole log runs the same tests as the test host's own.  A
+    ``dirty_logs`` mark names the logs a test needs, where not all."""
+    logs = getattr(metafunc.module, "DIRTY_LOGS", None)
+    mark = metafunc.definition.get_closest_marker("dirty_logs")
+    if logs and mark:
+        logs = [log for log in logs if log in mark.args]
+    if logs and "vms" in metafunc.fixturenames:
+        metafunc.parametrize("vms", logs, indirect=True)
+
+
 @pytest.fixture
-def vms():
+def vms(request):
     """A VMFactory whose VMs are killed after the test."""
-    factory = VMFactory()
+    factory = VMFactory(getattr(request, "param", "ranged"))
     yield factory
     factory.cleanup()

@@ -4,6 +4,8 @@ dirty memory as fast as a loop can (``pattern=tight``)."""
 
 import time
 
+import pytest
+
 from nova_bhyve.native.engine import Phase, Result
 
 from .conftest import needs_kvm
@@ -22,6 +24,8 @@ from .migration_helpers import (
 )
 
 pytestmark = needs_kvm
+# every test once per dirty log the source offers (conftest.VMFactory)
+DIRTY_LOGS = ("ranged", "whole")
 
 MiB = 1 << 20
 
@@ -328,6 +332,7 @@ def test_a_destination_slow_to_take_round_0_is_no_reason_to_slow_the_guest(vms):
     _moved(src, dst, s, d)
 
 
+@pytest.mark.dirty_logs("whole")
 def test_a_whole_dirty_log_loses_no_page_while_the_source_waits(vms):
     """bhyve's dirty log is read and cleared whole (the test host's
     ``--dirty-log-whole``), so pages a count took from it are the
@@ -337,8 +342,7 @@ def test_a_whole_dirty_log_loses_no_page_while_the_source_waits(vms):
     (fresh data the guest does not rewrite for seconds: ``pattern=fill``
     goes through its set in order) must still go, or the digests differ
     at the switch-over."""
-    src = vms.start("src", mem="256M", dirty_log_whole=True,
-                    cmdline="mode=stress pattern=fill ws=16M")
+    src = vms.start("src", mem="256M", cmdline="mode=stress pattern=fill ws=16M")
     dst = vms.start("dst", mem="256M", incoming=True)
     stress_ready(src)
     assert src.client.status()["dirty_log_whole"] == 1

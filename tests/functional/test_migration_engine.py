@@ -40,6 +40,8 @@ from .migration_helpers import (
 )
 
 pytestmark = needs_kvm
+# every test once per dirty log the source offers (conftest.VMFactory)
+DIRTY_LOGS = ("ranged", "whole")
 
 MiB = 1 << 20
 GiB = 1 << 30

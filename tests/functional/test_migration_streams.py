@@ -24,6 +24,8 @@ from .migration_helpers import (
 )
 
 pytestmark = needs_kvm
+# every test once per dirty log the source offers (conftest.VMFactory)
+DIRTY_LOGS = ("ranged", "whole")
 
 MiB = 1 << 20
 CMDLINE = "mode=stress pattern=touch ws=16M"
