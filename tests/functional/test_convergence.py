@@ -7,9 +7,11 @@ import time
 import pytest
 
 from nova_bhyve.native.engine import Phase, Result
+from nova_bhyve.testhost.console import parse_console
 
 from .conftest import needs_kvm
 from .migration_helpers import (
+    TO_SOURCE,
     FaultyProxy,
     assert_guest_continued,
     assert_guest_kept_running,
@@ -28,6 +30,7 @@ pytestmark = needs_kvm
 DIRTY_LOGS = ("ranged", "whole")
 
 MiB = 1 << 20
+APPLIED = 16                # PROTOCOL.md, message types
 
 
 def _pair(vms, cmdline, mem="512M"):
@@ -349,6 +352,43 @@ def test_a_whole_dirty_log_loses_no_page_while_the_source_waits(vms):
     s, d = _through_slow_relay(src, dst, 3.0, max_bandwidth=16 * MiB,
                                timeout_ms=60000)
     assert s.catchup_ms >= 500, s.catchup_ms
+    _moved(src, dst, s, d)
+
+
+def _pages_written_per_ms(vm, ws_pages, seconds=3.0):
+    """What the guest's stress writer writes, from its passes over its
+    working set of ``ws_pages`` pages."""
+    def passes():
+        return parse_console(vm.console_text()).heartbeats[-1].passes
+    first, t0 = passes(), time.monotonic()
+    time.sleep(seconds)
+    return (passes() - first) * ws_pages / ((time.monotonic() - t0) * 1000)
+
+
+@pytest.mark.dirty_logs("whole")
+def test_the_dirty_rate_after_a_wait_spans_the_pages_left_unsent(vms):
+    """With a whole log, the count after a wait for the destination holds
+    the pages the count before it took and left unsent, and what the
+    guest wrote meanwhile: its rate of dirtying is over both spans.  A
+    switch-over forced from the start, whose wait for round 0 to be
+    applied the relay makes 50 ms or more: the rate it reports is at
+    most three times what the guest writes (over half a second of
+    round 0 at 256 KiB/s, the guest rewrites its 32 MiB whole; over the
+    50 ms alone, that would be eight times its rate or more)."""
+    ws_pages = 32 * MiB // 4096
+    src, dst = _pair(vms, "mode=stress pattern=touch ws=32M")
+    writes = _pages_written_per_ms(src, ws_pages)
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    proxy = FaultyProxy(recv.port, frames=True)
+    proxy.on_frame(0, TO_SOURCE, APPLIED,
+                   lambda frame: time.sleep(0.05) or frame)
+    send = start_send(src, proxy.port, secret, max_bandwidth=MiB // 4,
+                      timeout_ms=60000)
+    send.force_complete()
+    s, d = wait_both(send, recv, proxy)
+    assert s.catchup_ms >= 40, s.catchup_ms
+    assert 0 < s.dirty_rate / 1000 <= 3 * writes, (s.dirty_rate, writes)
     _moved(src, dst, s, d)
 
 

@@ -288,6 +288,8 @@ static int take_dirty_log(struct source *src, char *err)
     }
     if (keep)
         memcpy(keep, src->bitmap, src->words * 8);
+    if (!src->unsent)
+        src->t_pile = src->t_sync;      /* the log's pages, since then */
     if (nb_src_sync_dirty(src, err) < 0) {
         free(keep);
         return fail(src, NB_ERR_VMM);
@@ -322,8 +324,9 @@ static int count_dirty(struct source *src, uint64_t *dirty, char *err)
 
 /*
  * Since when the pages the next count finds have been piling up: the last
- * get-and-clear sync, or, clearing lazily (chunk by chunk as the last
- * round sent them), the middle of the last round.
+ * get-and-clear sync, or the one before the count that left pages unsent
+ * (they are in this count too); or, clearing lazily (chunk by chunk as
+ * the last round sent them), the middle of the last round.
  */
 static double dirtied_from(struct source *src)
 {
@@ -332,7 +335,7 @@ static double dirtied_from(struct source *src)
     uint32_t last;
 
     if (!src->lazy)
-        return from;
+        return src->unsent ? src->t_pile : from;
     pthread_mutex_lock(&m->lock);
     last = m->st.nrounds ? m->st.nrounds - 1 : 0;
     if (m->st.nrounds && last < NB_MAX_ROUND_STATS)

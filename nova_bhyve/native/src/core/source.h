@@ -78,6 +78,8 @@ struct source {
     /* not lazy: the bitmap holds pages a count cleared from the log that
      * no round has sent yet; the next count adds to them */
     int unsent;
+    double t_pile;              /* not lazy: since when they piled up (the
+                                 * sync before the count that took them) */
     size_t chunk;
     uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
 };
