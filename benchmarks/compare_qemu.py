@@ -161,7 +161,7 @@ def run_workload(name, spec, args, net, runs, t0, counter):
                          vdisk.region_bytes(spec["cmdline"]),
                          vdisk.parse_size(d["random"]), vdisk.parse_size(d["text"]))
     chains = {"ours": OursChain(f"{base}/t", net, spec["mem"], spec["cmdline"],
-                                disk=image),
+                                disk=image, dirty_log_whole=args.dirty_log_whole),
               "qemu": QemuChain(f"{base}/q", net, spec["mem"], spec["cmdline"],
                                 disk=image)}
     for eng, ch in chains.items():
@@ -244,6 +244,7 @@ def _meta(args, workloads, started):
                 f"forwarder (vsqemu/delayline.py), tc {' '.join(WAN_TBF)} on "
                 "both devices") if "wan" in args.links else None,
         "engine_settings": ENGINE,
+        "dirty_log": "whole" if args.dirty_log_whole else "ranged",
         "qemu_configs": {c: {"capabilities": caps, "parameters": params}
                          for c, (caps, params) in CONFIGS.items()},
         "workloads": workloads,
@@ -272,6 +273,9 @@ def write_outputs(meta, runs, workloads, links, plots=True):
     ]
     if meta.get("wan"):
         notes.append(f"wan link: 1 Gbit/s, {meta['wan']}.")
+    if meta.get("dirty_log") == "whole":
+        notes.append("This engine's VMs offered only the whole dirty log, read "
+                     "and cleared at once, as bhyve's (--dirty-log-whole).")
     if "other_cpu_pct" in meta:
         notes.append(
             f"Run on {meta['cpus']} CPUs in {meta['wall_s'] / 60:.1f} min; work "
@@ -315,6 +319,10 @@ def main(argv=None):
     ap.add_argument("--wan-rtt-ms", type=float, default=20.0,
                     help="the wan link's round trip (20)")
     ap.add_argument("--only", help="run only workloads whose name contains this")
+    ap.add_argument("--dirty-log-whole", action="store_true",
+                    help="this engine's VMs offer only the whole dirty log, "
+                         "read and cleared at once, as bhyve's: the engine's "
+                         "path for bhyve (the test host's --dirty-log-whole)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--from-json", metavar="FILE",
                     help="run nothing: render results.md (and the plots) "

@@ -78,8 +78,11 @@ class OursChain:
 
     engine = "ours"
 
-    def __init__(self, base, net, mem, cmdline, disk=None):
+    def __init__(self, base, net, mem, cmdline, disk=None, dirty_log_whole=False):
         self.base, self.net, self.mem, self.cmdline = base, net, mem, cmdline
+        # every VM of the chain offers only the whole dirty log (bhyve's),
+        # the incoming ones too: each becomes the next source
+        self.dirty_log_whole = dirty_log_whole
         self.count = 0
         self.vm = None
         self.keep = None        # where to copy consoles whose heartbeats broke
@@ -102,7 +105,8 @@ class OursChain:
         vm = TestHostVM.start(name, f"{self.base}/{name}", self.mem,
                               cpus=guest_cpus(self.cmdline),
                               cmdline=self.cmdline, incoming=incoming,
-                              tlog=True, disk=disk)
+                              tlog=True, disk=disk,
+                              dirty_log_whole=self.dirty_log_whole)
         vm.disk_path = disk
         return vm
 
