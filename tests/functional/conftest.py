@@ -60,12 +60,21 @@ def pytest_generate_tests(metafunc):
     ``vms`` once per dirty log named there (VMFactory): the engine's path
     for bhyve's whole log runs the same tests as the test host's own.  A
     ``dirty_logs`` mark names the logs a test needs, where not all."""
-    logs = getattr(metafunc.module, "DIRTY_LOGS", None)
+    logs = getattr(metafunc.module, "DIRTY_LOGS", ())
     mark = metafunc.definition.get_closest_marker("dirty_logs")
-    if logs and mark:
+    if mark:
         logs = [log for log in logs if log in mark.args]
+        if not logs or "vms" not in metafunc.fixturenames:
+            raise pytest.UsageError(
+                f"{metafunc.definition.nodeid}: dirty_logs{mark.args} names no "
+                f"log of its module's DIRTY_LOGS, or the test uses no vms")
     if logs and "vms" in metafunc.fixturenames:
         metafunc.parametrize("vms", logs, indirect=True)
+
+
+# For a test whose source reads no dirty log (warm, cold, refused before
+# round 0, or no source VM at all): one run tells all.
+reads_no_dirty_log = pytest.mark.dirty_logs("ranged")
 
 
 @pytest.fixture

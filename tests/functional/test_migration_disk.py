@@ -10,7 +10,7 @@ import pytest
 from nova_bhyve.native.engine import InvalidRequest, Mode, Result
 from nova_bhyve.testhost.console import parse_console
 
-from .conftest import needs_kvm, wait_for
+from .conftest import needs_kvm, reads_no_dirty_log, wait_for
 from .migration_helpers import (
     TO_DEST,
     FaultyProxy,
@@ -152,6 +152,7 @@ def test_a_detached_disk_beyond_the_disks_given_is_refused(vms):
                    detached_disks=[f"{vms.base}/other"])
 
 
+@reads_no_dirty_log
 def test_warm_migration_with_full_verification_reads_the_disks_back(vms):
     # a disk whose size is not a whole number of blocks: its last block
     # is short; verify=full digests both files as they are after the copy

@@ -20,7 +20,7 @@ from nova_bhyve.native.engine import (
 )
 from nova_bhyve.testhost.console import parse_console
 
-from .conftest import needs_kvm, wait_for, wait_heartbeats
+from .conftest import needs_kvm, reads_no_dirty_log, wait_for, wait_heartbeats
 from .migration_helpers import (
     FaultyProxy,
     RawSource,
@@ -133,6 +133,7 @@ def test_delta_encoding_sends_small_changes_small(vms):
     _finish(src, dst, s, d)
 
 
+@reads_no_dirty_log
 def test_warm_migration(vms):
     src, dst = _pair(vms, "mode=stress pattern=touch ws=32M")
     stress_ready(src)
@@ -142,6 +143,7 @@ def test_warm_migration(vms):
     _finish(src, dst, s, d)
 
 
+@reads_no_dirty_log
 def test_cold_migration_through_a_checkpoint_file_set(vms):
     src = vms.start("src", mem="256M", cmdline="mode=stress ws=16M")
     stress_ready(src)
@@ -175,6 +177,7 @@ def test_cold_migration_through_a_checkpoint_file_set(vms):
     assert_guest_continued(src, dst)
 
 
+@reads_no_dirty_log
 def test_a_checkpoint_written_by_checkpoint_py_moves_with_the_engine(vms):
     # what the test host backend's suspend writes, restored by the engine
     src = vms.start("src", mem="256M", cmdline="mode=stress ws=16M")
@@ -355,6 +358,7 @@ def test_one_channel_cut_while_another_stalls(vms):
     assert_guest_kept_running(src, dst)
 
 
+@reads_no_dirty_log
 def test_wrong_secret_is_refused(vms):
     src, dst = _pair(vms, "mode=idle", mem="256M")
     wait_heartbeats(src, 5)
@@ -413,6 +417,7 @@ def test_strangers_at_the_listener_do_not_end_or_stall_the_session(vms):
     _assert_moved_despite([silent], send, recv, src, dst)
 
 
+@reads_no_dirty_log
 @pytest.mark.parametrize("dst_mem,dst_cpus,field", [
     ("512M", 1, "memory"),
     ("256M", 2, "ncpus"),
@@ -495,6 +500,7 @@ def _accepted_session(vms, channels=1):
     return dst, recv, raw
 
 
+@reads_no_dirty_log
 def test_absurd_frame_length_is_refused(vms):
     dst, recv, raw = _raw_session(vms)
     raw.send(5, b"x", length=0xFFFFFFF0)
@@ -505,6 +511,7 @@ def test_absurd_frame_length_is_refused(vms):
     assert dst.client.status()["state"] == "incoming"
 
 
+@reads_no_dirty_log
 def test_replayed_frame_sequence_is_refused(vms):
     dst, recv, raw = _raw_session(vms)
     raw.send(5, preamble_for(dst), seq=0)     # sequence 0 was the HELLO
@@ -514,6 +521,7 @@ def test_replayed_frame_sequence_is_refused(vms):
     assert d.result == Result.FAILED and "sequence" in d.error, d.error
 
 
+@reads_no_dirty_log
 def test_page_outside_guest_ram_is_refused(vms):
     dst, recv, raw = _accepted_session(vms)
     # join a page channel, then send a record for a page beyond the RAM
@@ -528,6 +536,7 @@ def test_page_outside_guest_ram_is_refused(vms):
     assert dst.client.status()["state"] == "incoming"
 
 
+@reads_no_dirty_log
 @pytest.mark.parametrize("channel,enc,length,error", [
     (1, 2, 0, "malformed page record (encoding 2, length 0)"),      # DELTA
     (1, 3, 4096, "malformed page record (encoding 3, length 4096)"),  # ZSTD
@@ -549,6 +558,7 @@ def test_page_records_outside_the_specs_bounds_are_refused(vms, channel, enc,
     assert dst.client.status()["state"] == "incoming"
 
 
+@reads_no_dirty_log
 def test_page_frames_in_the_clear_are_refused(vms):
     """Page channels are sealed: a plaintext page frame with a valid CRC and
     the next sequence number (what a machine on the path could inject) is
@@ -565,6 +575,7 @@ def test_page_frames_in_the_clear_are_refused(vms):
     assert dst.client.status()["state"] == "incoming"
 
 
+@reads_no_dirty_log
 def test_a_sealed_frame_moved_to_another_channel_fails_its_tag(vms):
     dst, recv, raw = _accepted_session(vms, channels=2)
     one, two = raw.join(recv.port, 1), raw.join(recv.port, 2)
@@ -578,6 +589,7 @@ def test_a_sealed_frame_moved_to_another_channel_fails_its_tag(vms):
     assert d.result == Result.FAILED and "failed authentication" in d.error, d.error
 
 
+@reads_no_dirty_log
 def test_a_peers_reason_text_is_shown_printable_and_short(vms):
     dst, recv, raw = _accepted_session(vms)
     raw.send(14, b"bye\nERROR forged log line\x1b[31m" + b"x" * 3000)    # ABORT

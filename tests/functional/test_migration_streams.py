@@ -11,7 +11,7 @@ import threading
 
 from nova_bhyve.native.engine import Mode, Result, Stream
 
-from .conftest import needs_kvm, wait_for
+from .conftest import needs_kvm, reads_no_dirty_log, wait_for
 from .migration_helpers import (
     FaultyProxy,
     assert_guest_continued,
@@ -180,6 +180,7 @@ def test_live_migration_carries_both_parts_of_a_stream_byte_for_byte(vms):
     assert_guest_continued(src, dst)
 
 
+@reads_no_dirty_log
 def test_warm_mode_sends_the_first_part_before_it_pauses_the_guest(vms):
     # warm: memory moves with the guest paused; a stream's first part (a
     # full zfs send) must not: it flows in rounds without pages first
