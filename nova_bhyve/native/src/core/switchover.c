@@ -15,6 +15,10 @@
 #define EXTRA_ROUNDS 8
 /* Rounds of at least this many pages time the pause estimate's per-page cost. */
 #define MIN_TIMED_PAGES 1024
+/* Rounds of at least this many wire bytes measure the link's bandwidth:
+ * a smaller round's wall time is mostly its own (waking the channels,
+ * the flush, on a busy host the scheduler's), not its bytes'. */
+#define MIN_TIMED_BYTES (256u << 10)
 /* Auto-converge: the least time between two throttle steps. */
 #define CONVERGE_EVERY_MS 500.0
 /* A pause that fits the limit but whose pages and blocks would still take
@@ -28,7 +32,8 @@
 
 /*
  * What a page (or block) cost in the last round: its wire bytes (`*bpp`)
- * at the bandwidth measured over all rounds (`*bw`) or, where that was
+ * at the bandwidth measured over the rounds of MIN_TIMED_BYTES or more
+ * (`*bw`; unmeasured, the cap or 1 GB/s) or, where that was
  * larger, the round's wall time per page (encoding and sealing
  * included), in ms.  Called under m->lock.
  */
@@ -39,6 +44,8 @@ static double round_cost(struct nb_mig *m, double *bpp, double *bw)
     double send_ms = 0, per_page;
 
     for (uint32_t i = 0; i < nr; i++) {
+        if (m->st.rounds[i].bytes < MIN_TIMED_BYTES)
+            continue;
         bytes += m->st.rounds[i].bytes;
         send_ms += m->st.rounds[i].duration_ms;
     }
