@@ -133,8 +133,13 @@ def round_lines(stats):
                  f"compressed={stats.pages_compressed} raw={stats.pages_raw} "
                  f"delta_cache={stats.delta_cache_bytes // MiB}MiB "
                  f"rtt={stats.rtt_ms:.2f}ms channels={stats.channels} "
-                 f"bandwidth={stats.bandwidth / MiB:.1f}MiB/s")
+                 f"bandwidth={_bandwidth(stats.bandwidth)}")
     return lines
+
+
+def _bandwidth(bps):
+    """The link's measured bandwidth for the log (0: no round timed it)."""
+    return f"{bps / MiB:.1f}MiB/s" if bps else "unmeasured"
 
 
 def outcome(stats, aborted):

@@ -100,6 +100,14 @@ def test_round_lines_give_each_round_then_the_encodings():
         "rtt=0.25ms channels=2 bandwidth=12.5MiB/s"]
 
 
+def test_round_lines_say_when_no_round_timed_the_link():
+    s = types.SimpleNamespace(
+        rounds=(), pages_zero=0, pages_delta=0, pages_compressed=0,
+        pages_raw=3, delta_cache_bytes=0, rtt_ms=0.25, bandwidth=0.0,
+        channels=1)
+    assert policy.round_lines(s)[-1].endswith("bandwidth=unmeasured")
+
+
 def test_round_trips_exceed_the_limit_from_twice_the_round_trip_on():
     def stats(rtt, limit):
         return types.SimpleNamespace(rtt_ms=rtt, max_downtime_ms=limit)

@@ -148,7 +148,8 @@ struct nb_mig_stats {
     uint64_t pages_raw;
     uint64_t dirty_pages;       /* dirty at the last sync */
     double dirty_rate;          /* pages per second */
-    double bandwidth;           /* bytes per second, last round */
+    double bandwidth;           /* bytes per second the link took, over
+                                 * the rounds that timed it (0: none yet) */
     double expected_downtime_ms;
     double downtime_ms;         /* measured: source stopped -> RUNNING heard */
     /* source: downtime_ms in its parts (warm and cold: "final" holds every

@@ -422,6 +422,33 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
     pthread_mutex_unlock(&src->lock);
 }
 
+/* Record round `round`, begun at `t0` with the wire at `bytes0` bytes and
+ * `dirty` pages counted: the source's last round (src->last_round), the
+ * link's timing, and the stats (the first NB_MAX_ROUND_STATS rounds). */
+static void record_round(struct source *src, uint32_t round, double t0,
+                         uint64_t bytes0, uint64_t dirty)
+{
+    struct nb_mig *m = src->m;
+    struct nb_round_stat *r = &src->last_round;
+
+    *r = (struct nb_round_stat){ .start_ms = t0 - m->t0, .dirty = dirty,
+                                 .dirty_blocks = src->dirty_blocks };
+    for (int i = 0; i < src->nsnd; i++) {
+        r->pages += src->snd[i].round_pages;
+        r->blocks += src->snd[i].round_blocks;
+    }
+    r->duration_ms = nb_now_ms() - t0;
+    r->bytes = atomic_load(&m->wire_bytes) - bytes0;
+    nb_src_time_link(src, r);
+    pthread_mutex_lock(&m->lock);
+    r->throttle = m->st.throttle;
+    m->st.round = round;
+    m->st.nrounds = round + 1;
+    if (round < NB_MAX_ROUND_STATS)
+        m->st.rounds[round] = *r;
+    pthread_mutex_unlock(&m->lock);
+}
+
 /*
  * Run one round on all senders.  `lazy`: clear the dirty log chunk by
  * chunk just before sending it, so a page the guest writes before its
@@ -433,7 +460,7 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
 int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
 {
     struct nb_mig *m = src->m;
-    uint64_t bytes0 = atomic_load(&m->wire_bytes), pages = 0, blocks = 0;
+    uint64_t bytes0 = atomic_load(&m->wire_bytes);
     double t0 = nb_now_ms();
     char err[NB_ERRLEN];
     int failed = 0, log_failed = 0;
@@ -463,25 +490,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
     failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);
 
-    for (int i = 0; i < src->nsnd; i++) {
-        pages += src->snd[i].round_pages;
-        blocks += src->snd[i].round_blocks;
-    }
-    pthread_mutex_lock(&m->lock);
-    m->st.round = round;
-    m->st.nrounds = round + 1;
-    if (round < NB_MAX_ROUND_STATS) {
-        struct nb_round_stat *r = &m->st.rounds[round];
-        r->start_ms = t0 - m->t0;
-        r->duration_ms = nb_now_ms() - t0;
-        r->pages = pages;
-        r->bytes = atomic_load(&m->wire_bytes) - bytes0;
-        r->dirty = dirty;
-        r->blocks = blocks;
-        r->dirty_blocks = src->dirty_blocks;
-        r->throttle = m->st.throttle;
-    }
-    pthread_mutex_unlock(&m->lock);
+    record_round(src, round, t0, bytes0, dirty);
     return failed ? -1 : 0;
 }
 

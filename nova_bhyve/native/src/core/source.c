@@ -330,19 +330,13 @@ static int count_dirty(struct source *src, uint64_t *dirty, char *err)
  */
 static double dirtied_from(struct source *src)
 {
-    struct nb_mig *m = src->m;
-    double from = src->t_sync;
-    uint32_t last;
+    const struct nb_round_stat *last = &src->last_round;
 
     if (!src->lazy)
-        return src->unsent ? src->t_pile : from;
-    pthread_mutex_lock(&m->lock);
-    last = m->st.nrounds ? m->st.nrounds - 1 : 0;
-    if (m->st.nrounds && last < NB_MAX_ROUND_STATS)
-        from = m->t0 + m->st.rounds[last].start_ms +
-               m->st.rounds[last].duration_ms / 2;
-    pthread_mutex_unlock(&m->lock);
-    return from;
+        return src->unsent ? src->t_pile : src->t_sync;
+    if (last->duration_ms <= 0)
+        return src->t_sync;         /* no round yet */
+    return src->m->t0 + last->start_ms + last->duration_ms / 2;
 }
 
 /* Fail on a cancel or a destination that gave up; take its APPLIED

@@ -69,6 +69,9 @@ struct source {
     double trim_from;           /* the pause's shortenable part when the
                                  * last step to shorten it was taken (0:
                                  * none yet) */
+    struct nb_round_stat last_round;    /* the last round run (zeros: none) */
+    uint64_t link_bytes;        /* wire bytes of the rounds that time the */
+    double link_ms;             /* link (nb_src_time_link), their wall time */
     /* the words [w0, w1) of the bitmap the senders work on now; the
      * round ends (ROUND_END) with the part that reaches the last word */
     size_t w0, w1;
@@ -111,6 +114,7 @@ void nb_src_sample_resend(struct source *src, const uint64_t *bits,
 /* switchover.c: the switch-over policy */
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
 int nb_src_limit_out_of_reach(struct source *src);
+void nb_src_time_link(struct source *src, const struct nb_round_stat *r);
 void nb_src_converge(struct source *src, uint64_t dirty);
 uint32_t nb_src_throttle(struct nb_mig *m);
 int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *err);

@@ -15,10 +15,12 @@
 #define EXTRA_ROUNDS 8
 /* Rounds of at least this many pages time the pause estimate's per-page cost. */
 #define MIN_TIMED_PAGES 1024
-/* Rounds of at least this many wire bytes measure the link's bandwidth:
- * a smaller round's wall time is mostly its own (waking the channels,
- * the flush, on a busy host the scheduler's), not its bytes'. */
+/* Rounds of at least this many wire bytes, or that took this long, time
+ * the link's bandwidth: a smaller, shorter round's wall time is mostly
+ * its own (waking the channels, the flush, on a busy host the
+ * scheduler's), not its bytes'. */
 #define MIN_TIMED_BYTES (256u << 10)
+#define MIN_TIMED_MS 200.0
 /* Auto-converge: the least time between two throttle steps. */
 #define CONVERGE_EVERY_MS 500.0
 /* A pause that fits the limit but whose pages and blocks would still take
@@ -30,36 +32,36 @@
 #define TRIM_PAUSE_MS 20.0
 #define TRIM_MAX_THROTTLE 50
 
+/* Count round `r` towards the link's bandwidth if it can time it. */
+void nb_src_time_link(struct source *src, const struct nb_round_stat *r)
+{
+    if (r->bytes < MIN_TIMED_BYTES && r->duration_ms < MIN_TIMED_MS)
+        return;
+    src->link_bytes += r->bytes;
+    src->link_ms += r->duration_ms;
+}
+
 /*
  * What a page (or block) cost in the last round: its wire bytes (`*bpp`)
- * at the bandwidth measured over the rounds of MIN_TIMED_BYTES or more
- * (`*bw`; unmeasured, the cap or 1 GB/s) or, where that was
- * larger, the round's wall time per page (encoding and sealing
- * included), in ms.  Called under m->lock.
+ * at the link's bandwidth (`*bw`: the rounds that timed it, their bytes
+ * over their wall time, at most the cap; untimed, the cap or 1 GB/s) or,
+ * where that was larger, the round's wall time per page (encoding and
+ * sealing included), in ms.
  */
-static double round_cost(struct nb_mig *m, double *bpp, double *bw)
+static double round_cost(struct source *src, double *bpp, double *bw)
 {
-    uint64_t bytes = 0, cap = atomic_load(&m->max_bandwidth), sent = 0;
-    uint32_t nr = m->st.nrounds < NB_MAX_ROUND_STATS ? m->st.nrounds : NB_MAX_ROUND_STATS;
-    double send_ms = 0, per_page;
+    const struct nb_round_stat *last = &src->last_round;
+    uint64_t cap = atomic_load(&src->m->max_bandwidth);
+    uint64_t sent = last->pages + last->blocks;
+    double per_page;
 
-    for (uint32_t i = 0; i < nr; i++) {
-        if (m->st.rounds[i].bytes < MIN_TIMED_BYTES)
-            continue;
-        bytes += m->st.rounds[i].bytes;
-        send_ms += m->st.rounds[i].duration_ms;
-    }
-    *bw = send_ms > 0.5 ? (double)bytes * 1e3 / send_ms : 1e9;
+    *bw = src->link_ms > 0.5 ? (double)src->link_bytes * 1e3 / src->link_ms : 1e9;
     if (cap && *bw > (double)cap)
         *bw = (double)cap;
-    *bpp = NB_PAGE + NB_REC_HDR;
-    if (nr)
-        sent = m->st.rounds[nr - 1].pages + m->st.rounds[nr - 1].blocks;
-    if (sent)
-        *bpp = (double)m->st.rounds[nr - 1].bytes / (double)sent;
+    *bpp = sent ? (double)last->bytes / (double)sent : NB_PAGE + NB_REC_HDR;
     per_page = *bpp * 1e3 / *bw;
-    if (sent >= MIN_TIMED_PAGES && m->st.rounds[nr - 1].duration_ms / (double)sent > per_page)
-        per_page = m->st.rounds[nr - 1].duration_ms / (double)sent;
+    if (sent >= MIN_TIMED_PAGES && last->duration_ms / (double)sent > per_page)
+        per_page = last->duration_ms / (double)sent;
     return per_page;
 }
 
@@ -79,14 +81,14 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     uint64_t units = dirty + blocks;
     double bw, bpp, per_page, page_bpp, page_ms, expected;
 
-    pthread_mutex_lock(&m->lock);
-    page_ms = per_page = round_cost(m, &bpp, &bw);
+    page_ms = per_page = round_cost(src, &bpp, &bw);
     page_bpp = bpp;
     if (rc->pages) {
         page_bpp = rc->wire_bytes;
         page_ms = rc->wire_bytes * 1e3 / bw > rc->encode_ms ? rc->wire_bytes * 1e3 / bw
                                                              : rc->encode_ms;
     }
+    pthread_mutex_lock(&m->lock);
     src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0;
     expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms;
     src->page_ms = page_ms;
@@ -94,7 +96,7 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     m->st.dirty_pages = dirty;
     m->st.dirty_blocks = blocks;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
-    m->st.bandwidth = bw;
+    m->st.bandwidth = src->link_ms > 0.5 ? bw : 0;
     m->st.bytes_remaining = (uint64_t)((double)dirty * page_bpp + (double)blocks * bpp);
     m->st.expected_downtime_ms = expected;
     pthread_mutex_unlock(&m->lock);
