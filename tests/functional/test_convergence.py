@@ -203,7 +203,7 @@ def _busy_host(per_cpu=3):
 def test_a_busy_host_is_no_reason_to_slow_the_guest(vms):
     """The test above on a host whose CPUs are taken: each small round's
     wall time is then the scheduler's, not its bytes', and once measured
-    as the link's bandwidth (3 KB a round over 10-20 ms) priced the
+    as the link's bandwidth (3 KB a round over tens of ms) priced the
     rest's 259 pages at 20-50 ms, a pause worth a throttle step.  Rounds
     that small time no link; the guest keeps its speed."""
     src, dst = _pair(vms, "mode=stress pattern=tight ws=1M")
