@@ -424,7 +424,8 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
 
 /* Record round `round`, begun at `t0` with the wire at `bytes0` bytes and
  * `dirty` pages counted: the source's last round (src->last_round), the
- * link's timing, and the stats (the first NB_MAX_ROUND_STATS rounds). */
+ * link's timing and bandwidth, and the stats (the first
+ * NB_MAX_ROUND_STATS rounds). */
 static void record_round(struct source *src, uint32_t round, double t0,
                          uint64_t bytes0, uint64_t dirty)
 {
@@ -441,6 +442,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
     r->bytes = atomic_load(&m->wire_bytes) - bytes0;
     nb_src_time_link(src, r);
     pthread_mutex_lock(&m->lock);
+    m->st.bandwidth = nb_src_link_bandwidth(src);
     r->throttle = m->st.throttle;
     m->st.round = round;
     m->st.nrounds = round + 1;

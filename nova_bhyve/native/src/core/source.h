@@ -115,6 +115,7 @@ void nb_src_sample_resend(struct source *src, const uint64_t *bits,
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
 int nb_src_limit_out_of_reach(struct source *src);
 void nb_src_time_link(struct source *src, const struct nb_round_stat *r);
+double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);
 uint32_t nb_src_throttle(struct nb_mig *m);
 int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *err);

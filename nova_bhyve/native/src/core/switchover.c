@@ -40,6 +40,19 @@ void nb_src_time_link(struct source *src, const struct nb_round_stat *r)
     src->link_ms += r->duration_ms;
 }
 
+/* The link's bandwidth the timed rounds measured, at most the cap, in
+ * bytes/s; 0 until a round timed it. */
+double nb_src_link_bandwidth(struct source *src)
+{
+    uint64_t cap = atomic_load(&src->m->max_bandwidth);
+    double bw;
+
+    if (src->link_ms <= 0.5)
+        return 0;
+    bw = (double)src->link_bytes * 1e3 / src->link_ms;
+    return cap && bw > (double)cap ? (double)cap : bw;
+}
+
 /*
  * What a page (or block) cost in the last round: its wire bytes (`*bpp`)
  * at the link's bandwidth (`*bw`: the rounds that timed it, their bytes
@@ -54,9 +67,9 @@ static double round_cost(struct source *src, double *bpp, double *bw)
     uint64_t sent = last->pages + last->blocks;
     double per_page;
 
-    *bw = src->link_ms > 0.5 ? (double)src->link_bytes * 1e3 / src->link_ms : 1e9;
-    if (cap && *bw > (double)cap)
-        *bw = (double)cap;
+    *bw = nb_src_link_bandwidth(src);
+    if (*bw <= 0)
+        *bw = cap ? (double)cap : 1e9;
     *bpp = sent ? (double)last->bytes / (double)sent : NB_PAGE + NB_REC_HDR;
     per_page = *bpp * 1e3 / *bw;
     if (sent >= MIN_TIMED_PAGES && last->duration_ms / (double)sent > per_page)
@@ -95,7 +108,6 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     m->st.dirty_pages = dirty;
     m->st.dirty_blocks = blocks;
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
-    m->st.bandwidth = src->link_ms > 0.5 ? bw : 0;
     m->st.bytes_remaining = (uint64_t)((double)dirty * page_bpp + (double)blocks * bpp);
     m->st.expected_downtime_ms = expected;
     pthread_mutex_unlock(&m->lock);
