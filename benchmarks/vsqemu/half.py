@@ -41,6 +41,7 @@ def _final(stats, cpu_s, wall_s):
         "expected_downtime_ms": getattr(stats, "expected_downtime_ms", None),
         "pause_parts_ms": [getattr(stats, f"pause_{k}_ms", None)
                            for k in ("stop", "final", "verify", "commit")],
+        "bandwidth": getattr(stats, "bandwidth", 0),
         "throttle": getattr(stats, "throttle", 0),
         "converge_steps": getattr(stats, "converge_steps", 0),
         "trim_steps": getattr(stats, "trim_steps", 0),

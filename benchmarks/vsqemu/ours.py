@@ -198,6 +198,7 @@ class OursChain:
             "pages_compressed": s["pages_compressed"],
             "pages_raw": s["pages_raw"],
             "throttle": s["throttle"],
+            "bandwidth": s["bandwidth"],
             "converge_steps": s.get("converge_steps"),
             "trim_steps": s.get("trim_steps"),
             "rtt_ms": s.get("rtt_ms"),

@@ -141,13 +141,18 @@ class FaultyProxy:
     ``control_latency``: deliver what the control connection (the first)
     carries this many seconds late, each way, in order, as a long link
     would: its round trips take twice that.
+    ``page_rate``: carry what the source sends on the page connections at
+    this many bytes a second, as a slow link would; the proxy takes in
+    only a small window ahead of that, so the rest waits unacknowledged
+    in the source's socket, as on such a link.
     """
 
     def __init__(self, target_port, corrupt_at=None, record=False,
                  join_delay=0.0, frames=False, host="127.0.0.1",
-                 target_host="127.0.0.1", control_latency=0.0):
+                 target_host="127.0.0.1", control_latency=0.0, page_rate=0):
         self.target = (target_host, target_port)
         self.control_latency = control_latency
+        self.page_rate = page_rate
         self.frames = frames
         self.hooks = []             # [connection, direction, type, action]
         self.stall_all = False
@@ -158,6 +163,8 @@ class FaultyProxy:
         self.conns = []
         self.lock = threading.Lock()
         self.srv = socket.socket()
+        if page_rate:       # accepted connections inherit the small window
+            self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         self.srv.bind((host, 0))
         self.srv.listen(32)
         self.port = self.srv.getsockname()[1]
@@ -219,6 +226,9 @@ class FaultyProxy:
         seen = 0
         pending = bytearray()
         late = None
+        paced = bool(self.page_rate and index and direction == TO_DEST)
+        size = max(4096, int(self.page_rate) // 100) if paced else 65536
+        due = 0.0
         if index == 0 and self.control_latency:
             late = queue.Queue()
             threading.Thread(target=self._deliver_late, args=(late, a, b),
@@ -228,9 +238,12 @@ class FaultyProxy:
                 # hold the bytes, keep the connection open
                 polling.poll(lambda: not self._stalled(index) or self.closed,
                              math.inf, 0.05)
-                data = a.recv(65536)
+                data = a.recv(size)
                 if not data:
                     break
+                if paced:           # the link carries it at page_rate
+                    due = max(due, time.monotonic()) + len(data) / self.page_rate
+                    time.sleep(max(0.0, due - time.monotonic()))
                 if corrupt is not None and seen <= corrupt < seen + len(data):
                     data = bytearray(data)
                     data[corrupt - seen] ^= 0x5a

@@ -12,7 +12,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#ifdef __linux__
+#include <linux/sockios.h>     /* SIOCOUTQ */
+#else
+#include <sys/filio.h>        /* FIONWRITE */
+#endif
 #include <time.h>
 #include <unistd.h>
 #include <openssl/rand.h>
@@ -82,6 +88,21 @@ int nb_set_nodelay(int fd)
 {
     int one = 1;
     return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+/* Bytes written to a connected socket that the peer has not acknowledged
+ * yet (unsent or in flight): Linux's SIOCOUTQ, FreeBSD's FIONWRITE; 0 if
+ * the socket cannot say. */
+uint64_t nb_socket_queued(int fd)
+{
+    int n = 0;
+#ifdef __linux__
+    if (fd < 0 || ioctl(fd, SIOCOUTQ, &n) < 0 || n < 0)
+#else
+    if (fd < 0 || ioctl(fd, FIONWRITE, &n) < 0 || n < 0)
+#endif
+        return 0;
+    return (uint64_t)n;
 }
 
 /* Receive and send timeouts of `ms` on a socket (0: none). */

@@ -128,6 +128,7 @@ static inline void nb_set_page_term(struct nb_mig *m, int slot, uint64_t index,
 }
 int nb_set_nodelay(int fd);
 void nb_set_timeouts(int fd, uint32_t ms);
+uint64_t nb_socket_queued(int fd);
 void nb_deadline(struct timespec *until, long ms);
 
 /* disk.c: the disks moved with the guest (PROTOCOL.md, "Disks") */

@@ -422,12 +422,24 @@ static void dispatch(struct source *src, uint32_t round, size_t w0, size_t w1)
     pthread_mutex_unlock(&src->lock);
 }
 
-/* Record round `round`, begun at `t0` with the wire at `bytes0` bytes and
- * `dirty` pages counted: the source's last round (src->last_round), the
- * link's timing and bandwidth, and the stats (the first
- * NB_MAX_ROUND_STATS rounds). */
+/* What the page connections hold that the destination has not
+ * acknowledged yet, in bytes. */
+uint64_t nb_src_queued(struct source *src)
+{
+    uint64_t n = 0;
+
+    for (int i = 0; i < src->nsnd; i++)
+        if (src->snd[i].ch)
+            n += nb_socket_queued(src->snd[i].ch->fd);
+    return n;
+}
+
+/* Record round `round`, begun at `t0` with the wire at `bytes0` bytes
+ * (`queued0` of them not yet acknowledged) and `dirty` pages counted: the
+ * source's last round (src->last_round), the link's timing and bandwidth,
+ * and the stats (the first NB_MAX_ROUND_STATS rounds). */
 static void record_round(struct source *src, uint32_t round, double t0,
-                         uint64_t bytes0, uint64_t dirty)
+                         uint64_t bytes0, uint64_t queued0, uint64_t dirty)
 {
     struct nb_mig *m = src->m;
     struct nb_round_stat *r = &src->last_round;
@@ -440,7 +452,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
     }
     r->duration_ms = nb_now_ms() - t0;
     r->bytes = atomic_load(&m->wire_bytes) - bytes0;
-    nb_src_time_link(src, r);
+    nb_src_time_link(src, r->bytes, r->duration_ms, queued0, nb_src_queued(src));
     pthread_mutex_lock(&m->lock);
     m->st.bandwidth = nb_src_link_bandwidth(src);
     r->throttle = m->st.throttle;
@@ -462,7 +474,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
 int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
 {
     struct nb_mig *m = src->m;
-    uint64_t bytes0 = atomic_load(&m->wire_bytes);
+    uint64_t bytes0 = atomic_load(&m->wire_bytes), queued0 = nb_src_queued(src);
     double t0 = nb_now_ms();
     char err[NB_ERRLEN];
     int failed = 0, log_failed = 0;
@@ -492,7 +504,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
     failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);
 
-    record_round(src, round, t0, bytes0, dirty);
+    record_round(src, round, t0, bytes0, queued0, dirty);
     return failed ? -1 : 0;
 }
 

@@ -375,16 +375,20 @@ static int await_applied(struct source *src, double until, char *err)
 /*
  * Wait until the destination holds every round sent so far (APPLIED): a
  * backlog still in flight or being decoded there would otherwise land in
- * the pause.  A destination that stays silent for timeout_ms fails it.
+ * the pause.  The wait times the link where a backlog was queued.  A
+ * destination that stays silent for timeout_ms fails it.
  */
 static int wait_applied(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
+    uint64_t queued0 = nb_src_queued(src);
     int rc = 0;
 
     while (src->applied <= src->cur_round && rc == 0)
         rc = await_applied(src, until, err);
+    if (rc == 0)    /* the backlog drained at the link's pace: time it */
+        nb_src_time_link(src, 0, nb_now_ms() - t0, queued0, nb_src_queued(src));
     pthread_mutex_lock(&m->lock);
     m->st.catchup_ms += nb_now_ms() - t0;
     pthread_mutex_unlock(&m->lock);

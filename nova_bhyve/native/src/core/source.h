@@ -61,7 +61,8 @@ struct source {
     int fit_rounds;             /* rounds since the rest first fitted */
     double expected;            /* the last pause estimate, ms */
     double fixed_ms;            /* of it, what no round or throttle shortens:
-                                 * the final sync and two round trips */
+                                 * the final sync, the device state on the
+                                 * link and two round trips */
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     double t_converge;          /* auto-converge: last throttle step */
     double page_ms;             /* what one page cost to send, last estimate */
@@ -70,8 +71,9 @@ struct source {
                                  * last step to shorten it was taken (0:
                                  * none yet) */
     struct nb_round_stat last_round;    /* the last round run (zeros: none) */
-    uint64_t link_bytes;        /* wire bytes of the rounds that time the */
-    double link_ms;             /* link (nb_src_time_link), their wall time */
+    uint64_t link_bytes;        /* bytes the link delivered in the rounds */
+    double link_ms;             /* that time it (nb_src_time_link), their
+                                 * wall time */
     /* the words [w0, w1) of the bitmap the senders work on now; the
      * round ends (ROUND_END) with the part that reaches the last word */
     size_t w0, w1;
@@ -114,7 +116,9 @@ void nb_src_sample_resend(struct source *src, const uint64_t *bits,
 /* switchover.c: the switch-over policy */
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
 int nb_src_limit_out_of_reach(struct source *src);
-void nb_src_time_link(struct source *src, const struct nb_round_stat *r);
+void nb_src_time_link(struct source *src, uint64_t bytes, double ms,
+                      uint64_t queued0, uint64_t queued1);
+uint64_t nb_src_queued(struct source *src);
 double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);
 uint32_t nb_src_throttle(struct nb_mig *m);

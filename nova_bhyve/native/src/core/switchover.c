@@ -15,29 +15,49 @@
 #define EXTRA_ROUNDS 8
 /* Rounds of at least this many pages time the pause estimate's per-page cost. */
 #define MIN_TIMED_PAGES 1024
-/* Rounds of at least this many wire bytes time the link's bandwidth: a
- * smaller round goes into the socket buffers, and its wall time is its
- * own (waking the channels, the flush, on a busy host the scheduler's:
- * 46 KB took up to 450 ms under busy loops), not the link's. */
+/* A round (or the wait for the destination to catch up before the pause)
+ * times the link's bandwidth with what the link delivered meanwhile (the
+ * bytes written, less what the page connections held unacknowledged at
+ * its end, plus what they held at its start) if that is at least
+ * MIN_TIMED_BYTES, or if they held at least MIN_QUEUED_BYTES at its start
+ * or end: then the link set the pace.  A smaller round on a fast link
+ * goes through at once, and its wall time is its own (waking the
+ * channels, the flush, on a busy host the scheduler's: 46 KB took up to
+ * 450 ms under busy loops), not the link's.  On a slow link the socket
+ * buffers take a round of several hundred KB in a fraction of the time
+ * the link needs: its bytes over its wall time would price the link many
+ * times too fast (10 Mbit/s read as 8 to 13 MB/s). */
 #define MIN_TIMED_BYTES (256u << 10)
+#define MIN_QUEUED_BYTES (64u << 10)
+/* The device state the pause carries besides the pages, priced before
+ * its size is known (the test host's is 9 KB for one vCPU, 16 KB for two
+ * and 29 KB for four): on a slow link it is part of the pause. */
+#define STATE_BYTES_BASE (8u << 10)
+#define STATE_BYTES_PER_VCPU (8u << 10)
 /* Auto-converge: the least time between two throttle steps. */
 #define CONVERGE_EVERY_MS 500.0
 /* A pause that fits the limit but whose pages and blocks would still take
  * this long is worth slowing the guest for (auto-converge on), a step a
  * round, up to TRIM_MAX_THROTTLE percent: on the test host the guest then
  * sleeps at most as long as it runs (10 ms), a gap far shorter than such a
- * pause.  The final sync and the round trips count for nothing here: no
- * throttle shortens them. */
+ * pause.  The final sync, the device state and the round trips count for
+ * nothing here: no throttle shortens them. */
 #define TRIM_PAUSE_MS 20.0
 #define TRIM_MAX_THROTTLE 50
 
-/* Count round `r` towards the link's bandwidth if it can time it. */
-void nb_src_time_link(struct source *src, const struct nb_round_stat *r)
+/* Count `bytes` written in `ms`, with `queued0` bytes unacknowledged in
+ * the page connections before and `queued1` after, towards the link's
+ * bandwidth if they can time it. */
+void nb_src_time_link(struct source *src, uint64_t bytes, double ms,
+                      uint64_t queued0, uint64_t queued1)
 {
-    if (r->bytes < MIN_TIMED_BYTES)
+    uint64_t delivered = bytes + queued0 > queued1 ? bytes + queued0 - queued1 : 0;
+
+    if (delivered < MIN_TIMED_BYTES && queued0 < MIN_QUEUED_BYTES &&
+        queued1 < MIN_QUEUED_BYTES)
         return;
-    src->link_bytes += r->bytes;
-    src->link_ms += r->duration_ms;
+    src->link_bytes += delivered;
+    src->link_ms += ms;
 }
 
 /* The link's bandwidth the timed rounds measured, at most the cap, in
@@ -55,8 +75,9 @@ double nb_src_link_bandwidth(struct source *src)
 
 /*
  * What a page (or block) cost in the last round: its wire bytes (`*bpp`)
- * at the link's bandwidth (`*bw`: the rounds that timed it, their bytes
- * over their wall time, at most the cap; untimed, the cap or 1 GB/s) or,
+ * at the link's bandwidth (`*bw`: what the link delivered in the rounds
+ * that timed it over their wall time, at most the cap; untimed, the cap
+ * or 1 GB/s) or,
  * where that was larger, the round's wall time per page (encoding and
  * sealing included), in ms.
  */
@@ -83,8 +104,8 @@ static double round_cost(struct source *src, double *bpp, double *bw)
  * before any was sent twice, what `rc` sampled resending them costs
  * (round 0 sent them raw or against zeros: its cost says nothing of a
  * delta against the cache); plus the last dirty-log sync (the final one,
- * with the guest paused, costs about as much) and two round trips.
- * Publishes the estimate.
+ * with the guest paused, costs about as much), the device state on the
+ * link and two round trips.  Publishes the estimate.
  */
 static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
                              double since_ms, const struct nb_resend_cost *rc)
@@ -101,7 +122,9 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
                                                              : rc->encode_ms;
     }
     pthread_mutex_lock(&m->lock);
-    src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0;
+    src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0 +
+                    (STATE_BYTES_BASE + STATE_BYTES_PER_VCPU * (double)m->vmm.spec.ncpus)
+                    * 1e3 / bw;
     expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms;
     src->page_ms = page_ms;
     src->dirty_per_ms = since_ms > 0 ? (double)units / since_ms : 0;
@@ -177,9 +200,10 @@ static int trim_pause(struct source *src, double expected)
 
 /*
  * Whether the part of the pause that no round or throttle shortens (the
- * final sync and the two round trips) alone leaves nothing of the limit:
- * then the rest fits only once the limit is raised (or a switch-over is
- * forced), and rounds need not follow each other at full speed.
+ * final sync, the device state and the two round trips) alone leaves
+ * nothing of the limit: then the rest fits only once the limit is raised
+ * (or a switch-over is forced), and rounds need not follow each other at
+ * full speed.
  */
 int nb_src_limit_out_of_reach(struct source *src)
 {
