@@ -14,9 +14,9 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-#ifdef __linux__
+#if defined(__linux__)
 #include <linux/sockios.h>     /* SIOCOUTQ */
-#else
+#elif defined(__FreeBSD__)
 #include <sys/filio.h>        /* FIONWRITE */
 #endif
 #include <time.h>
@@ -92,16 +92,19 @@ int nb_set_nodelay(int fd)
 
 /* Bytes written to a connected socket that the peer has not acknowledged
  * yet (unsent or in flight): Linux's SIOCOUTQ, FreeBSD's FIONWRITE; 0 if
- * the socket cannot say. */
+ * the socket or the system cannot say. */
 uint64_t nb_socket_queued(int fd)
 {
     int n = 0;
-#ifdef __linux__
+#if defined(__linux__)
     if (fd < 0 || ioctl(fd, SIOCOUTQ, &n) < 0 || n < 0)
-#else
-    if (fd < 0 || ioctl(fd, FIONWRITE, &n) < 0 || n < 0)
-#endif
         return 0;
+#elif defined(__FreeBSD__)
+    if (fd < 0 || ioctl(fd, FIONWRITE, &n) < 0 || n < 0)
+        return 0;
+#else
+    (void)fd;
+#endif
     return (uint64_t)n;
 }
 

@@ -452,7 +452,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
     }
     r->duration_ms = nb_now_ms() - t0;
     r->bytes = atomic_load(&m->wire_bytes) - bytes0;
-    nb_src_time_link(src, r->bytes, r->duration_ms, queued0, nb_src_queued(src));
+    nb_src_time_round(src, r, queued0, nb_src_queued(src));
     pthread_mutex_lock(&m->lock);
     m->st.bandwidth = nb_src_link_bandwidth(src);
     r->throttle = m->st.throttle;

@@ -36,6 +36,8 @@
 #define AUTO_CHANNELS_MAX 2
 /* While the limit is out of reach, the longest wait between two rounds. */
 #define HOLD_MS 100
+/* How often the wait before the pause looks at a draining backlog, ms. */
+#define DRAIN_POLL_MS 2
 
 /* Note why the current phase failed; returns -1. */
 static int fail(struct source *src, int kind)
@@ -356,13 +358,14 @@ static int read_control(struct source *src, int wait_ms, char *err)
     return 0;
 }
 
-/* Read the control channel for up to 50 ms, for APPLIED; fail as
+/* Read the control channel for up to `wait_ms`, for APPLIED; fail as
  * read_control() does, or on silence past `until`. */
-static int await_applied(struct source *src, double until, char *err)
+static int await_applied(struct source *src, double until, int wait_ms,
+                         char *err)
 {
     struct nb_mig *m = src->m;
 
-    if (read_control(src, 50, err) < 0)
+    if (read_control(src, wait_ms, err) < 0)
         return -1;
     if (src->applied <= src->cur_round && nb_now_ms() > until) {
         snprintf(err, NB_ERRLEN, "the destination reported no round applied "
@@ -375,20 +378,26 @@ static int await_applied(struct source *src, double until, char *err)
 /*
  * Wait until the destination holds every round sent so far (APPLIED): a
  * backlog still in flight or being decoded there would otherwise land in
- * the pause.  The wait times the link where a backlog was queued.  A
- * destination that stays silent for timeout_ms fails it.
+ * the pause.  While the page connections drain a backlog, look at them
+ * every DRAIN_POLL_MS: the drain times the link.  A destination that
+ * stays silent for timeout_ms fails it.
  */
 static int wait_applied(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
-    uint64_t queued0 = nb_src_queued(src);
-    int rc = 0;
+    uint64_t queued0 = nb_src_queued(src), queued = queued0;
+    int draining = !nb_src_drained(queued0), rc = 0;
 
-    while (src->applied <= src->cur_round && rc == 0)
-        rc = await_applied(src, until, err);
-    if (rc == 0)    /* the backlog drained at the link's pace: time it */
-        nb_src_time_link(src, 0, nb_now_ms() - t0, queued0, nb_src_queued(src));
+    while (src->applied <= src->cur_round && rc == 0) {
+        rc = await_applied(src, until, draining ? DRAIN_POLL_MS : 50, err);
+        if (draining && nb_src_drained(queued = nb_src_queued(src))) {
+            nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
+            draining = 0;
+        }
+    }
+    if (draining && rc == 0)    /* APPLIED came first: the drain is over */
+        nb_src_time_drain(src, queued0, nb_src_queued(src), nb_now_ms() - t0);
     pthread_mutex_lock(&m->lock);
     m->st.catchup_ms += nb_now_ms() - t0;
     pthread_mutex_unlock(&m->lock);

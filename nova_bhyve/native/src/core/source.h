@@ -72,8 +72,8 @@ struct source {
                                  * none yet) */
     struct nb_round_stat last_round;    /* the last round run (zeros: none) */
     uint64_t link_bytes;        /* bytes the link delivered in the rounds */
-    double link_ms;             /* that time it (nb_src_time_link), their
-                                 * wall time */
+    double link_ms;             /* and drains that time it (switchover.c),
+                                 * their time */
     /* the words [w0, w1) of the bitmap the senders work on now; the
      * round ends (ROUND_END) with the part that reaches the last word */
     size_t w0, w1;
@@ -116,8 +116,11 @@ void nb_src_sample_resend(struct source *src, const uint64_t *bits,
 /* switchover.c: the switch-over policy */
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
 int nb_src_limit_out_of_reach(struct source *src);
-void nb_src_time_link(struct source *src, uint64_t bytes, double ms,
-                      uint64_t queued0, uint64_t queued1);
+void nb_src_time_round(struct source *src, const struct nb_round_stat *r,
+                       uint64_t queued0, uint64_t queued1);
+void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
+                       double ms);
+int nb_src_drained(uint64_t queued);
 uint64_t nb_src_queued(struct source *src);
 double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);

@@ -15,18 +15,20 @@
 #define EXTRA_ROUNDS 8
 /* Rounds of at least this many pages time the pause estimate's per-page cost. */
 #define MIN_TIMED_PAGES 1024
-/* A round (or the wait for the destination to catch up before the pause)
- * times the link's bandwidth with what the link delivered meanwhile (the
- * bytes written, less what the page connections held unacknowledged at
- * its end, plus what they held at its start) if that is at least
- * MIN_TIMED_BYTES, or if they held at least MIN_QUEUED_BYTES at its start
- * or end: then the link set the pace.  A smaller round on a fast link
- * goes through at once, and its wall time is its own (waking the
- * channels, the flush, on a busy host the scheduler's: 46 KB took up to
- * 450 ms under busy loops), not the link's.  On a slow link the socket
- * buffers take a round of several hundred KB in a fraction of the time
- * the link needs: its bytes over its wall time would price the link many
- * times too fast (10 Mbit/s read as 8 to 13 MB/s). */
+/* A round times the link's bandwidth with what the link delivered during
+ * it (the bytes written, less what the page connections held
+ * unacknowledged at its end, plus what they held at its start) if that is
+ * at least MIN_TIMED_BYTES.  So does the wait for the destination to
+ * catch up before the pause, if the connections held at least
+ * MIN_QUEUED_BYTES at its start, with what drained until they held less.
+ * A smaller round on a fast link goes through at once, and its wall time
+ * is its own (waking the channels, the flush, on a busy host the
+ * scheduler's: 46 KB took up to 450 ms under busy loops), not the link's;
+ * over a few milliseconds what the connections hold moves with the
+ * peer's delayed acknowledgements more than with the link.  On a slow
+ * link the socket buffers take a round of several hundred KB in a
+ * fraction of the time the link needs: its bytes over its wall time would
+ * price the link many times too fast (10 Mbit/s read as 8 to 13 MB/s). */
 #define MIN_TIMED_BYTES (256u << 10)
 #define MIN_QUEUED_BYTES (64u << 10)
 /* The device state the pause carries besides the pages, priced before
@@ -45,23 +47,43 @@
 #define TRIM_PAUSE_MS 20.0
 #define TRIM_MAX_THROTTLE 50
 
-/* Count `bytes` written in `ms`, with `queued0` bytes unacknowledged in
- * the page connections before and `queued1` after, towards the link's
- * bandwidth if they can time it. */
-void nb_src_time_link(struct source *src, uint64_t bytes, double ms,
-                      uint64_t queued0, uint64_t queued1)
+static void count_link(struct source *src, uint64_t delivered, double ms)
 {
-    uint64_t delivered = bytes + queued0 > queued1 ? bytes + queued0 - queued1 : 0;
-
-    if (delivered < MIN_TIMED_BYTES && queued0 < MIN_QUEUED_BYTES &&
-        queued1 < MIN_QUEUED_BYTES)
-        return;
     src->link_bytes += delivered;
     src->link_ms += ms;
 }
 
-/* The link's bandwidth the timed rounds measured, at most the cap, in
- * bytes/s; 0 until a round timed it. */
+/* Count round `r`, which began with `queued0` bytes unacknowledged in the
+ * page connections and left `queued1`, towards the link's bandwidth if it
+ * can time it. */
+void nb_src_time_round(struct source *src, const struct nb_round_stat *r,
+                       uint64_t queued0, uint64_t queued1)
+{
+    uint64_t delivered = r->bytes + queued0 > queued1 ? r->bytes + queued0 - queued1
+                                                      : 0;
+
+    if (delivered >= MIN_TIMED_BYTES)
+        count_link(src, delivered, r->duration_ms);
+}
+
+/* Count a drain of the page connections from `queued0` to `queued1` bytes
+ * in `ms` (nb_src_drained says when it ended) if it can time the link. */
+void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
+                       double ms)
+{
+    if (queued0 >= MIN_QUEUED_BYTES && queued1 < queued0)
+        count_link(src, queued0 - queued1, ms);
+}
+
+/* Whether `queued` bytes left in the page connections end a drain. */
+int nb_src_drained(uint64_t queued)
+{
+    return queued < MIN_QUEUED_BYTES;
+}
+
+/* The link's bandwidth the timed rounds and drains measured, at most the
+ * cap, in bytes/s (a link that delivered nothing meanwhile: a byte in
+ * their time); 0 until they took 0.5 ms. */
 double nb_src_link_bandwidth(struct source *src)
 {
     uint64_t cap = atomic_load(&src->m->max_bandwidth);
@@ -69,15 +91,15 @@ double nb_src_link_bandwidth(struct source *src)
 
     if (src->link_ms <= 0.5)
         return 0;
-    bw = (double)src->link_bytes * 1e3 / src->link_ms;
+    bw = (double)(src->link_bytes ? src->link_bytes : 1) * 1e3 / src->link_ms;
     return cap && bw > (double)cap ? (double)cap : bw;
 }
 
 /*
  * What a page (or block) cost in the last round: its wire bytes (`*bpp`)
  * at the link's bandwidth (`*bw`: what the link delivered in the rounds
- * that timed it over their wall time, at most the cap; untimed, the cap
- * or 1 GB/s) or,
+ * and drains that timed it over their time, at most the cap; untimed, the
+ * cap or 1 GB/s) or,
  * where that was larger, the round's wall time per page (encoding and
  * sealing included), in ms.
  */
