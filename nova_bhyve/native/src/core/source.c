@@ -386,18 +386,20 @@ static int wait_applied(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
-    uint64_t queued0 = nb_src_queued(src), queued = queued0;
+    uint64_t queued0 = nb_src_queued(src), queued;
     int draining = !nb_src_drained(queued0), rc = 0;
 
     while (src->applied <= src->cur_round && rc == 0) {
         rc = await_applied(src, until, draining ? DRAIN_POLL_MS : 50, err);
-        if (draining && nb_src_drained(queued = nb_src_queued(src))) {
+        if (!draining || rc < 0)
+            continue;
+        queued = nb_src_queued(src);
+        /* the drain is over once little is held, or APPLIED came first */
+        if (nb_src_drained(queued) || src->applied > src->cur_round) {
             nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
             draining = 0;
         }
     }
-    if (draining && rc == 0)    /* APPLIED came first: the drain is over */
-        nb_src_time_drain(src, queued0, nb_src_queued(src), nb_now_ms() - t0);
     pthread_mutex_lock(&m->lock);
     m->st.catchup_ms += nb_now_ms() - t0;
     pthread_mutex_unlock(&m->lock);

@@ -110,6 +110,7 @@ int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy);
 void nb_src_mark_data_pages(struct source *src);
 int nb_src_sync_dirty(struct source *src, char *err);
 uint64_t nb_popcount_bitmap(const uint64_t *b, size_t words);
+uint64_t nb_src_queued(struct source *src);
 int nb_sender_flush(struct sender *s, uint32_t round, char *err);
 void nb_src_sample_resend(struct source *src, const uint64_t *bits,
                           struct nb_resend_cost *out);
@@ -121,7 +122,6 @@ void nb_src_time_round(struct source *src, const struct nb_round_stat *r,
 void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
                        double ms);
 int nb_src_drained(uint64_t queued);
-uint64_t nb_src_queued(struct source *src);
 double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);
 uint32_t nb_src_throttle(struct nb_mig *m);

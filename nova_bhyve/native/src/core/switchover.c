@@ -82,8 +82,8 @@ int nb_src_drained(uint64_t queued)
 }
 
 /* The link's bandwidth the timed rounds and drains measured, at most the
- * cap, in bytes/s (a link that delivered nothing meanwhile: a byte in
- * their time); 0 until they took 0.5 ms. */
+ * cap, in bytes/s; 0 until they took 0.5 ms.  (Each counts only with
+ * bytes delivered: link_bytes is never 0 once link_ms is not.) */
 double nb_src_link_bandwidth(struct source *src)
 {
     uint64_t cap = atomic_load(&src->m->max_bandwidth);
@@ -91,7 +91,7 @@ double nb_src_link_bandwidth(struct source *src)
 
     if (src->link_ms <= 0.5)
         return 0;
-    bw = (double)(src->link_bytes ? src->link_bytes : 1) * 1e3 / src->link_ms;
+    bw = (double)src->link_bytes * 1e3 / src->link_ms;
     return cap && bw > (double)cap ? (double)cap : bw;
 }
 
