@@ -481,6 +481,19 @@ def test_a_guest_no_encoding_shrinks_converges_by_a_computed_throttle(vms):
     _moved(src, dst, s, d)
 
 
+def _over_slow_link(vms, cmdline, rate):
+    """Migrate a 256 MiB guest running ``cmdline`` with a 100 ms limit
+    over page connections that carry ``rate`` bytes a second; return
+    (src, dst, source stats, destination stats)."""
+    src, dst = _pair(vms, cmdline, mem="256M")
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=60000)
+    proxy = FaultyProxy(recv.port, page_rate=rate)
+    send = start_send(src, proxy.port, secret, max_downtime_ms=100,
+                      timeout_ms=60000)
+    return (src, dst) + wait_both(send, recv, proxy, timeout=120)
+
+
 def test_a_slow_link_is_timed_by_what_it_carries(vms):
     """The page connections cross a link of 1 MB/s the engine is not told
     of (no cap).  The socket buffers take a round of a few hundred KB at
@@ -492,15 +505,34 @@ def test_a_slow_link_is_timed_by_what_it_carries(vms):
     bandwidth it reads is the link's, and the pause it predicts is about
     the one it takes, within the limit."""
     rate = 1_000_000
-    src, dst = _pair(vms, "mode=stress pattern=tight ws=64M", mem="256M")
-    secret = new_secret()
-    recv = start_receive(dst, secret, timeout_ms=60000)
-    proxy = FaultyProxy(recv.port, page_rate=rate)
-    send = start_send(src, proxy.port, secret, max_downtime_ms=100,
-                      timeout_ms=60000)
-    s, d = wait_both(send, recv, proxy)
+    src, dst, s, d = _over_slow_link(vms, "mode=stress pattern=tight ws=64M",
+                                     rate)
     assert rate / 2 <= s.bandwidth <= rate * 1.5, (s.bandwidth, s.rounds)
     assert s.downtime_ms < 100, s
     assert s.downtime_ms <= 2 * s.expected_downtime_ms + 10, \
         (s.downtime_ms, s.expected_downtime_ms)
+    _moved(src, dst, s, d)
+
+
+def test_rounds_wait_for_the_link_to_carry_them(vms):
+    """The guest rewrites 4 MiB of data no encoding shrinks, over page
+    connections that carry 2 MB/s (no cap).  The socket buffers take a
+    round at once; counted at once, the next round would hold only what
+    the guest wrote in those moments, and rounds would seem to shrink
+    while it writes faster than the link carries.  The source waits until
+    the link has carried a round (the page connections hold less than 64
+    KiB) before it counts the next: a round starts no sooner than the link
+    needs for the one before, and the guest that outruns the link is
+    slowed (auto-converge) until its rest fits."""
+    rate = 2_000_000
+    held = 128 << 10        # the source's drained rest and the proxy's window
+    src, dst, s, d = _over_slow_link(vms, "mode=stress pattern=fill ws=4M",
+                                     rate)
+    paced = [(a, b) for a, b in zip(s.rounds, s.rounds[1:])
+             if a.bytes > 2 * held]
+    assert paced, s.rounds
+    for a, b in paced:
+        assert b.start_ms - a.start_ms >= (a.bytes - held) * 1e3 / rate, \
+            (a, b)
+    assert s.converge_steps >= 1 and s.downtime_ms < 100, s
     _moved(src, dst, s, d)

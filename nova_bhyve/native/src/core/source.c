@@ -36,7 +36,7 @@
 #define AUTO_CHANNELS_MAX 2
 /* While the limit is out of reach, the longest wait between two rounds. */
 #define HOLD_MS 100
-/* How often the wait before the pause looks at a draining backlog, ms. */
+/* How often a wait looks at a draining backlog, ms. */
 #define DRAIN_POLL_MS 2
 
 /* Note why the current phase failed; returns -1. */
@@ -244,6 +244,8 @@ static int pause_guest(struct source *src, char *err)
     return 0;
 }
 
+static int drain_round(struct source *src, char *err);
+
 /* PRECOPY: round 0, every page and disk block that holds data (warm and
  * cold stop the guest first). */
 static int phase_precopy(struct source *src, char *err)
@@ -271,7 +273,7 @@ static int phase_precopy(struct source *src, char *err)
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
         return fail(src, nb_fail_kind(m));
     }
-    return 0;
+    return live ? drain_round(src, err) : 0;
 }
 
 /*
@@ -407,6 +409,41 @@ static int wait_applied(struct source *src, char *err)
 }
 
 /*
+ * Pace the rounds by the link: while the page connections hold what the
+ * link has not carried (nb_src_drained), wait, the guest running, and
+ * count the drain towards the link's bandwidth.  On a link slower than
+ * the source the socket buffers take a round at once: counted at once,
+ * the next round would find only what the guest dirtied in the moments
+ * the buffers took, rounds would seem to shrink while the guest dirties
+ * as fast as the link carries (no auto-converge), and the wait before the
+ * pause would let it dirty a whole round.  A link that delivers nothing
+ * for timeout_ms fails it.
+ */
+static int drain_round(struct source *src, char *err)
+{
+    struct nb_mig *m = src->m;
+    double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
+    uint64_t queued0 = nb_src_queued(src), queued = queued0, least = queued0;
+
+    while (!nb_src_drained(queued)) {
+        if (read_control(src, DRAIN_POLL_MS, err) < 0)
+            return -1;
+        queued = nb_src_queued(src);
+        if (queued < least) {
+            least = queued;
+            until = nb_now_ms() + m->p.timeout_ms;
+        } else if (nb_now_ms() > until) {
+            snprintf(err, NB_ERRLEN, "the page connections delivered nothing "
+                     "for %u ms", m->p.timeout_ms);
+            return fail(src, NB_ERR_TIMEOUT);
+        }
+    }
+    if (queued < queued0)
+        nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
+    return 0;
+}
+
+/*
  * While the round trips alone leave nothing of the downtime limit
  * (nb_src_limit_out_of_reach), rounds cannot make the rest fit: rather
  * than resend at full speed, wait for the destination to apply the round
@@ -459,6 +496,8 @@ static int phase_iterate(struct source *src, char *err)
             return fail(src, nb_fail_kind(m));
         }
         src->unsent = 0;
+        if (drain_round(src, err) < 0)
+            return -1;
         if (nb_src_limit_out_of_reach(src) && hold_round(src, err) < 0)
             return -1;
     }
