@@ -143,8 +143,8 @@ def _report(stats, out):
             out.write(f"downtime in parts: stop/final round/verify/commit "
                       f"{policy.pause_parts(stats)}\n")
             out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms "
-                      f"(after {stats.catchup_ms:.1f} ms waiting for the "
-                      f"destination to catch up); pages zero/delta/zstd/raw "
+                      f"(after {stats.catchup_ms:.1f} ms waiting for the link "
+                      f"and the destination to catch up); pages zero/delta/zstd/raw "
                       f"{stats.pages_zero}/"
                       f"{stats.pages_delta}/{stats.pages_compressed}/"
                       f"{stats.pages_raw}; delta cache "

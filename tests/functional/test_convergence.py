@@ -260,11 +260,12 @@ def test_switch_over_waits_while_another_round_pays(vms):
     s, d = migrate(src, dst, max_downtime_ms=1000, max_bandwidth=2 * MiB)
     iterated = s.rounds[1:-1]
     assert iterated, s.rounds                    # not only round 0 + final
-    # the link's bandwidth: 0 until a round that delivered 256 KiB timed
-    # it (under the cap the page connections hold little: about what the
-    # round wrote), then at most the cap
+    # the link's bandwidth: timed once a round delivered 256 KiB (or the
+    # wait for the link to carry one drained 64 KiB: the destination's
+    # first writes into its memory can hold round 0 back that much, under
+    # the cap too), at most the cap
     timed = [r for r in s.rounds if r.bytes >= 256 << 10]
-    assert (s.bandwidth > 0) == bool(timed), (s.bandwidth, s.rounds)
+    assert s.bandwidth > 0 or not timed, (s.bandwidth, s.rounds)
     assert s.bandwidth <= 2 * MiB, s.bandwidth
     assert s.rounds[-1].dirty < s.rounds[1].dirty
     assert 0 < s.expected_downtime_ms < 1000
@@ -483,14 +484,15 @@ def test_a_guest_no_encoding_shrinks_converges_by_a_computed_throttle(vms):
 
 def _over_slow_link(vms, cmdline, rate):
     """Migrate a 256 MiB guest running ``cmdline`` with a 100 ms limit
-    over page connections that carry ``rate`` bytes a second; return
-    (src, dst, source stats, destination stats)."""
+    over one page connection that carries ``rate`` bytes a second (the
+    proxy paces each connection alone); return (src, dst, source stats,
+    destination stats)."""
     src, dst = _pair(vms, cmdline, mem="256M")
     secret = new_secret()
     recv = start_receive(dst, secret, timeout_ms=60000)
     proxy = FaultyProxy(recv.port, page_rate=rate)
     send = start_send(src, proxy.port, secret, max_downtime_ms=100,
-                      timeout_ms=60000)
+                      timeout_ms=60000, channels=1)
     return (src, dst) + wait_both(send, recv, proxy, timeout=120)
 
 
@@ -501,9 +503,9 @@ def test_a_slow_link_is_timed_by_what_it_carries(vms):
     it would read as a link many times as fast, and the pause would be
     priced as short and run long.  The engine counts what the link
     delivered (less what stayed unacknowledged in the page connections),
-    and the wait for the destination to catch up before the pause: the
-    bandwidth it reads is the link's, and the pause it predicts is about
-    the one it takes, within the limit."""
+    and the wait after each round for the link to carry it: the bandwidth
+    it reads is the link's, and the pause it predicts is about the one it
+    takes, within the limit."""
     rate = 1_000_000
     src, dst, s, d = _over_slow_link(vms, "mode=stress pattern=tight ws=64M",
                                      rate)

@@ -162,7 +162,8 @@ struct nb_mig_stats {
     double pause_commit_ms;     /* COMMIT until RUNNING: the destination
                                  * resumes the guest */
     double catchup_ms;          /* source: waited, guest running, for the
-                                 * destination to apply what was sent */
+                                 * link to carry what was sent and the
+                                 * destination to apply it */
     double total_ms;
     double rtt_ms;              /* source: the control channel's least round
                                  * trip (the pause has two) */

@@ -360,14 +360,13 @@ static int read_control(struct source *src, int wait_ms, char *err)
     return 0;
 }
 
-/* Read the control channel for up to `wait_ms`, for APPLIED; fail as
+/* Read the control channel for up to 50 ms, for APPLIED; fail as
  * read_control() does, or on silence past `until`. */
-static int await_applied(struct source *src, double until, int wait_ms,
-                         char *err)
+static int await_applied(struct source *src, double until, char *err)
 {
     struct nb_mig *m = src->m;
 
-    if (read_control(src, wait_ms, err) < 0)
+    if (read_control(src, 50, err) < 0)
         return -1;
     if (src->applied <= src->cur_round && nb_now_ms() > until) {
         snprintf(err, NB_ERRLEN, "the destination reported no round applied "
@@ -377,34 +376,33 @@ static int await_applied(struct source *src, double until, int wait_ms,
     return 0;
 }
 
+/* Count `ms` the source waited, the guest running, for the link to carry
+ * its rounds or the destination to apply them, and publish the link's
+ * bandwidth, which a drain may have timed. */
+static void count_catchup(struct source *src, double ms)
+{
+    struct nb_mig *m = src->m;
+
+    pthread_mutex_lock(&m->lock);
+    m->st.catchup_ms += ms;
+    m->st.bandwidth = nb_src_link_bandwidth(src);
+    pthread_mutex_unlock(&m->lock);
+}
+
 /*
- * Wait until the destination holds every round sent so far (APPLIED): a
- * backlog still in flight or being decoded there would otherwise land in
- * the pause.  While the page connections drain a backlog, look at them
- * every DRAIN_POLL_MS: the drain times the link.  A destination that
- * stays silent for timeout_ms fails it.
+ * Wait until the destination holds every round sent so far (APPLIED):
+ * rounds being decoded there would otherwise land in the pause.  (The
+ * link has carried them: drain_round waited for that after each.)  A
+ * destination that stays silent for timeout_ms fails it.
  */
 static int wait_applied(struct source *src, char *err)
 {
-    struct nb_mig *m = src->m;
-    double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
-    uint64_t queued0 = nb_src_queued(src), queued;
-    int draining = !nb_src_drained(queued0), rc = 0;
+    double t0 = nb_now_ms(), until = t0 + src->m->p.timeout_ms;
+    int rc = 0;
 
-    while (src->applied <= src->cur_round && rc == 0) {
-        rc = await_applied(src, until, draining ? DRAIN_POLL_MS : 50, err);
-        if (!draining || rc < 0)
-            continue;
-        queued = nb_src_queued(src);
-        /* the drain is over once little is held, or APPLIED came first */
-        if (nb_src_drained(queued) || src->applied > src->cur_round) {
-            nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
-            draining = 0;
-        }
-    }
-    pthread_mutex_lock(&m->lock);
-    m->st.catchup_ms += nb_now_ms() - t0;
-    pthread_mutex_unlock(&m->lock);
+    while (src->applied <= src->cur_round && rc == 0)
+        rc = await_applied(src, until, err);
+    count_catchup(src, nb_now_ms() - t0);
     return rc;
 }
 
@@ -440,6 +438,7 @@ static int drain_round(struct source *src, char *err)
     }
     if (queued < queued0)
         nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
+    count_catchup(src, nb_now_ms() - t0);
     return 0;
 }
 
