@@ -262,8 +262,11 @@ migration_opts = [
              "the link sends them, where the measured rates say that is "
              "higher; and "
              "when the rest fits but the pause would still be over 20 ms "
-             "and rounds no longer shorten it, a step a round up to 50%, "
-             "while each step shortens it by a tenth. As "
+             "and rounds no longer shorten it, a step a round up to the "
+             "highest throttle under which the vCPUs sleep no more than "
+             "about 10 ms at a time (90% on the Linux test host; 50% with "
+             "bhyve, whose rctl sleeps have not been measured), while each "
+             "step shortens it by a tenth. As "
              "``[libvirt] live_migration_permit_auto_converge``, off by "
              "default; the migration's ``bhyve_switchover`` event gives the "
              "highest throttle applied."),

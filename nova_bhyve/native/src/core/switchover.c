@@ -40,12 +40,11 @@
 #define CONVERGE_EVERY_MS 500.0
 /* A pause that fits the limit but whose pages and blocks would still take
  * this long is worth slowing the guest for (auto-converge on), a step a
- * round, up to TRIM_MAX_THROTTLE percent: on the test host the guest then
- * sleeps at most as long as it runs (10 ms), a gap far shorter than such a
- * pause.  The final sync, the device state and the round trips count for
- * nothing here: no throttle shortens them. */
+ * round, up to the vmm port's brief_throttle: the guest then sleeps some
+ * 10 ms at a time at most, a gap far shorter than such a pause.  The final
+ * sync, the device state and the round trips count for nothing here: no
+ * throttle shortens them. */
 #define TRIM_PAUSE_MS 20.0
-#define TRIM_MAX_THROTTLE 50
 
 static void count_link(struct source *src, uint64_t delivered, double ms)
 {
@@ -214,7 +213,8 @@ static int trim_pause(struct source *src, double expected)
 
     if (part <= TRIM_PAUSE_MS || (src->trim_from > 0 && part * 10 > src->trim_from * 9))
         return 0;
-    if (!throttle_step(src, 0, TRIM_MAX_THROTTLE, &src->m->st.trim_steps))
+    if (!throttle_step(src, 0, (uint32_t)src->m->vmm.ops->brief_throttle,
+                       &src->m->st.trim_steps))
         return 0;
     src->trim_from = part;
     return 1;

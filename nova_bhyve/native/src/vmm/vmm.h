@@ -66,6 +66,10 @@ struct nb_vmm_ops {
     int (*pause)(struct nb_vmm *, char *err);
     int (*resume)(struct nb_vmm *, char *err);
     int (*throttle)(struct nb_vmm *, int percent, char *err);
+    /* The highest throttle, in percent, under which no vCPU sleeps much
+     * longer than 10 ms at a time: the source slows a guest this far, no
+     * further, to shorten a pause that already fits the limit (0: never). */
+    int brief_throttle;
     int (*save_state)(struct nb_vmm *, uint8_t **blob, size_t *len, char *err);
     int (*load_state)(struct nb_vmm *, const uint8_t *blob, size_t len, char *err);
     void (*close)(struct nb_vmm *);

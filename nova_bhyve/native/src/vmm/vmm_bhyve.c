@@ -638,6 +638,7 @@ static const struct nb_vmm_ops bhyve_ops = {
     .pause = bh_pause,
     .resume = bh_resume,
     .throttle = bh_throttle,
+    .brief_throttle = 50,   /* rctl's pcpu limit: its sleeps never measured */
     .save_state = bh_save_state,
     .load_state = bh_load_state,
     .close = bh_close,
