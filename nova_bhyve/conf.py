@@ -264,9 +264,10 @@ migration_opts = [
              "when the rest fits but the pause would still be over 20 ms "
              "and rounds no longer shorten it, a step a round up to the "
              "highest throttle under which the vCPUs sleep no more than "
-             "about 10 ms at a time (90% on the Linux test host; 50% with "
-             "bhyve, whose rctl sleeps have not been measured), while each "
-             "step shortens it by a tenth. As "
+             "about 10 ms at a time (90% on the Linux test host; none with "
+             "bhyve, whose rctl limit stops the whole process from one pass "
+             "of the kernel's accounting to a later one, a second apart), "
+             "while each step shortens it by a tenth. As "
              "``[libvirt] live_migration_permit_auto_converge``, off by "
              "default; the migration's ``bhyve_switchover`` event gives the "
              "highest throttle applied."),

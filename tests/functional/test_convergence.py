@@ -113,12 +113,13 @@ def test_a_long_pause_is_cut_past_half_speed_while_the_sleeps_stay_short(vms):
     """A guest already slowed to 60 % (where auto-converge can leave one;
     set here by hand) rewrites 256 KiB of data no encoding shrinks, over a
     page connection that carries 1.5 MB/s: the rest fits the limit (some
-    180 ms), but the guest rewrites all of it during every round.  A step
-    to 70 % makes it write less than the link carries, and each step after
-    that shrinks the rest by more than a tenth: the engine slows the guest
-    up to the highest throttle under which the test host's vCPUs sleep no
-    more than about 10 ms at a time (vmm port: brief_throttle, 90 %), not
-    only to 50 %, and pauses it for far less than the rest it first saw."""
+    180 ms), but the guest rewrites all of it during every round.  On the
+    test host a step to 70 % makes it write less than the link carries
+    (this leans on the guest's speed there): the engine slows it a step a
+    round while each step shrinks the rest by a tenth, past 60 % and up to
+    at most the highest throttle under which the test host's vCPUs sleep
+    no more than about 10 ms at a time (vmm port: brief_throttle, 90 %),
+    never by auto-converge, and pauses it under 100 ms."""
     src, dst = _pair(vms, "mode=stress pattern=fill ws=256K", mem="256M")
     secret = new_secret()
     recv = start_receive(dst, secret, timeout_ms=60000)

@@ -40,8 +40,8 @@
 #define CONVERGE_EVERY_MS 500.0
 /* A pause that fits the limit but whose pages and blocks would still take
  * this long is worth slowing the guest for (auto-converge on), a step a
- * round, up to the vmm port's brief_throttle: the guest then sleeps some
- * 10 ms at a time at most, a gap far shorter than such a pause.  The final
+ * round, up to the vmm port's brief_throttle: the guest then sleeps at
+ * most about 10 ms at a time, a gap shorter than such a pause.  The final
  * sync, the device state and the round trips count for nothing here: no
  * throttle shortens them. */
 #define TRIM_PAUSE_MS 20.0

@@ -66,9 +66,10 @@ struct nb_vmm_ops {
     int (*pause)(struct nb_vmm *, char *err);
     int (*resume)(struct nb_vmm *, char *err);
     int (*throttle)(struct nb_vmm *, int percent, char *err);
-    /* The highest throttle, in percent, under which no vCPU sleeps much
-     * longer than 10 ms at a time: the source slows a guest this far, no
-     * further, to shorten a pause that already fits the limit (0: never). */
+    /* The highest throttle, in percent (0 to 99), under which no vCPU
+     * sleeps longer than about 10 ms at a time: the source slows a guest
+     * this far, no further, to shorten a pause that already fits the
+     * limit (0: it never does). */
     int brief_throttle;
     int (*save_state)(struct nb_vmm *, uint8_t **blob, size_t *len, char *err);
     int (*load_state)(struct nb_vmm *, const uint8_t *blob, size_t len, char *err);

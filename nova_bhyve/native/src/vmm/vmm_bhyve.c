@@ -638,7 +638,9 @@ static const struct nb_vmm_ops bhyve_ops = {
     .pause = bh_pause,
     .resume = bh_resume,
     .throttle = bh_throttle,
-    .brief_throttle = 50,   /* rctl's pcpu limit: its sleeps never measured */
+    /* none: rctl's pcpu limit stops the whole process from one pass of
+     * racctd to a later one, a second apart (kern_racct.c) */
+    .brief_throttle = 0,
     .save_state = bh_save_state,
     .load_state = bh_load_state,
     .close = bh_close,

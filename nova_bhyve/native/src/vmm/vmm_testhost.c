@@ -417,7 +417,7 @@ static const struct nb_vmm_ops testhost_ops = {
     .pause = th_pause,
     .resume = th_resume,
     .throttle = th_throttle,
-    .brief_throttle = 90,   /* kicked every 1 ms, a vCPU sleeps 9 ms (testhost.h) */
+    .brief_throttle = 90,   /* kicked every 1 ms, a vCPU sleeps <= 9 ms (testhost.h) */
     .save_state = th_save,
     .load_state = th_load,
     .close = th_close,
