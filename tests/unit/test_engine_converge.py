@@ -71,3 +71,29 @@ def test_no_throttle_where_the_guest_already_dirties_slowly_enough():
     assert _target(0, 1.0, 0.25) == 0
     assert _target(0, 0.0, 2.0) == 0        # no estimate of the link yet
     assert _target(0, 1.0, 0.0) == 0
+
+
+def _drain_below(bandwidth):
+    _, lib = selftest_module()
+    return lib.nb_selftest_drain_below(bandwidth)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, 33e6, 119e6, 1.25e9])
+def test_a_fast_or_unmeasured_link_is_drained_to_64_kib(bandwidth):
+    """From 33 MB/s up, 2 ms of the link carry 64 KiB or more: the wait
+    after a round ends below 64 KiB, as it does where no round or drain
+    has timed the link yet (0)."""
+    assert _drain_below(bandwidth) == 64 << 10
+
+
+def test_a_slower_link_is_drained_to_what_it_carries_in_2_ms():
+    """100 Mbit/s (12.5 MB/s): 25 KB, which it carries in 2 ms."""
+    assert _drain_below(12.5e6) == 25000
+
+
+@pytest.mark.parametrize("bandwidth", [8.192e6, 1.25e6, 125e3])
+def test_a_slow_link_is_drained_to_16_kib(bandwidth):
+    """10 Mbit/s carries 2.5 KB in 2 ms, less than a delayed
+    acknowledgement can leave unacknowledged: the floor is 16 KiB (13 ms
+    of that link, where 64 KiB took 52)."""
+    assert _drain_below(bandwidth) == 16 << 10

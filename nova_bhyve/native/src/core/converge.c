@@ -31,3 +31,12 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms)
     run = (100.0 - cur) / 100.0 * out / (2 * dirty_per_ms);
     return run >= 1 ? 0 : (uint32_t)(100.0 - 100.0 * run + 0.999);
 }
+
+uint64_t nb_drain_below(double bandwidth)
+{
+    double below = bandwidth * NB_DRAIN_TAIL_MS / 1e3;
+
+    if (bandwidth <= 0 || below > (double)NB_DRAIN_CEILING)
+        return NB_DRAIN_CEILING;
+    return below < (double)NB_DRAIN_FLOOR ? NB_DRAIN_FLOOR : (uint64_t)below;
+}

@@ -2,6 +2,7 @@
  * Auto-converge's two decisions, apart from the source's state so that the
  * unit tests can drive them (source.c applies them through the vmm port):
  * whether a round stalled, and how hard to throttle the guest when it did.
+ * Also when the wait after a round for the link to carry it ends.
  *
  * A round stalls when the pause expected after it does not fit the limit
  * and it shrank the dirty set by less than a tenth, or at a pace that
@@ -32,5 +33,21 @@ int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
  * dirtied them (`dirty_per_ms`) under the throttle `cur`; 0: none needed
  * or no estimate. */
 uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
+
+/*
+ * The wait after a round (source.c's drain_round) ends once the page
+ * connections hold fewer bytes than this, at a link of `bandwidth` bytes
+ * a second (0: unmeasured): what the link carries in NB_DRAIN_TAIL_MS,
+ * at least NB_DRAIN_FLOOR (above the segment or two a peer's delayed
+ * acknowledgement leaves unacknowledged) and at most NB_DRAIN_CEILING
+ * (0.5 ms of 1 Gbit/s; all of it where the link is unmeasured).  What the
+ * connections hold when the rest first fits is what the wait for APPLIED
+ * before the pause waits for, the guest dirtying the final round all
+ * along: over 10 Mbit/s, 64 KiB held took 50 ms to carry.
+ */
+#define NB_DRAIN_TAIL_MS 2.0
+#define NB_DRAIN_FLOOR (16u << 10)
+#define NB_DRAIN_CEILING (64u << 10)
+uint64_t nb_drain_below(double bandwidth);
 
 #endif

@@ -30,7 +30,7 @@
  * fraction of the time the link needs: its bytes over its wall time would
  * price the link many times too fast (10 Mbit/s read as 8 to 13 MB/s). */
 #define MIN_TIMED_BYTES (256u << 10)
-#define MIN_QUEUED_BYTES (64u << 10)
+#define MIN_QUEUED_BYTES NB_DRAIN_CEILING
 /* The device state the pause carries besides the pages, priced before
  * its size is known (the test host's is 9 KB for one vCPU, 16 KB for two
  * and 29 KB for four): on a slow link it is part of the pause. */
@@ -74,10 +74,11 @@ void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
         count_link(src, queued0 - queued1, ms);
 }
 
-/* Whether `queued` bytes left in the page connections end a drain. */
-int nb_src_drained(uint64_t queued)
+/* Whether `queued` bytes left in the page connections end a drain
+ * (nb_drain_below, at the link's bandwidth measured so far). */
+int nb_src_drained(struct source *src, uint64_t queued)
 {
-    return queued < MIN_QUEUED_BYTES;
+    return queued < nb_drain_below(nb_src_link_bandwidth(src));
 }
 
 /* The link's bandwidth the timed rounds and drains measured, at most the
