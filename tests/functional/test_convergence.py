@@ -549,7 +549,8 @@ def test_rounds_wait_for_the_link_to_carry_them(vms):
     the guest wrote in those moments, and rounds would seem to shrink
     while it writes faster than the link carries.  The source waits until
     the link has carried a round (the page connections hold less than the
-    link carries in 2 ms, here 16 KiB) before it counts the next: a round
+    link carries in 2 ms, at least 16 KiB: here 16 KiB once the link is
+    timed, 64 KiB before) before it counts the next: a round
     starts no sooner than the link needs for the one before, and the guest
     that outruns the link is slowed (auto-converge) until its rest fits."""
     rate = 2_000_000

@@ -73,27 +73,39 @@ def test_no_throttle_where_the_guest_already_dirties_slowly_enough():
     assert _target(0, 1.0, 0.0) == 0
 
 
-def _drain_below(bandwidth):
+def _threshold(bandwidth, channels=1):
     _, lib = selftest_module()
-    return lib.nb_selftest_drain_below(bandwidth)
+    return lib.nb_selftest_drain_threshold(bandwidth, channels)
 
 
-@pytest.mark.parametrize("bandwidth", [0.0, 33e6, 119e6, 1.25e9])
-def test_a_fast_or_unmeasured_link_is_drained_to_64_kib(bandwidth):
-    """From 33 MB/s up, 2 ms of the link carry 64 KiB or more: the wait
+@pytest.mark.parametrize("bandwidth", [0.0, float("nan"), 33e6, 119e6, 1.25e9])
+def test_a_fast_or_unmeasured_link_is_drained_below_64_kib(bandwidth):
+    """From 32.8 MB/s up, 2 ms of the link carry 64 KiB or more: the wait
     after a round ends below 64 KiB, as it does where no round or drain
     has timed the link yet (0)."""
-    assert _drain_below(bandwidth) == 64 << 10
+    assert _threshold(bandwidth) == 64 << 10
 
 
-def test_a_slower_link_is_drained_to_what_it_carries_in_2_ms():
-    """100 Mbit/s (12.5 MB/s): 25 KB, which it carries in 2 ms."""
-    assert _drain_below(12.5e6) == 25000
+@pytest.mark.parametrize("bandwidth,below", [(12.5e6, 25000), (32e6, 64000)])
+def test_a_slower_link_is_drained_below_what_it_carries_in_2_ms(bandwidth,
+                                                                below):
+    """100 Mbit/s (12.5 MB/s) carries 25 KB in 2 ms, 32 MB/s 64,000 bytes."""
+    assert _threshold(bandwidth) == below
 
 
-@pytest.mark.parametrize("bandwidth", [8.192e6, 1.25e6, 125e3])
-def test_a_slow_link_is_drained_to_16_kib(bandwidth):
-    """10 Mbit/s carries 2.5 KB in 2 ms, less than a delayed
-    acknowledgement can leave unacknowledged: the floor is 16 KiB (13 ms
+@pytest.mark.parametrize("bandwidth", [8.0e6, 1.25e6, 125e3])
+def test_a_slow_link_is_drained_below_16_kib(bandwidth):
+    """10 Mbit/s carries 2.5 KB in 2 ms, less than delayed
+    acknowledgements can leave unacknowledged: the floor is 16 KiB (13 ms
     of that link, where 64 KiB took 52)."""
-    assert _drain_below(bandwidth) == 16 << 10
+    assert _threshold(bandwidth) == 16 << 10
+    assert _threshold(bandwidth, channels=2) == 16 << 10
+
+
+@pytest.mark.parametrize("channels,below", [(4, 32 << 10), (8, 64 << 10),
+                                            (16, 64 << 10)])
+def test_each_page_connection_raises_the_floor_by_8_kib(channels, below):
+    """A delayed acknowledgement can leave a segment unacknowledged on each
+    connection: with several the floor is 8 KiB each, at most 64 KiB."""
+    assert _threshold(1.25e6, channels) == below
+    assert _threshold(12.5e6, channels) == max(below, 25000)

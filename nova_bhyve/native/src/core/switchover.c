@@ -18,9 +18,9 @@
 /* A round times the link's bandwidth with what the link delivered during
  * it (the bytes written, less what the page connections held
  * unacknowledged at its end, plus what they held at its start) if that is
- * at least MIN_TIMED_BYTES.  So does the wait for the destination to
- * catch up before the pause, if the connections held at least
- * MIN_QUEUED_BYTES at its start, with what drained until they held less.
+ * at least MIN_TIMED_BYTES.  So does the wait after each round for the
+ * link to carry it (source.c's drain_round), if the connections held at
+ * least MIN_QUEUED_BYTES at its start, with what drained until it ended.
  * A smaller round on a fast link goes through at once, and its wall time
  * is its own (waking the channels, the flush, on a busy host the
  * scheduler's: 46 KB took up to 450 ms under busy loops), not the link's;
@@ -30,7 +30,7 @@
  * fraction of the time the link needs: its bytes over its wall time would
  * price the link many times too fast (10 Mbit/s read as 8 to 13 MB/s). */
 #define MIN_TIMED_BYTES (256u << 10)
-#define MIN_QUEUED_BYTES NB_DRAIN_CEILING
+#define MIN_QUEUED_BYTES (64u << 10)
 /* The device state the pause carries besides the pages, priced before
  * its size is known (the test host's is 9 KB for one vCPU, 16 KB for two
  * and 29 KB for four): on a slow link it is part of the pause. */
@@ -75,10 +75,10 @@ void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
 }
 
 /* Whether `queued` bytes left in the page connections end a drain
- * (nb_drain_below, at the link's bandwidth measured so far). */
+ * (nb_drain_threshold, at the link's bandwidth measured so far). */
 int nb_src_drained(struct source *src, uint64_t queued)
 {
-    return queued < nb_drain_below(nb_src_link_bandwidth(src));
+    return queued < nb_drain_threshold(nb_src_link_bandwidth(src), src->nsnd);
 }
 
 /* The link's bandwidth the timed rounds and drains measured, at most the
