@@ -2,8 +2,6 @@
  * Auto-converge's two decisions, apart from the source's state so that the
  * unit tests can drive them (source.c applies them through the vmm port):
  * whether a round stalled, and how hard to throttle the guest when it did.
- * Also where the wait after a round for the link to carry it ends (here
- * for the same reason: the unit tests' build has this file).
  *
  * A round stalls when the pause expected after it does not fit the limit
  * and it shrank the dirty set by less than a tenth, or at a pace that
@@ -34,22 +32,5 @@ int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
  * dirtied them (`dirty_per_ms`) under the throttle `cur`; 0: none needed
  * or no estimate. */
 uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
-
-/*
- * The wait after a round (source.c's drain_round) ends once the page
- * connections hold fewer bytes than this: what a link of `bandwidth`
- * bytes a second carries in NB_DRAIN_TAIL_MS (one look of the wait), at
- * least NB_DRAIN_FLOOR_PER_CHANNEL for each of `channels` and
- * NB_DRAIN_FLOOR (a segment a peer's delayed acknowledgement leaves
- * unacknowledged on each connection, a jumbo frame's too), at most
- * NB_DRAIN_CEILING, which an unmeasured link (0) gets.  The next round
- * queues behind what is left, and once the rest fits all of it crosses
- * the link before the pause, the guest dirtying the final round.
- */
-#define NB_DRAIN_TAIL_MS 2.0
-#define NB_DRAIN_FLOOR (16u << 10)
-#define NB_DRAIN_FLOOR_PER_CHANNEL (8u << 10)
-#define NB_DRAIN_CEILING (64u << 10)
-uint64_t nb_drain_threshold(double bandwidth, int channels);
 
 #endif

@@ -423,7 +423,7 @@ static int drain_round(struct source *src, char *err)
     double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
     uint64_t queued0 = nb_src_queued(src), queued = queued0, least = queued0;
 
-    while (!nb_src_drained(src, queued)) {
+    while (!nb_src_drained(queued)) {
         if (read_control(src, DRAIN_POLL_MS, err) < 0)
             return -1;
         queued = nb_src_queued(src);

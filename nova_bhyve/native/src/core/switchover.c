@@ -18,9 +18,9 @@
 /* A round times the link's bandwidth with what the link delivered during
  * it (the bytes written, less what the page connections held
  * unacknowledged at its end, plus what they held at its start) if that is
- * at least MIN_TIMED_BYTES.  So does the wait after each round for the
- * link to carry it (source.c's drain_round), if the connections held at
- * least MIN_QUEUED_BYTES at its start, with what drained until it ended.
+ * at least MIN_TIMED_BYTES.  So does the wait for the destination to
+ * catch up before the pause, if the connections held at least
+ * MIN_QUEUED_BYTES at its start, with what drained until they held less.
  * A smaller round on a fast link goes through at once, and its wall time
  * is its own (waking the channels, the flush, on a busy host the
  * scheduler's: 46 KB took up to 450 ms under busy loops), not the link's;
@@ -74,11 +74,10 @@ void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
         count_link(src, queued0 - queued1, ms);
 }
 
-/* Whether `queued` bytes left in the page connections end a drain
- * (nb_drain_threshold, at the link's bandwidth measured so far). */
-int nb_src_drained(struct source *src, uint64_t queued)
+/* Whether `queued` bytes left in the page connections end a drain. */
+int nb_src_drained(uint64_t queued)
 {
-    return queued < nb_drain_threshold(nb_src_link_bandwidth(src), src->nsnd);
+    return queued < MIN_QUEUED_BYTES;
 }
 
 /* The link's bandwidth the timed rounds and drains measured, at most the
