@@ -75,6 +75,27 @@ def test_tight_loop_guest_converges_with_the_defaults_on_a_slow_link(vms):
     _moved(src, dst, s, d)
 
 
+def test_a_page_zeroed_and_written_again_goes_as_a_delta(vms):
+    """A tight loop whose byte alternates between 1 and 0 (cycle=2) leaves
+    its pages zero every other pass, so each round finds some of them
+    zero.  Those go as ZERO records, and the delta cache remembers them as
+    zeros: written again, they go as deltas of a few bytes.  Forgotten,
+    they went whole (4 KiB each; with the default cycle of 256 a round now
+    and then was 256 to 764 KB instead of 3, and on a busy host its time
+    read as the link's).  The 40 ms control delay of _hold_then_raise
+    keeps the migration iterating for 2.5 s, tens of rounds."""
+    src, dst = _pair(vms, "mode=stress pattern=tight ws=1M cycle=2")
+    s, d = _hold_then_raise(src, dst)
+    later = s.rounds[1:]
+    assert len(later) >= 10, s.rounds
+    assert s.pages_zero >= 256, s           # sent as zeros, round after round
+    # each later round resends the 256 pages, as zeros or deltas: under 16
+    # KiB where a fifth of them sent whole would be 200 KiB
+    assert max(r.bytes for r in later) < 16 << 10, [r.bytes for r in later]
+    assert s.converge_steps == s.trim_steps == 0, s
+    _moved(src, dst, s, d)
+
+
 def test_auto_converge_throttles_when_rounds_stop_shrinking(vms):
     """Nothing can shrink the pages (compression and deltas off) and the
     link is too slow for the rate the guest rewrites them: the engine

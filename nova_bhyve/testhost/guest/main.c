@@ -33,6 +33,7 @@ static struct {
     uint64_t hb_us;             /* heartbeat interval, microseconds */
     uint64_t canary_slice;      /* idle: canary bytes checked per heartbeat */
     uint64_t cpus;              /* stress touch/tight/fill: CPUs that write */
+    uint64_t cycle;             /* stress/tight: values byte 0 cycles through */
     bool selftest_corrupt;      /* flip one byte after pass 2 */
     bool disk;                  /* run the disk writer too */
     uint64_t disksize;          /* disk writer region, bytes (0: all) */
@@ -44,6 +45,7 @@ static struct {
     .hb_us = 1000,
     .canary_slice = CANARY_SLICE,
     .cpus = 1,
+    .cycle = 256,
 };
 
 /* Working set. */
@@ -158,6 +160,10 @@ static bool apply_option(const char *key, size_t klen, const char *val)
         if (!parse_size(val, &num) || num == 0 || num > MAX_CPUS)
             return false;
         cfg.cpus = num;
+    } else if (KEY_IS("cycle")) {
+        if (!parse_size(val, &num) || num < 2 || num > 256)
+            return false;
+        cfg.cycle = num;
     } else if (KEY_IS("disk")) {
         if (!parse_size(val, &num) || num > 1)
             return false;
@@ -382,7 +388,8 @@ static NORETURN void run_touch(int cpu)
 #define TIGHT_CLOCK_PAGES   64
 
 /*
- * Byte 0 of every page holds (uint8_t)p after pass p.  The check reads the
+ * Byte 0 of every page holds p % cfg.cycle after pass p (with the default
+ * 256, (uint8_t)p): every cycle-th pass leaves the page zero.  The check reads the
  * byte the store is about to replace: the store needs that cache line
  * anyway, so verifying every page costs the loop almost nothing, and the
  * clock is read once per TIGHT_CLOCK_PAGES pages, not once per page.
@@ -390,7 +397,8 @@ static NORETURN void run_touch(int cpu)
 static NORETURN void run_tight(int cpu)
 {
     for (uint64_t p = 1;; p++) {
-        const uint8_t want = (uint8_t)(p - 1), tag = (uint8_t)p;
+        const uint8_t want = (uint8_t)((p - 1) % cfg.cycle),
+                      tag = (uint8_t)(p % cfg.cycle);
 
         for (int r = 0; r < w_nranges[cpu]; r++) {
             uint64_t a = w_ranges[cpu][r].start, end = w_ranges[cpu][r].end;

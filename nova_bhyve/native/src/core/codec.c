@@ -316,6 +316,10 @@ uint64_t nb_disk_term(uint32_t disk, uint64_t block, uint64_t h, uint64_t hz,
  * a copy of itself that must first be faulted in and zeroed.
  */
 #define XCACHE_SMALL 64
+/* lens[] of an entry that stands for a page of zeros (sent as ZERO): the
+ * destination's copy is zeros, and the next write to the page goes as a
+ * delta against them where its changes fit one, not whole. */
+#define XCACHE_ZERO 0xff
 
 struct nb_xcache {
     size_t nslots;
@@ -396,6 +400,8 @@ const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key, uint8_t *buf)
     size_t s = slot_of(c, key);
     if (c->tags[s] != key + 1)
         return NULL;
+    if (c->lens[s] == XCACHE_ZERO)
+        return nb_zero_page;
     if (!c->lens[s])
         return c->pages + s * NB_PAGE;
     memset(buf, 0, NB_PAGE);
@@ -403,15 +409,28 @@ const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t key, uint8_t *buf)
            ? NULL : buf;
 }
 
+/* Take slot `s` for `key` in round `round`, unless it holds a page for
+ * another key stored in this round or the one before: evicting it would
+ * make a sweep over more pages than the cache holds miss on every page,
+ * round after round, while keeping it lets the pages that stay hit
+ * (QEMU's XBZRLE cache keeps fresh entries the same way).  An entry of
+ * zeros keeps no slot: it saves a page written again after it was
+ * zeroed, not one rewritten round after round. */
+static int claim_slot(struct nb_xcache *c, size_t s, uint64_t key, uint32_t round)
+{
+    if (c->tags[s] && c->tags[s] != key + 1 && c->lens[s] != XCACHE_ZERO &&
+        c->ages[s] + 1 >= round)
+        return 0;
+    c->tags[s] = key + 1;
+    c->ages[s] = round;
+    return 1;
+}
+
 /*
  * Remember `page` as the content last sent under `key` in round `round`;
  * `zdelta` (`zlen` bytes) is its delta against zeros if the caller has
- * it (`zlen` 0: larger than the cache keeps small), else NULL.
- * An entry for another key stored in this round or the one before stays:
- * evicting it would make a sweep over more pages than the cache holds
- * miss on every page, round after round, while keeping it lets the pages
- * that stay hit (QEMU's XBZRLE cache keeps fresh entries the same way).
- * Returns 1 if the page was stored (a later get returns it), else 0.
+ * it (`zlen` 0: larger than the cache keeps small), else NULL.  Returns
+ * 1 if the page was stored (a later get returns it), else 0 (claim_slot).
  */
 int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
                   uint32_t round, const uint8_t *zdelta, size_t zlen)
@@ -419,10 +438,8 @@ int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
     size_t s = slot_of(c, key);
     uint8_t *small = c->small + s * XCACHE_SMALL;
 
-    if (c->tags[s] && c->tags[s] != key + 1 && c->ages[s] + 1 >= round)
+    if (!claim_slot(c, s, key, round))
         return 0;
-    c->tags[s] = key + 1;
-    c->ages[s] = round;
     if (!zdelta)
         zlen = nb_delta_encode(nb_zero_page, page, small, XCACHE_SMALL);
     else if (zlen && zlen <= XCACHE_SMALL)
@@ -435,10 +452,15 @@ int nb_xcache_put(struct nb_xcache *c, uint64_t key, const uint8_t *page,
     return 1;
 }
 
-/* Forget what was sent under `key` (it was last sent otherwise). */
-void nb_xcache_drop(struct nb_xcache *c, uint64_t key)
+/* Remember that what was sent under `key` in round `round` is a page of
+ * zeros (a ZERO record).  Returns 1 if stored, else 0 (claim_slot: the
+ * slot holds another page, so nothing of `key` is left either). */
+int nb_xcache_put_zero(struct nb_xcache *c, uint64_t key, uint32_t round)
 {
     size_t s = slot_of(c, key);
-    if (c->tags[s] == key + 1)
-        c->tags[s] = 0;
+
+    if (!claim_slot(c, s, key, round))
+        return 0;
+    c->lens[s] = XCACHE_ZERO;
+    return 1;
 }

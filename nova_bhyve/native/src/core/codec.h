@@ -32,6 +32,6 @@ const uint8_t *nb_xcache_get(struct nb_xcache *c, uint64_t pfn, uint8_t *buf);
 int nb_xcache_has(const struct nb_xcache *c, uint64_t pfn);
 int nb_xcache_put(struct nb_xcache *c, uint64_t pfn, const uint8_t *page,
                   uint32_t round, const uint8_t *zdelta, size_t zlen);
-void nb_xcache_drop(struct nb_xcache *c, uint64_t pfn);
+int nb_xcache_put_zero(struct nb_xcache *c, uint64_t pfn, uint32_t round);
 
 #endif

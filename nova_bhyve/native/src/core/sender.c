@@ -257,8 +257,12 @@ static int send_page(struct sender *s, struct source *src, uint64_t index,
     key = cache_key(src, index);
     memcpy(snap, m->vmm.mem + off, NB_PAGE);
     if (nb_page_is_zero(snap)) {
-        if (s->cache)   /* the destination's copy is zeros, not the cached one */
-            nb_xcache_drop(s->cache, key);
+        /* the destination's copy is zeros, not the cached one: the cache
+         * says so (or, where another page keeps the slot, holds nothing of
+         * this one), and a page the guest zeroed goes as a delta against
+         * zeros when written again, where its changes fit one */
+        if (s->cache)
+            nb_xcache_put_zero(s->cache, key, round);
         if (incremental)
             nb_set_page_term(m, s->slot, index, 0);
         if (round == 0)

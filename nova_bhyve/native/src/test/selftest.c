@@ -85,12 +85,52 @@ long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds)
         }
     }
     for (uint64_t k = 0; k < ws; k++)
-        nb_xcache_drop(c, k);
-    for (uint64_t k = 0; k < ws; k++)
-        if (nb_xcache_get(c, k, buf))
+        nb_xcache_put_zero(c, k, rounds);
+    for (uint64_t k = 0; k < ws; k++) {
+        const uint8_t *got = nb_xcache_get(c, k, buf);
+        if (got && memcmp(got, nb_zero_page, NB_PAGE) != 0)
             hits = -1;
+    }
     nb_xcache_free(c);
     return hits;
+}
+
+/*
+ * A page sent with a byte set (round 1), then as zeros (round 3), then
+ * with the byte set again (round 4): the length of its delta against
+ * what the cache holds before round 4, or -1 on a miss.  With
+ * `rival`, another key of the same slot is stored in round 3 first (the
+ * page's entry is two rounds old): the zeros are not kept, nor is the
+ * older page (-1).  With `rival` 2, that key is then sent as zeros too,
+ * and this page (round 3) takes the slot back from it (-3 if not), then
+ * goes as zeros again.
+ */
+long nb_selftest_xcache_zeroed(int rival)
+{
+    struct nb_xcache *c = nb_xcache_new(16 * NB_PAGE);
+    static uint8_t page[NB_PAGE], buf[NB_PAGE], delta[NB_PAGE];
+    const uint8_t *old;
+    long n = -1;
+
+    if (!c)
+        return -2;
+    page[0] = 1;
+    nb_xcache_put(c, 3, page, 1, NULL, 0);
+    if (rival)
+        nb_xcache_put(c, 3 + 16, page, 3, NULL, 0);
+    nb_xcache_put_zero(c, 3, 3);
+    if (rival > 1) {     /* the zeros keep no slot from a page */
+        nb_xcache_put_zero(c, 3 + 16, 3);
+        if (!nb_xcache_put(c, 3, page, 3, NULL, 0))
+            n = -3;
+        nb_xcache_put_zero(c, 3, 3);
+    }
+    page[0] = 2;
+    old = nb_xcache_get(c, 3, buf);
+    if (old && nb_xcache_has(c, 3) && n != -3)
+        n = (long)nb_delta_encode(old, page, delta, NB_PAGE);
+    nb_xcache_free(c);
+    return n;
 }
 
 long nb_selftest_xcache_roundtrip(uint64_t slots, const uint8_t *pages, uint64_t n)

@@ -30,8 +30,14 @@ uint64_t nb_selftest_disk_term(uint32_t disk, uint64_t block, uint64_t h,
                                uint64_t hz, uint64_t k0, uint64_t k1);
 /* Sweep `ws` pages `rounds` times through a delta cache of `slots` pages
  * (as rounds of a guest rewriting its working set in order); returns the
- * hits of the last round, or -1 if a dropped page was still returned. */
+ * hits of the last round, or -1 if a page then sent as zeros came back
+ * as anything but zeros. */
 long nb_selftest_xcache_sweep(uint64_t slots, uint64_t ws, uint32_t rounds);
+/* A page sent with a byte set, as zeros, then with the byte changed: the
+ * length of its delta against what the cache then holds, or -1 on a miss
+ * (`rival` 1: a fresh page of another key took the slot first; 2: that
+ * page was then sent as zeros too, and the mark gave the slot back). */
+long nb_selftest_xcache_zeroed(int rival);
 /* Store `n` pages (4096 bytes each, back to back) in a delta cache of
  * `slots` pages under keys 0..n-1, then read each back: returns how many
  * came back exactly as stored (-1: out of memory). */
