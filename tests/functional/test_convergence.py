@@ -569,10 +569,11 @@ def test_rounds_wait_for_the_link_to_carry_them(vms):
     round at once; counted at once, the next round would hold only what
     the guest wrote in those moments, and rounds would seem to shrink
     while it writes faster than the link carries.  The source waits until
-    the link has carried a round (the page connections hold less than 64
-    KiB) before it counts the next: a round starts no sooner than the link
-    needs for the one before, and the guest that outruns the link is
-    slowed (auto-converge) until its rest fits."""
+    the link has carried a round (the page connections hold less than the
+    link carries in 2 ms, at least 16 KiB: here 16 KiB once the link is
+    timed, 64 KiB before) before it counts the next: a round
+    starts no sooner than the link needs for the one before, and the guest
+    that outruns the link is slowed (auto-converge) until its rest fits."""
     rate = 2_000_000
     held = 128 << 10        # the source's drained rest and the proxy's window
     src, dst, s, d = _over_slow_link(vms, "mode=stress pattern=fill ws=4M",

@@ -71,3 +71,44 @@ def test_no_throttle_where_the_guest_already_dirties_slowly_enough():
     assert _target(0, 1.0, 0.25) == 0
     assert _target(0, 0.0, 2.0) == 0        # no estimate of the link yet
     assert _target(0, 1.0, 0.0) == 0
+
+
+def _threshold(bandwidth, channels=1):
+    _, lib = selftest_module()
+    return lib.nb_selftest_drain_threshold(bandwidth, channels)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, float("nan"), 32.768e6,
+                                       33e6, 119e6, 1.25e9, float("inf")])
+def test_a_fast_or_unmeasured_link_is_drained_below_64_kib(bandwidth):
+    """From 32.768 MB/s up, 2 ms of the link carry 64 KiB or more: the
+    wait after a round ends below 64 KiB, as it does where no round or
+    drain has timed the link yet (0), and for any bandwidth that is not a
+    positive number."""
+    assert _threshold(bandwidth) == 64 << 10
+
+
+@pytest.mark.parametrize("bandwidth,below", [(12.5e6, 25000), (32e6, 64000)])
+def test_a_slower_link_is_drained_below_what_it_carries_in_2_ms(bandwidth,
+                                                                below):
+    """100 Mbit/s (12.5 MB/s) carries 25 KB in 2 ms, 32 MB/s 64,000 bytes."""
+    assert _threshold(bandwidth) == below
+
+
+@pytest.mark.parametrize("bandwidth", [8.0e6, 1.25e6, 125e3])
+def test_a_slow_link_is_drained_below_16_kib(bandwidth):
+    """10 Mbit/s carries 2.5 KB in 2 ms, less than delayed
+    acknowledgements can leave unacknowledged: the floor is 16 KiB (13 ms
+    of that link, where 64 KiB took 52)."""
+    assert _threshold(bandwidth) == 16 << 10
+    assert _threshold(bandwidth, channels=2) == 16 << 10
+
+
+@pytest.mark.parametrize("channels,below", [(0, 16 << 10), (3, 24 << 10),
+                                            (4, 32 << 10), (8, 64 << 10),
+                                            (16, 64 << 10)])
+def test_the_floor_is_8_kib_a_page_connection_from_three_on(channels, below):
+    """A delayed acknowledgement can leave a segment unacknowledged on each
+    connection: from three on the floor is 8 KiB each, at most 64 KiB."""
+    assert _threshold(1.25e6, channels) == below
+    assert _threshold(12.5e6, channels) == max(below, 25000)

@@ -31,3 +31,16 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms)
     run = (100.0 - cur) / 100.0 * out / (2 * dirty_per_ms);
     return run >= 1 ? 0 : (uint32_t)(100.0 - 100.0 * run + 0.999);
 }
+
+uint64_t nb_drain_threshold(double bandwidth, int channels)
+{
+    double below = bandwidth * NB_DRAIN_TAIL_MS / 1e3;
+    double least = (double)NB_DRAIN_FLOOR_PER_CHANNEL * (channels > 1 ? channels : 1);
+
+    if (least < (double)NB_DRAIN_FLOOR)
+        least = (double)NB_DRAIN_FLOOR;
+    if (!(bandwidth > 0) || below > (double)NB_DRAIN_CEILING ||
+        least > (double)NB_DRAIN_CEILING)
+        return NB_DRAIN_CEILING;
+    return below < least ? (uint64_t)least : (uint64_t)below;
+}

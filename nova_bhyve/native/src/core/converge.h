@@ -2,6 +2,8 @@
  * Auto-converge's two decisions, apart from the source's state so that the
  * unit tests can drive them (source.c applies them through the vmm port):
  * whether a round stalled, and how hard to throttle the guest when it did.
+ * Also where the wait after a round for the link to carry it ends (here
+ * for the same reason: the unit tests' build has this file).
  *
  * A round stalls when the pause expected after it does not fit the limit
  * and it shrank the dirty set by less than a tenth, or at a pace that
@@ -32,5 +34,23 @@ int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
  * dirtied them (`dirty_per_ms`) under the throttle `cur`; 0: none needed
  * or no estimate. */
 uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
+
+/*
+ * The wait after a round (source.c's drain_round) ends once the page
+ * connections hold fewer bytes than this: what a link of `bandwidth`
+ * bytes a second carries in NB_DRAIN_TAIL_MS (one look of the wait), at
+ * least NB_DRAIN_FLOOR_PER_CHANNEL for each of `channels` and
+ * NB_DRAIN_FLOOR (what a peer's delayed acknowledgements may leave
+ * unacknowledged on a connection until their timer: a few segments, so
+ * the wait does not end on that timer), at most
+ * NB_DRAIN_CEILING, which an unmeasured link (0) gets.  The next round
+ * queues behind what is left, and once the rest fits all of it crosses
+ * the link before the pause, the guest dirtying the final round.
+ */
+#define NB_DRAIN_TAIL_MS 2.0
+#define NB_DRAIN_FLOOR (16u << 10)
+#define NB_DRAIN_FLOOR_PER_CHANNEL (8u << 10)
+#define NB_DRAIN_CEILING (64u << 10)
+uint64_t nb_drain_threshold(double bandwidth, int channels);
 
 #endif

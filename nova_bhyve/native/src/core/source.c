@@ -392,8 +392,9 @@ static void count_catchup(struct source *src, double ms)
 /*
  * Wait until the destination holds every round sent so far (APPLIED):
  * rounds being decoded there would otherwise land in the pause.  (The
- * link has carried them: drain_round waited for that after each.)  A
- * destination that stays silent for timeout_ms fails it.
+ * link has carried them but for the drain's threshold, nb_src_drained,
+ * which crosses it during this wait.)  A destination that stays silent
+ * for timeout_ms fails it.
  */
 static int wait_applied(struct source *src, char *err)
 {
@@ -408,25 +409,30 @@ static int wait_applied(struct source *src, char *err)
 
 /*
  * Pace the rounds by the link: while the page connections hold what the
- * link has not carried (nb_src_drained), wait, the guest running, and
- * count the drain towards the link's bandwidth.  On a link slower than
- * the source the socket buffers take a round at once: counted at once,
- * the next round would find only what the guest dirtied in the moments
- * the buffers took, rounds would seem to shrink while the guest dirties
- * as fast as the link carries (no auto-converge), and the wait before the
- * pause would let it dirty a whole round.  A link that delivers nothing
- * for timeout_ms fails it.
+ * link has not carried (nb_src_drained), wait, the guest running.  On a
+ * link slower than the source the socket buffers take a round at once:
+ * counted at once, the next round would find only what the guest dirtied
+ * in the moments the buffers took, rounds would seem to shrink while the
+ * guest dirties as fast as the link carries (no auto-converge), and the
+ * wait before the pause would let it dirty a whole round.  The part of
+ * the wait down to nb_src_time_drain's threshold times the link; below
+ * it, what the connections hold moves with acknowledgements and, on a
+ * busy host, with the scheduler.  A link that delivers nothing for
+ * timeout_ms fails it.
  */
 static int drain_round(struct source *src, char *err)
 {
     struct nb_mig *m = src->m;
     double t0 = nb_now_ms(), until = t0 + m->p.timeout_ms;
     uint64_t queued0 = nb_src_queued(src), queued = queued0, least = queued0;
+    int timed = nb_src_time_drain(src, queued0, queued0, 0);
 
-    while (!nb_src_drained(queued)) {
+    while (!nb_src_drained(src, queued)) {
         if (read_control(src, DRAIN_POLL_MS, err) < 0)
             return -1;
         queued = nb_src_queued(src);
+        if (!timed)
+            timed = nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
         if (queued < least) {
             least = queued;
             until = nb_now_ms() + m->p.timeout_ms;
@@ -436,8 +442,6 @@ static int drain_round(struct source *src, char *err)
             return fail(src, NB_ERR_TIMEOUT);
         }
     }
-    if (queued < queued0)
-        nb_src_time_drain(src, queued0, queued, nb_now_ms() - t0);
     count_catchup(src, nb_now_ms() - t0);
     return 0;
 }

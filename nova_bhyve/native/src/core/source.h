@@ -119,9 +119,9 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms);
 int nb_src_limit_out_of_reach(struct source *src);
 void nb_src_time_round(struct source *src, const struct nb_round_stat *r,
                        uint64_t queued0, uint64_t queued1);
-void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
-                       double ms);
-int nb_src_drained(uint64_t queued);
+int nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
+                      double ms);
+int nb_src_drained(struct source *src, uint64_t queued);
 double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);
 uint32_t nb_src_throttle(struct nb_mig *m);

@@ -18,9 +18,10 @@
 /* A round times the link's bandwidth with what the link delivered during
  * it (the bytes written, less what the page connections held
  * unacknowledged at its end, plus what they held at its start) if that is
- * at least MIN_TIMED_BYTES.  So does the wait for the destination to
- * catch up before the pause, if the connections held at least
- * MIN_QUEUED_BYTES at its start, with what drained until they held less.
+ * at least MIN_TIMED_BYTES.  So does the wait after each round for the
+ * link to carry it (source.c's drain_round), if the connections held at
+ * least MIN_QUEUED_BYTES at its start, with what drained until they held
+ * less (the wait may go on below, nb_src_drained: that part is not timed).
  * A smaller round on a fast link goes through at once, and its wall time
  * is its own (waking the channels, the flush, on a busy host the
  * scheduler's: 46 KB took up to 450 ms under busy loops), not the link's;
@@ -65,19 +66,25 @@ void nb_src_time_round(struct source *src, const struct nb_round_stat *r,
         count_link(src, delivered, r->duration_ms);
 }
 
-/* Count a drain of the page connections from `queued0` to `queued1` bytes
- * in `ms` (nb_src_drained says when it ended) if it can time the link. */
-void nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
-                       double ms)
+/* Count the part of a drain of the page connections that times the link:
+ * from `queued0` bytes to `queued1`, reached in `ms`, once `queued1` is
+ * below MIN_QUEUED_BYTES (counted if `queued0` was not).  Returns whether
+ * that part is over: 0 while `queued1` is still at or above it. */
+int nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
+                      double ms)
 {
-    if (queued0 >= MIN_QUEUED_BYTES && queued1 < queued0)
+    if (queued1 >= MIN_QUEUED_BYTES)
+        return 0;
+    if (queued0 >= MIN_QUEUED_BYTES)
         count_link(src, queued0 - queued1, ms);
+    return 1;
 }
 
-/* Whether `queued` bytes left in the page connections end a drain. */
-int nb_src_drained(uint64_t queued)
+/* Whether `queued` bytes left in the page connections end a drain
+ * (nb_drain_threshold, at the link's bandwidth measured so far). */
+int nb_src_drained(struct source *src, uint64_t queued)
 {
-    return queued < MIN_QUEUED_BYTES;
+    return queued < nb_drain_threshold(nb_src_link_bandwidth(src), src->nsnd);
 }
 
 /* The link's bandwidth the timed rounds and drains measured, at most the

@@ -167,6 +167,11 @@ uint32_t nb_selftest_converge_target(uint32_t cur, double page_ms,
     return nb_converge_target(cur, page_ms, dirty_per_ms);
 }
 
+uint64_t nb_selftest_drain_threshold(double bandwidth, int channels)
+{
+    return nb_drain_threshold(bandwidth, channels);
+}
+
 /* How long frame `n` (from 1) of `burst` takes to leave, at `link_Bps` on average. */
 static double frame_ms(size_t frame, double link_Bps, int burst, int n)
 {
