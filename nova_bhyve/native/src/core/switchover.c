@@ -68,8 +68,8 @@ void nb_src_time_round(struct source *src, const struct nb_round_stat *r,
 
 /* Count the part of a drain of the page connections that times the link:
  * from `queued0` bytes to `queued1`, reached in `ms`, once `queued1` is
- * below MIN_QUEUED_BYTES (counted if `queued0` was not).  Returns whether
- * that part is over: 0 while `queued1` is still at or above it. */
+ * below MIN_QUEUED_BYTES (counted if `queued0` was at or above it).
+ * Returns whether that part is over: 0 while `queued1` is not below it. */
 int nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
                       double ms)
 {
