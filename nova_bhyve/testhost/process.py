@@ -54,13 +54,15 @@ class TestHostVM:
     @classmethod
     def start(cls, name, rundir, mem, cpus=1, kernel=None, cmdline="",
               incoming=False, paused=False, tlog=False, disk=None,
-              dirty_log_whole=False, timeout=30.0):
+              dirty_log_whole=False, flush_delay_ms=0, timeout=30.0):
         """Start a VM process and wait until its control socket answers.
 
         ``mem`` is a size string ("1G") or bytes.  Either boot ``kernel``
         (defaults to the bundled guest payload) or start ``incoming``.
         ``dirty_log_whole`` offers the engine only the whole get-and-clear
         dirty log, as bhyve's vmm port does (no peek, no ranges).
+        ``flush_delay_ms`` holds each flush of ``disk`` that long, as a
+        drive on slow storage.
         """
         rundir = pathlib.Path(rundir)
         rundir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,8 @@ class TestHostVM:
             argv += ["--disk", str(disk)]
         if dirty_log_whole:
             argv.append("--dirty-log-whole")
+        if flush_delay_ms:
+            argv += ["--flush-delay-ms", str(flush_delay_ms)]
         log = open(rundir / "testhost.log", "ab")
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "testhost.h"
@@ -108,7 +109,8 @@ void nb_ata_init(struct nb_ata *a)
 /*
  * The flusher: runs each flush asked for (FLUSH CACHE, or one restored in
  * flight) and, if the drive still waits for it (BSY, no reset or newer
- * flush since), completes the command.  Flushes asked for while one runs
+ * flush since), completes the command.  With --flush-delay-ms it waits
+ * that long before each `fdatasync`, as a drive whose storage is slow.  Flushes asked for while one runs
  * are served by the next `fdatasync`, which covers them all.
  */
 static void *flusher_main(void *arg)
@@ -124,6 +126,11 @@ static void *flusher_main(void *arg)
             pthread_cond_wait(&a->flush_cv, &a->lock);
         asked = a->flush_asked;
         pthread_mutex_unlock(&a->lock);
+        if (a->flush_delay_ms) {
+            struct timespec ts = { a->flush_delay_ms / 1000,
+                                   a->flush_delay_ms % 1000 * 1000000L };
+            nanosleep(&ts, NULL);
+        }
         rc = fdatasync(a->fd);
         pthread_mutex_lock(&a->lock);
         a->flush_done = asked;

@@ -25,13 +25,16 @@ static void usage(FILE *f)
         "usage: nb-testhost --name NAME --rundir DIR --mem SIZE [--cpus N]\n"
         "                   (--kernel ELF [--cmdline STR] [--paused] | --incoming)\n"
         "                   [--console-tlog] [--disk FILE] [--dirty-log-whole]\n"
+        "                   [--flush-delay-ms MS]\n"
         "\n"
         "Runs one KVM guest laid out as bhyve does (lowmem below 3 GiB at GPA 0,\n"
         "the rest at 4 GiB).  DIR receives control.sock, console.log and\n"
         "testhost.pid.  SIZE takes a K, M or G suffix.  --disk attaches FILE (a raw\n"
         "image, not a symbolic link) as the ATA master on the primary IDE ports.\n"
         "--dirty-log-whole offers only the whole get-and-clear dirty log, as\n"
-        "bhyve's does: no peek, no ranges.\n"
+        "bhyve's does: no peek, no ranges.  --flush-delay-ms holds each FLUSH\n"
+        "CACHE of the disk MS (1..10000) milliseconds before it starts, as a\n"
+        "drive on slow storage (for tests).\n"
         "A test and development backend for nova-bhyve, not a production\n"
         "hypervisor.\n"
         "Exit status as bhyve(8): 1 powered off, 2 halted, 3 triple fault, 4 error.\n");
@@ -104,6 +107,7 @@ int main(int argc, char **argv)
         { "console-tlog", no_argument, NULL, 't' },
         { "disk", required_argument, NULL, 'D' },
         { "dirty-log-whole", no_argument, NULL, 'W' },
+        { "flush-delay-ms", required_argument, NULL, 'F' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -111,7 +115,7 @@ int main(int argc, char **argv)
     const char *name = NULL, *rundir = NULL, *kernel = NULL, *cmdline = "";
     const char *disk = NULL;
     uint64_t mem = 0;
-    long cpus = 1;
+    long cpus = 1, flush_delay_ms = 0;
     int paused = 0, incoming = 0, tlog = 0, opt, status;
     char sock[600], err[512], title[16];
     struct sigaction sa;
@@ -139,6 +143,13 @@ int main(int argc, char **argv)
         case 't': tlog = 1; break;
         case 'D': disk = optarg; break;
         case 'W': vm->dirty_log_whole = 1; break;
+        case 'F': {
+            char *end;
+            flush_delay_ms = strtol(optarg, &end, 10);
+            if (*end || flush_delay_ms < 1 || flush_delay_ms > 10000)
+                nb_die("--flush-delay-ms %s: must be 1..10000", optarg);
+            break;
+        }
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return NB_EXIT_ERROR;
         }
@@ -179,6 +190,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     nb_ata_init(&vm->ata);
+    vm->ata.flush_delay_ms = (uint32_t)flush_delay_ms;
     if (disk)
         nb_ata_open(&vm->ata, disk);
     nb_vm_create(vm, (int)cpus, mem);

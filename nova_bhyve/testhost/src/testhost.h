@@ -78,6 +78,7 @@ struct nb_ata {
     pthread_cond_t flush_cv;
     uint64_t flush_asked;   /* flushes asked for, counted from 1 */
     uint64_t flush_done;    /* the last of them the flusher finished */
+    uint32_t flush_delay_ms; /* --flush-delay-ms: a slow drive, for tests */
 };
 
 struct nb_vm {
