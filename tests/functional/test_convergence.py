@@ -364,15 +364,18 @@ def test_a_few_pages_the_cache_misses_are_priced_in_round_0s_estimate(vms):
     can carry most of the bytes.  The estimate counts the misses among all
     dirty pages and samples each kind apart, so it stays within a factor
     of two of the measured pause (49 to 50 ms predicted for 45 to 46 ms
-    measured, ten runs); a sample of all pages alike priced the misses by how many
-    of them it happened to catch.
+    measured in ten runs); a sample of all pages alike priced the misses
+    by how many of them it happened to catch.
 
     The pages the cache cannot hold are the working set's last (round 0
-    fills its slots in order), which a ranged dirty log clears last: the
-    guest must write them again before the pause reads the log.  2 GiB
-    of memory puts 1.9 GiB of zero pages after the set, time enough for
-    that on a busy host; with 512 MiB a busy host's guest once wrote only
-    13439 of the 16384 pages in time, and about 20 of them went raw."""
+    fills its slots in order), and a ranged dirty log is cleared in
+    sixteen chunks of at least 64 MiB as round 0 reaches them: with
+    512 MiB of memory the set's last 16 MiB lie in the second chunk,
+    cleared about 3 s into round 0, and a busy host's guest once wrote
+    only 1151 of its 4096 pages again before the pause, so about 20 went
+    raw.  With 2 GiB the chunks are 128 MiB and the whole set, at 16 to
+    80 MiB, is cleared when round 0 starts: the guest has all of round
+    0's 4 s to write it again."""
     src, dst = _pair(vms, "mode=stress pattern=touch ws=64M", mem="2G")
     secret = new_secret()
     recv = start_receive(dst, secret)

@@ -108,8 +108,9 @@ def test_disk_writer_writes_the_disk_and_the_dirty_block_log_shows_it(vms):
     assert parse_console(vm.console_text()).errors == 0
 
 
-def _migrate(src, dst, disk_for_dst=None):
-    """Pause src, move memory and state to the incoming dst, run dst."""
+def _migrate(src, dst, disk_for_dst=None, loaded=None):
+    """Pause src, move memory and state to the incoming dst, run dst;
+    ``loaded(dst)``, if given, runs once dst holds the state, paused."""
     src.client.pause()
     blob = src.client.save_state()
     if disk_for_dst:
@@ -118,6 +119,8 @@ def _migrate(src, dst, disk_for_dst=None):
             GuestMemory.from_client(dst.client) as dm:
         copy_memory(sm, dm)
     assert dst.client.load_state(blob) == {"state": "paused"}
+    if loaded:
+        loaded(dst)
     assert src.stop() == 1
     dst.client.resume()
     return blob
@@ -330,21 +333,29 @@ def test_a_flush_in_flight_travels_in_the_state(vms):
     runs the flush again on its own file and completes it, and the
     guest's writer goes on clean.  Each drive holds its flushes 300 ms
     (``--flush-delay-ms``), so the drive is busy with one most of the
-    time whatever this host's storage does; a storage hog made that so
-    only where the storage was slow, and once left all of 24 pauses
-    between flushes."""
+    time whatever this host's storage does (a storage hog made it so only
+    where the storage was slow, and once left all of 24 pauses between
+    flushes), and a destination that took a flush in flight is still
+    busy with it when its state is read back before it runs."""
     path = _disk(vms)
     slow = {"disk": path, "flush_delay_ms": FLUSH_DELAY_MS}
     vm = vms.start("hop0", cmdline=DISK_ONLY, **slow)
     _wait_disk_passes(vm, 1)
-    texts, busy = [], 0
+    texts, busy, loaded = [], 0, []
+
+    def read_back(dst):
+        loaded.append(_ata_section(dst.client.save_state()))
+
     for hop in range(1, 13):
         dst = vms.start(f"hop{hop}", incoming=True, **slow)
         time.sleep(0.05 * (hop % 5))
-        ata = _ata_section(_migrate(vm, dst))
+        ata = _ata_section(_migrate(vm, dst, loaded=read_back))
         busy += bool(ata[7] & 0x80)
         if ata[7] & 0x80:
             assert ata[10] == 0xE7 and ata[11] == 0, ata[:12]
+            # the destination runs the flush again: busy with it
+            assert loaded[-1][7] & 0x80 and loaded[-1][10] == 0xE7, \
+                loaded[-1][:12]
         texts.append(vm.console_text())
         vm = dst
         if busy >= 2:
@@ -359,13 +370,20 @@ def test_a_flush_in_flight_travels_in_the_state(vms):
     _check_disk_file(path, combined.heartbeats[-1].disk_passes)
 
 
-@pytest.mark.parametrize("bad", ["0", "10001", "-5", "3x"])
-def test_a_flush_delay_out_of_range_is_refused_with_its_reason(vms, bad):
-    """``--flush-delay-ms`` takes 1 to 10000; anything else stops the
-    process before a VM exists (status 4, as bhyve's error), saying why."""
+@pytest.mark.parametrize("bad,why", [
+    ("0", "--flush-delay-ms 0: must be 1..10000"),
+    ("10001", "--flush-delay-ms 10001: must be 1..10000"),
+    ("-5", "--flush-delay-ms -5: must be 1..10000"),
+    ("3x", "--flush-delay-ms 3x: must be 1..10000"),
+    ("300", "--flush-delay-ms needs --disk"),
+])
+def test_a_flush_delay_out_of_range_is_refused_with_its_reason(vms, bad, why):
+    """``--flush-delay-ms`` takes 1 to 10000, and only with a disk;
+    anything else stops the process before a VM exists (status 4, as
+    bhyve's error), saying why."""
     run = subprocess.run(
         [str(artifacts.testhost_binary()), "--name", "d", "--rundir",
          vms.base, "--mem", "64M", "--incoming", "--flush-delay-ms", bad],
         capture_output=True, text=True, timeout=30)
     assert run.returncode == 4, run
-    assert f"--flush-delay-ms {bad}: must be 1..10000" in run.stderr
+    assert why in run.stderr, run.stderr

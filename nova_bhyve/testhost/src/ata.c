@@ -109,9 +109,10 @@ void nb_ata_init(struct nb_ata *a)
 /*
  * The flusher: runs each flush asked for (FLUSH CACHE, or one restored in
  * flight) and, if the drive still waits for it (BSY, no reset or newer
- * flush since), completes the command.  With --flush-delay-ms it waits
- * that long before each `fdatasync`, as a drive whose storage is slow.  Flushes asked for while one runs
- * are served by the next `fdatasync`, which covers them all.
+ * flush since), completes the command.  Flushes asked for while one runs
+ * are served by the next `fdatasync`, which covers them all.  With
+ * --flush-delay-ms it waits that long before each `fdatasync`, as a drive
+ * on slow storage (a signal ends the wait early: the process is exiting).
  */
 static void *flusher_main(void *arg)
 {
@@ -127,8 +128,10 @@ static void *flusher_main(void *arg)
         asked = a->flush_asked;
         pthread_mutex_unlock(&a->lock);
         if (a->flush_delay_ms) {
-            struct timespec ts = { a->flush_delay_ms / 1000,
-                                   a->flush_delay_ms % 1000 * 1000000L };
+            struct timespec ts = {
+                .tv_sec = a->flush_delay_ms / 1000,
+                .tv_nsec = a->flush_delay_ms % 1000 * 1000000L,
+            };
             nanosleep(&ts, NULL);
         }
         rc = fdatasync(a->fd);

@@ -32,8 +32,8 @@ static void usage(FILE *f)
         "testhost.pid.  SIZE takes a K, M or G suffix.  --disk attaches FILE (a raw\n"
         "image, not a symbolic link) as the ATA master on the primary IDE ports.\n"
         "--dirty-log-whole offers only the whole get-and-clear dirty log, as\n"
-        "bhyve's does: no peek, no ranges.  --flush-delay-ms holds each FLUSH\n"
-        "CACHE of the disk MS (1..10000) milliseconds before it starts, as a\n"
+        "bhyve's does: no peek, no ranges.  --flush-delay-ms (with --disk)\n"
+        "holds each fdatasync of the disk MS (1..10000) milliseconds, as a\n"
         "drive on slow storage (for tests).\n"
         "A test and development backend for nova-bhyve, not a production\n"
         "hypervisor.\n"
@@ -159,6 +159,8 @@ int main(int argc, char **argv)
         nb_die("need --name, --rundir, --mem and exactly one of --kernel "
                "or --incoming");
     }
+    if (flush_delay_ms && !disk)
+        nb_die("--flush-delay-ms needs --disk");
     if (strlen(name) >= sizeof(vm->name) || strchr(name, '/') || !*name)
         nb_die("--name must be 1..%zu characters without '/'", sizeof(vm->name) - 1);
     if (mem % (2u << 20) || mem < (16u << 20) || mem > (1ULL << 40))
