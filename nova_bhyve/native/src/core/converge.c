@@ -34,7 +34,7 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms)
 
 uint64_t nb_drain_threshold(double bandwidth, int channels)
 {
-    double below = bandwidth * NB_DRAIN_TAIL_MS / 1e3;
+    double below = bandwidth * NB_DRAIN_POLL_MS / 1e3;
     double least = (double)NB_DRAIN_FLOOR_PER_CHANNEL * (channels > 1 ? channels : 1);
 
     if (least < (double)NB_DRAIN_FLOOR)

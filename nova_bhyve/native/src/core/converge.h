@@ -38,7 +38,7 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
 /*
  * The wait after a round (source.c's drain_round) ends once the page
  * connections hold fewer bytes than this: what a link of `bandwidth`
- * bytes a second carries in NB_DRAIN_TAIL_MS (one look of the wait), at
+ * bytes a second carries in NB_DRAIN_POLL_MS (one look of the wait), at
  * least NB_DRAIN_FLOOR_PER_CHANNEL for each of `channels` and
  * NB_DRAIN_FLOOR (what a peer's delayed acknowledgements may leave
  * unacknowledged on a connection until their timer: a few segments, so
@@ -47,7 +47,8 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
  * queues behind what is left, and once the rest fits all of it crosses
  * the link before the pause, the guest dirtying the final round.
  */
-#define NB_DRAIN_TAIL_MS 2.0
+/* How often that wait looks at what the connections hold, ms. */
+#define NB_DRAIN_POLL_MS 2
 #define NB_DRAIN_FLOOR (16u << 10)
 #define NB_DRAIN_FLOOR_PER_CHANNEL (8u << 10)
 #define NB_DRAIN_CEILING (64u << 10)

@@ -28,6 +28,7 @@
 #include <sched.h>
 #endif
 
+#include "core/converge.h"
 #include "core/source.h"
 
 /* How long a failing source listens for the destination's reason. */
@@ -36,8 +37,6 @@
 #define AUTO_CHANNELS_MAX 2
 /* While the limit is out of reach, the longest wait between two rounds. */
 #define HOLD_MS 100
-/* How often a wait looks at a draining backlog, ms. */
-#define DRAIN_POLL_MS 2
 
 /* Note why the current phase failed; returns -1. */
 static int fail(struct source *src, int kind)
@@ -428,7 +427,7 @@ static int drain_round(struct source *src, char *err)
     int timed = nb_src_time_drain(src, queued0, queued0, 0);
 
     while (!nb_src_drained(src, queued)) {
-        if (read_control(src, DRAIN_POLL_MS, err) < 0)
+        if (read_control(src, NB_DRAIN_POLL_MS, err) < 0)
             return -1;
         queued = nb_src_queued(src);
         if (!timed)
