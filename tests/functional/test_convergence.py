@@ -368,14 +368,15 @@ def test_a_few_pages_the_cache_misses_are_priced_in_round_0s_estimate(vms):
     by how many of them it happened to catch.
 
     The pages the cache cannot hold are the working set's last (round 0
-    fills its slots in order), and a ranged dirty log is cleared in
-    sixteen chunks of at least 64 MiB as round 0 reaches them: with
-    512 MiB of memory the set's last 16 MiB lie in the second chunk,
-    cleared about 3 s into round 0, and a busy host's guest once wrote
-    only 1151 of its 4096 pages again before the pause, so about 20 went
-    raw.  With 2 GiB the chunks are 128 MiB and the whole set, at 16 to
-    80 MiB, is cleared when round 0 starts: the guest has all of round
-    0's 4 s to write it again."""
+    fills its slots in order), and a ranged dirty log is cleared a chunk
+    at a time (a sixteenth of memory, at least 64 MiB) as round 0 reaches
+    it: with 512 MiB of memory the set's last 16 MiB lie in the second
+    chunk, cleared about 3 s into round 0, and a busy host's guest once
+    wrote only 13439 of the set's 16384 pages again before the pause (at
+    least 1151 of the last 4096), so about 20 went raw.  With 2 GiB the
+    chunks are 128 MiB and the whole set, at 16 to 80 MiB, is cleared
+    when round 0 starts: the guest has all of round 0's 4 s to write it
+    again."""
     src, dst = _pair(vms, "mode=stress pattern=touch ws=64M", mem="2G")
     secret = new_secret()
     recv = start_receive(dst, secret)

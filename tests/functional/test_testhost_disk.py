@@ -377,7 +377,7 @@ def test_a_flush_in_flight_travels_in_the_state(vms):
     ("3x", "--flush-delay-ms 3x: must be 1..10000"),
     ("300", "--flush-delay-ms needs --disk"),
 ])
-def test_a_flush_delay_out_of_range_is_refused_with_its_reason(vms, bad, why):
+def test_a_bad_flush_delay_is_refused_with_its_reason(vms, bad, why):
     """``--flush-delay-ms`` takes 1 to 10000, and only with a disk;
     anything else stops the process before a VM exists (status 4, as
     bhyve's error), saying why."""

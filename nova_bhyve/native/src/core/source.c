@@ -134,8 +134,8 @@ static int phase_setup(struct source *src, char *err)
     src->words = (m->npages + 63) / 64;
     src->bitmap = calloc(src->words ? src->words : 1, 8);   /* none: 0 pages */
     src->lazy = m->vmm.ops->dirty_log_range && m->vmm.ops->dirty_peek;
-    /* 16 chunks, none under 64 MiB: fine enough to keep re-sends down,
-     * coarse enough that the extra dirty-log calls cost little */
+    /* at most 16 chunks, none under 64 MiB: fine enough to keep re-sends
+     * down, coarse enough that the extra dirty-log calls cost little */
     src->chunk = (src->words + 15) / 16 < LAZY_MIN_WORDS ? LAZY_MIN_WORDS
                                                          : (src->words + 15) / 16;
     src->scratch = src->lazy ? calloc(src->words, 8) : NULL;
