@@ -166,6 +166,11 @@ def compute_overlay(host, facts):
         "DEFAULT": {"host": host, "compute_driver": "bhyve.BhyveDriver",
                     "state_path": base, "instances_path": base / "instances",
                     "concurrency_backend": facts["concurrency"],
+                    # both computes share 2 CPUs: Nova's 4.0 leaves 8 guest
+                    # vCPUs a compute, which tempest's two workers fill
+                    # (a resize holds room on both): once a test found no
+                    # room beside its first server (doc/cloud.md)
+                    "cpu_allocation_ratio": 16.0,
                     "debug": True},
         "oslo_concurrency": {"lock_path": base / "lock"},
         "bhyve": {"live_migration_inbound_addr": facts["inbound_addr"],
