@@ -6,13 +6,11 @@ import os
 import shutil
 import statistics
 import struct
-import subprocess
 import threading
 import time
 
 import pytest
 
-from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.console import (
     largest_heartbeat_gap,
     parse_console,
@@ -381,9 +379,8 @@ def test_a_bad_flush_delay_is_refused_with_its_reason(vms, bad, why):
     """``--flush-delay-ms`` takes 1 to 10000, and only with a disk;
     anything else stops the process before a VM exists (status 4, as
     bhyve's error), saying why."""
-    run = subprocess.run(
-        [str(artifacts.testhost_binary()), "--name", "d", "--rundir",
-         vms.base, "--mem", "64M", "--incoming", "--flush-delay-ms", bad],
-        capture_output=True, text=True, timeout=30)
-    assert run.returncode == 4, run
-    assert why in run.stderr, run.stderr
+    with pytest.raises(TestHostError) as err:
+        vms.start("bad", incoming=True, flush_delay_ms=bad)
+    assert err.value.code == "ECHILD"
+    assert "exited with status 4" in err.value.message
+    assert why in err.value.message
