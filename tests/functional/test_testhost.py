@@ -504,3 +504,14 @@ def test_a_paused_guest_does_not_run_while_the_vm_shuts_down(vms):
         frozen = vm.console_text()
         assert vm.stop() == 1
         assert vm.console_text() == frozen
+
+
+@pytest.mark.parametrize("bad", ["0", "17", "-1", "2x", ""])
+def test_a_bad_vcpu_count_is_refused_with_its_reason(vms, bad):
+    """``--cpus`` takes 1 to 16; anything else stops the process before a
+    VM exists (status 4, as bhyve's error), saying why."""
+    with pytest.raises(TestHostError) as err:
+        vms.start("bad", incoming=True, cpus=bad)
+    assert err.value.code == "ECHILD"
+    assert "exited with status 4" in err.value.message
+    assert f"--cpus {bad}: must be 1..16" in err.value.message

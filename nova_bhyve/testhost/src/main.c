@@ -93,6 +93,17 @@ static int open_log(const char *rundir, const char *name)
     return fd;
 }
 
+/* The decimal integer an option gives, which must lie in [lo, hi]. */
+static long parse_bounded(const char *option, const char *arg, long lo, long hi)
+{
+    char *end;
+    long v = strtol(arg, &end, 10);
+
+    if (*end || end == arg || v < lo || v > hi)
+        nb_die("--%s %s: must be %ld..%ld", option, arg, lo, hi);
+    return v;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -129,13 +140,7 @@ int main(int argc, char **argv)
             if (parse_size(optarg, &mem) < 0)
                 nb_die("--mem %s: not a size (e.g. 1024M or 4G)", optarg);
             break;
-        case 'c': {
-            char *end;
-            cpus = strtol(optarg, &end, 10);
-            if (*end || cpus < 1 || cpus > NB_MAX_VCPUS)
-                nb_die("--cpus %s: must be 1..%d", optarg, NB_MAX_VCPUS);
-            break;
-        }
+        case 'c': cpus = parse_bounded("cpus", optarg, 1, NB_MAX_VCPUS); break;
         case 'k': kernel = optarg; break;
         case 'a': cmdline = optarg; break;
         case 'p': paused = 1; break;
@@ -143,13 +148,9 @@ int main(int argc, char **argv)
         case 't': tlog = 1; break;
         case 'D': disk = optarg; break;
         case 'W': vm->dirty_log_whole = 1; break;
-        case 'F': {
-            char *end;
-            flush_delay_ms = strtol(optarg, &end, 10);
-            if (*end || flush_delay_ms < 1 || flush_delay_ms > 10000)
-                nb_die("--flush-delay-ms %s: must be 1..10000", optarg);
+        case 'F':
+            flush_delay_ms = parse_bounded("flush-delay-ms", optarg, 1, 10000);
             break;
-        }
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return NB_EXIT_ERROR;
         }
