@@ -232,29 +232,35 @@ def test_a_bad_disk_path_ends_the_process_with_a_clear_error(vms, setup,
     assert message in err.value.message
 
 
+def _timed_beats(vm):
+    """The heartbeats of the timestamped console log: (ns, seq, disk passes)."""
+    return [(ns, int(w[1]), int(w[4]))
+            for ns, line in parse_tlog(vm.tlog_path.read_text())
+            if len(w := line.split()) == 5 and w[0] == "HB"]
+
+
 def test_a_flush_the_host_holds_up_does_not_stop_the_heartbeat(vms):
     """FLUSH CACHE runs on the drive's flusher thread and the guest polls
     the busy drive between heartbeats, so a flush the host holds up
     (300 ms each, ``--flush-delay-ms``) leaves the heartbeat going over
-    two disk passes, each of which ends with a flush.  When the vCPU ran
+    three disk passes, each of which ends with a flush.  When the vCPU ran
     `fdatasync` itself, its heartbeat stopped for as long as each flush
     took."""
     path = _disk(vms)
     vm = vms.start("flush", cmdline=DISK_ONLY, disk=path, tlog=True,
                    flush_delay_ms=FLUSH_DELAY_MS)
-    _wait_disk_passes(vm, 1)
-    first = parse_console(vm.console_text()).heartbeats[-1]
-    _wait_disk_passes(vm, first.disk_passes + 2, timeout=30)
-    last = parse_console(vm.console_text()).heartbeats[-1]
-    tlog = parse_tlog(vm.tlog_path.read_text())
-    beats = [ns for ns, line in tlog
-             if line.split()[:2] in (["HB", str(first.seq)],
-                                     ["HB", str(last.seq)])]
-    gap, _ = largest_heartbeat_gap(tlog, min_seq=first.seq, max_seq=last.seq)
-    assert last.disk_passes >= first.disk_passes + 2, (first, last)
-    # the passes waited for their flushes: the delay was in force ...
-    assert len(beats) == 2 and (beats[1] - beats[0]) / 1e9 >= \
-        2 * FLUSH_DELAY_MS / 1e3, (beats, first, last)
+    first = wait_for(lambda: (b := _timed_beats(vm)) and b[-1][2] >= 1 and
+                     b[-1], timeout=60, what="a disk pass on flush")
+    last = wait_for(lambda: (b := _timed_beats(vm)) and
+                    b[-1][2] >= first[2] + 3 and b[-1], timeout=30,
+                    what="three more disk passes on flush")
+    gap, _ = largest_heartbeat_gap(parse_tlog(vm.tlog_path.read_text()),
+                                   min_seq=first[1], max_seq=last[1])
+    # the passes waited for their flushes: the delay was in force (the
+    # flushes of the second and third passes after `first` began and
+    # ended between the two heartbeats) ...
+    assert (last[0] - first[0]) / 1e9 >= 2 * FLUSH_DELAY_MS / 1e3, \
+        (first, last)
     # ... and no heartbeat waited for one (a third of a flush leaves room
     # for a busy host's scheduler, which can hold a vCPU out for tens of ms)
     assert gap < FLUSH_DELAY_MS / 3e3, gap
