@@ -5,7 +5,11 @@ import pathlib
 import shutil
 
 from nova_bhyve import polling
-from nova_bhyve.testhost.console import largest_heartbeat_gap, parse_tlog
+from nova_bhyve.testhost.console import (
+    largest_heartbeat_gap,
+    parse_tlog,
+    timed_heartbeats,
+)
 
 from . import netns
 
@@ -121,29 +125,16 @@ def keep_consoles(res, dest, src, dst):
 JUDGED_BEATS = 50
 
 
-def _is_heartbeat(w):
-    # HB seq passes errors, and with the disk writer its passes too
-    return len(w) in (4, 5) and w[0] == "HB" and all(x.isdigit() for x in w[1:])
-
-
 def last_seq(entries):
     """Sequence number of the last heartbeat among tlog entries (0 if none)."""
-    for _, line in reversed(entries):
-        w = line.split()
-        if _is_heartbeat(w):
-            return int(w[1])
-    return 0
+    beats = timed_heartbeats(entries)
+    return beats[-1][1].seq if beats else 0
 
 
 def heartbeats(entries, min_seq=0):
     """Return (ns, seq, errors) for the heartbeat lines among tlog entries."""
-    out = []
-    for ns, line in entries:
-        w = line.split()
-        if _is_heartbeat(w):
-            if int(w[1]) >= min_seq:
-                out.append((ns, int(w[1]), int(w[3])))
-    return out
+    return [(ns, hb.seq, hb.errors) for ns, hb in timed_heartbeats(entries)
+            if hb.seq >= min_seq]
 
 
 def switchover(src_entries, src_tail, dst_entries, min_seq):

@@ -94,6 +94,13 @@ def parse_tlog(text):
     return entries
 
 
+def timed_heartbeats(entries):
+    """Return (monotonic_ns, Heartbeat) for the heartbeat lines among
+    ``entries``, the (monotonic_ns, line) pairs of parse_tlog."""
+    return [(ns, Heartbeat(*(int(w) for w in words[1:])))
+            for ns, line in entries if _is_heartbeat(words := line.split())]
+
+
 def largest_heartbeat_gap(entries, min_seq=0, max_seq=None):
     """Return (gap_seconds, seq_before) for the widest gap between heartbeats.
 
@@ -101,13 +108,8 @@ def largest_heartbeat_gap(entries, min_seq=0, max_seq=None):
     logs of a migration's source and destination; heartbeats numbered below
     ``min_seq`` (or above ``max_seq``, when given) are ignored.
     """
-    beats = []
-    for ns, line in entries:
-        words = line.split()
-        if _is_heartbeat(words) and min_seq <= int(words[1]) and \
-                (max_seq is None or int(words[1]) <= max_seq):
-            beats.append((ns, int(words[1])))
-    beats.sort()
+    beats = sorted((ns, hb.seq) for ns, hb in timed_heartbeats(entries)
+                   if min_seq <= hb.seq and (max_seq is None or hb.seq <= max_seq))
     best = (0.0, 0)
     for (t0, s0), (t1, _s1) in zip(beats, beats[1:]):
         gap = (t1 - t0) / 1e9

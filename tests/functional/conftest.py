@@ -7,6 +7,7 @@ import pytest
 
 from nova_bhyve.testhost import artifacts
 from nova_bhyve.testhost.console import parse_console
+from nova_bhyve.testhost.errors import TestHostError
 from nova_bhyve.testhost.process import TestHostVM
 
 from .polling import wait_for  # noqa: F401  (re-exported for the tests)
@@ -22,6 +23,17 @@ def wait_heartbeats(vm, count, timeout=20.0):
         report = parse_console(vm.console_text())
         return report if len(report.heartbeats) >= count else None
     return wait_for(enough, timeout, what=f"{count} heartbeats from {vm.name}")
+
+
+def start_refused(vms, **kwargs):
+    """Start a VM (``vms.start("bad", **kwargs)``) the test host must refuse
+    before a VM exists: it exits with status 4, as bhyve's error does.
+    Return the reason it gave."""
+    with pytest.raises(TestHostError) as err:
+        vms.start("bad", **kwargs)
+    assert err.value.code == "ECHILD"
+    assert "exited with status 4" in err.value.message
+    return err.value.message
 
 
 class VMFactory:
