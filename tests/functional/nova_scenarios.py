@@ -79,6 +79,18 @@ def main(module_name, classes, names):
     return 0 if result.wasSuccessful() and result.testsRun else 1
 
 
+def _traceback_first(detail, log_tail=8000):
+    """Put a failure's traceback before the log testtools printed ahead of it.
+
+    A CI summary shows the head of a failure; the log would crowd it out.
+    """
+    at = detail.rfind("Traceback (most recent call last)")
+    if at <= 0:
+        return detail
+    return (f"{detail[at:]}\n--- its log, last {log_tail} characters\n"
+            f"{detail[:at][-log_tail:]}")
+
+
 def run_scenarios(script, mode, names=(), timeout=900):
     """Run ``script`` in a fresh interpreter in ``mode``; return its results.
 
@@ -98,7 +110,8 @@ def run_scenarios(script, mode, names=(), timeout=900):
     results = json.loads(summary[-1][len(RESULTS):])
     failed = [ln for ln in lines if ln.startswith(FAILURES)]
     details = json.loads(failed[-1][len(FAILURES):]) if failed else {}
-    report = "".join(f"\n--- {name}\n{text}" for name, text in details.items())
+    report = "".join(f"\n--- {name}\n{_traceback_first(text)}"
+                     for name, text in details.items())
     assert proc.returncode == 0, (
         f"{mode} mode: {results}{report}\n--- stderr, API access lines "
         f"left out\n{stderr}")
