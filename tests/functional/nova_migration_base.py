@@ -44,6 +44,8 @@ GUEST_IMAGES = {
     "disk": ("3f5b1c8d-4a6e-4f9b-8c3d-5e7f9a1b3c4d",
              "mode=stress pattern=touch ws=4M disk=1 disksize=256K"),
 }
+# a migration in one of these has ended: waiting for another is in vain
+FINAL_STATUSES = ("completed", "failed", "cancelled", "error")
 SWITCHOVER = re.compile(r"bhyve_switchover mode=(\w+) downtime=([\d.]+)ms "
                         r"total=(\d+)ms bytes=(\d+) rounds=(\d+) "
                         r"throttle=(\d+)% .* disk_bytes=(\d+) "
@@ -256,12 +258,18 @@ class MigrationTestBase(BhyveScenarioTest):
         return max(migs, key=lambda m: m["id"]) if migs else None
 
     def _wait_migration(self, server, status, timeout=90.0):
+        """Wait for the last migration of ``server`` to reach ``status``;
+        fail at once, with its record and its live-migration events, if it
+        ends in another final status."""
         def ok():
             mig = self._migration(server)
             if mig is None:
                 return None
-            if mig["status"] in ("error",) and status != "error":
-                self.fail(f"migration went to error: {mig}")
+            if mig["status"] in FINAL_STATUSES and mig["status"] != status:
+                events = [(ev["event"], ev["result"], ev.get("details"))
+                          for ev in self._events(server, "live-migration")]
+                self.fail(f"migration went to {mig['status']}, not {status}: "
+                          f"{mig}; live-migration events: {events}")
             return mig if mig["status"] == status else None
         return self._wait(ok, f"migration status {status}", timeout=timeout,
                           interval=0.1)
