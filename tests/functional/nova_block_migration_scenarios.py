@@ -104,6 +104,7 @@ class DiskWriterTestBase(MigrationTestBase):
             f.write(data)
             # on stable storage now, not in the guest's next FLUSH CACHE,
             # which slow storage would stretch past the migration
+            f.flush()
             os.fsync(f.fileno())
         self._wait_disk_passes("host1", server,
                                self._disk_passes("host1", server) + 1)

@@ -46,6 +46,9 @@ GUEST_IMAGES = {
 }
 # a migration in one of these has ended: waiting for another is in vain
 FINAL_STATUSES = ("completed", "failed", "cancelled", "error")
+# the instance action of each kind of migration
+ACTIONS = {"live-migration": "live-migration", "migration": "migrate",
+           "resize": "resize", "evacuation": "evacuate"}
 SWITCHOVER = re.compile(r"bhyve_switchover mode=(\w+) downtime=([\d.]+)ms "
                         r"total=(\d+)ms bytes=(\d+) rounds=(\d+) "
                         r"throttle=(\d+)% .* disk_bytes=(\d+) "
@@ -261,15 +264,21 @@ class MigrationTestBase(BhyveScenarioTest):
         """Wait for the last migration of ``server`` to reach ``status``;
         fail at once, with its record and its live-migration events, if it
         ends in another final status."""
+        # a live migration whose destination failed its preparation goes
+        # to error, then (rolled back) to failed
+        ended = [s for s in FINAL_STATUSES
+                 if s != status and not (status == "failed" and s == "error")]
+
         def ok():
             mig = self._migration(server)
             if mig is None:
                 return None
-            if mig["status"] in FINAL_STATUSES and mig["status"] != status:
+            if mig["status"] in ended:
+                action = ACTIONS.get(mig.get("migration_type"), "migrate")
                 events = [(ev["event"], ev["result"], ev.get("details"))
-                          for ev in self._events(server, "live-migration")]
+                          for ev in self._events(server, action)]
                 self.fail(f"migration went to {mig['status']}, not {status}: "
-                          f"{mig}; live-migration events: {events}")
+                          f"{mig}; {action} events: {events}")
             return mig if mig["status"] == status else None
         return self._wait(ok, f"migration status {status}", timeout=timeout,
                           interval=0.1)

@@ -84,7 +84,10 @@ def _traceback_first(detail, log_tail=8000):
 
     A CI summary shows the head of a failure; the log would crowd it out.
     """
-    at = detail.rfind("Traceback (most recent call last)")
+    # the first traceback after testtools' attachments ({{{ ... }}}): a
+    # chained exception's first is its cause
+    at = detail.find("Traceback (most recent call last)",
+                     detail.rfind("}}}") + 1)
     if at <= 0:
         return detail
     return (f"{detail[at:]}\n--- its log, last {log_tail} characters\n"

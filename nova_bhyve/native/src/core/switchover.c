@@ -216,9 +216,10 @@ static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
  * alone is over half the limit.  Then steps go on up to brief_throttle:
  * a guest that still rewrites its whole set a round may stop keeping up
  * only a step or two later (over 10 Mbit/s a two-vCPU tight loop paused
- * either some 25 ms, slowed past 70 %, or 235 to 296 ms, left at 55 %
- * by this rule alone), and such a pause leaves the estimate too little
- * of the limit (up to 50 ms more than predicted was seen).
+ * either some 25 ms, slowed to 68 % or more, or 235 to 296 ms, left at
+ * 52 to 67 % by this rule alone), and such a pause leaves the estimate
+ * too little of the limit (up to 50 ms more than predicted was seen).
+ * With bhyve (no brief_throttle) no step is taken either way.
  */
 static int trim_pause(struct source *src, double expected)
 {
