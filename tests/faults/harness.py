@@ -25,8 +25,7 @@ from tests.functional.migration_helpers import (
     assert_guest_continued,
     assert_guest_kept_running,
     crc32c,
-    new_secret,
-    receiver_process,
+    receiver_with_secret,
     stress_ready,
     wait_phase,
     wait_result,
@@ -211,12 +210,8 @@ class _Run:
         self.dst = self.hosts._vm(self.dst_ns, incoming=True)
         self.src.client.status(), self.dst.client.status()
         self.fds = _socket_fds()    # with both VMs' control connections
-        secret = new_secret()
-        secret_file = pathlib.Path(self.dst.rundir) / "secret"
-        secret_file.write_bytes(secret)
-        self.proc, port = receiver_process(secret_file, self.dst,
-                                           netns=self.dst_ns, timeout=TIMEOUT_S)
-        secret_file.unlink()
+        self.proc, port, secret = receiver_with_secret(
+            self.dst, netns=self.dst_ns, timeout=TIMEOUT_S)
         with netns.entered(self.dst_ns):
             self.proxy = FaultyProxy(port, frames=True,
                                      host=self.net.addr[self.dst_ns])

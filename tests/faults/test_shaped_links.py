@@ -12,7 +12,6 @@ are the engine's defaults, which must find the link's pace themselves.
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 
@@ -23,8 +22,7 @@ from nova_bhyve.native.engine import Migration, Result
 from tests.functional.conftest import VMFactory, needs_kvm
 from tests.functional.migration_helpers import (
     assert_guest_continued,
-    new_secret,
-    receiver_process,
+    receiver_with_secret,
     stress_ready,
     wait_result,
 )
@@ -64,19 +62,6 @@ def _qdisc_stats(net, ns):
     return tbf[0]["bytes"], tbf[0]["overlimits"]
 
 
-def _receive(net, dst):
-    """The destination half in namespace b; returns (process, port, secret)."""
-    secret = new_secret()
-    secret_file = pathlib.Path(dst.rundir) / "secret"
-    secret_file.write_bytes(secret)
-    try:
-        proc, port = receiver_process(secret_file, dst, netns=net.ns_b,
-                                      listen=f"{net.addr[net.ns_b]}:0")
-    finally:
-        secret_file.unlink()
-    return proc, port, secret
-
-
 # the test host's own dirty log over one link, bhyve's kind (read and
 # cleared whole) over the other; one vCPU writing, then two
 @pytest.mark.parametrize("rate,bits_per_s,mem,cpus,ws,log", [
@@ -91,7 +76,8 @@ def test_a_tight_loop_guest_converges_with_the_defaults_over_a_shaped_link(
     stress_ready(src)
     with netns.Net() as net:
         _shape(net, rate)
-        proc, port, secret = _receive(net, dst)
+        proc, port, secret = receiver_with_secret(
+            dst, netns=net.ns_b, listen=f"{net.addr[net.ns_b]}:0")
         try:
             with netns.entered(net.ns_a):
                 send = Migration.send(vmm_target=str(src.socket_path),

@@ -80,6 +80,20 @@ def receiver_process(secret_file, dst, listen="127.0.0.1:0", netns=None,
     return proc, int(line.rsplit(":", 1)[1])
 
 
+def receiver_with_secret(dst, **kwargs):
+    """``receiver_process`` (``kwargs`` its) with a new secret, which it
+    reads from a file in ``dst``'s run directory, removed once the process
+    has read it; return (process, port, secret)."""
+    secret = new_secret()
+    secret_file = pathlib.Path(dst.rundir) / "secret"
+    secret_file.write_bytes(secret)
+    try:
+        proc, port = receiver_process(secret_file, dst, **kwargs)
+    finally:
+        secret_file.unlink()
+    return proc, port, secret
+
+
 def wait_phase(mig, phases, timeout=60):
     """Wait until the migration is in one of ``phases``; return the stats."""
     def ok():

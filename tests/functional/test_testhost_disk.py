@@ -229,9 +229,14 @@ def test_a_bad_disk_path_ends_the_process_with_a_clear_error(vms, setup,
     assert message in start_refused(vms, incoming=True, disk=path)
 
 
-def _timed_beats(vm):
-    """The heartbeats of the timestamped console log: (ns, Heartbeat)."""
-    return timed_heartbeats(parse_tlog(vm.tlog_path.read_text()))
+def _wait_timed_disk_passes(vm, count, timeout):
+    """Wait for a heartbeat of the timestamped console log reporting
+    ``count`` disk passes; return it as (ns, Heartbeat)."""
+    def reached():
+        beats = timed_heartbeats(parse_tlog(vm.tlog_path.read_text()))
+        return beats and (beats[-1][1].disk_passes or 0) >= count and beats[-1]
+    return wait_for(reached, timeout=timeout,
+                    what=f"{count} disk passes on {vm.name}")
 
 
 def test_a_flush_the_host_holds_up_does_not_stop_the_heartbeat(vms):
@@ -244,12 +249,8 @@ def test_a_flush_the_host_holds_up_does_not_stop_the_heartbeat(vms):
     path = _disk(vms)
     vm = vms.start("flush", cmdline=DISK_ONLY, disk=path, tlog=True,
                    flush_delay_ms=FLUSH_DELAY_MS)
-    first = wait_for(lambda: (b := _timed_beats(vm)) and
-                     (b[-1][1].disk_passes or 0) >= 1 and b[-1], timeout=60,
-                     what="a disk pass on flush")
-    last = wait_for(lambda: (b := _timed_beats(vm)) and
-                    (b[-1][1].disk_passes or 0) >= first[1].disk_passes + 3 and
-                    b[-1], timeout=30, what="three more disk passes on flush")
+    first = _wait_timed_disk_passes(vm, 1, timeout=60)
+    last = _wait_timed_disk_passes(vm, first[1].disk_passes + 3, timeout=30)
     gap, _ = largest_heartbeat_gap(parse_tlog(vm.tlog_path.read_text()),
                                    min_seq=first[1].seq, max_seq=last[1].seq)
     # the passes waited for their flushes: the delay was in force (the
