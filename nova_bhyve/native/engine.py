@@ -190,6 +190,7 @@ class RoundStats:
     blocks: int = 0         # disk blocks sent in the round
     dirty_blocks: int = 0   # disk blocks pending at the sync that began it
     throttle: int = 0       # percent the guest was slowed by meanwhile
+    log_reads: int = 0      # dirty-log chunks it read and cleared (lazy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,7 +478,8 @@ class Migration:
         s = ffi.new("struct nb_mig_stats *")
         lib.nb_mig_stats(self._handle(), s)
         rounds = tuple(RoundStats(r.start_ms, r.duration_ms, r.pages, r.bytes,
-                                  r.dirty, r.blocks, r.dirty_blocks, r.throttle)
+                                  r.dirty, r.blocks, r.dirty_blocks, r.throttle,
+                                  r.log_reads)
                        for r in list(s.rounds)[:min(s.nrounds, len(s.rounds))])
         return MigrationStats(
             phase=Phase(s.phase), result=Result(s.result),

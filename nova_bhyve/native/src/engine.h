@@ -127,6 +127,9 @@ struct nb_round_stat {
     uint64_t blocks;            /* disk blocks sent in this round */
     uint64_t dirty_blocks;      /* disk blocks dirty at that sync */
     uint32_t throttle;          /* percent the guest was slowed by meanwhile */
+    uint32_t log_reads;         /* chunks of the dirty log it read and
+                                 * cleared (a vmm request each); 0 where
+                                 * the count read the whole log before it */
 };
 
 #define NB_MAX_ROUND_STATS 64

@@ -449,7 +449,8 @@ static void record_round(struct source *src, uint32_t round, double t0,
     struct nb_round_stat *r = &src->last_round;
 
     *r = (struct nb_round_stat){ .start_ms = t0 - m->t0, .dirty = dirty,
-                                 .dirty_blocks = src->dirty_blocks };
+                                 .dirty_blocks = src->dirty_blocks,
+                                 .log_reads = src->log_reads };
     for (int i = 0; i < src->nsnd; i++) {
         r->pages += src->snd[i].round_pages;
         r->blocks += src->snd[i].round_blocks;
@@ -467,43 +468,82 @@ static void record_round(struct source *src, uint32_t round, double t0,
     pthread_mutex_unlock(&m->lock);
 }
 
+/* No bit set in words [w0, w0 + n) of `b`. */
+static int words_clean(const uint64_t *b, size_t w0, size_t n)
+{
+    for (size_t w = w0; w < w0 + n; w++)
+        if (b[w])
+            return 0;
+    return 1;
+}
+
+/*
+ * A lazy round, chunk by chunk: clear the chunk's part of the dirty log,
+ * then send it.  A chunk with nothing to send is left alone, its log
+ * uncleared (a page written there since goes in a later round): in round
+ * 0 one without data, later one the count's peek (src->scratch) found
+ * clean.  Each clear is a request to the vmm (on the test host its
+ * control thread runs it, beside the guest's vCPUs) and each dispatch
+ * wakes the senders: the clean chunks go with the next dispatch, their
+ * words zero, and the last dispatch ends at the last word (the senders
+ * end the round there).  0, or -1 (the failure recorded) if the log
+ * could not be read.
+ */
+static int round_lazy(struct source *src, uint32_t round)
+{
+    struct nb_mig *m = src->m;
+    char err[NB_ERRLEN];
+    size_t from = 0;        /* the first word not dispatched yet */
+    int failed = 0;
+
+    for (size_t w0 = 0; w0 < src->words && !failed; w0 += src->chunk) {
+        size_t n = src->words - w0 < src->chunk ? src->words - w0 : src->chunk;
+        if (words_clean(round ? src->scratch : src->bitmap, w0, n)) {
+            memset(src->bitmap + w0, 0, n * 8);
+            continue;
+        }
+        if (m->vmm.ops->dirty_log_range(&m->vmm, w0, n,
+                                        round ? src->bitmap : src->scratch,
+                                        src->words, err) < 0) {
+            nb_fail(m, NB_ERR_VMM, "%s", err);
+            return -1;
+        }
+        src->log_reads++;
+        if (round == 0)
+            for (size_t w = w0; w < w0 + n; w++)
+                src->bitmap[w] |= src->scratch[w];
+        dispatch(src, round, from, w0 + n);
+        from = w0 + n;
+        pthread_mutex_lock(&src->lock);
+        failed = src->failed;
+        pthread_mutex_unlock(&src->lock);
+    }
+    if (!failed && from < src->words)
+        dispatch(src, round, from, src->words);
+    return 0;
+}
+
 /*
  * Run one round on all senders.  `lazy`: clear the dirty log chunk by
- * chunk just before sending it, so a page the guest writes before its
- * chunk comes up goes once, with its newest content.  Later rounds send
- * what the clear reports; round 0 sends the pages that held data when it
- * began plus what the clear reports (a page first written during round
- * 0, before its chunk was cleared, is in no later round's log).
+ * chunk just before sending it (round_lazy), so a page the guest writes
+ * before its chunk comes up goes once, with its newest content.  Later
+ * rounds send what the clear reports; round 0 sends the pages that held
+ * data when it began plus what the clear reports (a page first written
+ * during round 0, before its chunk was cleared, is in no later round's
+ * log).
  */
 int nb_src_round(struct source *src, uint32_t round, uint64_t dirty, int lazy)
 {
     struct nb_mig *m = src->m;
     uint64_t bytes0 = atomic_load(&m->wire_bytes), queued0 = nb_src_queued(src);
     double t0 = nb_now_ms();
-    char err[NB_ERRLEN];
-    int failed = 0, log_failed = 0;
+    int failed, log_failed = 0;
 
-    if (!lazy) {
+    src->log_reads = 0;
+    if (!lazy)
         dispatch(src, round, 0, src->words);
-    } else {
-        for (size_t w0 = 0; w0 < src->words && !failed; w0 += src->chunk) {
-            size_t n = src->words - w0 < src->chunk ? src->words - w0 : src->chunk;
-            if (m->vmm.ops->dirty_log_range(&m->vmm, w0, n,
-                                            round ? src->bitmap : src->scratch,
-                                            src->words, err) < 0) {
-                nb_fail(m, NB_ERR_VMM, "%s", err);
-                log_failed = 1;
-                break;
-            }
-            if (round == 0)
-                for (size_t w = w0; w < w0 + n; w++)
-                    src->bitmap[w] |= src->scratch[w];
-            dispatch(src, round, w0, w0 + n);
-            pthread_mutex_lock(&src->lock);
-            failed = src->failed;
-            pthread_mutex_unlock(&src->lock);
-        }
-    }
+    else
+        log_failed = round_lazy(src, round) < 0;
     pthread_mutex_lock(&src->lock);
     failed = src->failed || log_failed;
     pthread_mutex_unlock(&src->lock);

@@ -86,6 +86,8 @@ struct source {
     double t_pile;              /* not lazy: since when they piled up (the
                                  * sync before the count that took them) */
     size_t chunk;
+    uint32_t log_reads;         /* chunks the round being run read and
+                                 * cleared (lazy) */
     uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
 };
 
