@@ -129,7 +129,9 @@ struct nb_round_stat {
     uint32_t throttle;          /* percent the guest was slowed by meanwhile */
     uint32_t log_reads;         /* chunks of the dirty log it read and
                                  * cleared (a vmm request each); 0 where
-                                 * the count read the whole log before it */
+                                 * the count read the whole log before it
+                                 * (and in the final round), or where
+                                 * every chunk was clean */
 };
 
 #define NB_MAX_ROUND_STATS 64

@@ -518,7 +518,7 @@ static int round_lazy(struct source *src, uint32_t round)
         failed = src->failed;
         pthread_mutex_unlock(&src->lock);
     }
-    if (!failed && from < src->words)
+    if (!failed && (from < src->words || from == 0))    /* 0 words: once */
         dispatch(src, round, from, src->words);
     return 0;
 }

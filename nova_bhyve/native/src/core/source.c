@@ -329,7 +329,10 @@ static int count_dirty(struct source *src, uint64_t *dirty, char *err)
  * Since when the pages the next count finds have been piling up: the last
  * get-and-clear sync, or the one before the count that left pages unsent
  * (they are in this count too); or, clearing lazily (chunk by chunk as
- * the last round sent them), the middle of the last round.
+ * the last round sent them), the middle of the last round.  (A chunk
+ * that round left alone, clean at the count before it, has piled up
+ * since that count, half a round longer: its pages are dated a little
+ * late, so the rate comes out a little high, never low.)
  */
 static double dirtied_from(struct source *src)
 {
