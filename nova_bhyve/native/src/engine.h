@@ -193,7 +193,8 @@ struct nb_mig_stats {
     uint64_t disk_digest;       /* digest of the disks (after verify) */
     uint64_t stream_bytes;      /* stream disks' bytes sent (source) or
                                  * written (destination) */
-    uint32_t nrounds;           /* entries used in rounds[] */
+    uint32_t nrounds;           /* rounds run so far; rounds[] holds the
+                                 * first NB_MAX_ROUND_STATS of them */
     struct nb_round_stat rounds[NB_MAX_ROUND_STATS];
     char error[256];
 };
