@@ -232,7 +232,9 @@ class CheckpointFiles:
                 pass
 
 
-def _data_extents(fd, size):
+def data_extents(fd, size):
+    """Yield (offset, length) of each data extent of open file ``fd`` below
+    ``size`` (SEEK_DATA/SEEK_HOLE; the holes between are left out)."""
     pos = 0
     while pos < size:
         try:
@@ -248,7 +250,7 @@ def _data_extents(fd, size):
 
 def _copy_extents(src_fd, dst_fd, size):
     copied = 0
-    for off, length in _data_extents(src_fd, size):
+    for off, length in data_extents(src_fd, size):
         end = off + length
         while off < end:
             chunk = os.pread(src_fd, min(_CHUNK, end - off), off)

@@ -28,12 +28,12 @@ from nova.tests.functional import integrated_helpers  # noqa: E402,F401
 
 # isort: split
 
-import errno  # noqa: E402
 import hashlib  # noqa: E402
 
 from nova_migration_base import MigrationTestBase  # noqa: E402
 
 import nova_bhyve.driver  # noqa: E402
+from nova_bhyve.machine import checkpoint  # noqa: E402
 from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.migration import data as mdata  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
@@ -64,21 +64,14 @@ def _sha(path):
         fd = f.fileno()
         size = os.fstat(fd).st_size
         digest.update(size.to_bytes(8, "little"))
-        pos = done = 0          # done: the first chunk not hashed yet
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:      # no data past pos
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            for off in range(max(start - start % CHUNK, done), end, CHUNK):
+        done = 0                # the first chunk not hashed yet
+        for start, length in checkpoint.data_extents(fd, size):
+            for off in range(max(start - start % CHUNK, done), start + length,
+                             CHUNK):
                 chunk = os.pread(fd, CHUNK, off)
                 if chunk != ZEROS[:len(chunk)]:
                     digest.update(off.to_bytes(8, "little") + chunk)
                 done = off + CHUNK
-            pos = max(end, done)
     return digest.hexdigest()
 
 

@@ -19,7 +19,7 @@ from .migration_helpers import (
     assert_guest_kept_running,
     new_secret,
     preamble_for,
-    receiver_process,
+    receiver_with_secret,
     start_receive,
     start_send,
     stress_ready,
@@ -295,11 +295,7 @@ def test_a_destination_killed_mid_disk_leaves_the_guest_on_the_source(vms):
     src, src_disk, filler = _big_disk_source(vms)
     dst = vms.start("dst", incoming=True)
     target = f"{vms.base}/new.img"
-    secret = new_secret()
-    secret_file = f"{vms.base}/secret"
-    with open(secret_file, "wb") as f:
-        f.write(secret)
-    proc, port = receiver_process(secret_file, dst, extra=["--disk", target])
+    proc, port, secret = receiver_with_secret(dst, extra=["--disk", target])
     send = _send_until_mid_disk(src, port, secret, src_disk)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

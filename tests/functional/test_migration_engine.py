@@ -29,7 +29,7 @@ from .migration_helpers import (
     migrate,
     new_secret,
     preamble_for,
-    receiver_process,
+    receiver_with_secret,
     settle,
     start_receive,
     start_send,
@@ -273,10 +273,7 @@ def test_cancel_before_the_destination_answers(vms):
 def test_destination_engine_killed_mid_round(vms):
     src, dst = _pair(vms, "mode=stress pattern=touch ws=64M")
     stress_ready(src)
-    secret = new_secret()
-    secret_file = pathlib.Path(vms.base) / "secret"
-    secret_file.write_bytes(secret)
-    proc, port = receiver_process(secret_file, dst)
+    proc, port, secret = receiver_with_secret(dst)
     send = start_send(src, port, secret, max_bandwidth=16 * MiB,
                       compress="off")
     wait_phase(send, [Phase.PRECOPY, Phase.ITERATE])
