@@ -21,7 +21,7 @@ import os
 import random
 import struct
 
-from nova_bhyve import polling
+from nova_bhyve import polling, sparse
 from nova_bhyve.testhost.console import parse_console
 
 BLOCK, SECTOR = 4096, 512
@@ -69,24 +69,7 @@ def make_image(path, size, region, random_bytes, text_bytes):
 def copy_sparse(src, dst):
     """Copy a disk image keeping its holes (shutil.copyfile would fill
     them with zeros, which QEMU's mirror then sends as data)."""
-    with open(src, "rb") as fs, open(dst, "wb") as fd:
-        size = os.fstat(fs.fileno()).st_size
-        fd.truncate(size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fs.fileno(), pos, os.SEEK_DATA)
-            except OSError:             # ENXIO: nothing but a hole after pos
-                break
-            end = os.lseek(fs.fileno(), start, os.SEEK_HOLE)
-            fs.seek(start)
-            fd.seek(start)
-            left = end - start
-            while left:
-                chunk = fs.read(min(left, 8 << 20))
-                fd.write(chunk)
-                left -= len(chunk)
-            pos = end
+    sparse.copy_file(src, dst)
 
 
 def allocated(path):

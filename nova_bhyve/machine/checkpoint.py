@@ -23,6 +23,7 @@ import json
 import os
 import zlib
 
+from nova_bhyve import sparse
 from nova_bhyve.machine.statefile import write_text
 
 META_VERSION = 2
@@ -38,9 +39,6 @@ STATE_FORMAT_BHYVE = "bhyve-ckpt/1"     # the bhyve port's state blob
 # kern_format, the name of state_format in this module's sets before version 2
 OLDER_KERN_FORMATS = {"nb-testhost-state-1": STATE_FORMAT_TESTHOST,
                       "bhyve": STATE_FORMAT_BHYVE}
-_CHUNK = 4 << 20
-SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
 class CheckpointError(Exception):
@@ -232,34 +230,11 @@ class CheckpointFiles:
                 pass
 
 
-def data_extents(fd, size):
-    """Yield (offset, length) of each data extent of open file ``fd`` below
-    ``size`` (SEEK_DATA/SEEK_HOLE; the holes between are left out)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, SEEK_DATA)
-        except OSError:
-            return
-        if start >= size:
-            return
-        stop = min(os.lseek(fd, start, SEEK_HOLE), size)
-        yield start, stop - start
-        pos = stop
-
-
 def _copy_extents(src_fd, dst_fd, size):
-    copied = 0
-    for off, length in data_extents(src_fd, size):
-        end = off + length
-        while off < end:
-            chunk = os.pread(src_fd, min(_CHUNK, end - off), off)
-            if not chunk:
-                raise CheckpointError("short read while copying guest RAM")
-            os.pwrite(dst_fd, chunk, off)
-            off += len(chunk)
-            copied += len(chunk)
-    return copied
+    try:
+        return sparse.copy_extents(src_fd, dst_fd, size)
+    except sparse.ShortRead as exc:
+        raise CheckpointError(f"short read while copying guest RAM: {exc}") from None
 
 
 def write(files, meta, mem_fd, kern_blob):

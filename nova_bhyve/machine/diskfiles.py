@@ -15,8 +15,8 @@ import os
 
 from oslo_log import log as logging
 
+from nova_bhyve import sparse
 from nova_bhyve.concurrency import offload
-from nova_bhyve.machine import images
 from nova_bhyve.machine.base import (
     ROOT_DISK,
     SWAP_DISK,
@@ -47,7 +47,7 @@ def make_root(path, size, base=None):
     if os.path.exists(path):
         LOG.debug("Keeping the existing disk %s", path)
     elif base is not None:
-        offload(images.sparse_copy, base, path, size)
+        offload(sparse.copy_file, base, path, size)
     else:
         with open(path, "wb") as f:
             f.truncate(size)
@@ -111,7 +111,7 @@ def paused_copy(backend, uuid, copy):
     if running:
         backend.pause(uuid)
     try:
-        images.sparse_copy(backend.disk_path(uuid), copy)
+        sparse.copy_file(backend.disk_path(uuid), copy)
     finally:
         if running:
             backend.unpause(uuid)

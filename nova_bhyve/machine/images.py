@@ -11,9 +11,6 @@ from nova.virt import images as nova_images
 from nova_bhyve.machine.base import MachineError
 
 LOG = logging.getLogger(__name__)
-SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
-_CHUNK = 4 << 20
 
 
 def qemu_img_available():
@@ -66,23 +63,3 @@ class FileImageCache:
                 LOG.info("Caching image %s in %s", image_id, path)
                 fetch_raw(context, image_id, path)
         return path
-
-
-def sparse_copy(src, dst, size=None):
-    """Copy file ``src`` to ``dst`` keeping holes; grow ``dst`` to ``size``."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        length = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < length:
-            try:
-                start = os.lseek(fin.fileno(), pos, SEEK_DATA)
-            except OSError:
-                break
-            stop = min(os.lseek(fin.fileno(), start, SEEK_HOLE), length)
-            off = start
-            while off < stop:
-                chunk = os.pread(fin.fileno(), min(_CHUNK, stop - off), off)
-                os.pwrite(fout.fileno(), chunk, off)
-                off += len(chunk)
-            pos = stop
-        os.ftruncate(fout.fileno(), max(length, size or 0))

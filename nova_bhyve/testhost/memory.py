@@ -3,10 +3,8 @@
 import mmap
 import os
 
+from nova_bhyve import sparse
 from nova_bhyve.testhost.errors import TestHostError
-
-SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
 class GuestMemory:
@@ -60,15 +58,7 @@ class GuestMemory:
         Never-touched memory is a hole in the memfd and reads as zero, so a
         copy may skip it.
         """
-        pos, end = 0, self.layout.size
-        while pos < end:
-            try:
-                start = os.lseek(self.fd, pos, SEEK_DATA)
-            except OSError:
-                return
-            stop = min(os.lseek(self.fd, start, SEEK_HOLE), end)
-            yield start, stop - start
-            pos = stop
+        return sparse.data_extents(self.fd, self.layout.size)
 
 
 def copy_memory(src, dst):

@@ -33,7 +33,7 @@ import hashlib  # noqa: E402
 from nova_migration_base import MigrationTestBase  # noqa: E402
 
 import nova_bhyve.driver  # noqa: E402
-from nova_bhyve.machine import checkpoint  # noqa: E402
+from nova_bhyve import sparse  # noqa: E402
 from nova_bhyve.machine.base import MachineState  # noqa: E402
 from nova_bhyve.migration import data as mdata  # noqa: E402
 from nova_bhyve.testhost.console import parse_console  # noqa: E402
@@ -65,7 +65,7 @@ def _sha(path):
         size = os.fstat(fd).st_size
         digest.update(size.to_bytes(8, "little"))
         done = 0                # the first chunk not hashed yet
-        for start, length in checkpoint.data_extents(fd, size):
+        for start, length in sparse.data_extents(fd, size):
             for off in range(max(start - start % CHUNK, done), start + length,
                              CHUNK):
                 chunk = os.pread(fd, CHUNK, off)

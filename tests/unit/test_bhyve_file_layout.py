@@ -12,7 +12,7 @@ import pytest
 from nova import objects
 from nova_bhyve.conf import CONF
 from nova_bhyve.machine import argv as bhyve_argv
-from nova_bhyve.machine import bhyve, diskfiles
+from nova_bhyve.machine import bhyve, images
 from nova_bhyve.machine.base import DiskSpec, MachineError, MachineSpec
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -79,7 +79,7 @@ def test_disks_are_sparse_files_in_the_instance_directory(backend):
         assert f.read(6) == b"NVRAM\0"
     # the image stays cached beside the instance directories, no zvol made
     cached = os.path.join(backend.instances_path, "_base",
-                          diskfiles.images.cache_name("img-1"))
+                          images.cache_name("img-1"))
     assert os.path.getsize(cached) == len(IMAGE)
     backend.helper.zfs.assert_not_called()
     assert backend.disk_paths(UUID) == {d.name: d.path for d in spec.disks}
