@@ -4,6 +4,7 @@ Guest RAM files, checkpoint RAM and disk images are mostly holes; reading
 or writing them whole would allocate what the guest never wrote.
 """
 
+import errno
 import os
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)     # the same on Linux and FreeBSD
@@ -22,8 +23,13 @@ def data_extents(fd, size):
     while pos < size:
         try:
             start = os.lseek(fd, pos, SEEK_DATA)
-        except OSError:         # ENXIO: nothing but a hole from pos on
-            return
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:        # nothing but a hole from pos on
+                return
+            if exc.errno == errno.EINVAL:       # a file system that cannot
+                yield pos, size - pos           # tell: all of it is data
+                return
+            raise
         if start >= size:
             return
         stop = min(os.lseek(fd, start, SEEK_HOLE), size)
@@ -51,8 +57,17 @@ def copy_extents(src_fd, dst_fd, size):
 
 def copy_file(src, dst, size=None):
     """Copy file ``src`` to a new ``dst`` hole for hole; grow ``dst`` to
-    ``size`` if that is larger; return the bytes copied."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        length = os.fstat(fin.fileno()).st_size
-        os.ftruncate(fout.fileno(), max(length, size or 0))
-        return copy_extents(fin.fileno(), fout.fileno(), length)
+    ``size`` if that is larger; return the bytes copied.  A copy that
+    fails is removed."""
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            length = os.fstat(fin.fileno()).st_size
+            os.ftruncate(fout.fileno(), max(length, size or 0))
+            return copy_extents(fin.fileno(), fout.fileno(), length)
+    except BaseException:
+        # a copy cut short must not pass for a whole one (it has its size)
+        try:
+            os.unlink(dst)
+        except FileNotFoundError:
+            pass
+        raise

@@ -51,6 +51,18 @@ def test_round_trip_keeps_ram_and_holes(tmp_path):
     assert not any(os.path.exists(p) for p in (files.ram, files.kern, files.meta))
 
 
+def test_a_ram_file_cut_short_while_it_loads_is_refused(tmp_path, monkeypatch):
+    size = 2 * MiB
+    files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
+    blob = b"S" * 64
+    checkpoint.write(files, _meta(size, blob), _memfd(size, [(0, b"ram")]), blob)
+    meta = checkpoint.read_meta(files)
+    # the file ends inside the extent the copy is reading
+    monkeypatch.setattr(checkpoint.sparse.os, "pread", lambda fd, n, off: b"")
+    with pytest.raises(checkpoint.CheckpointError, match="short read"):
+        checkpoint.load_ram(files, meta, _memfd(size, []), size)
+
+
 def test_untrusted_sets_are_refused(tmp_path):
     size = 2 * MiB
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))

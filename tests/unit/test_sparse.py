@@ -1,18 +1,35 @@
 """nova_bhyve.sparse: data extents and copies that keep holes."""
 
+import errno
+import mmap
 import os
+import re
 
 import pytest
 
 from nova_bhyve import sparse
 
 MIB = 1 << 20
-PAGE = 4096
+PAGE = mmap.PAGESIZE
+
+
+def _shmem_pages_are_small():
+    """True where a memfd allocates single pages (no huge shmem folios)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            chosen = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return True
+    return chosen is None or chosen.group(1) in ("never", "advise", "deny")
+
+
+pytestmark_memfd = pytest.mark.skipif(
+    not hasattr(os, "memfd_create") or not _shmem_pages_are_small(),
+    reason="needs a memfd whose holes are single pages")
 
 
 def _memfd_with(size, writes):
-    """A memfd (holes at page granularity on any Linux) of ``size`` bytes
-    with ``writes`` ({offset: bytes}) written into it."""
+    """A memfd of ``size`` bytes with ``writes`` ({offset: bytes}) in it."""
     fd = os.memfd_create("nb-sparse-test")
     os.ftruncate(fd, size)
     for off, data in writes.items():
@@ -24,6 +41,7 @@ def _allocated(fd):
     return os.fstat(fd).st_blocks * 512
 
 
+@pytestmark_memfd
 def test_data_extents_are_the_written_pages_only():
     fd = _memfd_with(4 * MIB, {0: b"a" * PAGE, MIB: b"b" * 2 * PAGE})
     try:
@@ -33,17 +51,23 @@ def test_data_extents_are_the_written_pages_only():
         os.close(fd)
 
 
+@pytestmark_memfd
 def test_data_extents_stop_at_the_size_given():
     fd = _memfd_with(4 * MIB, {0: b"a" * PAGE, MIB: b"b" * 2 * PAGE,
                                3 * MIB: b"c" * PAGE})
     try:
+        # the size cuts an extent short
         assert list(sparse.data_extents(fd, MIB + PAGE)) == [
             (0, PAGE), (MIB, PAGE)]
+        # data beyond the size, after a hole, is not an extent
+        assert list(sparse.data_extents(fd, 2 * MIB)) == [
+            (0, PAGE), (MIB, 2 * PAGE)]
         assert list(sparse.data_extents(fd, 0)) == []
     finally:
         os.close(fd)
 
 
+@pytestmark_memfd
 def test_a_file_of_holes_has_no_extents():
     fd = _memfd_with(4 * MIB, {})
     try:
@@ -52,6 +76,25 @@ def test_a_file_of_holes_has_no_extents():
         os.close(fd)
 
 
+def _failing_seek(err):
+    def lseek(fd, pos, how):
+        raise OSError(err, os.strerror(err))
+    return lseek
+
+
+def test_a_file_system_that_cannot_tell_holes_is_all_data(monkeypatch):
+    monkeypatch.setattr(sparse.os, "lseek", _failing_seek(errno.EINVAL))
+    assert list(sparse.data_extents(3, 5 * MIB)) == [(0, 5 * MIB)]
+
+
+def test_other_seek_errors_are_not_taken_for_holes(monkeypatch):
+    monkeypatch.setattr(sparse.os, "lseek", _failing_seek(errno.EIO))
+    with pytest.raises(OSError) as exc:
+        list(sparse.data_extents(3, MIB))
+    assert exc.value.errno == errno.EIO
+
+
+@pytestmark_memfd
 def test_copy_extents_copies_the_data_and_writes_no_holes():
     data = os.urandom(3 * PAGE)
     src = _memfd_with(8 * MIB, {PAGE: data, 5 * MIB: data[:PAGE]})
@@ -61,12 +104,13 @@ def test_copy_extents_copies_the_data_and_writes_no_holes():
         assert os.pread(dst, 3 * PAGE, PAGE) == data
         assert os.pread(dst, PAGE, 5 * MIB) == data[:PAGE]
         assert os.pread(dst, PAGE, 0) == bytes(PAGE)
-        assert _allocated(dst) == 4 * PAGE
+        assert _allocated(dst) < MIB
     finally:
         os.close(src)
         os.close(dst)
 
 
+@pytestmark_memfd
 def test_copy_extents_fails_when_the_source_shrinks(monkeypatch):
     src = _memfd_with(MIB, {0: b"x" * 2 * PAGE})
     dst = _memfd_with(MIB, {})
@@ -79,15 +123,42 @@ def test_copy_extents_fails_when_the_source_shrinks(monkeypatch):
         os.close(dst)
 
 
-def test_copy_file_keeps_holes_and_grows_to_the_size_asked(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    with open(src, "wb") as f:
-        f.truncate(2 * MIB)
+def _file_with_a_page_at_1mib(path, size=2 * MIB):
+    with open(path, "wb") as f:
+        f.truncate(size)
         f.seek(MIB)
         f.write(b"z" * PAGE)
-    assert sparse.copy_file(src, dst, 3 * MIB) == PAGE
-    assert os.path.getsize(dst) == 3 * MIB
-    with open(dst, "rb") as f:
-        f.seek(MIB)
-        assert f.read(PAGE) == b"z" * PAGE
-    assert dst.read_bytes().count(b"z") == PAGE
+
+
+@pytest.mark.parametrize("size,expected", [
+    (3 * MIB, 3 * MIB),     # grown to the size asked
+    (None, 2 * MIB),        # the source's size
+    (MIB, 2 * MIB),         # never shorter than the source
+])
+def test_copy_file_keeps_the_data_and_its_size(tmp_path, size, expected):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _file_with_a_page_at_1mib(src)
+    copied = sparse.copy_file(src, dst, size)
+    assert PAGE <= copied <= 2 * MIB
+    assert os.path.getsize(dst) == expected
+    content = dst.read_bytes()
+    assert content[MIB:MIB + PAGE] == b"z" * PAGE
+    assert content.count(b"z") == PAGE
+
+
+def test_copy_file_writes_no_holes_where_the_file_system_has_them(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _file_with_a_page_at_1mib(src, size=64 * MIB)
+    if os.stat(src).st_blocks * 512 >= MIB:
+        pytest.skip("this file system keeps no holes")
+    sparse.copy_file(src, dst)
+    assert os.stat(dst).st_blocks * 512 < MIB
+
+
+def test_a_failed_copy_file_leaves_no_file(tmp_path, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _file_with_a_page_at_1mib(src)
+    monkeypatch.setattr(sparse.os, "pread", lambda fd, n, off: b"")
+    with pytest.raises(sparse.ShortRead):
+        sparse.copy_file(src, dst, 3 * MIB)
+    assert not dst.exists()
