@@ -132,10 +132,10 @@ def main(argv=None):
     ap.add_argument("--channels", default="auto",
                     type=lambda v: v if v == "auto" else int(v),
                     help='1..16, or "auto" (the engine\'s default)')
-    ap.add_argument("--max-downtime-ms", type=int, default=300,
-                    help="the downtime limit (300: the engine's default)")
-    ap.add_argument("--delta-cache-mib", default="auto",
-                    help='MiB, or "auto" (the engine\'s default: sized from '
+    ap.add_argument("--max-downtime-ms", type=int,
+                    help="the downtime limit (default: the engine's)")
+    ap.add_argument("--delta-cache-mib",
+                    help='MiB, or "auto" (default: the engine\'s, sized from '
                          'the guest and the host\'s free memory)')
     ap.add_argument("--max-bandwidth-mib", type=int, default=0,
                     help="cap the link at this many MiB/s (0: no cap)")
@@ -154,10 +154,13 @@ def main(argv=None):
     workloads = dict(args.workload) or WORKLOADS
     repeat = 1 if args.quick else args.repeat
     opts = dict(mode=Mode.LIVE, channels=args.channels,
-                max_downtime_ms=args.max_downtime_ms,
-                delta_cache=("auto" if args.delta_cache_mib == "auto"
-                             else int(args.delta_cache_mib) << 20),
                 max_bandwidth=args.max_bandwidth_mib << 20, verify=args.verify)
+    # options not given stay the engine's defaults
+    if args.max_downtime_ms is not None:
+        opts["max_downtime_ms"] = args.max_downtime_ms
+    if args.delta_cache_mib is not None:
+        opts["delta_cache"] = ("auto" if args.delta_cache_mib == "auto"
+                               else int(args.delta_cache_mib) << 20)
     base = tempfile.mkdtemp(prefix="nbb-")
     results = {"engine_options": {k: str(v) for k, v in opts.items()}, "runs": {}}
     print(f"{'workload':<18} {'total ms':>9} {'downtime ms':>12} "
