@@ -200,7 +200,8 @@ migration_opts = [
     cfg.StrOpt(
         "live_migration_timeout_action", default="abort", choices=[
             ("abort", "cancel the migration; the guest keeps running on "
-                      "the source and the migration is marked failed"),
+                      "the source and the migration is marked cancelled, "
+                      "as the libvirt driver marks it"),
             ("force_complete", "switch over now, pausing the guest for as "
                                "long as the remaining memory takes"),
         ],

@@ -11,7 +11,8 @@ with its events.  The driver adds its own events to that action:
   figures of a completed live migration (its disks moved in the same
   engine session: their bytes on the wire and blocks sent), and the pause
   the engine predicted when it switched over;
-- ``bhyve_disk_copy bytes=.. seconds=..``: a cold migration's disk copy.
+- ``bhyve_disk_copy bytes=.. wire=.. seconds=..``: a cold migration's disk
+  copy (the disks' bytes, then those on the wire).
 
 Event names are unique within an action, so figures go into the name.
 Failing to record an event never fails the migration.
