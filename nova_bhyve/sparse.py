@@ -4,6 +4,7 @@ Guest RAM files, checkpoint RAM and disk images are mostly holes; reading
 or writing them whole would allocate what the guest never wrote.
 """
 
+import contextlib
 import errno
 import os
 
@@ -33,6 +34,9 @@ def data_extents(fd, size):
         if start >= size:
             return
         stop = min(os.lseek(fd, start, SEEK_HOLE), size)
+        if stop <= start:       # a seek that does not move on: the rest is data
+            yield start, size - start
+            return
         yield start, stop - start
         pos = stop
 
@@ -40,7 +44,8 @@ def data_extents(fd, size):
 def copy_extents(src_fd, dst_fd, size):
     """Copy the data extents of ``src_fd`` below ``size`` to the same
     offsets of ``dst_fd``, writing nothing where ``src_fd`` has holes;
-    return the bytes copied.  Raises ShortRead if ``src_fd`` shrinks."""
+    return the bytes copied.  Raises ShortRead if ``src_fd`` is shorter
+    than ``size`` or shrinks meanwhile."""
     copied = 0
     for off, length in data_extents(src_fd, size):
         end = off + length
@@ -52,6 +57,9 @@ def copy_extents(src_fd, dst_fd, size):
             os.pwrite(dst_fd, chunk, off)
             off += len(chunk)
             copied += len(chunk)
+    end = os.fstat(src_fd).st_size
+    if end < size:
+        raise ShortRead(f"the file holds {end} bytes, not {size}")
     return copied
 
 
@@ -59,15 +67,15 @@ def copy_file(src, dst, size=None):
     """Copy file ``src`` to a new ``dst`` hole for hole; grow ``dst`` to
     ``size`` if that is larger; return the bytes copied.  A copy that
     fails is removed."""
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            length = os.fstat(fin.fileno()).st_size
-            os.ftruncate(fout.fileno(), max(length, size or 0))
-            return copy_extents(fin.fileno(), fout.fileno(), length)
-    except BaseException:
-        # a copy cut short must not pass for a whole one (it has its size)
-        try:
-            os.unlink(dst)
-        except FileNotFoundError:
-            pass
-        raise
+    with open(src, "rb") as fin:
+        length = os.fstat(fin.fileno()).st_size
+        with open(dst, "wb") as fout:
+            try:
+                os.ftruncate(fout.fileno(), max(length, size or 0))
+                return copy_extents(fin.fileno(), fout.fileno(), length)
+            except BaseException:
+                # a copy cut short must not pass for a whole one: it
+                # already has its full size
+                with contextlib.suppress(OSError):
+                    os.unlink(dst)
+                raise

@@ -51,14 +51,25 @@ def test_round_trip_keeps_ram_and_holes(tmp_path):
     assert not any(os.path.exists(p) for p in (files.ram, files.kern, files.meta))
 
 
-def test_a_ram_file_cut_short_while_it_loads_is_refused(tmp_path, monkeypatch):
-    size = 2 * MiB
+def _written_set(tmp_path, size):
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
     blob = b"S" * 64
     checkpoint.write(files, _meta(size, blob), _memfd(size, [(0, b"ram")]), blob)
-    meta = checkpoint.read_meta(files)
-    # the file ends inside the extent the copy is reading
-    monkeypatch.setattr(checkpoint.sparse.os, "pread", lambda fd, n, off: b"")
+    return files, checkpoint.read_meta(files)
+
+
+def test_a_ram_file_cut_short_before_it_loads_is_refused(tmp_path):
+    size = 2 * MiB
+    files, meta = _written_set(tmp_path, size)
+    os.truncate(files.ram, MiB)         # after read_meta checked its size
+    with pytest.raises(checkpoint.CheckpointError, match="short read"):
+        checkpoint.load_ram(files, meta, _memfd(size, []), size)
+
+
+def test_a_read_cut_short_inside_the_ram_data_is_refused(tmp_path, monkeypatch):
+    size = 2 * MiB
+    files, meta = _written_set(tmp_path, size)
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: b"")
     with pytest.raises(checkpoint.CheckpointError, match="short read"):
         checkpoint.load_ram(files, meta, _memfd(size, []), size)
 

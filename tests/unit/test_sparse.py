@@ -3,7 +3,6 @@
 import errno
 import mmap
 import os
-import re
 
 import pytest
 
@@ -13,18 +12,21 @@ MIB = 1 << 20
 PAGE = mmap.PAGESIZE
 
 
-def _shmem_pages_are_small():
-    """True where a memfd allocates single pages (no huge shmem folios)."""
+def _memfd_holes_are_pages():
+    """True where a memfd keeps holes a page apart (no large shmem folios)."""
+    if not hasattr(os, "memfd_create"):
+        return False
+    fd = os.memfd_create("nb-sparse-probe")
     try:
-        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
-            chosen = re.search(r"\[(\w+)\]", f.read())
-    except OSError:
-        return True
-    return chosen is None or chosen.group(1) in ("never", "advise", "deny")
+        os.ftruncate(fd, 4 * MIB)
+        os.pwrite(fd, b"p", 0)
+        return os.lseek(fd, 0, sparse.SEEK_HOLE) == PAGE
+    finally:
+        os.close(fd)
 
 
-pytestmark_memfd = pytest.mark.skipif(
-    not hasattr(os, "memfd_create") or not _shmem_pages_are_small(),
+needs_page_holes = pytest.mark.skipif(
+    not _memfd_holes_are_pages(),
     reason="needs a memfd whose holes are single pages")
 
 
@@ -41,7 +43,7 @@ def _allocated(fd):
     return os.fstat(fd).st_blocks * 512
 
 
-@pytestmark_memfd
+@needs_page_holes
 def test_data_extents_are_the_written_pages_only():
     fd = _memfd_with(4 * MIB, {0: b"a" * PAGE, MIB: b"b" * 2 * PAGE})
     try:
@@ -51,7 +53,7 @@ def test_data_extents_are_the_written_pages_only():
         os.close(fd)
 
 
-@pytestmark_memfd
+@needs_page_holes
 def test_data_extents_stop_at_the_size_given():
     fd = _memfd_with(4 * MIB, {0: b"a" * PAGE, MIB: b"b" * 2 * PAGE,
                                3 * MIB: b"c" * PAGE})
@@ -67,7 +69,7 @@ def test_data_extents_stop_at_the_size_given():
         os.close(fd)
 
 
-@pytestmark_memfd
+@needs_page_holes
 def test_a_file_of_holes_has_no_extents():
     fd = _memfd_with(4 * MIB, {})
     try:
@@ -87,6 +89,11 @@ def test_a_file_system_that_cannot_tell_holes_is_all_data(monkeypatch):
     assert list(sparse.data_extents(3, 5 * MIB)) == [(0, 5 * MIB)]
 
 
+def test_a_seek_that_does_not_move_on_leaves_the_rest_as_data(monkeypatch):
+    monkeypatch.setattr(sparse.os, "lseek", lambda fd, pos, how: MIB)
+    assert list(sparse.data_extents(3, 5 * MIB)) == [(MIB, 4 * MIB)]
+
+
 def test_other_seek_errors_are_not_taken_for_holes(monkeypatch):
     monkeypatch.setattr(sparse.os, "lseek", _failing_seek(errno.EIO))
     with pytest.raises(OSError) as exc:
@@ -94,7 +101,7 @@ def test_other_seek_errors_are_not_taken_for_holes(monkeypatch):
     assert exc.value.errno == errno.EIO
 
 
-@pytestmark_memfd
+@needs_page_holes
 def test_copy_extents_copies_the_data_and_writes_no_holes():
     data = os.urandom(3 * PAGE)
     src = _memfd_with(8 * MIB, {PAGE: data, 5 * MIB: data[:PAGE]})
@@ -110,7 +117,19 @@ def test_copy_extents_copies_the_data_and_writes_no_holes():
         os.close(dst)
 
 
-@pytestmark_memfd
+@needs_page_holes
+def test_copy_extents_fails_on_a_source_shorter_than_the_size():
+    src = _memfd_with(MIB, {0: b"x" * PAGE})
+    dst = _memfd_with(2 * MIB, {})
+    try:
+        with pytest.raises(sparse.ShortRead, match="holds 1048576 bytes"):
+            sparse.copy_extents(src, dst, 2 * MIB)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+@needs_page_holes
 def test_copy_extents_fails_when_the_source_shrinks(monkeypatch):
     src = _memfd_with(MIB, {0: b"x" * 2 * PAGE})
     dst = _memfd_with(MIB, {})
@@ -162,3 +181,11 @@ def test_a_failed_copy_file_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(sparse.ShortRead):
         sparse.copy_file(src, dst, 3 * MIB)
     assert not dst.exists()
+
+
+def test_copy_file_of_a_missing_source_leaves_the_destination(tmp_path):
+    dst = tmp_path / "dst"
+    dst.write_bytes(b"kept")
+    with pytest.raises(FileNotFoundError):
+        sparse.copy_file(tmp_path / "nothing", dst)
+    assert dst.read_bytes() == b"kept"
