@@ -3,6 +3,7 @@ and the engine's test build."""
 
 import functools
 import importlib.util
+import os
 import pathlib
 import tempfile
 from unittest import mock
@@ -33,6 +34,16 @@ def selftest_module():
     path = builder.compile(tmpdir=tempfile.mkdtemp(prefix="nb-selftest-"))
     module = _load(name, path)
     return module.ffi, module.lib
+
+
+def memfd_with(size, writes=()):
+    """A memfd of ``size`` bytes (guest RAM, as the test host hands it out)
+    with ``writes``, (offset, bytes) pairs, written into it."""
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, size)
+    for off, data in writes:
+        os.pwrite(fd, data, off)
+    return fd
 
 
 def host_facts(**changes):

@@ -8,15 +8,9 @@ import pytest
 
 from nova_bhyve.machine import checkpoint
 
+from .conftest import memfd_with
+
 MiB = 1 << 20
-
-
-def _memfd(size, writes):
-    fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, size)
-    for off, data in writes:
-        os.pwrite(fd, data, off)
-    return fd
 
 
 def _meta(size, blob):
@@ -30,7 +24,7 @@ def _meta(size, blob):
 def test_round_trip_keeps_ram_and_holes(tmp_path):
     size = 8 * MiB
     writes = [(0, b"low"), (3 * MiB + 5, b"x" * 5000), (size - 4096, b"end")]
-    src = _memfd(size, writes)
+    src = memfd_with(size, writes)
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
     blob = b"STATE" * 100
     checkpoint.write(files, _meta(size, blob), src, blob)
@@ -42,7 +36,7 @@ def test_round_trip_keeps_ram_and_holes(tmp_path):
 
     meta = checkpoint.read_meta(files)
     assert checkpoint.read_kern(files, meta) == blob
-    dst = _memfd(size, [])
+    dst = memfd_with(size, [])
     checkpoint.load_ram(files, meta, dst, size)
     for off, data in writes:
         assert os.pread(dst, len(data), off) == data
@@ -54,7 +48,7 @@ def test_round_trip_keeps_ram_and_holes(tmp_path):
 def _written_set(tmp_path, size):
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
     blob = b"S" * 64
-    checkpoint.write(files, _meta(size, blob), _memfd(size, [(0, b"ram")]), blob)
+    checkpoint.write(files, _meta(size, blob), memfd_with(size, [(0, b"ram")]), blob)
     return files, checkpoint.read_meta(files)
 
 
@@ -63,7 +57,7 @@ def test_a_ram_file_cut_short_before_it_loads_is_refused(tmp_path):
     files, meta = _written_set(tmp_path, size)
     os.truncate(files.ram, MiB)         # after read_meta checked its size
     with pytest.raises(checkpoint.CheckpointError, match="short read"):
-        checkpoint.load_ram(files, meta, _memfd(size, []), size)
+        checkpoint.load_ram(files, meta, memfd_with(size, []), size)
 
 
 def test_a_read_cut_short_inside_the_ram_data_is_refused(tmp_path, monkeypatch):
@@ -71,18 +65,18 @@ def test_a_read_cut_short_inside_the_ram_data_is_refused(tmp_path, monkeypatch):
     files, meta = _written_set(tmp_path, size)
     monkeypatch.setattr(os, "pread", lambda fd, n, off: b"")
     with pytest.raises(checkpoint.CheckpointError, match="short read"):
-        checkpoint.load_ram(files, meta, _memfd(size, []), size)
+        checkpoint.load_ram(files, meta, memfd_with(size, []), size)
 
 
 def test_untrusted_sets_are_refused(tmp_path):
     size = 2 * MiB
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
     blob = b"S" * 64
-    checkpoint.write(files, _meta(size, blob), _memfd(size, []), blob)
+    checkpoint.write(files, _meta(size, blob), memfd_with(size, []), blob)
 
     with pytest.raises(checkpoint.CheckpointError, match="flavor changed"):
         checkpoint.load_ram(files, checkpoint.read_meta(files),
-                            _memfd(4 * MiB, []), 4 * MiB)
+                            memfd_with(4 * MiB, []), 4 * MiB)
     with open(files.kern, "r+b") as f:
         f.write(b"T")
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
@@ -98,7 +92,7 @@ def test_untrusted_sets_are_refused(tmp_path):
 def test_meta_must_be_consistent(tmp_path):
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
     blob = b"S" * 64
-    checkpoint.write(files, _meta(MiB, blob), _memfd(MiB, []), blob)
+    checkpoint.write(files, _meta(MiB, blob), memfd_with(MiB, []), blob)
     raw = json.loads(open(files.meta).read())
     raw["highmem"] = 4096
     with open(files.meta, "w") as f:
@@ -106,7 +100,7 @@ def test_meta_must_be_consistent(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="lowmem"):
         checkpoint.read_meta(files)
     with pytest.raises(checkpoint.CheckpointError, match="kern_bytes"):
-        checkpoint.write(files, _meta(MiB, b"x"), _memfd(MiB, []), blob)
+        checkpoint.write(files, _meta(MiB, b"x"), memfd_with(MiB, []), blob)
 
 
 def test_a_set_suspended_before_version_2_still_resumes(tmp_path):
@@ -114,7 +108,7 @@ def test_a_set_suspended_before_version_2_still_resumes(tmp_path):
     size = MiB
     files = checkpoint.CheckpointFiles(str(tmp_path / "ckp"))
     blob = b"S" * 64
-    checkpoint.write(files, _meta(size, blob), _memfd(size, [(0, b"low")]), blob)
+    checkpoint.write(files, _meta(size, blob), memfd_with(size, [(0, b"low")]), blob)
     raw = json.loads(open(files.meta).read())
     for name in ("version", "state_format", "arch", "cpu_vendor"):
         del raw[name]

@@ -18,6 +18,8 @@ from nova_bhyve.native._engine import ffi, lib
 from nova_bhyve.machine import checkpoint, statefile
 from nova_bhyve.native.engine import Migration, Mode, Result, VmmFailure, VmmKind
 
+from .conftest import memfd_with
+
 MiB = 1 << 20
 PAGE = 4096
 
@@ -174,14 +176,6 @@ def test_the_engine_refuses_to_write_what_it_could_not_read():
 # --------------------------------------------- engine <-> checkpoint.py
 
 
-def _memfd(size, writes):
-    fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, size)
-    for off, data in writes:
-        os.pwrite(fd, data, off)
-    return fd
-
-
 def _move(src, dst):
     """The engine moves checkpoint set ``src`` into a new set ``dst``."""
     secret = os.urandom(32)
@@ -205,7 +199,7 @@ def test_a_set_written_by_checkpoint_py_moves_through_the_engine_and_back(tmp_pa
     written = meta(memsize=size, lowmem=size, kern_bytes=len(blob),
                    kern_crc32=zlib.crc32(blob))
     src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
-    checkpoint.write(src, written, _memfd(size, writes), blob)
+    checkpoint.write(src, written, memfd_with(size, writes), blob)
 
     s, d = _move(src.base, tmp_path / "b")
     assert s.result == d.result == Result.COMPLETED, (s.error, d.error)
@@ -215,7 +209,7 @@ def test_a_set_written_by_checkpoint_py_moves_through_the_engine_and_back(tmp_pa
                         kern_crc32=zlib.crc32(blob), vmname="",
                         cpu_vendor=read.cpu_vendor)
     assert checkpoint.read_kern(dst, read) == blob
-    ram = _memfd(size, [])
+    ram = memfd_with(size, [])
     checkpoint.load_ram(dst, read, ram, size)
     for off, data in writes:
         assert os.pread(ram, len(data), off) == data
@@ -224,7 +218,7 @@ def test_a_set_written_by_checkpoint_py_moves_through_the_engine_and_back(tmp_pa
 def test_the_engine_refuses_a_state_file_that_does_not_match(tmp_path):
     blob = b"S" * 64
     src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
-    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), memfd_with(4 * MiB, []),
                      blob)
     with open(src.kern, "r+b") as f:
         f.write(b"T")
@@ -242,7 +236,7 @@ def test_the_engine_refuses_a_state_file_that_does_not_match(tmp_path):
 def test_the_engine_refuses_to_open_a_damaged_set(tmp_path, damage, why):
     blob = b"S" * 64
     src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
-    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), memfd_with(4 * MiB, []),
                      blob)
     if damage == "meta":
         raw = json.loads(open(src.meta).read())
@@ -260,7 +254,7 @@ def test_the_engine_refuses_to_open_a_damaged_set(tmp_path, damage, why):
 def test_a_destination_never_writes_through_a_planted_link(tmp_path, suffix):
     blob = b"S" * 64
     src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
-    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), memfd_with(4 * MiB, []),
                      blob)
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
@@ -278,10 +272,10 @@ def test_a_destination_never_writes_through_a_planted_link(tmp_path, suffix):
 def test_a_source_refuses_a_set_with_a_link_in_it(tmp_path, suffix):
     blob = b"S" * 64
     real = checkpoint.CheckpointFiles(str(tmp_path / "real"))
-    checkpoint.write(real, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+    checkpoint.write(real, meta(kern_crc32=zlib.crc32(blob)), memfd_with(4 * MiB, []),
                      blob)
     src = checkpoint.CheckpointFiles(str(tmp_path / "a"))
-    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), memfd_with(4 * MiB, []),
                      blob)
     os.unlink(str(tmp_path / "a") + suffix)
     os.symlink(str(tmp_path / "real") + suffix, str(tmp_path / "a") + suffix)
@@ -294,7 +288,7 @@ def test_a_set_in_a_linked_directory_is_refused(tmp_path):
     blob = b"S" * 64
     (tmp_path / "d").mkdir()
     src = checkpoint.CheckpointFiles(str(tmp_path / "d" / "a"))
-    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), _memfd(4 * MiB, []),
+    checkpoint.write(src, meta(kern_crc32=zlib.crc32(blob)), memfd_with(4 * MiB, []),
                      blob)
     os.symlink(tmp_path / "d", tmp_path / "link")
     with pytest.raises(VmmFailure, match="is a symbolic link"):

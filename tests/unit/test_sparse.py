@@ -8,6 +8,8 @@ import pytest
 
 from nova_bhyve import sparse
 
+from .conftest import memfd_with
+
 MIB = 1 << 20
 PAGE = mmap.PAGESIZE
 
@@ -30,22 +32,13 @@ needs_page_holes = pytest.mark.skipif(
     reason="needs a memfd whose holes are single pages")
 
 
-def _memfd_with(size, writes):
-    """A memfd of ``size`` bytes with ``writes`` ({offset: bytes}) in it."""
-    fd = os.memfd_create("nb-sparse-test")
-    os.ftruncate(fd, size)
-    for off, data in writes.items():
-        os.pwrite(fd, data, off)
-    return fd
-
-
 def _allocated(fd):
     return os.fstat(fd).st_blocks * 512
 
 
 @needs_page_holes
 def test_data_extents_are_the_written_pages_only():
-    fd = _memfd_with(4 * MIB, {0: b"a" * PAGE, MIB: b"b" * 2 * PAGE})
+    fd = memfd_with(4 * MIB, [(0, b"a" * PAGE), (MIB, b"b" * 2 * PAGE)])
     try:
         assert list(sparse.data_extents(fd, 4 * MIB)) == [
             (0, PAGE), (MIB, 2 * PAGE)]
@@ -55,8 +48,8 @@ def test_data_extents_are_the_written_pages_only():
 
 @needs_page_holes
 def test_data_extents_stop_at_the_size_given():
-    fd = _memfd_with(4 * MIB, {0: b"a" * PAGE, MIB: b"b" * 2 * PAGE,
-                               3 * MIB: b"c" * PAGE})
+    fd = memfd_with(4 * MIB, [(0, b"a" * PAGE), (MIB, b"b" * 2 * PAGE),
+                              (3 * MIB, b"c" * PAGE)])
     try:
         # the size cuts an extent short
         assert list(sparse.data_extents(fd, MIB + PAGE)) == [
@@ -71,7 +64,7 @@ def test_data_extents_stop_at_the_size_given():
 
 @needs_page_holes
 def test_a_file_of_holes_has_no_extents():
-    fd = _memfd_with(4 * MIB, {})
+    fd = memfd_with(4 * MIB)
     try:
         assert list(sparse.data_extents(fd, 4 * MIB)) == []
     finally:
@@ -104,8 +97,8 @@ def test_other_seek_errors_are_not_taken_for_holes(monkeypatch):
 @needs_page_holes
 def test_copy_extents_copies_the_data_and_writes_no_holes():
     data = os.urandom(3 * PAGE)
-    src = _memfd_with(8 * MIB, {PAGE: data, 5 * MIB: data[:PAGE]})
-    dst = _memfd_with(8 * MIB, {})
+    src = memfd_with(8 * MIB, [(PAGE, data), (5 * MIB, data[:PAGE])])
+    dst = memfd_with(8 * MIB)
     try:
         assert sparse.copy_extents(src, dst, 8 * MIB) == 4 * PAGE
         assert os.pread(dst, 3 * PAGE, PAGE) == data
@@ -119,8 +112,8 @@ def test_copy_extents_copies_the_data_and_writes_no_holes():
 
 @needs_page_holes
 def test_copy_extents_fails_on_a_source_shorter_than_the_size():
-    src = _memfd_with(MIB, {0: b"x" * PAGE})
-    dst = _memfd_with(2 * MIB, {})
+    src = memfd_with(MIB, [(0, b"x" * PAGE)])
+    dst = memfd_with(2 * MIB)
     try:
         with pytest.raises(sparse.ShortRead, match="holds 1048576 bytes"):
             sparse.copy_extents(src, dst, 2 * MIB)
@@ -131,8 +124,8 @@ def test_copy_extents_fails_on_a_source_shorter_than_the_size():
 
 @needs_page_holes
 def test_copy_extents_fails_when_the_source_shrinks(monkeypatch):
-    src = _memfd_with(MIB, {0: b"x" * 2 * PAGE})
-    dst = _memfd_with(MIB, {})
+    src = memfd_with(MIB, [(0, b"x" * 2 * PAGE)])
+    dst = memfd_with(MIB)
     monkeypatch.setattr(sparse.os, "pread", lambda fd, n, off: b"")
     try:
         with pytest.raises(sparse.ShortRead, match="inside a data extent"):
