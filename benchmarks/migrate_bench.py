@@ -117,6 +117,8 @@ def run_once(base, mem, cpus, cmdline, engine_opts, warmup_s=0):
             "round_throttle": [r.throttle for r in s.rounds],
             "round_ms": [r.duration_ms for r in s.rounds],
             "round_bytes": [r.bytes for r in s.rounds],
+            "round_dirty": [r.dirty for r in s.rounds],
+            "round_expected_ms": [r.expected_ms for r in s.rounds],
             # the settings the engine ran with, defaults included
             "max_downtime_ms": s.max_downtime_ms,
             "delta_cache_bytes": s.delta_cache_bytes,

@@ -55,6 +55,8 @@ def _final(stats, cpu_s, wall_s):
         "round_ms": [r.duration_ms for r in stats.rounds],
         "round_bytes": [r.bytes for r in stats.rounds],
         "round_dirty": [r.dirty for r in stats.rounds],
+        # (an engine built before rounds carried it: 0)
+        "round_expected_ms": [getattr(r, "expected_ms", 0) for r in stats.rounds],
         "round_blocks": [r.blocks for r in stats.rounds],
         # (an engine built before rounds carried it: 0)
         "round_throttle": [getattr(r, "throttle", 0) for r in stats.rounds],

@@ -127,7 +127,8 @@ def round_lines(stats):
     the source's part of the pause.
     """
     lines = [f"round {i}: {r.duration_ms:.0f}ms pages={r.pages} "
-             f"bytes={r.bytes} dirty={r.dirty} throttle={r.throttle}% "
+             f"bytes={r.bytes} dirty={r.dirty} "
+             f"expected={r.expected_ms:.1f}ms throttle={r.throttle}% "
              f"log_reads={r.log_reads}"
              for i, r in enumerate(stats.rounds)]
     lines.append(f"pages: zero={stats.pages_zero} delta={stats.pages_delta} "

@@ -191,6 +191,7 @@ class RoundStats:
     dirty_blocks: int = 0   # disk blocks pending at the sync that began it
     throttle: int = 0       # percent the guest was slowed by meanwhile
     log_reads: int = 0      # dirty-log chunks it read and cleared (lazy)
+    expected_ms: float = 0.0  # pause predicted at the count that began it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +480,7 @@ class Migration:
         lib.nb_mig_stats(self._handle(), s)
         rounds = tuple(RoundStats(r.start_ms, r.duration_ms, r.pages, r.bytes,
                                   r.dirty, r.blocks, r.dirty_blocks, r.throttle,
-                                  r.log_reads)
+                                  r.log_reads, r.expected_ms)
                        for r in list(s.rounds)[:min(s.nrounds, len(s.rounds))])
         return MigrationStats(
             phase=Phase(s.phase), result=Result(s.result),

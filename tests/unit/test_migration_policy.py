@@ -87,17 +87,18 @@ def test_progress_reporting():
 
 
 def test_round_lines_give_each_round_then_the_encodings():
-    rounds = (RoundStats(0, 900.5, 65537, 70_000_000, 4000, log_reads=3),
-              RoundStats(901, 12.2, 4000, 90_000, 0, throttle=20))
+    rounds = (RoundStats(0, 900.5, 65537, 70_000_000, 0, log_reads=3),
+              RoundStats(901, 12.2, 4000, 90_000, 4000, throttle=20,
+                         expected_ms=4.3))
     s = types.SimpleNamespace(
         rounds=rounds, pages_zero=10, pages_delta=3990, pages_compressed=0,
         pages_raw=65537, delta_cache_bytes=256 << 20, rtt_ms=0.25,
         bandwidth=12.5 * (1 << 20), channels=2)
     assert policy.round_lines(s) == [
-        "round 0: 900ms pages=65537 bytes=70000000 dirty=4000 throttle=0% "
-        "log_reads=3",
-        "round 1: 12ms pages=4000 bytes=90000 dirty=0 throttle=20% "
-        "log_reads=0",
+        "round 0: 900ms pages=65537 bytes=70000000 dirty=0 expected=0.0ms "
+        "throttle=0% log_reads=3",
+        "round 1: 12ms pages=4000 bytes=90000 dirty=4000 expected=4.3ms "
+        "throttle=20% log_reads=0",
         "pages: zero=10 delta=3990 compressed=0 raw=65537 delta_cache=256MiB "
         "rtt=0.25ms channels=2 bandwidth=12.5MiB/s"]
 

@@ -450,6 +450,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
 
     *r = (struct nb_round_stat){ .start_ms = t0 - m->t0, .dirty = dirty,
                                  .dirty_blocks = src->dirty_blocks,
+                                 .expected_ms = round ? src->expected : 0,
                                  .log_reads = src->log_reads };
     for (int i = 0; i < src->nsnd; i++) {
         r->pages += src->snd[i].round_pages;
