@@ -125,7 +125,7 @@ def _receive(mig):
     return mig.stats()
 
 
-def _report(stats, out):
+def _report(stats, out, rounds=False):
     out.write(f"result: {stats.result.name.lower()}"
               + (f" ({stats.error})" if stats.error else "") + "\n")
     if stats.result == Result.COMPLETED:
@@ -150,6 +150,8 @@ def _report(stats, out):
                       f"{stats.pages_raw}; delta cache "
                       f"{stats.delta_cache_bytes >> 20} MiB; throttle "
                       f"{stats.throttle}%\n")
+    if rounds and stats.is_source:
+        out.writelines(line + "\n" for line in policy.round_lines(stats))
 
 
 def main(argv=None, out=sys.stdout):
@@ -191,6 +193,11 @@ def main(argv=None, out=sys.stdout):
                      help="cap in MiB/s (0 = unlimited)")
     snd.add_argument("--verify", choices=["incremental", "full"],
                      default="incremental")
+    snd.add_argument("--rounds", action="store_true",
+                     help="after the report, one line per round (its time, "
+                          "pages, bytes, the dirty pages counted before it "
+                          "and the pause that count predicted, the throttle) "
+                          "and the pages by encoding")
     rcv.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     args = ap.parse_args(argv)
     secret = _read_secret(args.secret_file)
@@ -220,7 +227,7 @@ def main(argv=None, out=sys.stdout):
         return 2
     t0 = time.monotonic()
     stats = _watch(mig, out) if args.cmd == "send" else _receive(mig)
-    _report(stats, out)
+    _report(stats, out, rounds=getattr(args, "rounds", False))
     out.write(f"wall time {time.monotonic() - t0:.2f} s\n")
     mig.close()
     return 0 if stats.result == Result.COMPLETED else 1

@@ -7,7 +7,7 @@ import types
 import pytest
 
 from nova_bhyve.migration import cli
-from nova_bhyve.native.engine import Phase, Result
+from nova_bhyve.native.engine import Phase, Result, RoundStats
 
 
 def test_the_secret_is_read_byte_for_byte(tmp_path):
@@ -91,3 +91,27 @@ def test_the_report_gives_the_pause_in_its_parts():
     assert ("downtime 7.0 ms" in out.getvalue() and
             "downtime in parts: stop/final round/verify/commit "
             "0.4/3.1/2.3/1.2ms\n" in out.getvalue()), out.getvalue()
+
+
+def test_rounds_add_a_line_per_round_after_the_report():
+    st = _stats(result=Result.COMPLETED, error="", total_ms=812.0,
+                downtime_ms=7.0, channels=1, digest=0xab, disk_total=0,
+                is_source=True, catchup_ms=3.0, pages_zero=1, pages_delta=2,
+                pages_compressed=0, pages_raw=3, delta_cache_bytes=64 << 20,
+                throttle=20, pause_stop_ms=0.4, pause_final_ms=3.1,
+                pause_verify_ms=2.3, pause_commit_ms=1.2, rtt_ms=0.1,
+                bandwidth=0, rounds=(
+                    RoundStats(0, 800.0, 5, 9000, 0),
+                    RoundStats(800, 4.0, 2, 300, 2, throttle=20,
+                               expected_ms=6.5)))
+    plain, full = io.StringIO(), io.StringIO()
+    cli._report(st, plain)
+    cli._report(st, full, rounds=True)
+    extra = full.getvalue()[len(plain.getvalue()):].splitlines()
+    assert full.getvalue().startswith(plain.getvalue())
+    assert extra[:2] == [
+        "round 0: 800ms pages=5 bytes=9000 dirty=0 expected=0.0ms "
+        "throttle=0% log_reads=0",
+        "round 1: 4ms pages=2 bytes=300 dirty=2 expected=6.5ms "
+        "throttle=20% log_reads=0"], extra
+    assert extra[2].startswith("pages: zero=1 delta=2 "), extra
