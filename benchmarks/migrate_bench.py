@@ -108,6 +108,10 @@ def run_once(base, mem, cpus, cmdline, engine_opts, warmup_s=0):
         return {
             "total_ms": s.total_ms,
             "engine_downtime_ms": s.downtime_ms,
+            "predicted_downtime_ms": s.expected_downtime_ms,
+            "pause_parts_ms": [s.pause_stop_ms, s.pause_final_ms,
+                               s.pause_verify_ms, s.pause_commit_ms],
+            "catchup_ms": s.catchup_ms,
             "guest_downtime_ms": gap * 1e3,
             "bytes": s.bytes_transferred,
             "rounds": len(s.rounds),
@@ -117,6 +121,7 @@ def run_once(base, mem, cpus, cmdline, engine_opts, warmup_s=0):
             "round_throttle": [r.throttle for r in s.rounds],
             "round_ms": [r.duration_ms for r in s.rounds],
             "round_bytes": [r.bytes for r in s.rounds],
+            "round_pages": [r.pages for r in s.rounds],
             "round_dirty": [r.dirty for r in s.rounds],
             "round_expected_ms": [r.expected_ms for r in s.rounds],
             # the settings the engine ran with, defaults included
