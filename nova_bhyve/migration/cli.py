@@ -195,9 +195,9 @@ def main(argv=None, out=sys.stdout):
                      default="incremental")
     snd.add_argument("--rounds", action="store_true",
                      help="after the report, one line per round (its time, "
-                          "pages, bytes, the dirty pages counted before it "
-                          "and the pause that count predicted, the throttle) "
-                          "and the pages by encoding")
+                          "pages, bytes, the dirty pages counted before it, "
+                          "the pause predicted before it, the throttle) and "
+                          "the pages by encoding")
     rcv.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     args = ap.parse_args(argv)
     secret = _read_secret(args.secret_file)

@@ -123,8 +123,10 @@ def pause_parts(stats):
 def round_lines(stats):
     """Return one line per round, then the pages by encoding, for the log.
 
-    The last round is the one the guest was paused for; its duration is
-    the source's part of the pause.
+    Each line gives the dirty pages counted before the round and the
+    pause that count predicted.  The last round is the one the guest was
+    paused for: its duration is the source's part of the pause, its
+    prediction the one the switch-over was made on.
     """
     lines = [f"round {i}: {r.duration_ms:.0f}ms pages={r.pages} "
              f"bytes={r.bytes} dirty={r.dirty} "

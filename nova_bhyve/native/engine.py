@@ -191,7 +191,7 @@ class RoundStats:
     dirty_blocks: int = 0   # disk blocks pending at the sync that began it
     throttle: int = 0       # percent the guest was slowed by meanwhile
     log_reads: int = 0      # dirty-log chunks it read and cleared (lazy)
-    expected_ms: float = 0.0  # pause predicted at the count that began it
+    expected_ms: float = 0.0    # pause predicted by the count that began it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,8 @@ def _send(src, port, secret, *extra):
 
 def test_send_reports_each_round_and_the_pause_it_predicted(vms):
     """A guest rewriting 32 MiB moves from one command to the other; with
-    ``--rounds`` the source's report ends with one line per round, as many
-    as it says it ran, the first predicting nothing and the last (the
+    ``--rounds`` the source's report goes on with one line per round,
+    numbered in order, the first predicting nothing and the last (the
     round the guest was paused for) the pause the report predicted."""
     src = vms.start("src", mem="256M", cmdline="mode=stress pattern=touch ws=32M")
     dst = vms.start("dst", mem="256M", incoming=True)

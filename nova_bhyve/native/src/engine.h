@@ -127,7 +127,10 @@ struct nb_round_stat {
     uint64_t blocks;            /* disk blocks sent in this round */
     uint64_t dirty_blocks;      /* disk blocks dirty at that sync */
     double expected_ms;         /* the pause the count that began it
-                                 * predicted (0 for round 0) */
+                                 * predicted; the final round's, the
+                                 * prediction the switch-over was made
+                                 * on (the last count before the pause);
+                                 * 0 for round 0 and in warm or cold mode */
     uint32_t throttle;          /* percent the guest was slowed by meanwhile */
     uint32_t log_reads;         /* chunks of the dirty log it read and
                                  * cleared (a vmm request each); 0 where
