@@ -1,5 +1,6 @@
 """Helpers for migration tests: run both halves, inject network faults."""
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -80,17 +81,25 @@ def receiver_process(secret_file, dst, listen="127.0.0.1:0", netns=None,
     return proc, int(line.rsplit(":", 1)[1])
 
 
+@contextlib.contextmanager
+def secret_file_in(vm, secret):
+    """``secret`` in a file in test-host VM ``vm``'s run directory for a
+    ``nova-bhyve-migrate`` process to read; yield its path, then remove it."""
+    path = pathlib.Path(vm.rundir) / "secret"
+    path.write_bytes(secret)
+    try:
+        yield path
+    finally:
+        path.unlink()
+
+
 def receiver_with_secret(dst, **kwargs):
     """``receiver_process`` (``kwargs`` its) with a new secret, which it
     reads from a file in ``dst``'s run directory, removed once the process
     has read it; return (process, port, secret)."""
     secret = new_secret()
-    secret_file = pathlib.Path(dst.rundir) / "secret"
-    secret_file.write_bytes(secret)
-    try:
-        proc, port = receiver_process(secret_file, dst, **kwargs)
-    finally:
-        secret_file.unlink()
+    with secret_file_in(dst, secret) as path:
+        proc, port = receiver_process(path, dst, **kwargs)
     return proc, port, secret
 
 

@@ -1,7 +1,6 @@
 """``nova-bhyve-migrate send`` and ``receive``, both as processes, moving a
 running test-host guest, with the source's report read back."""
 
-import pathlib
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from .conftest import needs_kvm
 from .migration_helpers import (
     assert_guest_continued,
     receiver_with_secret,
+    secret_file_in,
     stress_ready,
 )
 
@@ -21,16 +21,12 @@ _ROUND = re.compile(r"^round (\d+): \d+ms pages=(\d+) bytes=\d+ dirty=(\d+) "
 
 def _send(src, port, secret, *extra):
     """Run ``nova-bhyve-migrate send`` from ``src``; return its output."""
-    secret_file = pathlib.Path(src.rundir) / "secret"
-    secret_file.write_bytes(secret)
-    try:
+    with secret_file_in(src, secret) as path:
         done = subprocess.run(
             [sys.executable, "-P", "-m", "nova_bhyve.migration.cli", "send",
              "--vm", str(src.socket_path), "--to", f"127.0.0.1:{port}",
-             "--secret-file", str(secret_file), *extra],
+             "--secret-file", str(path), *extra],
             stdout=subprocess.PIPE, text=True, timeout=180)
-    finally:
-        secret_file.unlink()
     assert done.returncode == 0, done.stdout
     return done.stdout
 

@@ -79,13 +79,21 @@ def test_a_near_destination_is_not_cancelled():
     assert mig.cancels == 0
 
 
+def _completed(**kw):
+    """The stats of a completed send, as its report reads them."""
+    base = dict(
+        result=Result.COMPLETED, error="", total_ms=812.0, downtime_ms=7.0,
+        rounds=(), channels=1, digest=0xab, disk_total=0, is_source=True,
+        catchup_ms=3.0, pages_zero=1, pages_delta=2, pages_compressed=0,
+        pages_raw=3, delta_cache_bytes=64 << 20, throttle=0,
+        pause_stop_ms=0.4, pause_final_ms=3.1, pause_verify_ms=2.3,
+        pause_commit_ms=1.2)
+    base.update(kw)
+    return _stats(**base)
+
+
 def test_the_report_gives_the_pause_in_its_parts():
-    st = _stats(result=Result.COMPLETED, error="", total_ms=812.0,
-                downtime_ms=7.0, rounds=(), channels=1, digest=0xab,
-                disk_total=0, is_source=True, catchup_ms=3.0, pages_zero=1,
-                pages_delta=2, pages_compressed=0, pages_raw=3,
-                delta_cache_bytes=64 << 20, throttle=0, pause_stop_ms=0.4,
-                pause_final_ms=3.1, pause_verify_ms=2.3, pause_commit_ms=1.2)
+    st = _completed()
     out = io.StringIO()
     cli._report(st, out)
     assert ("downtime 7.0 ms" in out.getvalue() and
@@ -94,16 +102,9 @@ def test_the_report_gives_the_pause_in_its_parts():
 
 
 def test_rounds_add_a_line_per_round_after_the_report():
-    st = _stats(result=Result.COMPLETED, error="", total_ms=812.0,
-                downtime_ms=7.0, channels=1, digest=0xab, disk_total=0,
-                is_source=True, catchup_ms=3.0, pages_zero=1, pages_delta=2,
-                pages_compressed=0, pages_raw=3, delta_cache_bytes=64 << 20,
-                throttle=20, pause_stop_ms=0.4, pause_final_ms=3.1,
-                pause_verify_ms=2.3, pause_commit_ms=1.2, rtt_ms=0.1,
-                bandwidth=0, rounds=(
-                    RoundStats(0, 800.0, 5, 9000, 0),
-                    RoundStats(800, 4.0, 2, 300, 2, throttle=20,
-                               expected_ms=6.5)))
+    st = _completed(rtt_ms=0.1, bandwidth=0, rounds=(
+        RoundStats(0, 800.0, 5, 9000, 0),
+        RoundStats(800, 4.0, 2, 300, 2, throttle=20, expected_ms=6.5)))
     plain, full = io.StringIO(), io.StringIO()
     cli._report(st, plain)
     cli._report(st, full, rounds=True)
