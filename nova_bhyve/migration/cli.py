@@ -143,7 +143,9 @@ def _report(stats, out, rounds=False):
             out.write(f"downtime in parts: stop/final round/verify/commit "
                       f"{policy.pause_parts(stats)}\n")
             out.write(f"predicted downtime {stats.expected_downtime_ms:.1f} ms "
-                      f"(after {stats.catchup_ms:.1f} ms waiting for the link "
+                      f"(the destination {stats.dest_excess_us:.1f} us a page "
+                      f"slower than the source; "
+                      f"after {stats.catchup_ms:.1f} ms waiting for the link "
                       f"and the destination to catch up); pages zero/delta/zstd/raw "
                       f"{stats.pages_zero}/"
                       f"{stats.pages_delta}/{stats.pages_compressed}/"

@@ -246,6 +246,10 @@ class MigrationStats:
     converge_steps: int = 0     # throttle steps: rounds stopped shrinking
     trim_steps: int = 0         # throttle steps: a pause that fitted, cut
     channels: int = 0           # page channels of the session (as chosen)
+    # source: of expected_downtime_ms, the time per page (or block) the
+    # destination took beyond the source's, as the last round timed on it
+    # showed; the estimate adds it for each page and block of the rest
+    dest_excess_us: float = 0.0
 
     @property
     def finished(self):
@@ -506,7 +510,8 @@ class Migration:
             disk_bytes=s.disk_bytes, disk_blocks=s.disk_blocks,
             dirty_blocks=s.dirty_blocks, disk_digest=s.disk_digest,
             stream_bytes=s.stream_bytes, converge_steps=s.converge_steps,
-            trim_steps=s.trim_steps, channels=s.channels)
+            trim_steps=s.trim_steps, channels=s.channels,
+            dest_excess_us=s.dest_excess_us)
 
     def set_param(self, name, value):
         """Change max_downtime_ms, max_bandwidth or throttle while running."""

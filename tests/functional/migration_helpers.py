@@ -168,14 +168,20 @@ class FaultyProxy:
     this many bytes a second, as a slow link would; the proxy takes in
     only a small window ahead of that, so the rest waits unacknowledged
     in the source's socket, as on such a link.
+    ``apply_rate``: take in at once what the source sends on the page
+    connections (its sockets drain as on a fast link) but hand it to the
+    destination at this many bytes a second, as a destination that applies
+    pages more slowly than the link brings them would take it.
     """
 
     def __init__(self, target_port, corrupt_at=None, record=False,
                  join_delay=0.0, frames=False, host="127.0.0.1",
-                 target_host="127.0.0.1", control_latency=0.0, page_rate=0):
+                 target_host="127.0.0.1", control_latency=0.0, page_rate=0,
+                 apply_rate=0):
         self.target = (target_host, target_port)
         self.control_latency = control_latency
         self.page_rate = page_rate
+        self.apply_rate = apply_rate
         self.frames = frames
         self.hooks = []             # [connection, direction, type, action]
         self.stall_all = False
@@ -252,7 +258,8 @@ class FaultyProxy:
         paced = bool(self.page_rate and index and direction == TO_DEST)
         size = max(4096, int(self.page_rate) // 100) if paced else 65536
         due = 0.0
-        if index == 0 and self.control_latency:
+        applied = bool(self.apply_rate and index and direction == TO_DEST)
+        if (index == 0 and self.control_latency) or applied:
             late = queue.Queue()
             threading.Thread(target=self._deliver_late, args=(late, a, b),
                              daemon=True).start()
@@ -277,7 +284,10 @@ class FaultyProxy:
                 if self.frames:
                     pending += data
                     data = self._whole_frames(pending, index, direction)
-                if late is not None:
+                if applied:         # handed on at apply_rate
+                    due = max(due, time.monotonic()) + len(data) / self.apply_rate
+                    late.put((due, data))
+                elif late is not None:
                     late.put((time.monotonic() + self.control_latency, data))
                 else:
                     b.sendall(data)

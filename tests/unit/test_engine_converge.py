@@ -112,3 +112,28 @@ def test_the_floor_is_8_kib_a_page_connection_from_three_on(channels, below):
     connection: from three on the floor is 8 KiB each, at most 64 KiB."""
     assert _threshold(1.25e6, channels) == below
     assert _threshold(12.5e6, channels) == max(below, 25000)
+
+
+def _excess(lag_ms, rtt_ms, backlog):
+    _, lib = selftest_module()
+    return lib.nb_selftest_dest_excess_ms(lag_ms, rtt_ms, backlog)
+
+
+def test_a_destination_behind_the_link_costs_its_lag_per_page_pending():
+    """13,746 pages pending when the round had crossed the link, APPLIED
+    181 ms later over a 0.2 ms round trip: 13.2 us a page beyond the
+    source's (the case seen with a 2-vCPU guest rewriting 3000 MiB)."""
+    assert _excess(181.0, 0.2, 13746) == pytest.approx(180.8 / 13746)
+
+
+@pytest.mark.parametrize("lag_ms", [0.0, 0.2, -3.0])
+def test_a_destination_that_kept_up_costs_nothing_more(lag_ms):
+    """APPLIED within the round trip says the destination applied pages
+    as fast as they came; below 0 (an APPLIED known only to have come
+    after a moment before the drain ended) is no lag either."""
+    assert _excess(lag_ms, 0.2, 4096) == 0
+
+
+def test_nothing_pending_times_nothing():
+    """It had applied every round before this one crossed the link."""
+    assert _excess(50.0, 0.2, 0) == 0

@@ -87,7 +87,7 @@ def _completed(**kw):
         catchup_ms=3.0, pages_zero=1, pages_delta=2, pages_compressed=0,
         pages_raw=3, delta_cache_bytes=64 << 20, throttle=0,
         pause_stop_ms=0.4, pause_final_ms=3.1, pause_verify_ms=2.3,
-        pause_commit_ms=1.2)
+        pause_commit_ms=1.2, dest_excess_us=0.0)
     base.update(kw)
     return _stats(**base)
 
@@ -99,6 +99,14 @@ def test_the_report_gives_the_pause_in_its_parts():
     assert ("downtime 7.0 ms" in out.getvalue() and
             "downtime in parts: stop/final round/verify/commit "
             "0.4/3.1/2.3/1.2ms\n" in out.getvalue()), out.getvalue()
+
+
+def test_the_report_gives_the_destinations_pace_in_the_prediction():
+    out = io.StringIO()
+    cli._report(_completed(expected_downtime_ms=41.7, dest_excess_us=13.25), out)
+    assert ("predicted downtime 41.7 ms (the destination 13.2 us a page "
+            "slower than the source; after 3.0 ms waiting" in out.getvalue()), \
+        out.getvalue()
 
 
 def test_rounds_add_a_line_per_round_after_the_report():

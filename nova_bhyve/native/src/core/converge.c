@@ -32,6 +32,13 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms)
     return run >= 1 ? 0 : (uint32_t)(100.0 - 100.0 * run + 0.999);
 }
 
+double nb_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog)
+{
+    double beyond = lag_ms - rtt_ms;
+
+    return backlog && beyond > 0 ? beyond / (double)backlog : 0;
+}
+
 uint64_t nb_drain_threshold(double bandwidth, int channels)
 {
     double below = bandwidth * NB_DRAIN_POLL_MS / 1e3;

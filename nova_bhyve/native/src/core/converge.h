@@ -2,8 +2,9 @@
  * Auto-converge's two decisions, apart from the source's state so that the
  * unit tests can drive them (source.c applies them through the vmm port):
  * whether a round stalled, and how hard to throttle the guest when it did.
- * Also where the wait after a round for the link to carry it ends (here
- * for the same reason: the unit tests' build has this file).
+ * Also where the wait after a round for the link to carry it ends, and
+ * what the destination's pace adds to the pause estimate for each page
+ * (here for the same reason: the unit tests' build has this file).
  *
  * A round stalls when the pause expected after it does not fit the limit
  * and it shrank the dirty set by less than a tenth, or at a pace that
@@ -34,6 +35,15 @@ int nb_round_stalled(double expected_ms, double limit_ms, uint64_t dirty,
  * dirtied them (`dirty_per_ms`) under the throttle `cur`; 0: none needed
  * or no estimate. */
 uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
+
+/* The time, in ms, the destination took for each page (or block) beyond
+ * what the source took to send it: it had `backlog` of them yet to apply
+ * when a round had crossed the link, and said it had applied them
+ * `lag_ms` later, `rtt_ms` of which the round's last bytes and its report
+ * took on the way (the least round trip); 0 if that leaves nothing or
+ * nothing was pending.  A backlog of several rounds gives a lower bound:
+ * the destination had begun on it before. */
+double nb_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog);
 
 /*
  * The wait after a round (source.c's drain_round) ends once the page

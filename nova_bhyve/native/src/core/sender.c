@@ -365,12 +365,17 @@ static void *sender_main(void *arg)
     return NULL;
 }
 
+/* A poll that returned after this long waited for what it read (one that
+ * found it already there returns in microseconds). */
+#define POLL_WOKE_MS 0.02
+
 /*
  * While rounds run the destination says only APPLIED on the control
  * channel; anything else readable there (a REFUSE, an ABORT, or the
  * connection closing) means it has given up: fail at once and break the
  * page links, so that no sender stays blocked on a socket nobody reads.
- * Reads what arrives within `wait_ms`; -1 once the session failed.
+ * Reads what arrives within `wait_ms`, noting when each APPLIED came for
+ * the destination's pace (switchover.c); -1 once the session failed.
  * Called unlocked, from the migration thread only.
  */
 int nb_src_read_control(struct source *src, int wait_ms)
@@ -383,12 +388,21 @@ int nb_src_read_control(struct source *src, int wait_ms)
     int ok;
 
     /* a cancel shuts our own sockets down: that is not the peer talking */
-    while (m->ctl.fd >= 0 && !atomic_load(&m->cancel_req) &&
-           poll(&p, 1, wait_ms) > 0) {
+    while (m->ctl.fd >= 0 && !atomic_load(&m->cancel_req)) {
+        double t_poll = nb_now_ms(), now;
+        int ready = poll(&p, 1, wait_ms);
+
+        now = nb_now_ms();
+        if (ready == 0)
+            src->pace.t_quiet = now;
+        if (ready <= 0)
+            break;
         ok = nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, err) == 0;
         if (ok && nb_applied_parse(&f, &round) == 0 && round <= src->cur_round) {
-            if (round + 1 > src->applied)
+            if (round + 1 > src->applied) {
                 src->applied = round + 1;
+                nb_src_pace_applied(src, now - t_poll > POLL_WOKE_MS, now);
+            }
             wait_ms = 0;
             continue;
         }
@@ -458,6 +472,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
     }
     r->duration_ms = nb_now_ms() - t0;
     r->bytes = atomic_load(&m->wire_bytes) - bytes0;
+    nb_src_pace_sent(src, round, r->pages + r->blocks);
     nb_src_time_round(src, r, queued0, nb_src_queued(src));
     pthread_mutex_lock(&m->lock);
     m->st.bandwidth = nb_src_link_bandwidth(src);

@@ -272,7 +272,12 @@ static int phase_precopy(struct source *src, char *err)
         snprintf(err, NB_ERRLEN, "%s", m->st.error);
         return fail(src, nb_fail_kind(m));
     }
-    return live ? drain_round(src, err) : 0;
+    if (!live)
+        return 0;
+    if (drain_round(src, err) < 0)
+        return -1;
+    nb_src_pace_drained(src);
+    return 0;
 }
 
 /*
@@ -486,6 +491,9 @@ static int phase_iterate(struct source *src, char *err)
         if (count_dirty(src, &dirty, err) < 0)
             return -1;
         src->sync_ms = nb_now_ms() - t0;    /* the final sync costs about as much */
+        if (read_control(src, 0, err) < 0)  /* an APPLIED the count let pass */
+            return -1;
+        nb_src_time_dest(src);
         if (nb_src_should_switch(src, dirty, nb_now_ms() - from)) {
             if (src->applied > src->cur_round)
                 return 0;
@@ -503,6 +511,7 @@ static int phase_iterate(struct source *src, char *err)
         src->unsent = 0;
         if (drain_round(src, err) < 0)
             return -1;
+        nb_src_pace_drained(src);
         if (nb_src_limit_out_of_reach(src) && hold_round(src, err) < 0)
             return -1;
     }

@@ -153,7 +153,8 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0 +
                     (STATE_BYTES_BASE + STATE_BYTES_PER_VCPU * (double)m->vmm.spec.ncpus)
                     * 1e3 / bw;
-    expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms;
+    expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms +
+               (double)units * src->pace.excess_ms;
     src->page_ms = page_ms;
     src->dirty_per_ms = since_ms > 0 ? (double)units / since_ms : 0;
     m->st.dirty_pages = dirty;
@@ -161,8 +162,67 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     m->st.dirty_rate = since_ms > 0 ? (double)dirty * 1e3 / since_ms : 0;
     m->st.bytes_remaining = (uint64_t)((double)dirty * page_bpp + (double)blocks * bpp);
     m->st.expected_downtime_ms = expected;
+    m->st.dest_excess_us = src->pace.excess_ms * 1e3;
     pthread_mutex_unlock(&m->lock);
     return expected;
+}
+
+/* Add round `round`'s `units` pages and blocks to the running total. */
+void nb_src_pace_sent(struct source *src, uint32_t round, uint64_t units)
+{
+    struct nb_dest_pace *p = &src->pace;
+    uint64_t before = round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
+
+    p->sent[round % NB_PACE_ROUNDS] = before + units;
+}
+
+/* APPLIED advanced, read at `now`: it came then if the poll that took it
+ * had waited (`waited`), else at the earliest when the control channel
+ * last read empty. */
+void nb_src_pace_applied(struct source *src, int waited, double now)
+{
+    src->pace.t_applied = waited ? now : src->pace.t_quiet;
+}
+
+/* drain_round ended for the current round: note when, and the pages and
+ * blocks the destination had yet to apply (the rounds past its last
+ * APPLIED; none counted if their running totals are no longer kept). */
+void nb_src_pace_drained(struct source *src)
+{
+    struct nb_dest_pace *p = &src->pace;
+    uint32_t r = src->cur_round, a = src->applied;
+
+    p->drained_round = r + 1;
+    p->t_drained = nb_now_ms();
+    p->backlog = 0;
+    if (a <= r && r - a + 1 < NB_PACE_ROUNDS)
+        p->backlog = p->sent[r % NB_PACE_ROUNDS] -
+                     (a ? p->sent[(a - 1) % NB_PACE_ROUNDS] : 0);
+}
+
+/*
+ * At a count: once the destination applied the current round, time its
+ * pace on it, once (nb_dest_excess_ms, from the round's drain to the
+ * APPLIED that covered it); the estimate then adds that excess for each
+ * page and block of the rest.  Round 0's counts only until round 1 runs:
+ * the destination's first writes to its memory are its slowest, and no
+ * later round pays for them.
+ */
+void nb_src_time_dest(struct source *src)
+{
+    struct nb_dest_pace *p = &src->pace;
+    uint32_t r = src->cur_round;
+    double rtt;
+
+    if (r > 0 && p->timed_round == 1)
+        p->excess_ms = 0;
+    if (src->applied <= r || p->drained_round != r + 1 || p->timed_round == r + 1)
+        return;
+    pthread_mutex_lock(&src->m->lock);
+    rtt = src->m->st.rtt_ms;
+    pthread_mutex_unlock(&src->m->lock);
+    p->timed_round = r + 1;
+    p->excess_ms = nb_dest_excess_ms(p->t_applied - p->t_drained, rtt, p->backlog);
 }
 
 /* The throttle the guest runs under now, in percent. */

@@ -167,6 +167,11 @@ uint32_t nb_selftest_converge_target(uint32_t cur, double page_ms,
     return nb_converge_target(cur, page_ms, dirty_per_ms);
 }
 
+double nb_selftest_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog)
+{
+    return nb_dest_excess_ms(lag_ms, rtt_ms, backlog);
+}
+
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels)
 {
     return nb_drain_threshold(bandwidth, channels);

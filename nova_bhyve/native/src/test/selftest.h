@@ -65,6 +65,8 @@ int nb_selftest_round_stalled(double expected_ms, double limit_ms,
                               uint64_t dirty, uint64_t prev);
 uint32_t nb_selftest_converge_target(uint32_t cur, double page_ms,
                                      double dirty_per_ms);
+/* nb_dest_excess_ms (core/converge.h). */
+double nb_selftest_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog);
 /* converge.h: below how many bytes the page connections end a drain. */
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels);
 
