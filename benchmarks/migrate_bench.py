@@ -109,6 +109,7 @@ def run_once(base, mem, cpus, cmdline, engine_opts, warmup_s=0):
             "total_ms": s.total_ms,
             "engine_downtime_ms": s.downtime_ms,
             "predicted_downtime_ms": s.expected_downtime_ms,
+            "dest_excess_us": s.dest_excess_us,
             "pause_parts_ms": [s.pause_stop_ms, s.pause_final_ms,
                                s.pause_verify_ms, s.pause_commit_ms],
             "catchup_ms": s.catchup_ms,

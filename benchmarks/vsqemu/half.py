@@ -39,6 +39,7 @@ def _final(stats, cpu_s, wall_s):
         "result": stats.result.name.lower(), "error": stats.error,
         "total_ms": stats.total_ms, "downtime_ms": stats.downtime_ms,
         "expected_downtime_ms": getattr(stats, "expected_downtime_ms", None),
+        "dest_excess_us": getattr(stats, "dest_excess_us", None),
         "pause_parts_ms": [getattr(stats, f"pause_{k}_ms", None)
                            for k in ("stop", "final", "verify", "commit")],
         "bandwidth": getattr(stats, "bandwidth", 0),

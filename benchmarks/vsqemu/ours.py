@@ -187,6 +187,7 @@ class OursChain:
             "total_s": s["total_ms"] / 1e3,
             "reported_downtime_ms": s["downtime_ms"],
             "predicted_downtime_ms": s.get("expected_downtime_ms"),
+            "dest_excess_us": s.get("dest_excess_us"),
             "pause_parts_ms": s.get("pause_parts_ms"),
             "wire_bytes": wire,
             "payload_bytes": s["bytes"],
