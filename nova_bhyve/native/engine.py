@@ -246,9 +246,10 @@ class MigrationStats:
     converge_steps: int = 0     # throttle steps: rounds stopped shrinking
     trim_steps: int = 0         # throttle steps: a pause that fitted, cut
     channels: int = 0           # page channels of the session (as chosen)
-    # source: of expected_downtime_ms, the time per page (or block) the
-    # destination took beyond the source's, as the last round timed on it
-    # showed; the estimate adds it for each page and block of the rest
+    # source: the time per page (or block) the destination took beyond
+    # the source's, as the last round timed on it showed, which
+    # expected_downtime_ms adds for each page and block of the rest (0: it
+    # kept up, or no round timed since round 0)
     dest_excess_us: float = 0.0
 
     @property

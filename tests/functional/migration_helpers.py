@@ -258,8 +258,8 @@ class FaultyProxy:
         paced = bool(self.page_rate and index and direction == TO_DEST)
         size = max(4096, int(self.page_rate) // 100) if paced else 65536
         due = 0.0
-        applied = bool(self.apply_rate and index and direction == TO_DEST)
-        if (index == 0 and self.control_latency) or applied:
+        slow_dest = bool(self.apply_rate and index and direction == TO_DEST)
+        if (index == 0 and self.control_latency) or slow_dest:
             late = queue.Queue()
             threading.Thread(target=self._deliver_late, args=(late, a, b),
                              daemon=True).start()
@@ -284,7 +284,7 @@ class FaultyProxy:
                 if self.frames:
                     pending += data
                     data = self._whole_frames(pending, index, direction)
-                if applied:         # handed on at apply_rate
+                if slow_dest:       # handed on at apply_rate
                     due = max(due, time.monotonic()) + len(data) / self.apply_rate
                     late.put((due, data))
                 elif late is not None:

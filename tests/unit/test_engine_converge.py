@@ -130,10 +130,120 @@ def test_a_destination_behind_the_link_costs_its_lag_per_page_pending():
 def test_a_destination_that_kept_up_costs_nothing_more(lag_ms):
     """APPLIED within the round trip says the destination applied pages
     as fast as they came; below 0 (an APPLIED known only to have come
-    after a moment before the drain ended) is no lag either."""
+    after a moment before the round crossed the link) is no lag either."""
     assert _excess(lag_ms, 0.2, 4096) == 0
 
 
 def test_nothing_pending_times_nothing():
     """It had applied every round before this one crossed the link."""
     assert _excess(50.0, 0.2, 0) == 0
+
+
+class _Pace:
+    """A struct nb_dest_pace driven through core/converge.c's functions."""
+
+    def __init__(self):
+        self.ffi, self.lib = selftest_module()
+        self.p = self.ffi.gc(self.lib.nb_selftest_pace_new(),
+                             self.lib.nb_selftest_pace_free)
+
+    def sent(self, *units):
+        for r, n in enumerate(units):
+            self.lib.nb_selftest_pace_sent(self.p, r, n)
+
+    def drained(self, rnd, applied, t):
+        self.lib.nb_selftest_pace_drained(self.p, rnd, applied, t)
+
+    def applied_at(self, t, waited=True, quiet=None):
+        if quiet is not None:
+            self.lib.nb_selftest_pace_quiet(self.p, quiet)
+        self.lib.nb_selftest_pace_applied(self.p, waited, t)
+
+    def time(self, rnd, applied, rtt=0.2):
+        return self.lib.nb_selftest_pace_time(self.p, rnd, applied, rtt)
+
+    @property
+    def excess(self):
+        return self.lib.nb_selftest_pace_excess_ms(self.p)
+
+    @property
+    def backlog(self):
+        return self.lib.nb_selftest_pace_backlog(self.p)
+
+
+def test_the_pace_is_timed_over_every_round_the_destination_had_pending():
+    """Rounds 1 and 2 (300 and 500 pages) were pending when round 2 had
+    crossed the link at 100 ms; their APPLIED came at 108.2 ms."""
+    pace = _Pace()
+    pace.sent(100000, 300, 500)
+    pace.drained(2, 1, 100.0)
+    assert pace.backlog == 800
+    assert pace.time(2, 2) == 0             # round 2 not applied yet
+    pace.applied_at(108.2)
+    assert pace.time(2, 3) == 1
+    assert pace.excess == pytest.approx(8.0 / 800)
+    assert pace.time(2, 3) == 0             # once a round
+
+
+def test_an_applied_found_waiting_dates_from_when_the_channel_last_read_empty():
+    pace = _Pace()
+    pace.sent(0, 1000)
+    pace.drained(1, 1, 50.0)
+    pace.applied_at(90.0, waited=False, quiet=60.2)
+    pace.time(1, 2)
+    assert pace.excess == pytest.approx(10.0 / 1000)
+
+
+def test_a_small_round_keeps_the_pace_timed_before():
+    """Fewer than 256 pages pending: a few ms of the scheduler's would
+    read as a slow destination."""
+    pace = _Pace()
+    pace.sent(0, 1000, 10)
+    pace.drained(1, 1, 0.0)
+    pace.applied_at(10.2)
+    pace.time(1, 2)
+    pace.drained(2, 2, 20.0)
+    pace.applied_at(25.2)
+    assert pace.time(2, 3) == 0
+    assert pace.excess == pytest.approx(0.01)
+
+
+def test_a_destination_that_kept_up_resets_the_pace():
+    """Round 2 applied before its drain ended: nothing pending."""
+    pace = _Pace()
+    pace.sent(0, 1000, 1000)
+    pace.drained(1, 1, 0.0)
+    pace.applied_at(10.2)
+    pace.time(1, 2)
+    pace.applied_at(19.0)
+    pace.drained(2, 3, 20.0)
+    assert pace.backlog == 0
+    assert pace.time(2, 3) == 1 and pace.excess == 0
+
+
+def test_round_0s_pace_holds_only_until_round_1_runs():
+    """The destination's first writes to its memory are its slowest."""
+    pace = _Pace()
+    pace.sent(65536)
+    pace.drained(0, 0, 0.0)
+    pace.applied_at(131.272)
+    pace.time(0, 1)
+    assert pace.excess == pytest.approx(131.072 / 65536)
+    pace.time(1, 1)                         # round 1 sent, not yet applied
+    assert pace.excess == 0
+
+
+def test_a_destination_further_behind_than_the_totals_kept_is_not_timed():
+    """1100 rounds of 300 pages, none applied after round 9: the total
+    before round 10 is no longer kept, so the last pace timed stays."""
+    pace = _Pace()
+    pace.sent(*[300] * 1100)
+    pace.drained(5, 5, 0.0)
+    pace.applied_at(3.2)
+    pace.time(5, 6)
+    before = pace.excess
+    pace.drained(1099, 10, 100.0)
+    pace.applied_at(500.0)
+    assert pace.time(1099, 1100) == 0 and pace.excess == before
+    pace.drained(1099, 100, 600.0)          # 1000 rounds pending: kept
+    assert pace.backlog == 300000

@@ -102,8 +102,10 @@ def test_the_report_gives_the_pause_in_its_parts():
 
 
 def test_the_report_gives_the_destinations_pace_in_the_prediction():
+    """The time per page the destination took beyond the source's, which
+    the prediction priced, follows it."""
     out = io.StringIO()
-    cli._report(_completed(expected_downtime_ms=41.7, dest_excess_us=13.25), out)
+    cli._report(_completed(expected_downtime_ms=41.7, dest_excess_us=13.24), out)
     assert ("predicted downtime 41.7 ms (the destination 13.2 us a page "
             "slower than the source; after 3.0 ms waiting" in out.getvalue()), \
         out.getvalue()

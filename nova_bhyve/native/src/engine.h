@@ -161,11 +161,12 @@ struct nb_mig_stats {
     double bandwidth;           /* bytes per second the link took, over
                                  * the rounds that timed it (0: none yet) */
     double expected_downtime_ms;
-    double dest_excess_us;      /* source: of that estimate, the time per
-                                 * page (or block) the destination took
-                                 * beyond the source's, as the last round
-                                 * timed on it showed (0: kept up, or not
-                                 * timed yet) */
+    double dest_excess_us;      /* source: the time per page (or block)
+                                 * the destination took beyond the
+                                 * source's, as the last round timed on
+                                 * it showed, which that estimate adds for
+                                 * each page and block (0: it kept up, or
+                                 * no round timed since round 0) */
     double downtime_ms;         /* measured: source stopped -> RUNNING heard */
     /* source: downtime_ms in its parts (warm and cold: "final" holds every
      * round after the pause) */

@@ -39,6 +39,50 @@ double nb_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog)
     return backlog && beyond > 0 ? beyond / (double)backlog : 0;
 }
 
+void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
+{
+    uint64_t before = round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
+
+    p->sent[round % NB_PACE_ROUNDS] = before + units;
+}
+
+void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
+                     double t_crossed)
+{
+    p->drained_round = round + 1;
+    p->t_crossed = t_crossed;
+    p->backlog = 0;
+    /* sent[applied - 1] must still be in the ring (sent[round] is) */
+    p->backlog_known = applied > round || applied == 0 ||
+                       round - applied + 1 < NB_PACE_ROUNDS;
+    if (applied <= round && p->backlog_known)
+        p->backlog = p->sent[round % NB_PACE_ROUNDS] -
+                     (applied ? p->sent[(applied - 1) % NB_PACE_ROUNDS] : 0);
+}
+
+void nb_pace_applied(struct nb_dest_pace *p, int waited, double now)
+{
+    p->t_applied = waited ? now : p->t_quiet;
+}
+
+int nb_pace_time(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
+                 double rtt_ms)
+{
+    if (round > 0 && p->excess_round == 1) {
+        p->excess_ms = 0;
+        p->excess_round = 0;
+    }
+    if (applied <= round || p->drained_round != round + 1 ||
+        p->seen_round == round + 1)
+        return 0;
+    p->seen_round = round + 1;
+    if (!p->backlog_known || (p->backlog && p->backlog < NB_PACE_MIN_UNITS))
+        return 0;
+    p->excess_round = round + 1;
+    p->excess_ms = nb_dest_excess_ms(p->t_applied - p->t_crossed, rtt_ms, p->backlog);
+    return 1;
+}
+
 uint64_t nb_drain_threshold(double bandwidth, int channels)
 {
     double below = bandwidth * NB_DRAIN_POLL_MS / 1e3;

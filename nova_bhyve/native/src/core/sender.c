@@ -375,7 +375,7 @@ static void *sender_main(void *arg)
  * connection closing) means it has given up: fail at once and break the
  * page links, so that no sender stays blocked on a socket nobody reads.
  * Reads what arrives within `wait_ms`, noting when each APPLIED came for
- * the destination's pace (switchover.c); -1 once the session failed.
+ * the destination's pace (converge.h); -1 once the session failed.
  * Called unlocked, from the migration thread only.
  */
 int nb_src_read_control(struct source *src, int wait_ms)
@@ -401,7 +401,8 @@ int nb_src_read_control(struct source *src, int wait_ms)
         if (ok && nb_applied_parse(&f, &round) == 0 && round <= src->cur_round) {
             if (round + 1 > src->applied) {
                 src->applied = round + 1;
-                nb_src_pace_applied(src, now - t_poll > POLL_WOKE_MS, now);
+                int waited = wait_ms > 0 && now - t_poll > POLL_WOKE_MS;
+                nb_pace_applied(&src->pace, waited, now);
             }
             wait_ms = 0;
             continue;
@@ -472,7 +473,7 @@ static void record_round(struct source *src, uint32_t round, double t0,
     }
     r->duration_ms = nb_now_ms() - t0;
     r->bytes = atomic_load(&m->wire_bytes) - bytes0;
-    nb_src_pace_sent(src, round, r->pages + r->blocks);
+    nb_pace_sent(&src->pace, round, r->pages + r->blocks);
     nb_src_time_round(src, r, queued0, nb_src_queued(src));
     pthread_mutex_lock(&m->lock);
     m->st.bandwidth = nb_src_link_bandwidth(src);

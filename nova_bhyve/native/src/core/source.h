@@ -8,30 +8,10 @@
 #include <zstd.h>
 
 #include "core/adapt.h"
+#include "core/converge.h"
 #include "core/nbmig.h"
 
 struct source;
-
-/* Rounds whose running total of pages and blocks sent the source keeps
- * (struct nb_dest_pace); a backlog older than that is not timed. */
-#define NB_PACE_ROUNDS 64
-
-/*
- * The destination's pace (switchover.c): when a round had crossed the
- * link, what the destination had yet to apply, and when it said it had.
- */
-struct nb_dest_pace {
-    uint64_t sent[NB_PACE_ROUNDS];  /* pages and blocks sent up to round r,
-                                     * at [r % NB_PACE_ROUNDS] */
-    uint32_t drained_round;     /* the round drain_round last ended (+1) */
-    double t_drained;           /* when it ended */
-    uint64_t backlog;           /* pages and blocks sent, not yet applied then */
-    double t_applied;           /* when APPLIED last advanced, at the earliest */
-    double t_quiet;             /* when the control channel last read empty */
-    uint32_t timed_round;       /* the round last timed (+1; 0: none) */
-    double excess_ms;           /* per page or block, the destination's time
-                                 * beyond the source's (nb_dest_excess_ms) */
-};
 
 struct sender {
     struct nb_mig *m;
@@ -110,7 +90,7 @@ struct source {
     uint32_t log_reads;         /* chunks the round being run read and
                                  * cleared (lazy) */
     uint64_t *scratch;          /* a bitmap for peeks and round 0's clears */
-    struct nb_dest_pace pace;
+    struct nb_dest_pace pace;   /* the destination's pace (converge.h) */
 };
 
 /* What resending dirty pages would cost now, sampled (nb_src_sample_resend). */
@@ -148,10 +128,8 @@ int nb_src_time_drain(struct source *src, uint64_t queued0, uint64_t queued1,
 int nb_src_drained(struct source *src, uint64_t queued);
 double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);
-void nb_src_pace_sent(struct source *src, uint32_t round, uint64_t units);
-void nb_src_pace_applied(struct source *src, int waited, double now);
 void nb_src_pace_drained(struct source *src);
-void nb_src_time_dest(struct source *src);
+void nb_src_pace_time(struct source *src);
 uint32_t nb_src_throttle(struct nb_mig *m);
 int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *err);
 

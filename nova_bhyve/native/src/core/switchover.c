@@ -133,7 +133,9 @@ static double round_cost(struct source *src, double *bpp, double *bw)
  * (round 0 sent them raw or against zeros: its cost says nothing of a
  * delta against the cache); plus the last dirty-log sync (the final one,
  * with the guest paused, costs about as much), the device state on the
- * link and two round trips.  Publishes the estimate.
+ * link and two round trips; plus, for each page and block, the time the
+ * destination took beyond the source's (src->pace, nb_pace_time).
+ * Publishes the estimate.
  */
 static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
                              double since_ms, const struct nb_resend_cost *rc)
@@ -167,62 +169,28 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     return expected;
 }
 
-/* Add round `round`'s `units` pages and blocks to the running total. */
-void nb_src_pace_sent(struct source *src, uint32_t round, uint64_t units)
-{
-    struct nb_dest_pace *p = &src->pace;
-    uint64_t before = round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
-
-    p->sent[round % NB_PACE_ROUNDS] = before + units;
-}
-
-/* APPLIED advanced, read at `now`: it came then if the poll that took it
- * had waited (`waited`), else at the earliest when the control channel
- * last read empty. */
-void nb_src_pace_applied(struct source *src, int waited, double now)
-{
-    src->pace.t_applied = waited ? now : src->pace.t_quiet;
-}
-
-/* drain_round ended for the current round: note when, and the pages and
- * blocks the destination had yet to apply (the rounds past its last
- * APPLIED; none counted if their running totals are no longer kept). */
+/* drain_round ended for the current round: note it (nb_pace_drained),
+ * the round having crossed the link once what the page connections still
+ * hold has, at the link's bandwidth. */
 void nb_src_pace_drained(struct source *src)
 {
-    struct nb_dest_pace *p = &src->pace;
-    uint32_t r = src->cur_round, a = src->applied;
+    double bw = nb_src_link_bandwidth(src);
+    double left_ms = bw > 0 ? (double)nb_src_queued(src) * 1e3 / bw : 0;
 
-    p->drained_round = r + 1;
-    p->t_drained = nb_now_ms();
-    p->backlog = 0;
-    if (a <= r && r - a + 1 < NB_PACE_ROUNDS)
-        p->backlog = p->sent[r % NB_PACE_ROUNDS] -
-                     (a ? p->sent[(a - 1) % NB_PACE_ROUNDS] : 0);
+    nb_pace_drained(&src->pace, src->cur_round, src->applied, nb_now_ms() + left_ms);
 }
 
-/*
- * At a count: once the destination applied the current round, time its
- * pace on it, once (nb_dest_excess_ms, from the round's drain to the
- * APPLIED that covered it); the estimate then adds that excess for each
- * page and block of the rest.  Round 0's counts only until round 1 runs:
- * the destination's first writes to its memory are its slowest, and no
- * later round pays for them.
- */
-void nb_src_time_dest(struct source *src)
+/* At a count: time the destination's pace on the current round once it
+ * is applied (nb_pace_time); the estimate adds it for each page and
+ * block of the rest. */
+void nb_src_pace_time(struct source *src)
 {
-    struct nb_dest_pace *p = &src->pace;
-    uint32_t r = src->cur_round;
     double rtt;
 
-    if (r > 0 && p->timed_round == 1)
-        p->excess_ms = 0;
-    if (src->applied <= r || p->drained_round != r + 1 || p->timed_round == r + 1)
-        return;
     pthread_mutex_lock(&src->m->lock);
     rtt = src->m->st.rtt_ms;
     pthread_mutex_unlock(&src->m->lock);
-    p->timed_round = r + 1;
-    p->excess_ms = nb_dest_excess_ms(p->t_applied - p->t_drained, rtt, p->backlog);
+    nb_pace_time(&src->pace, src->cur_round, src->applied, rtt);
 }
 
 /* The throttle the guest runs under now, in percent. */

@@ -172,6 +172,53 @@ double nb_selftest_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog
     return nb_dest_excess_ms(lag_ms, rtt_ms, backlog);
 }
 
+void *nb_selftest_pace_new(void)
+{
+    return calloc(1, sizeof(struct nb_dest_pace));
+}
+
+void nb_selftest_pace_free(void *p)
+{
+    free(p);
+}
+
+void nb_selftest_pace_sent(void *p, uint32_t round, uint64_t units)
+{
+    nb_pace_sent(p, round, units);
+}
+
+void nb_selftest_pace_drained(void *p, uint32_t round, uint32_t applied,
+                              double t_crossed)
+{
+    nb_pace_drained(p, round, applied, t_crossed);
+}
+
+void nb_selftest_pace_quiet(void *p, double now)
+{
+    ((struct nb_dest_pace *)p)->t_quiet = now;
+}
+
+void nb_selftest_pace_applied(void *p, int waited, double now)
+{
+    nb_pace_applied(p, waited, now);
+}
+
+int nb_selftest_pace_time(void *p, uint32_t round, uint32_t applied,
+                          double rtt_ms)
+{
+    return nb_pace_time(p, round, applied, rtt_ms);
+}
+
+double nb_selftest_pace_excess_ms(void *p)
+{
+    return ((struct nb_dest_pace *)p)->excess_ms;
+}
+
+uint64_t nb_selftest_pace_backlog(void *p)
+{
+    return ((struct nb_dest_pace *)p)->backlog;
+}
+
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels)
 {
     return nb_drain_threshold(bandwidth, channels);

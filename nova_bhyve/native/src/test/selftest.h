@@ -67,6 +67,19 @@ uint32_t nb_selftest_converge_target(uint32_t cur, double page_ms,
                                      double dirty_per_ms);
 /* nb_dest_excess_ms (core/converge.h). */
 double nb_selftest_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog);
+/* A zeroed struct nb_dest_pace (core/converge.h), and its functions. */
+void *nb_selftest_pace_new(void);
+void nb_selftest_pace_free(void *p);
+void nb_selftest_pace_sent(void *p, uint32_t round, uint64_t units);
+void nb_selftest_pace_drained(void *p, uint32_t round, uint32_t applied,
+                              double t_crossed);
+/* The control channel read empty at `now`; then an APPLIED came. */
+void nb_selftest_pace_quiet(void *p, double now);
+void nb_selftest_pace_applied(void *p, int waited, double now);
+int nb_selftest_pace_time(void *p, uint32_t round, uint32_t applied,
+                          double rtt_ms);
+double nb_selftest_pace_excess_ms(void *p);
+uint64_t nb_selftest_pace_backlog(void *p);
 /* converge.h: below how many bytes the page connections end a drain. */
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels);
 
