@@ -146,21 +146,23 @@ class _Pace:
         self.ffi, self.lib = selftest_module()
         self.p = self.ffi.gc(self.lib.nb_selftest_pace_new(),
                              self.lib.nb_selftest_pace_free)
+        self.rounds = 0
 
     def sent(self, *units):
-        for r, n in enumerate(units):
-            self.lib.nb_selftest_pace_sent(self.p, r, n)
+        for n in units:
+            self.lib.nb_selftest_pace_sent(self.p, self.rounds, n)
+            self.rounds += 1
 
     def drained(self, rnd, applied, t):
         self.lib.nb_selftest_pace_drained(self.p, rnd, applied, t)
 
-    def applied_at(self, t, waited=True, quiet=None):
-        if quiet is not None:
-            self.lib.nb_selftest_pace_quiet(self.p, quiet)
-        self.lib.nb_selftest_pace_applied(self.p, waited, t)
+    def applied(self, applied, now, waited=True, t_poll=None, rtt=0.2):
+        """An APPLIED read at ``now`` by a poll begun at ``t_poll``."""
+        return self.lib.nb_selftest_pace_applied(
+            self.p, applied, waited, now if t_poll is None else t_poll, now, rtt)
 
-    def time(self, rnd, applied, rtt=0.2):
-        return self.lib.nb_selftest_pace_time(self.p, rnd, applied, rtt)
+    def quiet(self, t):
+        self.lib.nb_selftest_pace_quiet(self.p, t)
 
     @property
     def excess(self):
@@ -173,25 +175,50 @@ class _Pace:
 
 def test_the_pace_is_timed_over_every_round_the_destination_had_pending():
     """Rounds 1 and 2 (300 and 500 pages) were pending when round 2 had
-    crossed the link at 100 ms; their APPLIED came at 108.2 ms."""
+    crossed the link at 100 ms; the APPLIED covering them came at 108.2
+    ms (one for round 1 alone, earlier, times nothing)."""
     pace = _Pace()
     pace.sent(100000, 300, 500)
     pace.drained(2, 1, 100.0)
     assert pace.backlog == 800
-    assert pace.time(2, 2) == 0             # round 2 not applied yet
-    pace.applied_at(108.2)
-    assert pace.time(2, 3) == 1
+    assert pace.applied(2, 104.0) == 0
+    assert pace.applied(3, 108.2) == 1
     assert pace.excess == pytest.approx(8.0 / 800)
-    assert pace.time(2, 3) == 0             # once a round
+    assert pace.applied(3, 200.0) == 0 and pace.excess == pytest.approx(0.01)
 
 
 def test_an_applied_found_waiting_dates_from_when_the_channel_last_read_empty():
+    """A lower bound: the destination applied the round at least 10 ms
+    after it had crossed the link."""
     pace = _Pace()
     pace.sent(0, 1000)
     pace.drained(1, 1, 50.0)
-    pace.applied_at(90.0, waited=False, quiet=60.2)
-    pace.time(1, 2)
+    pace.quiet(60.2)
+    assert pace.applied(2, 90.0, waited=False) == 1
     assert pace.excess == pytest.approx(10.0 / 1000)
+
+
+def test_an_applied_found_waiting_since_before_the_crossing_times_nothing():
+    """It came during the count after the drain: the destination lagged
+    by at most that long, or not at all, and the pace timed before stays."""
+    pace = _Pace()
+    pace.sent(0, 1000, 1000)
+    pace.drained(1, 1, 0.0)
+    pace.applied(2, 10.2)
+    pace.quiet(19.9)
+    pace.drained(2, 2, 20.0)
+    assert pace.applied(3, 21.5, waited=False) == 0
+    assert pace.excess == pytest.approx(0.01)
+
+
+def test_what_a_woken_poll_reads_after_its_applied_came_after_the_poll_began():
+    pace = _Pace()
+    pace.sent(0, 1000)
+    pace.quiet(0.0)
+    pace.applied(1, 30.0, t_poll=25.0)      # round 0: none pending
+    pace.drained(1, 1, 20.0)
+    assert pace.applied(2, 30.0, waited=False) == 1
+    assert pace.excess == pytest.approx(4.8 / 1000)
 
 
 def test_a_small_round_keeps_the_pace_timed_before():
@@ -200,50 +227,53 @@ def test_a_small_round_keeps_the_pace_timed_before():
     pace = _Pace()
     pace.sent(0, 1000, 10)
     pace.drained(1, 1, 0.0)
-    pace.applied_at(10.2)
-    pace.time(1, 2)
+    pace.applied(2, 10.2)
     pace.drained(2, 2, 20.0)
-    pace.applied_at(25.2)
-    assert pace.time(2, 3) == 0
+    assert pace.applied(3, 25.2) == 0
     assert pace.excess == pytest.approx(0.01)
 
 
 def test_a_destination_that_kept_up_resets_the_pace():
-    """Round 2 applied before its drain ended: nothing pending."""
+    """Round 2 applied before its drain ended; then a round whose APPLIED
+    came within the round trip."""
     pace = _Pace()
-    pace.sent(0, 1000, 1000)
+    pace.sent(0, 1000, 1000, 1000)
     pace.drained(1, 1, 0.0)
-    pace.applied_at(10.2)
-    pace.time(1, 2)
-    pace.applied_at(19.0)
+    pace.applied(2, 10.2)
     pace.drained(2, 3, 20.0)
-    assert pace.backlog == 0
-    assert pace.time(2, 3) == 1 and pace.excess == 0
+    assert pace.excess == 0
+    pace.drained(1, 1, 0.0)
+    pace.applied(2, 10.2)
+    pace.drained(3, 3, 30.0)
+    assert pace.applied(4, 30.1) == 1 and pace.excess == 0
 
 
-def test_round_0s_pace_holds_only_until_round_1_runs():
+def test_round_0s_pace_holds_only_until_round_1_is_sent():
     """The destination's first writes to its memory are its slowest."""
     pace = _Pace()
     pace.sent(65536)
     pace.drained(0, 0, 0.0)
-    pace.applied_at(131.272)
-    pace.time(0, 1)
+    pace.applied(1, 131.272)
     assert pace.excess == pytest.approx(131.072 / 65536)
-    pace.time(1, 1)                         # round 1 sent, not yet applied
+    pace.sent(300)
     assert pace.excess == 0
 
 
-def test_a_destination_further_behind_than_the_totals_kept_is_not_timed():
-    """1100 rounds of 300 pages, none applied after round 9: the total
-    before round 10 is no longer kept, so the last pace timed stays."""
+@pytest.mark.parametrize("applied,timed", [(77, True), (76, False)])
+def test_a_destination_further_behind_than_the_totals_kept_is_not_timed(
+        applied, timed):
+    """1100 rounds of 300 pages, round 1099 drained: 1023 rounds pending
+    (applied 77) are the most whose totals are kept; with one more, the
+    pace timed before stays."""
     pace = _Pace()
     pace.sent(*[300] * 1100)
     pace.drained(5, 5, 0.0)
-    pace.applied_at(3.2)
-    pace.time(5, 6)
+    pace.applied(6, 3.2)
     before = pace.excess
-    pace.drained(1099, 10, 100.0)
-    pace.applied_at(500.0)
-    assert pace.time(1099, 1100) == 0 and pace.excess == before
-    pace.drained(1099, 100, 600.0)          # 1000 rounds pending: kept
-    assert pace.backlog == 300000
+    pace.drained(1099, applied, 100.0)
+    assert pace.applied(1100, 500.0) == int(timed)
+    if timed:
+        assert pace.backlog == 1023 * 300
+        assert pace.excess == pytest.approx(399.8 / (1023 * 300))
+    else:
+        assert pace.excess == before

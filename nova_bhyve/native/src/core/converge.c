@@ -44,42 +44,47 @@ void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
     uint64_t before = round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
 
     p->sent[round % NB_PACE_ROUNDS] = before + units;
+    if (round > 0 && p->excess_round == 1) {
+        p->excess_ms = 0;
+        p->excess_round = 0;
+    }
 }
 
 void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
                      double t_crossed)
 {
-    p->drained_round = round + 1;
-    p->t_crossed = t_crossed;
-    p->backlog = 0;
-    /* sent[applied - 1] must still be in the ring (sent[round] is) */
-    p->backlog_known = applied > round || applied == 0 ||
-                       round - applied + 1 < NB_PACE_ROUNDS;
-    if (applied <= round && p->backlog_known)
-        p->backlog = p->sent[round % NB_PACE_ROUNDS] -
-                     (applied ? p->sent[(applied - 1) % NB_PACE_ROUNDS] : 0);
-}
-
-void nb_pace_applied(struct nb_dest_pace *p, int waited, double now)
-{
-    p->t_applied = waited ? now : p->t_quiet;
-}
-
-int nb_pace_time(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
-                 double rtt_ms)
-{
-    if (round > 0 && p->excess_round == 1) {
+    p->pending_round = 0;
+    if (applied > round) {          /* applied before its drain ended */
         p->excess_ms = 0;
-        p->excess_round = 0;
+        p->excess_round = round + 1;
+        return;
     }
-    if (applied <= round || p->drained_round != round + 1 ||
-        p->seen_round == round + 1)
+    /* sent[applied - 1] must still be in the ring (sent[round] is) */
+    if (applied && round - applied + 1 >= NB_PACE_ROUNDS)
+        return;
+    p->backlog = p->sent[round % NB_PACE_ROUNDS] -
+                 (applied ? p->sent[(applied - 1) % NB_PACE_ROUNDS] : 0);
+    if (p->backlog < NB_PACE_MIN_UNITS)
+        return;
+    p->pending_round = round + 1;
+    p->t_crossed = t_crossed;
+}
+
+int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
+                    double t_poll, double now, double rtt_ms)
+{
+    double came = waited ? now : p->t_quiet;
+    uint32_t round = p->pending_round;
+
+    if (waited)
+        p->t_quiet = t_poll;    /* what it read next came after that */
+    if (!round || applied < round)
         return 0;
-    p->seen_round = round + 1;
-    if (!p->backlog_known || (p->backlog && p->backlog < NB_PACE_MIN_UNITS))
-        return 0;
-    p->excess_round = round + 1;
-    p->excess_ms = nb_dest_excess_ms(p->t_applied - p->t_crossed, rtt_ms, p->backlog);
+    p->pending_round = 0;
+    if (!waited && came - p->t_crossed <= rtt_ms)
+        return 0;               /* no telling whether it lagged */
+    p->excess_round = round;
+    p->excess_ms = nb_dest_excess_ms(came - p->t_crossed, rtt_ms, p->backlog);
     return 1;
 }
 

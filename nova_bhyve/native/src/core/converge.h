@@ -39,13 +39,15 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
 /*
  * The destination's pace, which the pause estimate prices (PROTOCOL.md,
  * "Rounds and switch-over"): for each round, the pages and blocks sent
- * up to it; when the last round had crossed the link and what the
- * destination then had yet to apply; when its APPLIED came.  The time
- * per page the destination took beyond the source's is timed on rounds
- * with at least NB_PACE_MIN_UNITS pending (on fewer, a few ms of the
- * scheduler's would read as a slow destination) and kept until another
- * round is timed; the running totals of NB_PACE_ROUNDS rounds are kept
- * (a destination further behind is not timed).
+ * up to it; when the last round drained had crossed the link and what
+ * the destination then had yet to apply.  When the APPLIED covering that
+ * round comes, the time per page the destination took beyond the
+ * source's is timed on it, and kept until another round is timed.  Not
+ * timed: fewer than NB_PACE_MIN_UNITS pending (a few ms of the
+ * scheduler's would read as a slow destination); a backlog older than
+ * the NB_PACE_ROUNDS running totals kept; an APPLIED whose arrival is
+ * known only to be no later than the round's crossing and a round trip
+ * (found waiting: it says nothing of a lag).
  */
 #define NB_PACE_ROUNDS 1024
 #define NB_PACE_MIN_UNITS 256
@@ -53,14 +55,11 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
 struct nb_dest_pace {
     uint64_t sent[NB_PACE_ROUNDS];  /* pages and blocks sent up to round r,
                                      * at [r % NB_PACE_ROUNDS] */
-    uint32_t drained_round;     /* the round whose drain last ended (+1) */
-    double t_crossed;           /* when that round had crossed the link */
-    int backlog_known;          /* whether backlog could be counted */
+    uint32_t pending_round;     /* the round drained, to time (+1; 0: none) */
+    double t_crossed;           /* when it had crossed the link */
     uint64_t backlog;           /* pages and blocks sent, not yet applied
-                                 * when that drain ended */
-    double t_applied;           /* when APPLIED last advanced, at the earliest */
+                                 * when its drain ended */
     double t_quiet;             /* when the control channel last read empty */
-    uint32_t seen_round;        /* the round last looked at (+1; 0: none) */
     uint32_t excess_round;      /* the round excess_ms was timed on (+1) */
     double excess_ms;           /* per page or block, the destination's time
                                  * beyond the source's (0: kept up, or none
@@ -75,24 +74,21 @@ struct nb_dest_pace {
  * that leaves nothing or nothing was pending.  A backlog of several
  * rounds gives a lower bound: the destination had begun on it before. */
 double nb_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog);
-/* Add round `round`'s `units` pages and blocks to the running total. */
+/* Add round `round`'s `units` pages and blocks to the running total.
+ * Round 0's pace holds only until round 1 is sent: the destination's
+ * first writes to its memory are its slowest. */
 void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units);
 /* Round `round`'s drain ended with `applied` rounds applied (the last
- * APPLIED round + 1); it will have crossed the link at `t_crossed`. */
+ * APPLIED round + 1); it will have crossed the link at `t_crossed`.  If
+ * the destination had applied it already, its pace is 0 (it kept up). */
 void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
                      double t_crossed);
-/* APPLIED advanced, read at `now`: it came then if the poll that read it
- * had waited for it (`waited`), else at the earliest when the control
- * channel last read empty. */
-void nb_pace_applied(struct nb_dest_pace *p, int waited, double now);
-/* At a count in round `round`, `applied` rounds applied: look at the
- * round once it is applied, and time the pace on it (nb_dest_excess_ms)
- * if enough was pending; none pending resets the excess to 0 (the
- * destination kept up).  Round 0's excess holds only until round 1 runs:
- * the destination's first writes to its memory are its slowest.
- * Returns 1 if the excess was timed or reset. */
-int nb_pace_time(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
-                 double rtt_ms);
+/* APPLIED advanced to `applied` rounds, read at `now` by a poll begun at
+ * `t_poll`, which waited for it (`waited`; it came at `now`) or found it
+ * there (it came after the channel last read empty).  Times the pace on
+ * the round drained if this covers it; 1 if it did. */
+int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
+                    double t_poll, double now, double rtt_ms);
 
 /*
  * The wait after a round (source.c's drain_round) ends once the page

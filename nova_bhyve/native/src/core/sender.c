@@ -400,9 +400,14 @@ int nb_src_read_control(struct source *src, int wait_ms)
         ok = nb_recv_frame(&m->ctl, &f, NB_MAX_REASON, err) == 0;
         if (ok && nb_applied_parse(&f, &round) == 0 && round <= src->cur_round) {
             if (round + 1 > src->applied) {
-                src->applied = round + 1;
                 int waited = wait_ms > 0 && now - t_poll > POLL_WOKE_MS;
-                nb_pace_applied(&src->pace, waited, now);
+                double rtt;
+
+                src->applied = round + 1;
+                pthread_mutex_lock(&m->lock);
+                rtt = m->st.rtt_ms;
+                pthread_mutex_unlock(&m->lock);
+                nb_pace_applied(&src->pace, src->applied, waited, t_poll, now, rtt);
             }
             wait_ms = 0;
             continue;

@@ -493,7 +493,6 @@ static int phase_iterate(struct source *src, char *err)
         src->sync_ms = nb_now_ms() - t0;    /* the final sync costs about as much */
         if (read_control(src, 0, err) < 0)  /* an APPLIED the count let pass */
             return -1;
-        nb_src_pace_time(src);
         if (nb_src_should_switch(src, dirty, nb_now_ms() - from)) {
             if (src->applied > src->cur_round)
                 return 0;

@@ -129,7 +129,6 @@ int nb_src_drained(struct source *src, uint64_t queued);
 double nb_src_link_bandwidth(struct source *src);
 void nb_src_converge(struct source *src, uint64_t dirty);
 void nb_src_pace_drained(struct source *src);
-void nb_src_pace_time(struct source *src);
 uint32_t nb_src_throttle(struct nb_mig *m);
 int nb_sender_disks(struct sender *s, struct source *src, uint32_t round, char *err);
 

@@ -134,7 +134,7 @@ static double round_cost(struct source *src, double *bpp, double *bw)
  * delta against the cache); plus the last dirty-log sync (the final one,
  * with the guest paused, costs about as much), the device state on the
  * link and two round trips; plus, for each page and block, the time the
- * destination took beyond the source's (src->pace, nb_pace_time).
+ * destination took beyond the source's (src->pace, converge.h).
  * Publishes the estimate.
  */
 static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
@@ -171,26 +171,14 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
 
 /* drain_round ended for the current round: note it (nb_pace_drained),
  * the round having crossed the link once what the page connections still
- * hold has, at the link's bandwidth. */
+ * hold has, at the link's bandwidth; its APPLIED times the destination's
+ * pace (nb_src_read_control). */
 void nb_src_pace_drained(struct source *src)
 {
     double bw = nb_src_link_bandwidth(src);
     double left_ms = bw > 0 ? (double)nb_src_queued(src) * 1e3 / bw : 0;
 
     nb_pace_drained(&src->pace, src->cur_round, src->applied, nb_now_ms() + left_ms);
-}
-
-/* At a count: time the destination's pace on the current round once it
- * is applied (nb_pace_time); the estimate adds it for each page and
- * block of the rest. */
-void nb_src_pace_time(struct source *src)
-{
-    double rtt;
-
-    pthread_mutex_lock(&src->m->lock);
-    rtt = src->m->st.rtt_ms;
-    pthread_mutex_unlock(&src->m->lock);
-    nb_pace_time(&src->pace, src->cur_round, src->applied, rtt);
 }
 
 /* The throttle the guest runs under now, in percent. */

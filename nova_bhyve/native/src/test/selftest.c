@@ -198,15 +198,10 @@ void nb_selftest_pace_quiet(void *p, double now)
     ((struct nb_dest_pace *)p)->t_quiet = now;
 }
 
-void nb_selftest_pace_applied(void *p, int waited, double now)
+int nb_selftest_pace_applied(void *p, uint32_t applied, int waited,
+                             double t_poll, double now, double rtt_ms)
 {
-    nb_pace_applied(p, waited, now);
-}
-
-int nb_selftest_pace_time(void *p, uint32_t round, uint32_t applied,
-                          double rtt_ms)
-{
-    return nb_pace_time(p, round, applied, rtt_ms);
+    return nb_pace_applied(p, applied, waited, t_poll, now, rtt_ms);
 }
 
 double nb_selftest_pace_excess_ms(void *p)

@@ -73,11 +73,10 @@ void nb_selftest_pace_free(void *p);
 void nb_selftest_pace_sent(void *p, uint32_t round, uint64_t units);
 void nb_selftest_pace_drained(void *p, uint32_t round, uint32_t applied,
                               double t_crossed);
-/* The control channel read empty at `now`; then an APPLIED came. */
+/* The control channel read empty at `now`. */
 void nb_selftest_pace_quiet(void *p, double now);
-void nb_selftest_pace_applied(void *p, int waited, double now);
-int nb_selftest_pace_time(void *p, uint32_t round, uint32_t applied,
-                          double rtt_ms);
+int nb_selftest_pace_applied(void *p, uint32_t applied, int waited,
+                             double t_poll, double now, double rtt_ms);
 double nb_selftest_pace_excess_ms(void *p);
 uint64_t nb_selftest_pace_backlog(void *p);
 /* converge.h: below how many bytes the page connections end a drain. */
