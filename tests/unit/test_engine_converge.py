@@ -156,10 +156,9 @@ class _Pace:
     def drained(self, rnd, applied, t):
         self.lib.nb_selftest_pace_drained(self.p, rnd, applied, t)
 
-    def applied(self, applied, now, waited=True, t_poll=None, rtt=0.2):
-        """An APPLIED read at ``now`` by a poll begun at ``t_poll``."""
-        return self.lib.nb_selftest_pace_applied(
-            self.p, applied, waited, now if t_poll is None else t_poll, now, rtt)
+    def applied(self, applied, now, waited=True, rtt=0.2):
+        """An APPLIED read at ``now`` by a poll that waited for it or not."""
+        return self.lib.nb_selftest_pace_applied(self.p, applied, waited, now, rtt)
 
     def quiet(self, t):
         self.lib.nb_selftest_pace_quiet(self.p, t)
@@ -173,6 +172,16 @@ class _Pace:
         return self.lib.nb_selftest_pace_backlog(self.p)
 
 
+def _timed_once(excess_ms=0.01):
+    """Round 1 (1000 pages) crossed at 0 ms, applied at 10 ms + the rtt."""
+    pace = _Pace()
+    pace.sent(0, 1000)
+    pace.drained(1, 1, 0.0)
+    pace.applied(2, 1000 * excess_ms + 0.2)
+    assert pace.excess == pytest.approx(excess_ms)
+    return pace
+
+
 def test_the_pace_is_timed_over_every_round_the_destination_had_pending():
     """Rounds 1 and 2 (300 and 500 pages) were pending when round 2 had
     crossed the link at 100 ms; the APPLIED covering them came at 108.2
@@ -184,7 +193,6 @@ def test_the_pace_is_timed_over_every_round_the_destination_had_pending():
     assert pace.applied(2, 104.0) == 0
     assert pace.applied(3, 108.2) == 1
     assert pace.excess == pytest.approx(8.0 / 800)
-    assert pace.applied(3, 200.0) == 0 and pace.excess == pytest.approx(0.01)
 
 
 def test_an_applied_found_waiting_dates_from_when_the_channel_last_read_empty():
@@ -198,54 +206,62 @@ def test_an_applied_found_waiting_dates_from_when_the_channel_last_read_empty():
     assert pace.excess == pytest.approx(10.0 / 1000)
 
 
-def test_an_applied_found_waiting_since_before_the_crossing_times_nothing():
-    """It came during the count after the drain: the destination lagged
-    by at most that long, or not at all, and the pace timed before stays."""
-    pace = _Pace()
-    pace.sent(0, 1000, 1000)
-    pace.drained(1, 1, 0.0)
-    pace.applied(2, 10.2)
-    pace.quiet(19.9)
+@pytest.mark.parametrize("quiet", [19.9, 20.1])
+def test_an_applied_found_waiting_within_a_round_trip_of_the_crossing_times_nothing(
+        quiet):
+    """It may have come while the source counted the dirty pages: the
+    destination lagged by at most that long, or not at all, and the pace
+    timed before stays."""
+    pace = _timed_once()
+    pace.sent(1000)
+    pace.quiet(quiet)
     pace.drained(2, 2, 20.0)
     assert pace.applied(3, 21.5, waited=False) == 0
     assert pace.excess == pytest.approx(0.01)
 
 
-def test_what_a_woken_poll_reads_after_its_applied_came_after_the_poll_began():
+def test_a_frame_read_after_a_woken_polls_came_no_earlier_than_its_first():
+    """Frames come in order: an APPLIED read right after one the poll
+    woke for at 30 ms came at 30 ms at the earliest."""
     pace = _Pace()
-    pace.sent(0, 1000)
+    pace.sent(0, 1000, 1000)
     pace.quiet(0.0)
-    pace.applied(1, 30.0, t_poll=25.0)      # round 0: none pending
-    pace.drained(1, 1, 20.0)
-    assert pace.applied(2, 30.0, waited=False) == 1
-    assert pace.excess == pytest.approx(4.8 / 1000)
+    pace.drained(2, 1, 20.0)
+    assert pace.applied(2, 30.0) == 0       # round 1 only
+    assert pace.applied(3, 30.0, waited=False) == 1
+    assert pace.excess == pytest.approx(9.8 / 2000)
 
 
 def test_a_small_round_keeps_the_pace_timed_before():
-    """Fewer than 256 pages pending: a few ms of the scheduler's would
-    read as a slow destination."""
-    pace = _Pace()
-    pace.sent(0, 1000, 10)
-    pace.drained(1, 1, 0.0)
-    pace.applied(2, 10.2)
+    """Fewer than 256 pages pending, or applied before the drain ended: a
+    few ms of the scheduler's would read as a slow destination, or as
+    one that kept up."""
+    pace = _timed_once()
+    pace.sent(10)
     pace.drained(2, 2, 20.0)
     assert pace.applied(3, 25.2) == 0
+    pace.sent(10)
+    pace.drained(3, 4, 30.0)
     assert pace.excess == pytest.approx(0.01)
 
 
 def test_a_destination_that_kept_up_resets_the_pace():
-    """Round 2 applied before its drain ended; then a round whose APPLIED
-    came within the round trip."""
-    pace = _Pace()
-    pace.sent(0, 1000, 1000, 1000)
-    pace.drained(1, 1, 0.0)
-    pace.applied(2, 10.2)
+    """A round applied before its drain ended; a round whose APPLIED came
+    within the round trip."""
+    pace = _timed_once()
+    pace.sent(1000)
     pace.drained(2, 3, 20.0)
     assert pace.excess == 0
-    pace.drained(1, 1, 0.0)
-    pace.applied(2, 10.2)
-    pace.drained(3, 3, 30.0)
-    assert pace.applied(4, 30.1) == 1 and pace.excess == 0
+    pace = _timed_once()
+    pace.sent(1000)
+    pace.drained(2, 2, 20.0)
+    assert pace.applied(3, 20.1) == 1 and pace.excess == 0
+
+
+def test_a_pace_holds_while_the_next_rounds_are_sent():
+    pace = _timed_once()
+    pace.sent(1000, 1000)
+    assert pace.excess == pytest.approx(0.01)
 
 
 def test_round_0s_pace_holds_only_until_round_1_is_sent():
@@ -257,6 +273,14 @@ def test_round_0s_pace_holds_only_until_round_1_is_sent():
     assert pace.excess == pytest.approx(131.072 / 65536)
     pace.sent(300)
     assert pace.excess == 0
+
+
+def test_round_0s_applied_after_round_1_was_sent_times_nothing():
+    pace = _Pace()
+    pace.sent(65536)
+    pace.drained(0, 0, 0.0)
+    pace.sent(300)
+    assert pace.applied(1, 131.272) == 0 and pace.excess == 0
 
 
 @pytest.mark.parametrize("applied,timed", [(77, True), (76, False)])

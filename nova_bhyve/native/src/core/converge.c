@@ -44,19 +44,28 @@ void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
     uint64_t before = round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
 
     p->sent[round % NB_PACE_ROUNDS] = before + units;
-    if (round > 0 && p->excess_round == 1) {
+    if (round == 0)
+        return;
+    if (p->excess_round == 1) {
         p->excess_ms = 0;
         p->excess_round = 0;
     }
+    if (p->pending_round == 1)
+        p->pending_round = 0;   /* round 0's APPLIED, come later, times nothing */
 }
 
 void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
                      double t_crossed)
 {
+    uint64_t units = p->sent[round % NB_PACE_ROUNDS] -
+                     (round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0);
+
     p->pending_round = 0;
     if (applied > round) {          /* applied before its drain ended */
-        p->excess_ms = 0;
-        p->excess_round = round + 1;
+        if (units >= NB_PACE_MIN_UNITS) {
+            p->excess_ms = 0;
+            p->excess_round = round + 1;
+        }
         return;
     }
     /* sent[applied - 1] must still be in the ring (sent[round] is) */
@@ -71,13 +80,14 @@ void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
 }
 
 int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
-                    double t_poll, double now, double rtt_ms)
+                    double now, double rtt_ms)
 {
     double came = waited ? now : p->t_quiet;
     uint32_t round = p->pending_round;
 
     if (waited)
-        p->t_quiet = t_poll;    /* what it read next came after that */
+        p->t_quiet = now;       /* frames come in order: what it reads
+                                 * next came no earlier */
     if (!round || applied < round)
         return 0;
     p->pending_round = 0;

@@ -59,7 +59,8 @@ struct nb_dest_pace {
     double t_crossed;           /* when it had crossed the link */
     uint64_t backlog;           /* pages and blocks sent, not yet applied
                                  * when its drain ended */
-    double t_quiet;             /* when the control channel last read empty */
+    double t_quiet;             /* when the control channel last read
+                                 * empty (or a frame came, in order) */
     uint32_t excess_round;      /* the round excess_ms was timed on (+1) */
     double excess_ms;           /* per page or block, the destination's time
                                  * beyond the source's (0: kept up, or none
@@ -80,15 +81,17 @@ double nb_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog);
 void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units);
 /* Round `round`'s drain ended with `applied` rounds applied (the last
  * APPLIED round + 1); it will have crossed the link at `t_crossed`.  If
- * the destination had applied it already, its pace is 0 (it kept up). */
+ * the destination had applied it already, and it held at least
+ * NB_PACE_MIN_UNITS, its pace is 0 (it kept up). */
 void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
                      double t_crossed);
-/* APPLIED advanced to `applied` rounds, read at `now` by a poll begun at
- * `t_poll`, which waited for it (`waited`; it came at `now`) or found it
- * there (it came after the channel last read empty).  Times the pace on
- * the round drained if this covers it; 1 if it did. */
+/* APPLIED advanced to `applied` rounds, read at `now` by a poll that
+ * waited for it (`waited`; it came at `now`) or found it there (it came
+ * after the channel last read empty, or after the frame read before it).
+ * Times the pace on the round drained if this covers it; 1 if it did.
+ * A pending round 0 is dropped once round 1 is sent (nb_pace_sent). */
 int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
-                    double t_poll, double now, double rtt_ms);
+                    double now, double rtt_ms);
 
 /*
  * The wait after a round (source.c's drain_round) ends once the page

@@ -407,7 +407,7 @@ int nb_src_read_control(struct source *src, int wait_ms)
                 pthread_mutex_lock(&m->lock);
                 rtt = m->st.rtt_ms;
                 pthread_mutex_unlock(&m->lock);
-                nb_pace_applied(&src->pace, src->applied, waited, t_poll, now, rtt);
+                nb_pace_applied(&src->pace, src->applied, waited, now, rtt);
             }
             wait_ms = 0;
             continue;

@@ -199,9 +199,9 @@ void nb_selftest_pace_quiet(void *p, double now)
 }
 
 int nb_selftest_pace_applied(void *p, uint32_t applied, int waited,
-                             double t_poll, double now, double rtt_ms)
+                             double now, double rtt_ms)
 {
-    return nb_pace_applied(p, applied, waited, t_poll, now, rtt_ms);
+    return nb_pace_applied(p, applied, waited, now, rtt_ms);
 }
 
 double nb_selftest_pace_excess_ms(void *p)

@@ -76,7 +76,7 @@ void nb_selftest_pace_drained(void *p, uint32_t round, uint32_t applied,
 /* The control channel read empty at `now`. */
 void nb_selftest_pace_quiet(void *p, double now);
 int nb_selftest_pace_applied(void *p, uint32_t applied, int waited,
-                             double t_poll, double now, double rtt_ms);
+                             double now, double rtt_ms);
 double nb_selftest_pace_excess_ms(void *p);
 uint64_t nb_selftest_pace_backlog(void *p);
 /* converge.h: below how many bytes the page connections end a drain. */
