@@ -415,14 +415,20 @@ def test_a_few_pages_the_cache_misses_are_priced_in_round_0s_estimate(vms):
     _moved(src, dst, s, d)
 
 
+def _through_relay(src, dst, relay, timeout=60, **send_kw):
+    """Migrate through a FaultyProxy made with the keyword arguments
+    ``relay``; both halves get the send's timeout."""
+    secret = new_secret()
+    recv = start_receive(dst, secret, timeout_ms=send_kw.get("timeout_ms", 20000))
+    proxy = FaultyProxy(recv.port, **relay)
+    send = start_send(src, proxy.port, secret, **send_kw)
+    return wait_both(send, recv, proxy, timeout=timeout)
+
+
 def _through_slow_relay(src, dst, hold_s, **send_kw):
     """Migrate through a relay that holds the page channels (round 0
     first) for ``hold_s`` seconds; both halves get the send's timeout."""
-    secret = new_secret()
-    recv = start_receive(dst, secret, timeout_ms=send_kw.get("timeout_ms", 20000))
-    proxy = FaultyProxy(recv.port, join_delay=hold_s)
-    send = start_send(src, proxy.port, secret, **send_kw)
-    return wait_both(send, recv, proxy)
+    return _through_relay(src, dst, {"join_delay": hold_s}, **send_kw)
 
 
 def test_the_pause_waits_until_the_destination_holds_what_was_sent(vms):
@@ -474,12 +480,9 @@ def test_a_destination_slower_than_the_source_is_priced_in_the_pause(vms):
     the 100 ms limit at that pace, and the pause is what it predicted
     (20 ms allowed for the relay's own scheduling, which no round timed)."""
     src, dst = _pair(vms, "mode=stress pattern=touch ws=4M", mem="256M")
-    secret = new_secret()
-    recv = start_receive(dst, secret)
-    proxy = FaultyProxy(recv.port, apply_rate=24 * MiB)
-    send = start_send(src, proxy.port, secret, max_downtime_ms=100,
-                      compress="off", delta_cache=0, channels=1)
-    s, d = wait_both(send, recv, proxy, timeout=120)
+    s, d = _through_relay(src, dst, {"apply_rate": 24 * MiB}, timeout=120,
+                          max_downtime_ms=100, compress="off", delta_cache=0,
+                          channels=1)
     table = [(r.pages, r.throttle, round(r.expected_ms, 1)) for r in s.rounds]
     assert s.dest_excess_us > 0, table
     assert s.expected_downtime_ms <= 100, table
