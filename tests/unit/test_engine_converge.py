@@ -301,3 +301,61 @@ def test_a_destination_further_behind_than_the_totals_kept_is_not_timed(
         assert pace.excess == pytest.approx(399.8 / (1023 * 300))
     else:
         assert pace.excess == before
+
+
+class _Fit:
+    """A struct nb_fit driven through core/converge.c's functions."""
+
+    def __init__(self):
+        self.ffi, self.lib = selftest_module()
+        self.f = self.ffi.gc(self.lib.nb_selftest_fit_new(),
+                             self.lib.nb_selftest_fit_free)
+
+    def rounds_left(self):
+        """How many counts that find the rest fitting still get a round."""
+        n = 0
+        while self.lib.nb_selftest_fit_round_left(self.f):
+            n += 1
+            assert n < 100
+        return n
+
+    def caught_up(self):
+        self.lib.nb_selftest_fit_caught_up(self.f)
+
+
+def test_eight_rounds_at_most_once_the_rest_fits():
+    assert _Fit().rounds_left() == 8
+
+
+def test_a_wait_for_the_destination_starts_the_extra_rounds_again():
+    """The 2-vCPU tight row over 1 Gbit/s: eight rounds had shrunk the rest
+    to 12 pages; the source then waited 95 ms for the destination, the
+    guest dirtied 12,581 pages meanwhile, and with no round left they all
+    went in the pause (26.7 ms, where a round would have left hundreds)."""
+    fit = _Fit()
+    assert fit.rounds_left() == 8
+    fit.caught_up()
+    assert fit.rounds_left() == 8
+
+
+def test_the_extra_rounds_start_again_twice_at_most():
+    """A destination slower than the guest: each wait lets it dirty more."""
+    fit = _Fit()
+    for _ in range(2):
+        fit.rounds_left()
+        fit.caught_up()
+        assert fit.rounds_left() == 8
+    fit.caught_up()
+    assert fit.rounds_left() == 0
+
+
+def test_round_0s_wait_counts_as_a_restart():
+    """A wait for round 0 (the destination's first writes) before the rest
+    fitted restarts too: one more wait restarts, the next does not."""
+    fit = _Fit()
+    fit.caught_up()
+    assert fit.rounds_left() == 8
+    fit.caught_up()
+    assert fit.rounds_left() == 8
+    fit.caught_up()
+    assert fit.rounds_left() == 0

@@ -39,11 +39,16 @@ double nb_dest_excess_ms(double lag_ms, double rtt_ms, uint64_t backlog)
     return backlog && beyond > 0 ? beyond / (double)backlog : 0;
 }
 
+/* Pages and blocks sent in the rounds before `round` (its ring slot
+ * before it must still be kept). */
+static uint64_t sent_before(const struct nb_dest_pace *p, uint32_t round)
+{
+    return round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
+}
+
 void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
 {
-    uint64_t before = round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
-
-    p->sent[round % NB_PACE_ROUNDS] = before + units;
+    p->sent[round % NB_PACE_ROUNDS] = sent_before(p, round) + units;
     if (round == 0)
         return;
     if (p->excess_round == 1) {
@@ -57,8 +62,7 @@ void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
 void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
                      double t_crossed)
 {
-    uint64_t units = p->sent[round % NB_PACE_ROUNDS] -
-                     (round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0);
+    uint64_t units = p->sent[round % NB_PACE_ROUNDS] - sent_before(p, round);
 
     p->pending_round = 0;
     if (applied > round) {          /* applied before its drain ended */
@@ -71,8 +75,7 @@ void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
     /* sent[applied - 1] must still be in the ring (sent[round] is) */
     if (applied && round - applied + 1 >= NB_PACE_ROUNDS)
         return;
-    p->backlog = p->sent[round % NB_PACE_ROUNDS] -
-                 (applied ? p->sent[(applied - 1) % NB_PACE_ROUNDS] : 0);
+    p->backlog = p->sent[round % NB_PACE_ROUNDS] - sent_before(p, applied);
     if (p->backlog < NB_PACE_MIN_UNITS)
         return;
     p->pending_round = round + 1;
@@ -96,6 +99,19 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
     p->excess_round = round;
     p->excess_ms = nb_dest_excess_ms(came - p->t_crossed, rtt_ms, p->backlog);
     return 1;
+}
+
+int nb_fit_round_left(struct nb_fit *f)
+{
+    return ++f->rounds <= NB_EXTRA_ROUNDS;
+}
+
+void nb_fit_caught_up(struct nb_fit *f)
+{
+    if (f->restarts >= NB_CATCHUP_RESTARTS)
+        return;
+    f->restarts++;
+    f->rounds = 0;
 }
 
 uint64_t nb_drain_threshold(double bandwidth, int channels)

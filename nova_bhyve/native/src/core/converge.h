@@ -94,6 +94,32 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
                     double now, double rtt_ms);
 
 /*
+ * Once the rest fits the limit, the switch-over policy (switchover.c's
+ * nb_src_should_switch) runs at most NB_EXTRA_ROUNDS more rounds, each
+ * only while it promises a smaller rest.  When it then waits for the
+ * destination to apply the last round before the pause (source.c's
+ * wait_applied), the guest runs on and dirties pages no round has sent,
+ * as many as that wait lets it: the count after a wait is judged afresh,
+ * with NB_EXTRA_ROUNDS more, at most NB_CATCHUP_RESTARTS times in a
+ * migration (a destination slower than the guest would otherwise keep
+ * the source waiting and iterating).
+ */
+#define NB_EXTRA_ROUNDS 8
+#define NB_CATCHUP_RESTARTS 2
+
+struct nb_fit {
+    int rounds;         /* counts that found the rest fitting, since the
+                         * rest first fitted or the last restart */
+    int restarts;       /* restarts after a wait for the destination */
+};
+
+/* A count found the rest fitting: 1 if another round may still run. */
+int nb_fit_round_left(struct nb_fit *f);
+/* The source waited for the destination before the pause: the extra
+ * rounds start again, unless NB_CATCHUP_RESTARTS restarts already ran. */
+void nb_fit_caught_up(struct nb_fit *f);
+
+/*
  * The wait after a round (source.c's drain_round) ends once the page
  * connections hold fewer bytes than this: what a link of `bandwidth`
  * bytes a second carries in NB_DRAIN_POLL_MS (one look of the wait), at

@@ -59,7 +59,7 @@ struct source {
     uint64_t dirty_blocks;      /* disk blocks pending at the last sync */
     double t_sync;              /* when the dirty log was last synced */
     double sync_ms;             /* how long the last count of dirty pages took */
-    int fit_rounds;             /* rounds since the rest first fitted */
+    struct nb_fit fit;          /* extra rounds once the rest fits (converge.h) */
     double expected;            /* the last pause estimate, ms */
     double fixed_ms;            /* of it, what no round or throttle shortens:
                                  * the final sync, the device state on the

@@ -11,8 +11,6 @@
 
 /* Below this expected downtime, stop iterating even if rounds still shrink. */
 #define SMALL_DOWNTIME_MS 5.0
-/* Rounds run at most after the rest first fitted the downtime limit. */
-#define EXTRA_ROUNDS 8
 /* Rounds of at least this many pages time the pause estimate's per-page cost. */
 #define MIN_TIMED_PAGES 1024
 /* A round times the link's bandwidth with what the link delivered during
@@ -271,8 +269,9 @@ int nb_src_limit_out_of_reach(struct source *src)
  * the pause is already tiny (round 0 timed no resend), then while the
  * pages the guest dirties during a round (at the rate seen since the last
  * sync) or the last round's drop promise a dirty set a quarter smaller,
- * until the pause is already tiny or EXTRA_ROUNDS rounds have run since
- * it first fitted; and while slowing the guest still shortens a long
+ * until the pause is already tiny or NB_EXTRA_ROUNDS rounds have run since
+ * it first fitted (or since a wait for the destination, nb_fit_caught_up);
+ * and while slowing the guest still shortens a long
  * pause that rounds alone no longer do (trim_pause).
  */
 int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
@@ -299,7 +298,7 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
     if (dirty == 0)
         return 1;
     if (expected <= SMALL_DOWNTIME_MS + 2 * m->st.rtt_ms ||
-        ++src->fit_rounds > EXTRA_ROUNDS)
+        !nb_fit_round_left(&src->fit))
         return 1;
     /* the estimate after round 0 is a sample's; one more round times
      * what resending the dirtied pages really costs */

@@ -214,6 +214,26 @@ uint64_t nb_selftest_pace_backlog(void *p)
     return ((struct nb_dest_pace *)p)->backlog;
 }
 
+void *nb_selftest_fit_new(void)
+{
+    return calloc(1, sizeof(struct nb_fit));
+}
+
+void nb_selftest_fit_free(void *f)
+{
+    free(f);
+}
+
+int nb_selftest_fit_round_left(void *f)
+{
+    return nb_fit_round_left(f);
+}
+
+void nb_selftest_fit_caught_up(void *f)
+{
+    nb_fit_caught_up(f);
+}
+
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels)
 {
     return nb_drain_threshold(bandwidth, channels);

@@ -79,6 +79,11 @@ int nb_selftest_pace_applied(void *p, uint32_t applied, int waited,
                              double now, double rtt_ms);
 double nb_selftest_pace_excess_ms(void *p);
 uint64_t nb_selftest_pace_backlog(void *p);
+/* A zeroed struct nb_fit (core/converge.h), and its functions. */
+void *nb_selftest_fit_new(void);
+void nb_selftest_fit_free(void *f);
+int nb_selftest_fit_round_left(void *f);
+void nb_selftest_fit_caught_up(void *f);
 /* converge.h: below how many bytes the page connections end a drain. */
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels);
 
