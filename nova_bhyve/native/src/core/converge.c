@@ -101,17 +101,26 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
     return 1;
 }
 
-int nb_fit_round_left(struct nb_fit *f)
+void nb_fit_caught_up(struct nb_fit *f, uint64_t dirty)
 {
-    return ++f->rounds <= NB_EXTRA_ROUNDS;
+    f->waited_on = dirty + 1;
 }
 
-void nb_fit_caught_up(struct nb_fit *f)
+void nb_fit_counted(struct nb_fit *f, uint64_t dirty)
 {
-    if (f->restarts >= NB_CATCHUP_RESTARTS)
+    uint64_t before = f->waited_on;
+
+    f->waited_on = 0;
+    if (!before || !f->rounds || f->restarts >= NB_CATCHUP_RESTARTS ||
+        dirty <= 2 * (before - 1))
         return;
     f->restarts++;
     f->rounds = 0;
+}
+
+int nb_fit_round_left(struct nb_fit *f)
+{
+    return ++f->rounds <= NB_EXTRA_ROUNDS;
 }
 
 uint64_t nb_drain_threshold(double bandwidth, int channels)

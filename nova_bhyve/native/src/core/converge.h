@@ -99,10 +99,11 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
  * only while it promises a smaller rest.  When it then waits for the
  * destination to apply the last round before the pause (source.c's
  * wait_applied), the guest runs on and dirties pages no round has sent,
- * as many as that wait lets it: the count after a wait is judged afresh,
- * with NB_EXTRA_ROUNDS more, at most NB_CATCHUP_RESTARTS times in a
- * migration (a destination slower than the guest would otherwise keep
- * the source waiting and iterating).
+ * as many as that wait lets it.  If the count after the wait more than
+ * doubles the one before it, and extra rounds had been counted, they
+ * start again, at most NB_CATCHUP_RESTARTS times in a migration: on a
+ * destination that lags, the rounds after a restart leave it another
+ * backlog, and the next wait another count.
  */
 #define NB_EXTRA_ROUNDS 8
 #define NB_CATCHUP_RESTARTS 2
@@ -111,13 +112,18 @@ struct nb_fit {
     int rounds;         /* counts that found the rest fitting, since the
                          * rest first fitted or the last restart */
     int restarts;       /* restarts after a wait for the destination */
+    uint64_t waited_on; /* the count a wait followed, + 1 (0: none since
+                         * the last count) */
 };
 
-/* A count found the rest fitting: 1 if another round may still run. */
+/* The source waited for the destination after a count of `dirty` pages
+ * and blocks. */
+void nb_fit_caught_up(struct nb_fit *f, uint64_t dirty);
+/* A count found `dirty` pages and blocks: restart the extra rounds if it
+ * follows a wait and more than doubles the count before it (see above). */
+void nb_fit_counted(struct nb_fit *f, uint64_t dirty);
+/* That count found the rest fitting: 1 if another round may still run. */
 int nb_fit_round_left(struct nb_fit *f);
-/* The source waited for the destination before the pause: the extra
- * rounds start again, unless NB_CATCHUP_RESTARTS restarts already ran. */
-void nb_fit_caught_up(struct nb_fit *f);
 
 /*
  * The wait after a round (source.c's drain_round) ends once the page

@@ -475,8 +475,10 @@ static int hold_round(struct source *src, char *err)
  * count after waiting for round 0 to be applied (the destination's first
  * writes, its slowest) holds what the guest dirtied for as long as that
  * took: auto-converge takes it as a new start, not as a round that failed
- * to shrink the one before.  Once only: a destination that falls behind
- * again is counted against the rounds, and may get the guest slowed.
+ * to shrink the one before.  Once only: for auto-converge, a destination
+ * that falls behind again is counted against the rounds, and may get the
+ * guest slowed.  What the guest dirtied during a later wait may get more
+ * rounds (nb_fit_counted).
  */
 static int phase_iterate(struct source *src, char *err)
 {
@@ -500,7 +502,7 @@ static int phase_iterate(struct source *src, char *err)
                 src->conv_prev = 0;     /* the next count is no round's */
             if (wait_applied(src, err) < 0)
                 return -1;
-            nb_fit_caught_up(&src->fit);
+            nb_fit_caught_up(&src->fit, src->prev_dirty);
             continue;       /* the guest ran meanwhile: count again */
         }
         nb_src_converge(src, dirty + src->dirty_blocks);

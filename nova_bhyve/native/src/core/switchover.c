@@ -270,7 +270,8 @@ int nb_src_limit_out_of_reach(struct source *src)
  * pages the guest dirties during a round (at the rate seen since the last
  * sync) or the last round's drop promise a dirty set a quarter smaller,
  * until the pause is already tiny or NB_EXTRA_ROUNDS rounds have run since
- * it first fitted (or since a wait for the destination, nb_fit_caught_up);
+ * it first fitted (or since a wait for the destination after which the
+ * count more than doubled: nb_fit_counted);
  * and while slowing the guest still shortens a long
  * pause that rounds alone no longer do (trim_pause).
  */
@@ -287,6 +288,7 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
 
     src->prev_dirty = dirty;
     src->expected = expected;
+    nb_fit_counted(&src->fit, dirty);
     if (atomic_load(&m->force_req))
         return 1;
     if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */

@@ -224,14 +224,19 @@ void nb_selftest_fit_free(void *f)
     free(f);
 }
 
+void nb_selftest_fit_caught_up(void *f, uint64_t dirty)
+{
+    nb_fit_caught_up(f, dirty);
+}
+
+void nb_selftest_fit_counted(void *f, uint64_t dirty)
+{
+    nb_fit_counted(f, dirty);
+}
+
 int nb_selftest_fit_round_left(void *f)
 {
     return nb_fit_round_left(f);
-}
-
-void nb_selftest_fit_caught_up(void *f)
-{
-    nb_fit_caught_up(f);
 }
 
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels)
