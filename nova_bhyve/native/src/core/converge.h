@@ -100,8 +100,9 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
  * destination to apply the last round before the pause (source.c's
  * wait_applied), the guest runs on and dirties pages no round has sent,
  * as many as that wait lets it.  If the count after the wait more than
- * doubles the one before it, and extra rounds had been counted, they
- * start again, at most NB_CATCHUP_RESTARTS times in a migration: on a
+ * doubles the one before it, and a count had been taken against the
+ * extra rounds since the rest fitted or the last restart, they start
+ * again, at most NB_CATCHUP_RESTARTS times in a migration: on a
  * destination that lags, the rounds after a restart leave it another
  * backlog, and the next wait another count.
  */
