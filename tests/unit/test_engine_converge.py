@@ -168,6 +168,11 @@ class _Pace:
         return self.lib.nb_selftest_pace_excess_ms(self.p)
 
     @property
+    def steady(self):
+        """The lesser of the last two rounds timed: what the throttle weighs."""
+        return self.lib.nb_selftest_pace_steady_ms(self.p)
+
+    @property
     def backlog(self):
         return self.lib.nb_selftest_pace_backlog(self.p)
 
@@ -180,6 +185,27 @@ def _timed_once(excess_ms=0.01):
     pace.applied(2, 1000 * excess_ms + 0.2)
     assert pace.excess == pytest.approx(excess_ms)
     return pace
+
+
+def test_one_round_timed_alone_is_priced_but_not_steady():
+    """One late APPLIED may be the scheduler's: the estimate prices it,
+    but no throttle is raised for it until a second round shows it."""
+    pace = _timed_once()
+    assert pace.steady == 0
+
+
+@pytest.mark.parametrize("late", [0.37, 0.005])
+def test_the_steady_pace_is_the_lesser_of_the_last_two_rounds_timed(late):
+    pace = _timed_once(0.01)
+    pace.sent(1000)
+    pace.drained(2, 2, 20.0)
+    assert pace.applied(3, 20.0 + 1000 * late + 0.2) == 1
+    assert pace.excess == pytest.approx(late)
+    assert pace.steady == pytest.approx(min(late, 0.01))
+    pace.sent(1000)
+    pace.drained(3, 3, 60.0 + 1000 * late)
+    assert pace.applied(4, 60.0 + 2000 * late + 0.2) == 1
+    assert pace.steady == pytest.approx(late)
 
 
 def test_the_pace_is_timed_over_every_round_the_destination_had_pending():
@@ -251,7 +277,7 @@ def test_a_destination_that_kept_up_resets_the_pace():
     pace = _timed_once()
     pace.sent(1000)
     pace.drained(2, 3, 20.0)
-    assert pace.excess == 0
+    assert pace.excess == pace.steady == 0
     pace = _timed_once()
     pace.sent(1000)
     pace.drained(2, 2, 20.0)
@@ -265,14 +291,19 @@ def test_a_pace_holds_while_the_next_rounds_are_sent():
 
 
 def test_round_0s_pace_holds_only_until_round_1_is_sent():
-    """The destination's first writes to its memory are its slowest."""
+    """The destination's first writes to its memory are its slowest: the
+    steady pace needs two rounds after it."""
     pace = _Pace()
     pace.sent(65536)
     pace.drained(0, 0, 0.0)
     pace.applied(1, 131.272)
     assert pace.excess == pytest.approx(131.072 / 65536)
-    pace.sent(300)
+    pace.sent(1000)
     assert pace.excess == 0
+    pace.drained(1, 1, 200.0)
+    assert pace.applied(2, 210.2) == 1
+    assert pace.excess == pytest.approx(0.01)
+    assert pace.steady == 0         # round 0 corroborates nothing
 
 
 def test_round_0s_applied_after_round_1_was_sent_times_nothing():

@@ -46,12 +46,20 @@ static uint64_t sent_before(const struct nb_dest_pace *p, uint32_t round)
     return round ? p->sent[(round - 1) % NB_PACE_ROUNDS] : 0;
 }
 
+/* Round `round` (+1) was timed at `ms` a page beyond the source's. */
+static void pace_timed(struct nb_dest_pace *p, uint32_t round, double ms)
+{
+    p->steady_ms = ms < p->excess_ms ? ms : p->excess_ms;
+    p->excess_ms = ms;
+    p->excess_round = round;
+}
+
 void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
 {
     p->sent[round % NB_PACE_ROUNDS] = sent_before(p, round) + units;
     if (round == 0)
         return;
-    if (p->excess_round == 1) {
+    if (p->excess_round == 1) {     /* round 0 corroborates nothing */
         p->excess_ms = 0;
         p->excess_round = 0;
     }
@@ -66,10 +74,8 @@ void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
 
     p->pending_round = 0;
     if (applied > round) {          /* applied before its drain ended */
-        if (units >= NB_PACE_MIN_UNITS) {
-            p->excess_ms = 0;
-            p->excess_round = round + 1;
-        }
+        if (units >= NB_PACE_MIN_UNITS)
+            pace_timed(p, round + 1, 0);
         return;
     }
     /* sent[applied - 1] must still be in the ring (sent[round] is) */
@@ -96,8 +102,7 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
     p->pending_round = 0;
     if (!waited && came - p->t_crossed <= rtt_ms)
         return 0;               /* no telling whether it lagged */
-    p->excess_round = round;
-    p->excess_ms = nb_dest_excess_ms(came - p->t_crossed, rtt_ms, p->backlog);
+    pace_timed(p, round, nb_dest_excess_ms(came - p->t_crossed, rtt_ms, p->backlog));
     return 1;
 }
 

@@ -42,7 +42,11 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
  * up to it; when the last round drained had crossed the link and what
  * the destination then had yet to apply.  When the APPLIED covering that
  * round comes, the time per page the destination took beyond the
- * source's is timed on it, and kept until another round is timed.  Not
+ * source's is timed on it, and kept until another round is timed: the
+ * pause estimate prices it.  The throttle's decisions weigh the lesser
+ * of the last two rounds timed (steady_ms): one late APPLIED may be the
+ * scheduler's (on a busy host one came 95 ms late, 0.37 ms a page of a
+ * 259-page round), no reason to slow the guest.  Not
  * timed: fewer than NB_PACE_MIN_UNITS pending (a few ms of the
  * scheduler's would read as a slow destination); a backlog older than
  * the NB_PACE_ROUNDS running totals kept; an APPLIED whose arrival is
@@ -65,6 +69,8 @@ struct nb_dest_pace {
     double excess_ms;           /* per page or block, the destination's time
                                  * beyond the source's (0: kept up, or none
                                  * timed since round 0) */
+    double steady_ms;           /* the lesser of that and the round timed
+                                 * before it (0: none since round 0) */
 };
 
 /* The time, in ms, the destination took for each page (or block) beyond

@@ -64,6 +64,9 @@ struct source {
     double fixed_ms;            /* of it, what no round or throttle shortens:
                                  * the final sync, the device state on the
                                  * link and two round trips */
+    double unsteady_ms;         /* of it, what a pace only the last round
+                                 * timed showed adds (converge.h: steady_ms);
+                                 * no throttle is raised for it */
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     double t_converge;          /* auto-converge: last throttle step */
     double page_ms;             /* what one page cost to send, last estimate */

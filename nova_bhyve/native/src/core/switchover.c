@@ -133,7 +133,8 @@ static double round_cost(struct source *src, double *bpp, double *bw)
  * with the guest paused, costs about as much), the device state on the
  * link and two round trips; plus, for each page and block, the time the
  * destination took beyond the source's (src->pace, converge.h).
- * Publishes the estimate.
+ * Publishes the estimate; notes what the throttle's decisions leave out
+ * of it (fixed_ms, unsteady_ms).
  */
 static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks,
                              double since_ms, const struct nb_resend_cost *rc)
@@ -153,6 +154,7 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0 +
                     (STATE_BYTES_BASE + STATE_BYTES_PER_VCPU * (double)m->vmm.spec.ncpus)
                     * 1e3 / bw;
+    src->unsteady_ms = (double)units * (src->pace.excess_ms - src->pace.steady_ms);
     expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms +
                (double)units * src->pace.excess_ms;
     src->page_ms = page_ms;
@@ -219,12 +221,21 @@ static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
     return 1;
 }
 
+/* Of the last estimate, the part a throttle would shorten: neither what
+ * no round or throttle shortens nor what a pace only the last round timed
+ * showed (one late APPLIED may be the scheduler's, converge.h). */
+static double throttled_part(const struct source *src)
+{
+    return src->expected - src->fixed_ms - src->unsteady_ms;
+}
+
 /*
  * The rest fits the limit, rounds no longer shrink it, yet its pages and
  * blocks would make the pause long (the guest dirties pages as fast as
  * they go out): slow the guest a step and run another round, rather than
  * pause it that long; 1 if so.  Only that part of the pause counts (a
- * long round trip is no reason to slow the guest), and only while each
+ * long round trip is no reason to slow the guest, nor one late APPLIED:
+ * throttled_part), and only while each
  * step pays: once that part after a step is not a tenth shorter than
  * before it, slowing the guest more would not help -- unless that part
  * alone is over half the limit.  Then steps go on up to brief_throttle:
@@ -235,9 +246,9 @@ static int throttle_step(struct source *src, uint32_t want, uint32_t cap,
  * too little of the limit (up to 50 ms more than predicted was seen).
  * With bhyve (no brief_throttle) no step is taken either way.
  */
-static int trim_pause(struct source *src, double expected)
+static int trim_pause(struct source *src)
 {
-    double part = expected - src->fixed_ms;
+    double part = throttled_part(src);
     double limit = (double)atomic_load(&src->m->max_downtime_ms);
     int paid = src->trim_from <= 0 || part * 10 <= src->trim_from * 9;
 
@@ -308,13 +319,14 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
         return 0;
     if (during_next * 4 <= (double)dirty * 3 || (prev && dirty * 4 <= prev * 3))
         return 0;
-    return !trim_pause(src, expected);
+    return !trim_pause(src);
 }
 
 /*
  * Auto-converge, the last resort: when a round (after round 0) stalled
  * (converge.h; only the part of the pause that rounds shorten counts,
- * against what the final sync and the round trips leave of the limit),
+ * throttled_part, against what the final sync and the round trips leave
+ * of the limit),
  * slow the guest's vCPUs down through the vmm port, at most
  * 99 %, at most once per CONVERGE_EVERY_MS: by a step (20 %, then 10
  * points more), or at once to where the guest would dirty half what goes
@@ -329,7 +341,7 @@ void nb_src_converge(struct source *src, uint64_t dirty)
 
     src->conv_prev = dirty;
     if (!prev || !nb_stream_precopied(src->m) ||
-        !nb_round_stalled(src->expected - src->fixed_ms, limit - src->fixed_ms,
+        !nb_round_stalled(throttled_part(src), limit - src->fixed_ms,
                           dirty, prev) ||
         nb_now_ms() - src->t_converge < CONVERGE_EVERY_MS)
         return;

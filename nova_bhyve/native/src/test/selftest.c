@@ -209,6 +209,11 @@ double nb_selftest_pace_excess_ms(void *p)
     return ((struct nb_dest_pace *)p)->excess_ms;
 }
 
+double nb_selftest_pace_steady_ms(void *p)
+{
+    return ((struct nb_dest_pace *)p)->steady_ms;
+}
+
 uint64_t nb_selftest_pace_backlog(void *p)
 {
     return ((struct nb_dest_pace *)p)->backlog;
