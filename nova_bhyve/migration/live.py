@@ -40,7 +40,7 @@ from oslo_serialization import jsonutils
 from nova import exception, objects
 from nova_bhyve import guest, polling
 from nova_bhyve.machine.base import MachineError, MachineState
-from nova_bhyve.migration import checks, events, orphans, policy, zvols
+from nova_bhyve.migration import checks, events, orphans, policy, progress, zvols
 from nova_bhyve.migration import data as mdata
 from nova_bhyve.native.engine import (
     Migration,
@@ -605,7 +605,7 @@ class LiveMigrationMixin:
             if time.monotonic() - last_report >= \
                     opts.live_migration_monitor_interval:
                 last_report = time.monotonic()
-                _report(instance, migration, stats)
+                progress.report(instance, migration, stats)
                 LOG.debug("Migration %s round %d: %d of %d bytes remaining, "
                           "expected downtime %.0f ms (allowed %d)",
                           stats.phase.name.lower(), stats.round,
@@ -613,7 +613,7 @@ class LiveMigrationMixin:
                           stats.expected_downtime_ms, stats.max_downtime_ms,
                           instance=instance)
             time.sleep(POLL)
-        _report(instance, migration, stats)
+        progress.report(instance, migration, stats)
         return stats
 
     def _on_timeout(self, instance, out, timeout):
@@ -773,38 +773,3 @@ def _source_sizes(disk_info):
     except (ValueError, KeyError, TypeError) as exc:
         raise MigrationError(f"the source's disk_info is not a list of "
                              f"disks with path and size: {exc}") from None
-
-
-def _set_bytes(migration, kind, total, processed, remaining):
-    """Set the Migration's byte counters; 0 is stored as None.
-
-    Nova's API schema for these fields is "null or at least 1": a 0 would
-    make ``GET /servers/{id}/migrations`` fail response validation.
-    """
-    setattr(migration, f"{kind}_total", total or None)
-    setattr(migration, f"{kind}_processed", processed or None)
-    setattr(migration, f"{kind}_remaining", remaining or None)
-
-
-def _save(migration, instance):
-    try:
-        migration.save()
-    except Exception as exc:        # progress must never fail a migration
-        LOG.debug("Could not save migration progress: %s", exc,
-                  instance=instance)
-
-
-def _report(instance, migration, stats):
-    """Write memory and disk totals into the Migration, and the instance
-    progress."""
-    total, processed, remaining = policy.memory_progress(stats)
-    _set_bytes(migration, "memory", total, processed, remaining)
-    if stats.disk_total:
-        _set_bytes(migration, "disk", *policy.disk_progress(stats))
-    _save(migration, instance)
-    try:
-        instance.progress = policy.percent_done(total, remaining)
-        instance.save()
-    except Exception as exc:
-        LOG.debug("Could not save instance progress: %s", exc,
-                  instance=instance)
