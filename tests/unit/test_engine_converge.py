@@ -341,21 +341,28 @@ class _Fit:
         self.ffi, self.lib = selftest_module()
         self.f = self.ffi.gc(self.lib.nb_selftest_fit_new(),
                              self.lib.nb_selftest_fit_free)
+        self.last = 0
 
-    def rounds_left(self, dirty=100):
-        """Count ``dirty`` pages, then more, all fitting: how many of
-        those counts still get a round."""
-        self.lib.nb_selftest_fit_counted(self.f, dirty)
+    def counted(self, dirty):
+        """A count of ``dirty`` pages, weighed against the one before."""
+        self.lib.nb_selftest_fit_counted(self.f, dirty, self.last)
+        self.last = dirty
+
+    def rounds_left(self, dirty=100, then=None):
+        """Count ``dirty`` pages, then ``then`` (or ``dirty`` again) until
+        no round is left, all fitting: how many of those counts still get
+        a round."""
+        self.counted(dirty)
         n = 0
         while self.lib.nb_selftest_fit_round_left(self.f):
             n += 1
             assert n < 100
-            self.lib.nb_selftest_fit_counted(self.f, dirty)
+            self.counted(dirty if then is None else then)
         return n
 
-    def caught_up(self, dirty):
-        """The source waited for the destination after a count of ``dirty``."""
-        self.lib.nb_selftest_fit_caught_up(self.f, dirty)
+    def caught_up(self):
+        """The source waited for the destination after the last count."""
+        self.lib.nb_selftest_fit_caught_up(self.f)
 
 
 def test_eight_rounds_at_most_once_the_rest_fits():
@@ -370,7 +377,7 @@ def test_a_wait_the_guest_dirtied_much_during_starts_the_extra_rounds_again():
     and 1.2 ms)."""
     fit = _Fit()
     assert fit.rounds_left(12) == 8
-    fit.caught_up(12)
+    fit.caught_up()
     assert fit.rounds_left(12581) == 8
 
 
@@ -380,7 +387,7 @@ def test_a_count_after_a_wait_at_most_twice_the_one_before_gets_no_round(after):
     the source switches over rather than wait again."""
     fit = _Fit()
     fit.rounds_left(12)
-    fit.caught_up(12)
+    fit.caught_up()
     assert fit.rounds_left(after) == 0
 
 
@@ -390,11 +397,11 @@ def test_the_extra_rounds_start_again_twice_at_most():
     11,763 then 6,415 pages)."""
     fit = _Fit()
     fit.rounds_left(12)
-    fit.caught_up(12)
-    assert fit.rounds_left(11763) == 8
-    fit.caught_up(16)
-    assert fit.rounds_left(6415) == 8
-    fit.caught_up(16)
+    fit.caught_up()
+    assert fit.rounds_left(11763, then=16) == 8
+    fit.caught_up()
+    assert fit.rounds_left(6415, then=16) == 8
+    fit.caught_up()
     assert fit.rounds_left(6415) == 0
 
 
@@ -403,11 +410,12 @@ def test_a_wait_before_any_round_was_counted_restarts_nothing():
     any extra round was counted: it restarts nothing, and leaves both
     restarts to later waits."""
     fit = _Fit()
-    fit.caught_up(10)
-    assert fit.rounds_left(5000) == 8
+    fit.counted(10)
+    fit.caught_up()
+    assert fit.rounds_left(5000, then=12) == 8
     for _ in range(2):
-        fit.caught_up(12)
-        assert fit.rounds_left(6000) == 8
+        fit.caught_up()
+        assert fit.rounds_left(6000, then=12) == 8
 
 
 def test_a_wait_counts_only_for_the_count_right_after_it():
@@ -415,6 +423,6 @@ def test_a_wait_counts_only_for_the_count_right_after_it():
     wait followed; a later count, however much larger, is a round's."""
     fit = _Fit()
     fit.rounds_left(12)
-    fit.caught_up(12)
-    fit.lib.nb_selftest_fit_counted(fit.f, 20)
+    fit.caught_up()
+    fit.counted(20)
     assert fit.rounds_left(5000) == 0

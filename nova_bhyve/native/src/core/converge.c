@@ -106,18 +106,18 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
     return 1;
 }
 
-void nb_fit_caught_up(struct nb_fit *f, uint64_t dirty)
+void nb_fit_caught_up(struct nb_fit *f)
 {
-    f->waited_on = dirty + 1;
+    f->waited = 1;
 }
 
-void nb_fit_counted(struct nb_fit *f, uint64_t dirty)
+void nb_fit_counted(struct nb_fit *f, uint64_t dirty, uint64_t before)
 {
-    uint64_t before = f->waited_on;
+    int waited = f->waited;
 
-    f->waited_on = 0;
-    if (!before || !f->rounds || f->restarts >= NB_CATCHUP_RESTARTS ||
-        dirty <= 2 * (before - 1))
+    f->waited = 0;
+    if (!waited || !f->rounds || f->restarts >= NB_CATCHUP_RESTARTS ||
+        dirty <= 2 * before)
         return;
     f->restarts++;
     f->rounds = 0;

@@ -119,16 +119,16 @@ struct nb_fit {
     int rounds;         /* counts that found the rest fitting, since the
                          * rest first fitted or the last restart */
     int restarts;       /* restarts after a wait for the destination */
-    uint64_t waited_on; /* the count a wait followed, + 1 (0: none since
-                         * the last count) */
+    int waited;         /* the source waited for the destination since
+                         * the last count */
 };
 
-/* The source waited for the destination after a count of `dirty` pages
- * and blocks. */
-void nb_fit_caught_up(struct nb_fit *f, uint64_t dirty);
-/* A count found `dirty` pages and blocks: restart the extra rounds if it
- * follows a wait and more than doubles the count before it (see above). */
-void nb_fit_counted(struct nb_fit *f, uint64_t dirty);
+/* The source waited for the destination after a count. */
+void nb_fit_caught_up(struct nb_fit *f);
+/* A count found `dirty` pages and blocks, the one before it `before`:
+ * restart the extra rounds if it follows a wait and more than doubles
+ * that (see above). */
+void nb_fit_counted(struct nb_fit *f, uint64_t dirty, uint64_t before);
 /* That count found the rest fitting: 1 if another round may still run. */
 int nb_fit_round_left(struct nb_fit *f);
 

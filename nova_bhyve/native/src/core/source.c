@@ -502,7 +502,7 @@ static int phase_iterate(struct source *src, char *err)
                 src->conv_prev = 0;     /* the next count is no round's */
             if (wait_applied(src, err) < 0)
                 return -1;
-            nb_fit_caught_up(&src->fit, src->prev_dirty);
+            nb_fit_caught_up(&src->fit);
             continue;       /* the guest ran meanwhile: count again */
         }
         nb_src_converge(src, dirty + src->dirty_blocks);

@@ -299,7 +299,7 @@ int nb_src_should_switch(struct source *src, uint64_t pages, double since_ms)
 
     src->prev_dirty = dirty;
     src->expected = expected;
-    nb_fit_counted(&src->fit, dirty);
+    nb_fit_counted(&src->fit, dirty, prev);
     if (atomic_load(&m->force_req))
         return 1;
     if (!nb_stream_precopied(m))    /* a stream disk's first part still flows */

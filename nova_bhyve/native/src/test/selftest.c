@@ -229,14 +229,14 @@ void nb_selftest_fit_free(void *f)
     free(f);
 }
 
-void nb_selftest_fit_caught_up(void *f, uint64_t dirty)
+void nb_selftest_fit_caught_up(void *f)
 {
-    nb_fit_caught_up(f, dirty);
+    nb_fit_caught_up(f);
 }
 
-void nb_selftest_fit_counted(void *f, uint64_t dirty)
+void nb_selftest_fit_counted(void *f, uint64_t dirty, uint64_t before)
 {
-    nb_fit_counted(f, dirty);
+    nb_fit_counted(f, dirty, before);
 }
 
 int nb_selftest_fit_round_left(void *f)

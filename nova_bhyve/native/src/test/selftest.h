@@ -84,8 +84,8 @@ uint64_t nb_selftest_pace_backlog(void *p);
 /* A zeroed struct nb_fit (core/converge.h), and its functions. */
 void *nb_selftest_fit_new(void);
 void nb_selftest_fit_free(void *f);
-void nb_selftest_fit_caught_up(void *f, uint64_t dirty);
-void nb_selftest_fit_counted(void *f, uint64_t dirty);
+void nb_selftest_fit_caught_up(void *f);
+void nb_selftest_fit_counted(void *f, uint64_t dirty, uint64_t before);
 int nb_selftest_fit_round_left(void *f);
 /* converge.h: below how many bytes the page connections end a drain. */
 uint64_t nb_selftest_drain_threshold(double bandwidth, int channels);
