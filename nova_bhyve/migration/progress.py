@@ -22,8 +22,8 @@ def report(instance, migration, stats):
     if stats.disk_total:
         _set_bytes(migration, "disk", *policy.disk_progress(stats))
     _saved(migration, instance, "migration")
-    instance.progress = policy.percent_done(total, remaining)
-    _saved(instance, instance, "instance")
+    _saved(instance, instance, "instance",
+           progress=policy.percent_done(total, remaining))
 
 
 def _set_bytes(migration, kind, total, processed, remaining):
@@ -37,9 +37,12 @@ def _set_bytes(migration, kind, total, processed, remaining):
     setattr(migration, f"{kind}_remaining", remaining or None)
 
 
-def _saved(obj, instance, what):
-    """Save ``obj``; a failure is logged at debug level, never raised."""
+def _saved(obj, instance, what, **fields):
+    """Set ``fields`` on ``obj`` and save it; a failure is logged at debug
+    level, never raised."""
     try:
+        for name, value in fields.items():
+            setattr(obj, name, value)
         obj.save()
     except Exception as exc:        # progress must never fail a migration
         LOG.debug("Could not save %s progress: %s", what, exc,

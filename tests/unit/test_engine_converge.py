@@ -208,6 +208,27 @@ def test_the_steady_pace_is_the_lesser_of_the_last_two_rounds_timed(late):
     assert pace.steady == pytest.approx(late)
 
 
+@pytest.mark.parametrize("why", ["small, applied", "small backlog",
+                                 "applied within a round trip"])
+def test_a_round_drained_untimed_lets_the_pace_timed_last_stand(why):
+    """No later timing is on its way to refute one late APPLIED: the
+    throttle weighs it whole, as the estimate does."""
+    pace = _timed_once(0.37)
+    assert pace.steady == 0
+    if why == "small, applied":
+        pace.sent(100)
+        pace.drained(2, 3, 20.0)
+    elif why == "small backlog":
+        pace.sent(100)
+        pace.drained(2, 2, 20.0)
+    else:
+        pace.sent(1000)
+        pace.quiet(20.1)
+        pace.drained(2, 2, 20.0)
+        assert pace.applied(3, 25.0, waited=False) == 0
+    assert pace.steady == pytest.approx(0.37) == pace.excess
+
+
 def test_the_pace_is_timed_over_every_round_the_destination_had_pending():
     """Rounds 1 and 2 (300 and 500 pages) were pending when round 2 had
     crossed the link at 100 ms; the APPLIED covering them came at 108.2
@@ -271,12 +292,22 @@ def test_a_small_round_keeps_the_pace_timed_before():
     assert pace.excess == pytest.approx(0.01)
 
 
+def _timed_twice():
+    """Rounds 1 and 2 timed at 0.01 and 0.02 ms a page: steady 0.01."""
+    pace = _timed_once(0.01)
+    pace.sent(1000)
+    pace.drained(2, 2, 20.0)
+    assert pace.applied(3, 40.2) == 1
+    assert (pace.excess, pace.steady) == pytest.approx((0.02, 0.01))
+    return pace
+
+
 def test_a_destination_that_kept_up_resets_the_pace():
     """A round applied before its drain ended; a round whose APPLIED came
     within the round trip."""
-    pace = _timed_once()
+    pace = _timed_twice()
     pace.sent(1000)
-    pace.drained(2, 3, 20.0)
+    pace.drained(3, 4, 60.0)
     assert pace.excess == pace.steady == 0
     pace = _timed_once()
     pace.sent(1000)

@@ -54,13 +54,20 @@ static void pace_timed(struct nb_dest_pace *p, uint32_t round, double ms)
     p->excess_round = round;
 }
 
+/* A round drained will not be timed: nothing is to confirm or refute the
+ * pace timed last, which therefore stands whole. */
+static void pace_untimed(struct nb_dest_pace *p)
+{
+    p->steady_ms = p->excess_ms;
+}
+
 void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
 {
     p->sent[round % NB_PACE_ROUNDS] = sent_before(p, round) + units;
     if (round == 0)
         return;
     if (p->excess_round == 1) {     /* round 0 corroborates nothing */
-        p->excess_ms = 0;
+        p->excess_ms = p->steady_ms = 0;
         p->excess_round = 0;
     }
     if (p->pending_round == 1)
@@ -76,14 +83,20 @@ void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
     if (applied > round) {          /* applied before its drain ended */
         if (units >= NB_PACE_MIN_UNITS)
             pace_timed(p, round + 1, 0);
+        else
+            pace_untimed(p);
         return;
     }
     /* sent[applied - 1] must still be in the ring (sent[round] is) */
-    if (applied && round - applied + 1 >= NB_PACE_ROUNDS)
+    if (applied && round - applied + 1 >= NB_PACE_ROUNDS) {
+        pace_untimed(p);
         return;
+    }
     p->backlog = p->sent[round % NB_PACE_ROUNDS] - sent_before(p, applied);
-    if (p->backlog < NB_PACE_MIN_UNITS)
+    if (p->backlog < NB_PACE_MIN_UNITS) {
+        pace_untimed(p);
         return;
+    }
     p->pending_round = round + 1;
     p->t_crossed = t_crossed;
 }
@@ -100,8 +113,10 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
     if (!round || applied < round)
         return 0;
     p->pending_round = 0;
-    if (!waited && came - p->t_crossed <= rtt_ms)
-        return 0;               /* no telling whether it lagged */
+    if (!waited && came - p->t_crossed <= rtt_ms) {
+        pace_untimed(p);        /* no telling whether it lagged */
+        return 0;
+    }
     pace_timed(p, round, nb_dest_excess_ms(came - p->t_crossed, rtt_ms, p->backlog));
     return 1;
 }

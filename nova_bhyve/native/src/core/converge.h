@@ -46,7 +46,9 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
  * pause estimate prices it.  The throttle's decisions weigh the lesser
  * of the last two rounds timed (steady_ms): one late APPLIED may be the
  * scheduler's (on a busy host one came 95 ms late, 0.37 ms a page of a
- * 259-page round), no reason to slow the guest.  Not
+ * 259-page round), no reason to slow the guest.  Once a round drained
+ * is not timed, the pace timed last stands whole: no later timing is on
+ * its way to confirm or refute it.  Not
  * timed: fewer than NB_PACE_MIN_UNITS pending (a few ms of the
  * scheduler's would read as a slow destination); a backlog older than
  * the NB_PACE_ROUNDS running totals kept; an APPLIED whose arrival is
@@ -70,7 +72,10 @@ struct nb_dest_pace {
                                  * beyond the source's (0: kept up, or none
                                  * timed since round 0) */
     double steady_ms;           /* the lesser of that and the round timed
-                                 * before it (0: none since round 0) */
+                                 * before it, or that alone once a round
+                                 * drained after it was not timed (0: only
+                                 * one round after round 0 timed, and no
+                                 * round drained since went untimed) */
 };
 
 /* The time, in ms, the destination took for each page (or block) beyond
