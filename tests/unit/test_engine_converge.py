@@ -169,8 +169,9 @@ class _Pace:
 
     @property
     def steady(self):
-        """The lesser of the last two rounds timed: what the throttle weighs."""
-        return self.lib.nb_selftest_pace_steady_ms(self.p)
+        """The pace the throttle weighs: the lesser of the last two rounds
+        timed, until two more rounds drained untimed."""
+        return self.lib.nb_selftest_pace_throttle_ms(self.p)
 
     @property
     def backlog(self):
@@ -209,23 +210,30 @@ def test_the_steady_pace_is_the_lesser_of_the_last_two_rounds_timed(late):
 
 
 @pytest.mark.parametrize("why", ["small, applied", "small backlog",
-                                 "applied within a round trip"])
-def test_a_round_drained_untimed_lets_the_pace_timed_last_stand(why):
-    """No later timing is on its way to refute one late APPLIED: the
-    throttle weighs it whole, as the estimate does."""
+                                 "applied within a round trip",
+                                 "drained before the last one's APPLIED came"])
+def test_a_lone_pace_stands_whole_once_two_rounds_drained_untimed(why):
+    """No timing came to confirm or refute one late APPLIED: after the
+    round drained next the throttle still leaves it out, after the one
+    after that it weighs it whole, as the estimate does."""
     pace = _timed_once(0.37)
-    assert pace.steady == 0
-    if why == "small, applied":
-        pace.sent(100)
-        pace.drained(2, 3, 20.0)
-    elif why == "small backlog":
-        pace.sent(100)
-        pace.drained(2, 2, 20.0)
-    else:
-        pace.sent(1000)
-        pace.quiet(20.1)
-        pace.drained(2, 2, 20.0)
-        assert pace.applied(3, 25.0, waited=False) == 0
+    for rnd, t in ((2, 400.0), (3, 800.0)):
+        assert pace.steady == 0
+        if why == "small, applied":
+            pace.sent(100)
+            pace.drained(rnd, rnd + 1, t)
+        elif why == "small backlog":
+            pace.sent(100)
+            pace.drained(rnd, rnd, t)
+        elif why == "applied within a round trip":
+            pace.sent(1000)
+            pace.quiet(t + 0.1)
+            pace.drained(rnd, rnd, t)
+            assert pace.applied(rnd + 1, t + 5.0, waited=False) == 0
+        else:
+            pace.sent(1000)
+            pace.drained(rnd, 2, t)
+            assert pace.applied(rnd, t + 1.0) == 0
     assert pace.steady == pytest.approx(0.37) == pace.excess
 
 
@@ -350,7 +358,8 @@ def test_a_destination_further_behind_than_the_totals_kept_is_not_timed(
         applied, timed):
     """1100 rounds of 300 pages, round 1099 drained: 1023 rounds pending
     (applied 77) are the most whose totals are kept; with one more, the
-    pace timed before stays."""
+    pace timed before stays, and, rounds having drained since untimed,
+    the throttle weighs it whole."""
     pace = _Pace()
     pace.sent(*[300] * 1100)
     pace.drained(5, 5, 0.0)
@@ -363,6 +372,7 @@ def test_a_destination_further_behind_than_the_totals_kept_is_not_timed(
         assert pace.excess == pytest.approx(399.8 / (1023 * 300))
     else:
         assert pace.excess == before
+        assert before > 0 and pace.steady == pytest.approx(before)
 
 
 class _Fit:

@@ -54,11 +54,10 @@ static void pace_timed(struct nb_dest_pace *p, uint32_t round, double ms)
     p->excess_round = round;
 }
 
-/* A round drained will not be timed: nothing is to confirm or refute the
- * pace timed last, which therefore stands whole. */
-static void pace_untimed(struct nb_dest_pace *p)
+double nb_pace_throttle_ms(const struct nb_dest_pace *p)
 {
-    p->steady_ms = p->excess_ms;
+    return p->drained_round - p->excess_round < NB_PACE_LONE_ROUNDS ? p->steady_ms
+                                                                     : p->excess_ms;
 }
 
 void nb_pace_sent(struct nb_dest_pace *p, uint32_t round, uint64_t units)
@@ -80,23 +79,18 @@ void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
     uint64_t units = p->sent[round % NB_PACE_ROUNDS] - sent_before(p, round);
 
     p->pending_round = 0;
+    p->drained_round = round + 1;
     if (applied > round) {          /* applied before its drain ended */
         if (units >= NB_PACE_MIN_UNITS)
             pace_timed(p, round + 1, 0);
-        else
-            pace_untimed(p);
         return;
     }
     /* sent[applied - 1] must still be in the ring (sent[round] is) */
-    if (applied && round - applied + 1 >= NB_PACE_ROUNDS) {
-        pace_untimed(p);
+    if (applied && round - applied + 1 >= NB_PACE_ROUNDS)
         return;
-    }
     p->backlog = p->sent[round % NB_PACE_ROUNDS] - sent_before(p, applied);
-    if (p->backlog < NB_PACE_MIN_UNITS) {
-        pace_untimed(p);
+    if (p->backlog < NB_PACE_MIN_UNITS)
         return;
-    }
     p->pending_round = round + 1;
     p->t_crossed = t_crossed;
 }
@@ -113,10 +107,8 @@ int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
     if (!round || applied < round)
         return 0;
     p->pending_round = 0;
-    if (!waited && came - p->t_crossed <= rtt_ms) {
-        pace_untimed(p);        /* no telling whether it lagged */
-        return 0;
-    }
+    if (!waited && came - p->t_crossed <= rtt_ms)
+        return 0;               /* no telling whether it lagged */
     pace_timed(p, round, nb_dest_excess_ms(came - p->t_crossed, rtt_ms, p->backlog));
     return 1;
 }

@@ -46,9 +46,11 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
  * pause estimate prices it.  The throttle's decisions weigh the lesser
  * of the last two rounds timed (steady_ms): one late APPLIED may be the
  * scheduler's (on a busy host one came 95 ms late, 0.37 ms a page of a
- * 259-page round), no reason to slow the guest.  Once a round drained
- * is not timed, the pace timed last stands whole: no later timing is on
- * its way to confirm or refute it.  Not
+ * 259-page round), no reason to slow the guest.  Only for the counts
+ * after the NB_PACE_LONE_ROUNDS rounds drained from the one timed on:
+ * once more drained with no timing to confirm or refute it (rounds too
+ * small, or each drained before the last one's APPLIED came), the pace
+ * timed last stands whole for the throttle too.  Not
  * timed: fewer than NB_PACE_MIN_UNITS pending (a few ms of the
  * scheduler's would read as a slow destination); a backlog older than
  * the NB_PACE_ROUNDS running totals kept; an APPLIED whose arrival is
@@ -57,11 +59,13 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
  */
 #define NB_PACE_ROUNDS 1024
 #define NB_PACE_MIN_UNITS 256
+#define NB_PACE_LONE_ROUNDS 2
 
 struct nb_dest_pace {
     uint64_t sent[NB_PACE_ROUNDS];  /* pages and blocks sent up to round r,
                                      * at [r % NB_PACE_ROUNDS] */
     uint32_t pending_round;     /* the round drained, to time (+1; 0: none) */
+    uint32_t drained_round;     /* the last round drained (+1) */
     double t_crossed;           /* when it had crossed the link */
     uint64_t backlog;           /* pages and blocks sent, not yet applied
                                  * when its drain ended */
@@ -72,10 +76,8 @@ struct nb_dest_pace {
                                  * beyond the source's (0: kept up, or none
                                  * timed since round 0) */
     double steady_ms;           /* the lesser of that and the round timed
-                                 * before it, or that alone once a round
-                                 * drained after it was not timed (0: only
-                                 * one round after round 0 timed, and no
-                                 * round drained since went untimed) */
+                                 * before it (0 where either was, or fewer
+                                 * than two were timed since round 0) */
 };
 
 /* The time, in ms, the destination took for each page (or block) beyond
@@ -103,6 +105,9 @@ void nb_pace_drained(struct nb_dest_pace *p, uint32_t round, uint32_t applied,
  * A pending round 0 is dropped once round 1 is sent (nb_pace_sent). */
 int nb_pace_applied(struct nb_dest_pace *p, uint32_t applied, int waited,
                     double now, double rtt_ms);
+/* The pace the throttle's decisions weigh: steady_ms, or excess_ms once
+ * NB_PACE_LONE_ROUNDS rounds drained after the round it was timed on. */
+double nb_pace_throttle_ms(const struct nb_dest_pace *p);
 
 /*
  * Once the rest fits the limit, the switch-over policy (switchover.c's

@@ -65,8 +65,9 @@ struct source {
                                  * the final sync, the device state on the
                                  * link and two round trips */
     double unsteady_ms;         /* of it, what a pace only the last round
-                                 * timed showed adds (converge.h: steady_ms);
-                                 * no throttle is raised for it */
+                                 * timed showed adds (converge.h:
+                                 * nb_pace_throttle_ms); no throttle is
+                                 * raised for it */
     uint64_t conv_prev;         /* auto-converge: dirty pages last round */
     double t_converge;          /* auto-converge: last throttle step */
     double page_ms;             /* what one page cost to send, last estimate */

@@ -154,7 +154,7 @@ static double estimate_pause(struct source *src, uint64_t dirty, uint64_t blocks
     src->fixed_ms = src->sync_ms + 2 * m->st.rtt_ms + 1.0 +
                     (STATE_BYTES_BASE + STATE_BYTES_PER_VCPU * (double)m->vmm.spec.ncpus)
                     * 1e3 / bw;
-    src->unsteady_ms = (double)units * (src->pace.excess_ms - src->pace.steady_ms);
+    src->unsteady_ms = (double)units * (src->pace.excess_ms - nb_pace_throttle_ms(&src->pace));
     expected = (double)dirty * page_ms + (double)blocks * per_page + src->fixed_ms +
                (double)units * src->pace.excess_ms;
     src->page_ms = page_ms;

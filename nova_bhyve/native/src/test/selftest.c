@@ -209,9 +209,9 @@ double nb_selftest_pace_excess_ms(void *p)
     return ((struct nb_dest_pace *)p)->excess_ms;
 }
 
-double nb_selftest_pace_steady_ms(void *p)
+double nb_selftest_pace_throttle_ms(void *p)
 {
-    return ((struct nb_dest_pace *)p)->steady_ms;
+    return nb_pace_throttle_ms(p);
 }
 
 uint64_t nb_selftest_pace_backlog(void *p)

@@ -78,8 +78,8 @@ void nb_selftest_pace_quiet(void *p, double now);
 int nb_selftest_pace_applied(void *p, uint32_t applied, int waited,
                              double now, double rtt_ms);
 double nb_selftest_pace_excess_ms(void *p);
-/* The lesser of the last two rounds timed. */
-double nb_selftest_pace_steady_ms(void *p);
+/* nb_pace_throttle_ms (core/converge.h). */
+double nb_selftest_pace_throttle_ms(void *p);
 uint64_t nb_selftest_pace_backlog(void *p);
 /* A zeroed struct nb_fit (core/converge.h), and its functions. */
 void *nb_selftest_fit_new(void);
