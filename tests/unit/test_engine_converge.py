@@ -232,9 +232,39 @@ def test_a_lone_pace_stands_whole_once_two_rounds_drained_untimed(why):
             assert pace.applied(rnd + 1, t + 5.0, waited=False) == 0
         else:
             pace.sent(1000)
-            pace.drained(rnd, 2, t)
-            assert pace.applied(rnd, t + 1.0) == 0
+            pace.drained(rnd, 2, t)     # round 2's APPLIED never came
     assert pace.steady == pytest.approx(0.37) == pace.excess
+
+
+def _time_round(pace, rnd, t, excess_ms):
+    """Round ``rnd`` (1000 pages) crossed at ``t``, applied on its own,
+    ``excess_ms`` a page late."""
+    pace.sent(1000)
+    pace.drained(rnd, rnd, t)
+    assert pace.applied(rnd + 1, t + 1000 * excess_ms + 0.2) == 1
+
+
+def _skip_round(pace, rnd, t):
+    """Round ``rnd`` too small to time."""
+    pace.sent(100)
+    pace.drained(rnd, rnd, t)
+
+
+def test_each_timing_starts_the_window_again():
+    """Rounds 1 and 2 timed at 0.01 and 0.37 ms a page: the throttle
+    weighs 0.01.  Round 3 untimed; round 4 timed at 0.5 (the lesser of
+    the last two: 0.37), round 5 untimed: still 0.37; round 6 untimed
+    too: 0.5, as the estimate."""
+    pace = _timed_once(0.01)
+    _time_round(pace, 2, 100.0, 0.37)
+    assert pace.steady == pytest.approx(0.01)
+    _skip_round(pace, 3, 1000.0)
+    assert pace.steady == pytest.approx(0.01)
+    _time_round(pace, 4, 2000.0, 0.5)
+    _skip_round(pace, 5, 3000.0)
+    assert pace.steady == pytest.approx(0.37)
+    _skip_round(pace, 6, 4000.0)
+    assert pace.steady == pytest.approx(0.5) == pace.excess
 
 
 def test_the_pace_is_timed_over_every_round_the_destination_had_pending():

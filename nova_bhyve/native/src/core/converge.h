@@ -46,11 +46,14 @@ uint32_t nb_converge_target(uint32_t cur, double page_ms, double dirty_per_ms);
  * pause estimate prices it.  The throttle's decisions weigh the lesser
  * of the last two rounds timed (steady_ms): one late APPLIED may be the
  * scheduler's (on a busy host one came 95 ms late, 0.37 ms a page of a
- * 259-page round), no reason to slow the guest.  Only for the counts
- * after the NB_PACE_LONE_ROUNDS rounds drained from the one timed on:
- * once more drained with no timing to confirm or refute it (rounds too
- * small, or each drained before the last one's APPLIED came), the pace
- * timed last stands whole for the throttle too.  Not
+ * 259-page round), no reason to slow the guest.  That holds until
+ * NB_PACE_LONE_ROUNDS rounds have drained after the one timed last (one
+ * or two counts, as its APPLIED came before the count after it or
+ * later); once they have with no timing to confirm or refute it (rounds
+ * too small, an APPLIED found waiting within a round trip, a backlog
+ * beyond the totals kept, or each round drained before the APPLIED of
+ * the one before came), the pace timed last stands whole for the
+ * throttle too.  Not
  * timed: fewer than NB_PACE_MIN_UNITS pending (a few ms of the
  * scheduler's would read as a slow destination); a backlog older than
  * the NB_PACE_ROUNDS running totals kept; an APPLIED whose arrival is
