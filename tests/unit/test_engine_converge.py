@@ -188,6 +188,20 @@ def _timed_once(excess_ms=0.01):
     return pace
 
 
+def _time_round(pace, rnd, t, excess_ms):
+    """Round ``rnd`` (1000 pages) crossed at ``t``, applied on its own,
+    ``excess_ms`` a page late."""
+    pace.sent(1000)
+    pace.drained(rnd, rnd, t)
+    assert pace.applied(rnd + 1, t + 1000 * excess_ms + 0.2) == 1
+
+
+def _skip_round(pace, rnd, t):
+    """Round ``rnd`` too small to time."""
+    pace.sent(100)
+    pace.drained(rnd, rnd, t)
+
+
 def test_one_round_timed_alone_is_priced_but_not_steady():
     """One late APPLIED may be the scheduler's: the estimate prices it,
     but no throttle is raised for it until a second round shows it."""
@@ -198,14 +212,10 @@ def test_one_round_timed_alone_is_priced_but_not_steady():
 @pytest.mark.parametrize("late", [0.37, 0.005])
 def test_the_steady_pace_is_the_lesser_of_the_last_two_rounds_timed(late):
     pace = _timed_once(0.01)
-    pace.sent(1000)
-    pace.drained(2, 2, 20.0)
-    assert pace.applied(3, 20.0 + 1000 * late + 0.2) == 1
+    _time_round(pace, 2, 20.0, late)
     assert pace.excess == pytest.approx(late)
     assert pace.steady == pytest.approx(min(late, 0.01))
-    pace.sent(1000)
-    pace.drained(3, 3, 60.0 + 1000 * late)
-    assert pace.applied(4, 60.0 + 2000 * late + 0.2) == 1
+    _time_round(pace, 3, 60.0 + 1000 * late, late)
     assert pace.steady == pytest.approx(late)
 
 
@@ -223,8 +233,7 @@ def test_a_lone_pace_stands_whole_once_two_rounds_drained_untimed(why):
             pace.sent(100)
             pace.drained(rnd, rnd + 1, t)
         elif why == "small backlog":
-            pace.sent(100)
-            pace.drained(rnd, rnd, t)
+            _skip_round(pace, rnd, t)
         elif why == "applied within a round trip":
             pace.sent(1000)
             pace.quiet(t + 0.1)
@@ -234,20 +243,6 @@ def test_a_lone_pace_stands_whole_once_two_rounds_drained_untimed(why):
             pace.sent(1000)
             pace.drained(rnd, 2, t)     # round 2's APPLIED never came
     assert pace.steady == pytest.approx(0.37) == pace.excess
-
-
-def _time_round(pace, rnd, t, excess_ms):
-    """Round ``rnd`` (1000 pages) crossed at ``t``, applied on its own,
-    ``excess_ms`` a page late."""
-    pace.sent(1000)
-    pace.drained(rnd, rnd, t)
-    assert pace.applied(rnd + 1, t + 1000 * excess_ms + 0.2) == 1
-
-
-def _skip_round(pace, rnd, t):
-    """Round ``rnd`` too small to time."""
-    pace.sent(100)
-    pace.drained(rnd, rnd, t)
 
 
 def test_each_timing_starts_the_window_again():
@@ -333,9 +328,7 @@ def test_a_small_round_keeps_the_pace_timed_before():
 def _timed_twice():
     """Rounds 1 and 2 timed at 0.01 and 0.02 ms a page: steady 0.01."""
     pace = _timed_once(0.01)
-    pace.sent(1000)
-    pace.drained(2, 2, 20.0)
-    assert pace.applied(3, 40.2) == 1
+    _time_round(pace, 2, 20.0, 0.02)
     assert (pace.excess, pace.steady) == pytest.approx((0.02, 0.01))
     return pace
 
